@@ -1,0 +1,1 @@
+"""deployd: git push → new component version → real-time flows republished."""

@@ -1,0 +1,5 @@
+"""`python -m deployd`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,338 @@
+"""The `deployd` command line: parses, calls one function, formats the result.
+
+Heavy imports (FastAPI, uvicorn, the pipeline) happen inside the commands that need them,
+so read-only commands such as `status` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import DeploydError
+
+app = typer.Typer(
+    name="deployd",
+    help="git push → new component version → real-time flows republished, no message lost.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+hook_app = typer.Typer(help="Install deployd's post-receive hook into bare repositories.")
+app.add_typer(hook_app, name="hook")
+
+_state: dict[str, bool] = {"debug": False}
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file (default: $DEPLOYD_CONFIG, ./config.toml, /etc/deployd/config.toml).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    """deployd: git-driven deploys of integration components and real-time flows."""
+    _state["debug"] = debug or bool(os.environ.get("DEPLOYD_DEBUG"))
+
+
+def _load(config: Path | None) -> Any:
+    from . import config as cfgmod
+
+    return cfgmod.load(cfgmod.resolve_path(config))
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+# -- serve / check-config -------------------------------------------------------------------
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)."""
+    cfg = _load(config)
+    from .service import serve as run
+
+    run(cfg, debug=_state["debug"])
+
+
+@app.command("check-config")
+def check_config(config: ConfigOpt = None) -> None:
+    """Validate the config file; print a summary, or every problem and exit 2."""
+    from .config import format_duration
+
+    cfg = _load(config)
+    d = cfg.daemon
+    out = _console()
+    out.print(f"config {cfg.path}: OK")
+    out.print(f"  state_dir  {d.state_dir}")
+    out.print(f"  listen     {d.listen}" + ("" if d.listen_is_loopback else "  (not loopback)"))
+    out.print(f"  api_token  {'set' if d.api_token else 'generated into state_dir'}")
+    out.print(f"  components {len(cfg.components)}")
+    for comp in cfg.components:
+        where = "hosted" if comp.hosted else _redact_url(comp.url or "")
+        secret = "secret set" if comp.secret_configured else "no secret"
+        out.print(
+            f"    {comp.name:<24} branch {comp.branch:<12} {where}  "
+            f"(build_timeout {format_duration(comp.build_timeout)}, {secret})",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _redact_url(url: str) -> str:
+    """Strip any user:password@ from a url before it is shown."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return url
+
+
+# -- status / versions / builds -------------------------------------------------------------
+
+
+@app.command()
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the daemon, every component's recent version and last build, and the flows."""
+    from .status import build_status, open_reader
+
+    cfg = _load(config)
+    store = open_reader(cfg)
+    data = build_status(cfg, store)
+    if as_json:
+        _print_json(data)
+        return
+    from rich.table import Table
+
+    out = _console()
+    d = data["daemon"]
+    if d["running"]:
+        out.print(f"[green]daemon running[/] (pid {d['pid']}) on {d['listen']}")
+    else:
+        out.print(f"[yellow]daemon not running[/] (would listen on {d['listen']})")
+    table = Table("component", "branch", "recent", "sha", "built", "last build", box=None)
+    for c in data["components"]:
+        r, b = c["recent"], c["last_build"]
+        last = "-"
+        if b:
+            color = {"succeeded": "green", "failed": "red"}.get(b["status"], "yellow")
+            last = f"#{b['id']} [{color}]{b['status']}[/]"
+            if b["status"] == "failed" and b["error"]:
+                last += f": {b['error'][:80]}"
+        table.add_row(
+            c["name"],
+            c["branch"],
+            f"v{r['version']}" + (f" ({r['semver']})" if r and r["semver"] else "") if r else "-",
+            r["sha"][:12] if r else "-",
+            r["built_at"][:19].replace("T", " ") if r else "-",
+            last,
+        )
+    out.print(table)
+    _print_flows_table(out, data.get("flows", []))
+
+
+def _print_flows_table(out: Any, flows: list[dict[str, Any]]) -> None:
+    if not flows:
+        return
+    from rich.table import Table
+
+    table = Table("flow", "state", "version", "steps", "update", "last deploy", box=None)
+    for f in flows:
+        state = f["state"]
+        if f.get("needs_attention"):
+            state += f" [red]needs attention[/]: {f['needs_attention']}"
+        elif f.get("stale"):
+            state += " [yellow](stale)[/]"
+        last = f.get("last_deploy")
+        last_s = "-"
+        if last:
+            last_s = f"{last['status']} → v{last['to_version']}"
+            if last.get("gap_ms") is not None:
+                last_s += f" gap {last['gap_ms']:.0f} ms"
+        table.add_row(
+            f["name"], state, f"v{f['version']}", str(len(f["steps"])), f["update"], last_s
+        )
+    out.print(table)
+
+
+@app.command()
+def versions(
+    component: Annotated[str, typer.Argument(help="Component name.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List a component's versions, newest first."""
+    from .status import open_reader
+
+    cfg = _load(config)
+    _known_component(cfg, component)
+    store = open_reader(cfg)
+    rows = store.versions(component) if store else []
+    recent = rows[0]["version"] if rows else None
+    data = [
+        {
+            "version": r["version"],
+            "sha": r["sha"],
+            "semver": r["semver"],
+            "runtime": r["runtime"],
+            "built_at": r["built_at"],
+            "recent": r["version"] == recent,
+        }
+        for r in rows
+    ]
+    if as_json:
+        _print_json(data)
+        return
+    from rich.table import Table
+
+    table = Table("version", "sha", "semver", "runtime", "built_at", "", box=None)
+    for r in data:
+        table.add_row(
+            f"v{r['version']}",
+            r["sha"][:12],
+            r["semver"] or "-",
+            r["runtime"],
+            r["built_at"],
+            "recent" if r["recent"] else "",
+        )
+    _console().print(table if data else f"{component} has no versions yet")
+
+
+def _known_component(cfg: Any, name: str) -> None:
+    if cfg.component(name) is None:
+        known = ", ".join(c.name for c in cfg.components) or "none configured"
+        raise DeploydError(f"unknown component {name!r} (known: {known})")
+
+
+@app.command()
+def builds(
+    component: Annotated[str | None, typer.Argument(help="Only this component.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    limit: Annotated[int, typer.Option(help="How many builds to show.")] = 50,
+) -> None:
+    """List recent builds, newest first (all components, or one)."""
+    from .status import open_reader
+
+    cfg = _load(config)
+    if component:
+        _known_component(cfg, component)
+    store = open_reader(cfg)
+    rows = store.builds(component, limit=limit) if store else []
+    data = [
+        {
+            k: r[k]
+            for k in (
+                "id",
+                "component",
+                "sha",
+                "status",
+                "version",
+                "source",
+                "error",
+                "started_at",
+                "finished_at",
+            )
+        }
+        for r in rows
+    ]
+    if as_json:
+        _print_json(data)
+        return
+    from rich.table import Table
+
+    table = Table("id", "component", "sha", "status", "version", "source", "finished", box=None)
+    for r in data:
+        table.add_row(
+            str(r["id"]),
+            r["component"],
+            r["sha"][:12],
+            r["status"] + (f": {r['error'][:70]}" if r["error"] else ""),
+            f"v{r['version']}" if r["version"] else "-",
+            r["source"],
+            (r["finished_at"] or "")[:19].replace("T", " "),
+        )
+    _console().print(table if data else "no builds yet")
+
+
+@app.command("build-log")
+def build_log(
+    build_id: Annotated[int, typer.Argument(help="Build id (see `deployd builds`).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Print the full log of one build."""
+    from .status import open_reader
+
+    cfg = _load(config)
+    store = open_reader(cfg)
+    row = store.build(build_id) if store else None
+    if row is None:
+        raise DeploydError(f"no build {build_id} (see `deployd builds`)")
+    if not row["log_path"] or not Path(row["log_path"]).exists():
+        raise DeploydError(f"build {build_id} has no log (it never started running)")
+    with open(row["log_path"], "rb") as fh:
+        sys.stdout.buffer.write(fh.read())
+    if row["error"]:
+        sys.stdout.write(f"\n[deployd: build {build_id} failed: {row['error']}]\n")
+
+
+# -- hook -----------------------------------------------------------------------------------
+
+
+@hook_app.command("install")
+def hook_install(
+    bare_repo: Annotated[Path, typer.Argument(help="Path of an existing bare repository.")],
+    component: Annotated[str, typer.Option("--component", help="Component it deploys.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Install the post-receive hook into BARE_REPO so its pushes deploy COMPONENT."""
+    from .paths import Paths
+    from .pipeline import git as gitops
+
+    cfg = _load(config)
+    _known_component(cfg, component)
+    paths = Paths(cfg.state_dir)
+    paths.inbox.mkdir(parents=True, exist_ok=True)
+    gitops.install_hook(bare_repo.resolve(), component, paths.inbox)
+    typer.echo(f"installed deployd post-receive hook in {bare_repo} for component {component}")
+
+
+def main() -> None:
+    """Console-script entry point: one line per error, named exit codes, no traceback."""
+    try:
+        app()
+    except DeploydError as exc:
+        if _state["debug"]:
+            raise
+        sys.stderr.write(f"deployd: error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

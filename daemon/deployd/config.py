@@ -1,0 +1,356 @@
+"""The configuration file: TOML validated once, at the edge, into frozen pydantic models.
+
+`load(path)` returns a `Config` or raises `ConfigError` listing *every* problem as
+``key.path: what is wrong``. Nothing else in deployd reads the TOML or the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A branch name git would accept and that is safe to show; refs are never given to a shell anyway.
+_BRANCH_RE = re.compile(
+    r"^(?!/)(?!.*//)(?!.*\.\.)(?!.*@\{)[A-Za-z0-9._/-]{1,200}(?<!/)(?<!\.lock)$"
+)
+
+
+def parse_duration(value: Any) -> float:
+    """Turn ``"500ms"``, ``"1s"``, ``"10m"``, ``"2h"``, ``"30d"`` or ``"0"`` into seconds."""
+    if isinstance(value, bool):
+        raise ValueError('expected a duration such as "30s", "10m" or "1h"')
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError('expected a duration such as "30s", "10m" or "1h"')
+    if value.strip() == "0":
+        return 0.0
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ValueError(
+            f"{value!r} is not a duration; write a number and a unit: ms, s, m, h or d "
+            '(e.g. "30s", "10m")'
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact way to write `seconds` back as a duration string."""
+    if seconds == 0:
+        return "0"
+    for unit in ("d", "h", "m", "s"):
+        size = _UNITS[unit]
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def is_local_url(url: str) -> bool:
+    """True for a path or file:// url (a repository on this machine)."""
+    if url.startswith("file://"):
+        return True
+    if "://" in url:
+        return False
+    # scp-like ssh syntax: user@host:path or host:path (but not C:\ or ./a:b)
+    return not re.match(r"^[A-Za-z0-9._-]+(@[A-Za-z0-9._-]+)?:", url)
+
+
+def local_path(url: str) -> Path:
+    """The filesystem path of a local url."""
+    return Path(url[len("file://") :]) if url.startswith("file://") else Path(url)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonConfig(_Model):
+    state_dir: Path = Path("var")
+    listen: str = "127.0.0.1:8787"
+    api_token: SecretStr | None = None
+    max_parallel_builds: int = Field(default=2, ge=1, le=64)
+    warmup_timeout: Duration = 30.0
+    rollback_window: Duration = 30.0
+    rollback_exits: int = Field(default=3, ge=1, le=100)
+    poll_interval: Duration = 180.0
+    max_webhook_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    stop_timeout: Duration = 20.0
+    log_format: str = Field(default="text", pattern="^(text|json)$")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        _host, port = split_listen(value)
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} is out of range (1-65535)")
+        return value
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def listen_is_loopback(self) -> bool:
+        host = self.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:8787"`` / ``"[::1]:8787"`` → (host, port)."""
+    match = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", value) or re.match(
+        r"^([A-Za-z0-9.-]+):(\d{1,5})$", value
+    )
+    if not match:
+        raise ValueError(f'{value!r} is not HOST:PORT (e.g. "127.0.0.1:8787")')
+    return match.group(1), int(match.group(2))
+
+
+class ComponentConfig(_Model):
+    name: str
+    branch: str = "main"
+    url: str | None = None
+    build_timeout: Duration = 600.0
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: Path | None = None
+    poll_interval: Duration | None = None
+    watch: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid name: use 1-63 lowercase letters, digits and '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, value: str) -> str:
+        if value.startswith("refs/"):
+            raise ValueError(f"give the branch name, not the ref (e.g. {value.split('/')[-1]!r})")
+        if not _BRANCH_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid branch name")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ComponentConfig:
+        if self.webhook_secret is not None and self.webhook_secret_file is not None:
+            raise ValueError("set webhook_secret or webhook_secret_file, not both")
+        return self
+
+    @property
+    def hosted(self) -> bool:
+        """True when deployd hosts the repository itself (no url)."""
+        return self.url is None
+
+    @property
+    def local(self) -> bool:
+        return self.url is None or is_local_url(self.url)
+
+    @property
+    def secret_configured(self) -> bool:
+        return self.webhook_secret is not None or self.webhook_secret_file is not None
+
+    def secret(self) -> str | None:
+        """The webhook secret, read from the file when one is configured."""
+        if self.webhook_secret is not None:
+            return self.webhook_secret.get_secret_value()
+        if self.webhook_secret_file is not None:
+            return self.webhook_secret_file.read_text().strip()
+        return None
+
+
+class Config(_Model):
+    daemon: DaemonConfig = DaemonConfig()
+    components: tuple[ComponentConfig, ...] = ()
+    path: Path | None = None
+
+    def component(self, name: str) -> ComponentConfig | None:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        return None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.daemon.state_dir
+
+
+def resolve_path(explicit: Path | None) -> Path:
+    """`-c` if given, else ``$DEPLOYD_CONFIG``, else ``./config.toml``, else the system file."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("DEPLOYD_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("config.toml")
+    if local.exists():
+        return local
+    return Path("/etc/deployd/config.toml")
+
+
+def _expand_env(value: Any, where: str, problems: list[str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                problems.append(f"{where}: environment variable {name} is not set")
+                return ""
+            return os.environ[name]
+
+        return _ENV_RE.sub(sub, value)
+    return value
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _message(err: Any) -> str:
+    kind = err.get("type", "")
+    msg = str(err.get("msg", ""))
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; config.example.toml lists every key)"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return msg
+
+
+def load(path: Path) -> Config:
+    """Read and validate the config file at `path`; raise `ConfigError` listing every problem."""
+    try:
+        raw_bytes = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"config file {path} does not exist; pass -c FILE or set DEPLOYD_CONFIG "
+            "(config.example.toml is a documented starting point)"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(raw_bytes.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return parse(raw, base=path.resolve().parent, path=path.resolve())
+
+
+def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
+    """Validate an already-parsed TOML document; relative paths are taken from `base`."""
+    problems: list[str] = []
+    raw = dict(raw)
+    comps = raw.get("components")
+    if comps is not None and not isinstance(comps, list):
+        problems.append("components: must be an array of tables ([[components]])")
+        raw.pop("components")
+    elif comps:
+        expanded = []
+        for i, comp in enumerate(comps):
+            if isinstance(comp, dict) and "webhook_secret" in comp:
+                comp = dict(comp)
+                comp["webhook_secret"] = _expand_env(
+                    comp["webhook_secret"], f"components[{i}].webhook_secret", problems
+                )
+            expanded.append(comp)
+        raw["components"] = expanded
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problems.append(f"{_loc(err['loc'])}: {_message(err)}")
+        raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems) from exc
+    if problems:
+        raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
+
+    state_dir = cfg.daemon.state_dir
+    if not state_dir.is_absolute():
+        state_dir = base / state_dir
+    state_dir = Path(os.path.normpath(state_dir))
+    if state_dir.exists() and not state_dir.is_dir():
+        problems.append(f"daemon.state_dir: {state_dir} exists and is not a directory")
+    elif state_dir.exists() and not os.access(state_dir, os.W_OK | os.X_OK):
+        problems.append(f"daemon.state_dir: {state_dir} is not writable by this user")
+
+    seen: dict[str, int] = {}
+    comps_out = []
+    for i, comp in enumerate(cfg.components):
+        where = f"components[{i}]"
+        if comp.name in seen:
+            problems.append(
+                f"{where}.name: {comp.name!r} is already used by components[{seen[comp.name]}]"
+            )
+        seen.setdefault(comp.name, i)
+        update: dict[str, Any] = {}
+        if comp.url is not None and comp.local:
+            repo = local_path(comp.url)
+            if not repo.is_absolute():
+                repo = base / repo
+            repo = Path(os.path.normpath(repo))
+            if not (repo / "HEAD").is_file() or not (repo / "objects").is_dir():
+                problems.append(
+                    f"{where}.url: {repo} is not a readable bare git repository "
+                    "(create it with `git init --bare`)"
+                )
+            update["url"] = ("file://" if comp.url.startswith("file://") else "") + str(repo)
+        if comp.webhook_secret_file is not None:
+            secret_path = comp.webhook_secret_file
+            if not secret_path.is_absolute():
+                secret_path = base / secret_path
+            try:
+                if not secret_path.read_text().strip():
+                    problems.append(f"{where}.webhook_secret_file: {secret_path} is empty")
+            except OSError as exc:
+                problems.append(
+                    f"{where}.webhook_secret_file: {secret_path} cannot be read ({exc.strerror})"
+                )
+            update["webhook_secret_file"] = secret_path
+        if comp.webhook_secret is not None and not comp.webhook_secret.get_secret_value():
+            problems.append(f"{where}.webhook_secret: is empty")
+        comps_out.append(comp.model_copy(update=update) if update else comp)
+    if problems:
+        raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
+    daemon = cfg.daemon.model_copy(update={"state_dir": state_dir})
+    return cfg.model_copy(update={"daemon": daemon, "components": tuple(comps_out), "path": path})

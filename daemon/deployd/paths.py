@@ -1,0 +1,84 @@
+"""Where everything lives under `state_dir` (one place, so no module invents a path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The layout of the state directory."""
+
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "deployd.db"
+
+    @property
+    def inbox(self) -> Path:
+        """Push records written by the post-receive hook; survives a stopped daemon."""
+        return self.root / "inbox"
+
+    @property
+    def repos(self) -> Path:
+        """Bare repositories that deployd hosts (components without a url)."""
+        return self.root / "repos"
+
+    @property
+    def mirrors(self) -> Path:
+        """Mirrors of remote repositories, fetched incrementally."""
+        return self.root / "mirrors"
+
+    @property
+    def versions(self) -> Path:
+        """Artifact folders of registered component versions: versions/<name>/<n>."""
+        return self.root / "versions"
+
+    @property
+    def builds(self) -> Path:
+        """Scratch folders of running builds; emptied at start."""
+        return self.root / "builds"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def build_logs(self) -> Path:
+        return self.logs / "builds"
+
+    @property
+    def step_logs(self) -> Path:
+        return self.logs / "steps"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "deployd.pid"
+
+    @property
+    def lockfile(self) -> Path:
+        return self.root / "deployd.lock"
+
+    @property
+    def token_file(self) -> Path:
+        return self.root / "api-token"
+
+    def hosted_repo(self, name: str) -> Path:
+        return self.repos / f"{name}.git"
+
+    def mirror(self, name: str) -> Path:
+        return self.mirrors / f"{name}.git"
+
+    def dirs(self) -> list[Path]:
+        return [
+            self.root,
+            self.inbox,
+            self.repos,
+            self.mirrors,
+            self.versions,
+            self.builds,
+            self.build_logs,
+            self.step_logs,
+        ]

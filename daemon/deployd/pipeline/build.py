@@ -1,0 +1,130 @@
+"""Running a component's `build` and `test` commands: clean environment, timeout, capped log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import BuildError
+
+MAX_LOG_BYTES = 2 * 1024 * 1024
+TAIL_BYTES = 2000
+
+
+def clean_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of a build: nothing of the daemon's (so no secret) leaks in.
+
+    The daemon's own interpreter comes first on PATH, so `python` and `pip` in a build are
+    the ones the step processes will run with.
+    """
+    path = os.pathsep.join(
+        dict.fromkeys([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
+    )
+    env = {
+        "PATH": path,
+        "HOME": str(workdir),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "CI": "true",
+    }
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    seconds: float
+
+
+async def run_command(
+    what: str,
+    command: str,
+    *,
+    cwd: Path,
+    log: BinaryIO,
+    timeout: float,
+    env: dict[str, str],
+) -> CommandResult:
+    """Run `command` (the component author's shell line) in `cwd`; output goes to `log`.
+
+    Raises BuildError on a non-zero exit or on timeout (the whole process group is killed).
+    """
+    log.write(f"$ {command}\n".encode())
+    log.flush()
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh",
+        "-c",
+        command,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    written = 0
+    truncated = False
+
+    async def pump() -> None:
+        nonlocal written, truncated
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(65536):
+            if written < MAX_LOG_BYTES:
+                part = chunk[: MAX_LOG_BYTES - written]
+                log.write(part)
+                written += len(part)
+            elif not truncated:
+                truncated = True
+                log.write(f"\n[deployd: log truncated at {MAX_LOG_BYTES} bytes]\n".encode())
+        await proc.wait()
+
+    try:
+        await asyncio.wait_for(pump(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        log.write(f"\n[deployd: {what} killed after {timeout:g}s timeout]\n".encode())
+        log.flush()
+        raise BuildError(
+            f"{what} command timed out after {timeout:g}s (raise build_timeout or make it faster)"
+        ) from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    finally:
+        # Children the command left behind in its session must not outlive the build.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    seconds = time.monotonic() - started
+    log.write(f"[deployd: {what} exited {proc.returncode} after {seconds:.2f}s]\n".encode())
+    log.flush()
+    if proc.returncode != 0:
+        raise BuildError(f"{what} command `{command}` exited with code {proc.returncode}")
+    return CommandResult(proc.returncode or 0, seconds)
+
+
+def log_tail(path: Path, limit: int = TAIL_BYTES) -> str:
+    """The last `limit` bytes of a log file, as text (for error messages)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""

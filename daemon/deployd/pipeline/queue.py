@@ -1,0 +1,302 @@
+"""The pipeline: one pending slot per component (latest wins) → export → build → register.
+
+Sources call `Pipeline.notify(PushNotice)` on the event loop. Each component has at most one
+pending notice and one running build; a burst of pushes builds the newest commit once the
+running build ends. Different components build concurrently, bounded by
+`daemon.max_parallel_builds`. A commit that already has a version (or a final failure) is
+never built again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ComponentConfig, Config, local_path
+from ..errors import BuildError, ComponentError, GitError
+from ..paths import Paths
+from ..store import Store
+from . import build as builder
+from . import descriptor
+from . import git as gitops
+
+log = logging.getLogger("deployd.pipeline")
+
+
+@dataclass(frozen=True)
+class PushNotice:
+    """ "Something may have changed" for one component; `sha` None means: use the branch head."""
+
+    component: str
+    ref: str | None
+    sha: str | None
+    source: str
+    delivery_id: str | None = None
+
+
+@dataclass(frozen=True)
+class VersionRegistered:
+    component: str
+    version: int
+    sha: str
+    semver: str | None
+
+
+Listener = Callable[[VersionRegistered], Awaitable[None]]
+# Called before a build to make `sha` (or the branch head) readable in the component's
+# repository; returns the repository path. Remote components fetch into a mirror here.
+Resolver = Callable[[ComponentConfig, "PushNotice"], Awaitable[Path]]
+
+
+class Pipeline:
+    """Turns push notices into registered component versions."""
+
+    def __init__(self, config: Config, store: Store, paths: Paths) -> None:
+        self.config = config
+        self.store = store
+        self.paths = paths
+        self.listeners: list[Listener] = []
+        self.resolver: Resolver | None = None
+        self._pending: dict[str, PushNotice] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(config.daemon.max_parallel_builds)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.paused: set[str] = set()
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def repo_path(self, comp: ComponentConfig) -> Path:
+        if comp.url is None:
+            return self.paths.hosted_repo(comp.name)
+        if comp.local:
+            return local_path(comp.url)
+        return self.paths.mirror(comp.name)
+
+    def notify(self, notice: PushNotice) -> bool:
+        """Queue `notice` in its component's slot (replacing an older one). True if queued."""
+        comp = self.config.component(notice.component)
+        if comp is None:
+            log.warning("push notice for unknown component %r ignored", notice.component)
+            return False
+        if notice.ref is not None and notice.ref != f"refs/heads/{comp.branch}":
+            self.store.event(
+                "push.ignored",
+                f"push to {notice.ref!r} ignored: {comp.name} deploys branch {comp.branch!r}",
+                component=comp.name,
+                sha=notice.sha,
+            )
+            return False
+        if notice.sha is not None and gitops.ZERO_SHA_RE.match(notice.sha):
+            self.store.event(
+                "push.ignored",
+                f"branch {comp.branch!r} of {comp.name} was deleted; the recent version stays",
+                component=comp.name,
+            )
+            return False
+        if notice.sha is not None and not gitops.is_sha(notice.sha):
+            self.store.event(
+                "push.ignored",
+                f"push notice with malformed sha {notice.sha[:80]!r} ignored",
+                component=comp.name,
+            )
+            return False
+        if notice.sha is not None and self.store.has_final_build(comp.name, notice.sha):
+            return False
+        self.store.event(
+            "push.received",
+            f"{comp.name}: {notice.source} reported {(notice.sha or 'branch head')[:12]}",
+            component=comp.name,
+            sha=notice.sha,
+            detail={"source": notice.source, "delivery": notice.delivery_id},
+        )
+        self._pending[comp.name] = notice
+        if comp.name not in self._workers:
+            self._idle.clear()
+            self._workers[comp.name] = asyncio.get_running_loop().create_task(
+                self._worker(comp.name), name=f"pipeline:{comp.name}"
+            )
+        return True
+
+    def pending(self, component: str) -> PushNotice | None:
+        return self._pending.get(component)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending) + len(self._workers)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def stop(self, grace: float) -> None:
+        """Let running builds finish for up to `grace` seconds, then cancel them."""
+        self._pending.clear()
+        workers = list(self._workers.values())
+        if not workers:
+            return
+        _done, still = await asyncio.wait(workers, timeout=grace)
+        for task in still:
+            task.cancel()
+        for task in still:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- work ------------------------------------------------------------------------------
+
+    async def _worker(self, name: str) -> None:
+        try:
+            while name in self._pending:
+                notice = self._pending.pop(name)
+                comp = self.config.component(name)
+                if comp is None:
+                    continue
+                async with self._slots:
+                    try:
+                        await self._process(comp, notice)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("pipeline error for %s", name)
+        finally:
+            self._workers.pop(name, None)
+            if not self._workers:
+                self._idle.set()
+
+    async def _process(self, comp: ComponentConfig, notice: PushNotice) -> None:
+        if self.resolver is not None:
+            try:
+                repo = await self.resolver(comp, notice)
+            except GitError as exc:
+                self.store.event(
+                    "push.failed", f"{comp.name}: {exc}", component=comp.name, sha=notice.sha
+                )
+                return
+        else:
+            repo = self.repo_path(comp)
+        sha = notice.sha
+        if sha is not None and not await asyncio.to_thread(gitops.has_commit, repo, sha):
+            head = await asyncio.to_thread(gitops.head, repo, comp.branch)
+            self.store.event(
+                "push.failed",
+                f"{comp.name}: commit {sha[:12]} is not in the repository; "
+                + ("building the branch head instead" if head else "nothing to build"),
+                component=comp.name,
+                sha=sha,
+            )
+            sha = head
+        elif sha is None:
+            sha = await asyncio.to_thread(gitops.head, repo, comp.branch)
+        if sha is None:
+            self.store.event(
+                "push.ignored",
+                f"{comp.name}: branch {comp.branch!r} does not exist; nothing to build",
+                component=comp.name,
+            )
+            return
+        if self.store.has_final_build(comp.name, sha):
+            return
+        await self.build(comp, repo, sha, notice)
+
+    async def build(self, comp: ComponentConfig, repo: Path, sha: str, notice: PushNotice) -> None:
+        """Build commit `sha` of `comp` and register it, or record exactly why not."""
+        build_id = self.store.start_build(comp.name, sha, notice.ref, notice.source)
+        workdir = self.paths.builds / str(build_id)
+        src = workdir / "src"
+        log_path = self.paths.build_logs / f"{build_id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.store.set_build_log(build_id, log_path)
+        started = time.monotonic()
+        try:
+            shutil.rmtree(workdir, ignore_errors=True)
+            with log_path.open("wb") as logf:
+                logf.write(f"[deployd: build {build_id} of {comp.name} at {sha}]\n".encode())
+                await asyncio.to_thread(gitops.export, repo, sha, src)
+                desc = await asyncio.to_thread(descriptor.load, src)
+                self._check_semver(comp.name, desc)
+                deadline = started + comp.build_timeout
+                env = builder.clean_env(
+                    src, {"DEPLOYD_COMPONENT": comp.name, "DEPLOYD_COMMIT": sha}
+                )
+                for what, command in (("build", desc.build), ("test", desc.test)):
+                    if command:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise BuildError(
+                                f"build ran past build_timeout ({comp.build_timeout:g}s)"
+                            )
+                        await builder.run_command(
+                            what, command, cwd=src, log=logf, timeout=remaining, env=env
+                        )
+            version = self.store.next_version_number(comp.name)
+            final = self.paths.versions / comp.name / str(version)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # left by a daemon killed between rename and commit
+                shutil.rmtree(final)
+            os.replace(src, final)
+            try:
+                self.store.register_version(
+                    build_id,
+                    semver=desc.version,
+                    runtime=desc.runtime or "python",
+                    descriptor=desc.model_dump(mode="json", exclude_none=True),
+                    artifact_dir=final,
+                    version=version,
+                )
+            except Exception:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+        except (ComponentError, GitError) as exc:
+            self.store.fail_build(build_id, str(exc))
+            return
+        except BuildError as exc:
+            tail = builder.log_tail(log_path, 600).strip().splitlines()[-6:]
+            detail = " | ".join(line for line in tail if not line.startswith("[deployd:"))
+            self.store.fail_build(
+                build_id, f"{exc}" + (f"; last output: {detail}" if detail else "")
+            )
+            return
+        except asyncio.CancelledError:
+            self.store.fail_build(
+                build_id, "interrupted: the daemon stopped during this build", retryable=True
+            )
+            raise
+        except Exception as exc:
+            log.exception("build %s crashed", build_id)
+            self.store.fail_build(build_id, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        log.info(
+            "registered %s v%s (%s) in %.0f ms",
+            comp.name,
+            version,
+            sha[:12],
+            (time.monotonic() - started) * 1000,
+        )
+        event = VersionRegistered(comp.name, version, sha, desc.version)
+        for listener in list(self.listeners):
+            try:
+                await listener(event)
+            except Exception:
+                log.exception("version listener failed for %s v%s", comp.name, version)
+
+    def _check_semver(self, component: str, desc: descriptor.Descriptor) -> None:
+        if desc.version is None:
+            return
+        row = self.store.one(
+            "SELECT version, semver FROM versions WHERE component = ? AND semver IS NOT NULL"
+            " ORDER BY version DESC LIMIT 1",
+            (component,),
+        )
+        if row and descriptor.semver_key(desc.version) <= descriptor.semver_key(row["semver"]):
+            raise ComponentError(
+                f"component.json version: {desc.version} is not greater than {row['semver']} "
+                f"of {component} v{row['version']}; bump it"
+            )
