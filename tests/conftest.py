@@ -1,0 +1,327 @@
+"""Fixtures that build real things: git repositories, component trees, a running daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+DEPLOYD = [sys.executable, "-m", "deployd"]
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `cond` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def git(*args: str, cwd: Path | None = None, check: bool = True) -> str:
+    env = {**os.environ, **GIT_ENV}
+    proc = subprocess.run(
+        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}")
+    return proc.stdout.strip()
+
+
+PY_TICKER = """\
+def process(msg, cfg, snapshot, ctx):
+    return {"text": "hello"}
+"""
+PY_UPPER = """\
+def process(msg, cfg):
+    return {"text": str(msg["body"].get("text", "")).upper()}
+"""
+
+
+def default_descriptor(**extra: Any) -> dict[str, Any]:
+    desc: dict[str, Any] = {
+        "title": "Hello",
+        "triggers": {"ticker": {"main": "./lib/ticker.py", "title": "Ticker"}},
+        "actions": {"upper": {"main": "./lib/upper.py", "title": "Upper"}},
+    }
+    desc.update(extra)
+    return desc
+
+
+@dataclass
+class Work:
+    """A working clone of a component repository, with helpers to change and push it."""
+
+    path: Path
+    remote: Path | None = None
+    branch: str = "main"
+
+    def write(self, files: dict[str, str | dict[str, Any]]) -> None:
+        for rel, content in files.items():
+            target = self.path / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, dict):
+                target.write_text(json.dumps(content, indent=2))
+            else:
+                target.write_text(textwrap.dedent(content))
+
+    def commit(self, message: str = "change", files: dict[str, Any] | None = None) -> str:
+        if files:
+            self.write(files)
+        git("add", "-A", cwd=self.path)
+        git("commit", "-q", "--allow-empty", "-m", message, cwd=self.path)
+        return git("rev-parse", "HEAD", cwd=self.path)
+
+    def push(self, remote: Path | str | None = None, ref: str | None = None, *flags: str) -> str:
+        target = str(remote or self.remote)
+        git("push", "-q", *flags, target, ref or f"HEAD:refs/heads/{self.branch}", cwd=self.path)
+        return git("rev-parse", "HEAD", cwd=self.path)
+
+    def commit_push(self, message: str = "change", files: dict[str, Any] | None = None) -> str:
+        self.commit(message, files)
+        return self.push()
+
+
+def make_component(path: Path, descriptor: dict[str, Any] | None = None, **files: str) -> Work:
+    """A working clone holding a minimal valid Python component (one commit)."""
+    path.mkdir(parents=True, exist_ok=True)
+    git("init", "-q", "-b", "main", cwd=path)
+    work = Work(path)
+    contents: dict[str, Any] = {
+        "component.json": descriptor or default_descriptor(),
+        "lib/ticker.py": PY_TICKER,
+        "lib/upper.py": PY_UPPER,
+    }
+    contents.update({k.replace("__", "/"): v for k, v in files.items()})
+    work.commit("initial", contents)
+    return work
+
+
+@pytest.fixture
+def component(tmp_path: Path) -> Callable[..., Work]:
+    """component(name="hello", descriptor=None, **files) → a Work clone with one commit."""
+
+    def make(name: str = "hello", descriptor: dict[str, Any] | None = None, **files: str) -> Work:
+        return make_component(tmp_path / "work" / name, descriptor, **files)
+
+    return make
+
+
+@pytest.fixture
+def bare_repo(tmp_path: Path) -> Callable[[str], Path]:
+    """bare_repo(name) → path of a new empty bare repository (a local `url`)."""
+
+    def make(name: str) -> Path:
+        path = tmp_path / "remotes" / f"{name}.git"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        git("init", "-q", "--bare", "-b", "main", str(path))
+        return path
+
+    return make
+
+
+@dataclass
+class Daemon:
+    """A real `deployd serve` subprocess with its own config and state dir."""
+
+    root: Path
+    port: int
+    components: list[dict[str, Any]] = field(default_factory=list)
+    daemon_extra: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "daemon.log"
+
+    def hosted(self, name: str) -> Path:
+        return self.state_dir / "repos" / f"{name}.git"
+
+    def write_config(self) -> None:
+        lines = ["[daemon]", f'state_dir = "{self.state_dir}"', f'listen = "127.0.0.1:{self.port}"']
+        for key, value in self.daemon_extra.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        for comp in self.components:
+            lines.append("[[components]]")
+            for key, value in comp.items():
+                lines.append(f"{key} = {json.dumps(value)}")
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self, wait: bool = True) -> Daemon:
+        self.write_config()
+        logf = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*DEPLOYD, "serve", "-c", str(self.config_path)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
+        logf.close()
+        if wait:
+            wait_until(self._healthy, timeout=20)
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 25) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(
+                    f"daemon did not stop within {timeout}s:\n{self.log()}"
+                ) from None
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [*DEPLOYD, *args, "-c", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            timeout=60,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"deployd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def status(self) -> dict[str, Any]:
+        if self.proc is not None:
+            return dict(httpx.get(self.url + "/api/v1/status", timeout=5).json())
+        return dict(json.loads(self.cli("status", "--json").stdout))
+
+    def component_status(self, name: str) -> dict[str, Any]:
+        for comp in self.status()["components"]:
+            if comp["name"] == name:
+                return dict(comp)
+        raise AssertionError(f"component {name} not in status")
+
+    def recent_sha(self, name: str) -> str | None:
+        recent = self.component_status(name)["recent"]
+        return recent["sha"] if recent else None
+
+    def wait_recent(self, name: str, sha: str, timeout: float = 20) -> dict[str, Any]:
+        wait_until(lambda: self.recent_sha(name) == sha, timeout=timeout)
+        return self.component_status(name)
+
+    def builds(self, name: str | None = None) -> list[dict[str, Any]]:
+        args = ["builds", "--json"] + ([name] if name else [])
+        return list(json.loads(self.cli(*args).stdout))
+
+    def wait_build(self, name: str, sha: str, timeout: float = 20) -> dict[str, Any]:
+        """Wait until `sha` has a finished build; return it."""
+
+        def done() -> dict[str, Any] | None:
+            for b in self.builds(name):
+                if b["sha"] == sha and b["status"] in ("succeeded", "failed"):
+                    return b
+            return None
+
+        return dict(wait_until(done, timeout=timeout))
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """daemon_factory(components=[{"name": "hello"}], **daemon_keys) → a Daemon, not started."""
+    made: list[Daemon] = []
+
+    def make(components: list[dict[str, Any]] | None = None, **daemon_extra: Any) -> Daemon:
+        root = tmp_path / f"deployd{len(made)}"
+        root.mkdir()
+        d = Daemon(
+            root=root,
+            port=free_port(),
+            components=components if components is not None else [{"name": "hello"}],
+            daemon_extra=daemon_extra,
+        )
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A started daemon hosting one component, `hello`."""
+    return daemon_factory().start()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DEPLOYD_CONFIG", raising=False)
+    for key, value in GIT_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir(exist_ok=True)
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None
