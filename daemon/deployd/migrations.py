@@ -69,3 +69,110 @@ def m001_builds_versions_events(db: Database) -> None:
     )
     db.execute("CREATE INDEX events_component ON events (component, id)")
     db.execute("CREATE INDEX events_flow ON events (flow, id)")
+
+
+@migrations()
+def m002_flows(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE flows (
+            name TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            "update" TEXT NOT NULL,
+            enabled INTEGER NOT NULL DEFAULT 0,
+            active_version INTEGER,
+            needs_attention TEXT,
+            startup_data TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE flow_versions (
+            flow TEXT NOT NULL REFERENCES flows(name),
+            version INTEGER NOT NULL,
+            spec TEXT NOT NULL,
+            steps TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            reason TEXT,
+            PRIMARY KEY (flow, version)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE drafts (
+            flow TEXT PRIMARY KEY REFERENCES flows(name),
+            spec TEXT NOT NULL,
+            steps TEXT NOT NULL,
+            problems TEXT NOT NULL,
+            reason TEXT,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE deployments (
+            id INTEGER PRIMARY KEY,
+            flow TEXT NOT NULL,
+            from_version INTEGER,
+            to_version INTEGER NOT NULL,
+            trigger TEXT,
+            component TEXT,
+            component_version INTEGER,
+            sha TEXT,
+            status TEXT NOT NULL CHECK (status IN
+                ('starting_new','switching','done','failed','rolled_back')),
+            reason TEXT,
+            log_tail TEXT,
+            warmup_ms REAL,
+            gap_ms REAL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX deployments_flow ON deployments (flow, id)")
+    db.execute(
+        """
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            flow TEXT NOT NULL,
+            step TEXT NOT NULL,
+            msg_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            headers TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            not_before REAL NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX messages_queue ON messages (flow, step, id)")
+    db.execute(
+        """
+        CREATE TABLE snapshots (
+            flow TEXT NOT NULL,
+            step TEXT NOT NULL,
+            data TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (flow, step)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE step_stats (
+            flow TEXT NOT NULL,
+            step TEXT NOT NULL,
+            processed INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            restarts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            PRIMARY KEY (flow, step)
+        )
+        """
+    )
