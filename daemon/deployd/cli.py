@@ -62,7 +62,9 @@ def _print_json(data: Any) -> None:
 def _console() -> Any:
     from rich.console import Console
 
-    return Console()
+    # soft_wrap: a line longer than the terminal (or than 80 columns when piped) stays one
+    # line, so paths and messages can be copied and grepped.
+    return Console(soft_wrap=True)
 
 
 # -- serve / check-config -------------------------------------------------------------------

@@ -296,49 +296,74 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
                 )
             expanded.append(comp)
         raw["components"] = expanded
+    cfg: Config | None = None
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
         for err in exc.errors():
             problems.append(f"{_loc(err['loc'])}: {_message(err)}")
-        raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems) from exc
-    if problems:
+    # The checks below read the raw values, so they run (and are listed) even when the models
+    # failed: one check-config run shows every problem.
+    state_dir, comp_updates = _check_places(raw, base, problems)
+    if cfg is None or problems:
         raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
+    comps_out = [
+        comp.model_copy(update=update) if update else comp
+        for comp, update in zip(cfg.components, comp_updates, strict=True)
+    ]
+    daemon = cfg.daemon.model_copy(update={"state_dir": state_dir or cfg.daemon.state_dir})
+    return cfg.model_copy(update={"daemon": daemon, "components": tuple(comps_out), "path": path})
 
-    state_dir = cfg.daemon.state_dir
-    if not state_dir.is_absolute():
-        state_dir = base / state_dir
-    state_dir = Path(os.path.normpath(state_dir))
-    if state_dir.exists() and not state_dir.is_dir():
-        problems.append(f"daemon.state_dir: {state_dir} exists and is not a directory")
-    elif state_dir.exists() and not os.access(state_dir, os.W_OK | os.X_OK):
-        problems.append(f"daemon.state_dir: {state_dir} is not writable by this user")
 
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value)
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+def _check_places(
+    raw: dict[str, Any], base: Path, problems: list[str]
+) -> tuple[Path | None, list[dict[str, Any]]]:
+    """Resolve paths against `base` and check what they point at, and that names are unique.
+
+    Returns the resolved state_dir and, per component, the fields to replace.
+    """
+    daemon = raw.get("daemon")
+    state_raw = daemon.get("state_dir", "var") if isinstance(daemon, dict) else "var"
+    state_dir = _resolve(base, state_raw) if isinstance(state_raw, str) else None
+    if state_dir is not None:
+        if state_dir.exists() and not state_dir.is_dir():
+            problems.append(f"daemon.state_dir: {state_dir} exists and is not a directory")
+        elif state_dir.exists() and not os.access(state_dir, os.W_OK | os.X_OK):
+            problems.append(f"daemon.state_dir: {state_dir} is not writable by this user")
+
+    comps = raw.get("components")
+    updates: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    comps_out = []
-    for i, comp in enumerate(cfg.components):
-        where = f"components[{i}]"
-        if comp.name in seen:
-            problems.append(
-                f"{where}.name: {comp.name!r} is already used by components[{seen[comp.name]}]"
-            )
-        seen.setdefault(comp.name, i)
+    for i, comp in enumerate(comps if isinstance(comps, list) else []):
         update: dict[str, Any] = {}
-        if comp.url is not None and comp.local:
-            repo = local_path(comp.url)
-            if not repo.is_absolute():
-                repo = base / repo
-            repo = Path(os.path.normpath(repo))
+        updates.append(update)
+        if not isinstance(comp, dict):
+            continue
+        where = f"components[{i}]"
+        name = comp.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(
+                    f"{where}.name: {name!r} is already used by components[{seen[name]}]"
+                )
+            seen.setdefault(name, i)
+        url = comp.get("url")
+        if isinstance(url, str) and is_local_url(url):
+            repo = _resolve(base, str(local_path(url)))
             if not (repo / "HEAD").is_file() or not (repo / "objects").is_dir():
                 problems.append(
                     f"{where}.url: {repo} is not a readable bare git repository "
                     "(create it with `git init --bare`)"
                 )
-            update["url"] = ("file://" if comp.url.startswith("file://") else "") + str(repo)
-        if comp.webhook_secret_file is not None:
-            secret_path = comp.webhook_secret_file
-            if not secret_path.is_absolute():
-                secret_path = base / secret_path
+            update["url"] = ("file://" if url.startswith("file://") else "") + str(repo)
+        secret_file = comp.get("webhook_secret_file")
+        if isinstance(secret_file, str):
+            secret_path = _resolve(base, secret_file)
             try:
                 if not secret_path.read_text().strip():
                     problems.append(f"{where}.webhook_secret_file: {secret_path} is empty")
@@ -347,10 +372,7 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
                     f"{where}.webhook_secret_file: {secret_path} cannot be read ({exc.strerror})"
                 )
             update["webhook_secret_file"] = secret_path
-        if comp.webhook_secret is not None and not comp.webhook_secret.get_secret_value():
-            problems.append(f"{where}.webhook_secret: is empty")
-        comps_out.append(comp.model_copy(update=update) if update else comp)
-    if problems:
-        raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
-    daemon = cfg.daemon.model_copy(update={"state_dir": state_dir})
-    return cfg.model_copy(update={"daemon": daemon, "components": tuple(comps_out), "path": path})
+        secret_key = f"{where}.webhook_secret:"
+        if comp.get("webhook_secret") == "" and not any(p.startswith(secret_key) for p in problems):
+            problems.append(f"{secret_key} is empty")
+    return state_dir, updates
