@@ -325,3 +325,16 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def have(program: str) -> bool:
     return shutil.which(program) is not None
+
+
+def db_rows(state_dir: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
+    """Rows of a read-only query on a daemon's state database (for assertions only)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{state_dir / 'deployd.db'}?mode=ro", uri=True)
+    try:
+        cur = conn.execute(sql, params)
+        cols = [c[0] for c in cur.description or ()]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        conn.close()

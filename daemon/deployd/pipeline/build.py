@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..config import format_duration
 from ..errors import BuildError
 
 MAX_LOG_BYTES = 2 * 1024 * 1024
@@ -54,9 +55,12 @@ async def run_command(
     log: BinaryIO,
     timeout: float,
     env: dict[str, str],
+    budget: float | None = None,
 ) -> CommandResult:
     """Run `command` (the component author's shell line) in `cwd`; output goes to `log`.
 
+    `timeout` is what is left of the build's `budget` (build_timeout, shared by build and
+    test); messages name the budget, which is what the user configured.
     Raises BuildError on a non-zero exit or on timeout (the whole process group is killed).
     """
     log.write(f"$ {command}\n".encode())
@@ -96,10 +100,12 @@ async def run_command(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
-        log.write(f"\n[deployd: {what} killed after {timeout:g}s timeout]\n".encode())
+        limit = format_duration(budget if budget is not None else timeout)
+        log.write(f"\n[deployd: {what} killed: build_timeout {limit} reached]\n".encode())
         log.flush()
         raise BuildError(
-            f"{what} command timed out after {timeout:g}s (raise build_timeout or make it faster)"
+            f"{what} command timed out: build_timeout {limit} (for build and test together) "
+            "reached; raise build_timeout or make it faster"
         ) from None
     except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):

@@ -232,7 +232,13 @@ class Pipeline:
                                 f"build ran past build_timeout ({comp.build_timeout:g}s)"
                             )
                         await builder.run_command(
-                            what, command, cwd=src, log=logf, timeout=remaining, env=env
+                            what,
+                            command,
+                            cwd=src,
+                            log=logf,
+                            timeout=remaining,
+                            env=env,
+                            budget=comp.build_timeout,
                         )
             version = self.store.next_version_number(comp.name)
             final = self.paths.versions / comp.name / str(version)
@@ -257,7 +263,9 @@ class Pipeline:
             return
         except BuildError as exc:
             tail = builder.log_tail(log_path, 600).strip().splitlines()[-6:]
-            detail = " | ".join(line for line in tail if not line.startswith("[deployd:"))
+            detail = " | ".join(
+                line for line in tail if line.strip() and not line.startswith("[deployd:")
+            )
             self.store.fail_build(
                 build_id, f"{exc}" + (f"; last output: {detail}" if detail else "")
             )
