@@ -12,8 +12,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
 
+from . import health
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .status import build_status
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ class Server(uvicorn.Server):
             uvicorn.Config(
                 app,
                 log_level="warning",
+                log_config=None,  # uvicorn logs through ours: key=value/JSON, secrets redacted
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=3,
@@ -53,8 +57,19 @@ def create_app(daemon: Daemon) -> FastAPI:
     app = FastAPI(title="deployd", version="1", docs_url=None, redoc_url=None)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"ok": True}
+    async def healthz() -> Response:
+        d = daemon.config.daemon
+        limits = health.Limits(
+            max_loop_lag=d.health_max_loop_lag,
+            min_free_bytes=d.health_min_free_mb * 1024 * 1024,
+            min_free_ratio=d.health_min_free_percent / 100,
+        )
+        body = health.check(getattr(daemon, "store", None), daemon.paths.root, daemon.lag, limits)
+        return JSONResponse(body, status_code=200 if body["ok"] else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(daemon.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/api/v1/status")
     async def status() -> dict[str, Any]:

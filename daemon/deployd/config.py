@@ -102,6 +102,10 @@ class DaemonConfig(_Model):
     max_webhook_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     stop_timeout: Duration = 20.0
     log_format: str = Field(default="text", pattern="^(text|json)$")
+    # /healthz: unhealthy past this event-loop lag, or below this much free disk in state_dir.
+    health_max_loop_lag: Duration = 2.0
+    health_min_free_mb: int = Field(default=100, ge=0)
+    health_min_free_percent: float = Field(default=1.0, ge=0, le=100)
 
     @field_validator("listen")
     @classmethod

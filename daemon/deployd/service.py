@@ -19,12 +19,16 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import Config, local_path, split_listen
-from .errors import StateError
+from . import config as cfgmod
+from .config import ComponentConfig, Config, local_path, split_listen
+from .errors import ConfigError, StateError
+from .health import LagMonitor
+from .metrics import Metrics
+from .notify import Notifier, watchdog_pinger
 from .paths import Paths
 from .pipeline import git as gitops
 from .pipeline.queue import Pipeline, PushNotice
@@ -34,6 +38,39 @@ from .store import Store
 
 log = logging.getLogger("deployd")
 
+# Secret values (webhook secrets, the API token) that must never reach a log line.
+_redactions: list[str] = []
+
+
+def set_redactions(values: Iterable[str | None]) -> None:
+    """Replace the set of strings masked as ``***`` in every log line (longest first)."""
+    found: set[str] = set()
+    for value in values:
+        if value and len(value) >= 4:
+            found.add(value)
+            found.add(json.dumps(value)[1:-1])  # as it appears inside a JSON-quoted msg
+    _redactions[:] = sorted(found, key=len, reverse=True)
+
+
+def config_secrets(config: Config) -> list[str]:
+    """Every secret value `config` holds or points at (files read now; unreadable skipped)."""
+    out: list[str | None] = []
+    if config.daemon.api_token is not None:
+        out.append(config.daemon.api_token.get_secret_value())
+    with contextlib.suppress(OSError):
+        out.append(Paths(config.state_dir).token_file.read_text().strip())
+    for comp in config.components:
+        with contextlib.suppress(OSError):
+            out.append(comp.secret())
+    return [s for s in out if s]
+
+
+def _redact(line: str) -> str:
+    for secret in _redactions:
+        if secret in line:
+            line = line.replace(secret, "***")
+    return line
+
 
 class _KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -41,7 +78,7 @@ class _KeyValueFormatter(logging.Formatter):
         line = f"level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)}"
         if record.exc_info:
             line += " exc=" + json.dumps(self.formatException(record.exc_info))
-        return line
+        return _redact(line)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -49,7 +86,7 @@ class _JsonFormatter(logging.Formatter):
         out = {"level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        return _redact(json.dumps(out))
 
 
 def setup_logging(fmt: str, debug: bool = False) -> None:
@@ -124,6 +161,30 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.services: list[Any] = []  # later parts: objects with async start()/stop()
+        # systemd: READY/RELOADING/STOPPING/STATUS and the watchdog (no-ops outside systemd).
+        self.notifier = Notifier.from_env()
+        self.metrics = Metrics()
+        self.lag = LagMonitor()
+        self._reload_requested = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def accepting_webhooks(self) -> bool:
+        """False once a stop began: webhook routes answer 503 so the sender retries later."""
+        return not self.stopping.is_set()
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (`systemctl status deployd`); later parts extend it."""
+        parts = [f"{len(self.config.components)} component(s)"]
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            parts.append(f"build queue {pipeline.queue_depth}")
+        store = getattr(self, "store", None)
+        if store is not None:
+            last = store.one("SELECT component, sha, status FROM builds ORDER BY id DESC LIMIT 1")
+            if last:
+                parts.append(f"last build {last['component']} {last['sha'][:8]} {last['status']}")
+        return ", ".join(parts)
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -142,8 +203,8 @@ class Daemon:
                     if str(ver_dir) not in known:
                         shutil.rmtree(ver_dir, ignore_errors=True)
 
-    def _setup_component_sources(self) -> None:
-        for comp in self.config.components:
+    def _setup_component_sources(self, components: Iterable[ComponentConfig] | None = None) -> None:
+        for comp in self.config.components if components is None else components:
             if comp.hosted:
                 created = gitops.ensure_hosted(
                     self.paths.hosted_repo(comp.name), comp.branch, comp.name, self.paths.inbox
@@ -192,6 +253,91 @@ class Daemon:
             return False
         return self.pipeline.notify(notice)
 
+    # -- reload (SIGHUP) -------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read and re-validate the config file; apply it, or keep the old one and say why.
+
+        Added components get their hosted repository (and hook) or their watch, and are
+        reconciled; removed ones stop being watched (their versions stay in the state);
+        secrets apply at once, because webhook routes read `daemon.config` per request.
+        Services with an async `reload(config)` (flows, poller) are told; running flows are
+        not restarted. Keys bound at start (state_dir, listen, max_parallel_builds) need a
+        restart: they keep their old value, with a warning.
+        """
+        old = self.config
+        if old.path is None:
+            log.error("reload: the daemon was not started from a config file; nothing to reload")
+            return False
+        self.notifier.reloading()
+        try:
+            new = cfgmod.load(old.path)
+        except ConfigError as exc:
+            log.error(
+                "reload rejected, the old config keeps running: %s",
+                " ".join([str(exc), *exc.problems]),
+            )
+            self.store.event("config.rejected", f"reload of {old.path} rejected: {exc}")
+            self.notifier.ready(self.status_line())
+            return False
+        fixed = {"state_dir", "listen", "max_parallel_builds"}
+        changed = [k for k in sorted(fixed) if getattr(new.daemon, k) != getattr(old.daemon, k)]
+        if changed:
+            log.warning("reload: %s change(s) need a restart; kept as before", ", ".join(changed))
+            keep = {k: getattr(old.daemon, k) for k in fixed}
+            new = new.model_copy(update={"daemon": new.daemon.model_copy(update=keep)})
+        before = {c.name: c for c in old.components}
+        after = {c.name: c for c in new.components}
+        removed = [n for n in before if n not in after]
+        moved = [n for n in after if n in before and _source_of(after[n]) != _source_of(before[n])]
+        added = [n for n in after if n not in before]
+        for name in removed + moved:
+            self.watcher.remove(f"repo:{name}")
+        self.config = new
+        self.pipeline.config = new
+        set_redactions(config_secrets(new))
+        self._setup_component_sources([after[n] for n in added + moved])
+        for svc in self.services:
+            hook = getattr(svc, "reload", None)
+            if hook is not None:
+                try:
+                    await hook(new)
+                except Exception:
+                    log.exception("reload: %s failed to apply the new config", svc)
+        queued = self.reconcile()
+        summary = (
+            f"config reloaded from {new.path}: {len(added)} added, {len(removed)} removed, "
+            f"{len(moved)} moved, {queued} queued"
+        )
+        self.store.event(
+            "config.reloaded",
+            summary,
+            detail={"added": added, "removed": removed, "moved": moved},
+        )
+        log.info("%s", summary)
+        self.notifier.ready(self.status_line())
+        return True
+
+    async def _reload_loop(self) -> None:
+        # The SIGHUP handler only sets the event; reloads run here, one at a time.
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("reload failed; the old config keeps running")
+                self.notifier.ready(self.status_line())
+
+    async def _status_loop(self, every: float = 5.0) -> None:
+        last = ""
+        while True:
+            await asyncio.sleep(every)
+            line = self.status_line()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+
     async def run(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         with state_lock(self.paths):
@@ -207,6 +353,11 @@ class Daemon:
     async def _run(self, loop: asyncio.AbstractEventLoop, sock: socket.socket | None) -> None:
         self._recover()
         self.pipeline = Pipeline(self.config, self.store, self.paths)
+        self.pipeline.metrics = self.metrics
+        self.metrics.track_build_queue(lambda: self.pipeline.queue_depth)
+        self.metrics.track_loop_lag(self.lag.current)
+        self._tasks.append(loop.create_task(self.lag.run(), name="loop-lag"))
+        self._tasks.append(loop.create_task(watchdog_pinger(self.notifier), name="watchdog"))
         self.watcher = Watcher(loop)
         self.inbox = Inbox(self.paths.inbox, self.notify)
         self._setup_component_sources()
@@ -215,6 +366,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Unix signals 15 (`kill`, systemd stop) and 2 (Ctrl+C): only record; run() acts.
             loop.add_signal_handler(sig, self.stopping.set)
+        # Unix signal 1 (`systemctl reload`, `kill -HUP`): re-read the config.
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
 
         from .api import Server, create_app
 
@@ -228,6 +381,11 @@ class Daemon:
             queued = self.reconcile()
             await server.ready.wait()
             self.ready.set()
+            set_redactions(config_secrets(self.config))  # now including a generated token
+            # READY=1 only now: HTTP is bound, sources run and the services (flows) are up.
+            self.notifier.ready(self.status_line())
+            self._tasks.append(loop.create_task(self._reload_loop(), name="reload"))
+            self._tasks.append(loop.create_task(self._status_loop(), name="status"))
             log.info(
                 "deployd ready on %s (state %s, %d component(s), %d queued at start)",
                 self.config.daemon.listen,
@@ -240,6 +398,9 @@ class Daemon:
             stop_wait.cancel()
         finally:
             log.info("deployd stopping")
+            self.stopping.set()  # also when the HTTP server died: webhooks get 503 from here on
+            self.notifier.stopping()
+            loop.remove_signal_handler(signal.SIGHUP)
             self.watcher.stop()
             await self.pipeline.stop(grace=min(5.0, self.config.daemon.stop_timeout / 2))
             for svc in reversed(self.services):
@@ -252,14 +413,26 @@ class Daemon:
                 await asyncio.wait_for(server_task, 5)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.notifier.close()
         log.info("deployd stopped")
 
 
 def serve(config: Config, debug: bool = False) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
     setup_logging(config.daemon.log_format, debug)
+    set_redactions(config_secrets(config))
     daemon = Daemon(config)
     asyncio.run(daemon.run())
+
+
+def _source_of(comp: ComponentConfig) -> tuple[str | None, str, bool]:
+    """What decides how a component is watched; a change re-creates its watch."""
+    return (comp.url, comp.branch, comp.watch)
 
 
 def inbox_path(state_dir: Path) -> Path:

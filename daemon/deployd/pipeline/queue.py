@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ComponentConfig, Config, local_path
 from ..errors import BuildError, ComponentError, GitError
@@ -26,6 +27,9 @@ from ..store import Store
 from . import build as builder
 from . import descriptor
 from . import git as gitops
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger("deployd.pipeline")
 
@@ -70,6 +74,7 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self.paused: set[str] = set()
+        self.metrics: Metrics | None = None
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -281,6 +286,9 @@ class Pipeline:
             return
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+            self._observe_build(comp.name, build_id, time.monotonic() - started)
+        if self.metrics is not None:
+            self.metrics.version_registered(comp.name)
         log.info(
             "registered %s v%s (%s) in %.0f ms",
             comp.name,
@@ -294,6 +302,15 @@ class Pipeline:
                 await listener(event)
             except Exception:
                 log.exception("version listener failed for %s v%s", comp.name, version)
+
+    def _observe_build(self, component: str, build_id: int, seconds: float) -> None:
+        if self.metrics is None:
+            return
+        row = self.store.build(build_id)
+        status = row["status"] if row else "failed"
+        if status == "failed" and row and row.get("retryable"):
+            status = "interrupted"
+        self.metrics.build_finished(component, status, seconds)
 
     def _check_semver(self, component: str, desc: descriptor.Descriptor) -> None:
         if desc.version is None:
