@@ -1,0 +1,306 @@
+"""`deployd flow …`, `deployd deploys` and `deployd logs`.
+
+Commands that change running flows go through the daemon's HTTP API (with the bearer
+token); commands that only read use the state database and the step logs directly, so they
+work while the daemon is down.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli import ConfigOpt, JsonOpt, _console, _load, _print_flows_table, _print_json, app
+from .errors import DeploydError, FlowError
+
+flow_app = typer.Typer(help="Real-time flows: apply, publish, start, stop, inspect, roll back.")
+app.add_typer(flow_app, name="flow")
+
+NameArg = Annotated[str, typer.Argument(help="Flow name.")]
+
+
+def _call(cfg: Any, method: str, path: str, body: Any = None) -> Any:
+    from .client import call
+
+    return call(cfg, method, path, json=body)
+
+
+def _reader(cfg: Any) -> Any:
+    from .status import open_reader
+
+    store = open_reader(cfg)
+    if store is None:
+        raise DeploydError("no state yet: the daemon has never run with this config")
+    return store
+
+
+def _print_result(res: dict[str, Any]) -> None:
+    if res.get("draft"):
+        probs = res.get("problems") or []
+        typer.echo(
+            f"draft of {res['flow']} saved" + (" — needs attention:" if probs else " (valid)")
+        )
+        for p in probs:
+            typer.echo(f"  {p}")
+        return
+    status = res.get("status")
+    line = f"{res['flow']} v{res.get('version')}: {status}"
+    if res.get("warmup_ms") is not None:
+        line += f" (warm-up {res['warmup_ms']:.0f} ms"
+        line += f", gap {res['gap_ms']:.1f} ms)" if res.get("gap_ms") is not None else ")"
+    if res.get("reason"):
+        line += f": {res['reason']}"
+    typer.echo(line)
+    if status == "failed":
+        raise typer.Exit(1)
+
+
+@flow_app.command("apply")
+def flow_apply(
+    file: Annotated[Path, typer.Argument(help="Flow file (TOML).")],
+    draft: Annotated[bool, typer.Option("--draft", help="Only create the draft.")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the flow (or a new draft of it) from FILE, then publish unless --draft."""
+    from .flows import model
+
+    cfg = _load(config)
+    model.load(file)  # the same checks the daemon makes, before anything is sent
+    res = _call(cfg, "POST", "/api/v1/flows/apply", {"text": file.read_text(), "draft": draft})
+    _print_json(res) if as_json else _print_result(res)
+
+
+@flow_app.command("publish")
+def flow_publish(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Publish the flow's draft as its next version (zero-downtime if it runs)."""
+    res = _call(_load(config), "POST", f"/api/v1/flows/{name}/publish")
+    _print_json(res) if as_json else _print_result(res)
+
+
+@flow_app.command("start")
+def flow_start(name: NameArg, config: ConfigOpt = None) -> None:
+    """Start a stopped flow at its active version."""
+    res = _call(_load(config), "POST", f"/api/v1/flows/{name}/start")
+    typer.echo(f"{res['flow']}: running v{res['version']}")
+
+
+@flow_app.command("stop")
+def flow_stop(name: NameArg, config: ConfigOpt = None) -> None:
+    """Stop a flow (in-flight messages finish; queued ones wait for the next start)."""
+    res = _call(_load(config), "POST", f"/api/v1/flows/{name}/stop")
+    typer.echo(f"{res['flow']}: stopped")
+
+
+@flow_app.command("rollback")
+def flow_rollback(
+    name: NameArg,
+    to: Annotated[int | None, typer.Option("--to", help="Flow version to go back to.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish an earlier flow version's steps as a new version (default: the previous one)."""
+    res = _call(_load(config), "POST", f"/api/v1/flows/{name}/rollback", {"to": to})
+    _print_json(res) if as_json else _print_result(res)
+
+
+def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
+    from .cli import _live_status
+    from .flowstore import FlowStore
+    from .status import build_status
+
+    store = _reader(cfg)
+    fs = FlowStore(store)
+    flow = fs.flow(name)
+    if flow is None:
+        raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+    data = _live_status(cfg) or build_status(cfg, store)
+    summary = next(f for f in data["flows"] if f["name"] == name)
+    draft = fs.draft(name)
+    depths = fs.queue_depths(name)
+    stats = fs.stats(name)
+    return {
+        **summary,
+        "step_count": len(summary["steps"]),
+        "draft": {
+            "reason": draft["reason"],
+            "problems": draft["problems"],
+            "created_at": draft["created_at"],
+            "steps": draft["steps"],
+        }
+        if draft
+        else None,
+        "queues": {step: n for (_f, step), n in depths.items()},
+        "stats": {
+            k: {x: v[x] for x in ("processed", "failed", "restarts", "last_error")}
+            for k, v in stats.items()
+        },
+    }
+
+
+@flow_app.command("show")
+def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a flow: state, version, every step (mapper steps included), draft, queues."""
+    data = _flow_data(_load(config), name)
+    if as_json:
+        _print_json(data)
+        return
+    from rich.table import Table
+
+    out = _console()
+    state = data["state"] + (" (stale)" if data["stale"] else "")
+    out.print(f"flow [bold]{name}[/] v{data['version']} — {state}, update={data['update']}")
+    out.print(f"{data['step_count']} steps (mapper steps included)")
+    if data["needs_attention"]:
+        out.print(f"[red]needs attention:[/] {data['needs_attention']}")
+    table = Table("step", "kind", "component", "function", "version", "state", "pid", "queued")
+    for s in data["steps"]:
+        table.add_row(
+            s["id"],
+            s["kind"],
+            s["component"] or "-",
+            s["function"] or "-",
+            f"v{s['version']}" if s["version"] else "-",
+            s["state"],
+            str(s["pid"] or "-"),
+            str(data["queues"].get(s["id"], 0)),
+        )
+    out.print(table)
+    if data["draft"]:
+        d = data["draft"]
+        out.print(f"draft ({d['reason']}): " + ("; ".join(d["problems"]) or "valid"))
+    last = data["last_deploy"]
+    if last:
+        out.print(f"last deploy: {last['status']} → v{last['to_version']} at {last['finished_at']}")
+
+
+@flow_app.command("list")
+def flow_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List the flows with their state and version."""
+    from .cli import _live_status
+    from .status import build_status
+
+    cfg = _load(config)
+    data = _live_status(cfg) or build_status(cfg, _reader(cfg))
+    if as_json:
+        _print_json(data["flows"])
+        return
+    if not data["flows"]:
+        typer.echo("no flows yet (`deployd flow apply FILE`)")
+        return
+    _print_flows_table(_console(), data["flows"])
+
+
+@flow_app.command("history")
+def flow_history(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """A flow's versions and deployments, newest first."""
+    from .flowstore import FlowStore
+
+    fs = FlowStore(_reader(_load(config)))
+    if fs.flow(name) is None:
+        raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+    versions = [
+        {
+            "version": v["version"],
+            "created_at": v["created_at"],
+            "reason": v["reason"],
+            "steps": [
+                {k: s[k] for k in ("id", "component", "function", "version")} for s in v["steps"]
+            ],
+        }
+        for v in fs.flow_versions(name)
+    ]
+    deps = fs.deployments(name)
+    if as_json:
+        _print_json({"versions": versions, "deployments": deps})
+        return
+    out = _console()
+    for v in versions:
+        steps = ", ".join(f"{s['id']}={s['component']} v{s['version']}" for s in v["steps"])
+        out.print(f"v{v['version']}  {v['created_at'][:19]}  {v['reason'] or ''}  [{steps}]")
+    _print_deploys(deps)
+
+
+def _print_deploys(deps: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table("id", "flow", "from", "to", "status", "trigger", "warm-up", "gap", "finished")
+    for d in deps:
+        trig = d["trigger"] or ""
+        if d["component"]:
+            trig += f" ({d['component']} v{d['component_version']})"
+        table.add_row(
+            str(d["id"]),
+            d["flow"],
+            f"v{d['from_version']}" if d["from_version"] else "-",
+            f"v{d['to_version']}",
+            d["status"] + (f": {d['reason'][:60]}" if d["reason"] else ""),
+            trig,
+            f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-",
+            f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-",
+            (d["finished_at"] or "")[:19],
+        )
+    _console().print(table)
+
+
+@app.command("deploys")
+def deploys(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    limit: Annotated[int, typer.Option(help="How many to show.")] = 50,
+) -> None:
+    """List deployments (publishes) of all flows, newest first, with warm-up and gap."""
+    from .flowstore import FlowStore
+
+    deps = FlowStore(_reader(_load(config))).deployments(limit=limit)
+    if as_json:
+        _print_json(deps)
+    else:
+        _print_deploys(deps)
+
+
+@app.command("logs")
+def logs(
+    flow: Annotated[str, typer.Argument(help="Flow name.")],
+    step: Annotated[str | None, typer.Option("--step", help="Only this step.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show first.")] = 50,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a flow's step logs (the output of its component code)."""
+    from .paths import Paths
+
+    cfg = _load(config)
+    folder = Paths(cfg.state_dir).step_logs / flow
+    if not folder.is_dir():
+        raise FlowError(f"no logs for flow {flow!r} (unknown flow, or it never ran)")
+    files = sorted(folder.glob("*.log"))
+    if step:
+        files = [f for f in files if f.stem == step]
+        if not files:
+            known = ", ".join(f.stem for f in sorted(folder.glob("*.log")))
+            raise FlowError(f"flow {flow} has no step {step!r} with logs (steps: {known})")
+    prefix = len(files) > 1
+    offsets = {}
+    for f in files:
+        text = f.read_text(errors="replace").splitlines()[-lines:]
+        for line in text:
+            sys.stdout.write((f"[{f.stem}] " if prefix else "") + line + "\n")
+        offsets[f] = f.stat().st_size
+    sys.stdout.flush()
+    while follow:
+        time.sleep(0.25)  # a human-facing tail loop, not a test wait
+        for f in files:
+            size = f.stat().st_size
+            if size > offsets[f]:
+                with f.open("rb") as fh:
+                    fh.seek(offsets[f])
+                    chunk = fh.read().decode("utf-8", "replace")
+                offsets[f] = size
+                for line in chunk.splitlines():
+                    sys.stdout.write((f"[{f.stem}] " if prefix else "") + line + "\n")
+                sys.stdout.flush()

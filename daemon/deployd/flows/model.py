@@ -1,0 +1,207 @@
+"""Flow files (TOML) and resolved flow steps.
+
+A `FlowSpec` is what the user wrote. Resolving it pins every step to a component version
+(the step's `version`, else the component's recent one) and yields `Step`s, the immutable
+content of a flow version or draft. `validate` says, per step, what stops it from running.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config import NAME_RE, Duration
+from ..errors import FlowError
+
+STEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+SUPPORTED_RUNTIMES = {"python", "node"}
+
+
+class StepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    component: str
+    function: str
+    interval: Duration = 1.0
+    config: dict[str, Any] = Field(default_factory=dict)
+    mapping: str | None = None
+    version: int | None = Field(default=None, ge=1)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not STEP_ID_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid step id (letters, digits, '_' and '-')")
+        return value
+
+    @field_validator("component")
+    @classmethod
+    def _component(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid component name")
+        return value
+
+    @field_validator("mapping")
+    @classmethod
+    def _mapping(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from ..runtime.mapper import compile_mapping
+
+        compile_mapping(value)
+        return value
+
+
+class FlowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    type: Literal["realtime", "ordinary"] = "realtime"
+    update: Literal["auto", "manual"] = "auto"
+    steps: list[StepSpec]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid flow name: use 1-63 lowercase letters, digits and '-'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> FlowSpec:
+        if self.type == "ordinary":
+            raise ValueError(
+                'type "ordinary" (scheduled flows) is not supported yet; use "realtime"'
+            )
+        if len(self.steps) < 2:
+            raise ValueError("a flow needs a trigger step and at least one action step")
+        seen: set[str] = set()
+        for step in self.steps:
+            if step.id in seen:
+                raise ValueError(f"step id {step.id!r} is used twice; step ids must be unique")
+            seen.add(step.id)
+        if self.steps[0].mapping is not None:
+            raise ValueError(f"step {self.steps[0].id}: the trigger step cannot have a mapping")
+        return self
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
+    """Validate a parsed flow document; FlowError lists every problem."""
+    try:
+        return FlowSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{_loc(err['loc'])}: {msg}")
+        raise FlowError(f"{source} is invalid: " + "; ".join(problems)) from exc
+
+
+def load(path: Path) -> FlowSpec:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise FlowError(f"flow file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlowError(f"flow file {path} cannot be read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise FlowError(f"flow file {path} is not valid TOML: {exc}") from exc
+    return parse(raw, str(path))
+
+
+class Step(BaseModel):
+    """A step pinned to one component version: the content of a flow version."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    kind: Literal["trigger", "action"]
+    component: str
+    function: str
+    version: int | None
+    pinned: bool
+    interval: float = 1.0
+    config: dict[str, Any] = Field(default_factory=dict)
+    mapping: str | None = None
+
+
+def resolve(
+    spec: FlowSpec, recent: dict[str, int | None], keep: dict[str, Step] | None = None
+) -> list[Step]:
+    """Pin each step: its own `version`, else `keep[id]`'s version, else the recent one."""
+    steps = []
+    for i, s in enumerate(spec.steps):
+        version = s.version
+        if version is None and keep and s.id in keep and keep[s.id].component == s.component:
+            version = keep[s.id].version
+        if version is None:
+            version = recent.get(s.component)
+        steps.append(
+            Step(
+                id=s.id,
+                kind="trigger" if i == 0 else "action",
+                component=s.component,
+                function=s.function,
+                version=version,
+                pinned=s.version is not None,
+                interval=s.interval,
+                config=s.config,
+                mapping=s.mapping,
+            )
+        )
+    return steps
+
+
+def validate(steps: list[Step], descriptors: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """Every reason these steps cannot run, as `step ID: what is wrong` lines (empty: valid)."""
+    problems = []
+    for step in steps:
+        where = f"step {step.id}"
+        if step.version is None:
+            problems.append(f"{where}: component {step.component!r} has no version yet (push it)")
+            continue
+        desc = descriptors.get((step.component, step.version))
+        if desc is None:
+            problems.append(f"{where}: {step.component} v{step.version} does not exist")
+            continue
+        ref = f"{step.component} v{step.version}"
+        group = "triggers" if step.kind == "trigger" else "actions"
+        noun = "trigger" if step.kind == "trigger" else "action"
+        funcs = desc.get(group) or {}
+        if step.function not in funcs:
+            other = "actions" if group == "triggers" else "triggers"
+            if step.function in (desc.get(other) or {}):
+                problems.append(
+                    f"{where}: {step.function!r} is not a {noun} of {ref} "
+                    f"(it is one of its {other}; the first step must be a trigger)"
+                )
+            else:
+                problems.append(f"{where}: {noun} {step.function!r} no longer exists in {ref}")
+            continue
+        fields = (funcs[step.function] or {}).get("fields") or {}
+        for fname, fspec in fields.items():
+            if (fspec or {}).get("required") and fname not in step.config:
+                problems.append(
+                    f"{where}: field {fname!r} is required by {ref} but has no value in config"
+                )
+        runtime = desc.get("runtime", "python")
+        if runtime not in SUPPORTED_RUNTIMES:
+            problems.append(f"{where}: runtime {runtime!r} of {ref} is not supported")
+    return problems
+
+
+def mapper_count(steps: list[Step] | list[dict[str, Any]]) -> int:
+    return sum(1 for s in steps if (s.mapping if isinstance(s, Step) else s.get("mapping")))

@@ -1,0 +1,403 @@
+"""Step processes as the daemon sees them, and the launcher that starts them.
+
+`Launcher` owns the runtime socket (an abstract Unix socket: no path length limits, gone
+with the daemon) and the fork server. `StepProcess` is one running step: spawn it, wait until
+it is ready, send it a call or a message and await the `Result`, stop or kill it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .protocol import MAX_LINE, decode, encode
+
+log = logging.getLogger("deployd.runtime")
+NODE_SAILOR = Path(__file__).with_name("sailor.js")
+
+
+class StepDied(Exception):
+    """The step process went away while it had work."""
+
+
+class StepFailed(Exception):
+    """A step process did not come up (import error, init error, crash, timeout)."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        self.step = step
+        self.reason = reason
+        super().__init__(f"step {step}: {reason}")
+
+
+@dataclass
+class Result:
+    """What one call or message produced."""
+
+    outputs: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    snapshot: dict[str, Any] | None = None
+    errors: list[str] = field(default_factory=list)
+    rebound: str | None = None
+    data: Any = None
+    base: dict[str, Any] = field(default_factory=dict)  # snapshot the work started from
+    started: float = 0.0
+    ended: float = 0.0
+
+
+def step_env(home: Path) -> dict[str, str]:
+    """Step processes get a clean environment: nothing of the daemon's (so no secret)."""
+    path = os.pathsep.join(
+        dict.fromkeys([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
+    )
+    return {
+        "PATH": path,
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+class StepProcess:
+    """One step's long-lived process, from spawn to exit."""
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        spec: dict[str, Any],
+        log_path: Path,
+        on_exit: Callable[[StepProcess], None] | None = None,
+    ) -> None:
+        self.launcher = launcher
+        self.token = secrets.token_hex(16)
+        self.spec = {**spec, "token": self.token, "socket": launcher.address}
+        self.step_id: str = spec["step"]
+        self.runtime: str = spec.get("runtime", "python")
+        self.log_path = log_path
+        self.on_exit = on_exit
+        self.pid: int | None = None
+        self.state = "starting"
+        self.exit_code: int | None = None
+        self.started_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.exited = asyncio.Event()
+        self.expected_exit = False
+        self._writer: asyncio.StreamWriter | None = None
+        # The sailor works on one request at a time, in order: events belong to the oldest.
+        self._pending: collections.OrderedDict[int, tuple[asyncio.Future[Result], Result]] = (
+            collections.OrderedDict()
+        )
+        self._ref = 0
+        self._reader_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as fh:
+            fh.write(
+                f"--- deployd: starting step {self.step_id} ({self.spec['component']} "
+                f"v{self.spec['version']} {self.spec['function']}) ---\n"
+            )
+        self.launcher.expect(self)
+        try:
+            self.pid = await self.launcher.launch(self)
+        except Exception as exc:
+            self.launcher.forget(self)
+            self._died(f"could not start: {exc}")
+
+    def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        reason = "its connection closed"
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                self._dispatch(decode(line))
+        except (ValueError, asyncio.LimitOverrunError) as exc:
+            reason = f"protocol error: {exc}"
+        except ConnectionError:
+            pass
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            self._died(reason)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        res = next(iter(self._pending.values()))[1] if self._pending else None
+        if kind == "ready":
+            self.state = "ready"
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == "failed":
+            self.state = "failed"
+            if not self.ready.done():
+                self.ready.set_exception(StepFailed(self.step_id, str(msg.get("error"))))
+        elif kind == "data" and res is not None:
+            body = msg.get("body")
+            res.outputs.append((body if isinstance(body, dict) else {}, msg.get("headers") or {}))
+        elif kind == "snapshot" and res is not None:
+            res.snapshot = dict(msg.get("data") or {})
+        elif kind == "updateSnapshot" and res is not None:
+            base = res.snapshot if res.snapshot is not None else res.base
+            res.snapshot = {**base, **(msg.get("data") or {})}
+        elif kind == "error" and res is not None:
+            res.errors.append(str(msg.get("error"))[:4000])
+        elif kind == "rebound" and res is not None:
+            res.rebound = str(msg.get("error") or "rebound")
+        elif kind in ("done", "result"):
+            entry = self._pending.pop(int(msg.get("ref", -1)), None)
+            if entry is not None:
+                fut, res = entry
+                res.ended = time.monotonic()
+                if kind == "result":
+                    res.data = msg.get("data")
+                if not fut.done():
+                    fut.set_result(res)
+
+    def _died(self, reason: str) -> None:
+        if self.exited.is_set():
+            return
+        if self.state not in ("failed", "stopping"):
+            self.state = "exited"
+        elif self.state == "stopping":
+            self.state = "stopped"
+        self.launcher.forget(self)
+        if not self.ready.done():
+            tail = log_tail(self.log_path)
+            self.ready.set_exception(
+                StepFailed(self.step_id, f"process exited before it was ready ({reason}){tail}")
+            )
+        for fut, _res in self._pending.values():
+            if not fut.done():
+                fut.set_exception(StepDied(f"step {self.step_id} exited ({reason})"))
+        self._pending.clear()
+        self.exited.set()
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    def exit_reported(self, code: int) -> None:
+        """The launcher saw the process end (its exit code)."""
+        self.exit_code = code
+        if self._writer is None:
+            self._died(f"exit code {code}")
+
+    # -- work ------------------------------------------------------------------------------
+
+    async def request(self, obj: dict[str, Any], base_snapshot: dict[str, Any]) -> Result:
+        """Send a call/msg/startup/shutdown and wait until the process says it is done."""
+        if self._writer is None or self.exited.is_set():
+            raise StepDied(f"step {self.step_id} is not running")
+        self._ref += 1
+        ref = self._ref
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending[ref] = (fut, Result(started=time.monotonic(), base=base_snapshot))
+        try:
+            self._writer.write(encode({**obj, "ref": ref}))
+            await self._writer.drain()
+        except ConnectionError as exc:
+            self._pending.pop(ref, None)
+            raise StepDied(f"step {self.step_id}: {exc}") from exc
+        return await fut
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Ask the process to finish its current work and exit; kill it after `timeout`."""
+        if self.exited.is_set():
+            return
+        self.expected_exit = True
+        self.state = "stopping"
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self._writer.write(encode({"t": "stop"}))
+                await self._writer.drain()
+        try:
+            await asyncio.wait_for(self.exited.wait(), timeout)
+        except TimeoutError:
+            self.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), 5)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.pid is None:
+            return
+        self.expected_exit = self.expected_exit or sig == signal.SIGKILL
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
+def log_tail(path: Path, lines: int = 12) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4000))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    tail = [ln for ln in text.splitlines() if not ln.startswith("--- deployd:")][-lines:]
+    return ("; log tail: " + " | ".join(tail)) if tail else ""
+
+
+class Launcher:
+    """The runtime socket and the fork server; starts step processes of either language."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.address = f"\0deployd-{os.getpid()}-{secrets.token_hex(6)}"
+        self._expected: dict[str, StepProcess] = {}
+        self._by_pid: dict[int, StepProcess] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._fork: asyncio.subprocess.Process | None = None
+        self._fork_reader: asyncio.Task[None] | None = None
+        self._spawned: dict[str, asyncio.Future[int]] = {}
+        self._fork_lock = asyncio.Lock()
+        self._node_tasks: set[asyncio.Task[None]] = set()
+        self.home = state_dir / "run" / "home"
+
+    async def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._server = await asyncio.start_unix_server(
+            self._accept, path=self.address, limit=MAX_LINE
+        )
+        await self._start_forkserver()
+
+    async def _start_forkserver(self) -> None:
+        logf = (self.state_dir / "logs" / "forkserver.log").open("ab")
+        self._fork = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "deployd.runtime.forkserver",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=logf,
+            env={**step_env(self.home), "PYTHONPATH": _package_root()},
+            limit=MAX_LINE,
+        )
+        logf.close()
+        self._fork_reader = asyncio.get_running_loop().create_task(
+            self._read_forkserver(self._fork)
+        )
+
+    async def _read_forkserver(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            msg = json.loads(line)
+            if "spawned" in msg:
+                fut = self._spawned.pop(msg["spawned"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(int(msg["pid"]))
+            elif "exit" in msg:
+                step = self._by_pid.pop(int(msg["exit"]), None)
+                if step is not None:
+                    step.exit_reported(int(msg["code"]))
+        await proc.wait()
+        for fut in self._spawned.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError("the fork server exited"))
+        self._spawned.clear()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._fork is not None and self._fork.returncode is None:
+            if self._fork.stdin is not None:
+                self._fork.stdin.close()
+            try:
+                await asyncio.wait_for(self._fork.wait(), 5)
+            except TimeoutError:
+                self._fork.kill()
+                await self._fork.wait()
+        if self._fork_reader is not None:
+            self._fork_reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fork_reader
+        for task in list(self._node_tasks):
+            task.cancel()
+
+    def expect(self, step: StepProcess) -> None:
+        self._expected[step.token] = step
+
+    def forget(self, step: StepProcess) -> None:
+        self._expected.pop(step.token, None)
+        if step.pid is not None:
+            self._by_pid.pop(step.pid, None)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            hello = decode(line)
+            step = self._expected.get(str(hello.get("token", "")))
+        except (TimeoutError, ValueError, ConnectionError):
+            step = None
+        if step is None or hello.get("t") != "hello":
+            writer.close()
+            return
+        step.attach(reader, writer)
+
+    async def launch(self, step: StepProcess) -> int:
+        if step.runtime == "node":
+            return await self._launch_node(step)
+        async with self._fork_lock:
+            if self._fork is None or self._fork.returncode is not None:
+                await self._start_forkserver()
+        assert self._fork is not None and self._fork.stdin is not None
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._spawned[step.token] = fut
+        self._fork.stdin.write(
+            (json.dumps({"spawn": step.spec, "log": str(step.log_path)}) + "\n").encode()
+        )
+        await self._fork.stdin.drain()
+        pid = await asyncio.wait_for(fut, 10)
+        self._by_pid[pid] = step
+        return pid
+
+    async def _launch_node(self, step: StepProcess) -> int:
+        node = shutil.which("node")
+        if node is None:
+            raise RuntimeError('node is not installed (needed for runtime = "node")')
+        logf = step.log_path.open("ab")
+        proc = await asyncio.create_subprocess_exec(
+            node,
+            str(NODE_SAILOR),
+            json.dumps(step.spec),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            cwd=step.spec["artifact_dir"],
+            env=step_env(self.home),
+            start_new_session=True,
+        )
+        logf.close()
+
+        async def reap() -> None:
+            code = await proc.wait()
+            step.exit_reported(code)
+
+        task = asyncio.get_running_loop().create_task(reap())
+        self._node_tasks.add(task)
+        task.add_done_callback(self._node_tasks.discard)
+        return proc.pid
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parents[2])

@@ -1,0 +1,41 @@
+"""The wire protocol between the daemon and step processes ("sailors"), in one place.
+
+JSON lines over a Unix stream socket under state_dir, one connection per step process. The
+step's stdout and stderr go to its log file, never to this socket, so nothing the component
+prints can corrupt the protocol.
+
+sailor → daemon
+    {"t": "hello", "token": str, "pid": int}     first line: which step process this is
+    {"t": "ready"}                               module imported and init(cfg) done
+    {"t": "failed", "error": str}                import or init failed (the process then exits)
+    {"t": "data", "body": dict, "headers": dict} an output message of the current call/message
+    {"t": "snapshot", "data": dict}              replace the step snapshot
+    {"t": "updateSnapshot", "data": dict}        merge into the step snapshot
+    {"t": "error", "error": str}                 an error for the current call/message
+    {"t": "rebound", "error": str}               deliver the current message again later
+    {"t": "done", "ref": int}                    the call/message `ref` is finished
+    {"t": "result", "ref": int, "data": any}     answer to startup/shutdown
+daemon → sailor
+    {"t": "call", "ref": int, "snapshot": dict}             trigger: run process() once
+    {"t": "msg", "ref": int, "msg": dict, "snapshot": dict} action: process one message
+    {"t": "startup", "ref": int} / {"t": "shutdown", "ref": int, "data": any}
+    {"t": "stop"}                                finish the current work, then exit 0
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_LINE = 16 * 1024 * 1024
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    obj = json.loads(line)
+    if not isinstance(obj, dict) or "t" not in obj:
+        raise ValueError("protocol line is not an object with a type")
+    return obj

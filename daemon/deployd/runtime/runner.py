@@ -1,0 +1,321 @@
+"""One running version of one flow: its step processes, their loops, their supervision.
+
+The trigger loop calls `process()` again `interval` after each call ends; each action loop
+takes the oldest message of its durable queue, hands it to its process and commits the
+result through the `Router`. A step process that exits unexpectedly is restarted with
+back-off (1 s doubling to 30 s) and its unfinished message is delivered again.
+
+Loops can be stopped and started one step at a time: that is how a publish switches from
+the old runner to the new one with a gap of milliseconds (see `flows/deploy.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .process import Launcher, StepDied, StepFailed, StepProcess
+from .router import Router
+
+log = logging.getLogger("deployd.runner")
+BACKOFF_START = 1.0
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0
+
+
+class FlowRunner:
+    def __init__(
+        self,
+        launcher: Launcher,
+        router: Router,
+        log_dir: Path,
+        flow: str,
+        version: int,
+        steps: list[dict[str, Any]],
+    ) -> None:
+        """`steps`: resolved steps, each with `artifact_dir`, `main` and `runtime` added."""
+        self.launcher = launcher
+        self.router = router
+        self.flows = router.flows
+        self.log_dir = log_dir
+        self.flow = flow
+        self.version = version
+        self.steps = steps
+        self.procs: dict[str, StepProcess] = {}
+        self.live: dict[str, asyncio.Event] = {s["id"]: asyncio.Event() for s in steps}
+        self.loops: dict[str, asyncio.Task[None]] = {}
+        self.stop_flags: dict[str, asyncio.Event] = {}
+        self.exit_times: list[float] = []
+        self.backoff: dict[str, float] = {}
+        self.restart_tasks: set[asyncio.Task[None]] = set()
+        self.supervise = False
+        self.stopping = False
+        self.first_call_at: float | None = None
+        self.first_call = asyncio.Event()
+        self.last_call_end: float | None = None
+        self.boundary_stop = False  # stop the trigger right after its next call ends
+        self.sleeping_until: float | None = None
+        self.last_error: str | None = None
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _new_proc(self, step: dict[str, Any]) -> StepProcess:
+        spec = {
+            "flow": self.flow,
+            "step": step["id"],
+            "kind": step["kind"],
+            "component": step["component"],
+            "version": step["version"],
+            "function": step["function"],
+            "config": step.get("config") or {},
+            "artifact_dir": step["artifact_dir"],
+            "main": step["main"],
+            "runtime": step.get("runtime", "python"),
+        }
+        proc = StepProcess(
+            self.launcher, spec, self.log_dir / self.flow / f"{step['id']}.log", self._on_exit
+        )
+        self.procs[step["id"]] = proc
+        return proc
+
+    async def start(self, timeout: float) -> None:
+        """Start every step process in parallel and wait until all are ready."""
+        procs = [self._new_proc(step) for step in self.steps]
+        await asyncio.gather(*(p.spawn() for p in procs))
+        try:
+            async with asyncio.timeout(timeout):
+                for proc in procs:
+                    await proc.ready
+                    self.live[proc.step_id].set()
+        except TimeoutError:
+            slow = [p.step_id for p in procs if not p.ready.done()]
+            await self.stop(timeout=2)
+            raise StepFailed(
+                slow[0] if slow else "?", f"not ready within warmup_timeout ({timeout:g}s)"
+            ) from None
+        except StepFailed:
+            await self.stop(timeout=2)
+            raise
+        finally:
+            for p in procs:
+                if p.ready.done() and not p.ready.cancelled():
+                    p.ready.exception()  # mark retrieved
+
+    def _on_exit(self, proc: StepProcess) -> None:
+        if self.procs.get(proc.step_id) is not proc:
+            return
+        self.live[proc.step_id].clear()
+        if proc.expected_exit or self.stopping or not self.supervise:
+            return
+        now = time.monotonic()
+        self.exit_times.append(now)
+        self.last_error = f"step {proc.step_id} exited (code {proc.exit_code})"
+        self.flows.count(self.flow, proc.step_id, restarts=1, error=self.last_error)
+        delay = self.backoff.get(proc.step_id, 0.0)
+        delay = (
+            BACKOFF_START if now - proc.started_at > STABLE_AFTER else delay * 2 or BACKOFF_START
+        )
+        delay = min(delay, BACKOFF_MAX)
+        self.backoff[proc.step_id] = delay
+        log.warning(
+            "flow %s step %s exited (code %s); restarting in %.0f s",
+            self.flow,
+            proc.step_id,
+            proc.exit_code,
+            delay,
+        )
+        task = asyncio.get_running_loop().create_task(self._restart(proc.step_id, delay))
+        self.restart_tasks.add(task)
+        task.add_done_callback(self.restart_tasks.discard)
+
+    async def _restart(self, step_id: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.stopping:
+            return
+        step = next(s for s in self.steps if s["id"] == step_id)
+        proc = self._new_proc(step)
+        await proc.spawn()
+        try:
+            await proc.ready
+        except StepFailed as exc:
+            self.last_error = exc.reason
+            return  # its exit schedules the next attempt
+        self.live[step_id].set()
+
+    async def _live_proc(self, step_id: str, stop: asyncio.Event) -> StepProcess | None:
+        """The ready process of `step_id`, waiting through restarts; None once stopped."""
+        while not stop.is_set():
+            live = self.live[step_id]
+            if live.is_set():
+                return self.procs[step_id]
+            waiter = asyncio.ensure_future(live.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+        return None
+
+    # -- loops -----------------------------------------------------------------------------
+
+    def start_loops(self, step_ids: list[str] | None = None) -> None:
+        self.supervise = True
+        for index, step in enumerate(self.steps):
+            if step_ids is not None and step["id"] not in step_ids:
+                continue
+            if step["id"] in self.loops:
+                continue
+            stop = asyncio.Event()
+            self.stop_flags[step["id"]] = stop
+            coro = self._trigger_loop(step, stop) if index == 0 else self._action_loop(index, stop)
+            self.loops[step["id"]] = asyncio.get_running_loop().create_task(
+                coro, name=f"flow:{self.flow}:{step['id']}"
+            )
+
+    async def stop_loop(self, step_id: str) -> None:
+        """Let the loop finish its current call or message, then end it."""
+        flag = self.stop_flags.get(step_id)
+        task = self.loops.pop(step_id, None)
+        if flag is not None:
+            flag.set()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _trigger_loop(self, step: dict[str, Any], stop: asyncio.Event) -> None:
+        interval = float(step.get("interval", 1.0))
+        while not stop.is_set():
+            proc = await self._live_proc(step["id"], stop)
+            if proc is None:
+                return
+            snapshot = self.flows.snapshot(self.flow, step["id"])
+            started = time.monotonic()
+            if self.first_call_at is None:
+                self.first_call_at = started
+                self.first_call.set()
+            try:
+                res = await proc.request({"t": "call", "snapshot": snapshot}, snapshot)
+            except StepDied:
+                continue
+            self.last_call_end = res.ended
+            self.router.commit(self.flow, self.steps, 0, res)
+            if self.boundary_stop:
+                return
+            if interval > 0:
+                self.sleeping_until = time.monotonic() + interval
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+                self.sleeping_until = None
+
+    async def stop_trigger_at_boundary(self, max_wait: float) -> None:
+        """End the trigger loop right after a call ends, so the next trigger can start at once.
+
+        If the trigger is waiting for its next call and that call is due within `max_wait`,
+        the loop makes that call and then ends; otherwise it ends now.
+        """
+        trigger = self.steps[0]["id"]
+        self.boundary_stop = True
+        due = self.sleeping_until
+        if due is not None and due - time.monotonic() > max_wait:
+            self.stop_flags[trigger].set()
+        task = self.loops.pop(trigger, None)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.stop_flags[trigger].set()
+
+    async def _action_loop(self, index: int, stop: asyncio.Event) -> None:
+        step = self.steps[index]
+        wake = self.router.waker(self.flow, step["id"])
+        while not stop.is_set():
+            row = self.flows.next_message(self.flow, step["id"])
+            if row is None:
+                wake.clear()
+                waiter = asyncio.ensure_future(wake.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                # The timeout picks up messages deferred by a rebound.
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            proc = await self._live_proc(step["id"], stop)
+            if proc is None:
+                return
+            snapshot = self.flows.snapshot(self.flow, step["id"])
+            msg = {"id": row["msg_id"], "body": row["body"], "headers": row["headers"]}
+            try:
+                res = await proc.request({"t": "msg", "msg": msg, "snapshot": snapshot}, snapshot)
+            except StepDied:
+                continue  # the message stays queued and is delivered again
+            self.router.commit(self.flow, self.steps, index, res, row)
+
+    # -- flow start/stop hooks -------------------------------------------------------------
+
+    async def trigger_hook(self, name: str, data: Any = None) -> Any:
+        """Run the trigger's startup() or shutdown(); returns what it returned."""
+        proc = self.procs.get(self.steps[0]["id"])
+        if proc is None or not self.live[proc.step_id].is_set():
+            return None
+        try:
+            res = await proc.request({"t": name, "data": data}, {})
+        except StepDied:
+            return None
+        if res.errors:
+            log.warning("flow %s: %s", self.flow, res.errors[-1])
+        return res.data
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop every loop (current work finishes) and every process."""
+        self.stopping = True
+        for task in list(self.restart_tasks):
+            task.cancel()
+        await asyncio.gather(*(self.stop_loop(sid) for sid in list(self.loops)))
+        await asyncio.gather(*(p.stop(timeout) for p in self.procs.values()))
+
+    def running_steps(self) -> int:
+        return sum(1 for e in self.live.values() if e.is_set())
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every step, mapper steps included, as `status --json` shows it."""
+        out: list[dict[str, Any]] = []
+        for step in self.steps:
+            proc = self.procs.get(step["id"])
+            if step.get("mapping"):
+                out.append(
+                    {
+                        "id": f"{step['id']}:mapper",
+                        "kind": "mapper",
+                        "component": None,
+                        "function": None,
+                        "version": None,
+                        "state": "running" if self.supervise and not self.stopping else "stopped",
+                        "pid": None,
+                    }
+                )
+            if proc is None:
+                state = "stopped"
+            elif self.live[step["id"]].is_set():
+                state = "running" if self.supervise else "ready"
+            elif proc.state in ("starting",):
+                state = "starting"
+            elif self.stopping:
+                state = "stopped"
+            else:
+                state = "restarting" if self.supervise else proc.state
+            out.append(
+                {
+                    "id": step["id"],
+                    "kind": step["kind"],
+                    "component": step["component"],
+                    "function": step["function"],
+                    "version": step["version"],
+                    "state": state,
+                    "pid": proc.pid if proc is not None and not proc.exited.is_set() else None,
+                }
+            )
+        return out

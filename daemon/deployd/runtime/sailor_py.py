@@ -1,0 +1,198 @@
+"""The Python sailor: loads one component function and speaks the step protocol.
+
+Runs inside a step process (forked from the fork server, or started as
+``python -m deployd.runtime.sailor_py SPEC_JSON``). It connects to the daemon's runtime
+socket, imports the function's module from the version's artifact folder, runs `init(cfg)`,
+reports ready, then handles one call or message at a time until told to stop or the daemon
+goes away (socket EOF: the process exits, so a killed daemon leaves no orphans).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import socket
+import sys
+import traceback
+from types import ModuleType
+from typing import Any
+
+from .protocol import decode, encode
+
+
+class Context:
+    """`ctx` of `process(msg, cfg, snapshot, ctx)`: emit events and log to the step log."""
+
+    def __init__(self, sailor: Sailor) -> None:
+        self._sailor = sailor
+        self.flow: str = sailor.spec.get("flow", "")
+        self.step: str = sailor.spec.get("step", "")
+        self.log = logging.getLogger(f"step.{self.step}")
+
+    def emit(self, event: str, payload: Any = None) -> None:
+        if event == "data":
+            body: Any = payload
+            headers: dict[str, Any] = {}
+            if (
+                isinstance(payload, dict)
+                and "body" in payload
+                and isinstance(payload["body"], dict)
+            ):
+                body, headers = payload["body"], payload.get("headers") or {}
+            if not isinstance(body, dict):
+                body = {"value": body}
+            self._sailor.send({"t": "data", "body": body, "headers": headers})
+        elif event in ("snapshot", "updateSnapshot"):
+            if not isinstance(payload, dict):
+                raise TypeError(f"ctx.emit({event!r}, …) needs a dict")
+            self._sailor.send({"t": event, "data": payload})
+        elif event == "error":
+            self._sailor.send({"t": "error", "error": _describe(payload)})
+        elif event == "rebound":
+            self._sailor.send({"t": "rebound", "error": _describe(payload)})
+        elif event == "end":
+            pass  # Python functions finish when process() returns
+        else:
+            raise ValueError(f"unknown event {event!r} (data, snapshot, error, rebound)")
+
+
+def _describe(err: Any) -> str:
+    if isinstance(err, BaseException):
+        return "".join(traceback.format_exception_only(type(err), err)).strip()
+    return str(err)
+
+
+def _arity(func: Any) -> int:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return 4
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 4
+    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+class Sailor:
+    def __init__(self, spec: dict[str, Any], sock: socket.socket) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.rfile = sock.makefile("rb")
+        self.module: ModuleType | None = None
+        self.loop = asyncio.new_event_loop()
+        self.ctx = Context(self)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sock.sendall(encode(obj))
+
+    def _run(self, result: Any) -> Any:
+        if inspect.isawaitable(result):
+            return self.loop.run_until_complete(result)
+        return result
+
+    def load(self) -> None:
+        root = self.spec["artifact_dir"]
+        os.chdir(root)
+        for extra in (os.path.join(root, ".deps"), root):
+            if os.path.isdir(extra) and extra not in sys.path:
+                sys.path.insert(0, extra)
+        path = os.path.join(root, self.spec["main"])
+        name = "deployd_step_" + os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {self.spec['main']}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "process", None)):
+            raise AttributeError(f"{self.spec['main']} defines no process() function")
+        self.module = module
+        init = getattr(module, "init", None)
+        if callable(init):
+            self._run(init(self.spec.get("config", {})))
+
+    def process(self, msg: dict[str, Any], snapshot: dict[str, Any]) -> None:
+        assert self.module is not None
+        func = self.module.process
+        args = (msg, self.spec.get("config", {}), snapshot, self.ctx)[: _arity(func)]
+        try:
+            result = self._run(func(*args))
+        except Exception as exc:
+            traceback.print_exc()
+            self.send({"t": "error", "error": _describe(exc)})
+            return
+        if isinstance(result, dict):
+            self.ctx.emit("data", result)
+        elif isinstance(result, list):
+            for item in result:
+                self.ctx.emit("data", item)
+
+    def hook(self, name: str, *args: Any) -> Any:
+        assert self.module is not None
+        func = getattr(self.module, name, None)
+        if not callable(func):
+            return None
+        return self._run(func(self.spec.get("config", {}), *args))
+
+    def serve(self) -> int:
+        self.send({"t": "hello", "token": self.spec["token"], "pid": os.getpid()})
+        try:
+            self.load()
+        except BaseException as exc:  # the import or init of user code failed
+            traceback.print_exc()
+            self.send({"t": "failed", "error": _describe(exc)})
+            return 3
+        self.send({"t": "ready"})
+        while True:
+            line = self.rfile.readline()
+            if not line:
+                return 0  # the daemon is gone: exit rather than linger as an orphan
+            cmd = decode(line)
+            kind = cmd["t"]
+            if kind == "call":
+                self.process({"id": str(cmd["ref"]), "body": {}, "headers": {}}, cmd["snapshot"])
+                self.send({"t": "done", "ref": cmd["ref"]})
+            elif kind == "msg":
+                self.process(cmd["msg"], cmd["snapshot"])
+                self.send({"t": "done", "ref": cmd["ref"]})
+            elif kind in ("startup", "shutdown"):
+                try:
+                    args = (cmd.get("data"),) if kind == "shutdown" else ()
+                    data = self.hook(kind, *args)
+                    json.dumps(data)
+                except Exception as exc:
+                    traceback.print_exc()
+                    self.send({"t": "error", "error": f"{kind}(): {_describe(exc)}"})
+                    data = None
+                self.send({"t": "result", "ref": cmd["ref"], "data": data})
+            elif kind == "stop":
+                return 0
+
+
+def run(spec: dict[str, Any]) -> int:
+    """Connect to the daemon and serve one step; returns the exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(spec["socket"])
+    except OSError as exc:
+        print(f"sailor: cannot reach the daemon at {spec['socket']}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return Sailor(spec, sock).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(run(json.loads(sys.argv[1])))
