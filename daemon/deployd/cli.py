@@ -322,8 +322,24 @@ def hook_install(
     cfg = _load(config)
     _known_component(cfg, component)
     paths = Paths(cfg.state_dir)
+    repo = bare_repo.resolve()
+    comp = cfg.component(component)
+    # The daemon builds from the component's own repository: a hook anywhere else would
+    # report commits it cannot read.
+    expected = None
+    if comp.url is None:
+        expected = paths.hosted_repo(component)
+    elif comp.local:
+        from .config import local_path
+
+        expected = local_path(comp.url).resolve()
+    if expected is not None and expected.resolve() != repo:
+        raise DeploydError(
+            f"component {component} deploys from {expected}, not {repo}; "
+            f"set url = {str(repo)!r} for it in the config first"
+        )
     paths.inbox.mkdir(parents=True, exist_ok=True)
-    gitops.install_hook(bare_repo.resolve(), component, paths.inbox)
+    gitops.install_hook(repo, component, paths.inbox)
     typer.echo(f"installed deployd post-receive hook in {bare_repo} for component {component}")
 
 

@@ -58,7 +58,6 @@ def build_status(config: Config, store: Store | None, paths: Paths | None = None
                 "name": comp.name,
                 "branch": comp.branch,
                 "url": comp.url if comp.url is not None else str(paths.hosted_repo(comp.name)),
-                "hosted": comp.url is None,
                 "recent": {
                     "version": r["version"],
                     "sha": r["sha"],
