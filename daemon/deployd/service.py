@@ -398,6 +398,9 @@ class Daemon:
             stop_wait.cancel()
         finally:
             log.info("deployd stopping")
+            # The whole stop fits in stop_timeout; a part that hangs is abandoned (crash-only:
+            # the next start finishes what it left), so systemd never has to SIGKILL us.
+            deadline = loop.time() + self.config.daemon.stop_timeout
             self.stopping.set()  # also when the HTTP server died: webhooks get 503 from here on
             self.notifier.stopping()
             loop.remove_signal_handler(signal.SIGHUP)
@@ -405,12 +408,14 @@ class Daemon:
             await self.pipeline.stop(grace=min(5.0, self.config.daemon.stop_timeout / 2))
             for svc in reversed(self.services):
                 try:
-                    await svc.stop()
+                    await asyncio.wait_for(svc.stop(), max(0.5, deadline - loop.time() - 1.5))
+                except TimeoutError:
+                    log.error("%s did not stop within stop_timeout; abandoned", svc)
                 except Exception:
                     log.exception("error while stopping %s", svc)
             server.should_exit = True
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(server_task, 5)
+                await asyncio.wait_for(server_task, max(0.5, min(5, deadline - loop.time())))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             for task in self._tasks:
