@@ -1,0 +1,149 @@
+"""Retention: delete what is no longer needed, keep what any flow may still run.
+
+Kept: the artifact folders of the newest `keep_versions` versions of each component, plus
+every version used by any flow version that is active, drafted, or was active in the flow's
+last two deployments (so a rollback always finds its code). Build logs older than `keep_logs`
+are deleted. Step logs are capped (the newest half is kept). The version *rows* stay: history
+is never rewritten; a pruned version simply cannot be run again.
+
+`plan` only reads; `apply_plan` touches the disk (run it in a worker thread).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .flowstore import FlowStore
+from .paths import Paths
+from .store import Store
+
+MAX_STEP_LOG = 20 * 1024 * 1024
+
+
+@dataclass
+class Plan:
+    versions: list[tuple[str, int, str]] = field(default_factory=list)  # component, version, dir
+    build_logs: list[tuple[int, str]] = field(default_factory=list)  # build id, path
+    step_logs: list[Path] = field(default_factory=list)
+
+
+def plan(store: Store, paths: Paths, keep_versions: int, keep_logs: float) -> Plan:
+    """What retention would delete now."""
+    fs = FlowStore(store)
+    needed: set[tuple[str, int]] = set()
+    for flow in fs.flows():
+        rows = []
+        if flow["active_version"]:
+            rows.append(fs.flow_version(flow["name"], flow["active_version"]))
+        draft = fs.draft(flow["name"])
+        if draft:
+            rows.append(draft)
+        for dep in fs.deployments(flow["name"], limit=2):
+            for v in (dep["from_version"], dep["to_version"]):
+                if v:
+                    rows.append(fs.flow_version(flow["name"], v))
+        for row in rows:
+            for step in (row or {}).get("steps", []):
+                if step.get("version"):
+                    needed.add((step["component"], int(step["version"])))
+    out = Plan()
+    for row in store.query(
+        "SELECT component, version, artifact_dir FROM versions v WHERE artifact_dir != ''"
+        " AND version <= (SELECT MAX(version) FROM versions w WHERE w.component = v.component) - ?"
+        " ORDER BY component, version",
+        (keep_versions,),
+    ):
+        if (row["component"], row["version"]) not in needed:
+            out.versions.append((row["component"], row["version"], row["artifact_dir"]))
+    cutoff = time.time() - keep_logs
+    for row in store.query(
+        "SELECT id, log_path FROM builds WHERE log_path IS NOT NULL AND finished_at IS NOT NULL"
+    ):
+        try:
+            if os.stat(row["log_path"]).st_mtime < cutoff:
+                out.build_logs.append((row["id"], row["log_path"]))
+        except OSError:
+            out.build_logs.append((row["id"], row["log_path"]))
+    if paths.step_logs.is_dir():
+        for step_log in paths.step_logs.glob("*/*.log"):
+            try:
+                if step_log.stat().st_size > MAX_STEP_LOG:
+                    out.step_logs.append(step_log)
+            except OSError:
+                pass
+    return out
+
+
+def apply_plan(p: Plan) -> int:
+    """Delete what the plan names; returns bytes freed. Blocking: run in a thread."""
+    freed = 0
+    for _c, _v, folder in p.versions:
+        freed += disk_usage(Path(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+    for _id, build_log in p.build_logs:
+        try:
+            freed += os.stat(build_log).st_size
+            os.unlink(build_log)
+        except OSError:
+            pass
+    for step_log in p.step_logs:
+        try:
+            size = step_log.stat().st_size
+            with step_log.open("rb") as fh:
+                fh.seek(size - MAX_STEP_LOG // 2)
+                keep = fh.read()
+            tmp = step_log.with_suffix(".log.tmp")
+            tmp.write_bytes(b"--- deployd: older lines removed by retention ---\n" + keep)
+            os.replace(tmp, step_log)
+            freed += size - len(keep)
+        except OSError:
+            pass
+    return freed
+
+
+def record(store: Store, p: Plan) -> None:
+    """Mark what was deleted, in one transaction (on the loop: the store's single writer)."""
+    with store.tx() as conn:
+        for comp, version, _dir in p.versions:
+            conn.execute(
+                "UPDATE versions SET artifact_dir = '' WHERE component = ? AND version = ?",
+                (comp, version),
+            )
+        for build_id, _log in p.build_logs:
+            conn.execute("UPDATE builds SET log_path = NULL WHERE id = ?", (build_id,))
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes used by the files under `root` (what `du` would count, roughly)."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total
+
+
+def summary(p: Plan, freed: int, disk: int) -> dict[str, Any]:
+    return {
+        "versions_pruned": [f"{c} v{v}" for c, v, _ in p.versions],
+        "build_logs_deleted": len(p.build_logs),
+        "step_logs_trimmed": len(p.step_logs),
+        "freed_bytes": freed,
+        "state_dir_bytes": disk,
+    }
