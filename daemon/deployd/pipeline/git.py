@@ -6,11 +6,14 @@ given here can never be interpreted as shell syntax. Shas are validated before u
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
 import re
 import shutil
 import stat
+import subprocess
 import tarfile
 from importlib import resources
 from pathlib import Path
@@ -115,3 +118,115 @@ def export(repo_path: Path, sha: str, dest: Path) -> None:
     except (tarfile.TarError, OSError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise GitError(f"cannot unpack commit {sha[:12]}: {exc}") from exc
+
+
+# -- remote repositories: ls-remote and mirror fetches (async) -----------------------------
+#
+# The url always comes from the config, never from a webhook payload. git runs as an
+# asyncio subprocess with an argument list (no shell), so it is killed on timeout or when
+# the daemon stops; without a terminal prompt (a missing credential fails at once instead of
+# hanging); and every message that may contain the url is redacted.
+
+_CREDENTIALS_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+LS_REMOTE_TIMEOUT = 30.0
+FETCH_TIMEOUT = 300.0
+
+
+def redact(text: str, url: str | None = None) -> str:
+    """`text` with the ``user:password@`` part of any url in it (or of `url`) removed."""
+    if url:
+        safe = _CREDENTIALS_RE.sub(r"\g<scheme>", url)
+        if safe != url:
+            text = text.replace(url, safe)
+    return _CREDENTIALS_RE.sub(r"\g<scheme>", text)
+
+
+def _remote_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    # ssh: fail instead of asking (host key, passphrase) on a daemon without a terminal.
+    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    env["LC_ALL"] = "C"
+    return env
+
+
+async def _run_git(args: list[str], url: str, timeout: float, cwd: Path | None = None) -> str:
+    """Run git; raise GitError with a redacted, one-line reason on failure or timeout."""
+    if url.startswith("-"):
+        raise GitError(f"refusing url {redact(url)!r}: it starts with '-'")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "git",
+            *args,
+            cwd=cwd,
+            env=_remote_env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise GitError(f"cannot run git: {exc.strerror}") from exc
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise GitError(f"git {args[0]} of {redact(url)} timed out after {timeout:g}s") from exc
+    if proc.returncode != 0:
+        text = err.decode("utf-8", "replace")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reason = "; ".join(lines[-3:]) or f"exit code {proc.returncode}"
+        raise GitError(f"git {args[0]} of {redact(url)} failed: {redact(reason, url)}"[:500])
+    return out.decode("utf-8", "replace")
+
+
+async def ls_remote(url: str, branch: str, timeout: float = LS_REMOTE_TIMEOUT) -> str | None:
+    """The sha of `refs/heads/<branch>` at `url` (None when the branch does not exist)."""
+    ref = f"refs/heads/{branch}"
+    out = await _run_git(["ls-remote", "--quiet", url, ref], url, timeout)
+    for line in out.splitlines():
+        sha, _, name = line.partition("\t")
+        if name.strip() == ref and is_sha(sha.strip()):
+            return sha.strip()
+    return None
+
+
+async def fetch_mirror(url: str, mirror: Path, branch: str, timeout: float = FETCH_TIMEOUT) -> None:
+    """Fetch `branch` of `url` into the bare repository `mirror` (created when missing).
+
+    The explicit refspec updates only that branch (forced, so a force-push is followed). No
+    remote is configured and no FETCH_HEAD is written, so the url is stored nowhere.
+    """
+    if not (mirror / "HEAD").exists():
+        mirror.parent.mkdir(parents=True, exist_ok=True)
+        tmp = mirror.with_name(mirror.name + ".init")
+        shutil.rmtree(tmp, ignore_errors=True)
+        await _run_git(["init", "--quiet", "--bare", str(tmp)], url, 30)
+        os.replace(tmp, mirror)
+    refspec = f"+refs/heads/{branch}:refs/heads/{branch}"
+    await _run_git(
+        ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", url, refspec],
+        url,
+        timeout,
+        cwd=mirror,
+    )
+
+
+def on_branch(repo_path: Path, branch: str, sha: str) -> bool:
+    """True when commit `sha` is in `repo_path` and reachable from `refs/heads/<branch>`."""
+    if not is_sha(sha) or not (repo_path / "HEAD").exists():
+        return False
+    try:
+        proc = subprocess.run(
+            ["git", "merge-base", "--is-ancestor", sha, f"refs/heads/{branch}"],
+            cwd=repo_path,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+    return proc.returncode == 0

@@ -1,0 +1,277 @@
+"""`POST /hooks/{component}`: push webhooks from hosting services, verified before parsing.
+
+Order of work, so that nothing unauthenticated is parsed and nothing slow happens before
+the reply (hosting services give up after ~10 s):
+
+1. refuse while the daemon stops or too many hook bodies are being received (503);
+2. the provider from the headers; its content type (415); the raw body, bounded (413);
+3. the signature over the raw bytes, constant-time (401) — an unknown component is answered
+   exactly like a component whose secret the caller does not know, so names do not leak;
+4. parse (400); decide: ping / other event / tag / other branch / deletion / duplicate
+   delivery / already built are 200 with a reason; a deployable push is 202;
+5. record the delivery id (replay protection), hand the notice on, reply.
+
+Notices are coalesced per component for a moment (`SETTLE`, at most `MAX_HOLD`): a burst
+of pushes to one component becomes one or two builds of its newest commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request, Response
+
+from ..config import ComponentConfig
+from ..errors import WebhookError
+from ..pipeline.git import is_sha
+from ..pipeline.queue import PushNotice
+from . import providers
+from .providers import Hook, Provider, RefUpdate
+
+if TYPE_CHECKING:
+    from ..service import Daemon
+
+log = logging.getLogger("deployd.webhook")
+
+SETTLE = 0.1  # seconds without a newer hook before a held notice goes to the pipeline
+MAX_HOLD = 1.0  # ... but never held longer than this
+MAX_IN_FLIGHT = 64  # bodies being received at once; more is answered 503 (bounds memory)
+DELIVERY_KEEP = timedelta(hours=48)  # delivery ids are kept at least 24 h (the contract)
+PRUNE_EVERY = 600.0
+
+NOT_FOUND = "unknown component, or an unsigned request to a component that requires one"
+BAD_SIGNATURE = (
+    "signature or token missing or wrong, or no such component "
+    "(the webhook's secret must equal the component's webhook_secret)"
+)
+
+
+def _reply(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body).encode(),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+@dataclass
+class _Held:
+    notice: PushNotice
+    first: float
+    last: float
+
+
+class Coalescer:
+    """Holds the newest notice per component briefly, then hands it to `notify`."""
+
+    def __init__(
+        self,
+        notify: Callable[[PushNotice], object],
+        settle: float = SETTLE,
+        max_hold: float = MAX_HOLD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.notify = notify
+        self.settle = settle
+        self.max_hold = max_hold
+        self.clock = clock
+        self._held: dict[str, _Held] = {}
+
+    def offer(self, notice: PushNotice) -> None:
+        now = self.clock()
+        held = self._held.get(notice.component)
+        if held is not None:
+            held.notice, held.last = notice, now
+            return
+        self._held[notice.component] = _Held(notice, now, now)
+        asyncio.get_running_loop().call_later(self.settle, self._fire, notice.component)
+
+    def _fire(self, component: str) -> None:
+        held = self._held.get(component)
+        if held is None:
+            return
+        now = self.clock()
+        due = min(held.last + self.settle, held.first + self.max_hold)
+        if now < due - 0.001:
+            asyncio.get_running_loop().call_later(due - now, self._fire, component)
+            return
+        del self._held[component]
+        try:
+            self.notify(held.notice)
+        except Exception:
+            log.exception("handing the webhook of %s to the pipeline failed", component)
+
+    def held(self, component: str) -> PushNotice | None:
+        held = self._held.get(component)
+        return held.notice if held else None
+
+
+class _Secrets:
+    """Component secrets, with secret files re-read when they change (rotation)."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, tuple[int, str]] = {}
+
+    def get(self, comp: ComponentConfig) -> str | None:
+        if comp.webhook_secret is not None:
+            return comp.webhook_secret.get_secret_value()
+        path = comp.webhook_secret_file
+        if path is None:
+            return None
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            cached = self._files.get(path)
+            if cached is None or cached[0] != mtime:
+                cached = (mtime, path.read_text().strip())
+                self._files[path] = cached
+        except OSError as exc:
+            # Fail closed: with an unreadable secret file no signature can be right.
+            log.error("%s: webhook_secret_file unreadable: %s", comp.name, exc.strerror)
+            return "\0unreadable"
+        return cached[1] or "\0empty"
+
+
+class WebhookIntake:
+    """The state behind the route: in-flight count, secrets, coalescer, pruning clock."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.max_bytes = daemon.config.daemon.max_webhook_bytes
+        self.coalescer = Coalescer(daemon.notify)
+        self.secrets = _Secrets()
+        self.in_flight = 0
+        self._last_prune = 0.0
+
+    async def handle(self, name: str, request: Request) -> Response:
+        if not self.daemon.accepting_webhooks:
+            return _reply(503, {"detail": "deployd is stopping; retry"}, {"Retry-After": "5"})
+        if self.in_flight >= MAX_IN_FLIGHT:
+            return _reply(503, {"detail": "too many webhooks at once; retry"}, {"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            return await self._handle(name, request)
+        except WebhookError as exc:
+            return _reply(exc.status, {"detail": str(exc)})
+        finally:
+            self.in_flight -= 1
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.max_bytes
+        too_big = WebhookError(413, f"body larger than daemon.max_webhook_bytes ({limit} bytes)")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_big
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _handle(self, name: str, request: Request) -> Response:
+        headers = request.headers
+        provider = providers.detect(headers)
+        ok, form = provider.accepts(providers.media_type(headers))
+        if not ok:
+            raise WebhookError(
+                415,
+                "send Content-Type: application/json"
+                + (" (or GitHub's form-encoded payload=)" if provider.form_allowed else ""),
+            )
+        body = await self._read_body(request)
+        comp = self.daemon.config.component(name)  # reloads replace daemon.config
+        if comp is None:
+            # Answer as for a component whose secret the caller does not know.
+            raise self._unauthenticated(provider, headers)
+        secret = self.secrets.get(comp)
+        if secret is not None and not provider.verify(headers, body, secret):
+            log.warning(
+                "%s: %s webhook refused: signature missing or wrong", comp.name, provider.name
+            )
+            raise self._unauthenticated(provider, headers)
+        try:
+            hook = provider.parse(headers, body, form)
+        except WebhookError:
+            raise
+        except Exception as exc:  # a payload shape no provider strategy expected
+            raise WebhookError(400, f"malformed {provider.name} payload") from exc
+        return self._decide(comp, hook)
+
+    @staticmethod
+    def _unauthenticated(provider: Provider, headers: Any) -> WebhookError:
+        if provider.name == "generic" and not provider.signed(headers):
+            return WebhookError(404, NOT_FOUND)
+        return WebhookError(401, BAD_SIGNATURE)
+
+    def _decide(self, comp: ComponentConfig, hook: Hook) -> Response:
+        def ignored(reason: str) -> Response:
+            return _reply(200, {"status": "ignored", "component": comp.name, "reason": reason})
+
+        if hook.kind == "ping":
+            return _reply(200, {"status": "ok", "component": comp.name, "reason": "ping"})
+        if hook.kind != "push":
+            return ignored(f"{hook.provider} event {hook.event!r} ignored; deployd acts on pushes")
+        branch_ref = f"refs/heads/{comp.branch}"
+        update: RefUpdate | None = None
+        for candidate in hook.updates:
+            if candidate.ref == branch_ref:
+                update = candidate
+        if update is None:
+            first = hook.updates[0].ref if hook.updates else "nothing"
+            if first.startswith("refs/tags/"):
+                return ignored(f"tag push ({first}) ignored; {comp.name} deploys {branch_ref}")
+            return ignored(f"push to {first[:200]} ignored; {comp.name} deploys {branch_ref}")
+        if update.deleted or update.after is None:
+            return ignored(f"branch {comp.branch!r} was deleted; the recent version stays")
+        sha = update.after.lower()
+        if not is_sha(sha):
+            raise WebhookError(400, f"'after' is not a commit sha: {update.after[:80]!r}")
+        store = self.daemon.store
+        if hook.delivery_id is not None:
+            self._prune()
+            if not store.record_delivery(comp.name, hook.delivery_id, hook.provider, sha):
+                return ignored(f"duplicate delivery {hook.delivery_id}")
+        if store.has_final_build(comp.name, sha):
+            return ignored(f"commit {sha[:12]} was already built")
+        self.coalescer.offer(
+            PushNotice(comp.name, branch_ref, sha, f"webhook:{hook.provider}", hook.delivery_id)
+        )
+        body = {"status": "queued", "component": comp.name, "sha": sha}
+        if hook.delivery_id:
+            body["delivery"] = hook.delivery_id
+        return _reply(202, body)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < PRUNE_EVERY:
+            return
+        self._last_prune = now
+        cutoff = (datetime.now(UTC) - DELIVERY_KEEP).isoformat(timespec="milliseconds")
+        self.daemon.store.prune_deliveries(cutoff)
+
+
+def create_router(daemon: Daemon) -> APIRouter:
+    """The webhook route, plus the `deployd poll` API (POST /api/v1/poll)."""
+    from . import poll
+
+    intake = WebhookIntake(daemon)
+    router = APIRouter()
+
+    @router.post("/hooks/{component}", include_in_schema=False)
+    async def hook(component: str, request: Request) -> Response:
+        return await intake.handle(component, request)
+
+    router.include_router(poll.create_router(daemon))
+    return router
