@@ -189,7 +189,7 @@ def validate(steps: list[Step], descriptors: dict[tuple[str, int], dict[str, Any
                     f"(it is one of its {other}; the first step must be a trigger)"
                 )
             else:
-                problems.append(f"{where}: {noun} {step.function!r} no longer exists in {ref}")
+                problems.append(f'{where}: {noun} "{step.function}" no longer exists in {ref}')
             continue
         fields = (funcs[step.function] or {}).get("fields") or {}
         for fname, fspec in fields.items():
