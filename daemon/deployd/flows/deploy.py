@@ -47,6 +47,8 @@ class Deployer:
         self.runners: dict[str, FlowRunner] = {}
         self.publishing: set[str] = set()
         self.failed: dict[str, str] = {}
+        self.paused: set[str] = set()  # flows whose automatic redeploys are paused
+        self.metrics: Any = None  # deployd.metrics.Metrics, set by the service
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -135,6 +137,11 @@ class Deployer:
             row = self.store.version(s["component"], s["version"])
             if row is None:
                 raise FlowError(f"step {s['id']}: {s['component']} v{s['version']} is gone")
+            if not row["artifact_dir"]:
+                raise FlowError(
+                    f"step {s['id']}: the code of {s['component']} v{s['version']} was removed "
+                    "by retention (raise daemon.keep_versions, or use a newer version)"
+                )
             desc = row["descriptor"]
             group = "triggers" if s["kind"] == "trigger" else "actions"
             func = (desc.get(group) or {}).get(s["function"])
@@ -352,6 +359,8 @@ class Deployer:
                     self.fs.set_flow(name, needs_attention=msg)
                     self.store.event("deploy.failed", f"{name}: {msg}", flow=name)
                 log.warning("flow %s: %s", name, msg)
+                if self.metrics is not None:
+                    self.metrics.deployment(name, "failed")
                 return {**result, "status": "failed", "reason": str(exc)}
             warmup_ms = (time.monotonic() - started) * 1000
             with self.store.tx():
@@ -368,6 +377,7 @@ class Deployer:
                 data = await new.trigger_hook("startup")  # before the first process() call
                 with self.store.tx():
                     self.fs.set_flow(name, startup_data=_json_dump(data))
+            switched_at = time.monotonic()
             gap_ms = await self._switch(name, old, new)
             self.runners[name] = new
             with self.store.tx():
@@ -382,8 +392,14 @@ class Deployer:
                 )
             if from_version is not None:
                 self._spawn(
-                    self._watch_rollback(name, dep, new, from_version), f"rollback-watch:{name}"
+                    self._watch_rollback(name, dep, new, from_version, switched_at),
+                    f"rollback-watch:{name}",
                 )
+            if self.metrics is not None:
+                self.metrics.deployment(name, "done")
+                self.metrics.warmup(name, warmup_ms / 1000)
+                if gap_ms is not None:
+                    self.metrics.switch_gap(name, gap_ms / 1000)
             return {**result, "status": "done", "warmup_ms": warmup_ms, "gap_ms": gap_ms}
         finally:
             self.publishing.discard(name)
@@ -419,11 +435,12 @@ class Deployer:
         return gap_ms
 
     async def _watch_rollback(
-        self, name: str, dep: int, new: FlowRunner, from_version: int
+        self, name: str, dep: int, new: FlowRunner, from_version: int, switched_at: float
     ) -> None:
         window = self.config.daemon.rollback_window
         limit = self.config.daemon.rollback_exits
-        deadline = time.monotonic() + window
+        # The window starts at the switch: exits while it was under way count too.
+        deadline = switched_at + window
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             if self.runners.get(name) is not new:
@@ -460,6 +477,8 @@ class Deployer:
                     flow=name,
                 )
             log.warning("flow %s: rolled back to v%s: %s", name, from_version, reason)
+            if self.metrics is not None:
+                self.metrics.deployment(name, "rolled_back")
             new.supervise = False
             await self._switch(name, new, old)
             self.runners[name] = old
@@ -512,6 +531,15 @@ class Deployer:
                 )
             if problems or flow["update"] != "auto":
                 return
+            if name in self.paused:
+                with self.store.tx():
+                    self.store.event(
+                        "deploy.paused",
+                        f"{name} is paused: draft for {reason} kept, not published "
+                        f"(`deployd resume {name}` publishes it)",
+                        flow=name,
+                    )
+                return
             await self._publish_draft(
                 name,
                 trigger="component version",
@@ -519,6 +547,33 @@ class Deployer:
                 component_version=event.version,
                 sha=event.sha,
             )
+
+    async def resume(self, name: str) -> dict[str, Any] | None:
+        """After `deployd resume`: publish the draft an automatic redeploy left, if valid."""
+        async with self._lock(name):
+            flow = self._known(name)
+            draft = self.fs.draft(name)
+            if (
+                draft is None
+                or draft["problems"]
+                or flow["update"] != "auto"
+                or not flow["enabled"]
+                or draft["reason"] == "flow apply"
+            ):
+                return None
+            return await self._publish_draft(name, trigger="resume")
+
+    def update_gauges(self) -> None:
+        """Refresh the point-in-time metrics (queue depths, flows by state) before a scrape."""
+        if self.metrics is None:
+            return
+        for (flow_name, step), depth in self.fs.queue_depths().items():
+            self.metrics.set_queue_depth(flow_name, step, depth)
+        states: dict[str, int] = {}
+        for flow in self.fs.flows():
+            state = self.flow_state(flow["name"], bool(flow["enabled"]))
+            states[state] = states.get(state, 0) + 1
+        self.metrics.set_flows(states)
 
     # -- status ----------------------------------------------------------------------------
 

@@ -94,6 +94,7 @@ class StepProcess:
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.exited = asyncio.Event()
+        self._exit_known = asyncio.Event()
         self.expected_exit = False
         self._writer: asyncio.StreamWriter | None = None
         # The sailor works on one request at a time, in order: events belong to the oldest.
@@ -138,6 +139,11 @@ class StepProcess:
         finally:
             if self._writer is not None:
                 self._writer.close()
+            if not self.expected_exit and self.pid is not None:
+                # The fork server reports the exit code a moment after the socket closes;
+                # wait briefly so the recorded reason says how the process ended.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._exit_known.wait(), 0.5)
             self._died(reason)
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
@@ -197,6 +203,7 @@ class StepProcess:
     def exit_reported(self, code: int) -> None:
         """The launcher saw the process end (its exit code)."""
         self.exit_code = code
+        self._exit_known.set()
         if self._writer is None:
             self._died(f"exit code {code}")
 

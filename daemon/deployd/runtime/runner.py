@@ -115,6 +115,8 @@ class FlowRunner:
         self.exit_times.append(now)
         self.last_error = f"step {proc.step_id} exited (code {proc.exit_code})"
         self.flows.count(self.flow, proc.step_id, restarts=1, error=self.last_error)
+        if self.router.metrics is not None:
+            self.router.metrics.step_restarted(self.flow, proc.step_id)
         delay = self.backoff.get(proc.step_id, 0.0)
         delay = (
             BACKOFF_START if now - proc.started_at > STABLE_AFTER else delay * 2 or BACKOFF_START
@@ -199,6 +201,8 @@ class FlowRunner:
             try:
                 res = await proc.request({"t": "call", "snapshot": snapshot}, snapshot)
             except StepDied:
+                if self.boundary_stop:
+                    return  # being replaced: the new trigger makes the next call
                 continue
             self.last_call_end = res.ended
             self.router.commit(self.flow, self.steps, 0, res)
@@ -220,6 +224,10 @@ class FlowRunner:
         self.boundary_stop = True
         due = self.sleeping_until
         if due is not None and due - time.monotonic() > max_wait:
+            self.stop_flags[trigger].set()
+        elif not self.live[trigger].is_set():
+            # Its process is down (waiting for a restart, or crash-looping during a rollback):
+            # no call is in progress, so this is a boundary too.
             self.stop_flags[trigger].set()
         task = self.loops.pop(trigger, None)
         if task is not None:
