@@ -354,3 +354,19 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        # Last resort: an error no adapter translated is still one line, not a traceback.
+        if _state["debug"]:
+            raise
+        import sqlite3
+
+        what = " ".join(str(exc).split())
+        if isinstance(exc, sqlite3.Error):
+            hint = (
+                "the state database cannot be read; if deployd was just upgraded, start "
+                "`deployd serve` once so it upgrades the database"
+            )
+        else:
+            hint = "unexpected error; run with --debug for the traceback"
+        sys.stderr.write(f"deployd: error: {type(exc).__name__}: {what} ({hint})\n")
+        sys.exit(1)
