@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -183,7 +184,7 @@ def _populate(state: Path, names: list[str]) -> None:
     with db:
         for name in names:
             for v in range(1, VERSIONS + 1):
-                sha = f"{abs(hash((name, v))):040x}"[-40:]
+                sha = hashlib.sha1(f"{name}/{v}".encode()).hexdigest()
                 cur = db.execute(
                     "INSERT INTO builds (component, sha, ref, source, status, version, queued_at,"
                     " started_at, finished_at) VALUES (?, ?, 'refs/heads/main', 'hook',"

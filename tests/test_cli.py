@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import DEPLOYD, Daemon, Work, wait_until
+from tests.conftest import DEPLOYD, Daemon, Work, default_descriptor, wait_until
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(\+00:00|Z)$")
 SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -104,6 +104,14 @@ def test_status_human_output(daemon: Daemon, component: Callable[..., Work]) -> 
     out = daemon.cli("status").stdout
     assert "daemon running" in out
     assert re.search(rf"hello\s+main\s+v1\s+{sha[:12]}", out), out
+    # an error holding rich markup is printed as written, not interpreted (nor a crash)
+    work = Work(path=Path(daemon.root.parent / "work" / "hello"), remote=daemon.hosted("hello"))
+    bad = work.commit_push(
+        "markup", {"component.json": default_descriptor(build="echo '[/red] [bold]x'; exit 4")}
+    )
+    daemon.wait_build("hello", bad)
+    out = daemon.cli("status").stdout
+    assert "failed: build command" in out and "[/red] [bold]x" in out
     daemon.stop()
     assert "daemon not running" in daemon.cli("status").stdout
 
