@@ -221,7 +221,8 @@ def flow_history(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = Fal
     out = _console()
     for v in versions:
         steps = ", ".join(f"{s['id']}={s['component']} v{s['version']}" for s in v["steps"])
-        out.print(f"v{v['version']}  {v['created_at'][:19]}  {v['reason'] or ''}  [{steps}]")
+        line = f"v{v['version']}  {v['created_at'][:19]}  {v['reason'] or ''}  [{steps}]"
+        out.print(line, markup=False, highlight=False)  # "[...]" is data, not rich markup
     _print_deploys(deps)
 
 

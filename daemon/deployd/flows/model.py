@@ -184,9 +184,11 @@ def validate(steps: list[Step], descriptors: dict[tuple[str, int], dict[str, Any
         if step.function not in funcs:
             other = "actions" if group == "triggers" else "triggers"
             if step.function in (desc.get(other) or {}):
+                article = "an" if noun == "action" else "a"
+                rule = "the first step" if noun == "trigger" else "only the first step"
                 problems.append(
-                    f"{where}: {step.function!r} is not a {noun} of {ref} "
-                    f"(it is one of its {other}; the first step must be a trigger)"
+                    f"{where}: {step.function!r} is not {article} {noun} of {ref} "
+                    f"(it is one of its {other}; {rule} must be a trigger)"
                 )
             else:
                 problems.append(f'{where}: {noun} "{step.function}" no longer exists in {ref}')
