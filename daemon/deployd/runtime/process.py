@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -23,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .node import NodeRuntime, NodeSettings
 from .protocol import MAX_LINE, decode, encode
 
 log = logging.getLogger("deployd.runtime")
-NODE_SAILOR = Path(__file__).with_name("sailor.js")
 
 
 class StepDied(Exception):
@@ -268,9 +267,11 @@ def log_tail(path: Path, lines: int = 12) -> str:
 class Launcher:
     """The runtime socket and the fork server; starts step processes of either language."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, node: NodeSettings | None = None) -> None:
         self.state_dir = state_dir
-        self.address = f"\0deployd-{os.getpid()}-{secrets.token_hex(6)}"
+        # Padded with NULs to the whole sun_path (108 bytes): node (libuv) connects to an
+        # abstract address with that full length, so only a padded name matches it.
+        self.address = f"\0deployd-{os.getpid()}-{secrets.token_hex(6)}".ljust(108, "\0")
         self._expected: dict[str, StepProcess] = {}
         self._by_pid: dict[int, StepProcess] = {}
         self._server: asyncio.AbstractServer | None = None
@@ -278,8 +279,10 @@ class Launcher:
         self._fork_reader: asyncio.Task[None] | None = None
         self._spawned: dict[str, asyncio.Future[int]] = {}
         self._fork_lock = asyncio.Lock()
-        self._node_tasks: set[asyncio.Task[None]] = set()
         self.home = state_dir / "run" / "home"
+        self.node = NodeRuntime(
+            node or NodeSettings(), self.address, self.home, state_dir / "logs", step_env(self.home)
+        )
 
     async def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -287,6 +290,7 @@ class Launcher:
             self._accept, path=self.address, limit=MAX_LINE
         )
         await self._start_forkserver()
+        await self.node.start()
 
     async def _start_forkserver(self) -> None:
         logf = (self.state_dir / "logs" / "forkserver.log").open("ab")
@@ -338,8 +342,7 @@ class Launcher:
             self._fork_reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._fork_reader
-        for task in list(self._node_tasks):
-            task.cancel()
+        await self.node.stop()
 
     def expect(self, step: StepProcess) -> None:
         self._expected[step.token] = step
@@ -356,6 +359,9 @@ class Launcher:
             step = self._expected.get(str(hello.get("token", "")))
         except (TimeoutError, ValueError, ConnectionError):
             step = None
+            hello = {}
+        if step is None and self.node.accept(str(hello.get("token", "")), reader, writer):
+            return  # an idle Node sailor of the pool: it waits there for a step
         if step is None or hello.get("t") != "hello":
             writer.close()
             return
@@ -379,31 +385,7 @@ class Launcher:
         return pid
 
     async def _launch_node(self, step: StepProcess) -> int:
-        node = shutil.which("node")
-        if node is None:
-            raise RuntimeError('node is not installed (needed for runtime = "node")')
-        logf = step.log_path.open("ab")
-        proc = await asyncio.create_subprocess_exec(
-            node,
-            str(NODE_SAILOR),
-            json.dumps(step.spec),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            cwd=step.spec["artifact_dir"],
-            env=step_env(self.home),
-            start_new_session=True,
-        )
-        logf.close()
-
-        async def reap() -> None:
-            code = await proc.wait()
-            step.exit_reported(code)
-
-        task = asyncio.get_running_loop().create_task(reap())
-        self._node_tasks.add(task)
-        task.add_done_callback(self._node_tasks.discard)
-        return proc.pid
+        return await self.node.launch(step)
 
 
 def _package_root() -> str:

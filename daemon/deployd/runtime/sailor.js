@@ -1,0 +1,385 @@
+'use strict';
+/*
+ * The Node.js sailor: loads one component function and speaks the step protocol
+ * (deployd/runtime/protocol.py: JSON lines over the daemon's Unix socket).
+ *
+ *   node sailor.js SPEC_JSON          start as the step described by SPEC (stdout = step log)
+ *   node sailor.js --pool POOL_JSON   start idle: connect, say hello, wait for {"t": "spec"};
+ *                                     then write console output to the step log named there
+ *
+ * The contract honoured is the one of the integration platform's Node.js runtime: the module
+ * exports process(msg, cfg, snapshot), called with `this` bound to a context that has
+ * emit(event, payload) and logger; optional init(cfg), startup(cfg), shutdown(cfg, data).
+ * require('elasticio-node') resolves to the helper shipped next to this file when the
+ * component does not install that package itself. No npm dependency of its own.
+ * When the daemon goes away (socket closed) the process exits: no orphans.
+ */
+
+const fs = require('fs');
+const net = require('net');
+const path = require('path');
+const Module = require('module');
+const crypto = require('crypto');
+const { pathToFileURL } = require('url');
+
+const SHIM_DIR = path.join(__dirname, 'node_shim');
+const SHIMMED = 'elasticio-node';
+
+// -- require('elasticio-node') without installing it -------------------------------------------
+const originalResolve = Module._resolveFilename;
+Module._resolveFilename = function resolveWithShim(request, parent, isMain, options) {
+  try {
+    return originalResolve.call(this, request, parent, isMain, options);
+  } catch (err) {
+    if (err && err.code === 'MODULE_NOT_FOUND' &&
+        (request === SHIMMED || request.startsWith(SHIMMED + '/'))) {
+      return originalResolve.call(this, path.join(SHIM_DIR, request), parent, isMain, options);
+    }
+    throw err;
+  }
+};
+
+// -- console output: the step log, never the protocol ------------------------------------------
+function redirectOutput(logPath) {
+  // A pooled sailor was started before its step was known: from now on everything written
+  // through process.stdout/stderr (console.*, the logger) goes to the step's log file.
+  const fd = fs.openSync(logPath, 'a', 0o640);
+  const write = function (chunk, encoding, cb) {
+    if (typeof encoding === 'function') {
+      cb = encoding;
+      encoding = undefined;
+    }
+    try {
+      fs.writeSync(fd, typeof chunk === 'string' ? Buffer.from(chunk, encoding || 'utf8') : chunk);
+    } catch (_err) {
+      // a full disk must not take the step down
+    }
+    if (typeof cb === 'function') cb();
+    return true;
+  };
+  process.stdout.write = write;
+  process.stderr.write = write;
+}
+
+function describe(err) {
+  if (err instanceof Error) return err.stack || `${err.name}: ${err.message}`;
+  if (typeof err === 'string') return err;
+  try {
+    return JSON.stringify(err);
+  } catch (_e) {
+    return String(err);
+  }
+}
+
+function shortError(err) {
+  if (err instanceof Error) return `${err.name}: ${err.message}`;
+  return describe(err);
+}
+
+function makeLogger(step) {
+  const out = (level) => (...args) => {
+    const text = args.map((a) => (typeof a === 'string' ? a : describe(a))).join(' ');
+    process.stderr.write(`${new Date().toISOString()} ${level} step.${step}: ${text}\n`);
+  };
+  const logger = {
+    trace: out('TRACE'),
+    debug: out('DEBUG'),
+    info: out('INFO'),
+    warn: out('WARNING'),
+    error: out('ERROR'),
+    fatal: out('CRITICAL'),
+    child: () => logger,
+  };
+  return logger;
+}
+
+function isPlainObject(value) {
+  return value !== null && typeof value === 'object' && !Array.isArray(value);
+}
+
+class Sailor {
+  constructor(sock) {
+    this.sock = sock;
+    this.spec = null;
+    this.module = null;
+    this.current = null; // the call/message being handled: {ref, finish}
+    this.late = []; // events emitted while no call/message was running
+    this.chain = Promise.resolve();
+    this.buffer = '';
+    this.onSpec = null;
+  }
+
+  send(obj) {
+    this.sock.write(JSON.stringify(obj) + '\n');
+  }
+
+  // An event of a context. Emitted while its own call runs it belongs to that call; emitted
+  // later (a listener, a timer) it is kept and sent with the next call, so a long-lived
+  // listener's data is not lost (and an unguarded listener per call shows up as duplicates).
+  event(_owner, obj) {
+    if (this.current !== null) this.send(obj);
+    else this.late.push(obj);
+  }
+
+  get config() {
+    return (this.spec && this.spec.config) || {};
+  }
+
+  context(owner) {
+    const sailor = this;
+    const logger = makeLogger(this.spec.step);
+    return {
+      flow: this.spec.flow,
+      step: this.spec.step,
+      logger,
+      emit(event, payload) {
+        sailor.emit(owner, event, payload);
+        return true;
+      },
+    };
+  }
+
+  dataEvent(payload) {
+    let body = payload;
+    let headers = {};
+    if (isPlainObject(payload) && isPlainObject(payload.body)) {
+      body = payload.body;
+      headers = isPlainObject(payload.headers) ? payload.headers : {};
+    }
+    if (!isPlainObject(body)) body = { value: body === undefined ? null : body };
+    return { t: 'data', body, headers };
+  }
+
+  emit(owner, event, payload) {
+    switch (event) {
+      case 'data':
+        this.event(owner, this.dataEvent(payload));
+        break;
+      case 'snapshot':
+      case 'updateSnapshot':
+        if (!isPlainObject(payload)) {
+          throw new TypeError(`this.emit('${event}', …) needs an object`);
+        }
+        this.event(owner, { t: event, data: payload });
+        break;
+      case 'error':
+        process.stderr.write(`emitted error: ${describe(payload)}\n`);
+        this.event(owner, { t: 'error', error: shortError(payload) });
+        break;
+      case 'rebound':
+        this.event(owner, { t: 'rebound', error: shortError(payload || 'rebound') });
+        if (owner.finish) owner.finish();
+        break;
+      case 'end':
+        if (owner.finish) owner.finish();
+        break;
+      case 'httpReply':
+      case 'updateKeys':
+        break; // platform events with no meaning here
+      default:
+        throw new Error(`unknown event '${event}' (data, error, snapshot, updateSnapshot, end, rebound)`);
+    }
+  }
+
+  async load() {
+    const root = this.spec.artifact_dir;
+    process.chdir(root);
+    const file = path.resolve(root, this.spec.main);
+    let mod;
+    try {
+      mod = require(file);
+    } catch (err) {
+      if (!err || err.code !== 'ERR_REQUIRE_ESM') throw err;
+      mod = await import(pathToFileURL(file).href);
+    }
+    if (mod && typeof mod.process !== 'function' && mod.default && typeof mod.default.process === 'function') {
+      mod = mod.default;
+    }
+    if (!mod || typeof mod.process !== 'function') {
+      throw new Error(`${this.spec.main} exports no process() function`);
+    }
+    this.module = mod;
+    if (typeof mod.init === 'function') {
+      await mod.init.call(this.context({}), this.config);
+    }
+  }
+
+  // Run process() once; resolves when the message is finished (end, promise settled, rebound,
+  // or the end timeout).
+  runProcess(msg, snapshot) {
+    return new Promise((resolve) => {
+      const owner = { finish: null };
+      let finished = false;
+      const timeoutMs = Math.max(1, Number(this.spec.end_timeout || 60) * 1000);
+      const timer = setTimeout(() => {
+        const text = `process() did not emit 'end' within ${timeoutMs / 1000}s; ` +
+          'the message was finished anyway (emit end, or return a promise)';
+        process.stderr.write(`WARNING ${text}\n`);
+        this.send({ t: 'error', error: text });
+        finish();
+      }, timeoutMs);
+      const finish = () => {
+        if (finished) return;
+        finished = true;
+        owner.finish = null;
+        clearTimeout(timer);
+        resolve();
+      };
+      owner.finish = finish;
+      this.current = owner;
+      const ctx = this.context(owner);
+      let ret;
+      try {
+        ret = this.module.process.call(ctx, msg, this.config, snapshot);
+      } catch (err) {
+        process.stderr.write(`process() threw: ${describe(err)}\n`);
+        this.send({ t: 'error', error: shortError(err) });
+        finish();
+        return;
+      }
+      if (ret && typeof ret.then === 'function') {
+        ret.then(
+          (value) => {
+            if (finished) return;
+            if (value) this.send(this.dataEvent(value));
+            finish();
+          },
+          (err) => {
+            if (finished) return;
+            process.stderr.write(`process() rejected: ${describe(err)}\n`);
+            this.send({ t: 'error', error: shortError(err) });
+            finish();
+          },
+        );
+      } else if (isPlainObject(ret) && !finished) {
+        this.send(this.dataEvent(ret)); // a plain returned object: its data, then end
+        finish();
+      }
+      // returned nothing: the function calls this.emit('end') itself
+    });
+  }
+
+  async hook(name, args) {
+    const fn = this.module[name];
+    if (typeof fn !== 'function') return null;
+    return fn.call(this.context({}), this.config, ...args);
+  }
+
+  async handle(cmd) {
+    const kind = cmd.t;
+    if (kind === 'call' || kind === 'msg') {
+      const base = kind === 'msg' ? cmd.msg || {} : {};
+      const msg = {
+        id: base.id !== undefined ? String(base.id) : crypto.randomUUID(),
+        body: isPlainObject(base.body) ? base.body : {},
+        headers: isPlainObject(base.headers) ? base.headers : {},
+        attachments: isPlainObject(base.attachments) ? base.attachments : {},
+        metadata: {},
+      };
+      this.current = { finish: null };
+      for (const obj of this.late.splice(0)) this.send(obj);
+      try {
+        await this.runProcess(msg, cmd.snapshot || {});
+      } finally {
+        this.current = null;
+      }
+      this.send({ t: 'done', ref: cmd.ref });
+    } else if (kind === 'startup' || kind === 'shutdown') {
+      this.current = { finish: null };
+      let data = null;
+      try {
+        const args = kind === 'shutdown' ? [cmd.data === undefined ? null : cmd.data] : [];
+        data = await this.hook(kind, args);
+        data = data === undefined ? null : JSON.parse(JSON.stringify(data));
+      } catch (err) {
+        process.stderr.write(`${kind}() failed: ${describe(err)}\n`);
+        this.send({ t: 'error', error: `${kind}(): ${shortError(err)}` });
+        data = null;
+      } finally {
+        this.current = null;
+      }
+      this.send({ t: 'result', ref: cmd.ref, data });
+    } else if (kind === 'stop') {
+      if (this.late.length) {
+        process.stderr.write(`${this.late.length} event(s) emitted after the last call were dropped at stop\n`);
+      }
+      this.sock.end(() => process.exit(0));
+      setTimeout(() => process.exit(0), 2000).unref();
+    }
+  }
+
+  onData(chunk) {
+    this.buffer += chunk;
+    let nl;
+    while ((nl = this.buffer.indexOf('\n')) >= 0) {
+      const line = this.buffer.slice(0, nl);
+      this.buffer = this.buffer.slice(nl + 1);
+      if (!line.trim()) continue;
+      const cmd = JSON.parse(line);
+      if (cmd.t === 'spec' && this.onSpec) {
+        const cb = this.onSpec;
+        this.onSpec = null;
+        cb(cmd.spec);
+        continue;
+      }
+      this.chain = this.chain.then(() => this.handle(cmd)).catch((err) => {
+        process.stderr.write(`sailor: ${describe(err)}\n`);
+      });
+    }
+  }
+
+  async start() {
+    try {
+      await this.load();
+    } catch (err) {
+      process.stderr.write(`${describe(err)}\n`);
+      this.send({ t: 'failed', error: shortError(err) });
+      this.sock.end(() => process.exit(3));
+      setTimeout(() => process.exit(3), 2000).unref();
+      return;
+    }
+    this.send({ t: 'ready' });
+  }
+}
+
+function main(argv) {
+  const pooled = argv[0] === '--pool';
+  const spec = JSON.parse(pooled ? argv[1] : argv[0]);
+  const sock = net.createConnection({ path: spec.socket });
+  sock.setEncoding('utf8');
+  const sailor = new Sailor(sock);
+
+  process.on('uncaughtException', (err) => {
+    // An error thrown by a callback of the component: an error of the current message.
+    process.stderr.write(`uncaught exception: ${describe(err)}\n`);
+    if (sailor.module) sailor.event(sailor.current, { t: 'error', error: shortError(err) });
+    else process.exit(3);
+  });
+  process.on('unhandledRejection', (err) => {
+    process.stderr.write(`unhandled rejection: ${describe(err)}\n`);
+    if (sailor.module) sailor.event(sailor.current, { t: 'error', error: shortError(err) });
+  });
+
+  sock.on('connect', () => {
+    sailor.send({ t: 'hello', token: spec.token, pid: process.pid });
+    if (pooled) {
+      sailor.onSpec = (stepSpec) => {
+        sailor.spec = stepSpec;
+        if (stepSpec.log) redirectOutput(stepSpec.log);
+        sailor.start();
+      };
+    } else {
+      sailor.spec = spec;
+      sailor.start();
+    }
+  });
+  sock.on('data', (chunk) => sailor.onData(chunk));
+  // The daemon is gone: exit rather than linger as an orphan.
+  sock.on('close', () => process.exit(0));
+  sock.on('error', (err) => {
+    process.stderr.write(`sailor: connection to the daemon failed: ${err.message}\n`);
+    process.exit(2);
+  });
+}
+
+main(process.argv.slice(2));
