@@ -83,6 +83,7 @@ def serve(config: ConfigOpt = None) -> None:
 def check_config(config: ConfigOpt = None) -> None:
     """Validate the config file; print a summary, or every problem and exit 2."""
     from .config import format_duration
+    from .runtime.node import detect as detect_node
 
     cfg = _load(config)
     d = cfg.daemon
@@ -91,6 +92,12 @@ def check_config(config: ConfigOpt = None) -> None:
     out.print(f"  state_dir  {d.state_dir}")
     out.print(f"  listen     {d.listen}" + ("" if d.listen_is_loopback else "  (not loopback)"))
     out.print(f"  api_token  {'set' if d.api_token else 'generated into state_dir'}")
+    node = detect_node(d.node)
+    out.print(
+        f"  node       {node.version} ({node.path})" if node.ok else f"  node       {node.error}",
+        markup=False,
+        highlight=False,
+    )
     out.print(f"  components {len(cfg.components)}")
     for comp in cfg.components:
         where = "hosted" if comp.hosted else _redact_url(comp.url or "")
@@ -162,6 +169,13 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             ]
         )
     out.print(_grid(["component", "branch", "recent", "sha", "built", "last build"], rows))
+    rts = data.get("runtimes") or {}
+    out.print(
+        f"runtimes: python {rts.get('python')}, node "
+        + (rts.get("node") or "not available (see `deployd check-config`)"),
+        markup=False,
+        highlight=False,
+    )
     _print_flows_table(out, data.get("flows", []))
 
 

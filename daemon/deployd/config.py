@@ -101,6 +101,12 @@ class DaemonConfig(_Model):
     poll_interval: Duration = 180.0
     max_webhook_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     stop_timeout: Duration = 20.0
+    # Node.js for runtime = "node": the binary (a name on PATH or a path), how many idle Node
+    # sailors may be kept pre-started (0: none), and how long a process() that neither emits
+    # 'end' nor returns a promise may take before its message is finished anyway.
+    node: str = Field(default="node", min_length=1)
+    node_pool: int = Field(default=32, ge=0, le=256)
+    node_end_timeout: Duration = 60.0
     log_format: str = Field(default="text", pattern="^(text|json)$")
     # /healthz: unhealthy past this event-loop lag, or below this much free disk in state_dir.
     health_max_loop_lag: Duration = 2.0

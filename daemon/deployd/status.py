@@ -79,9 +79,20 @@ def build_status(config: Config, store: Store | None, paths: Paths | None = None
     status: dict[str, Any] = {
         "daemon": {"running": running, "pid": pid, "listen": config.daemon.listen},
         "components": components,
+        "runtimes": runtimes(config),
         "flows": [],
     }
     return status
+
+
+def runtimes(config: Config) -> dict[str, str | None]:
+    """The languages step processes run in: their versions (None: node cannot be used)."""
+    import platform
+
+    from .runtime.node import detect
+
+    node = detect(config.daemon.node)
+    return {"python": platform.python_version(), "node": node.version if node.ok else None}
 
 
 def open_reader(config: Config) -> Store | None:

@@ -26,6 +26,7 @@ from ..errors import FlowError
 from ..flowstore import FlowStore
 from ..paths import Paths
 from ..pipeline.queue import VersionRegistered
+from ..runtime import node as noderuntime
 from ..runtime.process import Launcher, StepFailed, log_tail
 from ..runtime.router import Router
 from ..runtime.runner import FlowRunner
@@ -43,7 +44,14 @@ class Deployer:
         self.fs = FlowStore(store)
         self.paths = paths
         self.router = Router(store)
-        self.launcher = Launcher(paths.root)
+        self.launcher = Launcher(
+            paths.root,
+            noderuntime.NodeSettings(
+                binary=config.daemon.node,
+                pool=config.daemon.node_pool,
+                end_timeout=config.daemon.node_end_timeout,
+            ),
+        )
         self.runners: dict[str, FlowRunner] = {}
         self.publishing: set[str] = set()
         self.failed: dict[str, str] = {}
@@ -90,6 +98,12 @@ class Deployer:
     async def reload(self, config: Config) -> None:
         """SIGHUP: new settings apply to the next publish; running flows are not restarted."""
         self.config = config
+        noderuntime.forget()  # node may have been installed or upgraded meanwhile
+        self.launcher.node.settings = noderuntime.NodeSettings(
+            binary=config.daemon.node,
+            pool=config.daemon.node_pool,
+            end_timeout=config.daemon.node_end_timeout,
+        )
 
     async def stop(self) -> None:
         """Daemon shutdown: stop every flow's processes (flows stay enabled for next start)."""
@@ -121,6 +135,10 @@ class Deployer:
                     desc.setdefault("runtime", row["runtime"])
                     out[(s.component, s.version)] = desc
         return out
+
+    def _node_error(self) -> str | None:
+        """Why `runtime = "node"` steps cannot run here (None: they can)."""
+        return noderuntime.detect(self.config.daemon.node).error
 
     def _check_components(self, spec: model.FlowSpec) -> None:
         for step in spec.steps:
@@ -170,7 +188,7 @@ class Deployer:
         async with self._lock(spec.name):
             existing = self.fs.flow(spec.name)
             steps = model.resolve(spec, self._recent_versions(spec))
-            problems = model.validate(steps, self._descriptors(steps))
+            problems = model.validate(steps, self._descriptors(steps), self._node_error())
             if problems and not draft_only:
                 raise FlowError(
                     f"flow {spec.name} is not valid, nothing was changed: " + "; ".join(problems)
@@ -513,7 +531,7 @@ class Deployer:
                 )
                 for s in fv["steps"]
             ]
-            problems = model.validate(steps, self._descriptors(steps))
+            problems = model.validate(steps, self._descriptors(steps), self._node_error())
             reason = f"{event.component} v{event.version} ({event.sha[:12]})"
             with self.store.tx():
                 self.fs.put_draft(

@@ -165,8 +165,15 @@ def resolve(
     return steps
 
 
-def validate(steps: list[Step], descriptors: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
-    """Every reason these steps cannot run, as `step ID: what is wrong` lines (empty: valid)."""
+def validate(
+    steps: list[Step],
+    descriptors: dict[tuple[str, int], dict[str, Any]],
+    node_error: str | None = None,
+) -> list[str]:
+    """Every reason these steps cannot run, as `step ID: what is wrong` lines (empty: valid).
+
+    `node_error`: why node cannot run here (None: it can); refuses `runtime = "node"` steps.
+    """
     problems = []
     for step in steps:
         where = f"step {step.id}"
@@ -202,6 +209,8 @@ def validate(steps: list[Step], descriptors: dict[tuple[str, int], dict[str, Any
         runtime = desc.get("runtime", "python")
         if runtime not in SUPPORTED_RUNTIMES:
             problems.append(f"{where}: runtime {runtime!r} of {ref} is not supported")
+        elif runtime == "node" and node_error is not None:
+            problems.append(f"{where}: {ref} cannot run: {node_error}")
     return problems
 
 

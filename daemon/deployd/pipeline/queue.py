@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING
 from ..config import ComponentConfig, Config, local_path
 from ..errors import BuildError, ComponentError, GitError
 from ..paths import Paths
+from ..runtime.node import SHIM_DIR as NODE_SHIM_DIR
+from ..runtime.node import default_build as node_default_build
+from ..runtime.node import detect as node_detect
 from ..store import Store
 from . import build as builder
 from . import descriptor
@@ -229,7 +232,16 @@ class Pipeline:
                 env = builder.clean_env(
                     src, {"DEPLOYD_COMPONENT": comp.name, "DEPLOYD_COMMIT": sha}
                 )
-                for what, command in (("build", desc.build), ("test", desc.test)):
+                build_cmd = desc.build
+                if desc.runtime == "node":
+                    node = node_detect(self.config.daemon.node)
+                    if node.error is not None or node.path is None:
+                        raise BuildError(str(node.error))
+                    env["PATH"] = os.path.dirname(node.path) + os.pathsep + env["PATH"]
+                    env["NODE_PATH"] = str(NODE_SHIM_DIR)  # `npm test` can require the helper
+                    if build_cmd is None:
+                        build_cmd = node_default_build(src)  # npm ci/install --omit=dev
+                for what, command in (("build", build_cmd), ("test", desc.test)):
                     if command:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
