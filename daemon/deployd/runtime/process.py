@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .node import NodeRuntime, NodeSettings
+from .node import NodeSettings
+from .node_pool import NodeRuntime
 from .protocol import MAX_LINE, decode, encode
 
 log = logging.getLogger("deployd.runtime")
