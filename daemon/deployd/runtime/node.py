@@ -93,13 +93,15 @@ def forget() -> None:
     detect.cache_clear()
 
 
-def default_build(tree: Path) -> str:
-    """The build command of a node component that sets no `build`.
+def default_build(tree: Path) -> str | None:
+    """The build command of a node component that sets no `build` (None: nothing to do).
 
     `npm ci` when a lock file pins the dependencies, else `npm install`; never dev
-    dependencies. The npm cache lives next to the build's tree (removed with it), and npm
-    does not phone home for audits, funding or update notices.
+    dependencies; nothing without a package.json. The npm cache lives next to the build's
+    tree (removed with it), and npm does not phone home for audits, funding or updates.
     """
+    if not (tree / "package.json").exists():
+        return None
     flags = "--omit=dev --no-audit --no-fund --no-update-notifier --cache ../.npm-cache"
     verb = "ci" if (tree / "package-lock.json").exists() else "install"
     return f"npm {verb} {flags}"
