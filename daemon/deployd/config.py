@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -41,6 +42,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError('expected a duration such as "30s", "10m" or "1h"')
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError('a duration must be a finite number, such as "30s" or 30')
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -107,11 +110,21 @@ class DaemonConfig(_Model):
     node: str = Field(default="node", min_length=1)
     node_pool: int = Field(default=32, ge=0, le=256)
     node_end_timeout: Duration = 60.0
-    log_format: str = Field(default="text", pattern="^(text|json)$")
+    log_format: Literal["text", "json"] = "text"
     # /healthz: unhealthy past this event-loop lag, or below this much free disk in state_dir.
     health_max_loop_lag: Duration = 2.0
     health_min_free_mb: int = Field(default=100, ge=0)
     health_min_free_percent: float = Field(default=1.0, ge=0, le=100)
+
+    @field_validator("api_token")
+    @classmethod
+    def _api_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(
+                "is empty; remove the key (a token is then generated into state_dir) or set a "
+                "long random string"
+            )
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -265,6 +278,10 @@ def _message(err: Any) -> str:
     msg = str(err.get("msg", ""))
     if kind == "extra_forbidden":
         return "unknown key (check the spelling; config.example.toml lists every key)"
+    if kind == "model_type":  # not "... or instance of DaemonConfig"
+        return "must be a table of keys (e.g. [daemon] or [[components]])"
+    if kind == "path_type":
+        return 'must be a path written as a string (e.g. "var")'
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     return msg
@@ -340,6 +357,11 @@ def _check_places(
     daemon = raw.get("daemon")
     state_raw = daemon.get("state_dir", "var") if isinstance(daemon, dict) else "var"
     state_dir = _resolve(base, state_raw) if isinstance(state_raw, str) else None
+    if isinstance(state_raw, str) and (not state_raw.strip() or "\x00" in state_raw):
+        problems.append(
+            'daemon.state_dir: is empty or holds a NUL character; give a folder (e.g. "var")'
+        )
+        state_dir = None
     if state_dir is not None:
         if state_dir.exists() and not state_dir.is_dir():
             problems.append(f"daemon.state_dir: {state_dir} exists and is not a directory")
@@ -372,7 +394,12 @@ def _check_places(
                 )
             update["url"] = ("file://" if url.startswith("file://") else "") + str(repo)
         secret_file = comp.get("webhook_secret_file")
-        if isinstance(secret_file, str):
+        if isinstance(secret_file, str) and (not secret_file.strip() or "\x00" in secret_file):
+            problems.append(
+                f"{where}.webhook_secret_file: is empty or holds a NUL character; give the "
+                "path of a file holding the secret"
+            )
+        elif isinstance(secret_file, str):
             secret_path = _resolve(base, secret_file)
             try:
                 if not secret_path.read_text().strip():

@@ -18,6 +18,7 @@ from ..config import NAME_RE, Duration
 from ..errors import FlowError
 
 STEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")  # as in component.json
 SUPPORTED_RUNTIMES = {"python", "node"}
 
 
@@ -43,6 +44,16 @@ class StepSpec(BaseModel):
     def _component(cls, value: str) -> str:
         if not NAME_RE.match(value):
             raise ValueError(f"{value!r} is not a valid component name")
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _function(cls, value: str) -> str:
+        if not FUNCTION_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a function name; give a trigger or action name from the "
+                "component's component.json"
+            )
         return value
 
     @field_validator("mapping")
@@ -107,6 +118,8 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
             msg = str(err["msg"]).removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+            elif err["type"] == "model_type":  # not "... or instance of StepSpec"
+                msg = "must be a table ([[steps]] with id, component and function)"
             problems.append(f"{_loc(err['loc'])}: {msg}")
         raise FlowError(f"{source} is invalid: " + "; ".join(problems)) from exc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,12 +113,15 @@ def load(tree: Path) -> Descriptor:
     if path.is_symlink():
         raise ComponentError("component.json must be a regular file, not a symbolic link")
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError as exc:
         raise ComponentError(
             "component.json is missing at the root of the repository; add one "
             "(see README: component code contract)"
         ) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ComponentError("component.json must be a regular file, not a directory")
+    size = st.st_size
     if size > MAX_DESCRIPTOR_BYTES:
         raise ComponentError(
             f"component.json is {size} bytes; the limit is {MAX_DESCRIPTOR_BYTES} bytes"
@@ -130,6 +134,16 @@ def load(tree: Path) -> Descriptor:
         raise ComponentError(
             f"component.json is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
+    except RecursionError as exc:
+        raise ComponentError(
+            "component.json is nested too deeply to read; flatten its objects and arrays"
+        ) from exc
+    except ValueError as exc:  # an integer longer than Python converts (4,300 digits)
+        raise ComponentError(
+            "component.json holds a number with too many digits; write it as a string"
+        ) from exc
+    except OSError as exc:
+        raise ComponentError(f"component.json cannot be read: {exc.strerror}") from exc
     if not isinstance(raw, dict):
         raise ComponentError("component.json must hold a JSON object")
     try:
@@ -138,6 +152,8 @@ def load(tree: Path) -> Descriptor:
         problems = []
         for err in exc.errors():
             msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "model_type":  # not "... or instance of Function"
+                msg = "must be a JSON object"
             problems.append(f"component.json {_loc(err['loc'])}: {msg}")
         raise ComponentError("; ".join(problems)) from exc
     if not desc.triggers and not desc.actions:
@@ -147,11 +163,22 @@ def load(tree: Path) -> Descriptor:
     root = tree.resolve()
     for kind, funcs in (("triggers", desc.triggers), ("actions", desc.actions)):
         for name, func in funcs.items():
-            target = (tree / func.main).resolve()
+            try:
+                target = (tree / func.main).resolve()
+            except (OSError, RuntimeError) as exc:  # a symbolic link loop
+                raise ComponentError(
+                    f"component.json {kind}.{name}.main: {func.main!r} cannot be resolved "
+                    "(a symbolic link loop?); make it a regular file"
+                ) from exc
             if not target.is_relative_to(root):
                 raise ComponentError(
                     f"component.json {kind}.{name}.main: {func.main!r} points outside the "
                     "component tree (through a symbolic link)"
+                )
+            if target.is_dir():
+                raise ComponentError(
+                    f"component.json {kind}.{name}.main: {func.main!r} is a directory; "
+                    "name the module file (e.g. ./lib/ticker.py)"
                 )
             if not target.is_file():
                 raise ComponentError(

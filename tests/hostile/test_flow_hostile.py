@@ -1,0 +1,244 @@
+"""Hostile flow files: each gets its own FlowError or validation line, and nothing else.
+
+Parsing (`model.parse`/`model.load`) is checked for every key wrong in turn, duplicate
+step ids (a linear chain has no other way to loop), bad JSONata and bad durations;
+`model.validate` for steps naming functions a component version does not have.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployd.errors import FlowError
+from deployd.flows import model
+
+HEAD = 'name = "counter"\n'
+TICK = '[[steps]]\nid = "tick"\ncomponent = "hello"\nfunction = "ticker"\n'
+WRITE = '[[steps]]\nid = "write"\ncomponent = "hello"\nfunction = "upper"\n'
+
+
+def flow(head: str = HEAD, tick: str = TICK, write: str = WRITE) -> str:
+    return head + tick + write
+
+
+NOT_DURATION = "is not a duration; write a number and a unit"
+
+# (id, flow file text, expected words in the one-line error)
+PARSE_CASES: list[tuple[str, str, str]] = [
+    ("name-missing", flow(head=""), "name: Field required"),
+    ("name-uppercase", flow(head='name = "Counter"\n'), "'Counter' is not a valid flow name"),
+    ("name-traversal", flow(head='name = "../etc"\n'), "'../etc' is not a valid flow name"),
+    ("name-shell", flow(head='name = "x;reboot"\n'), "'x;reboot' is not a valid flow name"),
+    ("name-int", flow(head="name = 5\n"), "name: Input should be a valid string"),
+    ("type-batch", flow(head=HEAD + 'type = "batch"\n'), "type: Input should be 'realtime'"),
+    ("type-ordinary", flow(head=HEAD + 'type = "ordinary"\n'), '"ordinary" (scheduled flows)'),
+    ("update-sometimes", flow(head=HEAD + 'update = "sometimes"\n'), "update: Input should be"),
+    ("unknown-top-key", flow(head=HEAD + "stesp = 1\n"), "stesp: unknown key"),
+    ("no-steps", HEAD, "steps: Field required"),
+    ("steps-a-string", HEAD + 'steps = "x"\n', "steps: Input should be a valid list"),
+    ("one-step", HEAD + TICK, "a flow needs a trigger step and at least one action step"),
+    ("steps-not-tables", HEAD + 'steps = ["a", "b"]\n', "steps[0]: must be a table"),
+    (
+        "duplicate-ids",
+        flow(write=TICK.replace('"ticker"', '"upper"')),
+        "step id 'tick' is used twice; step ids must be unique",
+    ),
+    ("id-space", flow(write=WRITE.replace('"write"', '"wr ite"')), "'wr ite' is not a valid step"),
+    ("id-empty", flow(write=WRITE.replace('"write"', '""')), "'' is not a valid step id"),
+    ("id-unicode", flow(write=WRITE.replace('"write"', '"wrïte"')), "'wrïte' is not a valid"),
+    ("id-mapper-like", flow(write=WRITE.replace('"write"', '"write:mapper"')), "not a valid step"),
+    ("id-missing", flow(write=WRITE.replace('id = "write"\n', "")), "steps[1].id: Field required"),
+    (
+        "component-bad",
+        flow(write=WRITE.replace('"hello"', '"Hel lo"')),
+        "'Hel lo' is not a valid component name",
+    ),
+    (
+        "component-traversal",
+        flow(write=WRITE.replace('"hello"', '"../hello"')),
+        "'../hello' is not a valid component name",
+    ),
+    (
+        "component-missing",
+        flow(write=WRITE.replace('component = "hello"\n', "")),
+        "steps[1].component: Field required",
+    ),
+    (
+        "function-missing",
+        flow(write=WRITE.replace('function = "upper"\n', "")),
+        "steps[1].function: Field required",
+    ),
+    (
+        "function-int",
+        flow(write=WRITE.replace('"upper"', "3")),
+        "steps[1].function: Input should be a valid string",
+    ),
+    (
+        "function-empty",
+        flow(write=WRITE.replace('"upper"', '""')),
+        "steps[1].function: '' is not a function name",
+    ),
+    (
+        "function-shell",
+        flow(write=WRITE.replace('"upper"', '"$(reboot)"')),
+        "'$(reboot)' is not a function name",
+    ),
+    (
+        "interval-word",
+        flow(tick=TICK + 'interval = "often"\n'),
+        f"interval: 'often' {NOT_DURATION}",
+    ),
+    ("interval-unit", flow(tick=TICK + 'interval = "5 seconds"\n'), NOT_DURATION),
+    ("interval-negative", flow(tick=TICK + "interval = -1\n"), "a duration cannot be negative"),
+    ("interval-inf", flow(tick=TICK + "interval = inf\n"), "a duration must be a finite number"),
+    ("interval-nan", flow(tick=TICK + "interval = nan\n"), "a duration must be a finite number"),
+    ("interval-bool", flow(tick=TICK + "interval = true\n"), 'expected a duration such as "30s"'),
+    ("config-a-string", flow(write=WRITE + 'config = "x"\n'), "steps[1].config: Input should be"),
+    (
+        "mapping-unclosed",
+        flow(write=WRITE + "mapping = '{\"a\": '\n"),
+        "steps[1].mapping: mapping is not valid JSONata",
+    ),
+    ("mapping-empty", flow(write=WRITE + 'mapping = ""\n'), "mapping is not valid JSONata"),
+    ("mapping-int", flow(write=WRITE + "mapping = 5\n"), "mapping: Input should be a valid string"),
+    (
+        "mapping-deep",
+        flow(write=WRITE + 'mapping = "' + "(" * 5000 + "1" + ")" * 5000 + '"\n'),
+        "mapping is not valid JSONata",
+    ),
+    (
+        "mapping-on-trigger",
+        flow(tick=TICK + 'mapping = "x"\n'),
+        "step tick: the trigger step cannot have a mapping",
+    ),
+    ("version-0", flow(write=WRITE + "version = 0\n"), "steps[1].version: Input should be greater"),
+    ("version-word", flow(write=WRITE + 'version = "latest"\n'), "version: Input should be a"),
+    ("version-float", flow(write=WRITE + "version = 1.5\n"), "fractional part"),
+    ("step-unknown-key", flow(write=WRITE + 'mappnig = "x"\n'), "steps[1].mappnig: unknown key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"), [c[1:] for c in PARSE_CASES], ids=[c[0] for c in PARSE_CASES]
+)
+def test_every_key_wrong_in_turn(text: str, words: str) -> None:
+    with pytest.raises(FlowError) as info:
+        model.parse(tomllib.loads(text), "counter.toml")
+    message = str(info.value)
+    assert message.startswith("counter.toml is invalid: "), message
+    assert words in message, message
+    assert "\n" not in message and "instance of" not in message, message
+
+
+FILE_CASES: list[tuple[str, bytes | None, str]] = [
+    ("missing", None, "does not exist"),
+    ("not-toml", b'name = "x\n', "is not valid TOML"),
+    ("not-utf8", b"\xff\xfe", "cannot be read"),
+    ("a-directory", b"DIR", "cannot be read"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "words"), [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES]
+)
+def test_unreadable_flow_files(tmp_path: Path, content: bytes | None, words: str) -> None:
+    path = tmp_path / "flow.toml"
+    if content == b"DIR":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(FlowError) as info:
+        model.load(path)
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+DESCRIPTORS: dict[tuple[str, int], dict[str, Any]] = {
+    ("hello", 1): {
+        "runtime": "python",
+        "triggers": {"ticker": {"main": "lib/ticker.py"}},
+        "actions": {
+            "upper": {"main": "lib/upper.py", "fields": {"out": {"required": True}}},
+        },
+    },
+    ("ruby", 1): {
+        "runtime": "ruby",
+        "triggers": {"ticker": {"main": "t.rb"}},
+        "actions": {"upper": {"main": "u.rb"}},
+    },
+}
+
+# (id, flow file text, recent versions, the expected problem line)
+VALIDATE_CASES: list[tuple[str, str, dict[str, int | None], str]] = [
+    (
+        "unknown-action",
+        flow(write=WRITE.replace('"upper"', '"lower"')),
+        {"hello": 1},
+        'step write: action "lower" no longer exists in hello v1',
+    ),
+    (
+        "unknown-trigger",
+        flow(tick=TICK.replace('"ticker"', '"tock"')),
+        {"hello": 1},
+        'step tick: trigger "tock" no longer exists in hello v1',
+    ),
+    (
+        "action-as-trigger",
+        flow(tick=TICK.replace('"ticker"', '"upper"')),
+        {"hello": 1},
+        "step tick: 'upper' is not a trigger of hello v1 (it is one of its actions",
+    ),
+    (
+        "trigger-as-action",
+        flow(write=WRITE.replace('"upper"', '"ticker"') + 'config = {out = "x"}\n'),
+        {"hello": 1},
+        "step write: 'ticker' is not an action of hello v1 (it is one of its triggers",
+    ),
+    (
+        "required-field-missing",
+        flow(),
+        {"hello": 1},
+        "step write: field 'out' is required by hello v1 but has no value in config",
+    ),
+    (
+        "no-version-yet",
+        flow(),
+        {"hello": None},
+        "step tick: component 'hello' has no version yet (push it)",
+    ),
+    (
+        "pinned-version-missing",
+        flow(write=WRITE + "version = 7\n"),
+        {"hello": 1},
+        "step write: hello v7 does not exist",
+    ),
+    (
+        "unsupported-runtime",
+        flow(tick=TICK.replace('"hello"', '"ruby"'), write=WRITE.replace('"hello"', '"ruby"')),
+        {"ruby": 1},
+        "step tick: runtime 'ruby' of ruby v1 is not supported",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "recent", "line"),
+    [c[1:] for c in VALIDATE_CASES],
+    ids=[c[0] for c in VALIDATE_CASES],
+)
+def test_steps_a_component_version_cannot_run(
+    text: str, recent: dict[str, int | None], line: str
+) -> None:
+    spec = model.parse(tomllib.loads(text))
+    problems = model.validate(model.resolve(spec, recent), DESCRIPTORS)
+    assert any(line in p for p in problems), problems
+
+
+def test_node_steps_refused_when_node_cannot_run() -> None:
+    spec = model.parse(tomllib.loads(flow(write=WRITE + 'config = {out = "x"}\n')))
+    descs = {("hello", 1): {**DESCRIPTORS[("hello", 1)], "runtime": "node"}}
+    problems = model.validate(model.resolve(spec, {"hello": 1}), descs, "node is not installed")
+    assert "step tick: hello v1 cannot run: node is not installed" in problems
