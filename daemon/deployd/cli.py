@@ -281,7 +281,7 @@ def builds(
     component: Annotated[str | None, typer.Argument(help="Only this component.")] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
-    limit: Annotated[int, typer.Option(help="How many builds to show.")] = 50,
+    limit: Annotated[int, typer.Option(help="How many builds to show.", min=1)] = 50,
 ) -> None:
     """List recent builds, newest first (all components, or one)."""
     from .status import open_reader

@@ -29,6 +29,18 @@ def _call(cfg: Any, method: str, path: str, body: Any = None) -> Any:
     return call(cfg, method, path, json=body)
 
 
+def _flow_path(name: str, action: str) -> str:
+    """The API path of `action` on flow `name`; a name no flow can have is refused here."""
+    from .config import NAME_RE
+
+    if not NAME_RE.match(name):
+        raise FlowError(
+            f"unknown flow {name!r}: flow names are 1-63 lowercase letters, digits and '-' "
+            "(see `deployd flow list`)"
+        )
+    return f"/api/v1/flows/{name}/{action}"
+
+
 def _reader(cfg: Any) -> Any:
     from .status import open_reader
 
@@ -78,21 +90,21 @@ def flow_apply(
 @flow_app.command("publish")
 def flow_publish(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Publish the flow's draft as its next version (zero-downtime if it runs)."""
-    res = _call(_load(config), "POST", f"/api/v1/flows/{name}/publish")
+    res = _call(_load(config), "POST", _flow_path(name, "publish"))
     _print_json(res) if as_json else _print_result(res)
 
 
 @flow_app.command("start")
 def flow_start(name: NameArg, config: ConfigOpt = None) -> None:
     """Start a stopped flow at its active version."""
-    res = _call(_load(config), "POST", f"/api/v1/flows/{name}/start")
+    res = _call(_load(config), "POST", _flow_path(name, "start"))
     typer.echo(f"{res['flow']}: running v{res['version']}")
 
 
 @flow_app.command("stop")
 def flow_stop(name: NameArg, config: ConfigOpt = None) -> None:
     """Stop a flow (in-flight messages finish; queued ones wait for the next start)."""
-    res = _call(_load(config), "POST", f"/api/v1/flows/{name}/stop")
+    res = _call(_load(config), "POST", _flow_path(name, "stop"))
     typer.echo(f"{res['flow']}: stopped")
 
 
@@ -104,7 +116,7 @@ def flow_rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Publish an earlier flow version's steps as a new version (default: the previous one)."""
-    res = _call(_load(config), "POST", f"/api/v1/flows/{name}/rollback", {"to": to})
+    res = _call(_load(config), "POST", _flow_path(name, "rollback"), {"to": to})
     _print_json(res) if as_json else _print_result(res)
 
 
@@ -252,7 +264,7 @@ def _print_deploys(deps: list[dict[str, Any]]) -> None:
 def deploys(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
-    limit: Annotated[int, typer.Option(help="How many to show.")] = 50,
+    limit: Annotated[int, typer.Option(help="How many to show.", min=1)] = 50,
 ) -> None:
     """List deployments (publishes) of all flows, newest first, with warm-up and gap."""
     from .flowstore import FlowStore

@@ -22,7 +22,7 @@ def history(
         str | None, typer.Option("--component", help="Only this component.")
     ] = None,
     flow: Annotated[str | None, typer.Option("--flow", help="Only this flow.")] = None,
-    limit: Annotated[int, typer.Option(help="How many events to show.")] = 100,
+    limit: Annotated[int, typer.Option(help="How many events to show.", min=1)] = 100,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
