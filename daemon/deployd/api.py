@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from . import health
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .sources import webhook
 from .status import build_status
 
 if TYPE_CHECKING:
@@ -75,4 +76,5 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def status() -> dict[str, Any]:
         return build_status(daemon.config, daemon.store, daemon.paths)
 
+    app.include_router(webhook.create_router(daemon))  # /hooks/{component}, /api/v1/poll
     return app

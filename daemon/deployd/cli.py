@@ -348,6 +348,41 @@ def build_log(
         sys.stdout.write(f"\n[deployd: build {build_id} failed: {row['error']}]\n")
 
 
+# -- poll -----------------------------------------------------------------------------------
+
+
+@app.command()
+def poll(
+    component: Annotated[str | None, typer.Argument(help="Only this component.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the running daemon to check remote repositories now (all polled ones, or one)."""
+    from .client import call
+
+    cfg = _load(config)
+    if component:
+        _known_component(cfg, component)
+    data = call(cfg, "POST", "/api/v1/poll", json={"component": component})
+    if as_json:
+        _print_json(data)
+        return
+    results = data.get("polled", [])
+    if not results:
+        typer.echo("no component is polled (only remote or unwatched repositories are)")
+    failed = False
+    for r in results:
+        if not r.get("ok"):
+            failed = True
+            typer.echo(f"{r['component']}: poll failed: {r.get('error')}")
+            continue
+        head = (r.get("head") or "")[:12] or "(no branch)"
+        what = "queued for build" if r.get("queued") else "nothing new to build"
+        typer.echo(f"{r['component']}: head {head}, {what}")
+    if failed:
+        raise typer.Exit(1)
+
+
 # -- hook -----------------------------------------------------------------------------------
 
 

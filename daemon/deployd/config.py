@@ -13,6 +13,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -84,6 +85,43 @@ def is_local_url(url: str) -> bool:
     return not re.match(r"^[A-Za-z0-9._-]+(@[A-Za-z0-9._-]+)?:", url)
 
 
+_REMOTE_SCHEMES = {"https", "http", "ssh", "git", "git+ssh", "ssh+git"}
+
+
+def check_url(value: str) -> str:
+    """Accept a path, file://, https://, http://, ssh://, git:// or scp-like url; no password."""
+    if not value.strip():
+        raise ValueError("is empty")
+    if value.startswith("-"):
+        raise ValueError("must not start with '-'")
+    if any(ch.isspace() for ch in value):
+        raise ValueError("must not contain spaces or control characters")
+    if is_local_url(value):
+        return value
+    if "://" in value:
+        scheme = value.split("://", 1)[0].lower()
+        if scheme not in _REMOTE_SCHEMES:
+            raise ValueError(
+                f"unsupported scheme {scheme!r}: use https://, ssh://, git://, file://, "
+                "user@host:path or a path"
+            )
+        try:
+            password = urlsplit(value).password
+        except ValueError as exc:
+            raise ValueError(f"is not a valid url ({exc})") from None
+        if password is not None:
+            raise ValueError(
+                "contains a password: never put credentials in the url (it would end up in "
+                "logs); use an ssh key or a git credential helper of the user running deployd"
+            )
+    return value
+
+
+def redact_url(url: str) -> str:
+    """`url` without any ``user[:password]@`` part, for showing and logging."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1", url)
+
+
 def local_path(url: str) -> Path:
     """The filesystem path of a local url."""
     return Path(url[len("file://") :]) if url.startswith("file://") else Path(url)
@@ -104,6 +142,9 @@ class DaemonConfig(_Model):
     poll_interval: Duration = 180.0
     max_webhook_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     stop_timeout: Duration = 20.0
+    # How long a webhook's commit may take to appear on the branch at the configured url
+    # before the branch head is built instead (hosting services replicate with a delay).
+    webhook_wait: Duration = 60.0
     # Node.js for runtime = "node": the binary (a name on PATH or a path), how many idle Node
     # sailors may be kept pre-started (0: none), and how long a process() that neither emits
     # 'end' nor returns a promise may take before its message is finished anyway.
@@ -192,6 +233,11 @@ class ComponentConfig(_Model):
             raise ValueError(f"{value!r} is not a valid branch name")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return check_url(value) if value is not None else None
+
     @model_validator(mode="after")
     def _one_secret(self) -> ComponentConfig:
         if self.webhook_secret is not None and self.webhook_secret_file is not None:
@@ -206,6 +252,26 @@ class ComponentConfig(_Model):
     @property
     def local(self) -> bool:
         return self.url is None or is_local_url(self.url)
+
+    @property
+    def mirrored(self) -> bool:
+        """True for a remote url: deployd fetches it into a mirror under state_dir."""
+        return self.url is not None and not is_local_url(self.url)
+
+    def poll_every(self, default: float) -> float:
+        """Seconds between polls of the url (0: not polled).
+
+        Remote urls and unwatched local ones are polled every `poll_interval` (default
+        `default`); hosted repositories report pushes through their hook, watched local ones
+        through the watcher, so they are polled only when `poll_interval` is set on them.
+        """
+        if self.url is None:
+            return 0.0
+        if self.poll_interval is not None:
+            return self.poll_interval
+        if self.local and self.watch:
+            return 0.0
+        return default
 
     @property
     def secret_configured(self) -> bool:
@@ -332,6 +398,7 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     # The checks below read the raw values, so they run (and are listed) even when the models
     # failed: one check-config run shows every problem.
     state_dir, comp_updates = _check_places(raw, base, problems)
+    _check_webhook_secrets(raw, problems)
     if cfg is None or problems:
         raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
     comps_out = [
@@ -413,3 +480,27 @@ def _check_places(
         if comp.get("webhook_secret") == "" and not any(p.startswith(secret_key) for p in problems):
             problems.append(f"{secret_key} is empty")
     return state_dir, updates
+
+
+def _check_webhook_secrets(raw: dict[str, Any], problems: list[str]) -> None:
+    """Unsigned webhooks are accepted only on loopback: elsewhere every component needs a secret."""
+    daemon = raw.get("daemon")
+    listen = daemon.get("listen", "127.0.0.1:8787") if isinstance(daemon, dict) else None
+    if not isinstance(listen, str):
+        listen = "127.0.0.1:8787"
+    try:
+        loopback = DaemonConfig(listen=listen).listen_is_loopback
+    except ValidationError:
+        return  # the bad listen value is reported on its own
+    if loopback:
+        return
+    comps = raw.get("components")
+    for i, comp in enumerate(comps if isinstance(comps, list) else []):
+        if not isinstance(comp, dict):
+            continue
+        if comp.get("webhook_secret") is None and comp.get("webhook_secret_file") is None:
+            problems.append(
+                f"components[{i}].webhook_secret: required because daemon.listen {listen} is "
+                "not a loopback address (unsigned webhooks are accepted only on loopback); set "
+                "webhook_secret or webhook_secret_file"
+            )

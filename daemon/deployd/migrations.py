@@ -176,3 +176,35 @@ def m002_flows(db: Database) -> None:
         )
         """
     )
+
+
+@migrations()
+def m003_webhook_deliveries(db: Database) -> None:
+    """Webhook delivery ids (replay protection, kept >= 24 h) and the state of each poller."""
+    db.execute(
+        """
+        CREATE TABLE webhook_deliveries (
+            component TEXT NOT NULL,
+            delivery_id TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            sha TEXT,
+            received_at TEXT NOT NULL,
+            PRIMARY KEY (component, delivery_id)
+        )
+        """
+    )
+    db.execute("CREATE INDEX webhook_deliveries_received ON webhook_deliveries (received_at)")
+    db.execute(
+        """
+        CREATE TABLE poll_state (
+            component TEXT PRIMARY KEY,
+            interval REAL NOT NULL,
+            last_ok TEXT,
+            last_error TEXT,
+            last_error_at TEXT,
+            failures INTEGER NOT NULL DEFAULT 0,
+            head TEXT,
+            next_at TEXT
+        )
+        """
+    )

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, redact_url
 from .paths import Paths
 from .store import Store
 
@@ -49,6 +49,7 @@ def build_status(config: Config, store: Store | None, paths: Paths | None = None
     running, pid = daemon_state(paths)
     recent = store.recent_all() if store else {}
     last = store.last_builds_all() if store else {}
+    polls = store.poll_states() if store else {}
     components = []
     for comp in config.components:
         r = recent.get(comp.name)
@@ -57,7 +58,9 @@ def build_status(config: Config, store: Store | None, paths: Paths | None = None
             {
                 "name": comp.name,
                 "branch": comp.branch,
-                "url": comp.url if comp.url is not None else str(paths.hosted_repo(comp.name)),
+                "url": redact_url(comp.url)
+                if comp.url is not None
+                else str(paths.hosted_repo(comp.name)),
                 "recent": {
                     "version": r["version"],
                     "sha": r["sha"],
@@ -73,6 +76,9 @@ def build_status(config: Config, store: Store | None, paths: Paths | None = None
                     "error": b["error"],
                 }
                 if b
+                else None,
+                "poll": poll_status(polls.get(comp.name))
+                if comp.mirrored or comp.poll_every(config.daemon.poll_interval) > 0
                 else None,
             }
         )
@@ -93,6 +99,23 @@ def runtimes(config: Config) -> dict[str, str | None]:
 
     node = detect(config.daemon.node)
     return {"python": platform.python_version(), "node": node.version if node.ok else None}
+
+
+def poll_status(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A component's `"poll"` object: last success, last error (if the last poll failed), next."""
+    if row is None:
+        return None
+    error = None
+    if row.get("last_error"):
+        error = {"at": row.get("last_error_at"), "message": row["last_error"]}
+    return {
+        "interval": row["interval"],
+        "last_ok": row.get("last_ok"),
+        "last_error": error,
+        "failures": row.get("failures", 0),
+        "head": row.get("head"),
+        "next_at": row.get("next_at"),
+    }
 
 
 def open_reader(config: Config) -> Store | None:

@@ -321,3 +321,47 @@ class Store:
 
     def artifact_dirs(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT artifact_dir FROM versions").fetchall()}
+
+    # -- webhooks and polling (issue 4) ----------------------------------------------------
+
+    def record_delivery(
+        self, component: str, delivery_id: str, provider: str, sha: str | None
+    ) -> bool:
+        """Remember a webhook delivery id; False when it was seen before (a replay)."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO webhook_deliveries"
+            " (component, delivery_id, provider, sha, received_at) VALUES (?, ?, ?, ?, ?)",
+            (component, delivery_id, provider, sha, utcnow()),
+        )
+        return cur.rowcount == 1
+
+    def prune_deliveries(self, older_than: str) -> int:
+        """Forget delivery ids received before the ISO timestamp `older_than`."""
+        cur = self.conn.execute(
+            "DELETE FROM webhook_deliveries WHERE received_at < ?", (older_than,)
+        )
+        return cur.rowcount
+
+    def set_poll_state(
+        self,
+        component: str,
+        *,
+        interval: float,
+        last_ok: str | None,
+        last_error: str | None,
+        last_error_at: str | None,
+        failures: int,
+        head: str | None,
+        next_at: str | None,
+    ) -> None:
+        """Record the outcome of one poll of `component` (shown by `status`)."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO poll_state (component, interval, last_ok, last_error,"
+            " last_error_at, failures, head, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (component, interval, last_ok, last_error, last_error_at, failures, head, next_at),
+        )
+
+    def poll_states(self) -> dict[str, Row]:
+        if "poll_state" not in self.table_names():
+            return {}
+        return {r["component"]: r for r in self.query("SELECT * FROM poll_state")}

@@ -363,6 +363,8 @@ function main(argv) {
   sock.on('connect', () => {
     sailor.send({ t: 'hello', token: spec.token, pid: process.pid });
     if (pooled) {
+      // While idle, load what every step needs anyway, so taking this sailor costs less.
+      require(path.join(SHIM_DIR, SHIMMED));
       sailor.onSpec = (stepSpec) => {
         sailor.spec = stepSpec;
         if (stepSpec.log) redirectOutput(stepSpec.log);
