@@ -25,6 +25,7 @@ from typing import Any
 from .node import NodeSettings
 from .node_pool import NodeRuntime
 from .protocol import MAX_LINE, decode, encode
+from .py_pool import PyPool
 
 log = logging.getLogger("deployd.runtime")
 
@@ -108,11 +109,12 @@ class StepProcess:
 
     async def spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("a") as fh:
-            fh.write(
-                f"--- deployd: starting step {self.step_id} ({self.spec['component']} "
-                f"v{self.spec['version']} {self.spec['function']}) ---\n"
-            )
+        if self.runtime != "python":  # a Python sailor writes this line itself
+            with self.log_path.open("a") as fh:
+                fh.write(
+                    f"--- deployd: starting step {self.step_id} ({self.spec['component']} "
+                    f"v{self.spec['version']} {self.spec['function']}) ---\n"
+                )
         self.launcher.expect(self)
         try:
             self.pid = await self.launcher.launch(self)
@@ -284,6 +286,9 @@ class Launcher:
         self.node = NodeRuntime(
             node or NodeSettings(), self.address, self.home, state_dir / "logs", step_env(self.home)
         )
+        self.py_pool = PyPool(
+            self.address, state_dir / "logs" / "python-pool.log", self._fork_spawn
+        )
 
     async def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -291,6 +296,7 @@ class Launcher:
             self._accept, path=self.address, limit=MAX_LINE
         )
         await self._start_forkserver()
+        await self.py_pool.start()
         await self.node.start()
 
     async def _start_forkserver(self) -> None:
@@ -322,6 +328,8 @@ class Launcher:
                 step = self._by_pid.pop(int(msg["exit"]), None)
                 if step is not None:
                     step.exit_reported(int(msg["code"]))
+                else:
+                    self.py_pool.exited(int(msg["exit"]))
         await proc.wait()
         for fut in self._spawned.values():
             if not fut.done():
@@ -329,6 +337,7 @@ class Launcher:
         self._spawned.clear()
 
     async def stop(self) -> None:
+        await self.py_pool.stop()
         if self._server is not None:
             self._server.close()
         if self._fork is not None and self._fork.returncode is None:
@@ -361,6 +370,8 @@ class Launcher:
         except (TimeoutError, ValueError, ConnectionError):
             step = None
             hello = {}
+        if step is None and self.py_pool.accept(str(hello.get("token", "")), reader, writer):
+            return  # an idle Python sailor of the pool: it waits there for a step
         if step is None and self.node.accept(str(hello.get("token", "")), reader, writer):
             return  # an idle Node sailor of the pool: it waits there for a step
         if step is None or hello.get("t") != "hello":
@@ -371,19 +382,23 @@ class Launcher:
     async def launch(self, step: StepProcess) -> int:
         if step.runtime == "node":
             return await self._launch_node(step)
+        pid = self.py_pool.take(step)  # an idle forked sailor: no fork on the warm-up path
+        if pid is None:
+            pid = await self._fork_spawn(step.spec, str(step.log_path))
+        self._by_pid[pid] = step
+        return pid
+
+    async def _fork_spawn(self, spec: dict[str, Any], log_path: str) -> int:
+        """Have the fork server fork a Python sailor for `spec`; its pid."""
         async with self._fork_lock:
             if self._fork is None or self._fork.returncode is not None:
                 await self._start_forkserver()
         assert self._fork is not None and self._fork.stdin is not None
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._spawned[step.token] = fut
-        self._fork.stdin.write(
-            (json.dumps({"spawn": step.spec, "log": str(step.log_path)}) + "\n").encode()
-        )
+        self._spawned[spec["token"]] = fut
+        self._fork.stdin.write((json.dumps({"spawn": spec, "log": log_path}) + "\n").encode())
         await self._fork.stdin.drain()
-        pid = await asyncio.wait_for(fut, 10)
-        self._by_pid[pid] = step
-        return pid
+        return await asyncio.wait_for(fut, 10)
 
     async def _launch_node(self, step: StepProcess) -> int:
         return await self.node.launch(step)

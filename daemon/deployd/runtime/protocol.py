@@ -20,6 +20,9 @@ daemon → sailor
     {"t": "msg", "ref": int, "msg": dict, "snapshot": dict} action: process one message
     {"t": "startup", "ref": int} / {"t": "shutdown", "ref": int, "data": any}
     {"t": "stop"}                                finish the current work, then exit 0
+    {"t": "spec", "spec": dict}                  to an idle pooled sailor (first line only):
+                                                 become this step, its output going to
+                                                 spec["log"]; then "ready" or "failed"
 """
 
 from __future__ import annotations

@@ -77,12 +77,12 @@ def _arity(func: Any) -> int:
 
 
 class Sailor:
-    def __init__(self, spec: dict[str, Any], sock: socket.socket) -> None:
+    def __init__(self, spec: dict[str, Any], sock: socket.socket, rfile: Any = None) -> None:
         self.spec = spec
         self.sock = sock
-        self.rfile = sock.makefile("rb")
+        self.rfile = rfile if rfile is not None else sock.makefile("rb")
         self.module: ModuleType | None = None
-        self.loop = asyncio.new_event_loop()
+        self.loop: asyncio.AbstractEventLoop | None = None  # made on the first async call
         self.ctx = Context(self)
 
     def send(self, obj: dict[str, Any]) -> None:
@@ -90,6 +90,8 @@ class Sailor:
 
     def _run(self, result: Any) -> Any:
         if inspect.isawaitable(result):
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
             return self.loop.run_until_complete(result)
         return result
 
@@ -137,8 +139,9 @@ class Sailor:
             return None
         return self._run(func(self.spec.get("config", {}), *args))
 
-    def serve(self) -> int:
-        self.send({"t": "hello", "token": self.spec["token"], "pid": os.getpid()})
+    def serve(self, hello: bool = True) -> int:
+        if hello:
+            self.send({"t": "hello", "token": self.spec["token"], "pid": os.getpid()})
         try:
             self.load()
         except BaseException as exc:  # the import or init of user code failed
@@ -172,6 +175,26 @@ class Sailor:
                 return 0
 
 
+def _header(spec: dict[str, Any]) -> None:
+    """The first line of this start in the step log (written here, not by the daemon, so a
+    warm-up of many steps costs the daemon no file writes)."""
+    os.write(
+        2,
+        f"--- deployd: starting step {spec.get('step')} ({spec.get('component')} "
+        f"v{spec.get('version')} {spec.get('function')}) ---\n".encode(),
+    )
+
+
+def _redirect_output(path: str) -> None:
+    """From now on stdout and stderr (of the code, and of this process) go to the step log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def run(spec: dict[str, Any]) -> int:
     """Connect to the daemon and serve one step; returns the exit code."""
     logging.basicConfig(
@@ -186,7 +209,22 @@ def run(spec: dict[str, Any]) -> int:
         print(f"sailor: cannot reach the daemon at {spec['socket']}: {exc}", file=sys.stderr)
         return 2
     try:
-        return Sailor(spec, sock).serve()
+        if not spec.get("pool"):
+            _header(spec)
+            return Sailor(spec, sock).serve()
+        # An idle sailor of the pool: say hello, then wait for the step to become.
+        sock.sendall(encode({"t": "hello", "token": spec["token"], "pid": os.getpid()}))
+        rfile = sock.makefile("rb")
+        line = rfile.readline()
+        if not line:
+            return 0  # the pool shrank, or the daemon is gone
+        cmd = decode(line)
+        if cmd.get("t") != "spec":
+            return 2
+        step = cmd["spec"]
+        _redirect_output(step["log"])
+        _header(step)
+        return Sailor(step, sock, rfile).serve(hello=False)
     except (BrokenPipeError, ConnectionResetError):
         return 0
     finally:
