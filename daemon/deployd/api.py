@@ -15,7 +15,8 @@ import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
-from . import health
+from . import health, ops
+from .flows import routes as flow_routes
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .sources import webhook
 from .status import build_status
@@ -70,11 +71,14 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        daemon.deployer.update_gauges()
         return Response(daemon.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/api/v1/status")
     async def status() -> dict[str, Any]:
-        return build_status(daemon.config, daemon.store, daemon.paths)
+        return build_status(daemon.config, daemon.store, daemon.paths, daemon.deployer)
 
+    app.include_router(flow_routes.router(daemon))
+    app.include_router(ops.router(daemon))
     app.include_router(webhook.create_router(daemon))  # /hooks/{component}, /api/v1/poll
     return app

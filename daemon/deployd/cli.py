@@ -134,8 +134,9 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     from .status import build_status, open_reader
 
     cfg = _load(config)
-    store = open_reader(cfg)
-    data = build_status(cfg, store)
+    data = _live_status(cfg)
+    if data is None:
+        data = build_status(cfg, open_reader(cfg))
     if as_json:
         _print_json(data)
         return
@@ -177,6 +178,43 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         highlight=False,
     )
     _print_flows_table(out, data.get("flows", []))
+    paused = data.get("paused") or {}
+    names = [f"flow {n}" for n in paused.get("flow", [])] + [
+        f"component {n}" for n in paused.get("component", [])
+    ]
+    if names:
+        out.print("[yellow]paused:[/] " + ", ".join(names))
+    disk = (data.get("disk") or {}).get("state_dir_bytes")
+    if disk is not None:
+        out.print(f"state_dir uses {disk / 1e6:.1f} MB")
+    for part, err in (data.get("last_errors") or {}).items():
+        if err:
+            out.print(
+                f"last {part[:-1]} error ({err['at'][:19]}): {err['message'][:150]}",
+                markup=False,
+                highlight=False,
+            )
+
+
+def _live_status(cfg: Any) -> dict[str, Any] | None:
+    """The running daemon's own status (live step states and pids), or None if it is down."""
+    import urllib.error
+    import urllib.request
+
+    from .paths import Paths
+    from .status import daemon_state
+
+    if not daemon_state(Paths(cfg.state_dir))[0]:
+        return None
+    host, port = cfg.daemon.host, cfg.daemon.port
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    try:
+        with urllib.request.urlopen(url + "/api/v1/status", timeout=3) as resp:  # noqa: S310
+            return dict(json.loads(resp.read()))
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
 
 
 def _grid(headers: list[str], rows: list[list[tuple[str, str]]]) -> str:
@@ -418,6 +456,11 @@ def hook_install(
     paths.inbox.mkdir(parents=True, exist_ok=True)
     gitops.install_hook(repo, component, paths.inbox)
     typer.echo(f"installed deployd post-receive hook in {bare_repo} for component {component}")
+
+
+from . import cli_flows, cli_ops  # noqa: E402  (register their commands on `app`)
+
+_ = (cli_flows, cli_ops)
 
 
 def main() -> None:

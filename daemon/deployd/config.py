@@ -156,6 +156,10 @@ class DaemonConfig(_Model):
     health_max_loop_lag: Duration = 2.0
     health_min_free_mb: int = Field(default=100, ge=0)
     health_min_free_percent: float = Field(default=1.0, ge=0, le=100)
+    # Retention (`deployd gc`, and a periodic job every gc_interval; "0" turns the job off).
+    keep_versions: int = Field(default=10, ge=1, le=100000)
+    keep_logs: Duration = 30 * 86400.0
+    gc_interval: Duration = 3600.0
 
     @field_validator("api_token")
     @classmethod
@@ -222,6 +226,13 @@ class ComponentConfig(_Model):
                 f"{value!r} is not a valid name: use 1-63 lowercase letters, digits and '-', "
                 "starting with a letter or digit"
             )
+        return value
+
+    @field_validator("build_timeout")
+    @classmethod
+    def _build_timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError('must be longer than 0 (e.g. "10m")')
         return value
 
     @field_validator("branch")
@@ -334,8 +345,9 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
+        else:  # a key holding a newline or NUL is quoted: every problem stays one line
+            text = part if part and part.isprintable() else repr(part)
+            out += ("." if out else "") + text
     return out or "(top level)"
 
 

@@ -208,3 +208,20 @@ def m003_webhook_deliveries(db: Database) -> None:
         )
         """
     )
+
+
+@migrations()
+def m004_operator(db: Database) -> None:
+    """Paused flows and components, and small daemon facts (disk use) for `status`."""
+    db.execute(
+        """
+        CREATE TABLE paused (
+            kind TEXT NOT NULL CHECK (kind IN ('flow', 'component')),
+            name TEXT NOT NULL,
+            since TEXT NOT NULL,
+            PRIMARY KEY (kind, name)
+        )
+        """
+    )
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("CREATE INDEX events_kind ON events (kind, id)")

@@ -27,9 +27,11 @@ from . import config as cfgmod
 from .auth import ensure_token
 from .config import ComponentConfig, Config, local_path, split_listen
 from .errors import ConfigError, StateError
+from .flows.deploy import Deployer
 from .health import LagMonitor
 from .metrics import Metrics
 from .notify import Notifier, watchdog_pinger
+from .ops import Operator
 from .paths import Paths
 from .pipeline import git as gitops
 from .pipeline.mirror import MirrorResolver
@@ -165,6 +167,8 @@ class Daemon:
         self.inbox: Inbox
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
+        self.deployer: Deployer
+        self.operator: Operator
         self.api_token = ""
         self.poller: Poller | None = None
         self.services: list[Any] = []  # later parts: objects with async start()/stop()
@@ -198,6 +202,17 @@ class Daemon:
             last = store.one("SELECT component, sha, status FROM builds ORDER BY id DESC LIMIT 1")
             if last:
                 parts.append(f"last build {last['component']} {last['sha'][:8]} {last['status']}")
+        deployer = getattr(self, "deployer", None)
+        if deployer is not None:
+            parts.insert(0, f"{len(deployer.runners)} flow(s) running")
+            if store is not None:
+                dep = store.one(
+                    "SELECT flow, to_version, status FROM deployments ORDER BY id DESC LIMIT 1"
+                )
+                if dep:
+                    parts.append(f"last deploy {dep['flow']} v{dep['to_version']} {dep['status']}")
+                depth = store.one("SELECT COUNT(*) AS n FROM messages")
+                parts.append(f"{depth['n'] if depth else 0} message(s) queued")
         return ", ".join(parts)
 
     # -- start-up --------------------------------------------------------------------------
@@ -368,6 +383,12 @@ class Daemon:
         self._recover()
         self.pipeline = Pipeline(self.config, self.store, self.paths)
         self.api_token = ensure_token(self.config)
+        self.deployer = Deployer(self.config, self.store, self.paths)
+        self.pipeline.listeners.append(self.deployer.on_version_registered)
+        self.deployer.metrics = self.deployer.router.metrics = self.metrics
+        self.services.insert(0, self.deployer)
+        self.operator = Operator(self)
+        self.services.insert(1, self.operator)
         self._setup_remote_sources()
         self.pipeline.metrics = self.metrics
         self.metrics.track_build_queue(lambda: self.pipeline.queue_depth)

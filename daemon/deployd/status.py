@@ -10,11 +10,15 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, redact_url
+from .flowstore import FlowStore
 from .paths import Paths
 from .store import Store
+
+if TYPE_CHECKING:
+    from .flows.deploy import Deployer
 
 
 def daemon_state(paths: Paths) -> tuple[bool, int | None]:
@@ -43,7 +47,12 @@ def daemon_state(paths: Paths) -> tuple[bool, int | None]:
     return running, pid
 
 
-def build_status(config: Config, store: Store | None, paths: Paths | None = None) -> dict[str, Any]:
+def build_status(
+    config: Config,
+    store: Store | None,
+    paths: Paths | None = None,
+    deployer: Deployer | None = None,
+) -> dict[str, Any]:
     """The whole status object of the contract (see README: `deployd status --json`)."""
     paths = paths or Paths(config.state_dir)
     running, pid = daemon_state(paths)
@@ -86,7 +95,8 @@ def build_status(config: Config, store: Store | None, paths: Paths | None = None
         "daemon": {"running": running, "pid": pid, "listen": config.daemon.listen},
         "components": components,
         "runtimes": runtimes(config),
-        "flows": [],
+        "flows": flows_status(store, deployer) if store else [],
+        **status_extras(store),
     }
     return status
 
@@ -124,3 +134,107 @@ def open_reader(config: Config) -> Store | None:
 
 def state_path(config: Config) -> Path:
     return Paths(config.state_dir).root
+
+
+def _mapper(step: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"{step['id']}:mapper",
+        "kind": "mapper",
+        "component": None,
+        "function": None,
+        "version": None,
+        "state": "stopped",
+        "pid": None,
+    }
+
+
+def flows_status(store: Store, deployer: Deployer | None = None) -> list[dict[str, Any]]:
+    """The `flows` list of the status object; live step states when the daemon asks."""
+    fs = FlowStore(store)
+    recent = {name: row["version"] for name, row in store.recent_all().items()}
+    last = fs.last_deployments()
+    out = []
+    for flow in fs.flows():
+        name = flow["name"]
+        fv = fs.flow_version(name, flow["active_version"]) if flow["active_version"] else None
+        steps_db = fv["steps"] if fv else []
+        runner = deployer.runners.get(name) if deployer else None
+        if runner is not None:
+            steps = runner.status()
+        else:
+            steps = []
+            for s in steps_db:
+                if s.get("mapping"):
+                    steps.append(_mapper(s))
+                steps.append(
+                    {
+                        "id": s["id"],
+                        "kind": s["kind"],
+                        "component": s["component"],
+                        "function": s["function"],
+                        "version": s["version"],
+                        "state": "stopped",
+                        "pid": None,
+                    }
+                )
+        stale = any(
+            s["version"] is not None and (recent.get(s["component"]) or 0) > s["version"]
+            for s in steps_db
+        )
+        state = deployer.flow_state(name, bool(flow["enabled"])) if deployer else "stopped"
+        dep = last.get(name)
+        out.append(
+            {
+                "name": name,
+                "type": flow["type"],
+                "update": flow["update"],
+                "state": state,
+                "version": flow["active_version"],
+                "stale": stale,
+                "needs_attention": flow["needs_attention"],
+                "steps": steps,
+                "last_deploy": {
+                    "status": dep["status"],
+                    "to_version": dep["to_version"],
+                    "warmup_ms": dep["warmup_ms"],
+                    "gap_ms": dep["gap_ms"],
+                    "finished_at": dep["finished_at"],
+                }
+                if dep
+                else None,
+            }
+        )
+    return out
+
+
+ERROR_KINDS = {
+    "builds": "build.failed",
+    "pushes": "push.failed",
+    "deploys": "deploy.failed",
+    "rollbacks": "deploy.rolled_back",
+    "flows": "flow.failed",
+    "config": "config.rejected",
+}
+
+
+def status_extras(store: Any) -> dict[str, Any]:
+    """Paused items, disk use and the last error of each part, for the status object."""
+    disk = store.meta("disk_bytes") if store else None
+    errors: dict[str, Any] = {}
+    for part, kind in ERROR_KINDS.items():
+        row = (
+            store.one(
+                "SELECT ts, message FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1", (kind,)
+            )
+            if store
+            else None
+        )
+        errors[part] = {"at": row["ts"], "message": row["message"]} if row else None
+    return {
+        "last_errors": errors,
+        "paused": store.paused() if store else {"flow": [], "component": []},
+        "disk": {
+            "state_dir_bytes": int(disk) if disk else None,
+            "measured_at": store.meta("disk_measured_at") if store else None,
+        },
+    }

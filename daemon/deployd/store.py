@@ -322,6 +322,49 @@ class Store:
     def artifact_dirs(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT artifact_dir FROM versions").fetchall()}
 
+    def has_version(self, component: str, sha: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM versions WHERE component = ? AND sha = ?", (component, sha)
+        ).fetchone()
+        return row is not None
+
+    def version_for_sha(self, component: str, sha: str) -> Row | None:
+        return self.one(
+            "SELECT component, version, sha, semver FROM versions WHERE component = ? AND sha = ?",
+            (component, sha),
+        )
+
+    # -- operator state: paused flows/components, small facts ------------------------------
+
+    def paused(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {"flow": [], "component": []}
+        for kind, name in self.conn.execute("SELECT kind, name FROM paused ORDER BY name"):
+            out[kind].append(name)
+        return out
+
+    def set_paused(self, kind: str, name: str, paused: bool) -> None:
+        with self.tx() as conn:
+            if paused:
+                conn.execute(
+                    "INSERT OR IGNORE INTO paused (kind, name, since) VALUES (?, ?, ?)",
+                    (kind, name, utcnow()),
+                )
+            else:
+                conn.execute("DELETE FROM paused WHERE kind = ? AND name = ?", (kind, name))
+            self.event(
+                f"{kind}.{'paused' if paused else 'resumed'}",
+                f"{kind} {name} {'paused' if paused else 'resumed'}",
+                flow=name if kind == "flow" else None,
+                component=name if kind == "component" else None,
+            )
+
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     # -- webhooks and polling (issue 4) ----------------------------------------------------
 
     def record_delivery(

@@ -77,6 +77,17 @@ class Deployer:
         self.recover()
         flows = [f for f in self.fs.flows() if f["enabled"] and f["active_version"]]
         await asyncio.gather(*(self._start_runner(f["name"], initial=False) for f in flows))
+        await self.catch_up()
+
+    async def catch_up(self) -> None:
+        """Redeploy what a killed daemon registered but never got to publish.
+
+        A version registered just before a crash has no draft or deployment yet; without this
+        its flows would stay on the older version until the next push.
+        """
+        for comp, row in self.store.recent_all().items():
+            event = VersionRegistered(comp, row["version"], row["sha"], row["semver"])
+            await self.on_version_registered(event, catch_up=True)
 
     def recover(self) -> None:
         for dep in self.fs.unfinished_deployments():
@@ -279,9 +290,11 @@ class Deployer:
     # -- running ---------------------------------------------------------------------------
 
     def _runner(self, name: str, version: int, steps: list[dict[str, Any]]) -> FlowRunner:
-        return FlowRunner(
+        runner = FlowRunner(
             self.launcher, self.router, self.paths.step_logs, name, version, self._runnable(steps)
         )
+        runner.drain_timeout = self.config.daemon.stop_timeout
+        return runner
 
     async def _start_runner(self, name: str, initial: bool) -> None:
         flow = self.fs.flow(name)
@@ -503,8 +516,12 @@ class Deployer:
 
     # -- automatic redeploy ----------------------------------------------------------------
 
-    async def on_version_registered(self, event: VersionRegistered) -> None:
-        """A new component version: draft, validate and (auto) publish every affected flow."""
+    async def on_version_registered(self, event: VersionRegistered, catch_up: bool = False) -> None:
+        """A new component version: draft, validate and (auto) publish every affected flow.
+
+        With `catch_up` (at start-up), flows that already have a draft or a deployment for
+        this version are left as they are: a failed deploy is not retried at every restart.
+        """
         for flow in self.fs.flows():
             if not flow["active_version"]:
                 continue
@@ -512,11 +529,31 @@ class Deployer:
             if fv is None:
                 continue
             uses = [s for s in fv["steps"] if s["component"] == event.component and not s["pinned"]]
-            if not uses or any(s["version"] == event.version for s in uses):
+            if not uses or any(s["version"] >= event.version for s in uses):
                 continue
             if flow["update"] == "auto" and not flow["enabled"]:
                 continue  # stopped flows are left alone
+            if catch_up and self._handled(flow["name"], event):
+                continue
             self._spawn(self._redeploy(flow["name"], event), f"redeploy:{flow['name']}")
+
+    def _handled(self, name: str, event: VersionRegistered) -> bool:
+        """True when this version was already drafted for a person, or deployed (not merely
+        interrupted by a crash) to flow `name`."""
+        flow = self.fs.flow(name)
+        draft = self.fs.draft(name)
+        if (
+            draft
+            and (draft["reason"] or "").startswith(f"{event.component} v{event.version} ")
+            and (draft["problems"] or (flow and flow["update"] != "auto"))
+        ):
+            return True
+        row = self.store.one(
+            "SELECT 1 FROM deployments WHERE flow = ? AND component = ? AND component_version = ?"
+            " AND (reason IS NULL OR reason NOT LIKE 'interrupted:%')",
+            (name, event.component, event.version),
+        )
+        return row is not None
 
     async def _redeploy(self, name: str, event: VersionRegistered) -> None:
         async with self._lock(name):

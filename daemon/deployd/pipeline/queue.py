@@ -46,6 +46,7 @@ class PushNotice:
     sha: str | None
     source: str
     delivery_id: str | None = None
+    force: bool = False  # `deployd redeploy`: build again even if the commit already failed
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,11 @@ class Pipeline:
                 component=comp.name,
             )
             return False
-        if notice.sha is not None and self.store.has_final_build(comp.name, notice.sha):
+        if (
+            notice.sha is not None
+            and not notice.force
+            and self.store.has_final_build(comp.name, notice.sha)
+        ):
             return False
         self.store.event(
             "push.received",
@@ -208,7 +213,9 @@ class Pipeline:
                 component=comp.name,
             )
             return
-        if self.store.has_final_build(comp.name, sha):
+        if self.store.has_final_build(comp.name, sha) and not (
+            notice.force and not self.store.has_version(comp.name, sha)
+        ):
             return
         await self.build(comp, repo, sha, notice)
 

@@ -30,6 +30,7 @@ class Router:
         self.store = store
         self.flows = FlowStore(store)
         self._wake: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
+        self.metrics: Any = None  # deployd.metrics.Metrics, set by the service
 
     def waker(self, flow: str, step: str) -> asyncio.Event:
         return self._wake[(flow, step)]
@@ -70,6 +71,10 @@ class Router:
                 self.flows.delete_message(row["id"])
             error = res.errors[-1] if res.errors else None
             self.flows.count(flow, step["id"], processed=1, failed=1 if error else 0, error=error)
+        if self.metrics is not None:
+            self.metrics.message_processed(flow, step["id"])
+            if error:
+                self.metrics.message_failed(flow, step["id"])
         if error:
             log.warning("flow %s step %s: %s", flow, step["id"], error[:500])
         if mapping_errors:

@@ -60,6 +60,7 @@ class FlowRunner:
         self.boundary_stop = False  # stop the trigger right after its next call ends
         self.sleeping_until: float | None = None
         self.last_error: str | None = None
+        self.drain_timeout = 20.0  # longest wait for a step to finish its work when stopping
 
     # -- processes -------------------------------------------------------------------------
 
@@ -184,8 +185,28 @@ class FlowRunner:
         if flag is not None:
             flag.set()
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._finish(step_id, task)
+
+    async def _finish(self, step_id: str, task: asyncio.Task[None]) -> None:
+        """Wait for a stopping loop; past `drain_timeout` kill its process (a step stuck in
+        process() must not hold a publish or a shutdown up). Its message stays queued."""
+        done, _ = await asyncio.wait({task}, timeout=self.drain_timeout)
+        if not done:
+            proc = self.procs.get(step_id)
+            log.warning(
+                "flow %s step %s did not finish its work within %.0f s; killing it",
+                self.flow,
+                step_id,
+                self.drain_timeout,
+            )
+            if proc is not None:
+                proc.expected_exit = True
+                proc.kill()
+            done, _ = await asyncio.wait({task}, timeout=5)
+            if not done:
+                task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _trigger_loop(self, step: dict[str, Any], stop: asyncio.Event) -> None:
         interval = float(step.get("interval", 1.0))
@@ -231,8 +252,7 @@ class FlowRunner:
             self.stop_flags[trigger].set()
         task = self.loops.pop(trigger, None)
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._finish(trigger, task)
         self.stop_flags[trigger].set()
 
     async def _action_loop(self, index: int, stop: asyncio.Event) -> None:
