@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-MODULES = ["bench_foundation", "bench_webhook", "bench_node"]
+MODULES = ["bench_foundation", "bench_webhook", "bench_node", "bench_flows"]
 
 
 def main(argv: list[str]) -> int:
