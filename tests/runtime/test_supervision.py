@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from deployd.runtime.py_pool import POOL_BASE
 from tests.conftest import db_rows, wait_until
 from tests.flows.conftest import FlowEnv, assert_contiguous, counter_files, flow_toml, read_out
 
@@ -69,6 +70,24 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[-1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _started(pid: int) -> int:
+    """The start time of `pid`, in clock ticks since boot."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
+
+
 def test_a_killed_step_process_is_restarted_and_gets_its_message_again(
     make_env: Any,
 ) -> None:
@@ -110,10 +129,14 @@ def test_a_restarted_daemon_resumes_its_flows_with_queues_and_snapshots_intact(
     assert flow["version"] == 1 and [s["version"] for s in flow["steps"]] == [2, 2]
     wait_until(lambda: env.show("counter")["queues"].get("write", 0) >= 5, timeout=15)
     pids = [s["pid"] for s in env.flow("counter")["steps"]]
+    assert env.daemon.proc is not None
+    # The fork server and everything it forked: step processes and idle pooled sailors.
+    family = [p for fs in _children(env.daemon.proc.pid) for p in [fs, *_children(fs)]]
+    assert set(pids) < set(family)
 
     assert env.daemon.stop(sig) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
     # No step process outlives its daemon, even a killed one.
-    wait_until(lambda: not any(_alive(p) for p in pids), timeout=10)
+    wait_until(lambda: not any(_alive(p) for p in family), timeout=10)
     queued = db_rows(env.daemon.state_dir, "SELECT COUNT(*) AS n FROM messages")[0]["n"]
     assert queued >= 5
     [snap] = db_rows(env.daemon.state_dir, "SELECT data FROM snapshots WHERE step = 'tick'")
@@ -137,3 +160,27 @@ def test_a_restarted_daemon_resumes_its_flows_with_queues_and_snapshots_intact(
     assert max(ns) > json.loads(snap["data"])["n"]
     assert all(r["by"] == "v2" for r in rows)
     assert [d["to_version"] for d in env.deploys()] == [1]  # nothing republished
+
+
+def test_a_redeploy_takes_its_step_processes_from_the_idle_pool(env: FlowEnv) -> None:
+    out = env.counter()
+    assert env.daemon.proc is not None
+    [forkserver] = [
+        p
+        for p in _children(env.daemon.proc.pid)
+        if b"deployd.runtime.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    # The pool is filled in the background after a start: wait until idle sailors wait.
+    running = {s["pid"] for s in env.flow("counter")["steps"]}
+    idle = wait_until(
+        lambda: len(i := set(_children(forkserver)) - running) >= POOL_BASE and i, timeout=10
+    )
+    pushed_at = max(_started(p) for p in idle)
+    env.push(counter_files("v2"))
+    env.wait_by(out, "v2", 2)
+    new = {s["pid"] for s in env.flow("counter")["steps"]}
+    assert new <= idle  # forked before the push: no fork during the warm-up
+    assert all(_started(p) <= pushed_at for p in new)
+    log = env.daemon.cli("logs", "counter", "--step", "write", "-n", "1000").stdout
+    assert "--- deployd: starting step write (hello v2 write) ---" in log
+    assert_contiguous(read_out(out))
