@@ -380,6 +380,8 @@ def load(path: Path) -> Config:
         raw = tomllib.loads(raw_bytes.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path} is nested too deeply to read; flatten its tables") from exc
     return parse(raw, base=path.resolve().parent, path=path.resolve())
 
 

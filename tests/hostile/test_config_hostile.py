@@ -251,6 +251,8 @@ FILE_CASES: list[tuple[str, bytes, str]] = [
     ("not-utf8", b"\xff\xfe[daemon]", "is not valid TOML"),
     ("duplicate-table", b"[daemon]\n[daemon]\n", "is not valid TOML"),
     ("binary", bytes(range(256)), "is not valid TOML"),
+    ("deep-nesting", b"a = " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply to read"),
+    ("deep-tables", b"a = " + b"{b = " * 5000 + b"1" + b"}" * 5000, "nested too deeply to read"),
 ]
 
 

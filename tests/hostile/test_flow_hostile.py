@@ -139,6 +139,7 @@ FILE_CASES: list[tuple[str, bytes | None, str]] = [
     ("not-toml", b'name = "x\n', "is not valid TOML"),
     ("not-utf8", b"\xff\xfe", "cannot be read"),
     ("a-directory", b"DIR", "cannot be read"),
+    ("deep-nesting", b"a = " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply to read"),
 ]
 
 

@@ -194,6 +194,8 @@ class Deployer:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise FlowError(f"flow file is not valid TOML: {exc}") from exc
+        except RecursionError as exc:
+            raise FlowError("flow file is nested too deeply to read; flatten it") from exc
         spec = model.parse(raw, "flow file")
         self._check_components(spec)
         async with self._lock(spec.name):

@@ -104,7 +104,10 @@ class FlowSpec(BaseModel):
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:  # a key holding a newline or NUL is quoted, so the error stays one line
+            out += ("." if out else "") + (part if part and part.isprintable() else repr(part))
     return out or "(top level)"
 
 
@@ -133,6 +136,8 @@ def load(path: Path) -> FlowSpec:
         raise FlowError(f"flow file {path} cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise FlowError(f"flow file {path} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise FlowError(f"flow file {path} is nested too deeply to read; flatten it") from exc
     return parse(raw, str(path))
 
 

@@ -104,7 +104,9 @@ def semver_key(value: str) -> tuple[Any, ...]:
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
+    # A key holding a newline or NUL is quoted, so the error stays one line.
+    parts = (str(p) if str(p) and str(p).isprintable() else repr(str(p)) for p in loc)
+    return ".".join(parts) or "(top level)"
 
 
 def load(tree: Path) -> Descriptor:
