@@ -145,5 +145,5 @@ def test_runtime_defaults_from_the_tree(tmp_path: Path) -> None:
 def test_main_must_be_a_file(tmp_path: Path) -> None:
     (tmp_path / "lib").mkdir()
     (tmp_path / "component.json").write_text(json.dumps({"triggers": {"t": {"main": "lib"}}}))
-    with pytest.raises(ComponentError, match=r"triggers\.t\.main: file 'lib' does not exist"):
+    with pytest.raises(ComponentError, match=r"triggers\.t\.main: 'lib' is a directory"):
         descriptor.load(tmp_path)
