@@ -133,3 +133,20 @@ def test_the_build_environment_holds_none_of_the_daemons(
     assert env["DEPLOYD_COMPONENT"] == "hello"
     assert env["DEPLOYD_COMMIT"] == sha
     assert "PATH" in env
+
+
+def test_a_main_module_with_a_syntax_error_fails_the_build_and_others_are_compiled(
+    daemon: Daemon, component: Callable[..., Work]
+) -> None:
+    work = component()
+    good = work.push(daemon.hosted("hello"))
+    comp = daemon.wait_recent("hello", good)
+    artifact = daemon.state_dir / "versions" / "hello" / str(comp["recent"]["version"])
+    # Steps start from bytecode compiled once at build time.
+    assert list((artifact / "lib" / "__pycache__").glob("upper.*.pyc"))
+    work.commit("typo", {"lib/upper.py": "def process(msg, cfg)\n    return {}\n"})
+    bad = work.push(daemon.hosted("hello"))
+    build = daemon.wait_build("hello", bad)
+    assert build["status"] == "failed"
+    assert "lib/upper.py does not compile" in build["error"]
+    assert daemon.recent_sha("hello") == good

@@ -134,3 +134,23 @@ def log_tail(path: Path, limit: int = TAIL_BYTES) -> str:
             return fh.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def compile_python(tree: Path, mains: list[str], log: BinaryIO) -> None:
+    """Byte-compile a Python component once, at build time.
+
+    Step processes then import cached bytecode instead of compiling on every start (the
+    artifact folder is immutable, so the cache never goes stale), and a `main` module with a
+    syntax error fails the build here instead of the deploy later.
+    """
+    import compileall
+    import py_compile
+
+    for rel in dict.fromkeys(mains):
+        try:
+            py_compile.compile(str(tree / rel), doraise=True)
+        except py_compile.PyCompileError as exc:
+            detail = str(exc.exc_value) if exc.exc_value else exc.msg
+            log.write(f"[deployd: {rel} does not compile: {detail}]\n".encode())
+            raise BuildError(f"{rel} does not compile: {detail}") from exc
+    compileall.compile_dir(str(tree), quiet=2)  # the rest, best effort

@@ -264,6 +264,9 @@ class Pipeline:
                             env=env,
                             budget=comp.build_timeout,
                         )
+                if desc.runtime == "python":
+                    mains = [f.main for f in (*desc.triggers.values(), *desc.actions.values())]
+                    await asyncio.to_thread(builder.compile_python, src, mains, logf)
             version = self.store.next_version_number(comp.name)
             final = self.paths.versions / comp.name / str(version)
             final.parent.mkdir(parents=True, exist_ok=True)
