@@ -11,11 +11,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from . import retention
-from .auth import check
+from .api_auth import answer, token_required
 from .errors import DeploydError
 from .pipeline import git as gitops
 from .pipeline.queue import PushNotice, VersionRegistered
@@ -142,17 +142,10 @@ class RedeployBody(BaseModel):
 
 
 def router(daemon: Daemon) -> APIRouter:
-    def require_token(request: Request) -> None:
-        if not check(daemon.api_token, request.headers.get("authorization")):
-            raise HTTPException(status_code=401, detail="missing or wrong API token")
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(token_required(daemon))])
 
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
-
-    async def run(coro: Any) -> Any:
-        try:
-            return await coro
-        except DeploydError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from exc
+    def run(coro: Any) -> Any:
+        return answer(daemon, coro)
 
     @api.post("/gc")
     async def gc() -> Any:

@@ -366,14 +366,7 @@ class Deployer:
         result = {"flow": name, "deployment": dep, "version": version, "from_version": from_version}
         if not flow["enabled"]:
             with self.store.tx():
-                self.fs.set_flow(
-                    name,
-                    active_version=version,
-                    update=spec.get("update", "auto"),
-                    needs_attention=None,
-                )
-                if from_draft:
-                    self.fs.delete_draft(name)
+                self._activate(name, version, spec, from_draft)
                 self.fs.set_deployment(dep, status="done", reason="flow is stopped: not started")
             return {**result, "status": "done"}
         self.publishing.add(name)
@@ -398,14 +391,7 @@ class Deployer:
             warmup_ms = (time.monotonic() - started) * 1000
             with self.store.tx():
                 self.fs.set_deployment(dep, status="switching", warmup_ms=warmup_ms)
-                self.fs.set_flow(
-                    name,
-                    active_version=version,
-                    update=spec.get("update", "auto"),
-                    needs_attention=None,
-                )
-                if from_draft:
-                    self.fs.delete_draft(name)
+                self._activate(name, version, spec, from_draft)
             if old is None and flow["startup_data"] is None:
                 data = await new.trigger_hook("startup")  # before the first process() call
                 with self.store.tx():
@@ -436,6 +422,14 @@ class Deployer:
             return {**result, "status": "done", "warmup_ms": warmup_ms, "gap_ms": gap_ms}
         finally:
             self.publishing.discard(name)
+
+    def _activate(self, name: str, version: int, spec: dict[str, Any], from_draft: bool) -> None:
+        """Make `version` the active one (inside the caller's transaction): the commit point."""
+        self.fs.set_flow(
+            name, active_version=version, update=spec.get("update", "auto"), needs_attention=None
+        )
+        if from_draft:
+            self.fs.delete_draft(name)
 
     async def _switch(self, name: str, old: FlowRunner | None, new: FlowRunner) -> float | None:
         """Hand the flow from `old` to `new`; returns the trigger gap in ms (None if no old)."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
-from ..auth import check
-from ..errors import DeploydError
+from ..api_auth import answer, token_required
 
 if TYPE_CHECKING:
     from ..service import Daemon
@@ -24,24 +23,10 @@ class RollbackBody(BaseModel):
 
 
 def router(daemon: Daemon) -> APIRouter:
-    def require_token(request: Request) -> None:
-        if not check(daemon.api_token, request.headers.get("authorization")):
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong API token (the CLI reads it from state_dir/api-token)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(token_required(daemon))])
 
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
-
-    async def run(coro: Any) -> Any:
-        if daemon.stopping.is_set():
-            raise HTTPException(status_code=503, detail="the daemon is stopping")
-        try:
-            return await coro
-        except DeploydError as exc:
-            status = 404 if str(exc).startswith("unknown flow") else 400
-            raise HTTPException(status_code=status, detail=str(exc)) from exc
+    def run(coro: Any) -> Any:
+        return answer(daemon, coro)
 
     @api.post("/flows/apply")
     async def apply(body: ApplyBody) -> Any:

@@ -20,10 +20,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from .. import auth
+from ..api_auth import token_required
 from ..config import ComponentConfig, Config, redact_url
 from ..errors import GitError
 from ..pipeline import git as gitops
@@ -227,12 +227,10 @@ def create_router(daemon: Daemon) -> APIRouter:
     """POST /api/v1/poll {"component": NAME|null}: bearer token required."""
     router = APIRouter()
 
-    @router.post("/api/v1/poll", include_in_schema=False)
+    @router.post(
+        "/api/v1/poll", include_in_schema=False, dependencies=[Depends(token_required(daemon))]
+    )
     async def poll(request: Request) -> Response:
-        if not auth.check(daemon.api_token, request.headers.get("authorization")):
-            return JSONResponse(
-                {"detail": "missing or wrong API token (see daemon.api_token)"}, status_code=401
-            )
         try:
             body = await request.json() if await request.body() else {}
         except ValueError:
