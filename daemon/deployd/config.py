@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import ConfigError, key_path
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -340,17 +340,6 @@ def _expand_env(value: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:  # a key holding a newline or NUL is quoted: every problem stays one line
-            text = part if part and part.isprintable() else repr(part)
-            out += ("." if out else "") + text
-    return out or "(top level)"
-
-
 def _message(err: Any) -> str:
     kind = err.get("type", "")
     msg = str(err.get("msg", ""))
@@ -408,7 +397,7 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
         for err in exc.errors():
-            problems.append(f"{_loc(err['loc'])}: {_message(err)}")
+            problems.append(f"{key_path(err['loc'])}: {_message(err)}")
     # The checks below read the raw values, so they run (and are listed) even when the models
     # failed: one check-config run shows every problem.
     state_dir, comp_updates = _check_places(raw, base, problems)

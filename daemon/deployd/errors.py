@@ -70,3 +70,18 @@ class WebhookError(DeploydError):
     def __init__(self, status: int, message: str) -> None:
         self.status = status
         super().__init__(message)
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as people write it: `components[1].name`.
+
+    A key holding a newline or NUL is quoted, so every problem stays on one line.
+    """
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = part if part and part.isprintable() else repr(part)
+            out += ("." if out else "") + text
+    return out or "(top level)"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import NAME_RE, Duration
-from ..errors import FlowError
+from ..errors import FlowError, key_path
 
 STEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")  # as in component.json
@@ -101,16 +101,6 @@ class FlowSpec(BaseModel):
         return self
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:  # a key holding a newline or NUL is quoted, so the error stays one line
-            out += ("." if out else "") + (part if part and part.isprintable() else repr(part))
-    return out or "(top level)"
-
-
 def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
     """Validate a parsed flow document; FlowError lists every problem."""
     try:
@@ -123,7 +113,7 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
                 msg = "unknown key"
             elif err["type"] == "model_type":  # not "... or instance of StepSpec"
                 msg = "must be a table ([[steps]] with id, component and function)"
-            problems.append(f"{_loc(err['loc'])}: {msg}")
+            problems.append(f"{key_path(err['loc'])}: {msg}")
         raise FlowError(f"{source} is invalid: " + "; ".join(problems)) from exc
 
 

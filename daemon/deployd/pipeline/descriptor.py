@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import ComponentError
+from ..errors import ComponentError, key_path
 
 MAX_DESCRIPTOR_BYTES = 1024 * 1024
 _SEMVER_RE = re.compile(
@@ -103,12 +103,6 @@ def semver_key(value: str) -> tuple[Any, ...]:
     return (int(major), int(minor), int(patch), 0 if pre else 1, pre_key)
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    # A key holding a newline or NUL is quoted, so the error stays one line.
-    parts = (str(p) if str(p) and str(p).isprintable() else repr(str(p)) for p in loc)
-    return ".".join(parts) or "(top level)"
-
-
 def load(tree: Path) -> Descriptor:
     """Read and validate `tree/component.json` and check it against the files of `tree`."""
     path = tree / "component.json"
@@ -156,7 +150,7 @@ def load(tree: Path) -> Descriptor:
             msg = str(err["msg"]).removeprefix("Value error, ")
             if err["type"] == "model_type":  # not "... or instance of Function"
                 msg = "must be a JSON object"
-            problems.append(f"component.json {_loc(err['loc'])}: {msg}")
+            problems.append(f"component.json {key_path(err['loc'])}: {msg}")
         raise ComponentError("; ".join(problems)) from exc
     if not desc.triggers and not desc.actions:
         raise ComponentError("component.json declares no triggers and no actions; add at least one")
