@@ -132,7 +132,7 @@ API_CASES: list[tuple[str, str, Any, int, str]] = [
         200,
         "build_queued",
     ),
-    ("redeploy-unknown", "/api/v1/components/nope/redeploy", {}, 400, "unknown component 'nope'"),
+    ("redeploy-unknown", "/api/v1/components/nope/redeploy", {}, 404, "unknown component 'nope'"),
     ("pause-huge-name", "/api/v1/pause", {"name": "a" * 100_000}, 400, "is neither a flow nor"),
     (
         "resume-unicode",
