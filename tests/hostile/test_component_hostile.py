@@ -130,6 +130,11 @@ RAW_CASES: list[tuple[str, bytes, str]] = [
         f"the limit is {descriptor.MAX_DESCRIPTOR_BYTES} bytes",
     ),
     ("huge-number", b'{"version": ' + b"9" * 5000 + b"}", "a number with too many digits"),
+    (
+        "nested-300-levels",
+        b'{"metadata": ' + b"[" * 300 + b"]" * 300 + b"}",
+        "nested more than 100 levels deep",
+    ),
 ]
 
 

@@ -43,6 +43,15 @@ def _main_link(target: str) -> Callable[[Path], None]:
 BAD_PUSHES: list[tuple[str, Callable[[Path], None], str]] = [
     ("deep nesting", _descriptor_bytes(b"[" * 50_000 + b"]" * 50_000), "nested too deeply"),
     ("huge number", _descriptor_bytes(b'{"version": ' + b"7" * 5000 + b"}"), "too many digits"),
+    (
+        "300 levels in an action's metadata",
+        _descriptor(
+            actions={
+                "upper": {"main": "./lib/upper.py", "metadata": json.loads("[" * 300 + "]" * 300)}
+            }
+        ),
+        "nested more than 100 levels deep",
+    ),
     ("enormous", _descriptor_bytes(b" " * (1024 * 1024 + 1) + b"{}"), "the limit is 1048576"),
     ("component.json a folder", _descriptor_folder, "must be a regular file, not a directory"),
     ("main a symlink loop", _main_link("upper.py"), "symbolic link loop"),

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ComponentError, key_path
 
 MAX_DESCRIPTOR_BYTES = 1024 * 1024
+MAX_DEPTH = 100  # levels of nested objects and arrays in component.json
 _SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
@@ -103,6 +104,19 @@ def semver_key(value: str) -> tuple[Any, ...]:
     return (int(major), int(minor), int(patch), 0 if pre else 1, pre_key)
 
 
+def _depth(value: Any) -> int:
+    """How deeply JSON `value` nests objects and arrays (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend(
+                (v, level + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
+
+
 def load(tree: Path) -> Descriptor:
     """Read and validate `tree/component.json` and check it against the files of `tree`."""
     path = tree / "component.json"
@@ -142,6 +156,10 @@ def load(tree: Path) -> Descriptor:
         raise ComponentError(f"component.json cannot be read: {exc.strerror}") from exc
     if not isinstance(raw, dict):
         raise ComponentError("component.json must hold a JSON object")
+    if _depth(raw) > MAX_DEPTH:  # deeper cannot be stored (pydantic serializes ~250 levels)
+        raise ComponentError(
+            f"component.json is nested more than {MAX_DEPTH} levels deep; flatten it"
+        )
     try:
         desc = Descriptor.model_validate(raw)
     except ValidationError as exc:
