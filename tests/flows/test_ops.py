@@ -125,3 +125,24 @@ def test_status_shows_the_last_error_of_each_part(
     assert errors["deploys"] is None
     text = env.daemon.cli("status").stdout
     assert "last build error" in text
+
+
+def test_metrics_count_flow_deployments_messages_and_queues(
+    make_env: Callable[..., FlowEnv],
+) -> None:
+    import httpx
+
+    env = make_env()
+    out = env.counter("counter")
+    env.push(counter_files("v2", **{"lib/write.py": writer("v2")}))
+    env.wait_by(out, "v2")
+
+    def metrics() -> str:
+        return httpx.get(env.daemon.url + "/metrics", timeout=5).text
+
+    text = metrics()
+    assert 'deployd_deployments_total{flow="counter",status="done"} 2.0' in text
+    assert 'deployd_switch_gap_seconds_count{flow="counter"} 1.0' in text
+    assert 'deployd_warmup_seconds_count{flow="counter"} 2.0' in text
+    assert 'deployd_flows{state="running"} 1.0' in text
+    assert 'deployd_messages_processed_total{flow="counter",step="write"}' in text
