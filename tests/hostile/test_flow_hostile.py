@@ -134,6 +134,17 @@ def test_every_key_wrong_in_turn(text: str, words: str) -> None:
     assert "\n" not in message and "instance of" not in message, message
 
 
+def test_a_step_config_nested_too_deeply() -> None:
+    """Deeper than a flow version can be stored: refused up front, not a 500 at apply."""
+    deep: dict[str, object] = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    doc = tomllib.loads(flow())
+    doc["steps"][1]["config"] = deep
+    with pytest.raises(FlowError, match=r"steps\[1\]\.config: is nested more than 100 levels"):
+        model.parse(doc, "counter.toml")
+
+
 FILE_CASES: list[tuple[str, bytes | None, str]] = [
     ("missing", None, "does not exist"),
     ("not-toml", b'name = "x\n', "is not valid TOML"),

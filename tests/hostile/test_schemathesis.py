@@ -116,6 +116,17 @@ API_CASES: list[tuple[str, str, Any, int, str]] = [
         400,
         "unknown component 'zz'",
     ),
+    (
+        "apply-config-nested-300",
+        "/api/v1/flows/apply",
+        {
+            "text": 'name = "f"\n[[steps]]\nid = "a"\ncomponent = "hello"\nfunction = "t"\n'
+            "config = " + "{a = " * 300 + "1" + "}" * 300 + "\n"
+            '[[steps]]\nid = "b"\ncomponent = "hello"\nfunction = "u"\n'
+        },
+        400,
+        "nested",
+    ),
     ("publish-unknown", "/api/v1/flows/nope/publish", None, 404, "unknown flow 'nope'"),
     ("rollback-to-a-word", "/api/v1/flows/nope/rollback", {"to": "one"}, 422, "to"),
     (

@@ -56,6 +56,15 @@ class StepSpec(BaseModel):
             )
         return value
 
+    @field_validator("config")
+    @classmethod
+    def _config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from ..pipeline.descriptor import MAX_DEPTH, json_depth
+
+        if json_depth(value) > MAX_DEPTH:  # deeper cannot be stored with the flow version
+            raise ValueError(f"is nested more than {MAX_DEPTH} levels deep; flatten it")
+        return value
+
     @field_validator("mapping")
     @classmethod
     def _mapping(cls, value: str | None) -> str | None:

@@ -104,7 +104,7 @@ def semver_key(value: str) -> tuple[Any, ...]:
     return (int(major), int(minor), int(patch), 0 if pre else 1, pre_key)
 
 
-def _depth(value: Any) -> int:
+def json_depth(value: Any) -> int:
     """How deeply JSON `value` nests objects and arrays (iteratively: no recursion limit)."""
     deepest, stack = 0, [(value, 1)]
     while stack:
@@ -156,7 +156,7 @@ def load(tree: Path) -> Descriptor:
         raise ComponentError(f"component.json cannot be read: {exc.strerror}") from exc
     if not isinstance(raw, dict):
         raise ComponentError("component.json must hold a JSON object")
-    if _depth(raw) > MAX_DEPTH:  # deeper cannot be stored (pydantic serializes ~250 levels)
+    if json_depth(raw) > MAX_DEPTH:  # deeper cannot be stored (pydantic serializes ~250 levels)
         raise ComponentError(
             f"component.json is nested more than {MAX_DEPTH} levels deep; flatten it"
         )
