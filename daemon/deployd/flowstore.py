@@ -162,6 +162,13 @@ class FlowStore:
         )
         return _decode(row, "body", "headers")
 
+    def next_due(self, flow: str, step: str) -> float | None:
+        """When the earliest message queued for `step` may be delivered (None: queue empty)."""
+        row = self.conn.execute(
+            "SELECT MIN(not_before) FROM messages WHERE flow = ? AND step = ?", (flow, step)
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
     def delete_message(self, row_id: int) -> None:
         self.conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
 

@@ -25,6 +25,7 @@ log = logging.getLogger("deployd.runner")
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
+IDLE_POLL = 5.0  # an idle action loop's safety-net wake-up (seconds)
 
 
 class FlowRunner:
@@ -264,9 +265,13 @@ class FlowRunner:
                 wake.clear()
                 waiter = asyncio.ensure_future(wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
-                # The timeout picks up messages deferred by a rebound.
+                # The router wakes this loop when it queues a message for the step; the
+                # timeout is when a message deferred by a rebound is due (a fixed 0.5 s poll
+                # of every idle action step was most of an idle daemon's CPU).
                 await asyncio.wait(
-                    {waiter, stopper}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED
+                    {waiter, stopper},
+                    timeout=self._idle_wait(step["id"]),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 waiter.cancel()
                 stopper.cancel()
@@ -281,6 +286,13 @@ class FlowRunner:
             except StepDied:
                 continue  # the message stays queued and is delivered again
             self.router.commit(self.flow, self.steps, index, res, row)
+
+    def _idle_wait(self, step_id: str) -> float:
+        """Seconds an idle action loop may sleep: until its next deferred message is due."""
+        due = self.flows.next_due(self.flow, step_id)
+        if due is None:
+            return IDLE_POLL
+        return min(IDLE_POLL, max(0.01, due - time.time()))
 
     # -- flow start/stop hooks -------------------------------------------------------------
 
