@@ -213,7 +213,7 @@ class StepProcess:
 
     async def request(self, obj: dict[str, Any], base_snapshot: dict[str, Any]) -> Result:
         """Send a call/msg/startup/shutdown and wait until the process says it is done."""
-        if self._writer is None or self.exited.is_set():
+        if self._writer is None or self._writer.is_closing() or self.exited.is_set():
             raise StepDied(f"step {self.step_id} is not running")
         self._ref += 1
         ref = self._ref
@@ -224,6 +224,8 @@ class StepProcess:
             await self._writer.drain()
         except ConnectionError as exc:
             self._pending.pop(ref, None)
+            if fut.done():  # _died() failed it while drain() waited; nobody else awaits it
+                fut.exception()
             raise StepDied(f"step {self.step_id}: {exc}") from exc
         return await fut
 

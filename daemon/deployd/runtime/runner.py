@@ -163,6 +163,13 @@ class FlowRunner:
             stopper.cancel()
         return None
 
+    async def _gone(self, proc: StepProcess) -> None:
+        """After StepDied: wait until the process's exit is handled (its live flag cleared).
+        Between its socket closing and that, it still looks live; retrying at once would spin
+        (hundreds of requests, each a write to a closed socket and a warning)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.exited.wait(), 5)
+
     # -- loops -----------------------------------------------------------------------------
 
     def start_loops(self, step_ids: list[str] | None = None) -> None:
@@ -225,6 +232,7 @@ class FlowRunner:
             except StepDied:
                 if self.boundary_stop:
                     return  # being replaced: the new trigger makes the next call
+                await self._gone(proc)
                 continue
             self.last_call_end = res.ended
             self.router.commit(self.flow, self.steps, 0, res)
@@ -284,6 +292,7 @@ class FlowRunner:
             try:
                 res = await proc.request({"t": "msg", "msg": msg, "snapshot": snapshot}, snapshot)
             except StepDied:
+                await self._gone(proc)
                 continue  # the message stays queued and is delivered again
             self.router.commit(self.flow, self.steps, index, res, row)
 
