@@ -83,11 +83,22 @@ class Deployer:
         """Redeploy what a killed daemon registered but never got to publish.
 
         A version registered just before a crash has no draft or deployment yet; without this
-        its flows would stay on the older version until the next push.
+        its flows would stay on the older version until the next push. Every version newer
+        than what a flow runs is offered, oldest first, not only the recent one: when a kill
+        cut the publish of a good version and a newer one cannot run (import error, missing
+        action), replaying them in order ends on the good one, as it would have without it.
         """
-        for comp, row in self.store.recent_all().items():
-            event = VersionRegistered(comp, row["version"], row["sha"], row["semver"])
-            await self.on_version_registered(event, catch_up=True)
+        used: dict[str, int] = {}
+        for flow in self.fs.flows():
+            fv = self.fs.flow_version(flow["name"], flow["active_version"] or 0)
+            for s in fv["steps"] if fv else ():
+                if not s["pinned"]:
+                    used[s["component"]] = min(used.get(s["component"], s["version"]), s["version"])
+        for comp, oldest in used.items():
+            for row in reversed(self.store.versions(comp)):
+                if row["version"] > oldest and row["artifact_dir"]:  # not removed by gc
+                    event = VersionRegistered(comp, row["version"], row["sha"], row["semver"])
+                    await self.on_version_registered(event, catch_up=True)
 
     def recover(self) -> None:
         for dep in self.fs.unfinished_deployments():
@@ -542,6 +553,15 @@ class Deployer:
             draft
             and (draft["reason"] or "").startswith(f"{event.component} v{event.version} ")
             and (draft["problems"] or (flow and flow["update"] != "auto"))
+        ):
+            return True
+        drafted = self.store.one(  # the same, for a draft that a later one replaced
+            "SELECT message FROM events WHERE kind = 'draft.created' AND flow = ?"
+            " AND component = ? AND sha = ? ORDER BY id DESC LIMIT 1",
+            (name, event.component, event.sha),
+        )
+        if drafted and (
+            "needs attention" in drafted["message"] or (flow and flow["update"] != "auto")
         ):
             return True
         row = self.store.one(
