@@ -50,6 +50,7 @@ def read_token(config: Config) -> str:
 
 def check(expected: str, header: str | None) -> bool:
     """Constant-time check of an `Authorization: Bearer <token>` header."""
-    if not header or not header.startswith("Bearer "):
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not expected:  # the scheme is case-insensitive (RFC 7235)
         return False
-    return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), expected.encode())
+    return hmac.compare_digest(token.strip().encode(), expected.encode())

@@ -75,6 +75,13 @@ def format_duration(seconds: float) -> str:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def positive(value: float) -> float:
+    """For durations where 0 would make deployd useless (every build or publish would fail)."""
+    if value <= 0:
+        raise ValueError('must be longer than 0 (e.g. "30s")')
+    return value
+
+
 def is_local_url(url: str) -> bool:
     """True for a path or file:// url (a repository on this machine)."""
     if url.startswith("file://"):
@@ -161,6 +168,11 @@ class DaemonConfig(_Model):
     keep_logs: Duration = 30 * 86400.0
     gc_interval: Duration = 3600.0
 
+    @field_validator("warmup_timeout", "rollback_window", "stop_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        return positive(value)
+
     @field_validator("api_token")
     @classmethod
     def _api_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -231,9 +243,7 @@ class ComponentConfig(_Model):
     @field_validator("build_timeout")
     @classmethod
     def _build_timeout(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError('must be longer than 0 (e.g. "10m")')
-        return value
+        return positive(value)
 
     @field_validator("branch")
     @classmethod

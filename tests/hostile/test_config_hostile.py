@@ -59,6 +59,9 @@ CASES: list[tuple[str, str, str, str]] = [
     ("warmup-bool", "[daemon]\nwarmup_timeout = true", "daemon.warmup_timeout", "a duration"),
     ("warmup-inf", "[daemon]\nwarmup_timeout = inf", "daemon.warmup_timeout", "finite"),
     ("warmup-nan", "[daemon]\nwarmup_timeout = nan", "daemon.warmup_timeout", "finite"),
+    ("warmup-zero", '[daemon]\nwarmup_timeout = "0"', "daemon.warmup_timeout", "longer than 0"),
+    ("rollback-zero", '[daemon]\nrollback_window = "0"', "daemon.rollback_window", "than 0"),
+    ("stop-zero", '[daemon]\nstop_timeout = "0s"', "daemon.stop_timeout", "longer than 0"),
     (
         "rollback-window-weeks",
         '[daemon]\nrollback_window = "3 weeks"',

@@ -174,3 +174,9 @@ def test_mutating_routes_refuse_a_bad_token(live: Daemon, header: str) -> None:
     response = httpx.post(live.url + "/api/v1/gc", headers=headers, timeout=10)
     assert response.status_code == 401, response.text
     assert "API token" in response.json()["detail"]
+
+
+def test_the_bearer_scheme_is_case_insensitive(live: Daemon) -> None:
+    headers = {"Authorization": f"bearer {_token(live)}"}
+    response = httpx.post(live.url + "/api/v1/gc", headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
