@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.example.toml
 
-.PHONY: run test check bench fmt clean
+.PHONY: run test check bench soak fmt clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP) check
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+SOAK_CYCLES ?= 100
+SOAK_SEED ?= 1
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak.soak --cycles $(SOAK_CYCLES) --seed $(SOAK_SEED)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format daemon tests bench
