@@ -44,272 +44,25 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.conftest import GIT_ENV, Daemon, Work, free_port, git, wait_until
+from tests.soak.procs import descendants, fd_count, processes_touching, start_time
+from tests.soak.report import FlowResult, SoakReport
+from tests.soak.workload import PUSH_KINDS, files_for, flow_text
 
 SECRET = "soak-hook-secret-5d1e"
 FLOWS = {"soak-a": "alpha", "soak-b": "beta"}
-ROLLBACK_WINDOW = 5.0  # seconds (daemon.rollback_window); see _pick_step
-FD_SLACK = 6  # see _check_fds
-
-TICKER = """\
-def process(msg, cfg, snapshot, ctx):
-    n = snapshot.get("n", 0) + 1
-    ctx.emit("snapshot", {"n": n})
-    return {"n": n}
-"""
-RELAY = """\
-TAG = {tag!r}
-
-def process(msg, cfg):
-    return dict(msg["body"])
-"""
-# Idempotent by message id, across processes: the check and the append happen under an
-# exclusive lock on the out file, after reading what other processes (an old version still
-# finishing, a killed predecessor) appended since this process last looked.
-SINK = """\
-import fcntl, json, os, time
-TAG = {tag!r}
-{extra}
-_seen = set()
-_offset = 0
-
-
-def init(cfg):
-    time.sleep(0.25)  # a slow warm-up, as real components have: publishes take a while
-
-
-def _catch_up(fh):
-    global _offset
-    fh.seek(_offset)
-    data = fh.read()
-    end = data.rfind(b"\\n") + 1
-    for line in data[:end].splitlines():
-        if line.strip():
-            _seen.add(json.loads(line)["id"])
-    _offset += end
-
-
-def process(msg, cfg):
-    with open(cfg["out"], "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        _catch_up(fh)
-        if msg["id"] in _seen:  # a redelivery after a kill: the effect already happened
-            with open(cfg["out"] + ".redelivered", "a") as dup:
-                dup.write(json.dumps({{"id": msg["id"], "n": msg["body"]["n"], "by": TAG}}) + "\\n")
-            return None
-        line = {{"id": msg["id"], "n": msg["body"]["n"], "flow": msg["body"]["flow"], "by": TAG}}
-        fh.write((json.dumps(line) + "\\n").encode())
-        fh.flush()
-        os.fsync(fh.fileno())
-        _offset = fh.tell()
-        _seen.add(msg["id"])
-    return None
-"""
-
-PUSH_KINDS = ["good", "build_fail", "test_fail", "import_error", "removed_action"]
+ROLLBACK_WINDOW = 2.0  # seconds (daemon.rollback_window); see _pick_step
+FD_SLACK = 3  # see _check_fds
 # One fault per cycle: a push of one kind; "pair": a good push then at once an unrunnable one;
 # "webhook": duplicate deliveries; "step" / "daemon": kill -9 of a step process / the daemon.
 FAULTS = [*PUSH_KINDS, "pair", "webhook", "step", "daemon"]
 FAULT_WEIGHTS = [20, 5, 5, 5, 5, 10, 8, 30, 12]
-
-
-def descriptor(kind: str) -> dict[str, Any]:
-    desc: dict[str, Any] = {
-        "title": "Soak",
-        "runtime": "python",
-        "triggers": {"ticker": {"main": "./lib/ticker.py"}},
-        "actions": {
-            "relay": {"main": "./lib/relay.py"},
-            "sink": {"main": "./lib/sink.py", "fields": {"out": {"required": True}}},
-        },
-    }
-    if kind == "build_fail":
-        desc["build"] = "echo 'soak: the build is broken' >&2; exit 3"
-    elif kind == "test_fail":
-        desc["test"] = "echo 'soak: 1 test failed' >&2; exit 1"
-    elif kind == "removed_action":
-        del desc["actions"]["sink"]
-    return desc
-
-
-def files_for(kind: str, tag: str) -> dict[str, Any]:
-    extra = 'raise RuntimeError("soak: broken at import")' if kind == "import_error" else ""
-    return {
-        "component.json": descriptor(kind),
-        "lib/ticker.py": TICKER,
-        "lib/relay.py": RELAY.format(tag=tag),
-        "lib/sink.py": SINK.format(tag=tag, extra=extra),
-    }
-
-
-def flow_text(name: str, comp: str, out: Path, interval: str, relay: bool) -> str:
-    steps = [
-        f'[[steps]]\nid = "tick"\ncomponent = "{comp}"\nfunction = "ticker"\n'
-        f'interval = "{interval}"\n'
-    ]
-    if relay:
-        steps.append(f'[[steps]]\nid = "relay"\ncomponent = "{comp}"\nfunction = "relay"\n')
-    steps.append(
-        f'[[steps]]\nid = "sink"\ncomponent = "{comp}"\nfunction = "sink"\n'
-        f'mapping = \'{{"n": n, "flow": "{name}"}}\'\n'
-        f'config = {{ out = "{out}" }}\n'
-    )
-    return f'name = "{name}"\ntype = "realtime"\nupdate = "auto"\n' + "".join(steps)
-
-
-# -- processes --------------------------------------------------------------------------------
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (tells a live process from a reused pid); None if gone
-    or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live descendant of `pid` (children of all its threads, recursively)."""
-    out: set[int] = set()
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = Path(f"/proc/{p}/task/{task}/children").read_text().split()
-            except OSError:
-                continue
-            for c in map(int, children):
-                if c not in out:
-                    out.add(c)
-                    stack.append(c)
-    return out
-
-
-def fd_count(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
-def processes_touching(root: Path) -> list[tuple[int, str]]:
-    """Processes (other than this one) whose cwd, stdout/stderr or cmdline is under `root`."""
-    me = os.getpid()
-    found = []
-    prefix = str(root)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me or _start_time(int(entry)) is None:
-            continue
-        links = []
-        for rel in ("cwd", "fd/1", "fd/2"):
-            with contextlib.suppress(OSError):
-                links.append(os.readlink(f"/proc/{entry}/{rel}"))
-        with contextlib.suppress(OSError):
-            links.append(Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-        hit = next((link for link in links if prefix in link), None)
-        if hit is not None:
-            found.append((int(entry), hit))
-    return found
-
-
-# -- the report -------------------------------------------------------------------------------
-
-
-@dataclass
-class FlowResult:
-    name: str
-    produced: int = 0
-    handled: int = 0
-    duplicates: int = 0
-    lost: int = 0
-    queued: int = 0
-    redelivered: int = 0
-    expected_tag: str = ""
-    running_tag: str = ""
-    version: int | None = None
-
-
-@dataclass
-class SoakReport:
-    cycles: int
-    seed: int
-    seconds: float = 0.0
-    faults: Counter[str] = field(default_factory=Counter)
-    flows: dict[str, FlowResult] = field(default_factory=dict)
-    versions: dict[str, int] = field(default_factory=dict)
-    builds: Counter[str] = field(default_factory=Counter)
-    deployments: Counter[str] = field(default_factory=Counter)
-    webhooks: Counter[str] = field(default_factory=Counter)
-    daemon_runs: int = 0
-    pids_tracked: int = 0
-    fds: str = ""
-    violations: list[str] = field(default_factory=list)
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    def table(self) -> str:
-        rows: list[tuple[str, str]] = [
-            ("cycles / seed", f"{self.cycles} / {self.seed}"),
-            ("time", f"{self.seconds:.1f} s"),
-            ("daemon runs", str(self.daemon_runs)),
-        ]
-        for kind in sorted(self.faults):
-            rows.append((f"fault: {kind}", str(self.faults[kind])))
-        for name, f in sorted(self.flows.items()):
-            rows.append(
-                (
-                    f"{name} messages",
-                    f"produced {f.produced}, handled {f.handled}, queued {f.queued}, "
-                    f"duplicates {f.duplicates}, lost {f.lost}, "
-                    f"redelivered (absorbed by sink dedup) {f.redelivered}",
-                )
-            )
-            rows.append(
-                (
-                    f"{name} version",
-                    f"v{f.version} running {f.running_tag!r} (expected {f.expected_tag!r})",
-                )
-            )
-        rows.append(
-            ("versions registered", ", ".join(f"{c} {n}" for c, n in sorted(self.versions.items())))
-        )
-        rows.append(("builds", _counts(self.builds)))
-        rows.append(("deployments", _counts(self.deployments)))
-        rows.append(("webhook answers", _counts(self.webhooks)))
-        rows.append(("pids tracked", str(self.pids_tracked)))
-        rows.append(("daemon fds", self.fds))
-        rows.append(("result", "OK" if self.ok else f"{len(self.violations)} violation(s)"))
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-        lines += [f"VIOLATION: {v}" for v in self.violations]
-        return "\n".join(lines)
-
-
-def _counts(c: Counter[str]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
-
-
-# -- the soak ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -330,7 +83,8 @@ class Soak:
         self.report = SoakReport(cycles=cycles, seed=seed)
         self.pushes: list[Push] = []
         self.pids: dict[int, str] = {}  # every pid of a daemon run we saw → its start time
-        self.fd_samples: dict[int, list[tuple[int, int]]] = {}  # daemon pid → [(cycle, fds)]
+        # daemon pid → [(cycle, open fds, live descendants)] at quiet moments
+        self.fd_samples: dict[int, list[tuple[int, int, int]]] = {}
         self.step_kills: dict[str, float] = {}  # flow → monotonic time of our last step kill
         self.works: dict[str, Work] = {}
         self.counter = 0
@@ -381,7 +135,7 @@ class Soak:
         """Remember the daemon and every descendant now alive; returns them."""
         pids = {self.pid(), *descendants(self.pid())}
         for p in pids:
-            start = _start_time(p)
+            start = start_time(p)
             if start is not None:
                 self.pids.setdefault(p, start)
         return pids
@@ -390,7 +144,7 @@ class Soak:
         return [
             p
             for p in (self.pids if pids is None else pids)
-            if p in self.pids and _start_time(p) == self.pids[p]
+            if p in self.pids and start_time(p) == self.pids[p]
         ]
 
     def start_daemon(self) -> None:
@@ -584,7 +338,8 @@ class Soak:
             return
         count = fd_count(self.pid())
         if count is not None:
-            self.fd_samples[self.pid()].append((self.cycle, count))
+            children = len(descendants(self.pid()))
+            self.fd_samples[self.pid()].append((self.cycle, count, children))
 
     def plan(self) -> list[str]:
         """The fault of each cycle: every kind once first (in random order), then at random.
@@ -880,23 +635,30 @@ class Soak:
             )
 
     def _check_fds(self) -> None:
-        """The longest-sampled daemon run: fds at its first quiet moment vs. its last.
+        """The longest-sampled daemon run: fds at its first quiet moment vs. at its last.
 
-        At a quiet moment the daemon holds the same kinds of fds every time (state db + WAL +
-        shm, the log, the fork server's pipes, the listening socket, one protocol socket per
-        step); `FD_SLACK` covers what legitimately comes and goes (an HTTP connection being
-        closed, a git/build pipe just finishing, a sqlite reader)."""
+        The daemon holds one protocol socket per live descendant (each step process and each
+        idle pooled sailor, refilled a moment after a deploy takes some) plus a fixed set (state
+        db + WAL + shm, lock, log, listening socket, fork server pipes, epoll, inotify). So
+        `open fds - live descendants` is flat when nothing leaks (16-17 here, sample to sample);
+        `FD_SLACK` covers a descendant caught mid-start or mid-exit and an HTTP connection
+        still closing. A leak of one fd per deploy or step restart exceeds it within a run."""
         runs = [(s[-1][0] - s[0][0], pid, s) for pid, s in self.fd_samples.items() if len(s) >= 2]
         if not runs:
             self.report.fds = "not measured (no run with two quiet moments)"
             return
         _span, pid, samples = max(runs)
-        (c0, first), (c1, last) = samples[0], samples[-1]
-        peak = max(n for _, n in samples)
-        self.report.fds = f"{first} at cycle {c0} → {last} at cycle {c1} (peak {peak}, pid {pid})"
-        if last > first + FD_SLACK:
+        (c0, fds0, kids0), (c1, fds1, kids1) = samples[0], samples[-1]
+        base0, base1 = fds0 - kids0, fds1 - kids1
+        self.report.fds = (
+            f"pid {pid}, cycle {c0} → {c1} ({len(samples)} quiet samples): open {fds0} → {fds1}, "
+            f"minus live descendants {base0} → {base1} (range "
+            f"{min(f - k for _, f, k in samples)}-{max(f - k for _, f, k in samples)})"
+        )
+        if base1 > base0 + FD_SLACK:
             self.report.violations.append(
-                f"daemon {pid} fds grew from {first} (cycle {c0}) to {last} (cycle {c1})"
+                f"daemon {pid} fds grew: {fds0} with {kids0} descendants (cycle {c0}) → "
+                f"{fds1} with {kids1} (cycle {c1})"
             )
 
     def run(self) -> SoakReport:
