@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class Server(uvicorn.Server):
     """uvicorn on an already-bound socket; the daemon, not uvicorn, owns the signals."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    def __init__(self, app: webhook.FastPath | FastAPI, sock: socket.socket) -> None:
         super().__init__(
             uvicorn.Config(
                 app,
@@ -55,7 +55,8 @@ class Server(uvicorn.Server):
         await self.serve(sockets=[self.sock])
 
 
-def create_app(daemon: Daemon) -> FastAPI:
+def create_app(daemon: Daemon) -> webhook.FastPath:
+    """The FastAPI app behind the webhook fast path (see `webhook.FastPath`)."""
     app = FastAPI(title="deployd", version="1", docs_url=None, redoc_url=None)
 
     @app.get("/healthz")
@@ -80,5 +81,6 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     app.include_router(flow_routes.router(daemon))
     app.include_router(ops.router(daemon))
-    app.include_router(webhook.create_router(daemon))  # /hooks/{component}, /api/v1/poll
-    return app
+    intake = webhook.WebhookIntake(daemon)
+    app.include_router(webhook.create_router(daemon, intake))  # /hooks/{component}, /api/v1/poll
+    return webhook.FastPath(app, intake)
