@@ -10,7 +10,7 @@ processes; the component has no build/test commands.
 2. switch-over gap: 20 redeploys of a counter flow (interval 20 ms, a steady ~50 msg/s),
    `gap_ms` of each deployment; the counter goes through the trigger's snapshot, so the out
    file's n values must be exactly 1..N (0 lost, 0 duplicated). Target p50 ≤ 50 ms.
-3. warm-up (`warmup_ms` of the deployment) of a 3-step and a 30-step flow (trigger interval
+3. warm-up (`warmup_ms` of the deployment) of a 3-, a 10- and a 30-step flow (trigger interval
    1 s, so the old version's own traffic does not load the daemon), each over several
    redeploys, the flows measured one at a time. Target: ratio of the p50s ≤ 1.5.
 """
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.conftest import Daemon, free_port, make_component, wait_until  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_jsonl as _read  # noqa: E402
+from common import summary as _summary  # noqa: E402
+from common import ts as _ts  # noqa: E402
 
 LATENCY_PUSHES = 10
 GAP_PUSHES = 20
@@ -95,37 +98,6 @@ def _flow(name: str, out: Path, interval: str, middle: int = 1, mappers: bool = 
     for s in steps:
         lines += ["[[steps]]", s]
     return "\n".join(lines) + "\n"
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break
-    return rows
-
-
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(statistics.median(values), 1),
-        "p95": round(_pct(values, 0.95), 1),
-        "min": round(min(values), 1),
-        "max": round(max(values), 1),
-        "n": len(values),
-    }
 
 
 class Bench:
@@ -230,7 +202,7 @@ def switch_gap(b: Bench) -> dict[str, Any]:
 
 def warmup(b: Bench) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for steps in (3, 30):
+    for steps in (3, 10, 30):
         name = f"warm{steps}"
         out = b.root / f"{name}.jsonl"
         b.apply(name, _flow(name, out, "1s", middle=steps - 2))
@@ -247,6 +219,8 @@ def warmup(b: Bench) -> dict[str, Any]:
         result[f"warmup_ms_{steps}_steps"] = _summary(samples)
     ratio = result["warmup_ms_30_steps"]["p50"] / max(result["warmup_ms_3_steps"]["p50"], 0.001)
     result["ratio_30_to_3"] = round(ratio, 2)
+    ratio10 = result["warmup_ms_10_steps"]["p50"] / max(result["warmup_ms_3_steps"]["p50"], 0.001)
+    result["ratio_10_to_3"] = round(ratio10, 2)
     result["target"] = "ratio <= 1.5"
     return result
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.conftest import Daemon, free_port, make_component, wait_until  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_jsonl as _read  # noqa: E402
+from common import summary as _summary  # noqa: E402
+from common import ts as _ts  # noqa: E402
 
 LATENCY_PUSHES = 10
 GAP_PUSHES = 20
@@ -110,37 +113,6 @@ def _flow(name: str, out: Path, interval: str, middle: int = 1, mappers: bool = 
     for s in steps:
         lines += ["[[steps]]", s]
     return "\n".join(lines) + "\n"
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break
-    return rows
-
-
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(statistics.median(values), 1),
-        "p95": round(_pct(values, 0.95), 1),
-        "min": round(min(values), 1),
-        "max": round(max(values), 1),
-        "n": len(values),
-    }
 
 
 class Bench:

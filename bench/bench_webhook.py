@@ -199,15 +199,17 @@ def _load_main(spec_path: str) -> None:
     Path(spec["out"]).write_text(json.dumps(result))
 
 
-def load(port: int, requests: list[bytes], root: Path, tag: str) -> dict[str, Any]:
-    """Send `requests` from a second process; return its measurements."""
+def load(
+    port: int, requests: list[bytes], root: Path, tag: str, concurrency: int = CONCURRENCY
+) -> dict[str, Any]:
+    """Send `requests` from a second process over `concurrency` connections; its measurements."""
     spec = root / f"load-{tag}.json"
     out = root / f"result-{tag}.json"
     spec.write_text(
         json.dumps(
             {
                 "port": port,
-                "concurrency": CONCURRENCY,
+                "concurrency": concurrency,
                 "out": str(out),
                 "requests": [r.hex() for r in requests],
             }

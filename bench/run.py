@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-MODULES = ["bench_foundation", "bench_webhook", "bench_node", "bench_flows"]
+MODULES = [
+    "bench_foundation",
+    "bench_webhook",
+    "bench_node",
+    "bench_flows",
+    "bench_compare",
+    "bench_service",
+    "bench_scale",
+]
 
 
 def main(argv: list[str]) -> int:
