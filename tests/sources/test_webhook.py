@@ -312,3 +312,25 @@ def test_webhook_poll_and_local_notice_of_one_commit_build_once(
         .endswith("already built")
     )
     assert len(builds_of(d, "hello", sha)) == 1
+
+
+def test_webhook_answers_are_counted_in_metrics(daemon: Daemon) -> None:
+    import httpx
+
+    httpx.post(
+        daemon.url + "/hooks/nope",
+        content=b"{}",
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    httpx.post(
+        daemon.url + "/hooks/hello",
+        content=b"{}",
+        headers={"X-GitHub-Event": "ping", "Content-Type": "application/json"},
+        timeout=10,
+    )
+    text = httpx.get(daemon.url + "/metrics", timeout=10).text
+    assert 'deployd_webhook_requests_total{provider="generic",status="404"} 1.0' in text, [
+        line for line in text.splitlines() if "webhook" in line
+    ]
+    assert 'deployd_webhook_requests_total{provider="github",status="200"} 1.0' in text

@@ -160,12 +160,18 @@ class WebhookIntake:
         if self.in_flight >= MAX_IN_FLIGHT:
             return _reply(503, {"detail": "too many webhooks at once; retry"}, {"Retry-After": "1"})
         self.in_flight += 1
+        detected = providers.detect(request.headers)
+        status = 500
         try:
-            return await self._handle(name, request)
+            response = await self._handle(name, request, detected)
+            status = response.status_code
+            return response
         except WebhookError as exc:
+            status = exc.status
             return _reply(exc.status, {"detail": str(exc)})
         finally:
             self.in_flight -= 1
+            self.daemon.metrics.webhook_request(detected.name, status)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.max_bytes
@@ -182,9 +188,8 @@ class WebhookIntake:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _handle(self, name: str, request: Request) -> Response:
+    async def _handle(self, name: str, request: Request, provider: Provider) -> Response:
         headers = request.headers
-        provider = providers.detect(headers)
         ok, form = provider.accepts(providers.media_type(headers))
         if not ok:
             raise WebhookError(
