@@ -46,6 +46,12 @@ class Router:
         step = steps[index]
         nxt = steps[index + 1] if index + 1 < len(steps) else None
         woke = False
+        if row is None and not res.outputs and res.snapshot is None and not res.errors:
+            # A trigger call that produced nothing: there is nothing to make durable, and an
+            # idle flow should not write to the database several times a second.
+            if self.metrics is not None:
+                self.metrics.message_processed(flow, step["id"])
+            return
         with self.store.tx():
             if row is not None and res.rebound is not None and not res.outputs:
                 attempts = self.flows.defer_message(row["id"], min(60.0, 2.0 ** row["attempts"]))
