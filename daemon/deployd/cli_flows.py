@@ -204,7 +204,7 @@ def flow_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     if not data["flows"]:
         typer.echo("no flows yet (`deployd flow apply FILE`)")
         return
-    _print_flows_table(_console(), data["flows"])
+    _print_flows_table(data["flows"])
 
 
 @flow_app.command("history")
