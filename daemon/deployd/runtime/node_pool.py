@@ -13,35 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
-import secrets
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .idle_pool import Idle, IdlePool
 from .node import SAILOR_JS, NodeInfo, NodeSettings, detect
-from .protocol import encode
 
 if TYPE_CHECKING:
     from .process import StepProcess
 
-log = logging.getLogger("deployd.runtime.node")
 POOL_BASE = 1  # idle sailors kept even when no Node step runs (when node is available)
-REFILL_SETTLE = 0.3  # let a warm-up in progress have the CPU before refilling
 
 
-@dataclass
-class _Idle:
-    proc: asyncio.subprocess.Process
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-
-class NodeRuntime:
+class NodeRuntime(IdlePool):
     """Starts Node step processes: from the idle pool when it can, else a fresh `node`."""
+
+    label = "node pool"
+    base = POOL_BASE
 
     def __init__(
         self,
@@ -51,21 +42,15 @@ class NodeRuntime:
         log_dir: Path,
         env: Mapping[str, str],
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.address = address
         self.home = home
         self.log_path = log_dir / "node-pool.log"
         self.env = dict(env)
-        self._idle: list[_Idle] = []
-        self._arriving: dict[str, asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-        self._arriving = {}
         self._owner: dict[int, StepProcess] = {}
-        self._steps: list[StepProcess] = []
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
-        self._filler: asyncio.Task[None] | None = None
-        self._stopping = False
 
     def info(self) -> NodeInfo:
         return detect(self.settings.binary)
@@ -75,26 +60,25 @@ class NodeRuntime:
     async def start(self) -> None:
         if self.settings.pool <= 0 or not self.info().ok:
             return
-        self._filler = asyncio.get_running_loop().create_task(self._fill(), name="node-pool")
-        self._wake.set()
+        self.start_filling()
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._filler is not None:
-            self._filler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._filler
-        for idle in self._idle:
-            idle.writer.close()  # an idle sailor exits when its connection closes
-        idle_procs = [i.proc for i in self._idle]
-        self._idle.clear()
-        for proc in idle_procs:
+        for idle in await self.stop_filling():
             try:
-                await asyncio.wait_for(proc.wait(), 3)
+                await asyncio.wait_for(idle.proc.wait(), 3)
             except TimeoutError:
-                _killpg(proc.pid)
+                _killpg(idle.pid)
         for task in list(self._tasks):
             task.cancel()
+
+    def limit(self) -> int:
+        return self.settings.pool
+
+    def alive(self, idle: Idle) -> bool:
+        return bool(idle.proc is not None and idle.proc.returncode is None)
+
+    def taken(self, idle: Idle, step: StepProcess) -> None:
+        self._owner[idle.pid] = step
 
     # -- launching -------------------------------------------------------------------------
 
@@ -104,25 +88,10 @@ class NodeRuntime:
         if info.error is not None or info.path is None:
             raise RuntimeError(info.error)
         step.spec["end_timeout"] = self.settings.end_timeout
-        self._steps.append(step)
-        pid = self._take(step)
+        pid = self.take(step)  # an idle sailor when there is one (no node start)
         if pid is None:
             pid = await self._spawn_direct(step, info.path)
-        self._wake.set()  # demand may have changed: top the pool up
         return pid
-
-    def _take(self, step: StepProcess) -> int | None:
-        while self._idle:
-            idle = self._idle.pop()
-            if idle.proc.returncode is not None or idle.writer.is_closing():
-                continue
-            self._owner[idle.proc.pid] = step
-            step.attach(idle.reader, idle.writer)
-            idle.writer.write(
-                encode({"t": "spec", "spec": {**step.spec, "log": str(step.log_path)}})
-            )
-            return idle.proc.pid
-        return None
 
     async def _spawn_direct(self, step: StepProcess, node: str) -> int:
         logf = step.log_path.open("ab")
@@ -152,9 +121,7 @@ class NodeRuntime:
             if step is not None:
                 step.exit_reported(code)
             else:
-                self._idle = [i for i in self._idle if i.proc is not proc]
-                if not self._stopping:
-                    self._wake.set()
+                self.forget(proc.pid)
 
         self._procs[proc.pid] = proc
         task = asyncio.get_running_loop().create_task(reap())
@@ -163,53 +130,11 @@ class NodeRuntime:
 
     # -- the idle pool ---------------------------------------------------------------------
 
-    def accept(
-        self, token: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        """A connection said hello with `token`: True if it is an idle sailor of the pool."""
-        fut = self._arriving.pop(token, None)
-        if fut is None:
-            return False
-        if not fut.done():
-            fut.set_result((reader, writer))
-        return True
-
-    def target(self) -> int:
-        """Idle sailors wanted: the node steps of the largest running flow, within the limit."""
-        self._steps = [s for s in self._steps if not s.exited.is_set()]
-        per_flow: dict[str, set[str]] = {}
-        for s in self._steps:
-            per_flow.setdefault(str(s.spec.get("flow")), set()).add(s.step_id)
-        largest = max((len(ids) for ids in per_flow.values()), default=0)
-        return min(self.settings.pool, max(POOL_BASE, largest))
-
-    @property
-    def idle_count(self) -> int:
-        return sum(1 for i in self._idle if i.proc.returncode is None)
-
-    async def _fill(self) -> None:
-        while not self._stopping:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(REFILL_SETTLE)
-            while not self._stopping and self.idle_count < self.target():
-                try:
-                    await self._spawn_idle()
-                except Exception as exc:  # node broken or the machine out of resources
-                    log.warning("node pool: could not start an idle sailor: %s", exc)
-                    await asyncio.sleep(5)
-                    break
-            while self.idle_count > self.target():
-                self._idle.pop(0).writer.close()
-
-    async def _spawn_idle(self) -> None:
+    async def spawn_idle(self) -> None:
         info = self.info()
         if info.path is None:
             raise RuntimeError(info.error)
-        token = secrets.token_hex(16)
-        fut: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
-        fut = asyncio.get_running_loop().create_future()
-        self._arriving[token] = fut
+        token, fut = self.new_token()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = self.log_path.open("ab")
         try:
@@ -225,18 +150,19 @@ class NodeRuntime:
                 env=self.env,
                 start_new_session=True,
             )
+        except BaseException:
+            self.cancel_token(token)
+            raise
         finally:
             logf.close()
         self._reap(proc)
         try:
-            reader, writer = await asyncio.wait_for(fut, 10)
-        except TimeoutError:
+            reader, writer = await self.arrival(token, fut)
+        except RuntimeError:
             _killpg(proc.pid)
-            raise RuntimeError("an idle sailor did not connect within 10 s") from None
-        finally:
-            self._arriving.pop(token, None)
+            raise
         if proc.returncode is None:
-            self._idle.append(_Idle(proc, reader, writer))
+            self.keep(Idle(proc.pid, reader, writer, proc))
 
 
 def _killpg(pid: int) -> None:

@@ -12,137 +12,70 @@ sailor exits when the daemon's socket closes, so a killed daemon leaves none beh
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .protocol import encode
+from .idle_pool import Idle, IdlePool
 
 if TYPE_CHECKING:
     from .process import StepProcess
 
-log = logging.getLogger("deployd.runtime.pool")
 POOL_BASE = 4  # idle sailors kept even when no flow runs: a first small flow starts at once
 POOL_MAX = 64
-REFILL_SETTLE = 0.3  # let a warm-up in progress have the CPU before refilling
 
 
-@dataclass
-class _Idle:
-    pid: int
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-
-class PyPool:
+class PyPool(IdlePool):
     """Idle Python sailors forked ahead of time by the fork server."""
+
+    label = "python pool"
+    base = POOL_BASE
 
     def __init__(
         self, address: str, log_path: Path, fork: Callable[[dict[str, Any], str], Awaitable[int]]
     ) -> None:
+        super().__init__()
         self.address = address
         self.log_path = log_path
         self._fork = fork
-        self._idle: list[_Idle] = []
-        self._idle_pids: set[int] = set()
-        self._arriving: dict[str, asyncio.Future[tuple[asyncio.StreamReader, Any]]] = {}
-        self._steps: list[StepProcess] = []
-        self._wake = asyncio.Event()
-        self._filler: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._idle_pids: set[int] = set()  # forked for the pool and not yet taken or ended
+
+    def limit(self) -> int:
+        return POOL_MAX
+
+    def alive(self, idle: Idle) -> bool:
+        return idle.pid in self._idle_pids
+
+    def taken(self, idle: Idle, step: StepProcess) -> None:
+        self._idle_pids.discard(idle.pid)
+
+    def dropped(self, idle: Idle) -> None:
+        self._idle_pids.discard(idle.pid)
 
     async def start(self) -> None:
-        self._filler = asyncio.get_running_loop().create_task(self._fill(), name="py-pool")
-        self._wake.set()
+        self.start_filling()
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._filler is not None:
-            self._filler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._filler
-        for idle in self._idle:
-            idle.writer.close()  # an idle sailor exits when its connection closes
-        self._idle.clear()
-
-    def take(self, step: StepProcess) -> int | None:
-        """Hand `step` to an idle sailor; its pid, or None when the pool is empty."""
-        self._steps.append(step)
-        self._wake.set()  # demand may have changed: top the pool up
-        while self._idle:
-            idle = self._idle.pop()
-            if idle.pid not in self._idle_pids or idle.writer.is_closing():
-                continue
-            self._idle_pids.discard(idle.pid)
-            step.attach(idle.reader, idle.writer)
-            idle.writer.write(
-                encode({"t": "spec", "spec": {**step.spec, "log": str(step.log_path)}})
-            )
-            return idle.pid
-        return None
-
-    def accept(self, token: str, reader: asyncio.StreamReader, writer: Any) -> bool:
-        """A connection said hello with `token`: True if it is an idle sailor of the pool."""
-        fut = self._arriving.pop(token, None)
-        if fut is None:
-            return False
-        if not fut.done():
-            fut.set_result((reader, writer))
-        return True
+        await self.stop_filling()
 
     def exited(self, pid: int) -> None:
         """The fork server reported that `pid`, which no step owns, ended."""
         if pid in self._idle_pids:
             self._idle_pids.discard(pid)
-            self._idle = [i for i in self._idle if i.pid != pid]
-            if not self._stopping:
-                self._wake.set()
+            self.forget(pid)
 
-    def target(self) -> int:
-        """Idle sailors wanted: the Python steps of the largest running flow, within limits."""
-        self._steps = [s for s in self._steps if not s.exited.is_set()]
-        per_flow: dict[str, set[str]] = {}
-        for s in self._steps:
-            per_flow.setdefault(str(s.spec.get("flow")), set()).add(s.step_id)
-        largest = max((len(ids) for ids in per_flow.values()), default=0)
-        return min(POOL_MAX, max(POOL_BASE, largest))
-
-    async def _fill(self) -> None:
-        while not self._stopping:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(REFILL_SETTLE)
-            while not self._stopping and len(self._idle) < self.target():
-                try:
-                    await self._spawn_idle()
-                except Exception as exc:  # the fork server is gone or the machine is out of room
-                    log.warning("python pool: could not start an idle sailor: %s", exc)
-                    await asyncio.sleep(5)
-                    break
-            while len(self._idle) > self.target():
-                idle = self._idle.pop(0)
-                self._idle_pids.discard(idle.pid)
-                idle.writer.close()
-
-    async def _spawn_idle(self) -> None:
-        token = secrets.token_hex(16)
-        fut: asyncio.Future[tuple[asyncio.StreamReader, Any]]
-        fut = asyncio.get_running_loop().create_future()
-        self._arriving[token] = fut
+    async def spawn_idle(self) -> None:
+        token, fut = self.new_token()
         try:
             pid = await self._fork(
                 {"token": token, "socket": self.address, "pool": True}, str(self.log_path)
             )
-            self._idle_pids.add(pid)
-            reader, writer = await asyncio.wait_for(fut, 10)
-        finally:
-            self._arriving.pop(token, None)
+        except BaseException:
+            self.cancel_token(token)
+            raise
+        self._idle_pids.add(pid)
+        reader, writer = await self.arrival(token, fut)
         if pid in self._idle_pids:
-            self._idle.append(_Idle(pid, reader, writer))
+            self.keep(Idle(pid, reader, writer))
         else:
             writer.close()
