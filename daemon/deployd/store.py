@@ -367,16 +367,22 @@ class Store:
 
     # -- webhooks and polling (issue 4) ----------------------------------------------------
 
-    def record_delivery(
-        self, component: str, delivery_id: str, provider: str, sha: str | None
-    ) -> bool:
-        """Remember a webhook delivery id; False when it was seen before (a replay)."""
-        cur = self.conn.execute(
-            "INSERT OR IGNORE INTO webhook_deliveries"
-            " (component, delivery_id, provider, sha, received_at) VALUES (?, ?, ?, ?, ?)",
-            (component, delivery_id, provider, sha, utcnow()),
-        )
-        return cur.rowcount == 1
+    def has_delivery(self, component: str, delivery_id: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM webhook_deliveries WHERE component = ? AND delivery_id = ?",
+            (component, delivery_id),
+        ).fetchone()
+        return row is not None
+
+    def record_deliveries(self, rows: list[tuple[str, str, str, str | None]]) -> None:
+        """Remember many delivery ids in one transaction (component, id, provider, sha)."""
+        now = utcnow()
+        with self.tx() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO webhook_deliveries"
+                " (component, delivery_id, provider, sha, received_at) VALUES (?, ?, ?, ?, ?)",
+                [(*row, now) for row in rows],
+            )
 
     def prune_deliveries(self, older_than: str) -> int:
         """Forget delivery ids received before the ISO timestamp `older_than`."""

@@ -142,6 +142,37 @@ class _Secrets:
         return cached[1] or "\0empty"
 
 
+class DeliveryLog:
+    """Delivery ids seen (replay protection), written in one transaction per loop tick.
+
+    A commit per request was ~1/5 of a hook's CPU under load. Ids are checked against the
+    ones not yet written as well as the database; a daemon killed within the tick forgets
+    at most those ids, and a replayed commit is still never built twice (builds are
+    idempotent per commit).
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.pending: dict[tuple[str, str], tuple[str, str | None]] = {}
+
+    def record(self, component: str, delivery_id: str, provider: str, sha: str | None) -> bool:
+        """False when `delivery_id` was seen before for `component`."""
+        key = (component, delivery_id)
+        if key in self.pending or self.daemon.store.has_delivery(component, delivery_id):
+            return False
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending[key] = (provider, sha)
+        return True
+
+    def flush(self) -> None:
+        rows, self.pending = self.pending, {}
+        if rows:
+            self.daemon.store.record_deliveries(
+                [(comp, did, provider, sha) for (comp, did), (provider, sha) in rows.items()]
+            )
+
+
 class WebhookIntake:
     """The state behind the route: in-flight count, secrets, coalescer, pruning clock."""
 
@@ -149,6 +180,7 @@ class WebhookIntake:
         self.daemon = daemon
         self.max_bytes = daemon.config.daemon.max_webhook_bytes
         self.coalescer = Coalescer(daemon.notify)
+        self.deliveries = DeliveryLog(daemon)
         self.secrets = _Secrets()
         self.in_flight = 0
         self._last_prune = 0.0
@@ -253,7 +285,7 @@ class WebhookIntake:
         store = self.daemon.store
         if hook.delivery_id is not None:
             self._prune()
-            if not store.record_delivery(comp.name, hook.delivery_id, hook.provider, sha):
+            if not self.deliveries.record(comp.name, hook.delivery_id, hook.provider, sha):
                 return ignored(f"duplicate delivery {hook.delivery_id}")
         if store.has_final_build(comp.name, sha):
             return ignored(f"commit {sha[:12]} was already built")
