@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Callable
@@ -84,21 +83,24 @@ def test_missing_node_is_refused_with_a_clear_error(
 
 
 def _pool_sailors(daemon_pid: int) -> list[int]:
-    """pids of the idle/pooled Node sailors of the daemon `daemon_pid`."""
+    """pids of the idle/pooled Node sailors of the daemon `daemon_pid`.
+
+    A pooled sailor is a `node sailor.js --pool` whose environment names that daemon's
+    socket (the spec is never on the command line, where any user could read the token).
+    """
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(cmd) >= 4 and cmd[1].endswith(b"sailor.js") and cmd[2] == b"--pool":
-            try:
-                spec = json.loads(cmd[3])
-            except ValueError:
-                continue
-            if spec["socket"].startswith(f"\0deployd-{daemon_pid}-"):
+        if len(cmd) >= 3 and cmd[1].endswith(b"sailor.js") and cmd[2] == b"--pool":
+            assert not any(b"token" in part for part in cmd), "a token on the command line"
+            marker = f"deployd-{daemon_pid}-".encode()
+            if any(v.startswith(b"DEPLOYD_SPEC=") and marker in v for v in env):
                 pids.append(int(entry))
     return pids
 

@@ -246,8 +246,9 @@ class Deployer:
             return await self._publish_draft(name, trigger="flow publish")
 
     async def rollback(self, name: str, to: int | None) -> dict[str, Any]:
-        flow = self._known(name)
+        self._known(name)
         async with self._lock(name):
+            flow = self._known(name)  # read under the lock: a redeploy may just have finished
             active = flow["active_version"]
             if to is None:
                 row = self.store.one(
@@ -281,8 +282,9 @@ class Deployer:
         return {"flow": name, "state": "running", "version": flow["active_version"]}
 
     async def stop_flow(self, name: str) -> dict[str, Any]:
-        flow = self._known(name)
+        self._known(name)
         async with self._lock(name):
+            flow = self._known(name)  # read under the lock: a redeploy may just have finished
             runner = self.runners.pop(name, None)
             if runner is not None:
                 data = flow["startup_data"]
@@ -410,6 +412,7 @@ class Deployer:
             switched_at = time.monotonic()
             gap_ms = await self._switch(name, old, new)
             self.runners[name] = new
+            self.failed.pop(name, None)
             with self.store.tx():
                 self.fs.set_deployment(dep, status="done", gap_ms=gap_ms)
                 self.store.event(
@@ -454,7 +457,10 @@ class Deployer:
             await old.stop_trigger_at_boundary(BOUNDARY_WAIT)
             end = old.last_call_end
             new.start_loops([trigger_new])
-            await new.first_call.wait()
+            try:  # a new trigger that died before its first call is restarted (or rolled back)
+                await asyncio.wait_for(new.first_call.wait(), self.config.daemon.warmup_timeout)
+            except TimeoutError:
+                return None
             if end is None or new.first_call_at is None:
                 return None
             return max(0.0, (new.first_call_at - end) * 1000)
@@ -492,15 +498,25 @@ class Deployer:
             if self.runners.get(name) is not new:
                 return
             reason = f"{len(new.exit_times)} step exits within {window:g}s: {new.last_error}"
-            bad_step = (new.last_error or "step ?").split()[1] if new.last_error else "?"
-            tail = log_tail(self.paths.step_logs / name / f"{bad_step}.log")
+            tail = ""
+            if new.last_error_step is not None:
+                tail = log_tail(self.paths.step_logs / name / f"{new.last_error_step}.log")
             fv = self.fs.flow_version(name, from_version)
             assert fv is not None
             try:
                 old = self._runner(name, from_version, fv["steps"])
                 await old.start(self.config.daemon.warmup_timeout)
             except (StepFailed, FlowError) as exc:
-                self.failed[name] = f"rollback failed: {exc}"
+                msg = (
+                    f"v{new.version} crash-loops ({reason}) and the rollback to "
+                    f"v{from_version} failed: {exc}"
+                )
+                self.failed[name] = msg
+                with self.store.tx():
+                    self.fs.set_flow(name, needs_attention=msg)
+                    self.fs.set_deployment(dep, reason=msg, log_tail=tail)
+                    self.store.event("deploy.rollback_failed", f"{name}: {msg}", flow=name)
+                log.error("flow %s: %s", name, msg)
                 return
             with self.store.tx():
                 self.fs.set_flow(

@@ -99,12 +99,11 @@ class NodeRuntime(IdlePool):
             proc = await asyncio.create_subprocess_exec(
                 node,
                 str(SAILOR_JS),
-                json.dumps(step.spec),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
                 cwd=step.spec["artifact_dir"],
-                env=self.env,
+                env={**self.env, "DEPLOYD_SPEC": json.dumps(step.spec)},  # not argv: see sailor.js
                 start_new_session=True,
             )
         finally:
@@ -142,12 +141,14 @@ class NodeRuntime(IdlePool):
                 info.path,
                 str(SAILOR_JS),
                 "--pool",
-                json.dumps({"socket": self.address, "token": token}),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
                 cwd=self.home,
-                env=self.env,
+                env={
+                    **self.env,
+                    "DEPLOYD_SPEC": json.dumps({"socket": self.address, "token": token}),
+                },
                 start_new_session=True,
             )
         except BaseException:

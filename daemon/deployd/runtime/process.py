@@ -368,7 +368,8 @@ class Launcher:
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
             hello = decode(line)
-            step = self._expected.get(str(hello.get("token", "")))
+            # One connection per token: a token seen again (leaked, replayed) gets nothing.
+            step = self._expected.pop(str(hello.get("token", "")), None)
         except (TimeoutError, ValueError, ConnectionError):
             step = None
             hello = {}

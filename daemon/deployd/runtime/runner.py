@@ -61,7 +61,9 @@ class FlowRunner:
         self.boundary_stop = False  # stop the trigger right after its next call ends
         self.sleeping_until: float | None = None
         self.last_error: str | None = None
+        self.last_error_step: str | None = None  # the step whose log explains last_error
         self.drain_timeout = 20.0  # longest wait for a step to finish its work when stopping
+        self._handled: set[str] = set()  # tokens of processes whose exit was supervised
 
     # -- processes -------------------------------------------------------------------------
 
@@ -113,9 +115,11 @@ class FlowRunner:
         self.live[proc.step_id].clear()
         if proc.expected_exit or self.stopping or not self.supervise:
             return
+        self._handled.add(proc.token)
         now = time.monotonic()
         self.exit_times.append(now)
         self.last_error = f"step {proc.step_id} exited (code {proc.exit_code})"
+        self.last_error_step = proc.step_id
         self.flows.count(self.flow, proc.step_id, restarts=1, error=self.last_error)
         if self.router.metrics is not None:
             self.router.metrics.step_restarted(self.flow, proc.step_id)
@@ -179,6 +183,10 @@ class FlowRunner:
                 continue
             if step["id"] in self.loops:
                 continue
+            proc = self.procs.get(step["id"])
+            if proc is not None and proc.exited.is_set() and proc.token not in self._handled:
+                # It died between its warm-up and now, while nobody supervised it.
+                self._on_exit(proc)
             stop = asyncio.Event()
             self.stop_flags[step["id"]] = stop
             coro = self._trigger_loop(step, stop) if index == 0 else self._action_loop(index, stop)

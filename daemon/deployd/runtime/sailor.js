@@ -344,7 +344,10 @@ class Sailor {
 
 function main(argv) {
   const pooled = argv[0] === '--pool';
-  const spec = JSON.parse(pooled ? argv[1] : argv[0]);
+  // The spec (with the step's token and config) comes in the environment, which only this
+  // user can read, not on the command line, which every user can (`ps`).
+  const spec = JSON.parse(process.env.DEPLOYD_SPEC || (pooled ? argv[1] : argv[0]));
+  delete process.env.DEPLOYD_SPEC;
   const sock = net.createConnection({ path: spec.socket });
   sock.setEncoding('utf8');
   const sailor = new Sailor(sock);
