@@ -82,7 +82,7 @@ def serve(config: ConfigOpt = None) -> None:
 @app.command("check-config")
 def check_config(config: ConfigOpt = None) -> None:
     """Validate the config file; print a summary, or every problem and exit 2."""
-    from .config import format_duration
+    from .config import format_duration, redact_url
     from .runtime.node import detect as detect_node
 
     cfg = _load(config)
@@ -100,7 +100,7 @@ def check_config(config: ConfigOpt = None) -> None:
     )
     out.print(f"  components {len(cfg.components)}")
     for comp in cfg.components:
-        where = "hosted" if comp.hosted else _redact_url(comp.url or "")
+        where = "hosted" if comp.hosted else redact_url(comp.url or "")
         secret = "secret set" if comp.secret_configured else "no secret"
         out.print(
             f"    {comp.name:<24} branch {comp.branch:<12} {where}  "
@@ -108,21 +108,6 @@ def check_config(config: ConfigOpt = None) -> None:
             markup=False,
             highlight=False,
         )
-
-
-def _redact_url(url: str) -> str:
-    """Strip any user:password@ from a url before it is shown."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return url
 
 
 # -- status / versions / builds -------------------------------------------------------------

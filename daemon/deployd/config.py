@@ -124,9 +124,12 @@ def check_url(value: str) -> str:
     return value
 
 
-def redact_url(url: str) -> str:
-    """`url` without any ``user[:password]@`` part, for showing and logging."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1", url)
+_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """`text` (a url, or a message holding urls) without any ``user[:password]@`` part."""
+    return _CREDENTIALS_RE.sub(r"\1", text)
 
 
 def local_path(url: str) -> Path:

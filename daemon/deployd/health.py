@@ -24,7 +24,6 @@ class LagMonitor:
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
         self.lag = 0.0
-        self.max_lag = 0.0
         self._expected = time.monotonic() + interval
 
     async def run(self) -> None:
@@ -32,7 +31,6 @@ class LagMonitor:
             self._expected = time.monotonic() + self.interval
             await asyncio.sleep(self.interval)
             self.lag = max(0.0, time.monotonic() - self._expected)
-            self.max_lag = max(self.max_lag, self.lag)
 
     def current(self) -> float:
         """The last measured lag, or how overdue the next wake-up already is (if more)."""

@@ -32,6 +32,7 @@ class Operator:
         self.daemon = daemon
         self.scheduler: AsyncIOScheduler | None = None
         self._gc_lock = asyncio.Lock()
+        self._disk_task: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
         paused = self.daemon.store.paused()
@@ -43,9 +44,11 @@ class Operator:
             self.scheduler.add_job(self.gc, "interval", seconds=every, id="gc", jitter=every / 10)
             self.scheduler.start()
         if self.daemon.store.meta("disk_bytes") is None:
-            asyncio.get_running_loop().create_task(self.measure_disk())
+            self._disk_task = asyncio.get_running_loop().create_task(self.measure_disk())
 
     async def stop(self) -> None:
+        if self._disk_task is not None and not self._disk_task.done():
+            self._disk_task.cancel()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None

@@ -92,14 +92,16 @@ def apply_plan(p: Plan) -> int:
         except OSError:
             pass
     for step_log in p.step_logs:
+        # In place, not by renaming a new file over it: running steps keep the log open
+        # (O_APPEND) and must go on writing to the file `deployd logs` reads.
         try:
-            size = step_log.stat().st_size
-            with step_log.open("rb") as fh:
+            with step_log.open("r+b") as fh:
+                size = fh.seek(0, os.SEEK_END)
                 fh.seek(size - MAX_STEP_LOG // 2)
-                keep = fh.read()
-            tmp = step_log.with_suffix(".log.tmp")
-            tmp.write_bytes(b"--- deployd: older lines removed by retention ---\n" + keep)
-            os.replace(tmp, step_log)
+                keep = b"--- deployd: older lines removed by retention ---\n" + fh.read()
+                fh.seek(0)
+                fh.write(keep)
+                fh.truncate()
             freed += size - len(keep)
         except OSError:
             pass

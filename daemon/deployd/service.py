@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from . import config as cfgmod
@@ -189,6 +188,7 @@ class Daemon:
         commit to show up) before each build; the poller is the safety net under webhooks."""
         self.pipeline.resolver = MirrorResolver(self.pipeline, self.store, self.paths)
         self.poller = Poller(self.config, self.store, self.pipeline, self.notify)
+        self.poller.metrics = self.metrics
         self.services.append(self.poller)
 
     def status_line(self) -> str:
@@ -483,7 +483,3 @@ def serve(config: Config, debug: bool = False) -> None:
 def _source_of(comp: ComponentConfig) -> tuple[str | None, str, bool]:
     """What decides how a component is watched; a change re-creates its watch."""
     return (comp.url, comp.branch, comp.watch)
-
-
-def inbox_path(state_dir: Path) -> Path:
-    return Paths(state_dir).inbox

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, redact_url
@@ -130,10 +129,6 @@ def poll_status(row: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def open_reader(config: Config) -> Store | None:
     return Store.readonly(Paths(config.state_dir).db)
-
-
-def state_path(config: Config) -> Path:
-    return Paths(config.state_dir).root
 
 
 def _mapper(step: dict[str, Any]) -> dict[str, Any]:

@@ -155,15 +155,11 @@ class Step(BaseModel):
     mapping: str | None = None
 
 
-def resolve(
-    spec: FlowSpec, recent: dict[str, int | None], keep: dict[str, Step] | None = None
-) -> list[Step]:
-    """Pin each step: its own `version`, else `keep[id]`'s version, else the recent one."""
+def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
+    """Pin each step: its own `version`, else the component's recent one."""
     steps = []
     for i, s in enumerate(spec.steps):
         version = s.version
-        if version is None and keep and s.id in keep and keep[s.id].component == s.component:
-            version = keep[s.id].version
         if version is None:
             version = recent.get(s.component)
         steps.append(
@@ -229,7 +225,3 @@ def validate(
         elif runtime == "node" and node_error is not None:
             problems.append(f"{where}: {ref} cannot run: {node_error}")
     return problems
-
-
-def mapper_count(steps: list[Step] | list[dict[str, Any]]) -> int:
-    return sum(1 for s in steps if (s.mapping if isinstance(s, Step) else s.get("mapping")))

@@ -21,6 +21,7 @@ from pathlib import Path
 import git
 from git.exc import GitCommandError, InvalidGitRepositoryError, NoSuchPathError
 
+from ..config import redact_url as redact
 from ..errors import GitError
 
 SHA_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
@@ -127,18 +128,8 @@ def export(repo_path: Path, sha: str, dest: Path) -> None:
 # the daemon stops; without a terminal prompt (a missing credential fails at once instead of
 # hanging); and every message that may contain the url is redacted.
 
-_CREDENTIALS_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 LS_REMOTE_TIMEOUT = 30.0
 FETCH_TIMEOUT = 300.0
-
-
-def redact(text: str, url: str | None = None) -> str:
-    """`text` with the ``user:password@`` part of any url in it (or of `url`) removed."""
-    if url:
-        safe = _CREDENTIALS_RE.sub(r"\g<scheme>", url)
-        if safe != url:
-            text = text.replace(url, safe)
-    return _CREDENTIALS_RE.sub(r"\g<scheme>", text)
 
 
 def _remote_env() -> dict[str, str]:
@@ -179,7 +170,7 @@ async def _run_git(args: list[str], url: str, timeout: float, cwd: Path | None =
         text = err.decode("utf-8", "replace")
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         reason = "; ".join(lines[-3:]) or f"exit code {proc.returncode}"
-        raise GitError(f"git {args[0]} of {redact(url)} failed: {redact(reason, url)}"[:500])
+        raise GitError(f"git {args[0]} of {redact(url)} failed: {redact(reason)}"[:500])
     return out.decode("utf-8", "replace")
 
 

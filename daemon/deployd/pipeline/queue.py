@@ -75,8 +75,6 @@ class Pipeline:
         self._pending: dict[str, PushNotice] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(config.daemon.max_parallel_builds)
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.paused: set[str] = set()
         self.metrics: Metrics | None = None
 
@@ -132,7 +130,6 @@ class Pipeline:
         )
         self._pending[comp.name] = notice
         if comp.name not in self._workers:
-            self._idle.clear()
             self._workers[comp.name] = asyncio.get_running_loop().create_task(
                 self._worker(comp.name), name=f"pipeline:{comp.name}"
             )
@@ -144,9 +141,6 @@ class Pipeline:
     @property
     def queue_depth(self) -> int:
         return len(self._pending) + len(self._workers)
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
 
     async def stop(self, grace: float) -> None:
         """Let running builds finish for up to `grace` seconds, then cancel them."""
@@ -179,8 +173,6 @@ class Pipeline:
                         log.exception("pipeline error for %s", name)
         finally:
             self._workers.pop(name, None)
-            if not self._workers:
-                self._idle.set()
 
     async def _process(self, comp: ComponentConfig, notice: PushNotice) -> None:
         if self.resolver is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..pipeline.build import clean_env
 from .node import NodeSettings
 from .node_pool import NodeRuntime
 from .protocol import MAX_LINE, decode, encode
@@ -59,16 +60,9 @@ class Result:
 
 def step_env(home: Path) -> dict[str, str]:
     """Step processes get a clean environment: nothing of the daemon's (so no secret)."""
-    path = os.pathsep.join(
-        dict.fromkeys([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
-    )
-    return {
-        "PATH": path,
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
+    env = clean_env(home, {"PYTHONUNBUFFERED": "1"})
+    del env["CI"]
+    return env
 
 
 class StepProcess:
@@ -399,9 +393,12 @@ class Launcher:
         assert self._fork is not None and self._fork.stdin is not None
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._spawned[spec["token"]] = fut
-        self._fork.stdin.write((json.dumps({"spawn": spec, "log": log_path}) + "\n").encode())
-        await self._fork.stdin.drain()
-        return await asyncio.wait_for(fut, 10)
+        try:
+            self._fork.stdin.write((json.dumps({"spawn": spec, "log": log_path}) + "\n").encode())
+            await self._fork.stdin.drain()
+            return await asyncio.wait_for(fut, 10)
+        finally:
+            self._spawned.pop(spec["token"], None)
 
     async def _launch_node(self, step: StepProcess) -> int:
         return await self.node.launch(step)

@@ -334,9 +334,6 @@ class FlowRunner:
         await asyncio.gather(*(self.stop_loop(sid) for sid in list(self.loops)))
         await asyncio.gather(*(p.stop(timeout) for p in self.procs.values()))
 
-    def running_steps(self) -> int:
-        return sum(1 for e in self.live.values() if e.is_set())
-
     def status(self) -> list[dict[str, Any]]:
         """Every step, mapper steps included, as `status --json` shows it."""
         out: list[dict[str, Any]] = []

@@ -77,6 +77,7 @@ class Poller:
         self.store = store
         self.pipeline = pipeline
         self.notify = notify
+        self.metrics: Any = None  # deployd.metrics.Metrics, set by the service
         self.now = now
         self.rng = rng
         self.targets: dict[str, ComponentConfig] = {}
@@ -168,6 +169,8 @@ class Poller:
             try:
                 head = await gitops.ls_remote(comp.url, comp.branch)
             except GitError as exc:
+                if self.metrics is not None:
+                    self.metrics.poll_error(name)
                 state.failures += 1
                 state.last_error = str(exc)
                 state.last_error_at = self.now()
@@ -181,6 +184,8 @@ class Poller:
                 result.update(ok=True, head=head, queued=self._offer(comp, head))
                 if head is None:
                     result["note"] = f"branch {comp.branch!r} does not exist at the url"
+            if self.state.get(name) is not state:
+                return result  # a reload removed or replaced the component during ls-remote
             if state.interval > 0:
                 self._schedule(name, next_delay(state.interval, state.failures, self.rng))
             else:

@@ -112,10 +112,6 @@ class Coalescer:
         except Exception:
             log.exception("handing the webhook of %s to the pipeline failed", component)
 
-    def held(self, component: str) -> PushNotice | None:
-        held = self._held.get(component)
-        return held.notice if held else None
-
 
 class _Secrets:
     """Component secrets, with secret files re-read when they change (rotation)."""
