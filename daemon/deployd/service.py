@@ -25,7 +25,7 @@ from typing import Any
 from . import config as cfgmod
 from .auth import ensure_token
 from .config import ComponentConfig, Config, local_path, split_listen
-from .errors import ConfigError, StateError
+from .errors import ConfigError, DeploydError, StateError
 from .flows.deploy import Deployer
 from .health import LagMonitor
 from .metrics import Metrics
@@ -234,25 +234,36 @@ class Daemon:
 
     def _setup_component_sources(self, components: Iterable[ComponentConfig] | None = None) -> None:
         for comp in self.config.components if components is None else components:
-            if comp.hosted:
-                created = gitops.ensure_hosted(
-                    self.paths.hosted_repo(comp.name), comp.branch, comp.name, self.paths.inbox
+            try:
+                self._setup_source(comp)
+            except (DeploydError, OSError) as exc:  # one broken component stops no other
+                log.error("component %s: its repository cannot be used: %s", comp.name, exc)
+                self.store.event(
+                    "push.failed",
+                    f"{comp.name}: its repository cannot be used: {exc}",
+                    component=comp.name,
                 )
-                if created:
-                    self.store.event(
-                        "repo.created",
-                        f"hosted repository for {comp.name} created at "
-                        f"{self.paths.hosted_repo(comp.name)}",
-                        component=comp.name,
-                    )
-            elif comp.local and comp.watch and comp.url is not None:
-                repo = local_path(comp.url)
-                self.watcher.add(
-                    f"repo:{comp.name}",
-                    [(repo / "refs" / "heads", True), (repo, False)],
-                    functools.partial(self.notify, PushNotice(comp.name, None, None, "watch")),
-                    accept=is_ref_change,
+
+    def _setup_source(self, comp: ComponentConfig) -> None:
+        if comp.hosted:
+            created = gitops.ensure_hosted(
+                self.paths.hosted_repo(comp.name), comp.branch, comp.name, self.paths.inbox
+            )
+            if created:
+                self.store.event(
+                    "repo.created",
+                    f"hosted repository for {comp.name} created at "
+                    f"{self.paths.hosted_repo(comp.name)}",
+                    component=comp.name,
                 )
+        elif comp.local and comp.watch and comp.url is not None:
+            repo = local_path(comp.url)
+            self.watcher.add(
+                f"repo:{comp.name}",
+                [(repo / "refs" / "heads", True), (repo, False)],
+                functools.partial(self.notify, PushNotice(comp.name, None, None, "watch")),
+                accept=is_ref_change,
+            )
 
     def reconcile(self) -> int:
         """Queue every component whose branch head has no build yet (pushes while stopped)."""
