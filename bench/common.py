@@ -30,6 +30,7 @@ from tests.conftest import (  # noqa: E402
     make_component,
     wait_until,
 )
+from tests.flows.conftest import read_out as read_jsonl  # noqa: E402, F401 (re-exported)
 
 __all__ = ["Daemon", "FlowBench", "Work", "db_rows", "free_port", "git", "wait_until"]
 
@@ -51,19 +52,6 @@ def summary(values: list[float], digits: int = 1) -> dict[str, float]:
         "max": round(max(values), digits),
         "n": len(values),
     }
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of `path` (a line being written is left out)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break
-    return rows
 
 
 def ts(iso: str) -> float:

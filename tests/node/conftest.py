@@ -12,6 +12,7 @@ answers. The `write` action appends one JSON line per message to `cfg.out`, tagg
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, Work, db_rows, wait_until
+from tests.flows.conftest import flow_toml, read_out
 
 COMPONENT_JSON: dict[str, Any] = {
     "title": "Platform-style component",
@@ -272,28 +274,8 @@ PY_COMPONENT: dict[str, Any] = {
 
 
 def flow_text(name: str, steps: list[dict[str, Any]]) -> str:
-    lines = [f'name = "{name}"', 'type = "realtime"', 'update = "auto"']
-    for step in steps:
-        lines.append("[[steps]]")
-        for key, value in step.items():
-            if isinstance(value, dict):
-                inner = ", ".join(f"{k} = {json.dumps(str(v))}" for k, v in value.items())
-                lines.append(f"{key} = {{ {inner} }}")
-            else:
-                lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def read_out(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break
-    return rows
+    """A flow file (update = "auto") with these steps."""
+    return flow_toml(name, Path(os.devnull), steps=steps)
 
 
 @dataclass
