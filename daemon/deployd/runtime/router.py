@@ -31,6 +31,15 @@ class Router:
         self.flows = FlowStore(store)
         self._wake: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
         self.metrics: Any = None  # deployd.metrics.Metrics, set by the service
+        # Step snapshots as last committed: the router is their only writer, so a call or
+        # message need not read (and decode) the snapshot from the database each time.
+        self._snapshots: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def snapshot(self, flow: str, step: str) -> dict[str, Any]:
+        key = (flow, step)
+        if key not in self._snapshots:
+            self._snapshots[key] = self.flows.snapshot(flow, step)
+        return self._snapshots[key]
 
     def waker(self, flow: str, step: str) -> asyncio.Event:
         return self._wake[(flow, step)]
@@ -52,6 +61,7 @@ class Router:
             if self.metrics is not None:
                 self.metrics.message_processed(flow, step["id"])
             return
+        saved: dict[str, Any] | None = None
         with self.store.tx():
             if row is not None and res.rebound is not None and not res.outputs:
                 attempts = self.flows.defer_message(row["id"], min(60.0, 2.0 ** row["attempts"]))
@@ -73,10 +83,13 @@ class Router:
                 woke = True
             if res.snapshot is not None:
                 self.flows.save_snapshot(flow, step["id"], res.snapshot)
+                saved = res.snapshot
             if row is not None:
                 self.flows.delete_message(row["id"])
             error = res.errors[-1] if res.errors else None
             self.flows.count(flow, step["id"], processed=1, failed=1 if error else 0, error=error)
+        if saved is not None:  # only once the transaction has committed
+            self._snapshots[(flow, step["id"])] = saved
         if self.metrics is not None:
             self.metrics.message_processed(flow, step["id"])
             if error:

@@ -230,7 +230,7 @@ class FlowRunner:
             proc = await self._live_proc(step["id"], stop)
             if proc is None:
                 return
-            snapshot = self.flows.snapshot(self.flow, step["id"])
+            snapshot = self.router.snapshot(self.flow, step["id"])
             started = time.monotonic()
             if self.first_call_at is None:
                 self.first_call_at = started
@@ -295,7 +295,7 @@ class FlowRunner:
             proc = await self._live_proc(step["id"], stop)
             if proc is None:
                 return
-            snapshot = self.flows.snapshot(self.flow, step["id"])
+            snapshot = self.router.snapshot(self.flow, step["id"])
             msg = {"id": row["msg_id"], "body": row["body"], "headers": row["headers"]}
             try:
                 res = await proc.request({"t": "msg", "msg": msg, "snapshot": snapshot}, snapshot)
