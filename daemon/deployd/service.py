@@ -289,16 +289,6 @@ class Daemon:
         return queued
 
     def notify(self, notice: PushNotice) -> bool:
-        if notice.component in self.pipeline.paused:
-            self.store.event(
-                "push.paused",
-                f"{notice.component} is paused: {notice.source} push of "
-                f"{(notice.sha or 'the branch head')[:12]} not built "
-                f"(`deployd resume {notice.component}` builds the branch head)",
-                component=notice.component,
-                sha=notice.sha,
-            )
-            return False
         return self.pipeline.notify(notice)
 
     # -- reload (SIGHUP) -------------------------------------------------------------------

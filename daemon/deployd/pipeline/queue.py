@@ -93,6 +93,16 @@ class Pipeline:
         if comp is None:
             log.warning("push notice for unknown component %r ignored", notice.component)
             return False
+        if comp.name in self.paused and not notice.force:  # `deployd redeploy` still builds
+            self.store.event(
+                "push.paused",
+                f"{comp.name} is paused: {notice.source} push of "
+                f"{(notice.sha or 'the branch head')[:12]} not built "
+                f"(`deployd resume {comp.name}` builds the branch head)",
+                component=comp.name,
+                sha=notice.sha,
+            )
+            return False
         if notice.ref is not None and notice.ref != f"refs/heads/{comp.branch}":
             self.store.event(
                 "push.ignored",
