@@ -83,7 +83,7 @@ def serve(config: ConfigOpt = None) -> None:
 def check_config(config: ConfigOpt = None) -> None:
     """Validate the config file; print a summary, or every problem and exit 2."""
     from .config import format_duration, redact_url
-    from .runtime.node import detect as detect_node
+    from .toolchains.node import detect as detect_node
 
     cfg = _load(config)
     d = cfg.daemon

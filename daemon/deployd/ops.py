@@ -18,8 +18,8 @@ from . import retention
 from .api_auth import answer, token_required
 from .errors import DeploydError
 from .pipeline import git as gitops
-from .pipeline.queue import PushNotice, VersionRegistered
 from .store import utcnow
+from .types import PushNotice, VersionRegistered
 
 if TYPE_CHECKING:
     from .service import Daemon

@@ -34,11 +34,12 @@ from .ops import Operator
 from .paths import Paths
 from .pipeline import git as gitops
 from .pipeline.mirror import MirrorResolver
-from .pipeline.queue import Pipeline, PushNotice
+from .pipeline.queue import Pipeline
 from .sources.inbox import Inbox
 from .sources.poll import Poller
 from .sources.watch import Watcher, is_ref_change
 from .store import Store
+from .types import PushNotice
 
 log = logging.getLogger("deployd")
 

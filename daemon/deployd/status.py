@@ -104,7 +104,7 @@ def runtimes(config: Config) -> dict[str, str | None]:
     """The languages step processes run in: their versions (None: node cannot be used)."""
     import platform
 
-    from .runtime.node import detect
+    from .toolchains.node import detect
 
     node = detect(config.daemon.node)
     return {"python": platform.python_version(), "node": node.version if node.ok else None}

@@ -7,7 +7,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from deployd.runtime import node as noderuntime
+from deployd.toolchains import node as noderuntime
 from tests.conftest import Daemon, Work, wait_until
 from tests.node.conftest import NodeEnv, platform_files
 

@@ -6,8 +6,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from deployd.pipeline.queue import PushNotice
 from deployd.sources.inbox import Inbox, parse_record
+from deployd.types import PushNotice
 from tests.conftest import Daemon, Work, git
 
 A = "a" * 40

@@ -25,12 +25,13 @@ from ..config import Config
 from ..errors import FlowError
 from ..flowstore import FlowStore
 from ..paths import Paths
-from ..pipeline.queue import VersionRegistered
-from ..runtime import node as noderuntime
+from ..runtime.node_pool import NodeSettings
 from ..runtime.process import Launcher, StepFailed, log_tail
 from ..runtime.router import Router
 from ..runtime.runner import FlowRunner
 from ..store import Store
+from ..toolchains import node as noderuntime
+from ..types import VersionRegistered
 from . import model
 
 log = logging.getLogger("deployd.deploy")
@@ -46,7 +47,7 @@ class Deployer:
         self.router = Router(store)
         self.launcher = Launcher(
             paths.root,
-            noderuntime.NodeSettings(
+            NodeSettings(
                 binary=config.daemon.node,
                 pool=config.daemon.node_pool,
                 end_timeout=config.daemon.node_end_timeout,
@@ -121,7 +122,7 @@ class Deployer:
         """SIGHUP: new settings apply to the next publish; running flows are not restarted."""
         self.config = config
         noderuntime.forget()  # node may have been installed or upgraded meanwhile
-        self.launcher.node.settings = noderuntime.NodeSettings(
+        self.launcher.node.settings = NodeSettings(
             binary=config.daemon.node,
             pool=config.daemon.node_pool,
             end_timeout=config.daemon.node_end_timeout,

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,29 +15,6 @@ from ..config import format_duration
 from ..errors import BuildError
 
 MAX_LOG_BYTES = 2 * 1024 * 1024
-TAIL_BYTES = 2000
-
-
-def clean_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The whole environment of a build: nothing of the daemon's (so no secret) leaks in.
-
-    The daemon's own interpreter comes first on PATH, so `python` and `pip` in a build are
-    the ones the step processes will run with.
-    """
-    path = os.pathsep.join(
-        dict.fromkeys([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
-    )
-    env = {
-        "PATH": path,
-        "HOME": str(workdir),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "CI": "true",
-    }
-    if extra:
-        env.update(extra)
-    return env
 
 
 @dataclass(frozen=True)
@@ -122,18 +98,6 @@ async def run_command(
     if proc.returncode != 0:
         raise BuildError(f"{what} command `{command}` exited with code {proc.returncode}")
     return CommandResult(proc.returncode or 0, seconds)
-
-
-def log_tail(path: Path, limit: int = TAIL_BYTES) -> str:
-    """The last `limit` bytes of a log file, as text (for error messages)."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            return fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def compile_python(tree: Path, mains: list[str], log: BinaryIO) -> None:

@@ -20,8 +20,9 @@ from ..config import ComponentConfig, local_path
 from ..errors import GitError
 from ..paths import Paths
 from ..store import Store
+from ..types import PushNotice
 from . import git as gitops
-from .queue import Pipeline, PushNotice
+from .queue import Pipeline
 
 log = logging.getLogger("deployd.mirror")
 

@@ -16,17 +16,18 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import ComponentConfig, Config, local_path
 from ..errors import BuildError, ComponentError, GitError
 from ..paths import Paths
-from ..runtime.node import SHIM_DIR as NODE_SHIM_DIR
-from ..runtime.node import default_build as node_default_build
-from ..runtime.node import detect as node_detect
 from ..store import Store
+from ..toolchains.env import clean_env, log_tail
+from ..toolchains.node import SHIM_DIR as NODE_SHIM_DIR
+from ..toolchains.node import default_build as node_default_build
+from ..toolchains.node import detect as node_detect
+from ..types import PushNotice, VersionRegistered
 from . import build as builder
 from . import descriptor
 from . import git as gitops
@@ -35,26 +36,6 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 log = logging.getLogger("deployd.pipeline")
-
-
-@dataclass(frozen=True)
-class PushNotice:
-    """ "Something may have changed" for one component; `sha` None means: use the branch head."""
-
-    component: str
-    ref: str | None
-    sha: str | None
-    source: str
-    delivery_id: str | None = None
-    force: bool = False  # `deployd redeploy`: build again even if the commit already failed
-
-
-@dataclass(frozen=True)
-class VersionRegistered:
-    component: str
-    version: int
-    sha: str
-    semver: str | None
 
 
 Listener = Callable[[VersionRegistered], Awaitable[None]]
@@ -238,9 +219,7 @@ class Pipeline:
                 desc = await asyncio.to_thread(descriptor.load, src)
                 self._check_semver(comp.name, desc)
                 deadline = started + comp.build_timeout
-                env = builder.clean_env(
-                    src, {"DEPLOYD_COMPONENT": comp.name, "DEPLOYD_COMMIT": sha}
-                )
+                env = clean_env(src, {"DEPLOYD_COMPONENT": comp.name, "DEPLOYD_COMMIT": sha})
                 build_cmd = desc.build
                 if desc.runtime == "node":
                     node = node_detect(self.config.daemon.node)
@@ -291,7 +270,7 @@ class Pipeline:
             self.store.fail_build(build_id, str(exc))
             return
         except BuildError as exc:
-            tail = builder.log_tail(log_path, 600).strip().splitlines()[-6:]
+            tail = log_tail(log_path, 600).strip().splitlines()[-6:]
             detail = " | ".join(
                 line for line in tail if line.strip() and not line.startswith("[deployd:")
             )

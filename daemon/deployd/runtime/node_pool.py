@@ -16,16 +16,27 @@ import json
 import os
 import signal
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..toolchains.node import NodeInfo, detect
 from .idle_pool import Idle, IdlePool
-from .node import SAILOR_JS, NodeInfo, NodeSettings, detect
 
 if TYPE_CHECKING:
     from .process import StepProcess
 
 POOL_BASE = 1  # idle sailors kept even when no Node step runs (when node is available)
+SAILOR_JS = Path(__file__).with_name("sailor.js")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The `daemon.node*` settings the runtime needs."""
+
+    binary: str = "node"
+    pool: int = 32
+    end_timeout: float = 60.0
 
 
 class NodeRuntime(IdlePool):

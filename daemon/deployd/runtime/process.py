@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..pipeline.build import clean_env
-from .node import NodeSettings
-from .node_pool import NodeRuntime
+from ..toolchains.env import clean_env
+from ..toolchains.env import log_tail as read_tail
+from .node_pool import NodeRuntime, NodeSettings
 from .protocol import MAX_LINE, decode, encode
 from .py_pool import PyPool
 
@@ -252,13 +252,8 @@ class StepProcess:
 
 
 def log_tail(path: Path, lines: int = 12) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 4000))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
+    """The last `lines` lines a step wrote (deployd's own markers left out), for a reason."""
+    text = read_tail(path, 4000)
     tail = [ln for ln in text.splitlines() if not ln.startswith("--- deployd:")][-lines:]
     return ("; log tail: " + " | ".join(tail)) if tail else ""
 

@@ -22,7 +22,7 @@ const Module = require('module');
 const crypto = require('crypto');
 const { pathToFileURL } = require('url');
 
-const SHIM_DIR = path.join(__dirname, 'node_shim');
+const SHIM_DIR = path.join(__dirname, '..', 'toolchains', 'node_shim');
 const SHIMMED = 'elasticio-node';
 
 // -- require('elasticio-node') without installing it -------------------------------------------

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from ..pipeline.queue import PushNotice
+from ..types import PushNotice
 
 log = logging.getLogger("deployd.inbox")
 MAX_RECORD_BYTES = 1024 * 1024

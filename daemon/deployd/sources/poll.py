@@ -27,8 +27,9 @@ from ..api_auth import token_required
 from ..config import ComponentConfig, Config, redact_url
 from ..errors import GitError
 from ..pipeline import git as gitops
-from ..pipeline.queue import Pipeline, PushNotice
+from ..pipeline.queue import Pipeline
 from ..store import Store
+from ..types import PushNotice
 
 if TYPE_CHECKING:
     from ..service import Daemon

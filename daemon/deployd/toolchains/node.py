@@ -3,7 +3,8 @@
 `detect()` finds the configured node (`daemon.node`: a name looked up on PATH, or a path) and
 checks it is Node.js 18 or newer; its `error` is the one-line reason shown by validation,
 builds, `check-config` and `status` when it is not. Light on imports (no asyncio): `deployd
-status` and `check-config` use it. Starting Node step processes is `node_pool.py`.
+status` and `check-config` use it. Shared by the pipeline (builds) and the runtime (steps);
+starting Node step processes is the embedded runtime's `node_pool.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-SAILOR_JS = Path(__file__).with_name("sailor.js")
 # require('elasticio-node') falls back to the helper in here (NODE_PATH in builds; a resolve
-# hook in the sailor).
+# hook in the runtime's sailor.js).
 SHIM_DIR = Path(__file__).with_name("node_shim")
 MIN_MAJOR = 18
 NEEDS = f'runtime = "node" needs Node.js {MIN_MAJOR} or newer'
@@ -105,12 +105,3 @@ def default_build(tree: Path) -> str | None:
     flags = "--omit=dev --no-audit --no-fund --no-update-notifier --cache ../.npm-cache"
     verb = "ci" if (tree / "package-lock.json").exists() else "install"
     return f"npm {verb} {flags}"
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """The `daemon.node*` settings the runtime needs."""
-
-    binary: str = "node"
-    pool: int = 32
-    end_timeout: float = 60.0
