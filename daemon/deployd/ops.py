@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from . import retention
 from .api_auth import answer, token_required
 from .errors import DeploydError
+from .pauses import Kind
 from .pipeline import git as gitops
 from .store import utcnow
 from .types import PushNotice, VersionRegistered
@@ -35,9 +36,6 @@ class Operator:
         self._disk_task: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
-        paused = self.daemon.store.paused()
-        self.daemon.pipeline.paused.update(paused["component"])
-        self.daemon.deployer.paused.update(paused["flow"])
         every = self.daemon.config.daemon.gc_interval
         if every > 0:
             self.scheduler = AsyncIOScheduler()
@@ -81,8 +79,8 @@ class Operator:
                 )
         return result
 
-    def _kinds(self, name: str) -> list[str]:
-        kinds = []
+    def _kinds(self, name: str) -> list[Kind]:
+        kinds: list[Kind] = []
         if self.daemon.deployer.fs.flow(name) is not None:
             kinds.append("flow")
         if self.daemon.config.component(name) is not None:
@@ -94,21 +92,13 @@ class Operator:
     async def pause(self, name: str) -> dict[str, Any]:
         kinds = self._kinds(name)
         for kind in kinds:
-            self.daemon.store.set_paused(kind, name, True)
-            if kind == "component":
-                self.daemon.pipeline.paused.add(name)
-            else:
-                self.daemon.deployer.paused.add(name)
+            self.daemon.pauses.pause(kind, name)
         return {"name": name, "paused": kinds}
 
     async def resume(self, name: str) -> dict[str, Any]:
         kinds = self._kinds(name)
         for kind in kinds:
-            self.daemon.store.set_paused(kind, name, False)
-            if kind == "component":
-                self.daemon.pipeline.paused.discard(name)
-            else:
-                self.daemon.deployer.paused.discard(name)
+            self.daemon.pauses.resume(kind, name)
         queued = self.daemon.reconcile() if "component" in kinds else 0
         published = await self.daemon.deployer.resume(name) if "flow" in kinds else None
         return {"name": name, "resumed": kinds, "builds_queued": queued, "publish": published}

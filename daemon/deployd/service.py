@@ -26,15 +26,16 @@ from . import config as cfgmod
 from .auth import ensure_token
 from .config import ComponentConfig, Config, local_path, split_listen
 from .errors import ConfigError, DeploydError, StateError
-from .flows.deploy import Deployer
+from .flows.deployer import Deployer
 from .health import LagMonitor
 from .metrics import Metrics
 from .notify import Notifier, watchdog_pinger
 from .ops import Operator
 from .paths import Paths
+from .pauses import Pauses
 from .pipeline import git as gitops
-from .pipeline.mirror import MirrorResolver
 from .pipeline.queue import Pipeline
+from .runtime.factory import create_runtime
 from .sources.inbox import Inbox
 from .sources.poll import Poller
 from .sources.watch import Watcher, is_ref_change
@@ -168,6 +169,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.deployer: Deployer
+        self.pauses: Pauses
         self.operator: Operator
         self.api_token = ""
         self.poller: Poller | None = None
@@ -185,9 +187,7 @@ class Daemon:
         return not self.stopping.is_set()
 
     def _setup_remote_sources(self) -> None:
-        """Webhook commits and remote urls: the resolver fetches mirrors (waiting for a pushed
-        commit to show up) before each build; the poller is the safety net under webhooks."""
-        self.pipeline.resolver = MirrorResolver(self.pipeline, self.store, self.paths)
+        """The poller: the safety net under webhooks for remote urls."""
         self.poller = Poller(self.config, self.store, self.pipeline, self.notify)
         self.poller.metrics = self.metrics
         self.services.append(self.poller)
@@ -205,7 +205,7 @@ class Daemon:
                 parts.append(f"last build {last['component']} {last['sha'][:8]} {last['status']}")
         deployer = getattr(self, "deployer", None)
         if deployer is not None:
-            parts.insert(0, f"{len(deployer.runners)} flow(s) running")
+            parts.insert(0, f"{deployer.running_count()} flow(s) running")
             if store is not None:
                 dep = store.one(
                     "SELECT flow, to_version, status FROM deployments ORDER BY id DESC LIMIT 1"
@@ -270,7 +270,7 @@ class Daemon:
         """Queue every component whose branch head has no build yet (pushes while stopped)."""
         queued = 0
         for comp in self.config.components:
-            if comp.name in self.pipeline.paused:
+            if self.pauses.component(comp.name):
                 continue
             repo = self.pipeline.repo_path(comp)
             if not comp.local:
@@ -391,16 +391,23 @@ class Daemon:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, sock: socket.socket | None) -> None:
         self._recover()
-        self.pipeline = Pipeline(self.config, self.store, self.paths)
+        self.pauses = Pauses(self.store)
+        self.pauses.load()
+        runtime = create_runtime(self.config, self.store, self.paths, self.metrics)
+        self.deployer = Deployer(self.config, self.store, runtime, self.pauses, self.metrics)
+        self.pipeline = Pipeline(
+            self.config,
+            self.store,
+            self.paths,
+            self.pauses,
+            self.metrics,
+            listeners=[self.deployer.on_version_registered],
+        )
         self.api_token = ensure_token(self.config)
-        self.deployer = Deployer(self.config, self.store, self.paths)
-        self.pipeline.listeners.append(self.deployer.on_version_registered)
-        self.deployer.metrics = self.deployer.router.metrics = self.metrics
         self.services.insert(0, self.deployer)
         self.operator = Operator(self)
         self.services.insert(1, self.operator)
         self._setup_remote_sources()
-        self.pipeline.metrics = self.metrics
         self.metrics.track_build_queue(lambda: self.pipeline.queue_depth)
         self.metrics.track_loop_lag(self.lag.current)
         self._tasks.append(loop.create_task(self.lag.run(), name="loop-lag"))

@@ -17,7 +17,7 @@ from .paths import Paths
 from .store import Store
 
 if TYPE_CHECKING:
-    from .flows.deploy import Deployer
+    from .flows.deployer import Deployer
 
 
 def daemon_state(paths: Paths) -> tuple[bool, int | None]:
@@ -153,9 +153,9 @@ def flows_status(store: Store, deployer: Deployer | None = None) -> list[dict[st
         name = flow["name"]
         fv = fs.flow_version(name, flow["active_version"]) if flow["active_version"] else None
         steps_db = fv["steps"] if fv else []
-        runner = deployer.runners.get(name) if deployer else None
-        if runner is not None:
-            steps = runner.status()
+        live = deployer.step_status(name) if deployer else None
+        if live is not None:
+            steps = [s.as_json() for s in live]
         else:
             steps = []
             for s in steps_db:

@@ -5,7 +5,10 @@ The enums are `StrEnum`s, so they serialise (JSON, SQLite) to the same strings a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -28,3 +31,151 @@ class VersionRegistered:
     version: int
     sha: str
     semver: str | None
+
+
+class BuildState(StrEnum):
+    QUEUED = "queued"
+    BUILDING = "building"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class DeploymentState(StrEnum):
+    """A publish, crash-only: starting_new → switching → done | failed | rolled_back."""
+
+    STARTING_NEW = "starting_new"
+    SWITCHING = "switching"
+    DONE = "done"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class FlowState(StrEnum):
+    RUNNING = "running"
+    PUBLISHING = "publishing"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class StepState(StrEnum):
+    """A step as `status` shows it (mapper steps: running or stopped)."""
+
+    STARTING = "starting"
+    READY = "ready"  # warmed up, not yet handling work (before the switch)
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    EXITED = "exited"
+    FAILED = "failed"
+
+
+class StepKind(StrEnum):
+    TRIGGER = "trigger"
+    ACTION = "action"
+    MAPPER = "mapper"
+
+
+@dataclass(frozen=True)
+class RunStep:
+    """One step of a flow version, resolved to the code it runs: what a runtime starts.
+
+    `artifact_dir` is the registered component version's folder, `main` its function's
+    module (relative to it), `runtime` the language ("python" | "node").
+    """
+
+    id: str
+    kind: StepKind
+    component: str
+    version: int
+    function: str
+    artifact_dir: str
+    main: str
+    runtime: str = "python"
+    config: Mapping[str, Any] = field(default_factory=dict)
+    mapping: str | None = None
+    interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class FlowVersionToRun:
+    """A flow version as the deployer hands it to a runtime."""
+
+    flow: str
+    version: int
+    steps: tuple[RunStep, ...]
+
+    @property
+    def trigger(self) -> RunStep:
+        return self.steps[0]
+
+    @property
+    def actions(self) -> tuple[RunStep, ...]:
+        return self.steps[1:]
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    """One real step (mapper steps included) as status reports it."""
+
+    id: str
+    kind: StepKind
+    component: str | None
+    function: str | None
+    version: int | None
+    state: StepState
+    pid: int | None = None
+    location: str | None = None  # where it runs, for runtimes that place steps elsewhere
+
+    def as_json(self) -> dict[str, Any]:
+        """The shape of a step in `status --json` (unchanged: no location while it is local)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "kind": str(self.kind),
+            "component": self.component,
+            "function": self.function,
+            "version": self.version,
+            "state": str(self.state),
+            "pid": self.pid,
+        }
+        if self.location is not None:
+            out["location"] = self.location
+        return out
+
+
+@dataclass(frozen=True)
+class StepExit:
+    """A step process of a running flow version ended unexpectedly (the runtime restarts it)."""
+
+    step: str
+    at: float  # time.monotonic()
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeploymentResult:
+    """What a publish, rollback or redeploy did: the API's and CLI's answer."""
+
+    flow: str
+    deployment: int
+    version: int
+    from_version: int | None
+    status: DeploymentState
+    reason: str | None = None
+    warmup_ms: float | None = None
+    gap_ms: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "flow": self.flow,
+            "deployment": self.deployment,
+            "version": self.version,
+            "from_version": self.from_version,
+            "status": str(self.status),
+        }
+        if self.status == DeploymentState.FAILED:
+            out["reason"] = self.reason
+        elif self.status == DeploymentState.DONE and self.warmup_ms is not None:
+            out["warmup_ms"] = self.warmup_ms
+            out["gap_ms"] = self.gap_ms
+        return out

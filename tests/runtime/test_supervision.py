@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from deployd.runtime.py_pool import POOL_BASE
+from deployd.runtime.embedded.py_pool import POOL_BASE
 from tests.conftest import db_rows, wait_until
 from tests.flows.conftest import FlowEnv, assert_contiguous, counter_files, flow_toml, read_out
 
@@ -168,7 +168,7 @@ def test_a_redeploy_takes_its_step_processes_from_the_idle_pool(env: FlowEnv) ->
     [forkserver] = [
         p
         for p in _children(env.daemon.proc.pid)
-        if b"deployd.runtime.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()
+        if b"deployd.runtime.embedded.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()
     ]
     # The pool is filled in the background after a start: wait until idle sailors wait.
     running = {s["pid"] for s in env.flow("counter")["steps"]}

@@ -15,14 +15,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
-from ..config import ComponentConfig, local_path
+from ..config import ComponentConfig, Config, local_path
 from ..errors import GitError
 from ..paths import Paths
 from ..store import Store
 from ..types import PushNotice
 from . import git as gitops
-from .queue import Pipeline
 
 log = logging.getLogger("deployd.mirror")
 
@@ -31,12 +31,20 @@ FIRST_DELAY = 0.25
 MAX_DELAY = 8.0
 
 
+class _Pipeline(Protocol):
+    """What the resolver reads of the pipeline that owns it."""
+
+    config: Config
+
+    def pending(self, component: str) -> PushNotice | None: ...
+
+
 class MirrorResolver:
     """`Pipeline.resolver`: (component, notice) → the repository path to build from."""
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        pipeline: _Pipeline,
         store: Store,
         paths: Paths,
         *,

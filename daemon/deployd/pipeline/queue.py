@@ -17,11 +17,12 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..config import ComponentConfig, Config, local_path
 from ..errors import BuildError, ComponentError, GitError
+from ..metrics import Metrics
 from ..paths import Paths
+from ..pauses import Pauses
 from ..store import Store
 from ..toolchains.env import clean_env, log_tail
 from ..toolchains.node import SHIM_DIR as NODE_SHIM_DIR
@@ -31,9 +32,7 @@ from ..types import PushNotice, VersionRegistered
 from . import build as builder
 from . import descriptor
 from . import git as gitops
-
-if TYPE_CHECKING:
-    from ..metrics import Metrics
+from .mirror import MirrorResolver
 
 log = logging.getLogger("deployd.pipeline")
 
@@ -47,17 +46,27 @@ Resolver = Callable[[ComponentConfig, "PushNotice"], Awaitable[Path]]
 class Pipeline:
     """Turns push notices into registered component versions."""
 
-    def __init__(self, config: Config, store: Store, paths: Paths) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        paths: Paths,
+        pauses: Pauses,
+        metrics: Metrics,
+        listeners: list[Listener] | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.paths = paths
-        self.listeners: list[Listener] = []
-        self.resolver: Resolver | None = None
+        self.pauses = pauses
+        self.metrics = metrics
+        self.listeners: list[Listener] = list(listeners or [])
+        # Webhook commits and remote urls: fetch mirrors (waiting for a pushed commit to show
+        # up) before each build.
+        self.resolver: Resolver = MirrorResolver(self, store, paths)
         self._pending: dict[str, PushNotice] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(config.daemon.max_parallel_builds)
-        self.paused: set[str] = set()
-        self.metrics: Metrics | None = None
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -74,7 +83,7 @@ class Pipeline:
         if comp is None:
             log.warning("push notice for unknown component %r ignored", notice.component)
             return False
-        if comp.name in self.paused and not notice.force:  # `deployd redeploy` still builds
+        if self.pauses.component(comp.name) and not notice.force:  # `deployd redeploy` still builds
             self.store.event(
                 "push.paused",
                 f"{comp.name} is paused: {notice.source} push of "
@@ -166,16 +175,13 @@ class Pipeline:
             self._workers.pop(name, None)
 
     async def _process(self, comp: ComponentConfig, notice: PushNotice) -> None:
-        if self.resolver is not None:
-            try:
-                repo = await self.resolver(comp, notice)
-            except GitError as exc:
-                self.store.event(
-                    "push.failed", f"{comp.name}: {exc}", component=comp.name, sha=notice.sha
-                )
-                return
-        else:
-            repo = self.repo_path(comp)
+        try:
+            repo = await self.resolver(comp, notice)
+        except GitError as exc:
+            self.store.event(
+                "push.failed", f"{comp.name}: {exc}", component=comp.name, sha=notice.sha
+            )
+            return
         sha = notice.sha
         if sha is not None and not await asyncio.to_thread(gitops.has_commit, repo, sha):
             head = await asyncio.to_thread(gitops.head, repo, comp.branch)
@@ -290,8 +296,7 @@ class Pipeline:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             self._observe_build(comp.name, build_id, time.monotonic() - started)
-        if self.metrics is not None:
-            self.metrics.version_registered(comp.name)
+        self.metrics.version_registered(comp.name)
         log.info(
             "registered %s v%s (%s) in %.0f ms",
             comp.name,
@@ -307,8 +312,6 @@ class Pipeline:
                 log.exception("version listener failed for %s v%s", comp.name, version)
 
     def _observe_build(self, component: str, build_id: int, seconds: float) -> None:
-        if self.metrics is None:
-            return
         row = self.store.build(build_id)
         status = row["status"] if row else "failed"
         if status == "failed" and row and row.get("retryable"):

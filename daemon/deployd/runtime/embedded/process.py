@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..toolchains.env import clean_env
-from ..toolchains.env import log_tail as read_tail
+from ...toolchains.env import clean_env
+from ...toolchains.env import log_tail as read_tail
+from ..base import StepFailed
+from ..protocol import MAX_LINE, decode, encode
 from .node_pool import NodeRuntime, NodeSettings
-from .protocol import MAX_LINE, decode, encode
 from .py_pool import PyPool
 
 log = logging.getLogger("deployd.runtime")
@@ -33,15 +34,6 @@ log = logging.getLogger("deployd.runtime")
 
 class StepDied(Exception):
     """The step process went away while it had work."""
-
-
-class StepFailed(Exception):
-    """A step process did not come up (import error, init error, crash, timeout)."""
-
-    def __init__(self, step: str, reason: str) -> None:
-        self.step = step
-        self.reason = reason
-        super().__init__(f"step {step}: {reason}")
 
 
 @dataclass
@@ -295,7 +287,7 @@ class Launcher:
         self._fork = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "deployd.runtime.forkserver",
+            "deployd.runtime.embedded.forkserver",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=logf,
@@ -400,4 +392,4 @@ class Launcher:
 
 
 def _package_root() -> str:
-    return str(Path(__file__).resolve().parents[2])
+    return str(Path(__file__).resolve().parents[3])

@@ -18,16 +18,12 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..toolchains.node import NodeInfo, detect
-from .idle_pool import Idle, IdlePool
-
-if TYPE_CHECKING:
-    from .process import StepProcess
+from ...toolchains.node import NodeInfo, detect
+from .idle_pool import Idle, IdlePool, PooledStep
 
 POOL_BASE = 1  # idle sailors kept even when no Node step runs (when node is available)
-SAILOR_JS = Path(__file__).with_name("sailor.js")
+SAILOR_JS = Path(__file__).parent.parent / "sailor.js"
 
 
 @dataclass(frozen=True)
@@ -59,7 +55,7 @@ class NodeRuntime(IdlePool):
         self.home = home
         self.log_path = log_dir / "node-pool.log"
         self.env = dict(env)
-        self._owner: dict[int, StepProcess] = {}
+        self._owner: dict[int, PooledStep] = {}
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -88,12 +84,12 @@ class NodeRuntime(IdlePool):
     def alive(self, idle: Idle) -> bool:
         return bool(idle.proc is not None and idle.proc.returncode is None)
 
-    def taken(self, idle: Idle, step: StepProcess) -> None:
+    def taken(self, idle: Idle, step: PooledStep) -> None:
         self._owner[idle.pid] = step
 
     # -- launching -------------------------------------------------------------------------
 
-    async def launch(self, step: StepProcess) -> int:
+    async def launch(self, step: PooledStep) -> int:
         """Start `step` (already expected by the launcher); returns its pid."""
         info = self.info()
         if info.error is not None or info.path is None:
@@ -104,7 +100,7 @@ class NodeRuntime(IdlePool):
             pid = await self._spawn_direct(step, info.path)
         return pid
 
-    async def _spawn_direct(self, step: StepProcess, node: str) -> int:
+    async def _spawn_direct(self, step: PooledStep, node: str) -> int:
         logf = step.log_path.open("ab")
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -13,10 +13,12 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from ..errors import FlowError
-from ..flowstore import FlowStore
-from ..store import Store
-from . import mapper
+from ...errors import FlowError
+from ...flowstore import FlowStore
+from ...metrics import Metrics
+from ...store import Store
+from ...types import RunStep
+from .. import mapper
 from .process import Result
 
 log = logging.getLogger("deployd.router")
@@ -26,11 +28,11 @@ REBOUND_LIMIT = 10
 class Router:
     """Commits results; wakes the consumer of a queue when a message arrives in it."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: Metrics) -> None:
         self.store = store
         self.flows = FlowStore(store)
         self._wake: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
-        self.metrics: Any = None  # deployd.metrics.Metrics, set by the service
+        self.metrics = metrics
         # Step snapshots as last committed: the router is their only writer, so a call or
         # message need not read (and decode) the snapshot from the database each time.
         self._snapshots: dict[tuple[str, str], dict[str, Any]] = {}
@@ -47,7 +49,7 @@ class Router:
     def commit(
         self,
         flow: str,
-        steps: list[dict[str, Any]],
+        steps: tuple[RunStep, ...],
         index: int,
         res: Result,
         row: dict[str, Any] | None = None,
@@ -58,8 +60,7 @@ class Router:
         if row is None and not res.outputs and res.snapshot is None and not res.errors:
             # A trigger call that produced nothing: there is nothing to make durable, and an
             # idle flow should not write to the database several times a second.
-            if self.metrics is not None:
-                self.metrics.message_processed(flow, step["id"])
+            self.metrics.message_processed(flow, step.id)
             return
         saved: dict[str, Any] | None = None
         with self.store.tx():
@@ -72,31 +73,29 @@ class Router:
             for body, headers in res.outputs:
                 if nxt is None:
                     continue
-                if nxt.get("mapping"):
+                if nxt.mapping:
                     try:
-                        body = mapper.apply(nxt["mapping"], body)
+                        body = mapper.apply(nxt.mapping, body)
                     except FlowError as exc:
                         mapping_errors += 1
-                        self.flows.count(flow, f"{nxt['id']}:mapper", failed=1, error=str(exc))
+                        self.flows.count(flow, f"{nxt.id}:mapper", failed=1, error=str(exc))
                         continue
-                self.flows.enqueue(flow, nxt["id"], body, headers)
+                self.flows.enqueue(flow, nxt.id, body, headers)
                 woke = True
             if res.snapshot is not None:
-                self.flows.save_snapshot(flow, step["id"], res.snapshot)
+                self.flows.save_snapshot(flow, step.id, res.snapshot)
                 saved = res.snapshot
             if row is not None:
                 self.flows.delete_message(row["id"])
             error = res.errors[-1] if res.errors else None
-            self.flows.count(flow, step["id"], processed=1, failed=1 if error else 0, error=error)
+            self.flows.count(flow, step.id, processed=1, failed=1 if error else 0, error=error)
         if saved is not None:  # only once the transaction has committed
-            self._snapshots[(flow, step["id"])] = saved
-        if self.metrics is not None:
-            self.metrics.message_processed(flow, step["id"])
-            if error:
-                self.metrics.message_failed(flow, step["id"])
+            self._snapshots[(flow, step.id)] = saved
+        self.metrics.message_processed(flow, step.id)
         if error:
-            log.warning("flow %s step %s: %s", flow, step["id"], error[:500])
+            self.metrics.message_failed(flow, step.id)
+            log.warning("flow %s step %s: %s", flow, step.id, error[:500])
         if mapping_errors:
             log.warning("flow %s: %d message(s) failed their mapping", flow, mapping_errors)
         if woke and nxt is not None:
-            self._wake[(flow, nxt["id"])].set()
+            self._wake[(flow, nxt.id)].set()

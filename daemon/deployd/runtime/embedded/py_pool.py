@@ -14,12 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .idle_pool import Idle, IdlePool
-
-if TYPE_CHECKING:
-    from .process import StepProcess
+from .idle_pool import Idle, IdlePool, PooledStep
 
 POOL_BASE = 4  # idle sailors kept even when no flow runs: a first small flow starts at once
 POOL_MAX = 64
@@ -46,7 +43,7 @@ class PyPool(IdlePool):
     def alive(self, idle: Idle) -> bool:
         return idle.pid in self._idle_pids
 
-    def taken(self, idle: Idle, step: StepProcess) -> None:
+    def taken(self, idle: Idle, step: PooledStep) -> None:
         self._idle_pids.discard(idle.pid)
 
     def dropped(self, idle: Idle) -> None:

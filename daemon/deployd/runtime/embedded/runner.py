@@ -5,8 +5,9 @@ takes the oldest message of its durable queue, hands it to its process and commi
 result through the `Router`. A step process that exits unexpectedly is restarted with
 back-off (1 s doubling to 30 s) and its unfinished message is delivered again.
 
-Loops can be stopped and started one step at a time: that is how a publish switches from
-the old runner to the new one with a gap of milliseconds (see `flows/deploy.py`).
+Loops can be stopped and started one step at a time: that is how a switch hands a flow from
+the old runner to the new one with a gap of milliseconds (see `runtime.py`). A runner is the
+embedded runtime's `FlowRun` (`runtime/base.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .process import Launcher, StepDied, StepFailed, StepProcess
+from ...types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState, StepStatus
+from ..base import StepFailed
+from .process import Launcher, StepDied, StepProcess, log_tail
 from .router import Router
 
 log = logging.getLogger("deployd.runner")
@@ -26,6 +29,7 @@ BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 IDLE_POLL = 5.0  # an idle action loop's safety-net wake-up (seconds)
+MAX_EXITS_KEPT = 100
 
 
 class FlowRunner:
@@ -34,20 +38,19 @@ class FlowRunner:
         launcher: Launcher,
         router: Router,
         log_dir: Path,
-        flow: str,
-        version: int,
-        steps: list[dict[str, Any]],
+        spec: FlowVersionToRun,
+        drain_timeout: float = 20.0,
     ) -> None:
-        """`steps`: resolved steps, each with `artifact_dir`, `main` and `runtime` added."""
         self.launcher = launcher
         self.router = router
         self.flows = router.flows
         self.log_dir = log_dir
-        self.flow = flow
-        self.version = version
-        self.steps = steps
+        self._spec = spec
+        self.flow = spec.flow
+        self.version = spec.version
+        self.steps = spec.steps
         self.procs: dict[str, StepProcess] = {}
-        self.live: dict[str, asyncio.Event] = {s["id"]: asyncio.Event() for s in steps}
+        self.live: dict[str, asyncio.Event] = {s.id: asyncio.Event() for s in spec.steps}
         self.loops: dict[str, asyncio.Task[None]] = {}
         self.stop_flags: dict[str, asyncio.Event] = {}
         self.exit_times: list[float] = []
@@ -62,28 +65,46 @@ class FlowRunner:
         self.sleeping_until: float | None = None
         self.last_error: str | None = None
         self.last_error_step: str | None = None  # the step whose log explains last_error
-        self.drain_timeout = 20.0  # longest wait for a step to finish its work when stopping
+        self.drain_timeout = drain_timeout  # longest wait for a step to finish when stopping
         self._handled: set[str] = set()  # tokens of processes whose exit was supervised
+        self._exits: asyncio.Queue[StepExit | None] = asyncio.Queue()
+
+    # -- FlowRun (runtime/base.py) ---------------------------------------------------------
+
+    @property
+    def spec(self) -> FlowVersionToRun:
+        return self._spec
+
+    def last_error_log(self) -> str:
+        if self.last_error_step is None:
+            return ""
+        return log_tail(self.log_path(self.last_error_step))
+
+    async def next_exit(self) -> StepExit | None:
+        if self.stopping and self._exits.empty():
+            return None
+        return await self._exits.get()
+
+    def log_path(self, step_id: str) -> Path:
+        return self.log_dir / self.flow / f"{step_id}.log"
 
     # -- processes -------------------------------------------------------------------------
 
-    def _new_proc(self, step: dict[str, Any]) -> StepProcess:
+    def _new_proc(self, step: RunStep) -> StepProcess:
         spec = {
             "flow": self.flow,
-            "step": step["id"],
-            "kind": step["kind"],
-            "component": step["component"],
-            "version": step["version"],
-            "function": step["function"],
-            "config": step.get("config") or {},
-            "artifact_dir": step["artifact_dir"],
-            "main": step["main"],
-            "runtime": step.get("runtime", "python"),
+            "step": step.id,
+            "kind": str(step.kind),
+            "component": step.component,
+            "version": step.version,
+            "function": step.function,
+            "config": dict(step.config),
+            "artifact_dir": step.artifact_dir,
+            "main": step.main,
+            "runtime": step.runtime,
         }
-        proc = StepProcess(
-            self.launcher, spec, self.log_dir / self.flow / f"{step['id']}.log", self._on_exit
-        )
-        self.procs[step["id"]] = proc
+        proc = StepProcess(self.launcher, spec, self.log_path(step.id), self._on_exit)
+        self.procs[step.id] = proc
         return proc
 
     async def start(self, timeout: float) -> None:
@@ -98,11 +119,15 @@ class FlowRunner:
         except TimeoutError:
             slow = [p.step_id for p in procs if not p.ready.done()]
             await self.stop(timeout=2)
+            step = slow[0] if slow else "?"
             raise StepFailed(
-                slow[0] if slow else "?", f"not ready within warmup_timeout ({timeout:g}s)"
+                step,
+                f"not ready within warmup_timeout ({timeout:g}s)",
+                log_tail(self.log_path(step)),
             ) from None
-        except StepFailed:
+        except StepFailed as exc:
             await self.stop(timeout=2)
+            exc.log_tail = exc.log_tail or log_tail(self.log_path(exc.step))
             raise
         finally:
             for p in procs:
@@ -121,8 +146,10 @@ class FlowRunner:
         self.last_error = f"step {proc.step_id} exited (code {proc.exit_code})"
         self.last_error_step = proc.step_id
         self.flows.count(self.flow, proc.step_id, restarts=1, error=self.last_error)
-        if self.router.metrics is not None:
-            self.router.metrics.step_restarted(self.flow, proc.step_id)
+        self.router.metrics.step_restarted(self.flow, proc.step_id)
+        if self._exits.qsize() >= MAX_EXITS_KEPT:  # nobody watches after the rollback window
+            self._exits.get_nowait()
+        self._exits.put_nowait(StepExit(proc.step_id, now, self.last_error))
         delay = self.backoff.get(proc.step_id, 0.0)
         delay = (
             BACKOFF_START if now - proc.started_at > STABLE_AFTER else delay * 2 or BACKOFF_START
@@ -144,7 +171,7 @@ class FlowRunner:
         await asyncio.sleep(delay)
         if self.stopping:
             return
-        step = next(s for s in self.steps if s["id"] == step_id)
+        step = next(s for s in self.steps if s.id == step_id)
         proc = self._new_proc(step)
         await proc.spawn()
         try:
@@ -179,19 +206,19 @@ class FlowRunner:
     def start_loops(self, step_ids: list[str] | None = None) -> None:
         self.supervise = True
         for index, step in enumerate(self.steps):
-            if step_ids is not None and step["id"] not in step_ids:
+            if step_ids is not None and step.id not in step_ids:
                 continue
-            if step["id"] in self.loops:
+            if step.id in self.loops:
                 continue
-            proc = self.procs.get(step["id"])
+            proc = self.procs.get(step.id)
             if proc is not None and proc.exited.is_set() and proc.token not in self._handled:
                 # It died between its warm-up and now, while nobody supervised it.
                 self._on_exit(proc)
             stop = asyncio.Event()
-            self.stop_flags[step["id"]] = stop
+            self.stop_flags[step.id] = stop
             coro = self._trigger_loop(step, stop) if index == 0 else self._action_loop(index, stop)
-            self.loops[step["id"]] = asyncio.get_running_loop().create_task(
-                coro, name=f"flow:{self.flow}:{step['id']}"
+            self.loops[step.id] = asyncio.get_running_loop().create_task(
+                coro, name=f"flow:{self.flow}:{step.id}"
             )
 
     async def stop_loop(self, step_id: str) -> None:
@@ -224,13 +251,13 @@ class FlowRunner:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    async def _trigger_loop(self, step: dict[str, Any], stop: asyncio.Event) -> None:
-        interval = float(step.get("interval", 1.0))
+    async def _trigger_loop(self, step: RunStep, stop: asyncio.Event) -> None:
+        interval = float(step.interval)
         while not stop.is_set():
-            proc = await self._live_proc(step["id"], stop)
+            proc = await self._live_proc(step.id, stop)
             if proc is None:
                 return
-            snapshot = self.router.snapshot(self.flow, step["id"])
+            snapshot = self.router.snapshot(self.flow, step.id)
             started = time.monotonic()
             if self.first_call_at is None:
                 self.first_call_at = started
@@ -258,7 +285,7 @@ class FlowRunner:
         If the trigger is waiting for its next call and that call is due within `max_wait`,
         the loop makes that call and then ends; otherwise it ends now.
         """
-        trigger = self.steps[0]["id"]
+        trigger = self.steps[0].id
         self.boundary_stop = True
         due = self.sleeping_until
         if due is not None and due - time.monotonic() > max_wait:
@@ -274,9 +301,9 @@ class FlowRunner:
 
     async def _action_loop(self, index: int, stop: asyncio.Event) -> None:
         step = self.steps[index]
-        wake = self.router.waker(self.flow, step["id"])
+        wake = self.router.waker(self.flow, step.id)
         while not stop.is_set():
-            row = self.flows.next_message(self.flow, step["id"])
+            row = self.flows.next_message(self.flow, step.id)
             if row is None:
                 wake.clear()
                 waiter = asyncio.ensure_future(wake.wait())
@@ -286,16 +313,16 @@ class FlowRunner:
                 # of every idle action step was most of an idle daemon's CPU).
                 await asyncio.wait(
                     {waiter, stopper},
-                    timeout=self._idle_wait(step["id"]),
+                    timeout=self._idle_wait(step.id),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 waiter.cancel()
                 stopper.cancel()
                 continue
-            proc = await self._live_proc(step["id"], stop)
+            proc = await self._live_proc(step.id, stop)
             if proc is None:
                 return
-            snapshot = self.router.snapshot(self.flow, step["id"])
+            snapshot = self.router.snapshot(self.flow, step.id)
             msg = {"id": row["msg_id"], "body": row["body"], "headers": row["headers"]}
             try:
                 res = await proc.request({"t": "msg", "msg": msg, "snapshot": snapshot}, snapshot)
@@ -315,7 +342,7 @@ class FlowRunner:
 
     async def trigger_hook(self, name: str, data: Any = None) -> Any:
         """Run the trigger's startup() or shutdown(); returns what it returned."""
-        proc = self.procs.get(self.steps[0]["id"])
+        proc = self.procs.get(self.steps[0].id)
         if proc is None or not self.live[proc.step_id].is_set():
             return None
         try:
@@ -329,47 +356,43 @@ class FlowRunner:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop every loop (current work finishes) and every process."""
         self.stopping = True
+        self._exits.put_nowait(None)
         for task in list(self.restart_tasks):
             task.cancel()
         await asyncio.gather(*(self.stop_loop(sid) for sid in list(self.loops)))
         await asyncio.gather(*(p.stop(timeout) for p in self.procs.values()))
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[StepStatus]:
         """Every step, mapper steps included, as `status --json` shows it."""
-        out: list[dict[str, Any]] = []
+        out: list[StepStatus] = []
         for step in self.steps:
-            proc = self.procs.get(step["id"])
-            if step.get("mapping"):
+            proc = self.procs.get(step.id)
+            if step.mapping:
+                mapper_state = StepState.RUNNING if self.supervise and not self.stopping else None
                 out.append(
-                    {
-                        "id": f"{step['id']}:mapper",
-                        "kind": "mapper",
-                        "component": None,
-                        "function": None,
-                        "version": None,
-                        "state": "running" if self.supervise and not self.stopping else "stopped",
-                        "pid": None,
-                    }
+                    StepStatus(
+                        f"{step.id}:mapper",
+                        StepKind.MAPPER,
+                        None,
+                        None,
+                        None,
+                        mapper_state or StepState.STOPPED,
+                    )
                 )
             if proc is None:
-                state = "stopped"
-            elif self.live[step["id"]].is_set():
-                state = "running" if self.supervise else "ready"
-            elif proc.state in ("starting",):
-                state = "starting"
+                state = StepState.STOPPED
+            elif self.live[step.id].is_set():
+                state = StepState.RUNNING if self.supervise else StepState.READY
+            elif proc.state == "starting":
+                state = StepState.STARTING
             elif self.stopping:
-                state = "stopped"
+                state = StepState.STOPPED
             else:
-                state = "restarting" if self.supervise else proc.state
+                state = StepState.RESTARTING if self.supervise else StepState(proc.state)
+            pid = proc.pid if proc is not None and not proc.exited.is_set() else None
             out.append(
-                {
-                    "id": step["id"],
-                    "kind": step["kind"],
-                    "component": step["component"],
-                    "function": step["function"],
-                    "version": step["version"],
-                    "state": state,
-                    "pid": proc.pid if proc is not None and not proc.exited.is_set() else None,
-                }
+                StepStatus(
+                    step.id, step.kind, step.component, step.function, step.version, state, pid
+                )
             )
         return out

@@ -20,7 +20,7 @@ import signal
 import sys
 from typing import Any
 
-from . import sailor_py  # preloaded: this import is what every fork inherits
+from .. import sailor_py  # preloaded: this import is what every fork inherits
 
 children: set[int] = set()
 

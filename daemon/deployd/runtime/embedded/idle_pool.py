@@ -16,16 +16,27 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from .protocol import encode
-
-if TYPE_CHECKING:
-    from .process import StepProcess
+from ..protocol import encode
 
 log = logging.getLogger("deployd.runtime.pool")
 REFILL_SETTLE = 0.3  # let a warm-up in progress have the CPU before refilling
 ARRIVE_TIMEOUT = 10.0
+
+
+class PooledStep(Protocol):
+    """What a pool needs of a step process (`process.PooledStep`); keeps the pools free of it."""
+
+    step_id: str
+    spec: dict[str, Any]
+    log_path: Path
+    exited: asyncio.Event
+
+    def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None: ...
+
+    def exit_reported(self, code: int) -> None: ...
 
 
 @dataclass
@@ -43,7 +54,7 @@ class IdlePool(abc.ABC):
     def __init__(self) -> None:
         self._idle: list[Idle] = []
         self._arriving: dict[str, asyncio.Future[tuple[asyncio.StreamReader, Any]]] = {}
-        self._steps: list[StepProcess] = []
+        self._steps: list[PooledStep] = []
         self._wake = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
         self._stopping = False
@@ -62,7 +73,7 @@ class IdlePool(abc.ABC):
     async def spawn_idle(self) -> None:
         """Start one idle sailor and `keep` it once it has arrived (see `arrival`)."""
 
-    def taken(self, idle: Idle, step: StepProcess) -> None:  # noqa: B027 - optional hook
+    def taken(self, idle: Idle, step: PooledStep) -> None:  # noqa: B027 - optional hook
         """An idle sailor now serves `step`."""
 
     def dropped(self, idle: Idle) -> None:  # noqa: B027 - optional hook
@@ -86,7 +97,7 @@ class IdlePool(abc.ABC):
             sailor.writer.close()
         return idle
 
-    def take(self, step: StepProcess) -> int | None:
+    def take(self, step: PooledStep) -> int | None:
         """Hand `step` to an idle sailor; its pid, or None when the pool is empty."""
         self._steps.append(step)
         self._wake.set()  # demand may have changed: top the pool up

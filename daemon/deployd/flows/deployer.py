@@ -1,0 +1,324 @@
+"""The deployer: what people and new component versions ask of flows.
+
+`apply`, `publish`, `rollback`, `start_flow`, `stop_flow` and `resume` are the operations
+behind the CLI and API; `on_version_registered` is the pipeline's cue to draft, validate and
+(auto) publish every affected flow. Drafting and validation are `drafts.py`; the publish
+state machine with rollback is `publish.py`; what runs the steps is a `Runtime`
+(`runtime/base.py`) passed in — the deployer knows no runtime implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ..config import Config
+from ..errors import FlowError
+from ..flowstore import FlowStore
+from ..metrics import Metrics
+from ..pauses import Pauses
+from ..runtime.base import Runtime
+from ..store import Row, Store
+from ..toolchains import node as nodetool
+from ..types import FlowState, StepStatus, VersionRegistered
+from .drafts import Drafts
+from .publish import Cause, Publisher
+
+log = logging.getLogger("deployd.deploy")
+
+
+class Deployer:
+    """Flows, drafts and publishing, on one runtime."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        runtime: Runtime,
+        pauses: Pauses,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.fs = FlowStore(store)
+        self.runtime = runtime
+        self.pauses = pauses
+        self.metrics = metrics
+        self.drafts = Drafts(config, store)
+        self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
+
+    # -- service lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Finish interrupted deployments, then bring every enabled flow back up."""
+        await self.runtime.start()
+        self.publisher.recover()
+        flows = [f for f in self.fs.flows() if f["enabled"] and f["active_version"]]
+        await asyncio.gather(*(self.publisher.start_run(f["name"], initial=False) for f in flows))
+        await self.catch_up()
+
+    async def catch_up(self) -> None:
+        """Redeploy what a killed daemon registered but never got to publish.
+
+        A version registered just before a crash has no draft or deployment yet; without this
+        its flows would stay on the older version until the next push. Every version newer
+        than what a flow runs is offered, oldest first, not only the recent one: when a kill
+        cut the publish of a good version and a newer one cannot run (import error, missing
+        action), replaying them in order ends on the good one, as it would have without it.
+        """
+        used: dict[str, int] = {}
+        for flow in self.fs.flows():
+            fv = self.fs.flow_version(flow["name"], flow["active_version"] or 0)
+            for s in fv["steps"] if fv else ():
+                if not s["pinned"]:
+                    used[s["component"]] = min(used.get(s["component"], s["version"]), s["version"])
+        for comp, oldest in used.items():
+            for row in reversed(self.store.versions(comp)):
+                if row["version"] > oldest and row["artifact_dir"]:  # not removed by gc
+                    event = VersionRegistered(comp, row["version"], row["sha"], row["semver"])
+                    await self.on_version_registered(event, catch_up=True)
+
+    async def reload(self, config: Config) -> None:
+        """SIGHUP: new settings apply to the next publish; running flows are not restarted."""
+        self.config = self.drafts.config = self.publisher.config = config
+        nodetool.forget()  # node may have been installed or upgraded meanwhile
+        self.runtime.reload(config.daemon)
+
+    async def stop(self) -> None:
+        """Daemon shutdown: stop every flow's processes (flows stay enabled for next start)."""
+        await self.publisher.stop_all()
+        await self.runtime.close()
+
+    # -- user operations -------------------------------------------------------------------
+
+    async def apply(self, text: str, draft_only: bool = False) -> dict[str, Any]:
+        """Create the flow or a new draft of it from flow-file text; publish unless draft_only."""
+        spec = self.drafts.parse(text)
+        async with self.publisher.lock(spec.name):
+            existing = self.fs.flow(spec.name)
+            steps = self.drafts.resolve(spec)
+            problems = self.drafts.validate(steps)
+            if problems and not draft_only:
+                raise FlowError(
+                    f"flow {spec.name} is not valid, nothing was changed: " + "; ".join(problems)
+                )
+            with self.store.tx():
+                if existing is None:
+                    self.fs.create_flow(spec.name, spec.type, spec.update)
+                self.fs.put_draft(
+                    spec.name,
+                    spec.model_dump(mode="json"),
+                    [s.model_dump() for s in steps],
+                    problems,
+                    "flow apply",
+                )
+                self.store.event(
+                    "draft.created",
+                    f"draft of {spec.name} created by flow apply"
+                    + (f" with {len(problems)} problem(s)" if problems else ""),
+                    flow=spec.name,
+                )
+            if draft_only:
+                return {"flow": spec.name, "draft": True, "problems": problems}
+            if existing is None:
+                with self.store.tx():
+                    self.fs.set_flow(spec.name, enabled=1)
+            return await self._publish_draft(spec.name, Cause("flow apply"))
+
+    async def publish(self, name: str) -> dict[str, Any]:
+        self._known(name)
+        async with self.publisher.lock(name):
+            return await self._publish_draft(name, Cause("flow publish"))
+
+    async def rollback(self, name: str, to: int | None) -> dict[str, Any]:
+        self._known(name)
+        async with self.publisher.lock(name):
+            flow = self._known(name)  # read under the lock: a redeploy may just have finished
+            active = flow["active_version"]
+            if to is None:
+                row = self.store.one(
+                    "SELECT from_version FROM deployments WHERE flow = ? AND to_version = ?"
+                    " AND status = 'done' AND from_version IS NOT NULL ORDER BY id DESC LIMIT 1",
+                    (name, active),
+                )
+                if row is None:
+                    raise FlowError(f"flow {name} has no earlier version to roll back to; use --to")
+                to = int(row["from_version"])
+            target = self.fs.flow_version(name, to)
+            if target is None:
+                raise FlowError(f"flow {name} has no version {to} (see `deployd flow history`)")
+            if to == active:
+                raise FlowError(f"flow {name} already runs version {to}")
+            res = await self.publisher.publish(
+                name, target["spec"], target["steps"], f"rollback to v{to}", Cause("flow rollback")
+            )
+            return res.as_json()
+
+    async def start_flow(self, name: str) -> dict[str, Any]:
+        flow = self._known(name)
+        if not flow["active_version"]:
+            raise FlowError(f"flow {name} has never been published (`deployd flow publish {name}`)")
+        async with self.publisher.lock(name):
+            with self.store.tx():
+                self.fs.set_flow(name, enabled=1)
+            if name not in self.publisher.runs:
+                await self.publisher.start_run(name, initial=True)
+        if name in self.publisher.failed:
+            raise FlowError(f"flow {name} did not start: {self.publisher.failed[name]}")
+        return {"flow": name, "state": "running", "version": flow["active_version"]}
+
+    async def stop_flow(self, name: str) -> dict[str, Any]:
+        self._known(name)
+        async with self.publisher.lock(name):
+            flow = self._known(name)  # read under the lock: a redeploy may just have finished
+            await self.publisher.stop_run(name, flow["startup_data"])
+            with self.store.tx():
+                self.fs.set_flow(name, enabled=0, startup_data=None)
+                self.store.event("flow.stopped", f"flow {name} stopped", flow=name)
+        return {"flow": name, "state": "stopped"}
+
+    async def resume(self, name: str) -> dict[str, Any] | None:
+        """After `deployd resume`: publish the draft an automatic redeploy left, if valid."""
+        async with self.publisher.lock(name):
+            flow = self._known(name)
+            draft = self.fs.draft(name)
+            if (
+                draft is None
+                or draft["problems"]
+                or flow["update"] != "auto"
+                or not flow["enabled"]
+                or draft["reason"] == "flow apply"
+            ):
+                return None
+            return await self._publish_draft(name, Cause("resume"))
+
+    def _known(self, name: str) -> Row:
+        flow = self.fs.flow(name)
+        if flow is None:
+            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+        return flow
+
+    async def _publish_draft(self, name: str, cause: Cause) -> dict[str, Any]:
+        draft = self.fs.draft(name)
+        if draft is None:
+            raise FlowError(f"flow {name} has no draft to publish (`deployd flow apply FILE`)")
+        if draft["problems"]:
+            raise FlowError(f"draft of {name} is not valid: " + "; ".join(draft["problems"]))
+        res = await self.publisher.publish(
+            name, draft["spec"], draft["steps"], draft["reason"], cause, from_draft=True
+        )
+        return res.as_json()
+
+    # -- automatic redeploy ----------------------------------------------------------------
+
+    async def on_version_registered(self, event: VersionRegistered, catch_up: bool = False) -> None:
+        """A new component version: draft, validate and (auto) publish every affected flow.
+
+        With `catch_up` (at start-up), flows that already have a draft or a deployment for
+        this version are left as they are: a failed deploy is not retried at every restart.
+        """
+        for flow in self.fs.flows():
+            if not flow["active_version"]:
+                continue
+            fv = self.fs.flow_version(flow["name"], flow["active_version"])
+            if fv is None:
+                continue
+            uses = [s for s in fv["steps"] if s["component"] == event.component and not s["pinned"]]
+            if not uses or any(s["version"] >= event.version for s in uses):
+                continue
+            if flow["update"] == "auto" and not flow["enabled"]:
+                continue  # stopped flows are left alone
+            if catch_up and self._handled(flow["name"], event):
+                continue
+            self.publisher.spawn(self._redeploy(flow["name"], event), f"redeploy:{flow['name']}")
+
+    def _handled(self, name: str, event: VersionRegistered) -> bool:
+        """True when this version was already drafted for a person, or deployed (not merely
+        interrupted by a crash) to flow `name`."""
+        flow = self.fs.flow(name)
+        draft = self.fs.draft(name)
+        if (
+            draft
+            and (draft["reason"] or "").startswith(f"{event.component} v{event.version} ")
+            and (draft["problems"] or (flow and flow["update"] != "auto"))
+        ):
+            return True
+        drafted = self.store.one(  # the same, for a draft that a later one replaced
+            "SELECT message FROM events WHERE kind = 'draft.created' AND flow = ?"
+            " AND component = ? AND sha = ? ORDER BY id DESC LIMIT 1",
+            (name, event.component, event.sha),
+        )
+        if drafted and (
+            "needs attention" in drafted["message"] or (flow and flow["update"] != "auto")
+        ):
+            return True
+        row = self.store.one(
+            "SELECT 1 FROM deployments WHERE flow = ? AND component = ? AND component_version = ?"
+            " AND (reason IS NULL OR reason NOT LIKE 'interrupted:%')",
+            (name, event.component, event.version),
+        )
+        return row is not None
+
+    async def _redeploy(self, name: str, event: VersionRegistered) -> None:
+        async with self.publisher.lock(name):
+            flow = self._known(name)
+            fv = self.fs.flow_version(name, flow["active_version"])
+            assert fv is not None
+            steps = self.drafts.with_version(fv["steps"], event.component, event.version)
+            problems = self.drafts.validate(steps)
+            reason = f"{event.component} v{event.version} ({event.sha[:12]})"
+            with self.store.tx():
+                self.fs.put_draft(
+                    name, fv["spec"], [s.model_dump() for s in steps], problems, reason
+                )
+                if problems:
+                    self.fs.set_flow(name, needs_attention="; ".join(problems))
+                self.store.event(
+                    "draft.created",
+                    f"draft of {name} for {reason}"
+                    + (": needs attention: " + "; ".join(problems) if problems else ""),
+                    flow=name,
+                    component=event.component,
+                    sha=event.sha,
+                )
+            if problems or flow["update"] != "auto":
+                return
+            if self.pauses.flow(name):
+                with self.store.tx():
+                    self.store.event(
+                        "deploy.paused",
+                        f"{name} is paused: draft for {reason} kept, not published "
+                        f"(`deployd resume {name}` publishes it)",
+                        flow=name,
+                    )
+                return
+            await self._publish_draft(
+                name, Cause("component version", event.component, event.version, event.sha)
+            )
+
+    # -- status ----------------------------------------------------------------------------
+
+    def flow_state(self, name: str, enabled: bool) -> FlowState:
+        return self.publisher.state(name, enabled)
+
+    def step_status(self, name: str) -> list[StepStatus] | None:
+        """Live steps of a running flow (None when it does not run)."""
+        return self.publisher.step_status(name)
+
+    def running_count(self) -> int:
+        return len(self.publisher.runs)
+
+    def update_gauges(self) -> None:
+        """Refresh the point-in-time metrics (queue depths, flows by state) before a scrape."""
+        depths = self.runtime.queue_depths()
+        for flow_name, run in self.publisher.runs.items():  # an empty queue has no row: 0
+            for action in run.spec.actions:
+                depths.setdefault((flow_name, action.id), 0)
+        for (flow_name, step_id), depth in depths.items():
+            self.metrics.set_queue_depth(flow_name, step_id, depth)
+        states: dict[str, int] = {}
+        for flow in self.fs.flows():
+            state = self.flow_state(flow["name"], bool(flow["enabled"]))
+            states[state] = states.get(state, 0) + 1
+        self.metrics.set_flows(states)

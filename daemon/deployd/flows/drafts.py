@@ -1,0 +1,124 @@
+"""Drafts: turning flow-file text or a new component version into checked flow steps.
+
+Pure with respect to running things: it reads the store (recent versions, descriptors) and
+validates against the new `component.json`, and it resolves stored steps into the typed
+`FlowVersionToRun` that a runtime starts. The publish state machine is `publish.py`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import Config
+from ..errors import FlowError
+from ..store import Store
+from ..toolchains import node as nodetool
+from ..types import FlowVersionToRun, RunStep, StepKind
+from . import model
+
+
+class Drafts:
+    """Parses, resolves and validates flow steps against registered component versions."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+
+    def parse(self, text: str) -> model.FlowSpec:
+        """Flow-file text → a checked spec whose components all exist in the config."""
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise FlowError(f"flow file is not valid TOML: {exc}") from exc
+        except RecursionError as exc:
+            raise FlowError("flow file is nested too deeply to read; flatten it") from exc
+        spec = model.parse(raw, "flow file")
+        for step in spec.steps:
+            if self.config.component(step.component) is None:
+                known = ", ".join(c.name for c in self.config.components) or "none"
+                raise FlowError(
+                    f"step {step.id}: unknown component {step.component!r} (known: {known})"
+                )
+        return spec
+
+    def resolve(self, spec: model.FlowSpec) -> list[model.Step]:
+        """Pin every step to its own `version` or its component's recent one."""
+        recent = self.store.recent_all()  # one query, no descriptor decoding
+        versions = {
+            s.component: (recent[s.component]["version"] if s.component in recent else None)
+            for s in spec.steps
+        }
+        return model.resolve(spec, versions)
+
+    def with_version(
+        self, steps: Sequence[dict[str, Any]], component: str, version: int
+    ) -> list[model.Step]:
+        """Stored steps with every unpinned step of `component` moved to `version`."""
+        return [
+            model.Step.model_validate(
+                {**s, "version": version} if s["component"] == component and not s["pinned"] else s
+            )
+            for s in steps
+        ]
+
+    def validate(self, steps: list[model.Step]) -> list[str]:
+        """Every reason `steps` cannot run (empty: valid), as `step ID: what` lines."""
+        return model.validate(steps, self._descriptors(steps), self._node_error())
+
+    def _descriptors(self, steps: list[model.Step]) -> dict[tuple[str, int], dict[str, Any]]:
+        out = {}
+        for s in steps:
+            if s.version is not None and (s.component, s.version) not in out:
+                row = self.store.version(s.component, s.version)
+                if row:
+                    desc = dict(row["descriptor"])
+                    desc.setdefault("runtime", row["runtime"])
+                    out[(s.component, s.version)] = desc
+        return out
+
+    def _node_error(self) -> str | None:
+        """Why `runtime = "node"` steps cannot run here (None: they can)."""
+        return nodetool.detect(self.config.daemon.node).error
+
+    def runnable(
+        self, flow: str, version: int, steps: Sequence[dict[str, Any]]
+    ) -> FlowVersionToRun:
+        """Stored steps with their artifact folder, `main` file and language: what a runtime
+        starts. Raises FlowError when a version's code is gone."""
+        out = []
+        rows: dict[tuple[str, int], Any] = {}
+        for s in steps:
+            key = (s["component"], s["version"])
+            if key not in rows:  # 30 steps of one component: one read, one JSON decode
+                rows[key] = self.store.version(*key)
+            row = rows[key]
+            if row is None:
+                raise FlowError(f"step {s['id']}: {s['component']} v{s['version']} is gone")
+            if not row["artifact_dir"]:
+                raise FlowError(
+                    f"step {s['id']}: the code of {s['component']} v{s['version']} was removed "
+                    "by retention (raise daemon.keep_versions, or use a newer version)"
+                )
+            desc = row["descriptor"]
+            group = "triggers" if s["kind"] == "trigger" else "actions"
+            func = (desc.get(group) or {}).get(s["function"])
+            if func is None:
+                raise FlowError(f"step {s['id']}: {s['function']!r} is not in {s['component']}")
+            out.append(
+                RunStep(
+                    id=s["id"],
+                    kind=StepKind(s["kind"]),
+                    component=s["component"],
+                    version=int(s["version"]),
+                    function=s["function"],
+                    artifact_dir=row["artifact_dir"],
+                    main=func["main"],
+                    runtime=desc.get("runtime") or row["runtime"],
+                    config=s.get("config") or {},
+                    mapping=s.get("mapping"),
+                    interval=float(s.get("interval", 1.0)),
+                )
+            )
+        return FlowVersionToRun(flow, version, tuple(out))

@@ -1,0 +1,346 @@
+"""The publish state machine (with rollback), on top of the runtime interface.
+
+Publishing a new version of a running flow, crash-only:
+    deployment(starting_new) → the runtime warms every new step up
+      ├─ a step fails or times out → the new steps are gone, deployment(failed); old runs on
+      └─ all ready → in ONE transaction: flow.active_version = new, deployment(switching)
+         → runtime.switch(old, new): trigger handed over at a call boundary (gap_ms),
+           old actions finish their in-flight message, new actions take over the queues
+         → deployment(done); a watcher restores the old version if the new steps exit
+           `rollback_exits` times within `rollback_window` → deployment(rolled_back)
+A daemon killed at any line restarts into exactly one active version: `recover()` marks
+starting_new as failed (the old version is still active) and switching as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+from ..errors import FlowError
+from ..flowstore import FlowStore
+from ..metrics import Metrics
+from ..runtime.base import FlowRun, Runtime, StepFailed
+from ..store import Store
+from ..types import DeploymentResult, DeploymentState, FlowState, StepStatus
+from .drafts import Drafts
+
+log = logging.getLogger("deployd.deploy")
+INTERRUPTED = "interrupted: the daemon stopped before the new steps were ready"
+
+
+@dataclass(frozen=True)
+class Cause:
+    """What asked for a publish: a person's command or a registered component version."""
+
+    trigger: str
+    component: str | None = None
+    component_version: int | None = None
+    sha: str | None = None
+
+
+class Publisher:
+    """Runs flows through a `Runtime`: start, publish, roll back, stop; one lock per flow."""
+
+    def __init__(
+        self, config: Config, store: Store, runtime: Runtime, drafts: Drafts, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.fs = FlowStore(store)
+        self.runtime = runtime
+        self.drafts = drafts
+        self.metrics = metrics
+        self.runs: dict[str, FlowRun] = {}
+        self.publishing: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state(self, name: str, enabled: bool) -> FlowState:
+        if name in self.publishing:
+            return FlowState.PUBLISHING
+        if name in self.failed:
+            return FlowState.FAILED
+        if name in self.runs:
+            return FlowState.RUNNING
+        return FlowState.FAILED if enabled else FlowState.STOPPED
+
+    def step_status(self, name: str) -> list[StepStatus] | None:
+        run = self.runs.get(name)
+        return run.status() if run is not None else None
+
+    def recover(self) -> None:
+        """Finish deployments a killed daemon left mid-way (before anything runs)."""
+        for dep in self.fs.unfinished_deployments():
+            with self.store.tx():
+                if dep["status"] == DeploymentState.SWITCHING:
+                    self.fs.set_deployment(dep["id"], status=DeploymentState.DONE)
+                else:
+                    self.fs.set_deployment(
+                        dep["id"], status=DeploymentState.FAILED, reason=INTERRUPTED
+                    )
+                self.store.event(
+                    "deploy.recovered",
+                    f"deployment {dep['id']} of {dep['flow']} finished at start-up",
+                    flow=dep["flow"],
+                )
+
+    async def stop_all(self) -> None:
+        """Daemon shutdown: every flow's steps stop (flows stay enabled for the next start)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.gather(*(r.stop() for r in self.runs.values()))
+        self.runs.clear()
+
+    # -- starting and stopping one flow ----------------------------------------------------
+
+    async def _warm_up(self, name: str, version: int, steps: list[dict[str, Any]]) -> FlowRun:
+        spec = self.drafts.runnable(name, version, steps)
+        return await self.runtime.warm_up(spec, self.config.daemon.warmup_timeout)
+
+    async def start_run(self, name: str, initial: bool) -> None:
+        """Bring the active version of `name` up (daemon start, `flow start`)."""
+        flow = self.fs.flow(name)
+        if flow is None or not flow["active_version"]:
+            return
+        fv = self.fs.flow_version(name, flow["active_version"])
+        if fv is None:
+            return
+        try:
+            run = await self._warm_up(name, fv["version"], fv["steps"])
+        except FlowError as exc:
+            self.failed[name] = str(exc)
+            with self.store.tx():
+                self.store.event("flow.failed", f"flow {name} did not start: {exc}", flow=name)
+            return
+        self.failed.pop(name, None)
+        if initial or flow["startup_data"] is None:
+            data = await run.trigger_hook("startup")  # before the first process() call
+            with self.store.tx():
+                self.fs.set_flow(name, startup_data=_json_dump(data))
+        await self.runtime.run(run)
+        self.runs[name] = run
+        with self.store.tx():
+            self.store.event("flow.started", f"flow {name} v{fv['version']} running", flow=name)
+
+    async def stop_run(self, name: str, startup_data: str | None) -> None:
+        """`flow stop`: the trigger's shutdown(), then every step stops after its work."""
+        run = self.runs.pop(name, None)
+        if run is not None:
+            await run.trigger_hook("shutdown", _json_load(startup_data))
+            await run.stop()
+        self.failed.pop(name, None)
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        steps: list[dict[str, Any]],
+        reason: str | None,
+        cause: Cause,
+        from_draft: bool = False,
+    ) -> DeploymentResult:
+        """The publish state machine (see the module docstring). Holds the flow's lock."""
+        flow = self.fs.flow(name)
+        if flow is None:
+            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+        old = self.runs.get(name)
+        from_version = flow["active_version"]
+        with self.store.tx():
+            version = self.fs.add_flow_version(name, spec, steps, reason)
+            dep = self.fs.start_deployment(
+                name,
+                from_version,
+                version,
+                cause.trigger,
+                cause.component,
+                cause.component_version,
+                cause.sha,
+            )
+            self.store.event(
+                "deploy.started",
+                f"publishing {name} v{version}"
+                + (f" (was v{from_version})" if from_version else ""),
+                flow=name,
+                component=cause.component,
+                sha=cause.sha,
+                detail={"deployment": dep, "trigger": cause.trigger},
+            )
+
+        def result(status: DeploymentState, **more: Any) -> DeploymentResult:
+            return DeploymentResult(name, dep, version, from_version, status, **more)
+
+        if not flow["enabled"]:
+            with self.store.tx():
+                self._activate(name, version, spec, from_draft)
+                self.fs.set_deployment(
+                    dep, status=DeploymentState.DONE, reason="flow is stopped: not started"
+                )
+            return result(DeploymentState.DONE)
+        self.publishing.add(name)
+        try:
+            started = time.monotonic()
+            try:
+                new = await self._warm_up(name, version, steps)
+            except FlowError as exc:
+                tail = exc.log_tail if isinstance(exc, StepFailed) else ""
+                msg = f"deploy of v{version} failed: {exc}"
+                with self.store.tx():
+                    self.fs.set_deployment(
+                        dep, status=DeploymentState.FAILED, reason=str(exc), log_tail=tail
+                    )
+                    self.fs.set_flow(name, needs_attention=msg)
+                    self.store.event("deploy.failed", f"{name}: {msg}", flow=name)
+                log.warning("flow %s: %s", name, msg)
+                self.metrics.deployment(name, DeploymentState.FAILED)
+                return result(DeploymentState.FAILED, reason=str(exc))
+            warmup_ms = (time.monotonic() - started) * 1000
+            with self.store.tx():
+                self.fs.set_deployment(dep, status=DeploymentState.SWITCHING, warmup_ms=warmup_ms)
+                self._activate(name, version, spec, from_draft)
+            if old is None and flow["startup_data"] is None:
+                data = await new.trigger_hook("startup")  # before the first process() call
+                with self.store.tx():
+                    self.fs.set_flow(name, startup_data=_json_dump(data))
+            switched_at = time.monotonic()
+            if old is None:
+                await self.runtime.run(new)
+                gap_ms = None
+            else:
+                gap_ms = await self.runtime.switch(old, new)
+            self.runs[name] = new
+            self.failed.pop(name, None)
+            with self.store.tx():
+                self.fs.set_deployment(dep, status=DeploymentState.DONE, gap_ms=gap_ms)
+                self.store.event(
+                    "deploy.done",
+                    f"{name} v{version} live (warm-up {warmup_ms:.0f} ms"
+                    + (f", gap {gap_ms:.1f} ms)" if gap_ms is not None else ")"),
+                    flow=name,
+                    component=cause.component,
+                    sha=cause.sha,
+                )
+            if from_version is not None:
+                self.spawn(
+                    self._watch_rollback(name, dep, new, from_version, switched_at),
+                    f"rollback-watch:{name}",
+                )
+            self.metrics.deployment(name, DeploymentState.DONE)
+            self.metrics.warmup(name, warmup_ms / 1000)
+            if gap_ms is not None:
+                self.metrics.switch_gap(name, gap_ms / 1000)
+            return result(DeploymentState.DONE, warmup_ms=warmup_ms, gap_ms=gap_ms)
+        finally:
+            self.publishing.discard(name)
+
+    def _activate(self, name: str, version: int, spec: dict[str, Any], from_draft: bool) -> None:
+        """Make `version` the active one (inside the caller's transaction): the commit point."""
+        self.fs.set_flow(
+            name, active_version=version, update=spec.get("update", "auto"), needs_attention=None
+        )
+        if from_draft:
+            self.fs.delete_draft(name)
+
+    # -- rollback --------------------------------------------------------------------------
+
+    async def _crash_loops(self, new: FlowRun, switched_at: float) -> int | None:
+        """Count `new`'s step exits until `rollback_exits` fall within `rollback_window`
+        of the switch; the count, or None when the window passed (or `new` stopped)."""
+        window = self.config.daemon.rollback_window
+        limit = self.config.daemon.rollback_exits
+        deadline = switched_at + window  # exits while the switch was under way count too
+        seen = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                exit_ = await asyncio.wait_for(new.next_exit(), remaining)
+            except TimeoutError:
+                return None
+            if exit_ is None:
+                return None
+            if exit_.at >= deadline - window:
+                seen += 1
+            if seen >= limit:
+                return seen
+
+    async def _watch_rollback(
+        self, name: str, dep: int, new: FlowRun, from_version: int, switched_at: float
+    ) -> None:
+        exits = await self._crash_loops(new, switched_at)
+        if exits is None:
+            return
+        window = self.config.daemon.rollback_window
+        async with self.lock(name):
+            if self.runs.get(name) is not new:
+                return
+            version = new.spec.version
+            reason = f"{exits} step exits within {window:g}s: {new.last_error}"
+            tail = new.last_error_log()
+            fv = self.fs.flow_version(name, from_version)
+            assert fv is not None
+            try:
+                old = await self._warm_up(name, from_version, fv["steps"])
+            except FlowError as exc:
+                msg = (
+                    f"v{version} crash-loops ({reason}) and the rollback to "
+                    f"v{from_version} failed: {exc}"
+                )
+                self.failed[name] = msg
+                with self.store.tx():
+                    self.fs.set_flow(name, needs_attention=msg)
+                    self.fs.set_deployment(dep, reason=msg, log_tail=tail)
+                    self.store.event("deploy.rollback_failed", f"{name}: {msg}", flow=name)
+                log.error("flow %s: %s", name, msg)
+                return
+            with self.store.tx():
+                self.fs.set_flow(
+                    name,
+                    active_version=from_version,
+                    needs_attention=f"v{version} rolled back: {reason}",
+                )
+                self.fs.set_deployment(
+                    dep, status=DeploymentState.ROLLED_BACK, reason=reason, log_tail=tail
+                )
+                self.store.event(
+                    "deploy.rolled_back",
+                    f"{name}: v{version} rolled back to v{from_version}: {reason}",
+                    flow=name,
+                )
+            log.warning("flow %s: rolled back to v%s: %s", name, from_version, reason)
+            self.metrics.deployment(name, DeploymentState.ROLLED_BACK)
+            await self.runtime.switch(new, old, old_failing=True)
+            self.runs[name] = old
+
+
+def _json_dump(data: Any) -> str | None:
+    return None if data is None else json.dumps(data)
+
+
+def _json_load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

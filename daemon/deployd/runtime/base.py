@@ -1,0 +1,113 @@
+"""The runtime interface: everything the deployer needs from what runs a flow's steps.
+
+A runtime starts a flow version's step processes and reports when all are warm (or which one
+failed, with its log), switches a flow from a running version to a warmed one at a trigger
+call boundary and reports the gap, stops a version after its in-flight work, streams
+unexpected step exits (for the rollback watcher) and reports per-step state and queue depth.
+How it does that — processes, queues, the switch choreography — is its own business: the
+deployer imports this module only, and `runtime.factory` picks the implementation from
+config. `tests/runtime/test_contract.py` runs one suite of behaviour tests against every
+implementation (the embedded runtime today; RabbitMQ next).
+
+    warm_up(flow version) ──▶ FlowRun (every step ready, none handling work yet)
+        ├── run(new)            no version was running: start handling work
+        └── switch(old, new)    old trigger ends after a call, new one starts (gap_ms);
+                                old actions finish their message; new ones take the queues
+    FlowRun.next_exit()        unexpected exits while it runs (the runtime restarts them)
+    FlowRun.stop()             finish in-flight work, then stop every process
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..errors import FlowError
+from ..types import FlowVersionToRun, StepExit, StepStatus
+
+
+class StepFailed(FlowError):
+    """A step process did not come up (import error, init error, crash, warm-up timeout)."""
+
+    def __init__(self, step: str, reason: str, log_tail: str = "") -> None:
+        self.step = step
+        self.reason = reason
+        self.log_tail = log_tail  # the end of the step's log, when it explains the failure
+        super().__init__(f"step {step}: {reason}")
+
+
+class FlowRun(Protocol):
+    """One version of one flow, warmed up by a runtime."""
+
+    @property
+    def spec(self) -> FlowVersionToRun:
+        """The flow version this runs."""
+        ...
+
+    @property
+    def last_error(self) -> str | None:
+        """Why a step last exited or failed to restart (None: no trouble seen)."""
+        ...
+
+    def last_error_log(self) -> str:
+        """The end of the log of the step that last exited ("" when none did)."""
+        ...
+
+    def status(self) -> list[StepStatus]:
+        """Every real step, mapper steps included, in flow order."""
+        ...
+
+    async def next_exit(self) -> StepExit | None:
+        """Wait for the next unexpected step exit; None once this run is stopping."""
+        ...
+
+    async def trigger_hook(self, name: str, data: Any = None) -> Any:
+        """Run the trigger's `startup()` or `shutdown(data)`; what it returned."""
+        ...
+
+    async def stop(self) -> None:
+        """Let current work finish (within the drain timeout), then stop every process."""
+        ...
+
+
+class Runtime(Protocol):
+    """Runs flow versions; one per daemon, shared by all flows."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Bring up what every flow shares (sockets, fork server, pools, connections)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop what `start` brought up (flows are stopped by the deployer first)."""
+        ...
+
+    def reload(self, settings: Any) -> None:
+        """Apply new daemon settings to the next warm-up (running steps keep theirs)."""
+        ...
+
+    async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
+        """Start every step of `spec` and wait until all are ready; none handles work yet.
+
+        Raises `StepFailed` (the new processes are already stopped then).
+        """
+        ...
+
+    async def run(self, new: FlowRun) -> None:
+        """Start handling work with a warmed run when no other version of its flow runs."""
+        ...
+
+    async def switch(
+        self, old: FlowRun, new: FlowRun, *, old_failing: bool = False
+    ) -> float | None:
+        """Hand the flow from `old` to `new` with nothing lost; the trigger gap in ms.
+
+        `old_failing`: `old` crash-loops (a rollback); do not restart its steps meanwhile.
+        None when no gap could be measured (the new trigger made no call in time). `old` is
+        stopped in the background.
+        """
+        ...
+
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        """Messages waiting, by (flow, step id); an empty queue may be missing."""
+        ...

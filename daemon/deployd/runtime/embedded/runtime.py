@@ -1,0 +1,123 @@
+"""The embedded runtime: step processes on this machine, queues in the state's SQLite file.
+
+Python steps are forked by a pre-warmed fork server (or taken from a pool of idle forked
+sailors), Node steps come from a pool of idle Node sailors; each step process talks to the
+daemon over one abstract Unix socket (`process.Launcher`). Each running flow version is a
+`FlowRunner`; the `Router` commits what steps produce. The switch from one version to the
+next happens here, so the deployer only ever sees `runtime/base.py`:
+
+    old trigger ends right after a call ─┐                 ┌─ new trigger's first call (gap)
+    old actions finish their message ────┼─ queues handed ─┼─ new actions take the queues
+                                         └─ (orphans → first action)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ...config import DaemonConfig
+from ...metrics import Metrics
+from ...paths import Paths
+from ...store import Store
+from ...types import FlowVersionToRun
+from ..base import FlowRun
+from .node_pool import NodeSettings
+from .process import Launcher
+from .router import Router
+from .runner import FlowRunner
+
+log = logging.getLogger("deployd.runtime")
+BOUNDARY_WAIT = 5.0  # a trigger call due within this long is made by the old version first
+
+
+class EmbeddedRuntime:
+    """The default runtime (`runtime/base.py`'s `Runtime`)."""
+
+    name = "embedded"
+
+    def __init__(
+        self, store: Store, paths: Paths, settings: DaemonConfig, metrics: Metrics
+    ) -> None:
+        self.router = Router(store, metrics)
+        self.flows = self.router.flows
+        self.store = store
+        self.launcher = Launcher(paths.root, _node_settings(settings))
+        self.log_dir = paths.step_logs
+        self.settings = settings
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.launcher.start()
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            await task
+        await self.launcher.stop()
+
+    def reload(self, settings: DaemonConfig) -> None:
+        """New daemon settings (node binary, pool, timeouts) apply to the next warm-up."""
+        self.launcher.node.settings = _node_settings(settings)
+        self.settings = settings
+
+    async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
+        runner = FlowRunner(
+            self.launcher, self.router, self.log_dir, spec, self.settings.stop_timeout
+        )
+        await runner.start(timeout)
+        return runner
+
+    async def run(self, new: FlowRun) -> None:
+        _runner(new).start_loops()
+
+    async def switch(
+        self, old: FlowRun, new: FlowRun, *, old_failing: bool = False
+    ) -> float | None:
+        old_r, new_r = _runner(old), _runner(new)
+        if old_failing:
+            old_r.supervise = False  # a crash-looping version is not restarted while it goes
+        trigger_new = new_r.steps[0].id
+        actions_old = [s.id for s in old_r.steps[1:]]
+        flow = new_r.flow
+
+        async def switch_trigger() -> float | None:
+            await old_r.stop_trigger_at_boundary(BOUNDARY_WAIT)
+            end = old_r.last_call_end
+            new_r.start_loops([trigger_new])
+            try:  # a new trigger that died before its first call is restarted (or rolled back)
+                await asyncio.wait_for(new_r.first_call.wait(), self.settings.warmup_timeout)
+            except TimeoutError:
+                return None
+            if end is None or new_r.first_call_at is None:
+                return None
+            return max(0.0, (new_r.first_call_at - end) * 1000)
+
+        async def switch_actions() -> None:
+            await asyncio.gather(*(old_r.stop_loop(sid) for sid in actions_old))
+            new_ids = [s.id for s in new_r.steps[1:]]
+            with self.store.tx():
+                moved = self.flows.requeue_orphans(flow, [s.id for s in new_r.steps], new_ids[0])
+            if moved:
+                log.info("flow %s: %d queued message(s) moved to step %s", flow, moved, new_ids[0])
+            new_r.start_loops(new_ids)
+
+        gap_ms, _ = await asyncio.gather(switch_trigger(), switch_actions())
+        task = asyncio.get_running_loop().create_task(old_r.stop(), name=f"stop-old:{flow}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return gap_ms
+
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        return self.flows.queue_depths()
+
+
+def _runner(run: FlowRun) -> FlowRunner:
+    if not isinstance(run, FlowRunner):
+        raise TypeError(f"the embedded runtime cannot run {type(run).__name__}")
+    return run
+
+
+def _node_settings(settings: DaemonConfig) -> NodeSettings:
+    return NodeSettings(
+        binary=settings.node, pool=settings.node_pool, end_timeout=settings.node_end_timeout
+    )
