@@ -22,6 +22,7 @@ check: $(STAMP)
 	$(BIN)/ruff format --check daemon tests bench
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: $(STAMP) check
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
