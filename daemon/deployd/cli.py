@@ -420,7 +420,7 @@ def hook_install(
 ) -> None:
     """Install the post-receive hook into BARE_REPO so its pushes deploy COMPONENT."""
     from .paths import Paths
-    from .pipeline import git as gitops
+    from .toolchains import git as gitops
 
     cfg = _load(config)
     _known_component(cfg, component)

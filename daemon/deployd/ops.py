@@ -18,8 +18,8 @@ from . import retention
 from .api_auth import answer, token_required
 from .errors import DeploydError
 from .pauses import Kind
-from .pipeline import git as gitops
 from .store import utcnow
+from .toolchains import git as gitops
 from .types import PushNotice, VersionRegistered
 
 if TYPE_CHECKING:

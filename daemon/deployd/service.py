@@ -33,13 +33,13 @@ from .notify import Notifier, watchdog_pinger
 from .ops import Operator
 from .paths import Paths
 from .pauses import Pauses
-from .pipeline import git as gitops
 from .pipeline.queue import Pipeline
 from .runtime.factory import create_runtime
 from .sources.inbox import Inbox
 from .sources.poll import Poller
 from .sources.watch import Watcher, is_ref_change
 from .store import Store
+from .toolchains import git as gitops
 from .types import PushNotice
 
 log = logging.getLogger("deployd")
@@ -188,8 +188,9 @@ class Daemon:
 
     def _setup_remote_sources(self) -> None:
         """The poller: the safety net under webhooks for remote urls."""
-        self.poller = Poller(self.config, self.store, self.pipeline, self.notify)
-        self.poller.metrics = self.metrics
+        self.poller = Poller(
+            self.config, self.store, self.pipeline.pending, self.notify, self.metrics
+        )
         self.services.append(self.poller)
 
     def status_line(self) -> str:

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from deployd.errors import GitError
-from deployd.pipeline import git as gitops
 from deployd.sources.poll import next_delay
+from deployd.toolchains import git as gitops
 from tests.conftest import Daemon, Work, free_port, git, wait_until
 from tests.sources.conftest import GitDaemon, builds_of
 

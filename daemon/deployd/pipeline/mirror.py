@@ -21,8 +21,8 @@ from ..config import ComponentConfig, Config, local_path
 from ..errors import GitError
 from ..paths import Paths
 from ..store import Store
+from ..toolchains import git as gitops
 from ..types import PushNotice
-from . import git as gitops
 
 log = logging.getLogger("deployd.mirror")
 

@@ -24,6 +24,7 @@ from ..metrics import Metrics
 from ..paths import Paths
 from ..pauses import Pauses
 from ..store import Store
+from ..toolchains import git as gitops
 from ..toolchains.env import clean_env, log_tail
 from ..toolchains.node import SHIM_DIR as NODE_SHIM_DIR
 from ..toolchains.node import default_build as node_default_build
@@ -31,7 +32,6 @@ from ..toolchains.node import detect as node_detect
 from ..types import PushNotice, VersionRegistered
 from . import build as builder
 from . import descriptor
-from . import git as gitops
 from .mirror import MirrorResolver
 
 log = logging.getLogger("deployd.pipeline")

@@ -26,9 +26,9 @@ from fastapi.responses import JSONResponse
 from ..api_auth import token_required
 from ..config import ComponentConfig, Config, redact_url
 from ..errors import GitError
-from ..pipeline import git as gitops
-from ..pipeline.queue import Pipeline
+from ..metrics import Metrics
 from ..store import Store
+from ..toolchains import git as gitops
 from ..types import PushNotice
 
 if TYPE_CHECKING:
@@ -68,17 +68,18 @@ class Poller:
         self,
         config: Config,
         store: Store,
-        pipeline: Pipeline,
+        pending: Callable[[str], PushNotice | None],
         notify: Callable[[PushNotice], bool],
+        metrics: Metrics,
         *,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.config = config
         self.store = store
-        self.pipeline = pipeline
+        self.pending = pending  # the pipeline's waiting notice for a component, if any
         self.notify = notify
-        self.metrics: Any = None  # deployd.metrics.Metrics, set by the service
+        self.metrics = metrics
         self.now = now
         self.rng = rng
         self.targets: dict[str, ComponentConfig] = {}
@@ -170,8 +171,7 @@ class Poller:
             try:
                 head = await gitops.ls_remote(comp.url, comp.branch)
             except GitError as exc:
-                if self.metrics is not None:
-                    self.metrics.poll_error(name)
+                self.metrics.poll_error(name)
                 state.failures += 1
                 state.last_error = str(exc)
                 state.last_error_at = self.now()
@@ -199,7 +199,7 @@ class Poller:
         """Queue `head` unless it is built, or already pending or building."""
         if head is None or self.store.has_final_build(comp.name, head):
             return False
-        pending = self.pipeline.pending(comp.name)
+        pending = self.pending(comp.name)
         if pending is not None and pending.sha == head:
             return False
         last = self.store.last_build(comp.name)

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from ..config import ComponentConfig
 from ..errors import WebhookError
-from ..pipeline.git import is_sha
+from ..toolchains.git import is_sha
 from ..types import PushNotice
 from . import providers
 from .providers import Hook, Provider, RefUpdate
