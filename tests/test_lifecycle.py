@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from deployd import config as cfgmod
-from deployd import service
+from deployd.service import logs as service
 from tests.conftest import Daemon, Work, default_descriptor, wait_until
 
 

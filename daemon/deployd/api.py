@@ -22,7 +22,7 @@ from .sources import webhook
 from .status import build_status
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    from .service import Parts as Daemon
 
 
 class Server(uvicorn.Server):
@@ -53,6 +53,11 @@ class Server(uvicorn.Server):
 
     async def serve_forever(self) -> None:
         await self.serve(sockets=[self.sock])
+
+
+def create_server(parts: Daemon, sock: socket.socket) -> Server:
+    """The daemon's HTTP server on `sock` (the `HttpFactory` that `serve` is given)."""
+    return Server(create_app(parts), sock)
 
 
 def create_app(daemon: Daemon) -> webhook.FastPath:

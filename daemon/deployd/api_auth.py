@@ -11,7 +11,7 @@ from .auth import check
 from .errors import DeploydError
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    from .service import Parts as Daemon
 
 
 def token_required(daemon: Daemon) -> Callable[[Request], None]:

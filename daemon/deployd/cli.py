@@ -74,9 +74,10 @@ def _console() -> Any:
 def serve(config: ConfigOpt = None) -> None:
     """Run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)."""
     cfg = _load(config)
+    from .api import create_server
     from .service import serve as run
 
-    run(cfg, debug=_state["debug"])
+    run(cfg, create_server, debug=_state["debug"])
 
 
 @app.command("check-config")

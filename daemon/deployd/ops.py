@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -16,33 +17,58 @@ from pydantic import BaseModel
 
 from . import retention
 from .api_auth import answer, token_required
+from .config import Config
 from .errors import DeploydError
-from .pauses import Kind
-from .store import utcnow
+from .flows.deployer import Deployer
+from .paths import Paths
+from .pauses import Kind, Pauses
+from .pipeline.queue import Pipeline
+from .store import Store, utcnow
 from .toolchains import git as gitops
 from .types import PushNotice, VersionRegistered
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    from .service import Parts as Daemon
 
 log = logging.getLogger("deployd.ops")
 
 
 class Operator:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    """Retention, pause/resume and redeploy: what an operator asks of the running daemon."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        paths: Paths,
+        pauses: Pauses,
+        deployer: Deployer,
+        pipeline: Pipeline,
+        reconcile: Callable[[], int],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.paths = paths
+        self.pauses = pauses
+        self.deployer = deployer
+        self.pipeline = pipeline
+        self.reconcile = reconcile  # queue builds of branch heads that have none
         self.scheduler: AsyncIOScheduler | None = None
         self._gc_lock = asyncio.Lock()
         self._disk_task: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
-        every = self.daemon.config.daemon.gc_interval
+        every = self.config.daemon.gc_interval
         if every > 0:
             self.scheduler = AsyncIOScheduler()
             self.scheduler.add_job(self.gc, "interval", seconds=every, id="gc", jitter=every / 10)
             self.scheduler.start()
-        if self.daemon.store.meta("disk_bytes") is None:
+        if self.store.meta("disk_bytes") is None:
             self._disk_task = asyncio.get_running_loop().create_task(self.measure_disk())
+
+    async def reload(self, config: Config) -> None:
+        """Retention settings apply from the next run (the gc interval needs a restart)."""
+        self.config = config
 
     async def stop(self) -> None:
         if self._disk_task is not None and not self._disk_task.done():
@@ -52,26 +78,22 @@ class Operator:
             self.scheduler = None
 
     async def measure_disk(self) -> int:
-        disk = await asyncio.to_thread(retention.disk_usage, self.daemon.paths.root)
-        self.daemon.store.set_meta("disk_bytes", str(disk))
-        self.daemon.store.set_meta("disk_measured_at", utcnow())
+        disk = await asyncio.to_thread(retention.disk_usage, self.paths.root)
+        self.store.set_meta("disk_bytes", str(disk))
+        self.store.set_meta("disk_measured_at", utcnow())
         return disk
 
     async def gc(self) -> dict[str, Any]:
         """Run retention now; returns what was removed and the state dir's size."""
-        d = self.daemon.config.daemon
+        d = self.config.daemon
         async with self._gc_lock:
-            plan = retention.plan(
-                self.daemon.store, self.daemon.paths, d.keep_versions, d.keep_logs
-            )
-            retention.record(
-                self.daemon.store, plan
-            )  # rows first: never point at a half-deleted dir
+            plan = retention.plan(self.store, self.paths, d.keep_versions, d.keep_logs)
+            retention.record(self.store, plan)  # rows first: never point at a half-deleted dir
             freed = await asyncio.to_thread(retention.apply_plan, plan)
             disk = await self.measure_disk()
             result = retention.summary(plan, freed, disk)
-            with self.daemon.store.tx():
-                self.daemon.store.event(
+            with self.store.tx():
+                self.store.event(
                     "gc",
                     f"retention: {len(plan.versions)} version folder(s), "
                     f"{len(plan.build_logs)} build log(s) removed, {freed} bytes freed",
@@ -81,9 +103,9 @@ class Operator:
 
     def _kinds(self, name: str) -> list[Kind]:
         kinds: list[Kind] = []
-        if self.daemon.deployer.fs.flow(name) is not None:
+        if self.deployer.fs.flow(name) is not None:
             kinds.append("flow")
-        if self.daemon.config.component(name) is not None:
+        if self.config.component(name) is not None:
             kinds.append("component")
         if not kinds:
             raise DeploydError(f"{name!r} is neither a flow nor a configured component")
@@ -92,35 +114,35 @@ class Operator:
     async def pause(self, name: str) -> dict[str, Any]:
         kinds = self._kinds(name)
         for kind in kinds:
-            self.daemon.pauses.pause(kind, name)
+            self.pauses.pause(kind, name)
         return {"name": name, "paused": kinds}
 
     async def resume(self, name: str) -> dict[str, Any]:
         kinds = self._kinds(name)
         for kind in kinds:
-            self.daemon.pauses.resume(kind, name)
-        queued = self.daemon.reconcile() if "component" in kinds else 0
-        published = await self.daemon.deployer.resume(name) if "flow" in kinds else None
+            self.pauses.resume(kind, name)
+        queued = self.reconcile() if "component" in kinds else 0
+        published = await self.deployer.resume(name) if "flow" in kinds else None
         return {"name": name, "resumed": kinds, "builds_queued": queued, "publish": published}
 
     async def redeploy(self, component: str, sha: str | None) -> dict[str, Any]:
         """Rebuild `sha` (default: the branch head), or redeploy its version if it has one."""
-        comp = self.daemon.config.component(component)
+        comp = self.config.component(component)
         if comp is None:
             raise DeploydError(f"unknown component {component!r}")
         if sha is not None and not gitops.is_sha(sha):
             raise DeploydError(f"{sha!r} is not a full commit sha (40 hex digits)")
         if sha is None:
-            repo = self.daemon.pipeline.repo_path(comp)
+            repo = self.pipeline.repo_path(comp)
             sha = await asyncio.to_thread(gitops.head, repo, comp.branch)
             if sha is None:
                 raise DeploydError(f"branch {comp.branch!r} of {component} has no commit yet")
-        version = self.daemon.store.version_for_sha(component, sha)
+        version = self.store.version_for_sha(component, sha)
         if version is not None:
             event = VersionRegistered(component, version["version"], sha, version["semver"])
-            await self.daemon.deployer.on_version_registered(event)
+            await self.deployer.on_version_registered(event)
             return {"component": component, "sha": sha, "version": version["version"]}
-        queued = self.daemon.pipeline.notify(
+        queued = self.pipeline.notify(
             PushNotice(component, f"refs/heads/{comp.branch}", sha, "redeploy", force=True)
         )
         return {"component": component, "sha": sha, "build_queued": queued}

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from ..api_auth import answer, token_required
 
 if TYPE_CHECKING:
-    from ..service import Daemon
+    from ..service import Parts as Daemon
 
 
 class ApplyBody(BaseModel):

@@ -32,7 +32,7 @@ from ..toolchains import git as gitops
 from ..types import PushNotice
 
 if TYPE_CHECKING:
-    from ..service import Daemon
+    from ..service import Parts as Daemon
 
 log = logging.getLogger("deployd.poll")
 

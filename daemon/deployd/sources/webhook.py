@@ -39,7 +39,7 @@ from . import providers
 from .providers import Hook, Provider, RefUpdate
 
 if TYPE_CHECKING:
-    from ..service import Daemon
+    from ..service import Parts as Daemon
 
 log = logging.getLogger("deployd.webhook")
 
@@ -183,7 +183,7 @@ class WebhookIntake:
         self._refusals_logged: dict[str, float] = {}
 
     async def handle(self, name: str, request: Request) -> Response:
-        if not self.daemon.accepting_webhooks:
+        if not self.daemon.accepting:
             return _reply(503, {"detail": "deployd is stopping; retry"}, {"Retry-After": "5"})
         if self.in_flight >= MAX_IN_FLIGHT:
             return _reply(503, {"detail": "too many webhooks at once; retry"}, {"Retry-After": "1"})

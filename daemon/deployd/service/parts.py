@@ -1,0 +1,101 @@
+"""Wiring in one place: `assemble(config, …)` builds every part with its collaborators.
+
+Nothing is attached after construction and nothing looks a part up by name: each part gets
+what it uses when it is made, in dependency order (runtime → deployer → pipeline → sources →
+operator). The HTTP layer receives the finished `Parts` (see `api/app.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ..auth import ensure_token
+from ..config import Config
+from ..flows.deployer import Deployer
+from ..health import LagMonitor
+from ..metrics import Metrics
+from ..notify import Notifier
+from ..ops import Operator
+from ..paths import Paths
+from ..pauses import Pauses
+from ..pipeline.queue import Pipeline
+from ..runtime.base import Runtime
+from ..runtime.factory import create_runtime
+from ..sources.inbox import Inbox
+from ..sources.poll import Poller
+from ..sources.watch import Watcher
+from ..store import Store
+from ..types import PushNotice
+from .repos import Repos
+
+
+@dataclass
+class Parts:
+    """Every part of a running daemon. `config` is replaced by a reload."""
+
+    config: Config
+    paths: Paths
+    store: Store
+    metrics: Metrics
+    lag: LagMonitor
+    notifier: Notifier
+    pauses: Pauses
+    runtime: Runtime
+    deployer: Deployer
+    pipeline: Pipeline
+    watcher: Watcher
+    inbox: Inbox
+    repos: Repos
+    poller: Poller
+    operator: Operator
+    api_token: str
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def accepting(self) -> bool:
+        """False once a stop began: mutating routes and webhooks answer 503 from then on."""
+        return not self.stopping.is_set()
+
+    def notify(self, notice: PushNotice) -> bool:
+        """Hand a push notice to the pipeline (True when it was queued)."""
+        return self.pipeline.notify(notice)
+
+
+def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractEventLoop) -> Parts:
+    """Build every part of the daemon, on `loop`, from a validated config and an open store."""
+    metrics = Metrics()
+    pauses = Pauses(store)
+    pauses.load()
+    runtime = create_runtime(config, store, paths, metrics)
+    deployer = Deployer(config, store, runtime, pauses, metrics)
+    pipeline = Pipeline(
+        config, store, paths, pauses, metrics, listeners=[deployer.on_version_registered]
+    )
+    watcher = Watcher(loop)
+    repos = Repos(config, store, paths, pipeline, pauses, watcher, pipeline.notify)
+    inbox = Inbox(paths.inbox, pipeline.notify)
+    poller = Poller(config, store, pipeline.pending, pipeline.notify, metrics)
+    operator = Operator(config, store, paths, pauses, deployer, pipeline, repos.reconcile)
+    lag = LagMonitor()
+    metrics.track_build_queue(lambda: pipeline.queue_depth)
+    metrics.track_loop_lag(lag.current)
+    return Parts(
+        config=config,
+        paths=paths,
+        store=store,
+        metrics=metrics,
+        lag=lag,
+        # systemd: READY/RELOADING/STOPPING/STATUS and the watchdog (no-ops outside systemd).
+        notifier=Notifier.from_env(),
+        pauses=pauses,
+        runtime=runtime,
+        deployer=deployer,
+        pipeline=pipeline,
+        watcher=watcher,
+        inbox=inbox,
+        repos=repos,
+        poller=poller,
+        operator=operator,
+        api_token=ensure_token(config),
+    )
