@@ -1,0 +1,33 @@
+"""Mapper steps: JSONata over a message body, evaluated in the router."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployd.errors import FlowError
+from deployd.runtime import mapper
+
+
+def test_an_object_result_is_the_new_body() -> None:
+    assert mapper.apply('{"total": a + b}', {"a": 1, "b": 2}) == {"total": 3}
+
+
+def test_a_scalar_result_is_wrapped_and_nothing_becomes_empty() -> None:
+    assert mapper.apply("a", {"a": 5}) == {"value": 5}
+    assert mapper.apply("missing", {"a": 5}) == {}
+
+
+def test_an_invalid_expression_is_refused_at_compile_time_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="not valid JSONata"):
+        mapper.compile_mapping("{{{")
+    with pytest.raises(FlowError, match="not valid JSONata"):
+        mapper.apply("{{{", {})
+
+
+def test_a_runtime_failure_is_a_flow_error() -> None:
+    with pytest.raises(FlowError, match="mapping failed"):
+        mapper.apply("$error('boom')", {})
+
+
+def test_compiled_expressions_are_cached() -> None:
+    assert mapper.compile_mapping("a + 1") is mapper.compile_mapping("a + 1")
