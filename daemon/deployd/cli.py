@@ -116,10 +116,11 @@ def check_config(config: ConfigOpt = None) -> None:
 @app.command()
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show the daemon, every component's recent version and last build, and the flows."""
+    from .client import live_status
     from .status import build_status, open_reader
 
     cfg = _load(config)
-    data = _live_status(cfg)
+    data = live_status(cfg)
     if data is None:
         data = build_status(cfg, open_reader(cfg))
     if as_json:
@@ -171,27 +172,6 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     for part, err in (data.get("last_errors") or {}).items():
         if err:
             say(f"last {part[:-1]} error ({err['at'][:19]}): {err['message'][:150]}\n")
-
-
-def _live_status(cfg: Any) -> dict[str, Any] | None:
-    """The running daemon's own status (live step states and pids), or None if it is down."""
-    import urllib.error
-    import urllib.request
-
-    from .paths import Paths
-    from .status import daemon_state
-
-    if not daemon_state(Paths(cfg.state_dir))[0]:
-        return None
-    host, port = cfg.daemon.host, cfg.daemon.port
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    try:
-        with urllib.request.urlopen(url + "/api/v1/status", timeout=3) as resp:  # noqa: S310
-            return dict(json.loads(resp.read()))
-    except (OSError, ValueError, urllib.error.URLError):
-        return None
 
 
 _ANSI = {"bold": "1", "red": "31", "green": "32", "yellow": "33"}

@@ -121,7 +121,7 @@ def flow_rollback(
 
 
 def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
-    from .cli import _live_status
+    from .client import live_status
     from .flowstore import FlowStore
     from .status import build_status
 
@@ -130,7 +130,7 @@ def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
     flow = fs.flow(name)
     if flow is None:
         raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
-    data = _live_status(cfg) or build_status(cfg, store)
+    data = live_status(cfg) or build_status(cfg, store)
     summary = next(f for f in data["flows"] if f["name"] == name)
     draft = fs.draft(name)
     depths = fs.queue_depths(name)
@@ -193,11 +193,11 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
 @flow_app.command("list")
 def flow_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List the flows with their state and version."""
-    from .cli import _live_status
+    from .client import live_status
     from .status import build_status
 
     cfg = _load(config)
-    data = _live_status(cfg) or build_status(cfg, _reader(cfg))
+    data = live_status(cfg) or build_status(cfg, _reader(cfg))
     if as_json:
         _print_json(data["flows"])
         return
