@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .auth import read_token
-from .config import Config
-from .errors import DaemonError
+from ..auth import read_token
+from ..config import Config
+from ..errors import DaemonError
 
 if TYPE_CHECKING:
     import httpx
@@ -69,8 +69,8 @@ def live_status(config: Config) -> dict[str, Any] | None:
     None too when it does not answer within 3 s or answers something that is not a status:
     the caller then builds the status from the state database, as with the daemon stopped.
     """
-    from .paths import Paths
-    from .status import daemon_state
+    from ..paths import Paths
+    from ..status import daemon_state
 
     if not daemon_state(Paths(config.state_dir))[0]:
         return None
