@@ -6,8 +6,11 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import ConfigOpt, JsonOpt, _console, _load, _print_json, app
-from .errors import DeploydError
+from ..errors import DeploydError
+from .common import ConfigOpt, JsonOpt, load_config
+from .render import console, print_json
+
+commands = typer.Typer()  # the commands below; `deployd.cli` adds them to its app
 
 
 def _call(cfg: Any, path: str, body: Any = None) -> Any:
@@ -16,7 +19,7 @@ def _call(cfg: Any, path: str, body: Any = None) -> Any:
     return call(cfg, "POST", path, json=body)
 
 
-@app.command("history")
+@commands.command("history")
 def history(
     component: Annotated[
         str | None, typer.Option("--component", help="Only this component.")
@@ -29,15 +32,15 @@ def history(
     """The event log: pushes, builds, versions, drafts and deploys, newest first."""
     import json
 
-    from .status import open_reader
+    from ..status import open_reader
 
-    cfg = _load(config)
+    cfg = load_config(config)
     store = open_reader(cfg)
     rows = store.events(component=component, flow=flow, limit=limit) if store else []
     for row in rows:
         row["detail"] = json.loads(row["detail"]) if row["detail"] else None
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     from rich.table import Table
 
@@ -50,26 +53,26 @@ def history(
             r["flow"] or "",
             r["message"],
         )
-    _console().print(table if rows else "no events yet")
+    console().print(table if rows else "no events yet")
 
 
-@app.command("pause")
+@commands.command("pause")
 def pause(
     name: Annotated[str, typer.Argument(help="A flow or component name.")],
     config: ConfigOpt = None,
 ) -> None:
     """Pause automatic redeploys of a flow, or builds of a component (shown in status)."""
-    res = _call(_load(config), "/api/v1/pause", {"name": name})
+    res = _call(load_config(config), "/api/v1/pause", {"name": name})
     typer.echo(f"paused {name} ({', '.join(res['paused'])})")
 
 
-@app.command("resume")
+@commands.command("resume")
 def resume(
     name: Annotated[str, typer.Argument(help="A flow or component name.")],
     config: ConfigOpt = None,
 ) -> None:
     """Resume a paused flow or component; what was held back is built or published now."""
-    res = _call(_load(config), "/api/v1/resume", {"name": name})
+    res = _call(load_config(config), "/api/v1/resume", {"name": name})
     line = f"resumed {name} ({', '.join(res['resumed'])})"
     if res.get("builds_queued"):
         line += f"; {res['builds_queued']} build(s) queued"
@@ -78,7 +81,7 @@ def resume(
     typer.echo(line)
 
 
-@app.command("redeploy")
+@commands.command("redeploy")
 def redeploy(
     component: Annotated[str, typer.Argument(help="Component name.")],
     sha: Annotated[
@@ -87,7 +90,7 @@ def redeploy(
     config: ConfigOpt = None,
 ) -> None:
     """Rebuild a commit (even one whose build failed) or redeploy its version to the flows."""
-    cfg = _load(config)
+    cfg = load_config(config)
     if cfg.component(component) is None:
         raise DeploydError(f"unknown component {component!r}")
     res = _call(cfg, f"/api/v1/components/{component}/redeploy", {"sha": sha})
@@ -97,12 +100,12 @@ def redeploy(
         typer.echo(f"{component} {res['sha'][:12]}: build queued")
 
 
-@app.command("gc")
+@commands.command("gc")
 def gc(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Run retention now: old version folders and build logs; prints what was removed."""
-    res = _call(_load(config), "/api/v1/gc")
+    res = _call(load_config(config), "/api/v1/gc")
     if as_json:
-        _print_json(res)
+        print_json(res)
         return
     typer.echo(
         f"removed {len(res['versions_pruned'])} version folder(s), "

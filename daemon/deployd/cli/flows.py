@@ -14,11 +14,12 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import ConfigOpt, JsonOpt, _console, _load, _print_flows_table, _print_json, app
-from .errors import DeploydError, FlowError
+from ..errors import DeploydError, FlowError
+from .common import ConfigOpt, JsonOpt, load_config
+from .render import console, print_deploys, print_flows_table, print_json
 
+commands = typer.Typer()  # `deploys` and `logs`; `deployd.cli` adds them to its app
 flow_app = typer.Typer(help="Real-time flows: apply, publish, start, stop, inspect, roll back.")
-app.add_typer(flow_app, name="flow")
 
 NameArg = Annotated[str, typer.Argument(help="Flow name.")]
 
@@ -31,7 +32,7 @@ def _call(cfg: Any, method: str, path: str, body: Any = None) -> Any:
 
 def _flow_path(name: str, action: str) -> str:
     """The API path of `action` on flow `name`; a name no flow can have is refused here."""
-    from .config import NAME_RE
+    from ..config import NAME_RE
 
     if not NAME_RE.match(name):
         raise FlowError(
@@ -42,7 +43,7 @@ def _flow_path(name: str, action: str) -> str:
 
 
 def _reader(cfg: Any) -> Any:
-    from .status import open_reader
+    from ..status import open_reader
 
     store = open_reader(cfg)
     if store is None:
@@ -79,32 +80,32 @@ def flow_apply(
     as_json: JsonOpt = False,
 ) -> None:
     """Create the flow (or a new draft of it) from FILE, then publish unless --draft."""
-    from .flows import model
+    from ..flows import model
 
-    cfg = _load(config)
+    cfg = load_config(config)
     model.load(file)  # the same checks the daemon makes, before anything is sent
     res = _call(cfg, "POST", "/api/v1/flows/apply", {"text": file.read_text(), "draft": draft})
-    _print_json(res) if as_json else _print_result(res)
+    print_json(res) if as_json else _print_result(res)
 
 
 @flow_app.command("publish")
 def flow_publish(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Publish the flow's draft as its next version (zero-downtime if it runs)."""
-    res = _call(_load(config), "POST", _flow_path(name, "publish"))
-    _print_json(res) if as_json else _print_result(res)
+    res = _call(load_config(config), "POST", _flow_path(name, "publish"))
+    print_json(res) if as_json else _print_result(res)
 
 
 @flow_app.command("start")
 def flow_start(name: NameArg, config: ConfigOpt = None) -> None:
     """Start a stopped flow at its active version."""
-    res = _call(_load(config), "POST", _flow_path(name, "start"))
+    res = _call(load_config(config), "POST", _flow_path(name, "start"))
     typer.echo(f"{res['flow']}: running v{res['version']}")
 
 
 @flow_app.command("stop")
 def flow_stop(name: NameArg, config: ConfigOpt = None) -> None:
     """Stop a flow (in-flight messages finish; queued ones wait for the next start)."""
-    res = _call(_load(config), "POST", _flow_path(name, "stop"))
+    res = _call(load_config(config), "POST", _flow_path(name, "stop"))
     typer.echo(f"{res['flow']}: stopped")
 
 
@@ -116,21 +117,21 @@ def flow_rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Publish an earlier flow version's steps as a new version (default: the previous one)."""
-    res = _call(_load(config), "POST", _flow_path(name, "rollback"), {"to": to})
-    _print_json(res) if as_json else _print_result(res)
+    res = _call(load_config(config), "POST", _flow_path(name, "rollback"), {"to": to})
+    print_json(res) if as_json else _print_result(res)
 
 
 def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
-    from .cli import _live_status
-    from .flowstore import FlowStore
-    from .status import build_status
+    from ..flowstore import FlowStore
+    from ..status import build_status
+    from .client import live_status
 
     store = _reader(cfg)
     fs = FlowStore(store)
     flow = fs.flow(name)
     if flow is None:
         raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
-    data = _live_status(cfg) or build_status(cfg, store)
+    data = live_status(cfg) or build_status(cfg, store)
     summary = next(f for f in data["flows"] if f["name"] == name)
     draft = fs.draft(name)
     depths = fs.queue_depths(name)
@@ -157,13 +158,13 @@ def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
 @flow_app.command("show")
 def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show a flow: state, version, every step (mapper steps included), draft, queues."""
-    data = _flow_data(_load(config), name)
+    data = _flow_data(load_config(config), name)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     from rich.table import Table
 
-    out = _console()
+    out = console()
     state = data["state"] + (" (stale)" if data["stale"] else "")
     out.print(f"flow [bold]{name}[/] v{data['version']} — {state}, update={data['update']}")
     out.print(f"{data['step_count']} steps (mapper steps included)")
@@ -193,26 +194,26 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
 @flow_app.command("list")
 def flow_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List the flows with their state and version."""
-    from .cli import _live_status
-    from .status import build_status
+    from ..status import build_status
+    from .client import live_status
 
-    cfg = _load(config)
-    data = _live_status(cfg) or build_status(cfg, _reader(cfg))
+    cfg = load_config(config)
+    data = live_status(cfg) or build_status(cfg, _reader(cfg))
     if as_json:
-        _print_json(data["flows"])
+        print_json(data["flows"])
         return
     if not data["flows"]:
         typer.echo("no flows yet (`deployd flow apply FILE`)")
         return
-    _print_flows_table(data["flows"])
+    print_flows_table(data["flows"])
 
 
 @flow_app.command("history")
 def flow_history(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """A flow's versions and deployments, newest first."""
-    from .flowstore import FlowStore
+    from ..flowstore import FlowStore
 
-    fs = FlowStore(_reader(_load(config)))
+    fs = FlowStore(_reader(load_config(config)))
     if fs.flow(name) is None:
         raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
     versions = [
@@ -228,55 +229,33 @@ def flow_history(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = Fal
     ]
     deps = fs.deployments(name)
     if as_json:
-        _print_json({"versions": versions, "deployments": deps})
+        print_json({"versions": versions, "deployments": deps})
         return
-    out = _console()
+    out = console()
     for v in versions:
         steps = ", ".join(f"{s['id']}={s['component']} v{s['version']}" for s in v["steps"])
         line = f"v{v['version']}  {v['created_at'][:19]}  {v['reason'] or ''}  [{steps}]"
         out.print(line, markup=False, highlight=False)  # "[...]" is data, not rich markup
-    _print_deploys(deps)
+    print_deploys(deps)
 
 
-def _print_deploys(deps: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    table = Table("id", "flow", "from", "to", "status", "trigger", "warm-up", "gap", "finished")
-    for d in deps:
-        trig = d["trigger"] or ""
-        if d["component"]:
-            trig += f" ({d['component']} v{d['component_version']})"
-        table.add_row(
-            str(d["id"]),
-            d["flow"],
-            f"v{d['from_version']}" if d["from_version"] else "-",
-            f"v{d['to_version']}",
-            d["status"] + (f": {d['reason'][:60]}" if d["reason"] else ""),
-            trig,
-            f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-",
-            f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-",
-            (d["finished_at"] or "")[:19],
-        )
-    _console().print(table)
-
-
-@app.command("deploys")
+@commands.command("deploys")
 def deploys(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     limit: Annotated[int, typer.Option(help="How many to show.", min=1)] = 50,
 ) -> None:
     """List deployments (publishes) of all flows, newest first, with warm-up and gap."""
-    from .flowstore import FlowStore
+    from ..flowstore import FlowStore
 
-    deps = FlowStore(_reader(_load(config))).deployments(limit=limit)
+    deps = FlowStore(_reader(load_config(config))).deployments(limit=limit)
     if as_json:
-        _print_json(deps)
+        print_json(deps)
     else:
-        _print_deploys(deps)
+        print_deploys(deps)
 
 
-@app.command("logs")
+@commands.command("logs")
 def logs(
     flow: Annotated[str, typer.Argument(help="Flow name.")],
     step: Annotated[str | None, typer.Option("--step", help="Only this step.")] = None,
@@ -285,9 +264,9 @@ def logs(
     config: ConfigOpt = None,
 ) -> None:
     """Print a flow's step logs (the output of its component code)."""
-    from .paths import Paths
+    from ..paths import Paths
 
-    cfg = _load(config)
+    cfg = load_config(config)
     folder = Paths(cfg.state_dir).step_logs / flow
     if not folder.is_dir():
         raise FlowError(f"no logs for flow {flow!r} (unknown flow, or it never ran)")

@@ -1,0 +1,276 @@
+"""Components and the daemon: serve, check-config, status, versions, builds, build-log, poll, hook.
+
+Heavy imports (FastAPI, uvicorn, the pipeline) happen inside the commands that need them,
+so read-only commands such as `status` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import DeploydError
+from .common import ConfigOpt, JsonOpt, load_config, state
+from .render import console, print_json, print_status
+
+commands = typer.Typer()  # the top-level commands below; `deployd.cli` adds them to its app
+hook_app = typer.Typer(help="Install deployd's post-receive hook into bare repositories.")
+
+
+# -- serve / check-config -------------------------------------------------------------------
+
+
+@commands.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)."""
+    cfg = load_config(config)
+    from ..api import create_server
+    from ..service import serve as run
+
+    run(cfg, create_server, debug=state["debug"])
+
+
+@commands.command("check-config")
+def check_config(config: ConfigOpt = None) -> None:
+    """Validate the config file; print a summary, or every problem and exit 2."""
+    from ..config import format_duration, redact_url
+    from ..toolchains.node import detect as detect_node
+
+    cfg = load_config(config)
+    d = cfg.daemon
+    out = console()
+    out.print(f"config {cfg.path}: OK")
+    out.print(f"  state_dir  {d.state_dir}")
+    out.print(f"  listen     {d.listen}" + ("" if d.listen_is_loopback else "  (not loopback)"))
+    out.print(f"  api_token  {'set' if d.api_token else 'generated into state_dir'}")
+    node = detect_node(d.node)
+    out.print(
+        f"  node       {node.version} ({node.path})" if node.ok else f"  node       {node.error}",
+        markup=False,
+        highlight=False,
+    )
+    out.print(f"  components {len(cfg.components)}")
+    for comp in cfg.components:
+        where = "hosted" if comp.hosted else redact_url(comp.url or "")
+        secret = "secret set" if comp.secret_configured else "no secret"
+        out.print(
+            f"    {comp.name:<24} branch {comp.branch:<12} {where}  "
+            f"(build_timeout {format_duration(comp.build_timeout)}, {secret})",
+            markup=False,
+            highlight=False,
+        )
+
+
+# -- status / versions / builds -------------------------------------------------------------
+
+
+@commands.command()
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the daemon, every component's recent version and last build, and the flows."""
+    from ..status import build_status, open_reader
+    from .client import live_status
+
+    cfg = load_config(config)
+    data = live_status(cfg)
+    if data is None:
+        data = build_status(cfg, open_reader(cfg))
+    if as_json:
+        print_json(data)
+        return
+    print_status(data)
+
+
+@commands.command()
+def versions(
+    component: Annotated[str, typer.Argument(help="Component name.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List a component's versions, newest first."""
+    from ..status import open_reader
+
+    cfg = load_config(config)
+    _known_component(cfg, component)
+    store = open_reader(cfg)
+    rows = store.versions(component) if store else []
+    recent = rows[0]["version"] if rows else None
+    data = [
+        {
+            "version": r["version"],
+            "sha": r["sha"],
+            "semver": r["semver"],
+            "runtime": r["runtime"],
+            "built_at": r["built_at"],
+            "recent": r["version"] == recent,
+        }
+        for r in rows
+    ]
+    if as_json:
+        print_json(data)
+        return
+    from rich.table import Table
+
+    table = Table("version", "sha", "semver", "runtime", "built_at", "", box=None)
+    for r in data:
+        table.add_row(
+            f"v{r['version']}",
+            r["sha"][:12],
+            r["semver"] or "-",
+            r["runtime"],
+            r["built_at"],
+            "recent" if r["recent"] else "",
+        )
+    console().print(table if data else f"{component} has no versions yet")
+
+
+def _known_component(cfg: Any, name: str) -> None:
+    if cfg.component(name) is None:
+        known = ", ".join(c.name for c in cfg.components) or "none configured"
+        raise DeploydError(f"unknown component {name!r} (known: {known})")
+
+
+@commands.command()
+def builds(
+    component: Annotated[str | None, typer.Argument(help="Only this component.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    limit: Annotated[int, typer.Option(help="How many builds to show.", min=1)] = 50,
+) -> None:
+    """List recent builds, newest first (all components, or one)."""
+    from ..status import open_reader
+
+    cfg = load_config(config)
+    if component:
+        _known_component(cfg, component)
+    store = open_reader(cfg)
+    rows = store.builds(component, limit=limit) if store else []
+    data = [
+        {
+            k: r[k]
+            for k in (
+                "id",
+                "component",
+                "sha",
+                "status",
+                "version",
+                "source",
+                "error",
+                "started_at",
+                "finished_at",
+            )
+        }
+        for r in rows
+    ]
+    if as_json:
+        print_json(data)
+        return
+    from rich.table import Table
+
+    table = Table("id", "component", "sha", "status", "version", "source", "finished", box=None)
+    for r in data:
+        table.add_row(
+            str(r["id"]),
+            r["component"],
+            r["sha"][:12],
+            r["status"] + (f": {r['error'][:70]}" if r["error"] else ""),
+            f"v{r['version']}" if r["version"] else "-",
+            r["source"],
+            (r["finished_at"] or "")[:19].replace("T", " "),
+        )
+    console().print(table if data else "no builds yet")
+
+
+@commands.command("build-log")
+def build_log(
+    build_id: Annotated[int, typer.Argument(help="Build id (see `deployd builds`).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Print the full log of one build."""
+    from ..status import open_reader
+
+    cfg = load_config(config)
+    store = open_reader(cfg)
+    row = store.build(build_id) if store else None
+    if row is None:
+        raise DeploydError(f"no build {build_id} (see `deployd builds`)")
+    if not row["log_path"] or not Path(row["log_path"]).exists():
+        raise DeploydError(f"build {build_id} has no log (it never started running)")
+    with open(row["log_path"], "rb") as fh:
+        sys.stdout.buffer.write(fh.read())
+    if row["error"]:
+        sys.stdout.write(f"\n[deployd: build {build_id} failed: {row['error']}]\n")
+
+
+# -- poll -----------------------------------------------------------------------------------
+
+
+@commands.command()
+def poll(
+    component: Annotated[str | None, typer.Argument(help="Only this component.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the running daemon to check remote repositories now (all polled ones, or one)."""
+    from .client import call
+
+    cfg = load_config(config)
+    if component:
+        _known_component(cfg, component)
+    data = call(cfg, "POST", "/api/v1/poll", json={"component": component})
+    if as_json:
+        print_json(data)
+        return
+    results = data.get("polled", [])
+    if not results:
+        typer.echo("no component is polled (only remote or unwatched repositories are)")
+    failed = False
+    for r in results:
+        if not r.get("ok"):
+            failed = True
+            typer.echo(f"{r['component']}: poll failed: {r.get('error')}")
+            continue
+        head = (r.get("head") or "")[:12] or "(no branch)"
+        what = "queued for build" if r.get("queued") else "nothing new to build"
+        typer.echo(f"{r['component']}: head {head}, {what}")
+    if failed:
+        raise typer.Exit(1)
+
+
+# -- hook -----------------------------------------------------------------------------------
+
+
+@hook_app.command("install")
+def hook_install(
+    bare_repo: Annotated[Path, typer.Argument(help="Path of an existing bare repository.")],
+    component: Annotated[str, typer.Option("--component", help="Component it deploys.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Install the post-receive hook into BARE_REPO so its pushes deploy COMPONENT."""
+    from ..paths import Paths
+    from ..toolchains import git as gitops
+
+    cfg = load_config(config)
+    _known_component(cfg, component)
+    paths = Paths(cfg.state_dir)
+    repo = bare_repo.resolve()
+    comp = cfg.component(component)
+    # The daemon builds from the component's own repository: a hook anywhere else would
+    # report commits it cannot read.
+    expected = None
+    if comp.url is None:
+        expected = paths.hosted_repo(component)
+    elif comp.local:
+        from ..config import local_path
+
+        expected = local_path(comp.url).resolve()
+    if expected is not None and expected.resolve() != repo:
+        raise DeploydError(
+            f"component {component} deploys from {expected}, not {repo}; "
+            f"set url = {str(repo)!r} for it in the config first"
+        )
+    paths.inbox.mkdir(parents=True, exist_ok=True)
+    gitops.install_hook(repo, component, paths.inbox)
+    typer.echo(f"installed deployd post-receive hook in {bare_repo} for component {component}")

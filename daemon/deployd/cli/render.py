@@ -1,0 +1,158 @@
+"""Printing: JSON, the plain aligned tables `status` and `flow list` use, and rich's console.
+
+`deployd status` has a 300 ms budget, so its tables are laid out here by hand (`grid`);
+rich is imported only when a rich table or console is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+
+def print_json(data: Any) -> None:
+    """`data` as indented JSON on stdout (dates and paths as strings)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def console() -> Any:
+    """A rich console on stdout."""
+    from rich.console import Console
+
+    # soft_wrap: a line longer than the terminal (or than 80 columns when piped) stays one
+    # line, so paths and messages can be copied and grepped.
+    return Console(soft_wrap=True)
+
+
+_ANSI = {"bold": "1", "red": "31", "green": "32", "yellow": "33"}
+
+
+def paint(text: str, style: str) -> str:
+    """`text` in an ANSI style when stdout is a terminal (and NO_COLOR is unset)."""
+    if not style or not sys.stdout.isatty() or os.environ.get("NO_COLOR"):
+        return text
+    return f"\033[{_ANSI[style]}m{text}\033[0m"
+
+
+def grid(headers: list[str], rows: list[list[tuple[str, str]]]) -> str:
+    """(text, style) cells as aligned columns: a table without rich.
+
+    rich's layout and markup passes cost ~150 ms for a few hundred rows, and `deployd status`
+    has a 300 ms budget. Cell text is printed as written (no markup to escape).
+    """
+    widths = [max([len(h)] + [len(row[i][0]) for row in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: list[tuple[str, str]]) -> str:
+        parts = []
+        for i, (text, style) in enumerate(cells):
+            pad = " " * (widths[i] - len(text)) if i < len(cells) - 1 else ""
+            parts.append(paint(text, style) + pad)
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line([(h, "bold") for h in headers]), *(line(row) for row in rows)])
+
+
+def print_flows_table(flows: list[dict[str, Any]]) -> None:
+    """The flows of a status object as aligned columns."""
+    if not flows:
+        return
+    rows: list[list[tuple[str, str]]] = []
+    for f in flows:
+        state, style = f["state"], {"running": "green", "failed": "red"}.get(f["state"], "")
+        if f.get("needs_attention"):
+            state, style = f"{state} needs attention: {f['needs_attention']}", "red"
+        elif f.get("stale"):
+            state, style = f"{state} (stale)", "yellow"
+        last = f.get("last_deploy")
+        last_s = "-"
+        if last:
+            last_s = f"{last['status']} -> v{last['to_version']}"
+            if last.get("gap_ms") is not None:
+                last_s += f" gap {last['gap_ms']:.1f} ms"
+        rows.append(
+            [
+                (f["name"], ""),
+                (state, style),
+                (f"v{f['version']}" if f["version"] else "-", ""),
+                (str(len(f["steps"])), ""),
+                (f["update"], ""),
+                (last_s, ""),
+            ]
+        )
+    sys.stdout.write(grid(["flow", "state", "version", "steps", "update", "last deploy"], rows))
+    sys.stdout.write("\n")
+
+
+def print_status(data: dict[str, Any]) -> None:
+    """A status object (`deployd status --json`) as the human-readable summary."""
+    say = sys.stdout.write
+    d = data["daemon"]
+    if d["running"]:
+        say(f"{paint('daemon running', 'green')} (pid {d['pid']}) on {d['listen']}\n")
+    else:
+        say(f"{paint('daemon not running', 'yellow')} (would listen on {d['listen']})\n")
+    rows: list[list[tuple[str, str]]] = []
+    for c in data["components"]:
+        r, b = c["recent"], c["last_build"]
+        last = ("-", "")
+        if b:
+            color = {"succeeded": "green", "failed": "red"}.get(b["status"], "yellow")
+            text = f"#{b['id']} {b['status']}"
+            if b["status"] == "failed" and b["error"]:
+                text += f": {b['error'][:80]}"
+            last = (text, color)
+        rows.append(
+            [
+                (c["name"], ""),
+                (c["branch"], ""),
+                (
+                    f"v{r['version']}" + (f" ({r['semver']})" if r["semver"] else "") if r else "-",
+                    "",
+                ),
+                (r["sha"][:12] if r else "-", ""),
+                (r["built_at"][:19].replace("T", " ") if r else "-", ""),
+                last,
+            ]
+        )
+    say(grid(["component", "branch", "recent", "sha", "built", "last build"], rows) + "\n")
+    rts = data.get("runtimes") or {}
+    node = rts.get("node") or "not available (see `deployd check-config`)"
+    say(f"runtimes: python {rts.get('python')}, node {node}\n")
+    print_flows_table(data.get("flows", []))
+    paused = data.get("paused") or {}
+    names = [f"flow {n}" for n in paused.get("flow", [])] + [
+        f"component {n}" for n in paused.get("component", [])
+    ]
+    if names:
+        say(paint("paused: ", "yellow") + ", ".join(names) + "\n")
+    disk = (data.get("disk") or {}).get("state_dir_bytes")
+    if disk is not None:
+        say(f"state_dir uses {disk / 1e6:.1f} MB\n")
+    for part, err in (data.get("last_errors") or {}).items():
+        if err:
+            say(f"last {part[:-1]} error ({err['at'][:19]}): {err['message'][:150]}\n")
+
+
+def print_deploys(deps: list[dict[str, Any]]) -> None:
+    """Deployments (publishes) as a table, with warm-up and switch-over gap."""
+    from rich.table import Table
+
+    table = Table("id", "flow", "from", "to", "status", "trigger", "warm-up", "gap", "finished")
+    for d in deps:
+        trig = d["trigger"] or ""
+        if d["component"]:
+            trig += f" ({d['component']} v{d['component_version']})"
+        table.add_row(
+            str(d["id"]),
+            d["flow"],
+            f"v{d['from_version']}" if d["from_version"] else "-",
+            f"v{d['to_version']}",
+            d["status"] + (f": {d['reason'][:60]}" if d["reason"] else ""),
+            trig,
+            f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-",
+            f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-",
+            (d["finished_at"] or "")[:19],
+        )
+    console().print(table)
