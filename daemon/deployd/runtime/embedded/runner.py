@@ -114,7 +114,9 @@ class FlowRunner:
         try:
             async with asyncio.timeout(timeout):
                 for proc in procs:
-                    await proc.ready
+                    # Shielded: the timeout's cancellation must not cancel `ready` itself,
+                    # or the step that is not ready could no longer be told apart.
+                    await asyncio.shield(proc.ready)
                     self.live[proc.step_id].set()
         except TimeoutError:
             slow = [p.step_id for p in procs if not p.ready.done()]

@@ -1,0 +1,678 @@
+"""The runtime contract: one suite of behaviour tests run against every `Runtime`.
+
+Written purely against `runtime/base.py` (as huey's storage tests are against its storage
+interface): the `contract` fixture is parametrised over every implementation, each built by a
+small factory in `RUNTIMES`. A new runtime adds one entry there and must pass unchanged.
+What a test observes is only what the interface reports (`status()`, `queue_depths()`,
+`next_exit()`, what `warm_up` and `switch` return or raise) and what the steps themselves do:
+a sink step appends every message it handles to a file, tagged with its code's version and
+process id; every step module appends its pid to a `pids` file in its own folder at import.
+
+Component versions are plain folders (a RunStep's `artifact_dir` with its `main` module):
+no git or build is needed here. The tests are async; with no pytest async plugin, each one
+drives its scenario with `asyncio.run` (bounded by `SCENARIO_TIMEOUT`) and waits only with
+bounded polls (`until`), never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployd.config import Config, DaemonConfig
+from deployd.metrics import Metrics
+from deployd.paths import Paths
+from deployd.runtime.base import FlowRun, Runtime, StepFailed
+from deployd.runtime.factory import create_runtime
+from deployd.store import Store
+from deployd.types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState
+from tests.flows.conftest import read_out
+
+FLOW = "contract"
+WAIT = 30.0  # the longest any condition is waited for (a loaded 2-core box)
+WARMUP = 30.0  # warm-up timeout for versions that should come up
+SCENARIO_TIMEOUT = 100.0  # below pytest-timeout's 120 s, so teardown still runs
+
+
+# -- one factory per implementation ---------------------------------------------------------
+
+RuntimeFactory = Callable[[Path], AbstractAsyncContextManager[Runtime]]
+
+
+@asynccontextmanager
+async def embedded(state: Path) -> AsyncIterator[Runtime]:
+    """The embedded runtime on a real state dir (SQLite queues, forked step processes)."""
+    paths = Paths(state)
+    for folder in paths.dirs():
+        folder.mkdir(parents=True, exist_ok=True)
+    store = Store.open(paths.db)
+    # node_pool = 0: this suite runs Python steps only; no idle Node sailors to start.
+    config = Config(daemon=DaemonConfig(state_dir=state, node_pool=0))
+    runtime = create_runtime(config, store, paths, Metrics())
+    try:
+        await runtime.start()
+        yield runtime
+    finally:
+        await runtime.close()
+        store.close()
+
+
+# Each factory yields a started runtime and closes it afterwards. Two runtimes made for the
+# same `state` share its durable part (queues, snapshots): a daemon restarted on its state.
+RUNTIMES: dict[str, RuntimeFactory] = {"embedded": embedded}
+
+
+# -- component code -------------------------------------------------------------------------
+
+# Every module records the pid of the process that imported it (to prove none is left).
+PRELUDE = """\
+import json, os, sys, time
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pids"), "a") as _fh:
+    _fh.write(f"{os.getpid()}\\n")
+TAG = {tag!r}
+"""
+
+# Counts through its snapshot; emits {"n", "trigger": TAG} until cfg["limit"] (if any).
+TRIGGER = """\
+def startup(cfg):
+    return {"token": 42, "by": TAG}
+
+
+def shutdown(cfg, data):
+    with open(cfg["shutdown_out"], "w") as fh:
+        fh.write(json.dumps(data))
+
+
+def process(msg, cfg, snapshot, ctx):
+    n = snapshot.get("n", 0) + 1
+    if cfg.get("limit") is not None and n > int(cfg["limit"]):
+        return None
+    ctx.emit("snapshot", {"n": n})
+    print(f"{TAG}: emitting {n}")
+    return {"n": n, "trigger": TAG}
+"""
+
+PASS = """\
+def process(msg, cfg):
+    return {**msg["body"], "work": TAG}
+"""
+
+# Records each attempt, crashes / holds / lingers as configured, then writes the message.
+SINK = """\
+def process(msg, cfg):
+    body = msg["body"]
+    if cfg.get("attempts"):
+        with open(cfg["attempts"], "a") as fh:
+            fh.write(json.dumps(body["n"]) + "\\n")
+    if cfg.get("crash"):
+        print(f"{TAG}: crashing on {body['n']}", flush=True)
+        os._exit(1)
+    while cfg.get("hold") and os.path.exists(cfg["hold"]):
+        time.sleep(0.01)
+    if cfg.get("delay"):
+        time.sleep(float(cfg["delay"]))
+    with open(cfg["out"], "a") as fh:
+        fh.write(json.dumps({**body, "by": TAG, "pid": os.getpid()}) + "\\n")
+"""
+
+BROKEN_IMPORT = """\
+print("loading the broken module", flush=True)
+raise RuntimeError("marker-IMPORT: this module cannot be imported")
+"""
+
+HANGING_INIT = """\
+def init(cfg):
+    print("init: waiting for marker-HANG forever", flush=True)
+    time.sleep(3600)
+
+
+def process(msg, cfg):
+    return msg["body"]
+"""
+
+
+# -- the harness ----------------------------------------------------------------------------
+
+
+class Session:
+    """One runtime; tracks the runs it warmed up, so teardown stops every one of them."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.runs: list[FlowRun] = []
+
+    async def warm_up(self, spec: FlowVersionToRun, timeout: float = WARMUP) -> FlowRun:
+        run = await self.rt.warm_up(spec, timeout)
+        self.runs.append(run)
+        return run
+
+    async def start(self, spec: FlowVersionToRun) -> FlowRun:
+        """Warm `spec` up and run it (no other version of the flow runs)."""
+        run = await self.warm_up(spec)
+        await self.rt.run(run)
+        return run
+
+    def depth(self, step: str) -> int:
+        return self.rt.queue_depths().get((FLOW, step), 0)
+
+
+class Contract:
+    """Builds component versions and flow versions in tmp_path; opens runtimes on one state."""
+
+    def __init__(self, name: str, tmp: Path) -> None:
+        self.name = name
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.hold = tmp / "hold"  # sinks configured with it wait while it exists
+        self.out = tmp / "out.jsonl"
+        self.attempts = tmp / "attempts"
+        self._folders = 0
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Session]:
+        async with RUNTIMES[self.name](self.state) as runtime:
+            session = Session(runtime)
+            try:
+                yield session
+            finally:
+                self.hold.unlink(missing_ok=True)  # a held sink must not hold the stop up
+                for run in reversed(session.runs):
+                    await run.stop()
+
+    def step(
+        self,
+        sid: str,
+        kind: StepKind,
+        code: str,
+        tag: str = "v1",
+        *,
+        interval: float = 0.02,
+        mapping: str | None = None,
+        **config: Any,
+    ) -> RunStep:
+        """A step running `code` (with PRELUDE) from a new component version folder."""
+        self._folders += 1
+        folder = self.tmp / "versions" / f"{self._folders:03d}-{sid}-{tag}"
+        folder.mkdir(parents=True)
+        source = PRELUDE.replace("{tag!r}", repr(tag)) + "\n" + textwrap.dedent(code)
+        (folder / "main.py").write_text(source)
+        return RunStep(
+            id=sid,
+            kind=kind,
+            component="contract",
+            version=self._folders,
+            function=sid,
+            artifact_dir=str(folder),
+            main="main.py",
+            config={k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
+            mapping=mapping,
+            interval=interval,
+        )
+
+    def trigger(self, tag: str = "v1", interval: float = 0.02, **config: Any) -> RunStep:
+        config.setdefault("shutdown_out", self.tmp / "shutdown.json")
+        return self.step("tick", StepKind.TRIGGER, TRIGGER, tag, interval=interval, **config)
+
+    def sink(self, tag: str = "v1", sid: str = "sink", **config: Any) -> RunStep:
+        return self.step(sid, StepKind.ACTION, SINK, tag, out=self.out, **config)
+
+    @staticmethod
+    def spec(version: int, *steps: RunStep) -> FlowVersionToRun:
+        return FlowVersionToRun(flow=FLOW, version=version, steps=steps)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_out(self.out)
+
+    def tried(self) -> list[int]:
+        if not self.attempts.exists():
+            return []
+        return [int(line) for line in self.attempts.read_text().split()]
+
+
+@pytest.fixture(params=sorted(RUNTIMES))
+def contract(request: pytest.FixtureRequest, tmp_path: Path) -> Contract:
+    return Contract(str(request.param), tmp_path)
+
+
+def scenario(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, SCENARIO_TIMEOUT))
+
+
+async def until(cond: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Poll `cond` until it returns something truthy; fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what} (last value: {value!r})")
+        await asyncio.sleep(0.02)
+
+
+async def bounded(awaitable: Awaitable[Any], what: str, timeout: float = WAIT) -> Any:
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout:g}s: {what}") from None
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, already dead, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def recorded_pids(*steps: RunStep) -> list[int]:
+    pids: list[int] = []
+    for step in steps:
+        path = Path(step.artifact_dir) / "pids"
+        if path.exists():
+            pids += [int(p) for p in path.read_text().split()]
+    return pids
+
+
+def real_steps(run: FlowRun) -> dict[str, Any]:
+    """Step id → StepStatus, mapper steps left out."""
+    return {s.id: s for s in run.status() if s.kind != StepKind.MAPPER}
+
+
+def states(run: FlowRun) -> dict[str, StepState]:
+    return {sid: s.state for sid, s in real_steps(run).items()}
+
+
+def all_in(run: FlowRun, state: StepState) -> bool:
+    return all(s == state for s in states(run).values())
+
+
+def stopped_and_gone(run: FlowRun) -> bool:
+    return all(s.state == StepState.STOPPED and s.pid is None for s in real_steps(run).values())
+
+
+def ns(rows: list[dict[str, Any]]) -> list[int]:
+    return [int(r["n"]) for r in rows]
+
+
+def assert_contiguous(rows: list[dict[str, Any]], start: int = 1) -> None:
+    """Exactly start..N, each once, in order: nothing lost, nothing handled twice."""
+    got = ns(rows)
+    assert got == list(range(start, start + len(got))), f"not contiguous: {got}"
+
+
+def assert_one_handover(tags: list[str], old: str, new: str) -> None:
+    """`old` then `new`, never back: the versions did not interleave."""
+    assert set(tags) <= {old, new}, tags
+    if new in tags:
+        first = tags.index(new)
+        assert all(t == new for t in tags[first:]), f"{old} after {new}: {tags}"
+
+
+# -- 1. warm-up -----------------------------------------------------------------------------
+
+
+def test_warm_up_reports_every_step_ready_then_running(contract: Contract) -> None:
+    """Warmed steps are ready (with local pids) and handle nothing until `run`; the trigger's
+    startup()/shutdown() hooks run through `trigger_hook`; mapper steps are in `status`."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+            spec = contract.spec(
+                1,
+                contract.trigger(interval=0.05),
+                contract.step(
+                    "work",
+                    StepKind.ACTION,
+                    PASS,
+                    mapping='{"n": n, "trigger": trigger, "mapped": true}',
+                ),
+                contract.sink(),
+            )
+            run = await s.warm_up(spec)
+            assert run.spec == spec
+            steps = real_steps(run)
+            assert list(steps) == ["tick", "work", "sink"]  # flow order
+            assert [st.kind for st in steps.values()] == [
+                StepKind.TRIGGER,
+                StepKind.ACTION,
+                StepKind.ACTION,
+            ]
+            for st in steps.values():
+                assert st.state == StepState.READY, st
+                assert (st.component, st.function) == ("contract", st.id)
+                if st.location in (None, "local"):
+                    assert st.pid is not None and alive(st.pid), st
+            mappers = [st for st in run.status() if st.kind == StepKind.MAPPER]
+            assert [m.id for m in mappers] == ["work:mapper"]
+
+            # Warmed up, not yet handling work: the trigger makes no call before `run`.
+            assert await run.trigger_hook("startup") == {"token": 42, "by": "v1"}
+            assert contract.rows() == []
+            assert s.depth("work") == 0
+
+            await s.rt.run(run)
+            assert all_in(run, StepState.RUNNING), run.status()
+            await until(lambda: len(contract.rows()) >= 3, "three messages through the flow")
+            rows = contract.rows()
+            assert_contiguous(rows)
+            assert all(r["mapped"] is True and "work" in r for r in rows), rows
+            assert run.last_error is None
+            assert run.last_error_log() == ""
+
+            await run.trigger_hook("shutdown", {"token": 42})
+            assert json.loads((contract.tmp / "shutdown.json").read_text()) == {"token": 42}
+            pids = recorded_pids(*spec.steps)
+            await run.stop()
+            assert stopped_and_gone(run), run.status()
+            await until(lambda: not any(alive(p) for p in pids), "every step process gone")
+            assert await bounded(run.next_exit(), "next_exit after stop") is None
+
+    scenario(main())
+
+
+@pytest.mark.parametrize("failure", ["import", "init_timeout"])
+def test_warm_up_failure_names_the_step_and_leaves_no_process(
+    contract: Contract, failure: str
+) -> None:
+    """A step whose module raises at import, or whose init() never returns within the
+    timeout: StepFailed names it, with its log tail; no process of the version is left;
+    the runtime still warms a good version up afterwards."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+            code, marker = (
+                (BROKEN_IMPORT, "marker-IMPORT")
+                if failure == "import"
+                else (HANGING_INIT, "marker-HANG")
+            )
+            spec = contract.spec(
+                1,
+                contract.trigger(),
+                contract.step("bad", StepKind.ACTION, code),
+                contract.sink(),
+            )
+            timeout = WARMUP if failure == "import" else 6.0
+            with pytest.raises(StepFailed) as info:
+                await s.warm_up(spec, timeout=timeout)
+            exc = info.value
+            assert exc.step == "bad"
+            assert "bad" in str(exc)
+            assert marker in exc.log_tail, exc.log_tail
+            if failure == "import":
+                assert "RuntimeError" in str(exc) + exc.log_tail
+            pids = recorded_pids(*spec.steps)
+            assert pids, "the modules were imported (their pids recorded)"
+            await until(lambda: not any(alive(p) for p in pids), "no process left behind", 10)
+
+            good = contract.spec(2, contract.trigger(), contract.sink())
+            run = await s.warm_up(good)
+            assert all_in(run, StepState.READY), run.status()
+
+    scenario(main())
+
+
+# -- 3. switch under load -------------------------------------------------------------------
+
+
+def test_switch_under_load_loses_and_duplicates_nothing(contract: Contract) -> None:
+    """trigger → action → sink at a steady rate; a switch to new code while messages flow:
+    ids contiguous, each once; a gap in ms; the versions hand over once, never back."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+
+            def version(tag: str, number: int) -> FlowVersionToRun:
+                return contract.spec(
+                    number,
+                    contract.trigger(tag, interval=0.02),
+                    contract.step("work", StepKind.ACTION, PASS, tag),
+                    contract.sink(tag),
+                )
+
+            old = await s.start(version("v1", 1))
+            await until(lambda: len(contract.rows()) >= 10, "messages flowing through v1")
+            new = await s.warm_up(version("v2", 2))
+            assert all_in(new, StepState.READY)
+            old_pids = recorded_pids(*old.spec.steps)
+
+            gap = await s.rt.switch(old, new)
+            assert isinstance(gap, float) and gap >= 0, gap
+            assert all_in(new, StepState.RUNNING), new.status()
+            await until(
+                lambda: sum(r["trigger"] == "v2" for r in contract.rows()) >= 10,
+                "messages from the new trigger through the new steps",
+            )
+            await until(lambda: stopped_and_gone(old), "the old version stopped")
+            await until(lambda: not any(alive(p) for p in old_pids), "old processes gone")
+            await new.stop()
+
+            rows = contract.rows()
+            assert_contiguous(rows)
+            assert sum(r["by"] == "v1" for r in rows) >= 10
+            for column in ("trigger", "work", "by"):
+                assert_one_handover([r[column] for r in rows], "v1", "v2")
+            # What the new trigger emitted was handled by new code only.
+            assert all(r["work"] == r["by"] == "v2" for r in rows if r["trigger"] == "v2")
+            new_pids = set(recorded_pids(*new.spec.steps))
+            assert {r["pid"] for r in rows if r["by"] == "v2"} <= new_pids
+
+    scenario(main())
+
+
+# -- 4. stop drains -------------------------------------------------------------------------
+
+
+def test_stop_finishes_in_flight_work_and_keeps_the_queue(contract: Contract) -> None:
+    """stop() while a slow action (0.5 s a message) handles one: that message completes,
+    nothing is half-done; what was queued stays queued, across a new runtime on the same
+    state, and a later version handles exactly those messages."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+            run = await s.start(
+                contract.spec(
+                    1,
+                    contract.trigger(interval=0.05),
+                    contract.sink(attempts=contract.attempts, delay=0.5),
+                )
+            )
+
+            def busy_with_a_queue() -> bool:
+                return len(contract.tried()) > len(contract.rows()) and s.depth("sink") >= 3
+
+            await until(busy_with_a_queue, "the sink in the middle of a message, more queued")
+            await run.stop()
+            started, done = contract.tried(), contract.rows()
+            assert ns(done) == started, "every message started was finished, none twice"
+            assert_contiguous(done)
+            left = s.depth("sink")
+            assert left >= 1, "queued messages stay queued"
+
+        async with contract.session() as s:
+            assert s.depth("sink") == left
+            await s.start(contract.spec(2, contract.trigger("v2", limit=0), contract.sink("v2")))
+            total = len(done) + left
+            await until(lambda: len(contract.rows()) >= total, "the queued messages handled")
+            await until(lambda: s.depth("sink") == 0, "the queue drained")
+            rows = contract.rows()
+            assert_contiguous(rows)
+            assert len(rows) == total
+            assert [r["by"] for r in rows] == ["v1"] * len(done) + ["v2"] * left
+
+    scenario(main())
+
+
+# -- 5. exits -------------------------------------------------------------------------------
+
+
+def test_a_killed_step_is_reported_restarted_and_gets_its_message_again(
+    contract: Contract,
+) -> None:
+    async def main() -> None:
+        async with contract.session() as s:
+            contract.hold.touch()
+            run = await s.start(
+                contract.spec(
+                    1,
+                    contract.trigger(interval=0.05, limit=3),
+                    contract.sink(attempts=contract.attempts, hold=contract.hold),
+                )
+            )
+            await until(lambda: contract.tried() == [1], "the sink holding message 1")
+            pid = real_steps(run)["sink"].pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)  # Unix signal 9: no clean-up, no goodbye.
+
+            exit_: StepExit | None = await bounded(run.next_exit(), "the exit reported")
+            assert exit_ is not None and exit_.step == "sink", exit_
+            assert isinstance(exit_.at, float) and exit_.reason
+            assert run.last_error and "sink" in run.last_error
+
+            def restarted() -> int | None:
+                st = real_steps(run)["sink"]
+                ok = st.state == StepState.RUNNING and st.pid not in (None, pid)
+                return st.pid if ok else None
+
+            new_pid = await until(restarted, "the sink restarted")
+            await until(lambda: contract.tried() == [1, 1], "message 1 delivered again")
+            contract.hold.unlink()
+            await until(lambda: len(contract.rows()) >= 3, "all three messages handled")
+            rows = contract.rows()
+            assert ns(rows) == [1, 2, 3]
+            assert {r["pid"] for r in rows} == {new_pid}
+            assert not alive(pid)
+            assert isinstance(run.last_error_log(), str)
+
+    scenario(main())
+
+
+# -- 6. snapshots ---------------------------------------------------------------------------
+
+
+def test_snapshots_are_kept_across_a_switch_and_a_runtime_restart(contract: Contract) -> None:
+    """The trigger counts in its snapshot: v2 (after a switch) and v3 (warmed up on a new
+    runtime over the same state) go on from the previous count."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+            v1 = await s.start(contract.spec(1, contract.trigger("v1", 0.05), contract.sink("v1")))
+            await until(lambda: len(contract.rows()) >= 3, "v1 counting")
+            v2 = await s.warm_up(contract.spec(2, contract.trigger("v2", 0.05), contract.sink()))
+            await s.rt.switch(v1, v2)
+            await until(
+                lambda: sum(r["trigger"] == "v2" for r in contract.rows()) >= 3, "v2 counting"
+            )
+            await v2.stop()
+
+        async with contract.session() as s:
+            await s.start(contract.spec(3, contract.trigger("v3", 0.05), contract.sink()))
+            await until(
+                lambda: sum(r["trigger"] == "v3" for r in contract.rows()) >= 3, "v3 counting"
+            )
+        rows = contract.rows()
+        assert_contiguous(rows)
+        tags = [r["trigger"] for r in rows]
+        assert tags == sorted(tags), tags  # v1…, v2…, v3…
+        for tag in ("v2", "v3"):  # each went on from the count before it, not from 1
+            assert rows[tags.index(tag)]["n"] > 1
+
+    scenario(main())
+
+
+# -- 7. queue depth -------------------------------------------------------------------------
+
+
+def test_queue_depth_grows_behind_a_held_consumer_and_drains(contract: Contract) -> None:
+    async def main() -> None:
+        async with contract.session() as s:
+            contract.hold.touch()
+            await s.start(
+                contract.spec(
+                    1,
+                    contract.trigger(interval=0.02, limit=20),
+                    contract.sink(attempts=contract.attempts, hold=contract.hold),
+                )
+            )
+            await until(lambda: contract.tried() == [1], "the sink holding message 1")
+            await until(lambda: s.depth("sink") >= 5, "messages waiting")
+            await until(lambda: s.depth("sink") >= 15, "more messages waiting")
+            assert contract.tried() == [1]  # still held on the first one
+            contract.hold.unlink()
+            await until(lambda: s.depth("sink") == 0, "the queue drained")
+            await until(lambda: len(contract.rows()) >= 20, "every message handled")
+            assert_contiguous(contract.rows())
+            assert len(contract.rows()) == 20
+
+    scenario(main())
+
+
+# -- 8. rollback switch ---------------------------------------------------------------------
+
+
+def test_switch_away_from_a_failing_version(contract: Contract) -> None:
+    """switch(old, new, old_failing=True), the rollback path: `old` crash-loops; afterwards
+    `new` runs (and handles what `old` never could) and `old` is stopped, its exits ended."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+            bad = await s.start(
+                contract.spec(1, contract.trigger("v1", 0.05), contract.sink("v1", crash=True))
+            )
+            exit_ = await bounded(bad.next_exit(), "the crashing sink's exit")
+            assert exit_ is not None and exit_.step == "sink"
+            good = await s.warm_up(
+                contract.spec(2, contract.trigger("v2", 0.05), contract.sink("v2"))
+            )
+            gap = await s.rt.switch(bad, good, old_failing=True)
+            assert gap is None or gap >= 0
+            assert all_in(good, StepState.RUNNING), good.status()
+
+            await until(lambda: stopped_and_gone(bad), "the failing version stopped")
+            bad_pids = recorded_pids(*bad.spec.steps)
+            await until(lambda: not any(alive(p) for p in bad_pids), "its processes gone")
+            while (ended := await bounded(bad.next_exit(), "exits end")) is not None:
+                assert ended.step == "sink"
+
+            await until(lambda: len(contract.rows()) >= 5, "the new version handling messages")
+            rows = contract.rows()
+            assert_contiguous(rows)  # message 1, which crashed v1 each time, included
+            assert {r["by"] for r in rows} == {"v2"}
+            assert all_in(good, StepState.RUNNING), good.status()
+
+    scenario(main())
+
+
+@pytest.fixture(autouse=True)
+def _no_step_left(contract: Contract) -> Iterator[None]:
+    """After each test (its runtimes closed), no step process of it may still be alive."""
+    yield
+    pids: list[int] = []
+    folders = contract.tmp / "versions"
+    for pidfile in folders.glob("*/pids") if folders.is_dir() else []:
+        pids += [int(p) for p in pidfile.read_text().split()]
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = [p for p in pids if alive(p)]
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"step processes outlived their test: {leaked}"
