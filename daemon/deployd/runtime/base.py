@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from ..config import DaemonConfig
 from ..errors import FlowError
 from ..types import FlowVersionToRun, StepExit, StepStatus
 
@@ -82,7 +83,7 @@ class Runtime(Protocol):
         """Stop what `start` brought up (flows are stopped by the deployer first)."""
         ...
 
-    def reload(self, settings: Any) -> None:
+    def reload(self, settings: DaemonConfig) -> None:
         """Apply new daemon settings to the next warm-up (running steps keep theirs)."""
         ...
 
@@ -109,5 +110,6 @@ class Runtime(Protocol):
         ...
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
-        """Messages waiting, by (flow, step id); an empty queue may be missing."""
+        """Messages queued, by (flow, step id), the one being handled included (it leaves its
+        queue when its result commits); an empty queue may be missing."""
         ...

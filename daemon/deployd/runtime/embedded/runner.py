@@ -171,7 +171,7 @@ class FlowRunner:
 
     async def _restart(self, step_id: str, delay: float) -> None:
         await asyncio.sleep(delay)
-        if self.stopping:
+        if self.stopping or not self.supervise:  # stopping, or handed over while crash-looping
             return
         step = next(s for s in self.steps if s.id == step_id)
         proc = self._new_proc(step)
