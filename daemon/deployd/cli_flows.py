@@ -122,8 +122,8 @@ def flow_rollback(
 
 def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
     from .cli import _live_status
-    from .flowstore import FlowStore
     from .status import build_status
+    from .store import FlowStore
 
     store = _reader(cfg)
     fs = FlowStore(store)
@@ -210,7 +210,7 @@ def flow_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 @flow_app.command("history")
 def flow_history(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """A flow's versions and deployments, newest first."""
-    from .flowstore import FlowStore
+    from .store import FlowStore
 
     fs = FlowStore(_reader(_load(config)))
     if fs.flow(name) is None:
@@ -267,7 +267,7 @@ def deploys(
     limit: Annotated[int, typer.Option(help="How many to show.", min=1)] = 50,
 ) -> None:
     """List deployments (publishes) of all flows, newest first, with warm-up and gap."""
-    from .flowstore import FlowStore
+    from .store import FlowStore
 
     deps = FlowStore(_reader(_load(config))).deployments(limit=limit)
     if as_json:

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .flowstore import FlowStore
 from .paths import Paths
-from .store import Store
+from .store import FlowStore, Store
 
 MAX_STEP_LOG = 20 * 1024 * 1024
 

@@ -12,9 +12,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, redact_url
-from .flowstore import FlowStore
 from .paths import Paths
-from .store import Store
+from .store import FlowStore, Store
 
 if TYPE_CHECKING:
     from .flows.deploy import Deployer

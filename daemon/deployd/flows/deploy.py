@@ -23,13 +23,12 @@ from typing import Any
 
 from ..config import Config
 from ..errors import FlowError
-from ..flowstore import FlowStore
 from ..paths import Paths
 from ..runtime.node_pool import NodeSettings
 from ..runtime.process import Launcher, StepFailed, log_tail
 from ..runtime.router import Router
 from ..runtime.runner import FlowRunner
-from ..store import Store
+from ..store import FlowStore, Store
 from ..toolchains import node as noderuntime
 from ..types import VersionRegistered
 from . import model

@@ -14,8 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..errors import FlowError
-from ..flowstore import FlowStore
-from ..store import Store
+from ..store import FlowStore, Store
 from . import mapper
 from .process import Result
 
