@@ -38,7 +38,7 @@ from .pipeline.queue import Pipeline
 from .sources.inbox import Inbox
 from .sources.poll import Poller
 from .sources.watch import Watcher, is_ref_change
-from .store import Store
+from .store import FlowStore, QueueStore, Store
 from .types import PushNotice
 
 log = logging.getLogger("deployd")
@@ -200,20 +200,17 @@ class Daemon:
             parts.append(f"build queue {pipeline.queue_depth}")
         store = getattr(self, "store", None)
         if store is not None:
-            last = store.one("SELECT component, sha, status FROM builds ORDER BY id DESC LIMIT 1")
+            last = store.last_build()
             if last:
                 parts.append(f"last build {last['component']} {last['sha'][:8]} {last['status']}")
         deployer = getattr(self, "deployer", None)
         if deployer is not None:
             parts.insert(0, f"{len(deployer.runners)} flow(s) running")
             if store is not None:
-                dep = store.one(
-                    "SELECT flow, to_version, status FROM deployments ORDER BY id DESC LIMIT 1"
-                )
+                dep = FlowStore(store).last_deployment()
                 if dep:
                     parts.append(f"last deploy {dep['flow']} v{dep['to_version']} {dep['status']}")
-                depth = store.one("SELECT COUNT(*) AS n FROM messages")
-                parts.append(f"{depth['n'] if depth else 0} message(s) queued")
+                parts.append(f"{QueueStore(store).message_count()} message(s) queued")
         return ", ".join(parts)
 
     # -- start-up --------------------------------------------------------------------------

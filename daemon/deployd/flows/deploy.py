@@ -255,14 +255,9 @@ class Deployer:
             flow = self._known(name)  # read under the lock: a redeploy may just have finished
             active = flow["active_version"]
             if to is None:
-                row = self.store.one(
-                    "SELECT from_version FROM deployments WHERE flow = ? AND to_version = ?"
-                    " AND status = 'done' AND from_version IS NOT NULL ORDER BY id DESC LIMIT 1",
-                    (name, active),
-                )
-                if row is None:
+                to = self.fs.rollback_source(name, active)
+                if to is None:
                     raise FlowError(f"flow {name} has no earlier version to roll back to; use --to")
-                to = int(row["from_version"])
             target = self.fs.flow_version(name, to)
             if target is None:
                 raise FlowError(f"flow {name} has no version {to} (see `deployd flow history`)")
