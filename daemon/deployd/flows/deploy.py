@@ -109,6 +109,7 @@ class Deployer:
                     self.fs.set_deployment(
                         dep["id"],
                         status="failed",
+                        interrupted=1,
                         reason="interrupted: the daemon stopped before the new steps were ready",
                     )
                 self.store.event(
@@ -230,6 +231,7 @@ class Deployer:
                     [s.model_dump() for s in steps],
                     problems,
                     "flow apply",
+                    cause=None,  # a person's apply, not a component version
                 )
                 self.store.event(
                     "draft.created",
@@ -562,29 +564,8 @@ class Deployer:
     def _handled(self, name: str, event: VersionRegistered) -> bool:
         """True when this version was already drafted for a person, or deployed (not merely
         interrupted by a crash) to flow `name`."""
-        flow = self.fs.flow(name)
-        draft = self.fs.draft(name)
-        if (
-            draft
-            and (draft["reason"] or "").startswith(f"{event.component} v{event.version} ")
-            and (draft["problems"] or (flow and flow["update"] != "auto"))
-        ):
-            return True
-        drafted = self.store.one(  # the same, for a draft that a later one replaced
-            "SELECT message FROM events WHERE kind = 'draft.created' AND flow = ?"
-            " AND component = ? AND sha = ? ORDER BY id DESC LIMIT 1",
-            (name, event.component, event.sha),
-        )
-        if drafted and (
-            "needs attention" in drafted["message"] or (flow and flow["update"] != "auto")
-        ):
-            return True
-        row = self.store.one(
-            "SELECT 1 FROM deployments WHERE flow = ? AND component = ? AND component_version = ?"
-            " AND (reason IS NULL OR reason NOT LIKE 'interrupted:%')",
-            (name, event.component, event.version),
-        )
-        return row is not None
+        drafted = self.fs.drafted_for_person(name, event.component, event.sha)
+        return drafted or self.fs.deployed_version(name, event.component, event.version)
 
     async def _redeploy(self, name: str, event: VersionRegistered) -> None:
         async with self._lock(name):
@@ -603,7 +584,7 @@ class Deployer:
             reason = f"{event.component} v{event.version} ({event.sha[:12]})"
             with self.store.tx():
                 self.fs.put_draft(
-                    name, fv["spec"], [s.model_dump() for s in steps], problems, reason
+                    name, fv["spec"], [s.model_dump() for s in steps], problems, reason, cause=event
                 )
                 if problems:
                     self.fs.set_flow(name, needs_attention="; ".join(problems))

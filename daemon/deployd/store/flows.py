@@ -8,8 +8,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..types import VersionRegistered
 from .db import Row, decode_json, utcnow
 from .queues import QueueStore
+
+# What a deployment row shows (`flow history --json`, `deploys --json`): the columns of m002.
+# `interrupted` (m005) is read only by `deployed_version`.
+_DEPLOYMENT = (
+    "id, flow, from_version, to_version, trigger, component, component_version, sha, status,"
+    " reason, log_tail, warmup_ms, gap_ms, started_at, finished_at"
+)
 
 
 class FlowStore(QueueStore):
@@ -92,13 +100,45 @@ class FlowStore(QueueStore):
         steps: list[dict[str, Any]],
         problems: list[str],
         reason: str | None,
+        cause: VersionRegistered | None = None,
     ) -> None:
-        """Replace the draft of a flow."""
+        """Replace the draft of a flow; `cause` is the component version that made it (None:
+        a person's `flow apply`). Call inside a transaction: a caused draft is also recorded
+        in `draft_causes`, which outlives the draft."""
+        now = utcnow()
         self.conn.execute(
-            "INSERT OR REPLACE INTO drafts (flow, spec, steps, problems, reason, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (name, json.dumps(spec), json.dumps(steps), json.dumps(problems), reason, utcnow()),
+            "INSERT OR REPLACE INTO drafts (flow, spec, steps, problems, reason, created_at,"
+            " cause_component, cause_version, cause_sha) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                name,
+                json.dumps(spec),
+                json.dumps(steps),
+                json.dumps(problems),
+                reason,
+                now,
+                cause.component if cause else None,
+                cause.version if cause else None,
+                cause.sha if cause else None,
+            ),
         )
+        if cause is not None:
+            self.conn.execute(
+                "INSERT INTO draft_causes (flow, component, version, sha, problems, manual,"
+                " created_at) SELECT name, ?, ?, ?, ?, \"update\" != 'auto', ? FROM flows"
+                " WHERE name = ?",
+                (cause.component, cause.version, cause.sha, len(problems), now, name),
+            )
+
+    def drafted_for_person(self, flow: str, component: str, sha: str) -> bool:
+        """True when the last draft of `flow` caused by `sha` of `component` was left for a
+        person: it had problems, or the flow is updated by hand (`update` is not auto)."""
+        row = self.conn.execute(
+            "SELECT c.problems > 0 OR f.\"update\" != 'auto' FROM draft_causes c"
+            " LEFT JOIN flows f ON f.name = c.flow"
+            " WHERE c.flow = ? AND c.component = ? AND c.sha = ? ORDER BY c.id DESC LIMIT 1",
+            (flow, component, sha),
+        ).fetchone()
+        return bool(row and row[0])
 
     def delete_draft(self, name: str) -> None:
         """Forget the draft of a flow (it was published)."""
@@ -139,21 +179,28 @@ class FlowStore(QueueStore):
         """The newest deployments, of one flow or of all."""
         if flow:
             return self.store.query(
-                "SELECT * FROM deployments WHERE flow = ? ORDER BY id DESC LIMIT ?", (flow, limit)
+                f"SELECT {_DEPLOYMENT} FROM deployments WHERE flow = ?"  # noqa: S608 - constant
+                " ORDER BY id DESC LIMIT ?",
+                (flow, limit),
             )
-        return self.store.query("SELECT * FROM deployments ORDER BY id DESC LIMIT ?", (limit,))
+        return self.store.query(
+            f"SELECT {_DEPLOYMENT} FROM deployments ORDER BY id DESC LIMIT ?",  # noqa: S608
+            (limit,),
+        )
 
     def last_deployments(self) -> dict[str, Row]:
         """The newest deployment of every flow, in one query."""
         rows = self.store.query(
-            "SELECT d.* FROM deployments d JOIN (SELECT flow, MAX(id) AS id FROM deployments"
-            " GROUP BY flow) m ON d.id = m.id"
+            f"SELECT {_DEPLOYMENT} FROM deployments WHERE id IN"  # noqa: S608 - constant
+            " (SELECT MAX(id) FROM deployments GROUP BY flow)"
         )
         return {r["flow"]: r for r in rows}
 
     def last_deployment(self) -> Row | None:
         """The newest deployment of any flow, or None."""
-        return self.store.one("SELECT * FROM deployments ORDER BY id DESC LIMIT 1")
+        return self.store.one(
+            f"SELECT {_DEPLOYMENT} FROM deployments ORDER BY id DESC LIMIT 1"  # noqa: S608
+        )
 
     def rollback_source(self, flow: str, active_version: int) -> int | None:
         """The version the last finished publish of `active_version` replaced (what `flow
@@ -168,5 +215,16 @@ class FlowStore(QueueStore):
     def unfinished_deployments(self) -> list[Row]:
         """Deployments a stopped daemon left starting_new or switching."""
         return self.store.query(
-            "SELECT * FROM deployments WHERE status IN ('starting_new', 'switching')"
+            f"SELECT {_DEPLOYMENT} FROM deployments"  # noqa: S608 - constant
+            " WHERE status IN ('starting_new', 'switching')"
         )
+
+    def deployed_version(self, flow: str, component: str, version: int) -> bool:
+        """True when a publish of `flow` was made for `version` of `component` and was not
+        merely interrupted by a stopped daemon (whatever its outcome)."""
+        row = self.conn.execute(
+            "SELECT 1 FROM deployments WHERE flow = ? AND component = ?"
+            " AND component_version = ? AND interrupted = 0 LIMIT 1",
+            (flow, component, version),
+        ).fetchone()
+        return row is not None
