@@ -256,7 +256,7 @@ class Store(StoreCore):
                 "UPDATE builds SET log_path = NULL WHERE id = ?", [(b,) for b in build_ids]
             )
 
-    # -- operator state: paused flows and components ------------------------------------
+    # -- operator state: paused flows and components ---------------------------------------
 
     def paused(self) -> dict[str, list[str]]:
         """The names of the paused flows and components, by kind."""
