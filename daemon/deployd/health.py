@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,19 +45,7 @@ class Limits:
 
 def check_db(store: Store) -> str | None:
     """None when the state database takes a write lock now; else why not."""
-    conn = store.conn
-    if conn.in_transaction:  # a write is under way on this very connection
-        return None
-    try:
-        conn.execute("PRAGMA busy_timeout=200")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-        finally:
-            conn.execute("PRAGMA busy_timeout=5000")
-    except sqlite3.Error as exc:
-        return f"state database {store.path} is not writable: {exc}"
-    return None
+    return store.check_writable()
 
 
 def check_disk(path: Path, limits: Limits) -> tuple[str | None, dict[str, Any]]:

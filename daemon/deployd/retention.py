@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .flowstore import FlowStore
 from .paths import Paths
-from .store import Store
+from .store import FlowStore, Store
 
 MAX_STEP_LOG = 20 * 1024 * 1024
 
@@ -52,18 +51,11 @@ def plan(store: Store, paths: Paths, keep_versions: int, keep_logs: float) -> Pl
                 if step.get("version"):
                     needed.add((step["component"], int(step["version"])))
     out = Plan()
-    for row in store.query(
-        "SELECT component, version, artifact_dir FROM versions v WHERE artifact_dir != ''"
-        " AND version <= (SELECT MAX(version) FROM versions w WHERE w.component = v.component) - ?"
-        " ORDER BY component, version",
-        (keep_versions,),
-    ):
+    for row in store.prunable_versions(keep_versions):
         if (row["component"], row["version"]) not in needed:
             out.versions.append((row["component"], row["version"], row["artifact_dir"]))
     cutoff = time.time() - keep_logs
-    for row in store.query(
-        "SELECT id, log_path FROM builds WHERE log_path IS NOT NULL AND finished_at IS NOT NULL"
-    ):
+    for row in store.finished_build_logs():
         try:
             if os.stat(row["log_path"]).st_mtime < cutoff:
                 out.build_logs.append((row["id"], row["log_path"]))
@@ -110,14 +102,7 @@ def apply_plan(p: Plan) -> int:
 
 def record(store: Store, p: Plan) -> None:
     """Mark what was deleted, in one transaction (on the loop: the store's single writer)."""
-    with store.tx() as conn:
-        for comp, version, _dir in p.versions:
-            conn.execute(
-                "UPDATE versions SET artifact_dir = '' WHERE component = ? AND version = ?",
-                (comp, version),
-            )
-        for build_id, _log in p.build_logs:
-            conn.execute("UPDATE builds SET log_path = NULL WHERE id = ?", (build_id,))
+    store.mark_pruned([(c, v) for c, v, _dir in p.versions], [b for b, _log in p.build_logs])
 
 
 def disk_usage(root: Path) -> int:

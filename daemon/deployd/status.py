@@ -12,9 +12,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, redact_url
-from .flowstore import FlowStore
 from .paths import Paths
-from .store import Store
+from .store import FlowStore, Store
 
 if TYPE_CHECKING:
     from .flows.deployer import Deployer
@@ -217,13 +216,7 @@ def status_extras(store: Any) -> dict[str, Any]:
     disk = store.meta("disk_bytes") if store else None
     errors: dict[str, Any] = {}
     for part, kind in ERROR_KINDS.items():
-        row = (
-            store.one(
-                "SELECT ts, message FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1", (kind,)
-            )
-            if store
-            else None
-        )
+        row = store.last_event(kind) if store else None
         errors[part] = {"at": row["ts"], "message": row["message"]} if row else None
     return {
         "last_errors": errors,

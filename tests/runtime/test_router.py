@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from deployd.flowstore import FlowStore
 from deployd.metrics import Metrics
 from deployd.runtime.embedded.process import Result
 from deployd.runtime.embedded.router import REBOUND_LIMIT, Router
-from deployd.store import Store
+from deployd.store import FlowStore, Store
 from deployd.types import RunStep, StepKind
 
 

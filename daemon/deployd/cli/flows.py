@@ -122,8 +122,8 @@ def flow_rollback(
 
 
 def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
-    from ..flowstore import FlowStore
     from ..status import build_status
+    from ..store import FlowStore
     from .client import live_status
 
     store = _reader(cfg)
@@ -211,7 +211,7 @@ def flow_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 @flow_app.command("history")
 def flow_history(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """A flow's versions and deployments, newest first."""
-    from ..flowstore import FlowStore
+    from ..store import FlowStore
 
     fs = FlowStore(_reader(load_config(config)))
     if fs.flow(name) is None:
@@ -246,7 +246,7 @@ def deploys(
     limit: Annotated[int, typer.Option(help="How many to show.", min=1)] = 50,
 ) -> None:
     """List deployments (publishes) of all flows, newest first, with warm-up and gap."""
-    from ..flowstore import FlowStore
+    from ..store import FlowStore
 
     deps = FlowStore(_reader(load_config(config))).deployments(limit=limit)
     if as_json:

@@ -15,11 +15,10 @@ from typing import Any
 
 from ..config import Config
 from ..errors import FlowError
-from ..flowstore import FlowStore
 from ..metrics import Metrics
 from ..pauses import Pauses
 from ..runtime.base import Runtime
-from ..store import Row, Store
+from ..store import FlowStore, Row, Store
 from ..toolchains import node as nodetool
 from ..types import FlowState, StepStatus, VersionRegistered
 from .drafts import Drafts
@@ -112,6 +111,7 @@ class Deployer:
                     [s.model_dump() for s in steps],
                     problems,
                     "flow apply",
+                    cause=None,  # a person's apply, not a component version
                 )
                 self.store.event(
                     "draft.created",
@@ -137,14 +137,9 @@ class Deployer:
             flow = self._known(name)  # read under the lock: a redeploy may just have finished
             active = flow["active_version"]
             if to is None:
-                row = self.store.one(
-                    "SELECT from_version FROM deployments WHERE flow = ? AND to_version = ?"
-                    " AND status = 'done' AND from_version IS NOT NULL ORDER BY id DESC LIMIT 1",
-                    (name, active),
-                )
-                if row is None:
+                to = self.fs.rollback_source(name, active)
+                if to is None:
                     raise FlowError(f"flow {name} has no earlier version to roll back to; use --to")
-                to = int(row["from_version"])
             target = self.fs.flow_version(name, to)
             if target is None:
                 raise FlowError(f"flow {name} has no version {to} (see `deployd flow history`)")
@@ -236,29 +231,8 @@ class Deployer:
     def _handled(self, name: str, event: VersionRegistered) -> bool:
         """True when this version was already drafted for a person, or deployed (not merely
         interrupted by a crash) to flow `name`."""
-        flow = self.fs.flow(name)
-        draft = self.fs.draft(name)
-        if (
-            draft
-            and (draft["reason"] or "").startswith(f"{event.component} v{event.version} ")
-            and (draft["problems"] or (flow and flow["update"] != "auto"))
-        ):
-            return True
-        drafted = self.store.one(  # the same, for a draft that a later one replaced
-            "SELECT message FROM events WHERE kind = 'draft.created' AND flow = ?"
-            " AND component = ? AND sha = ? ORDER BY id DESC LIMIT 1",
-            (name, event.component, event.sha),
-        )
-        if drafted and (
-            "needs attention" in drafted["message"] or (flow and flow["update"] != "auto")
-        ):
-            return True
-        row = self.store.one(
-            "SELECT 1 FROM deployments WHERE flow = ? AND component = ? AND component_version = ?"
-            " AND (reason IS NULL OR reason NOT LIKE 'interrupted:%')",
-            (name, event.component, event.version),
-        )
-        return row is not None
+        drafted = self.fs.drafted_for_person(name, event.component, event.sha)
+        return drafted or self.fs.deployed_version(name, event.component, event.version)
 
     async def _redeploy(self, name: str, event: VersionRegistered) -> None:
         async with self.publisher.lock(name):
@@ -270,7 +244,7 @@ class Deployer:
             reason = f"{event.component} v{event.version} ({event.sha[:12]})"
             with self.store.tx():
                 self.fs.put_draft(
-                    name, fv["spec"], [s.model_dump() for s in steps], problems, reason
+                    name, fv["spec"], [s.model_dump() for s in steps], problems, reason, cause=event
                 )
                 if problems:
                     self.fs.set_flow(name, needs_attention="; ".join(problems))

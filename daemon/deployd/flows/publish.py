@@ -25,10 +25,9 @@ from typing import Any
 
 from ..config import Config
 from ..errors import FlowError
-from ..flowstore import FlowStore
 from ..metrics import Metrics
 from ..runtime.base import FlowRun, Runtime, StepFailed
-from ..store import Store
+from ..store import FlowStore, Store
 from ..types import DeploymentResult, DeploymentState, FlowState, StepStatus
 from .drafts import Drafts
 
@@ -96,7 +95,7 @@ class Publisher:
                     self.fs.set_deployment(dep["id"], status=DeploymentState.DONE)
                 else:
                     self.fs.set_deployment(
-                        dep["id"], status=DeploymentState.FAILED, reason=INTERRUPTED
+                        dep["id"], status=DeploymentState.FAILED, interrupted=1, reason=INTERRUPTED
                     )
                 self.store.event(
                     "deploy.recovered",

@@ -321,11 +321,7 @@ class Pipeline:
     def _check_semver(self, component: str, desc: descriptor.Descriptor) -> None:
         if desc.version is None:
             return
-        row = self.store.one(
-            "SELECT version, semver FROM versions WHERE component = ? AND semver IS NOT NULL"
-            " ORDER BY version DESC LIMIT 1",
-            (component,),
-        )
+        row = self.store.last_semver(component)
         if row and descriptor.semver_key(desc.version) <= descriptor.semver_key(row["semver"]):
             raise ComponentError(
                 f"component.json version: {desc.version} is not greater than {row['semver']} "

@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..notify import watchdog_pinger
 from ..paths import Paths
-from ..store import Store
+from ..store import FlowStore, QueueStore, Store
 from .host import bind, state_lock
 from .logs import config_secrets, set_redactions
 from .parts import Parts, assemble
@@ -77,15 +77,13 @@ class Daemon:
             f"{len(self.config.components)} component(s)",
             f"build queue {parts.pipeline.queue_depth}",
         ]
-        store = parts.store
-        last = store.one("SELECT component, sha, status FROM builds ORDER BY id DESC LIMIT 1")
+        last = parts.store.last_build()
         if last:
             out.append(f"last build {last['component']} {last['sha'][:8]} {last['status']}")
-        dep = store.one("SELECT flow, to_version, status FROM deployments ORDER BY id DESC LIMIT 1")
+        dep = FlowStore(parts.store).last_deployment()
         if dep:
             out.append(f"last deploy {dep['flow']} v{dep['to_version']} {dep['status']}")
-        depth = store.one("SELECT COUNT(*) AS n FROM messages")
-        out.append(f"{depth['n'] if depth else 0} message(s) queued")
+        out.append(f"{QueueStore(parts.store).message_count()} message(s) queued")
         return ", ".join(out)
 
     # -- start-up --------------------------------------------------------------------------

@@ -14,9 +14,8 @@ from collections import defaultdict
 from typing import Any
 
 from ...errors import FlowError
-from ...flowstore import FlowStore
 from ...metrics import Metrics
-from ...store import Store
+from ...store import FlowStore, Store
 from ...types import RunStep
 from .. import mapper
 from .process import Result

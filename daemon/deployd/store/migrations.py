@@ -7,6 +7,8 @@ a migration that has shipped; add the next one.
 
 from __future__ import annotations
 
+import re
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
@@ -225,3 +227,69 @@ def m004_operator(db: Database) -> None:
     )
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     db.execute("CREATE INDEX events_kind ON events (kind, id)")
+
+
+_AUTO_DRAFT_REASON = re.compile(r"(\S+) v(\d+) \(([0-9a-f]+)\)")
+
+
+@migrations()
+def m005_draft_causes(db: Database) -> None:
+    """A draft's cause and a deployment's interruption as data, not text to parse.
+
+    `drafts.cause_*` name the component version that caused the draft (NULL: `flow apply`);
+    `draft_causes` keeps one row per automatic draft, surviving the draft's replacement;
+    `deployments.interrupted` marks what start-up recovery failed. Older rows are backfilled
+    from the texts the daemon wrote before (the draft's reason, the `draft.created` event).
+    """
+    db.execute("ALTER TABLE drafts ADD COLUMN cause_component TEXT")
+    db.execute("ALTER TABLE drafts ADD COLUMN cause_version INTEGER")
+    db.execute("ALTER TABLE drafts ADD COLUMN cause_sha TEXT")
+    db.execute(
+        """
+        CREATE TABLE draft_causes (
+            id INTEGER PRIMARY KEY,
+            flow TEXT NOT NULL,
+            component TEXT NOT NULL,
+            version INTEGER,
+            sha TEXT NOT NULL,
+            problems INTEGER NOT NULL,
+            manual INTEGER,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX draft_causes_cause ON draft_causes (flow, component, sha, id)")
+    db.execute("ALTER TABLE deployments ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0")
+    db.execute("UPDATE deployments SET interrupted = 1 WHERE reason LIKE 'interrupted:%'")
+    # Old automatic drafts have the reason "<component> v<version> (<sha[:12]>)".
+    for flow, reason in db.execute("SELECT flow, reason FROM drafts").fetchall():
+        match = _AUTO_DRAFT_REASON.fullmatch(reason or "")
+        if match is None:
+            continue
+        component, version = match[1], int(match[2])
+        row = db.execute(
+            "SELECT sha FROM versions WHERE component = ? AND version = ?", (component, version)
+        ).fetchone()
+        db.execute(
+            "UPDATE drafts SET cause_component = ?, cause_version = ?, cause_sha = ?"
+            " WHERE flow = ?",
+            (component, version, row[0] if row else None, flow),
+        )
+    # Old `draft.created` events of automatic drafts carry the flow, component and sha, and
+    # end with ": needs attention: <problem>; <problem>…" when the draft had problems.
+    events = db.execute(
+        "SELECT e.flow, e.component, v.version, e.sha, e.message, e.ts FROM events e"
+        " LEFT JOIN versions v ON v.component = e.component AND v.sha = e.sha"
+        " WHERE e.kind = 'draft.created' AND e.flow IS NOT NULL AND e.component IS NOT NULL"
+        " AND e.sha IS NOT NULL ORDER BY e.id"
+    ).fetchall()
+    for flow, component, version, sha, message, ts in events:
+        problems = 0
+        if "needs attention" in message:
+            _head, _sep, listed = message.partition(": needs attention: ")
+            problems = len(listed.split("; ")) if listed else 1
+        db.execute(
+            "INSERT INTO draft_causes (flow, component, version, sha, problems, manual,"
+            " created_at) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+            (flow, component, version, sha, problems, ts),
+        )

@@ -1,148 +1,19 @@
-"""The state database: the only module that writes SQL.
+"""Builds, component versions, paused items, webhook deliveries and poll state: `Store`.
 
-One writer: the daemon opens a `Store` on its event loop and every write is a short
-transaction there. The CLI opens `Store.readonly(...)` to read while the daemon runs.
-SQLite in WAL mode lets both happen at once.
+`Store` is the core (`db.py`) plus these tables; the daemon, the CLI and the API hold one.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import StateError
-
-if TYPE_CHECKING:
-    from sqlite_utils import Database
-
-Row = dict[str, Any]
+from .db import Row, StoreCore, utcnow
 
 
-def utcnow() -> str:
-    """Timestamps are ISO 8601 in UTC with milliseconds, so they sort as text."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-class Store:
+class Store(StoreCore):
     """Typed access to the state database. Construct with `Store.open` or `Store.readonly`."""
-
-    def __init__(self, conn: sqlite3.Connection, path: Path, writable: bool) -> None:
-        self.conn = conn
-        self.path = path
-        self.writable = writable
-
-    @cached_property
-    def db(self) -> Database:
-        """sqlite-utils on the same connection, imported on first use: the CLI's read-only
-        commands never need it, and importing it costs ~50 ms of `deployd status`."""
-        from sqlite_utils import Database
-
-        return Database(self.conn)
-
-    def table_names(self) -> list[str]:
-        return [
-            r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        ]
-
-    # -- opening ---------------------------------------------------------------------------
-
-    @classmethod
-    def open(cls, path: Path) -> Store:
-        """Open (creating and migrating) the database for writing."""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("PRAGMA foreign_keys=ON")
-            store = cls(conn, path, writable=True)
-            from .migrations import migrations
-
-            migrations.apply(store.db)
-        except (sqlite3.Error, OSError) as exc:
-            raise StateError(f"cannot open the state database {path}: {exc}") from exc
-        return store
-
-    @classmethod
-    def readonly(cls, path: Path) -> Store | None:
-        """Open for reading only; None when the daemon has never created the database."""
-        if not path.exists():
-            return None
-        try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("PRAGMA query_only=ON")
-            store = cls(conn, path, writable=False)
-            if "builds" not in store.table_names():
-                conn.close()
-                return None
-        except sqlite3.Error as exc:
-            raise StateError(f"cannot read the state database {path}: {exc}") from exc
-        return store
-
-    def close(self) -> None:
-        self.conn.close()
-
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """A short write transaction (BEGIN IMMEDIATE … COMMIT, rolled back on error)."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-
-    def query(self, sql: str, params: Any = ()) -> list[Row]:
-        cur = self.conn.execute(sql, params)
-        cols = [c[0] for c in cur.description or ()]
-        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-
-    def one(self, sql: str, params: Any = ()) -> Row | None:
-        rows = self.query(sql, params)
-        return rows[0] if rows else None
-
-    # -- events ----------------------------------------------------------------------------
-
-    def event(
-        self,
-        kind: str,
-        message: str,
-        *,
-        component: str | None = None,
-        flow: str | None = None,
-        sha: str | None = None,
-        detail: dict[str, Any] | None = None,
-    ) -> None:
-        """Record that something happened (the `history` of the daemon)."""
-        self.conn.execute(
-            "INSERT INTO events (ts, kind, component, flow, sha, message, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (utcnow(), kind, component, flow, sha, message, json.dumps(detail) if detail else None),
-        )
-
-    def events(
-        self, component: str | None = None, flow: str | None = None, limit: int = 200
-    ) -> list[Row]:
-        where, params = [], []
-        if component:
-            where.append("component = ?")
-            params.append(component)
-        if flow:
-            where.append("flow = ?")
-            params.append(flow)
-        sql = "SELECT * FROM events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        return self.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
 
     # -- builds ----------------------------------------------------------------------------
 
@@ -166,6 +37,7 @@ class Store:
         return build_id
 
     def set_build_log(self, build_id: int, log_path: Path) -> None:
+        """Point the build at its log file."""
         self.conn.execute("UPDATE builds SET log_path = ? WHERE id = ?", (str(log_path), build_id))
 
     def fail_build(self, build_id: int, error: str, *, retryable: bool = False) -> None:
@@ -234,15 +106,18 @@ class Store:
         return version
 
     def next_version_number(self, component: str) -> int:
+        """The number the next version of `component` gets (1 for the first)."""
         row = self.conn.execute(
             "SELECT COALESCE(MAX(version), 0) FROM versions WHERE component = ?", (component,)
         ).fetchone()
         return int(row[0]) + 1
 
     def build(self, build_id: int) -> Row | None:
+        """One build, or None."""
         return self.one("SELECT * FROM builds WHERE id = ?", (build_id,))
 
     def builds(self, component: str | None = None, limit: int = 50) -> list[Row]:
+        """The newest builds, of one component or of all."""
         if component:
             return self.query(
                 "SELECT * FROM builds WHERE component = ? ORDER BY id DESC LIMIT ?",
@@ -250,7 +125,10 @@ class Store:
             )
         return self.query("SELECT * FROM builds ORDER BY id DESC LIMIT ?", (limit,))
 
-    def last_build(self, component: str) -> Row | None:
+    def last_build(self, component: str | None = None) -> Row | None:
+        """The newest build of `component` (of any component when None), or None."""
+        if component is None:
+            return self.one("SELECT * FROM builds ORDER BY id DESC LIMIT 1")
         return self.one(
             "SELECT * FROM builds WHERE component = ? ORDER BY id DESC LIMIT 1", (component,)
         )
@@ -278,6 +156,7 @@ class Store:
     # -- versions --------------------------------------------------------------------------
 
     def versions(self, component: str, limit: int = 1000) -> list[Row]:
+        """The versions of `component`, newest first, without their descriptors."""
         return self.query(
             "SELECT component, version, sha, semver, runtime, artifact_dir, build_id, built_at"
             " FROM versions WHERE component = ? ORDER BY version DESC LIMIT ?",
@@ -285,6 +164,7 @@ class Store:
         )
 
     def version(self, component: str, version: int) -> Row | None:
+        """One version with its decoded descriptor, or None."""
         row = self.one(
             "SELECT * FROM versions WHERE component = ? AND version = ?", (component, version)
         )
@@ -312,6 +192,7 @@ class Store:
         return {r["component"]: r for r in rows}
 
     def last_builds_all(self) -> dict[str, Row]:
+        """The newest build of every component, in one query (for `status`)."""
         rows = self.query(
             "SELECT b.id, b.component, b.sha, b.status, b.error FROM builds b"
             " JOIN (SELECT component, MAX(id) AS id FROM builds GROUP BY component) m"
@@ -320,29 +201,72 @@ class Store:
         return {r["component"]: r for r in rows}
 
     def artifact_dirs(self) -> set[str]:
+        """Every artifact folder a version row points at ('' once retention removed it)."""
         return {r[0] for r in self.conn.execute("SELECT artifact_dir FROM versions").fetchall()}
 
     def has_version(self, component: str, sha: str) -> bool:
+        """True when `sha` of `component` is a registered version."""
         row = self.conn.execute(
             "SELECT 1 FROM versions WHERE component = ? AND sha = ?", (component, sha)
         ).fetchone()
         return row is not None
 
     def version_for_sha(self, component: str, sha: str) -> Row | None:
+        """The version registered from `sha` (component, version, sha, semver), or None."""
         return self.one(
             "SELECT component, version, sha, semver FROM versions WHERE component = ? AND sha = ?",
             (component, sha),
         )
 
-    # -- operator state: paused flows/components, small facts ------------------------------
+    def last_semver(self, component: str) -> Row | None:
+        """The newest version of `component` that declared a semver (version, semver), or None."""
+        return self.one(
+            "SELECT version, semver FROM versions WHERE component = ? AND semver IS NOT NULL"
+            " ORDER BY version DESC LIMIT 1",
+            (component,),
+        )
+
+    # -- retention -------------------------------------------------------------------------
+
+    def prunable_versions(self, keep_versions: int) -> list[Row]:
+        """Versions with an artifact folder that are not among the newest `keep_versions` of
+        their component (component, version, artifact_dir), oldest first."""
+        return self.query(
+            "SELECT component, version, artifact_dir FROM versions v WHERE artifact_dir != ''"
+            " AND version <= (SELECT MAX(version) FROM versions w WHERE w.component = v.component)"
+            " - ? ORDER BY component, version",
+            (keep_versions,),
+        )
+
+    def finished_build_logs(self) -> list[Row]:
+        """The log of every finished build that still has one (id, log_path)."""
+        return self.query(
+            "SELECT id, log_path FROM builds WHERE log_path IS NOT NULL AND finished_at IS NOT NULL"
+        )
+
+    def mark_pruned(self, versions: list[tuple[str, int]], build_ids: list[int]) -> None:
+        """Record, in one transaction, that retention removed these versions' artifact folders
+        and these builds' logs (the rows stay: history is never rewritten)."""
+        with self.tx() as conn:
+            conn.executemany(
+                "UPDATE versions SET artifact_dir = '' WHERE component = ? AND version = ?",
+                versions,
+            )
+            conn.executemany(
+                "UPDATE builds SET log_path = NULL WHERE id = ?", [(b,) for b in build_ids]
+            )
+
+    # -- operator state: paused flows and components ---------------------------------------
 
     def paused(self) -> dict[str, list[str]]:
+        """The names of the paused flows and components, by kind."""
         out: dict[str, list[str]] = {"flow": [], "component": []}
         for kind, name in self.conn.execute("SELECT kind, name FROM paused ORDER BY name"):
             out[kind].append(name)
         return out
 
     def set_paused(self, kind: str, name: str, paused: bool) -> None:
+        """Pause or resume a flow or component (and record the event)."""
         with self.tx() as conn:
             if paused:
                 conn.execute(
@@ -358,16 +282,10 @@ class Store:
                 component=name if kind == "component" else None,
             )
 
-    def meta(self, key: str) -> str | None:
-        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return str(row[0]) if row else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
     # -- webhooks and polling (issue 4) ----------------------------------------------------
 
     def has_delivery(self, component: str, delivery_id: str) -> bool:
+        """True when this webhook delivery id of `component` was already received."""
         row = self.conn.execute(
             "SELECT 1 FROM webhook_deliveries WHERE component = ? AND delivery_id = ?",
             (component, delivery_id),
@@ -411,6 +329,7 @@ class Store:
         )
 
     def poll_states(self) -> dict[str, Row]:
+        """The last poll outcome of every polled component."""
         if "poll_state" not in self.table_names():
             return {}
         return {r["component"]: r for r in self.query("SELECT * FROM poll_state")}

@@ -1,0 +1,198 @@
+"""The core of the state database: the connection, WAL set-up, transactions, events, meta.
+
+One writer: the daemon opens a `Store` on its event loop and every write is a short
+transaction there. The CLI opens `Store.readonly(...)` to read while the daemon runs.
+SQLite in WAL mode lets both happen at once. `builds.py` adds the rest of `Store`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from ..errors import StateError
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+
+Row = dict[str, Any]
+
+
+def utcnow() -> str:
+    """Timestamps are ISO 8601 in UTC with milliseconds, so they sort as text."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class StoreCore:
+    """The connection and what every part of the store shares (events, meta, transactions).
+
+    Construct the full `Store` (builds.py) with `Store.open` or `Store.readonly`.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, writable: bool) -> None:
+        self.conn = conn
+        self.path = path
+        self.writable = writable
+
+    @cached_property
+    def db(self) -> Database:
+        """sqlite-utils on the same connection, imported on first use: the CLI's read-only
+        commands never need it, and importing it costs ~50 ms of `deployd status`."""
+        from sqlite_utils import Database
+
+        return Database(self.conn)
+
+    def table_names(self) -> list[str]:
+        """The names of the tables in the database."""
+        return [
+            r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> Self:
+        """Open (creating and migrating) the database for writing."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            store = cls(conn, path, writable=True)
+            from .migrations import migrations
+
+            migrations.apply(store.db)
+        except (sqlite3.Error, OSError) as exc:
+            raise StateError(f"cannot open the state database {path}: {exc}") from exc
+        return store
+
+    @classmethod
+    def readonly(cls, path: Path) -> Self | None:
+        """Open for reading only; None when the daemon has never created the database."""
+        if not path.exists():
+            return None
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA query_only=ON")
+            store = cls(conn, path, writable=False)
+            if "builds" not in store.table_names():
+                conn.close()
+                return None
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read the state database {path}: {exc}") from exc
+        return store
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction (BEGIN IMMEDIATE … COMMIT, rolled back on error)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def check_writable(self) -> str | None:
+        """None when the database takes a write lock now (waiting at most 200 ms); else why not.
+
+        For `GET /healthz`: a write under way on this very connection counts as writable.
+        """
+        if self.conn.in_transaction:
+            return None
+        try:
+            self.conn.execute("PRAGMA busy_timeout=200")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.execute("ROLLBACK")
+            finally:
+                self.conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            return f"state database {self.path} is not writable: {exc}"
+        return None
+
+    def query(self, sql: str, params: Any = ()) -> list[Row]:
+        """All rows of `sql` as dicts (for the store's own modules; callers use named methods)."""
+        cur = self.conn.execute(sql, params)
+        cols = [c[0] for c in cur.description or ()]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def one(self, sql: str, params: Any = ()) -> Row | None:
+        """The first row of `sql`, or None."""
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    # -- events ----------------------------------------------------------------------------
+
+    def event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        component: str | None = None,
+        flow: str | None = None,
+        sha: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Record that something happened (the `history` of the daemon)."""
+        self.conn.execute(
+            "INSERT INTO events (ts, kind, component, flow, sha, message, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (utcnow(), kind, component, flow, sha, message, json.dumps(detail) if detail else None),
+        )
+
+    def events(
+        self, component: str | None = None, flow: str | None = None, limit: int = 200
+    ) -> list[Row]:
+        """The newest events, optionally of one component and/or flow."""
+        where, params = [], []
+        if component:
+            where.append("component = ?")
+            params.append(component)
+        if flow:
+            where.append("flow = ?")
+            params.append(flow)
+        sql = "SELECT * FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return self.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+
+    def last_event(self, kind: str) -> Row | None:
+        """The newest event of `kind` (its `ts` and `message`), or None."""
+        return self.one(
+            "SELECT ts, message FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1", (kind,)
+        )
+
+    # -- small daemon facts ----------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """A small daemon fact (e.g. `disk_bytes`), or None."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a small daemon fact."""
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def decode_json(row: Row | None, *cols: str) -> Row | None:
+    """`row` with the JSON text in `cols` decoded (in place); None stays None."""
+    if row is None:
+        return None
+    for col in cols:
+        if isinstance(row.get(col), str):
+            row[col] = json.loads(row[col])
+    return row

@@ -1,0 +1,125 @@
+"""Durable queues between steps (messages), step snapshots and step counters: `QueueStore`.
+
+It shares the `Store`'s connection, so its writes are the daemon's single writer too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from .builds import Store
+from .db import Row, decode_json, utcnow
+
+
+class QueueStore:
+    """The embedded runtime's queues, snapshots and counters, on the `Store`'s connection."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.conn = store.conn
+
+    # -- queues ----------------------------------------------------------------------------
+
+    def enqueue(self, flow: str, step: str, body: dict[str, Any], headers: dict[str, Any]) -> None:
+        """Append a message to the queue of `step` (a fresh msg_id, deliverable now)."""
+        self.conn.execute(
+            "INSERT INTO messages (flow, step, msg_id, body, headers, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (flow, step, uuid.uuid4().hex, json.dumps(body), json.dumps(headers), utcnow()),
+        )
+
+    def next_message(self, flow: str, step: str) -> Row | None:
+        """The oldest message of `step` that is due now (body and headers decoded), or None."""
+        row = self.store.one(
+            "SELECT * FROM messages WHERE flow = ? AND step = ? AND not_before <= ?"
+            " ORDER BY id LIMIT 1",
+            (flow, step, time.time()),
+        )
+        return decode_json(row, "body", "headers")
+
+    def next_due(self, flow: str, step: str) -> float | None:
+        """When the earliest message queued for `step` may be delivered (None: queue empty)."""
+        row = self.conn.execute(
+            "SELECT MIN(not_before) FROM messages WHERE flow = ? AND step = ?", (flow, step)
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def delete_message(self, row_id: int) -> None:
+        """Remove a delivered message."""
+        self.conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+
+    def defer_message(self, row_id: int, delay: float) -> int:
+        """Count a failed attempt and hold the message back `delay` seconds; returns attempts."""
+        self.conn.execute(
+            "UPDATE messages SET attempts = attempts + 1, not_before = ? WHERE id = ?",
+            (time.time() + delay, row_id),
+        )
+        row = self.conn.execute("SELECT attempts FROM messages WHERE id = ?", (row_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def queue_depths(self, flow: str | None = None) -> dict[tuple[str, str], int]:
+        """Queued messages by (flow, step), of one flow or of all."""
+        sql = "SELECT flow, step, COUNT(*) FROM messages"
+        params: tuple[Any, ...] = ()
+        if flow:
+            sql += " WHERE flow = ?"
+            params = (flow,)
+        rows = self.conn.execute(sql + " GROUP BY flow, step", params).fetchall()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def message_count(self) -> int:
+        """How many messages are queued, over every flow and step."""
+        row = self.conn.execute("SELECT COUNT(*) FROM messages").fetchone()
+        return int(row[0]) if row else 0
+
+    def requeue_orphans(self, flow: str, step_ids: list[str], fallback: str) -> int:
+        """Messages queued for steps that no longer exist go to `fallback`."""
+        marks = ",".join("?" * len(step_ids))
+        cur = self.conn.execute(
+            f"UPDATE messages SET step = ? WHERE flow = ? AND step NOT IN ({marks})",  # noqa: S608
+            (fallback, flow, *step_ids),
+        )
+        return cur.rowcount
+
+    # -- snapshots and stats ---------------------------------------------------------------
+
+    def snapshot(self, flow: str, step: str) -> dict[str, Any]:
+        """The last committed snapshot of a step ({} when it has none)."""
+        row = self.conn.execute(
+            "SELECT data FROM snapshots WHERE flow = ? AND step = ?", (flow, step)
+        ).fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+    def save_snapshot(self, flow: str, step: str, data: dict[str, Any]) -> None:
+        """Replace the snapshot of a step."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO snapshots (flow, step, data, updated_at) VALUES (?, ?, ?, ?)",
+            (flow, step, json.dumps(data), utcnow()),
+        )
+
+    def count(
+        self,
+        flow: str,
+        step: str,
+        processed: int = 0,
+        failed: int = 0,
+        restarts: int = 0,
+        error: str | None = None,
+    ) -> None:
+        """Add to a step's counters; `error`, when given, becomes its last error."""
+        self.conn.execute(
+            "INSERT INTO step_stats (flow, step, processed, failed, restarts, last_error)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (flow, step) DO UPDATE SET"
+            " processed = processed + excluded.processed, failed = failed + excluded.failed,"
+            " restarts = restarts + excluded.restarts,"
+            " last_error = COALESCE(excluded.last_error, last_error)",
+            (flow, step, processed, failed, restarts, error),
+        )
+
+    def stats(self, flow: str) -> dict[str, Row]:
+        """The counters of every step of `flow`, by step id."""
+        rows = self.store.query("SELECT * FROM step_stats WHERE flow = ?", (flow,))
+        return {r["step"]: r for r in rows}
