@@ -38,6 +38,7 @@ from .pipeline.queue import Pipeline
 from .sources.inbox import Inbox
 from .sources.poll import Poller
 from .sources.watch import Watcher, is_ref_change
+from .sources.webhook import WebhookIntake
 from .store import Store
 from .types import PushNotice
 
@@ -416,10 +417,31 @@ class Daemon:
         # Unix signal 1 (`systemctl reload`, `kill -HUP`): re-read the config.
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
 
-        from .api import Server, create_app
+        # TODO(layers): api is above service; the service wiring will hand these parts up to
+        # whoever starts HTTP instead of importing deployd.api here.
+        from .api.app import ApiParts, Server, create_app
 
+        def accepting() -> bool:
+            return self.accepting_webhooks
+
+        intake = WebhookIntake(
+            lambda: self.config, self.store, self.notify, self.metrics, accepting
+        )
+        parts = ApiParts(
+            config=lambda: self.config,
+            token=lambda: self.api_token,
+            accepting=accepting,
+            store=self.store,
+            paths=self.paths,
+            lag=self.lag,
+            metrics=self.metrics,
+            deployer=self.deployer,
+            operator=self.operator,
+            poller=self.poller,
+            intake=intake,
+        )
         sock = sock or bind(self.config.daemon.listen)
-        server = Server(create_app(self), sock)
+        server = Server(create_app(parts), sock)
         server_task = loop.create_task(server.serve_forever(), name="http")
         try:
             for svc in self.services:
