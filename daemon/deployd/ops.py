@@ -1,7 +1,8 @@
-"""Operator actions: retention (`gc`), pause/resume, redeploy on demand — and their routes.
+"""Operator actions: retention (`gc`), pause/resume, redeploy on demand.
 
 `Operator` is a daemon service: at start it loads what is paused and schedules retention
-with APScheduler; its methods are what the `/api/v1/gc|pause|resume|redeploy` routes call.
+with APScheduler; its methods are what the `/api/v1/gc|pause|resume|redeploy` routes
+(`deployd.api.ops`) call.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel
 
 from . import retention
-from .api_auth import answer, token_required
 from .config import Config
 from .errors import DeploydError
 from .flows.deployer import Deployer
@@ -28,7 +26,7 @@ from .toolchains import git as gitops
 from .types import PushNotice, VersionRegistered
 
 if TYPE_CHECKING:
-    from .service import Parts as Daemon
+    pass
 
 log = logging.getLogger("deployd.ops")
 
@@ -146,36 +144,3 @@ class Operator:
             PushNotice(component, f"refs/heads/{comp.branch}", sha, "redeploy", force=True)
         )
         return {"component": component, "sha": sha, "build_queued": queued}
-
-
-class NameBody(BaseModel):
-    name: str
-
-
-class RedeployBody(BaseModel):
-    sha: str | None = None
-
-
-def router(daemon: Daemon) -> APIRouter:
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(token_required(daemon))])
-
-    def run(coro: Any) -> Any:
-        return answer(daemon, coro)
-
-    @api.post("/gc")
-    async def gc() -> Any:
-        return await run(daemon.operator.gc())
-
-    @api.post("/pause")
-    async def pause(body: NameBody) -> Any:
-        return await run(daemon.operator.pause(body.name))
-
-    @api.post("/resume")
-    async def resume(body: NameBody) -> Any:
-        return await run(daemon.operator.resume(body.name))
-
-    @api.post("/components/{name}/redeploy")
-    async def redeploy(name: str, body: RedeployBody) -> Any:
-        return await run(daemon.operator.redeploy(name, body.sha))
-
-    return api

@@ -27,7 +27,7 @@ hook_app = typer.Typer(help="Install deployd's post-receive hook into bare repos
 def serve(config: ConfigOpt = None) -> None:
     """Run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)."""
     cfg = load_config(config)
-    from ..api import create_server
+    from ..api.app import create_server
     from ..service import serve as run
 
     run(cfg, create_server, debug=state["debug"])

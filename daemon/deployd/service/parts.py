@@ -25,6 +25,7 @@ from ..runtime.factory import create_runtime
 from ..sources.inbox import Inbox
 from ..sources.poll import Poller
 from ..sources.watch import Watcher
+from ..sources.webhook import WebhookIntake
 from ..store import Store
 from ..types import PushNotice
 from .repos import Repos
@@ -48,6 +49,7 @@ class Parts:
     inbox: Inbox
     repos: Repos
     poller: Poller
+    intake: WebhookIntake
     operator: Operator
     api_token: str
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -76,11 +78,21 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
     repos = Repos(config, store, paths, pipeline, pauses, watcher, pipeline.notify)
     inbox = Inbox(paths.inbox, pipeline.notify)
     poller = Poller(config, store, pipeline.pending, pipeline.notify, metrics)
+    stopping = asyncio.Event()
+    live: Parts | None = None
+
+    def current_config() -> Config:
+        # Webhook secrets apply at once after a reload, which replaces `Parts.config`.
+        return live.config if live is not None else config
+
+    intake = WebhookIntake(
+        current_config, store, pipeline.notify, metrics, lambda: not stopping.is_set()
+    )
     operator = Operator(config, store, paths, pauses, deployer, pipeline, repos.reconcile)
     lag = LagMonitor()
     metrics.track_build_queue(lambda: pipeline.queue_depth)
     metrics.track_loop_lag(lag.current)
-    return Parts(
+    live = Parts(
         config=config,
         paths=paths,
         store=store,
@@ -96,6 +108,9 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
         inbox=inbox,
         repos=repos,
         poller=poller,
+        intake=intake,
         operator=operator,
         api_token=ensure_token(config),
+        stopping=stopping,
     )
+    return live

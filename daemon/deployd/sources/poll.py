@@ -17,22 +17,16 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 
-from ..api_auth import token_required
-from ..config import ComponentConfig, Config, redact_url
+from ..config import ComponentConfig, Config
 from ..errors import GitError
 from ..metrics import Metrics
 from ..store import Store
 from ..toolchains import git as gitops
 from ..types import PushNotice
-
-if TYPE_CHECKING:
-    from ..service import Parts as Daemon
 
 log = logging.getLogger("deployd.poll")
 
@@ -227,42 +221,3 @@ class Poller:
         """`deployd poll [COMPONENT]`: check now (all polled components, or one)."""
         names = [name] if name else list(self.targets)
         return list(await asyncio.gather(*(self.check(n) for n in names)))
-
-
-def create_router(daemon: Daemon) -> APIRouter:
-    """POST /api/v1/poll {"component": NAME|null}: bearer token required."""
-    router = APIRouter()
-
-    @router.post(
-        "/api/v1/poll", include_in_schema=False, dependencies=[Depends(token_required(daemon))]
-    )
-    async def poll(request: Request) -> Response:
-        try:
-            body = await request.json() if await request.body() else {}
-        except ValueError:
-            return JSONResponse({"detail": "body must be JSON"}, status_code=400)
-        name = body.get("component") if isinstance(body, dict) else None
-        poller: Poller | None = getattr(daemon, "poller", None)
-        if poller is None:
-            return JSONResponse({"detail": "the daemon is starting; retry"}, status_code=503)
-        if name is not None:
-            comp = daemon.config.component(str(name))
-            if comp is None:
-                return JSONResponse({"detail": f"unknown component {name!r}"}, status_code=404)
-            if comp.name not in poller.targets:
-                where = "hosted by deployd" if comp.hosted else "watched on this machine"
-                return JSONResponse(
-                    {
-                        "detail": f"{comp.name} is not polled: its repository is {where} "
-                        "(set poll_interval on it to poll anyway)"
-                    },
-                    status_code=400,
-                )
-        results = await poller.poll_now(name)
-        for r in results:
-            comp = daemon.config.component(r["component"])
-            if comp is not None and comp.url:
-                r["url"] = redact_url(comp.url)
-        return JSONResponse({"polled": results})
-
-    return router

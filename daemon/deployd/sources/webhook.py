@@ -1,7 +1,9 @@
-"""`POST /hooks/{component}`: push webhooks from hosting services, verified before parsing.
+"""Push webhooks from hosting services, verified before parsing: request in, decision out.
 
-Order of work, so that nothing unauthenticated is parsed and nothing slow happens before
-the reply (hosting services give up after ~10 s):
+Pure: no HTTP framework here. `WebhookIntake.handle(component, headers, body)` returns a
+`Decision` (status, JSON body, headers, the notice queued); `deployd.api.hooks` serves it as
+`POST /hooks/{component}`. Order of work, so that nothing unauthenticated is parsed and
+nothing slow happens before the reply (hosting services give up after ~10 s):
 
 1. refuse while the daemon stops or too many hook bodies are being received (503);
 2. the provider from the headers; its content type (415); the raw body, bounded (413);
@@ -18,28 +20,25 @@ of pushes to one component becomes one or two builds of its newest commit.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request, Response
-from starlette.routing import Route
-
-from ..config import ComponentConfig
+from ..config import ComponentConfig, Config
 from ..errors import WebhookError
 from ..toolchains.git import is_sha
 from ..types import PushNotice
 from . import providers
-from .providers import Hook, Provider, RefUpdate
+from .providers import Headers, Hook, Provider, RefUpdate
 
 if TYPE_CHECKING:
-    from ..service import Parts as Daemon
+    from ..metrics import Metrics
+    from ..store import Store
 
 log = logging.getLogger("deployd.webhook")
 
@@ -56,13 +55,14 @@ BAD_SIGNATURE = (
 )
 
 
-def _reply(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(body).encode(),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one webhook request; `notice` is what it queued (202 only)."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] | None = None
+    notice: PushNotice | None = None
 
 
 @dataclass
@@ -147,14 +147,14 @@ class DeliveryLog:
     idempotent per commit).
     """
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self.pending: dict[tuple[str, str], tuple[str, str | None]] = {}
 
     def record(self, component: str, delivery_id: str, provider: str, sha: str | None) -> bool:
         """False when `delivery_id` was seen before for `component`."""
         key = (component, delivery_id)
-        if key in self.pending or self.daemon.store.has_delivery(component, delivery_id):
+        if key in self.pending or self.store.has_delivery(component, delivery_id):
             return False
         if not self.pending:
             asyncio.get_running_loop().call_soon(self.flush)
@@ -164,60 +164,88 @@ class DeliveryLog:
     def flush(self) -> None:
         rows, self.pending = self.pending, {}
         if rows:
-            self.daemon.store.record_deliveries(
+            self.store.record_deliveries(
                 [(comp, did, provider, sha) for (comp, did), (provider, sha) in rows.items()]
             )
 
 
 class WebhookIntake:
-    """The state behind the route: in-flight count, secrets, coalescer, pruning clock."""
+    """The state behind the route: in-flight count, secrets, coalescer, pruning clock.
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.max_bytes = daemon.config.daemon.max_webhook_bytes
-        self.coalescer = Coalescer(daemon.notify)
-        self.deliveries = DeliveryLog(daemon)
+    `config` is called per request (a reload replaces the config; secrets apply at once);
+    `accepting` turns False once the daemon stops (503, so the sender retries later).
+    """
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        store: Store,
+        notify: Callable[[PushNotice], object],
+        metrics: Metrics,
+        accepting: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.accepting = accepting
+        self.max_bytes = config().daemon.max_webhook_bytes
+        self.coalescer = Coalescer(notify)
+        self.deliveries = DeliveryLog(store)
         self.secrets = _Secrets()
         self.in_flight = 0
         self._last_prune = 0.0
         self._refusals_logged: dict[str, float] = {}
 
-    async def handle(self, name: str, request: Request) -> Response:
-        if not self.daemon.accepting:
-            return _reply(503, {"detail": "deployd is stopping; retry"}, {"Retry-After": "5"})
+    async def handle(
+        self, name: str, headers: Headers, body: bytes | AsyncIterable[bytes]
+    ) -> Decision:
+        """Decide on one request to component `name`.
+
+        `headers` are looked up in lower case; `body` is the raw body, or its chunks as they
+        arrive (read only once the headers passed, and never beyond `max_webhook_bytes`).
+        """
+        if not self.accepting():
+            return Decision(503, {"detail": "deployd is stopping; retry"}, {"Retry-After": "5"})
         if self.in_flight >= MAX_IN_FLIGHT:
-            return _reply(503, {"detail": "too many webhooks at once; retry"}, {"Retry-After": "1"})
+            return Decision(
+                503, {"detail": "too many webhooks at once; retry"}, {"Retry-After": "1"}
+            )
         self.in_flight += 1
-        detected = providers.detect(request.headers)
+        detected = providers.detect(headers)
         status = 500
         try:
-            response = await self._handle(name, request, detected)
-            status = response.status_code
-            return response
+            decision = await self._handle(name, headers, body, detected)
+            status = decision.status
+            return decision
         except WebhookError as exc:
             status = exc.status
-            return _reply(exc.status, {"detail": str(exc)})
+            return Decision(exc.status, {"detail": str(exc)})
         finally:
             self.in_flight -= 1
-            self.daemon.metrics.webhook_request(detected.name, status)
+            self.metrics.webhook_request(detected.name, status)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, headers: Headers, body: bytes | AsyncIterable[bytes]) -> bytes:
         limit = self.max_bytes
         too_big = WebhookError(413, f"body larger than daemon.max_webhook_bytes ({limit} bytes)")
-        length = request.headers.get("content-length")
+        length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise too_big
+        if isinstance(body, bytes):
+            if len(body) > limit:
+                raise too_big
+            return body
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
+        async for chunk in body:
             size += len(chunk)
             if size > limit:
                 raise too_big
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _handle(self, name: str, request: Request, provider: Provider) -> Response:
-        headers = request.headers
+    async def _handle(
+        self, name: str, headers: Headers, stream: bytes | AsyncIterable[bytes], provider: Provider
+    ) -> Decision:
         ok, form = provider.accepts(providers.media_type(headers))
         if not ok:
             raise WebhookError(
@@ -225,8 +253,8 @@ class WebhookIntake:
                 "send Content-Type: application/json"
                 + (" (or GitHub's form-encoded payload=)" if provider.form_allowed else ""),
             )
-        body = await self._read_body(request)
-        comp = self.daemon.config.component(name)  # reloads replace daemon.config
+        body = await self._read_body(headers, stream)
+        comp = self.config().component(name)  # reloads replace the config
         if comp is None:
             # Answer as for a component whose secret the caller does not know.
             raise self._unauthenticated(provider, headers)
@@ -255,12 +283,12 @@ class WebhookIntake:
             return WebhookError(404, NOT_FOUND)
         return WebhookError(401, BAD_SIGNATURE)
 
-    def _decide(self, comp: ComponentConfig, hook: Hook) -> Response:
-        def ignored(reason: str) -> Response:
-            return _reply(200, {"status": "ignored", "component": comp.name, "reason": reason})
+    def _decide(self, comp: ComponentConfig, hook: Hook) -> Decision:
+        def ignored(reason: str) -> Decision:
+            return Decision(200, {"status": "ignored", "component": comp.name, "reason": reason})
 
         if hook.kind == "ping":
-            return _reply(200, {"status": "ok", "component": comp.name, "reason": "ping"})
+            return Decision(200, {"status": "ok", "component": comp.name, "reason": "ping"})
         if hook.kind != "push":
             return ignored(f"{hook.provider} event {hook.event!r} ignored; deployd acts on pushes")
         branch_ref = f"refs/heads/{comp.branch}"
@@ -278,20 +306,21 @@ class WebhookIntake:
         sha = update.after.lower()
         if not is_sha(sha):
             raise WebhookError(400, f"'after' is not a commit sha: {update.after[:80]!r}")
-        store = self.daemon.store
+        store = self.store
         if hook.delivery_id is not None:
             self._prune()
             if not self.deliveries.record(comp.name, hook.delivery_id, hook.provider, sha):
                 return ignored(f"duplicate delivery {hook.delivery_id}")
         if store.has_final_build(comp.name, sha):
             return ignored(f"commit {sha[:12]} was already built")
-        self.coalescer.offer(
-            PushNotice(comp.name, branch_ref, sha, f"webhook:{hook.provider}", hook.delivery_id)
+        notice = PushNotice(
+            comp.name, branch_ref, sha, f"webhook:{hook.provider}", hook.delivery_id
         )
+        self.coalescer.offer(notice)
         body = {"status": "queued", "component": comp.name, "sha": sha}
         if hook.delivery_id:
             body["delivery"] = hook.delivery_id
-        return _reply(202, body)
+        return Decision(202, body, notice=notice)
 
     def _prune(self) -> None:
         now = time.monotonic()
@@ -299,46 +328,4 @@ class WebhookIntake:
             return
         self._last_prune = now
         cutoff = (datetime.now(UTC) - DELIVERY_KEEP).isoformat(timespec="milliseconds")
-        self.daemon.store.prune_deliveries(cutoff)
-
-
-class FastPath:
-    """POST /hooks/{component} straight to the intake, ahead of FastAPI's middleware stack.
-
-    That stack (error, telemetry, body-limit and exception middleware, router and
-    included-router dispatch) was ~1/6 of the daemon's CPU per hook under load (see
-    docs/benchmarks.md). Anything else, including a hook path with more than one segment,
-    goes to `app` unchanged (the same route is registered there too).
-    """
-
-    def __init__(self, app: Any, intake: WebhookIntake) -> None:
-        self.app = app
-        self.intake = intake
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path: str = scope["path"]
-            name = path[7:] if path.startswith("/hooks/") else ""
-            if name and "/" not in name:
-                response = await self.intake.handle(name, Request(scope, receive))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def create_router(daemon: Daemon, intake: WebhookIntake | None = None) -> APIRouter:
-    """The webhook route, plus the `deployd poll` API (POST /api/v1/poll)."""
-    from . import poll
-
-    intake = intake or WebhookIntake(daemon)
-    router = APIRouter()
-
-    async def hook(request: Request) -> Response:
-        return await intake.handle(request.path_params["component"], request)
-
-    # A plain Starlette route: no dependency solving or response model on the hot path
-    # (the route must answer ≥ 1,000 signed pushes a second; see docs/benchmarks.md).
-    router.routes.append(Route("/hooks/{component}", hook, methods=["POST"]))
-
-    router.include_router(poll.create_router(daemon))
-    return router
+        self.store.prune_deliveries(cutoff)

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import HTTPException, Request
 
-from .auth import check
-from .errors import DeploydError
-
-if TYPE_CHECKING:
-    from .service import Parts as Daemon
+from ..auth import check
+from ..errors import DeploydError
 
 
-def token_required(daemon: Daemon) -> Callable[[Request], None]:
-    """A FastAPI dependency: 401 unless `Authorization: Bearer <daemon's token>`."""
+def token_required(token: Callable[[], str]) -> Callable[[Request], None]:
+    """A FastAPI dependency: 401 unless `Authorization: Bearer <token()>`."""
 
     def require(request: Request) -> None:
-        if not check(daemon.api_token, request.headers.get("authorization")):
+        if not check(token(), request.headers.get("authorization")):
             raise HTTPException(
                 status_code=401,
                 detail="missing or wrong API token (the CLI reads it from daemon.api_token or "
@@ -29,9 +26,9 @@ def token_required(daemon: Daemon) -> Callable[[Request], None]:
     return require
 
 
-async def answer(daemon: Daemon, work: Awaitable[Any]) -> Any:
+async def answer(accepting: Callable[[], bool], work: Awaitable[Any]) -> Any:
     """Run one daemon operation for a route: 503 while stopping, 400/404 with the message."""
-    if daemon.stopping.is_set():
+    if not accepting():
         close = getattr(work, "close", None)
         if close is not None:
             close()
