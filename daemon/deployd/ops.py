@@ -1,8 +1,7 @@
 """Operator actions: retention (`gc`), pause/resume, redeploy on demand.
 
-`Operator` is a daemon service: at start it loads what is paused and schedules retention
-with APScheduler; its methods are what the `/api/v1/gc|pause|resume|redeploy` routes
-(`deployd.api.ops`) call.
+`Operator` is a daemon service: at start it schedules retention with APScheduler; its
+methods are what the `/api/v1/gc|pause|resume|redeploy` routes (`deployd.api.ops`) call.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -24,9 +23,6 @@ from .pipeline.queue import Pipeline
 from .store import Store, utcnow
 from .toolchains import git as gitops
 from .types import PushNotice, VersionRegistered
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("deployd.ops")
 
