@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "deployd.service"
 SYSUSERS = ROOT / "systemd" / "deployd.sysusers"
 INSTALLED = "/opt/deployd/.venv/bin/deployd"
