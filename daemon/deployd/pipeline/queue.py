@@ -29,7 +29,7 @@ from ..toolchains.env import clean_env, log_tail
 from ..toolchains.node import SHIM_DIR as NODE_SHIM_DIR
 from ..toolchains.node import default_build as node_default_build
 from ..toolchains.node import detect as node_detect
-from ..types import PushNotice, VersionRegistered
+from ..types import BuildState, PushNotice, VersionRegistered
 from . import build as builder
 from . import descriptor
 from .mirror import MirrorResolver
@@ -313,8 +313,8 @@ class Pipeline:
 
     def _observe_build(self, component: str, build_id: int, seconds: float) -> None:
         row = self.store.build(build_id)
-        status = row["status"] if row else "failed"
-        if status == "failed" and row and row.get("retryable"):
+        status = row["status"] if row else BuildState.FAILED
+        if status == BuildState.FAILED and row and row.get("retryable"):
             status = "interrupted"
         self.metrics.build_finished(component, status, seconds)
 

@@ -80,7 +80,8 @@ class Runtime(Protocol):
         ...
 
     async def close(self) -> None:
-        """Stop what `start` brought up (flows are stopped by the deployer first)."""
+        """Stop what `start` brought up (flows are stopped by the deployer first); versions
+        replaced by a switch get `stop_timeout` to finish their work before that."""
         ...
 
     def reload(self, settings: DaemonConfig) -> None:

@@ -7,7 +7,7 @@ from ..metrics import Metrics
 from ..paths import Paths
 from ..store import Store
 from .base import Runtime
-from .embedded import EmbeddedRuntime
+from .embedded.runtime import EmbeddedRuntime
 
 
 def create_runtime(config: Config, store: Store, paths: Paths, metrics: Metrics) -> Runtime:

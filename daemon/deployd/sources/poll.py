@@ -26,7 +26,7 @@ from ..errors import GitError
 from ..metrics import Metrics
 from ..store import Store
 from ..toolchains import git as gitops
-from ..types import PushNotice
+from ..types import BuildState, PushNotice
 
 log = logging.getLogger("deployd.poll")
 
@@ -197,7 +197,7 @@ class Poller:
         if pending is not None and pending.sha == head:
             return False
         last = self.store.last_build(comp.name)
-        if last and last["status"] == "building" and last["sha"] == head:
+        if last and last["status"] == BuildState.BUILDING and last["sha"] == head:
             return False
         return self.notify(PushNotice(comp.name, f"refs/heads/{comp.branch}", head, "poll"))
 

@@ -83,7 +83,10 @@ class FlowRunner:
     async def next_exit(self) -> StepExit | None:
         if self.stopping and self._exits.empty():
             return None
-        return await self._exits.get()
+        exit_ = await self._exits.get()
+        if exit_ is None:
+            self._exits.put_nowait(None)  # stopped: every later call returns None at once
+        return exit_
 
     def log_path(self, step_id: str) -> Path:
         return self.log_dir / self.flow / f"{step_id}.log"

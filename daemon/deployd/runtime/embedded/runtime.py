@@ -51,9 +51,13 @@ class EmbeddedRuntime:
         await self.launcher.start()
 
     async def close(self) -> None:
-        for task in list(self._background):
-            await task
-        await self.launcher.stop()
+        """Give replaced versions still draining `stop_timeout` to finish, then stop the
+        socket, the fork server and the pools (whatever still runs is killed with them)."""
+        try:
+            if self._background:
+                await asyncio.wait(set(self._background), timeout=self.settings.stop_timeout)
+        finally:
+            await self.launcher.stop()
 
     def reload(self, settings: DaemonConfig) -> None:
         """New daemon settings (node binary, pool, timeouts) apply to the next warm-up."""
@@ -104,8 +108,13 @@ class EmbeddedRuntime:
         gap_ms, _ = await asyncio.gather(switch_trigger(), switch_actions())
         task = asyncio.get_running_loop().create_task(old_r.stop(), name=f"stop-old:{flow}")
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._stopped)
         return gap_ms
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stopping a replaced flow version failed", exc_info=task.exception())
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
         return self.flows.queue_depths()
