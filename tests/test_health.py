@@ -41,7 +41,7 @@ def test_nearly_full_disk_makes_the_daemon_unhealthy(
         except httpx.HTTPError:
             return None
 
-    resp = wait_until(answered, timeout=20)
+    resp = wait_until(answered, timeout=30)
     assert resp.status_code == 503
     body = resp.json()
     assert body["ok"] is False

@@ -35,7 +35,7 @@ def _hup_and_wait(d: Daemon, needle: str) -> None:
     seen = d.log().count(needle)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: d.log().count(needle) > seen, timeout=10)
+    wait_until(lambda: d.log().count(needle) > seen, timeout=30)
 
 
 # -- SIGTERM / SIGINT -----------------------------------------------------------------------
@@ -51,7 +51,7 @@ def test_sigterm_during_a_long_build_exits_0_and_the_build_is_retried_at_start(
     work = component(descriptor=desc)
     d = daemon_factory(stop_timeout="4s").start()
     sha = work.push(d.hosted("hello"))
-    wait_until(lambda: any(b["status"] == "building" for b in d.builds("hello")), timeout=15)
+    wait_until(lambda: any(b["status"] == "building" for b in d.builds("hello")), timeout=30)
 
     started = time.monotonic()
     assert d.stop(signal.SIGTERM, timeout=10) == 0

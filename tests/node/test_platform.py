@@ -66,7 +66,7 @@ def test_events_promise_and_callback_styles(node_env: Callable[..., NodeEnv]) ->
     )
     kinds = KINDS.split(",")
     wanted = {"callback", "plain", "promise", "async", "rebound", "noend", "print", "last"}
-    rows = env.wait_rows(out, lambda r: wanted <= {x["kind"] for x in r} and r, timeout=20)
+    rows = env.wait_rows(out, lambda r: wanted <= {x["kind"] for x in r} and r, timeout=30)
     by_kind: dict[str, list[dict]] = {}
     for row in rows:
         by_kind.setdefault(row["kind"], []).append(row)
@@ -188,7 +188,7 @@ def test_redeploy_under_load_loses_nothing(node_env: Callable[..., NodeEnv]) -> 
             (w := env.flow("load")["steps"][1])["pid"] not in (None, write["pid"])
             and w["state"] == "running"
         ),
-        timeout=15,
+        timeout=30,
     )
     have = len(read_out(out))
     env.wait_rows(out, lambda r: len(r) >= have + 10)

@@ -66,7 +66,7 @@ def test_poll_failures_back_off_show_in_status_and_recover(
         poll = d.component_status("hello")["poll"]
         return poll if poll and poll["failures"] >= times else None
 
-    poll = wait_until(lambda: failing(2), timeout=10)
+    poll = wait_until(lambda: failing(2), timeout=30)
     assert "git ls-remote" in poll["last_error"]["message"]
     assert poll["last_ok"] is None
     # After n failures the next poll waits 2^n intervals (±10 %), at most 10.
@@ -74,7 +74,7 @@ def test_poll_failures_back_off_show_in_status_and_recover(
     expected = 0.5 * min(2 ** poll["failures"], 10)
     assert 0.85 * expected <= gap.total_seconds() <= 1.15 * expected
     gd.start()  # the service is back: the next poll recovers by itself
-    d.wait_recent("hello", work.push(), timeout=15)
+    d.wait_recent("hello", work.push())
     poll = d.component_status("hello")["poll"]
     assert poll["failures"] == 0 and poll["last_error"] is None and poll["last_ok"]
 
@@ -116,7 +116,7 @@ def test_unwatched_local_repository_is_polled(
     comp = {"name": "hello", "url": f"file://{work.remote}", "watch": False, "poll_interval": "1s"}
     d = daemon_factory(components=[comp]).start()
     d.wait_recent("hello", work.push())
-    d.wait_recent("hello", work.commit_push("polled"), timeout=10)
+    d.wait_recent("hello", work.commit_push("polled"))
 
 
 def test_git_errors_never_show_credentials() -> None:
