@@ -54,8 +54,10 @@ def test_sigterm_during_a_long_build_exits_0_and_the_build_is_retried_at_start(
     wait_until(lambda: any(b["status"] == "building" for b in d.builds("hello")), timeout=30)
 
     started = time.monotonic()
-    assert d.stop(signal.SIGTERM, timeout=10) == 0
-    assert time.monotonic() - started < 4 + 1.5  # within stop_timeout (plus process exit)
+    assert d.stop(signal.SIGTERM, timeout=30) == 0
+    # Within stop_timeout (4 s) plus signal delivery and interpreter exit, which a loaded
+    # machine stretches by seconds; the hanging build alone would hold the stop for 60 s.
+    assert time.monotonic() - started < 4 + 10
     [build] = d.builds("hello")
     assert build["status"] == "failed" and "interrupted" in build["error"]
     assert d.log().count("deployd stopped") == 1
