@@ -12,6 +12,8 @@ from collections.abc import Callable
 from tests.conftest import wait_until
 from tests.node.conftest import NodeEnv, platform_files, read_out
 
+IN_PROGRESS = ("starting_new", "switching")  # a deployment's states before done or failed
+
 
 def test_platform_component_builds_with_npm_and_runs_in_a_realtime_flow(
     node_env: Callable[..., NodeEnv],
@@ -178,7 +180,10 @@ def test_redeploy_under_load_loses_nothing(node_env: Callable[..., NodeEnv]) -> 
     for version, tag in ((2, "v2"), (3, "v3")):
         env.push(platform_files(tag), f"write tagged {tag}")
         env.wait_rows(out, lambda r, tag=tag: sum(x["by"] == tag for x in r) >= 10)
-        dep = env.flow("load")["last_deploy"]
+        # the new steps write before the switch is recorded as finished: wait for the record
+        dep = wait_until(
+            lambda: (d := env.flow("load")["last_deploy"])["status"] not in IN_PROGRESS and d
+        )
         assert dep["status"] == "done" and dep["to_version"] == version, dep
     # A killed Node step is restarted; its unfinished message is delivered again.
     write = next(s for s in env.flow("load")["steps"] if s["id"] == "write")
