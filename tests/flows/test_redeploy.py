@@ -181,7 +181,7 @@ def test_a_version_that_fails_at_import_is_not_published(env: FlowEnv) -> None:
 def test_a_version_that_crash_loops_after_the_switch_is_rolled_back(
     make_env: Any, step: str
 ) -> None:
-    env: FlowEnv = make_env(rollback_window="10s", rollback_exits=2)
+    env: FlowEnv = make_env(rollback_window="30s", rollback_exits=2)
     out = env.counter()
     if step == "write":
         crash = "def process(msg, cfg):\n    os._exit(1)"
