@@ -29,8 +29,13 @@ GIT_ENV = {
 }
 
 
-def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll `cond` until it returns something truthy; fail the test after `timeout` seconds."""
+def wait_until(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """Poll `cond` until it returns something truthy; fail the test after `timeout` seconds.
+
+    `timeout` is a bound for a hung daemon, not a performance figure: on a loaded machine
+    (another test suite on the same cores) a start, build or deploy can take many times
+    longer than on an idle one, so keep it generous.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -200,7 +205,7 @@ class Daemon:
         )
         logf.close()
         if wait:
-            wait_until(self._healthy, timeout=20)
+            wait_until(self._healthy, timeout=60)  # a cold start on a loaded machine
         return self
 
     def _healthy(self) -> bool:
@@ -264,7 +269,7 @@ class Daemon:
         recent = self.component_status(name)["recent"]
         return recent["sha"] if recent else None
 
-    def wait_recent(self, name: str, sha: str, timeout: float = 20) -> dict[str, Any]:
+    def wait_recent(self, name: str, sha: str, timeout: float = 60) -> dict[str, Any]:
         wait_until(lambda: self.recent_sha(name) == sha, timeout=timeout)
         return self.component_status(name)
 
@@ -272,7 +277,7 @@ class Daemon:
         args = ["builds", "--json"] + ([name] if name else [])
         return list(json.loads(self.cli(*args).stdout))
 
-    def wait_build(self, name: str, sha: str, timeout: float = 20) -> dict[str, Any]:
+    def wait_build(self, name: str, sha: str, timeout: float = 60) -> dict[str, Any]:
         """Wait until `sha` has a finished build; return it."""
 
         def done() -> dict[str, Any] | None:

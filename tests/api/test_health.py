@@ -41,7 +41,7 @@ def test_nearly_full_disk_makes_the_daemon_unhealthy(
         except httpx.HTTPError:
             return None
 
-    resp = wait_until(answered, timeout=20)
+    resp = wait_until(answered, timeout=30)
     assert resp.status_code == 503
     body = resp.json()
     assert body["ok"] is False
@@ -82,12 +82,14 @@ def test_a_blocked_loop_shows_as_lag(tmp_path: Path) -> None:
         task = asyncio.get_running_loop().create_task(monitor.run())
         await asyncio.sleep(0.1)
         quiet = monitor.current()
-        threading.Event().wait(0.5)  # something blocks the event loop
-        body = check(None, tmp_path, monitor, Limits(max_loop_lag=0.2, min_free_bytes=0))
+        # The limit is far above what a loaded machine's scheduler delays a timer by, and
+        # the block far above the limit: neither side depends on the machine being idle.
+        threading.Event().wait(2.0)  # something blocks the event loop
+        body = check(None, tmp_path, monitor, Limits(max_loop_lag=1.0, min_free_bytes=0))
         task.cancel()
         return quiet, body
 
     quiet, body = asyncio.run(scenario())
-    assert quiet < 0.2
+    assert quiet < 1.0
     assert body["ok"] is False
     assert "event loop lags" in str(body["reasons"])

@@ -193,12 +193,12 @@ def test_hook_install_into_an_existing_bare_repository(
     work = component("served")
     work.remote = remote
     sha = work.push()
-    d.wait_recent("served", sha, timeout=5)
+    d.wait_recent("served", sha)
     assert d.builds("served")[0]["source"] == "hook"
     # installing again is harmless
     d.cli("hook", "install", str(remote), "--component", "served")
     again = work.commit_push("again")
-    d.wait_recent("served", again, timeout=5)
+    d.wait_recent("served", again)
 
 
 def test_hook_install_refuses_a_repository_the_component_does_not_build_from(

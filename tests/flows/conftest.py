@@ -160,7 +160,7 @@ class FlowEnv:
         """Apply the standard counter flow; returns its out file once it has output."""
         out = self.out(name)
         self.apply(flow_toml(name, out, **kw))
-        wait_until(lambda: read_out(out), timeout=15)
+        wait_until(lambda: read_out(out), timeout=30)
         return out
 
     def flow(self, name: str) -> dict[str, Any]:
@@ -192,7 +192,7 @@ class FlowEnv:
             lambda: sum(1 for r in read_out(out) if r["by"] == tag) >= count, timeout=timeout
         )
 
-    def wait_more(self, out: Path, more: int = 3, timeout: float = 15) -> list[dict[str, Any]]:
+    def wait_more(self, out: Path, more: int = 3, timeout: float = 30) -> list[dict[str, Any]]:
         """Until `out` has grown by `more` lines; returns all of them."""
         have = len(read_out(out))
         wait_until(lambda: len(read_out(out)) >= have + more, timeout=timeout)

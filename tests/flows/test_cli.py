@@ -137,7 +137,7 @@ def test_stop_start_rollback_history_and_deploys(make_env: Any) -> None:
 
     # A stopped flow is left alone by the automatic redeploy.
     env.push(counter_files("v2", **{"lib/ticker.py": HOOKED_TICKER}))
-    flow = wait_until(lambda: (f := env.flow("counter"))["stale"] and f, timeout=15)
+    flow = wait_until(lambda: (f := env.flow("counter"))["stale"] and f, timeout=30)
     assert flow["version"] == 1 and flow["state"] == "stopped"
 
     res = env.daemon.cli("flow", "start", "counter")
@@ -159,7 +159,7 @@ def test_stop_start_rollback_history_and_deploys(make_env: Any) -> None:
 
     res = env.daemon.cli("flow", "rollback", "counter")
     assert res.stdout.startswith("counter v3: done")
-    wait_until(lambda: read_out(out)[-1]["by"] == "v1", timeout=15)
+    wait_until(lambda: read_out(out)[-1]["by"] == "v1", timeout=30)
     flow = env.flow("counter")
     assert flow["version"] == 3 and [s["version"] for s in flow["steps"]] == [1, 1]
     assert_contiguous(read_out(out))

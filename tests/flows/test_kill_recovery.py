@@ -22,9 +22,9 @@ def _pid(env: FlowEnv, step: str) -> int | None:
 def test_a_killed_step_is_restarted_without_spinning_on_its_socket(env: FlowEnv) -> None:
     out = env.counter(interval="20ms")
     for step in ("write", "tick", "write"):
-        pid = wait_until(lambda step=step: _pid(env, step), timeout=15)
+        pid = wait_until(lambda step=step: _pid(env, step), timeout=30)
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda step=step, pid=pid: _pid(env, step) not in (None, pid), timeout=20)
+        wait_until(lambda step=step, pid=pid: _pid(env, step) not in (None, pid), timeout=30)
         env.wait_more(out, 3)
     log = env.daemon.log()
     # Before the fix each kill made the loops retry hundreds of times in the half second

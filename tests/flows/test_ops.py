@@ -24,7 +24,7 @@ def test_paused_flow_gets_a_draft_only_and_resume_publishes_it(
     assert _status(env)["paused"] == {"flow": ["counter"], "component": []}
     env.push(counter_files("v2", **{"lib/write.py": writer("v2")}))
     # The new version is drafted, not published: the flow keeps running v1.
-    wait_until(lambda: env.show("counter")["draft"] is not None, timeout=15)
+    wait_until(lambda: env.show("counter")["draft"] is not None, timeout=30)
     env.wait_more(out, 5)
     assert {r["by"] for r in read_out(out)} == {"v1"}
     assert env.flow("counter")["stale"] is True
@@ -51,7 +51,7 @@ def test_paused_component_records_pushes_and_resume_builds_the_head(
             e["kind"] == "push.paused" and e["sha"] == sha
             for e in json.loads(env.daemon.cli("history", "--component", "hello", "--json").stdout)
         ),
-        timeout=10,
+        timeout=30,
     )
     assert env.daemon.recent_sha("hello") != sha
     assert _status(env)["paused"]["component"] == ["hello"]

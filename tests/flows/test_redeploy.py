@@ -109,7 +109,7 @@ def test_push_switches_the_output_to_the_new_code_with_nothing_lost(env: FlowEnv
     assert now["last_deploy"]["gap_ms"] == dep["gap_ms"]
     assert {s["pid"] for s in now["steps"]}.isdisjoint({tick["pid"], write["pid"]})
     # The old step processes are gone.
-    wait_until(lambda: not any(_alive(p) for p in (tick["pid"], write["pid"])), timeout=10)
+    wait_until(lambda: not any(_alive(p) for p in (tick["pid"], write["pid"])), timeout=30)
 
 
 def _alive(pid: int) -> bool:
@@ -136,7 +136,7 @@ def test_a_push_that_removes_a_used_action_needs_attention_and_the_old_version_r
     env.push(counter_files("v2", **{"component.json": desc}))
 
     reason = 'step write: action "write" no longer exists in hello v2'
-    flow = wait_until(lambda: (f := env.flow("counter"))["needs_attention"] and f, timeout=15)
+    flow = wait_until(lambda: (f := env.flow("counter"))["needs_attention"] and f, timeout=30)
     assert flow["needs_attention"] == reason
     assert (flow["version"], flow["state"], flow["stale"]) == (1, "running", True)
     rows = env.wait_more(out, 3)
@@ -151,7 +151,7 @@ def test_a_push_that_removes_a_used_action_needs_attention_and_the_old_version_r
     # The next good push fixes it: published, attention cleared.
     env.push(counter_files("v3"))
     env.wait_by(out, "v3", 2)
-    flow = wait_until(lambda: (f := env.flow("counter"))["version"] == 2 and f, timeout=15)
+    flow = wait_until(lambda: (f := env.flow("counter"))["version"] == 2 and f, timeout=30)
     assert flow["needs_attention"] is None and flow["stale"] is False
     assert [s["version"] for s in flow["steps"]] == [3, 3]
     assert env.show("counter")["draft"] is None
@@ -181,7 +181,7 @@ def test_a_version_that_fails_at_import_is_not_published(env: FlowEnv) -> None:
 def test_a_version_that_crash_loops_after_the_switch_is_rolled_back(
     make_env: Any, step: str
 ) -> None:
-    env: FlowEnv = make_env(rollback_window="10s", rollback_exits=2)
+    env: FlowEnv = make_env(rollback_window="30s", rollback_exits=2)
     out = env.counter()
     if step == "write":
         crash = "def process(msg, cfg):\n    os._exit(1)"
@@ -194,10 +194,10 @@ def test_a_version_that_crash_loops_after_the_switch_is_rolled_back(
         }
     env.push(counter_files("v2", **files))
 
-    wait_until(lambda: env.deploys()[0]["status"] == "rolled_back", timeout=20)
+    wait_until(lambda: env.deploys()[0]["status"] == "rolled_back", timeout=30)
     dep = env.deploys()[0]
     assert dep["to_version"] == 2 and f"step {step} exited (code 1)" in dep["reason"]
-    flow = wait_until(lambda: (f := env.flow("counter"))["state"] == "running" and f, timeout=10)
+    flow = wait_until(lambda: (f := env.flow("counter"))["state"] == "running" and f, timeout=30)
     assert flow["version"] == 1 and "v2 rolled back" in flow["needs_attention"]
     assert [s["version"] for s in flow["steps"]] == [1, 1]
     rows = env.wait_more(out, 3)
@@ -209,10 +209,10 @@ def test_a_version_that_crash_loops_after_the_switch_is_rolled_back(
 def test_a_manual_flow_gets_a_validated_draft_only(env: FlowEnv) -> None:
     out = env.counter(update="manual")
     env.push(counter_files("v2"))
-    flow = wait_until(lambda: (f := env.flow("counter"))["stale"] and f, timeout=15)
+    flow = wait_until(lambda: (f := env.flow("counter"))["stale"] and f, timeout=30)
     assert flow["version"] == 1 and flow["needs_attention"] is None
     assert flow["update"] == "manual"
-    draft = wait_until(lambda: env.show("counter")["draft"], timeout=10)
+    draft = wait_until(lambda: env.show("counter")["draft"], timeout=30)
     assert draft["problems"] == [] and [s["version"] for s in draft["steps"]] == [2, 2]
     rows = env.wait_more(out, 3)
     assert {r["by"] for r in rows} == {"v1"}

@@ -329,7 +329,7 @@ class NodeEnv:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def wait_rows(
-        self, out: Path, cond: Callable[[list[dict[str, Any]]], Any], timeout: float = 20
+        self, out: Path, cond: Callable[[list[dict[str, Any]]], Any], timeout: float = 30
     ):
         return wait_until(lambda: cond(read_out(out)), timeout=timeout, interval=0.05)
 

@@ -111,7 +111,7 @@ def test_pool_sailors_serve_steps_and_exit_with_the_daemon(
     env = node_env()
     assert env.daemon.proc is not None
     daemon_pid = env.daemon.proc.pid
-    idle = wait_until(lambda: _pool_sailors(daemon_pid), timeout=10)
+    idle = wait_until(lambda: _pool_sailors(daemon_pid), timeout=30)
     out = env.out("pooled")
     env.apply(
         "pooled",
@@ -129,8 +129,8 @@ def test_pool_sailors_serve_steps_and_exit_with_the_daemon(
     pids = {s["pid"] for s in env.flow("pooled")["steps"]}
     assert set(idle) & pids, "no step took a pre-started sailor"
     # the pool is topped up to the flow's node step count
-    wait_until(lambda: len(set(_pool_sailors(daemon_pid)) - pids) >= 2, timeout=10)
+    wait_until(lambda: len(set(_pool_sailors(daemon_pid)) - pids) >= 2, timeout=30)
     env.daemon.stop(signal.SIGKILL)
     # the daemon's socket is gone: every sailor, idle or serving a step, exits by itself
-    wait_until(lambda: not _pool_sailors(daemon_pid), timeout=10)
-    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), timeout=10)
+    wait_until(lambda: not _pool_sailors(daemon_pid), timeout=30)
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), timeout=30)

@@ -83,7 +83,7 @@ def test_a_hanging_build_times_out(
     work = component(descriptor=default_descriptor(build="echo started; sleep 60"))
     work.remote = d.hosted("hello")
     sha = work.push()
-    build = d.wait_build("hello", sha, timeout=15)
+    build = d.wait_build("hello", sha)
     assert build["status"] == "failed"
     assert "timed out: build_timeout 2s" in build["error"]
     assert "build_timeout" in build["error"]

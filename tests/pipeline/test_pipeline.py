@@ -38,13 +38,16 @@ def test_each_push_registers_the_next_version(
 
 
 def test_a_burst_of_pushes_builds_the_last_commit_and_not_every_one(
-    daemon: Daemon, component: Callable[..., Work]
+    daemon: Daemon, component: Callable[..., Work], tmp_path: Path
 ) -> None:
+    hold = tmp_path / "hold-build"
+    hold.touch()
     work = component(descriptor=None)
-    work.write({"component.json": _slow_descriptor()})
+    work.write({"component.json": _held_descriptor(hold)})
     work.remote = daemon.hosted("hello")
     shas = [work.commit_push(f"push {i}", {"n.txt": str(i)}) for i in range(10)]
-    comp = daemon.wait_recent("hello", shas[-1], timeout=30)
+    hold.unlink()  # the whole burst has arrived while a build ran, however slow the pushes
+    comp = daemon.wait_recent("hello", shas[-1])
     builds = daemon.builds("hello")
     assert 1 <= len(builds) < 10
     assert all(b["status"] == "succeeded" for b in builds)
@@ -56,9 +59,9 @@ def test_a_burst_of_pushes_builds_the_last_commit_and_not_every_one(
     assert Path(artifact, "n.txt").read_text() == "9"
 
 
-def _slow_descriptor() -> dict[str, object]:
-    # a build that takes a moment, so later pushes of the burst arrive while it runs
-    return default_descriptor(build="sleep 0.4")
+def _held_descriptor(hold: Path) -> dict[str, object]:
+    # a build that runs while `hold` exists, so later pushes of the burst arrive while it runs
+    return default_descriptor(build=f"while [ -e '{hold}' ]; do sleep 0.02; done")
 
 
 def test_the_same_commit_notified_again_is_not_built_again(

@@ -103,7 +103,7 @@ def test_trigger_module_state_persists_between_calls_and_the_listener_pitfall(
     env.apply(_stateful_flow(env, "unguarded", "no"))
     env.apply(_stateful_flow(env, "guarded", "yes"))
     for name in ("unguarded", "guarded"):
-        wait_until(lambda name=name: len(read_out(env.out(name))) >= 8, timeout=15)
+        wait_until(lambda name=name: len(read_out(env.out(name))) >= 8, timeout=30)
 
     unguarded = read_out(env.out("unguarded"))
     guarded = read_out(env.out("guarded"))
@@ -139,7 +139,7 @@ def test_errors_in_process_are_per_message_and_many_outputs_flow_on(make_env: An
         ],
     )
     env.apply(text)
-    wait_until(lambda: max((r["n"] for r in read_out(out)), default=0) >= 10, timeout=15)
+    wait_until(lambda: max((r["n"] for r in read_out(out)), default=0) >= 10, timeout=30)
     shown = env.show("fan")
     rows = [r for r in read_out(out) if r["n"] <= 10]
     expected = [(n, p) for n in range(1, 11) if n % 3 for p in ("a", "b")]

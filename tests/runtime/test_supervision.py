@@ -95,15 +95,16 @@ def test_a_killed_step_process_is_restarted_and_gets_its_message_again(
     text, out, attempts = holding_flow(env)
     (env.tmp / "hold").touch()
     env.apply(text)
-    wait_until(lambda: attempts.exists() and attempts.read_text() == "1\n", timeout=15)
+    wait_until(lambda: attempts.exists() and attempts.read_text() == "1\n", timeout=30)
     pid = _pid(env, "write")
     assert pid is not None
 
     os.kill(pid, signal.SIGKILL)  # mid-message: it has seen n=1 but not finished it
     killed = time.monotonic()
-    wait_until(lambda: (p := _pid(env, "write")) is not None and p != pid, timeout=10)
+    wait_until(lambda: (p := _pid(env, "write")) is not None and p != pid)
     assert time.monotonic() - killed >= 0.9  # the back-off starts at 1 s
-    assert attempts.read_text() == "1\n1\n"  # delivered again to the new process
+    # delivered again to the new process (which may be "running" a moment before it reads)
+    wait_until(lambda: attempts.read_text() == "1\n1\n")
     (env.tmp / "hold").unlink()
 
     rows = env.wait_more(out, 10)
@@ -124,10 +125,10 @@ def test_a_restarted_daemon_resumes_its_flows_with_queues_and_snapshots_intact(
     # A slow writer behind a fast ticker: its queue grows.
     text, out, _attempts = holding_flow(env, pause="0.05")
     env.apply(text)
-    wait_until(lambda: len(read_out(out)) >= 3, timeout=15)
+    wait_until(lambda: len(read_out(out)) >= 3, timeout=30)
     flow = env.flow("counter")
     assert flow["version"] == 1 and [s["version"] for s in flow["steps"]] == [2, 2]
-    wait_until(lambda: env.show("counter")["queues"].get("write", 0) >= 5, timeout=15)
+    wait_until(lambda: env.show("counter")["queues"].get("write", 0) >= 5, timeout=30)
     pids = [s["pid"] for s in env.flow("counter")["steps"]]
     assert env.daemon.proc is not None
     # The fork server and everything it forked: step processes and idle pooled sailors.
@@ -136,7 +137,7 @@ def test_a_restarted_daemon_resumes_its_flows_with_queues_and_snapshots_intact(
 
     assert env.daemon.stop(sig) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
     # No step process outlives its daemon, even a killed one.
-    wait_until(lambda: not any(_alive(p) for p in family), timeout=10)
+    wait_until(lambda: not any(_alive(p) for p in family), timeout=30)
     queued = db_rows(env.daemon.state_dir, "SELECT COUNT(*) AS n FROM messages")[0]["n"]
     assert queued >= 5
     [snap] = db_rows(env.daemon.state_dir, "SELECT data FROM snapshots WHERE step = 'tick'")
@@ -145,7 +146,7 @@ def test_a_restarted_daemon_resumes_its_flows_with_queues_and_snapshots_intact(
     before = read_out(out)
 
     env.daemon.start()
-    flow = wait_until(lambda: (f := env.flow("counter"))["state"] == "running" and f, timeout=15)
+    flow = wait_until(lambda: (f := env.flow("counter"))["state"] == "running" and f, timeout=30)
     assert flow["version"] == 1 and [s["version"] for s in flow["steps"]] == [2, 2]
     rows = wait_until(lambda: len(r := read_out(out)) >= len(before) + queued + 3 and r, 30)
     ns = [r["n"] for r in rows]
@@ -173,7 +174,7 @@ def test_a_redeploy_takes_its_step_processes_from_the_idle_pool(env: FlowEnv) ->
     # The pool is filled in the background after a start: wait until idle sailors wait.
     running = {s["pid"] for s in env.flow("counter")["steps"]}
     idle = wait_until(
-        lambda: len(i := set(_children(forkserver)) - running) >= POOL_BASE and i, timeout=10
+        lambda: len(i := set(_children(forkserver)) - running) >= POOL_BASE and i, timeout=30
     )
     pushed_at = max(_started(p) for p in idle)
     env.push(counter_files("v2"))

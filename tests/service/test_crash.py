@@ -124,7 +124,7 @@ def test_kill_anywhere_restarts_consistent(
         f'config = {{ out = "{out}" }}\n'
     )
     daemon.cli("flow", "apply", str(flow))
-    wait_until(lambda: len(_read_out(out)) >= 5, timeout=20)
+    wait_until(lambda: len(_read_out(out)) >= 5, timeout=30)
 
     for i, (point, sql) in enumerate(KILL_POINTS * 2, start=1):
         tag = f"v{i}"
@@ -138,7 +138,7 @@ def test_kill_anywhere_restarts_consistent(
             )
         daemon.kill()
         # Every process of the killed daemon (fork server, step processes) goes away by itself.
-        wait_until(lambda victims=victims: not any(_alive(p) for p in victims), timeout=10)
+        wait_until(lambda victims=victims: not any(_alive(p) for p in victims), timeout=30)
         assert _query(daemon, "PRAGMA integrity_check") == [("ok",)], point
         daemon.start()
         # The newest commit ends up running: registered once, and the flow publishes it.

@@ -35,7 +35,7 @@ def _hup_and_wait(d: Daemon, needle: str) -> None:
     seen = d.log().count(needle)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: d.log().count(needle) > seen, timeout=10)
+    wait_until(lambda: d.log().count(needle) > seen, timeout=30)
 
 
 # -- SIGTERM / SIGINT -----------------------------------------------------------------------
@@ -51,11 +51,13 @@ def test_sigterm_during_a_long_build_exits_0_and_the_build_is_retried_at_start(
     work = component(descriptor=desc)
     d = daemon_factory(stop_timeout="4s").start()
     sha = work.push(d.hosted("hello"))
-    wait_until(lambda: any(b["status"] == "building" for b in d.builds("hello")), timeout=15)
+    wait_until(lambda: any(b["status"] == "building" for b in d.builds("hello")), timeout=30)
 
     started = time.monotonic()
-    assert d.stop(signal.SIGTERM, timeout=10) == 0
-    assert time.monotonic() - started < 4 + 1.5  # within stop_timeout (plus process exit)
+    assert d.stop(signal.SIGTERM, timeout=30) == 0
+    # Within stop_timeout (4 s) plus signal delivery and interpreter exit, which a loaded
+    # machine stretches by seconds; the hanging build alone would hold the stop for 60 s.
+    assert time.monotonic() - started < 4 + 10
     [build] = d.builds("hello")
     assert build["status"] == "failed" and "interrupted" in build["error"]
     assert d.log().count("deployd stopped") == 1

@@ -52,7 +52,7 @@ class NotifySocket:
                     return msg
             return None
 
-        return dict(wait_until(find, timeout=15))
+        return dict(wait_until(find, timeout=30))
 
     def index(self, key: str, value: str) -> int:
         for i, msg in enumerate(self.drain()):
@@ -171,8 +171,7 @@ def test_daemon_speaks_the_protocol(
     # WATCHDOG=1 keeps coming, about every WATCHDOG_USEC / 2 (0.15 s here).
     first = len(notify_socket.drain())
     wait_until(
-        lambda: sum(1 for m in notify_socket.drain()[first:] if m.get("WATCHDOG") == "1") >= 4,
-        timeout=5,
+        lambda: sum(1 for m in notify_socket.drain()[first:] if m.get("WATCHDOG") == "1") >= 4
     )
 
     # SIGHUP: RELOADING=1 with a monotonic timestamp, then READY=1 again.

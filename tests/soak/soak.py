@@ -154,7 +154,7 @@ class Soak:
         self.track()
         if self.report.daemon_runs > 1:  # the first quiet moment of this run: fds "early"
             with contextlib.suppress(AssertionError):
-                wait_until(self.quiet, timeout=20, interval=0.05)
+                wait_until(self.quiet, timeout=30, interval=0.05)
             self.sample_fds()
 
     def build_done(self, comp: str, sha: str) -> bool:
@@ -304,7 +304,7 @@ class Soak:
         self.note(f"kill -9 daemon (pid {pid}, {len(victims) - 1} descendants)")
         # Every process of the killed daemon (fork server, step processes) goes by itself.
         try:
-            wait_until(lambda: not self.alive(victims), timeout=15)
+            wait_until(lambda: not self.alive(victims), timeout=30)
         except AssertionError:
             self.report.violations.append(
                 f"cycle {self.cycle}: processes of killed daemon {pid} still alive: "
@@ -611,7 +611,7 @@ class Soak:
         if code != 0:
             self.report.violations.append(f"graceful stop of daemon {pid} exited {code}")
         try:
-            wait_until(lambda: not self.alive(), timeout=15)
+            wait_until(lambda: not self.alive(), timeout=30)
         except AssertionError:
             self.report.violations.append(f"processes left after the stop: {self.alive()}")
         strays = processes_touching(self.workdir)

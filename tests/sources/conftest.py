@@ -91,7 +91,7 @@ class GitDaemon:
             )
             return "Connection refused" not in probe.stderr
 
-        wait_until(up, timeout=10)
+        wait_until(up, timeout=30)
         return self
 
     def stop(self) -> None:

@@ -29,16 +29,16 @@ def test_a_push_no_hook_reports_is_noticed_within_seconds(
     work = component("lib")
     work.remote = remote
     first = work.push()
-    comp = d.wait_recent("lib", first, timeout=3)
+    comp = d.wait_recent("lib", first)
     assert comp["url"] == str(remote)
     assert comp["recent"]["version"] == 1
     assert d.builds("lib")[0]["source"] == "watch"
     second = work.commit_push("second")
-    d.wait_recent("lib", second, timeout=3)
+    d.wait_recent("lib", second)
     # a pack-refs run (git gc) rewrites packed-refs; the head did not move, nothing is built
     git("pack-refs", "--all", cwd=remote)
     third = work.commit_push("third")
-    d.wait_recent("lib", third, timeout=3)
+    d.wait_recent("lib", third)
     assert [b["sha"] for b in d.builds("lib")] == [third, second, first]
 
 
@@ -71,17 +71,17 @@ def test_a_deleted_local_branch_keeps_the_recent_version(
     work = component("lib")
     work.remote = remote
     first = work.push()
-    d.wait_recent("lib", first, timeout=3)
+    d.wait_recent("lib", first)
     git("update-ref", "-d", "refs/heads/main", cwd=remote)
 
     def noticed() -> bool:
         rows = db_rows(d.state_dir, "SELECT message FROM events WHERE kind = 'push.ignored'")
         return any("does not exist" in r["message"] for r in rows)
 
-    wait_until(noticed, timeout=5)
+    wait_until(noticed)
     assert d.recent_sha("lib") == first
     assert d.stop() == 0  # also at start: a missing branch is not an error
     d.start()
     assert d.recent_sha("lib") == first
     again = work.commit_push("back")
-    d.wait_recent("lib", again, timeout=3)
+    d.wait_recent("lib", again)

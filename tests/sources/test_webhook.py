@@ -224,7 +224,7 @@ def test_commit_not_yet_visible_is_built_once_pushed(
     sha = work.commit("pushed after its webhook")
     resp = hooks.post(d.url, "hello", push_request("gitea", sha))
     assert resp.status_code == 202
-    wait_until(lambda: events(d, "push.waiting", sha), timeout=10)
+    wait_until(lambda: events(d, "push.waiting", sha), timeout=30)
     assert builds_of(d, "hello", sha) == []
     work.push()
     build = d.wait_build("hello", sha)
@@ -279,7 +279,7 @@ def test_a_url_in_the_payload_is_never_fetched(
             )
             assert hooks.post(d.url, "hello", request).status_code in (200, 202)
         # After webhook_wait the daemon gives up on the sha and builds the branch head.
-        wait_until(lambda: events(d, "push.failed", evil_sha), timeout=15)
+        wait_until(lambda: events(d, "push.failed", evil_sha), timeout=30)
         assert not listener.connected()
     finally:
         listener.close()
@@ -305,7 +305,7 @@ def test_webhook_poll_and_local_notice_of_one_commit_build_once(
             poll and poll["head"] == sha and poll["last_ok"] > d.builds("hello")[0]["finished_at"]
         )
 
-    wait_until(polled_after_build, timeout=10)
+    wait_until(polled_after_build, timeout=30)
     assert (
         hooks.post(d.url, "hello", push_request("github", sha))
         .json()["reason"]
