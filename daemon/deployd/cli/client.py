@@ -1,43 +1,37 @@
-"""The CLI's one client for the running daemon's HTTP API.
+"""The CLI's one client for the running daemon's HTTP API, on the standard library.
 
-httpx is imported on the first request, not with this module: `deployd status` with the
-daemon stopped never makes one, and must start fast.
+Every command that talks to the daemon goes through `_send`: the mutating ones (`call`, with
+the bearer token) and `status` (`live_status`, without one). It is built on `http.client`
+rather than httpx because `deployd status` asks the running daemon on every call and must
+stay under 300 ms: importing httpx alone cost it ~100 ms (docs/benchmarks.md, issue 10).
 """
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Any
+import http.client
+import json as jsonlib
+from dataclasses import dataclass
+from typing import Any
 
 from ..auth import read_token
 from ..config import Config
 from ..errors import DaemonError
 
-if TYPE_CHECKING:
-    import httpx
+
+@dataclass(frozen=True)
+class Response:
+    status_code: int
+    text: str
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return jsonlib.loads(self.text)
 
 
-def _httpx() -> Any:
-    """httpx without its own command-line tool.
-
-    `import httpx` also imports `httpx._main` (its CLI), which pulls in click, pygments and
-    rich's console: ~130 ms of `deployd status` on an idle machine, more than the rest of
-    httpx. httpx treats that module as optional (it catches the ImportError), and a None in
-    sys.modules is Python's documented way to make an import fail.
-    """
-    if "httpx" not in sys.modules:
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-    import httpx
-
-    return httpx
-
-
-def base_url(config: Config) -> str:
+def address(config: Config) -> tuple[str, int]:
     """The daemon's own address; a wildcard listen address is reached on loopback."""
     host, port = config.daemon.host, config.daemon.port
-    if host in ("0.0.0.0", "::"):
-        return f"http://127.0.0.1:{port}"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), port
 
 
 def _send(
@@ -48,21 +42,37 @@ def _send(
     json: Any = None,
     headers: dict[str, str] | None = None,
     timeout: float,
-) -> httpx.Response:
+) -> Response:
     """One request to the daemon; DaemonError if it is down or does not answer."""
-    httpx = _httpx()
-
+    host, port = address(config)
+    body = None if json is None else jsonlib.dumps(json).encode()
+    head = {"Accept": "application/json", **(headers or {})}
+    if body is not None:
+        head["Content-Type"] = "application/json"
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        return httpx.request(
-            method, base_url(config) + path, json=json, headers=headers, timeout=timeout
-        )
-    except httpx.ConnectError as exc:
-        raise DaemonError(
-            f"the daemon is not running (nothing listens on {config.daemon.listen}); "
-            "start it with `deployd serve` or `systemctl start deployd`"
-        ) from exc
-    except httpx.HTTPError as exc:
-        raise DaemonError(f"the daemon on {config.daemon.listen} did not answer: {exc}") from exc
+        try:
+            conn.connect()
+        except TimeoutError as exc:
+            raise DaemonError(
+                f"the daemon on {config.daemon.listen} did not answer: {exc or 'timed out'}"
+            ) from exc
+        except OSError as exc:  # refused, unreachable: nothing listens there
+            raise DaemonError(
+                f"the daemon is not running (nothing listens on {config.daemon.listen}); "
+                "start it with `deployd serve` or `systemctl start deployd`"
+            ) from exc
+        try:
+            conn.request(method, path, body=body, headers=head)
+            resp = conn.getresponse()
+            text = resp.read().decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException) as exc:
+            raise DaemonError(
+                f"the daemon on {config.daemon.listen} did not answer: {exc or type(exc).__name__}"
+            ) from exc
+        return Response(resp.status, text)
+    finally:
+        conn.close()
 
 
 def call(config: Config, method: str, path: str, json: Any = None, timeout: float = 120.0) -> Any:
