@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from ..config import ComponentConfig, Config, local_path
+from ..config import ComponentConfig, Config
 from ..errors import BuildError, ComponentError, GitError
 from ..metrics import Metrics
 from ..paths import Paths
@@ -38,9 +38,6 @@ log = logging.getLogger("deployd.pipeline")
 
 
 Listener = Callable[[VersionRegistered], Awaitable[None]]
-# Called before a build to make `sha` (or the branch head) readable in the component's
-# repository; returns the repository path. Remote components fetch into a mirror here.
-Resolver = Callable[[ComponentConfig, "PushNotice"], Awaitable[Path]]
 
 
 class Pipeline:
@@ -61,9 +58,9 @@ class Pipeline:
         self.pauses = pauses
         self.metrics = metrics
         self.listeners: list[Listener] = list(listeners or [])
-        # Webhook commits and remote urls: fetch mirrors (waiting for a pushed commit to show
-        # up) before each build.
-        self.resolver: Resolver = MirrorResolver(self, store, paths)
+        # Before each build: make `sha` (or the branch head) readable and say where. Remote
+        # urls fetch their mirror, waiting for a pushed commit to show up; also `repo_path`.
+        self.resolver = MirrorResolver(self, store, paths)
         self._pending: dict[str, PushNotice] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(config.daemon.max_parallel_builds)
@@ -71,11 +68,8 @@ class Pipeline:
     # -- intake ----------------------------------------------------------------------------
 
     def repo_path(self, comp: ComponentConfig) -> Path:
-        if comp.url is None:
-            return self.paths.hosted_repo(comp.name)
-        if comp.local:
-            return local_path(comp.url)
-        return self.paths.mirror(comp.name)
+        """The repository a component's builds read (hosted, local, or its mirror)."""
+        return self.resolver.repo_path(comp)
 
     def notify(self, notice: PushNotice) -> bool:
         """Queue `notice` in its component's slot (replacing an older one). True if queued."""

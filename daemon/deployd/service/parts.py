@@ -27,7 +27,6 @@ from ..sources.poll import Poller
 from ..sources.watch import Watcher
 from ..sources.webhook import WebhookIntake
 from ..store import Store
-from ..types import PushNotice
 from .repos import Repos
 
 
@@ -58,10 +57,6 @@ class Parts:
     def accepting(self) -> bool:
         """False once a stop began: mutating routes and webhooks answer 503 from then on."""
         return not self.stopping.is_set()
-
-    def notify(self, notice: PushNotice) -> bool:
-        """Hand a push notice to the pipeline (True when it was queued)."""
-        return self.pipeline.notify(notice)
 
 
 def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractEventLoop) -> Parts:
