@@ -170,6 +170,12 @@ class DaemonConfig(_Model):
     keep_versions: int = Field(default=10, ge=1, le=100000)
     keep_logs: Duration = 30 * 86400.0
     gc_interval: Duration = 3600.0
+    # The message path (issue 11): every step's input queue holds at most `max_queue`
+    # messages before its producer is held back (a flow step's `max_queue` overrides it);
+    # dead letters are kept `keep_dead_letters`, and at most `max_dead_letters` per step.
+    max_queue: int = Field(default=10000, ge=1, le=10_000_000)
+    keep_dead_letters: Duration = 14 * 86400.0
+    max_dead_letters: int = Field(default=10000, ge=1, le=10_000_000)
 
     @field_validator("warmup_timeout", "rollback_window", "stop_timeout")
     @classmethod

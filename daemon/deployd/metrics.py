@@ -112,6 +112,25 @@ class Metrics:
             "deployd_event_loop_lag_seconds", "Last measured lag of the event loop.", registry=r
         )
         self._flow_states: set[str] = set()
+        self._backpressure = Counter(
+            "deployd_backpressure_seconds",
+            "Time a flow step was held back because the next step's queue was full.",
+            ["flow", "step"],
+            registry=r,
+        )
+        self._dead_letters = Gauge(
+            "deployd_dead_letters",
+            "Messages whose handling failed, kept with their input (retry or discard them).",
+            ["flow", "step"],
+            registry=r,
+        )
+        self._dl_expired = Counter(
+            "deployd_dead_letters_expired",
+            "Dead letters removed by retention (daemon.keep_dead_letters, max_dead_letters).",
+            ["flow", "step"],
+            registry=r,
+        )
+        self._dead_letter_keys: set[tuple[str, str]] = set()
 
     # -- pipeline --------------------------------------------------------------------------
 
@@ -164,6 +183,20 @@ class Metrics:
 
     def message_failed(self, flow: str, step: str, count: int = 1) -> None:
         self._failed.labels(flow, step).inc(count)
+
+    def backpressure(self, flow: str, step: str, seconds: float) -> None:
+        self._backpressure.labels(flow, step).inc(seconds)
+
+    def dead_letters_expired(self, flow: str, step: str, count: int) -> None:
+        self._dl_expired.labels(flow, step).inc(count)
+
+    def set_dead_letters(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Dead letters now, by (flow, step); steps missing from `counts` become 0."""
+        for key in self._dead_letter_keys - set(counts):
+            self._dead_letters.labels(*key).set(0)
+        for (flow, step), count in counts.items():
+            self._dead_letters.labels(flow, step).set(count)
+        self._dead_letter_keys |= set(counts)
 
     def step_restarted(self, flow: str, step: str) -> None:
         self._restarts.labels(flow, step).inc()

@@ -95,6 +95,8 @@ class RunStep:
     config: Mapping[str, Any] = field(default_factory=dict)
     mapping: str | None = None
     interval: float = 1.0
+    prefetch: int = 16  # messages a step process may be handed ahead of the one it handles
+    max_queue: int | None = None  # its input queue's limit (None: daemon.max_queue)
 
 
 @dataclass(frozen=True)
@@ -126,9 +128,11 @@ class StepStatus:
     state: StepState
     pid: int | None = None
     location: str | None = None  # where it runs, for runtimes that place steps elsewhere
+    backpressure: bool = False  # held back: the next step's queue is full
+    dead_letters: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        """The shape of a step in `status --json` (unchanged: no location while it is local)."""
+        """The shape of a step in `status --json` (no location while it is local)."""
         out: dict[str, Any] = {
             "id": self.id,
             "kind": str(self.kind),
@@ -137,10 +141,25 @@ class StepStatus:
             "version": self.version,
             "state": str(self.state),
             "pid": self.pid,
+            "backpressure": self.backpressure,
+            "dead_letters": self.dead_letters,
         }
         if self.location is not None:
             out["location"] = self.location
         return out
+
+
+@dataclass(frozen=True)
+class RetryResult:
+    """What a retry of dead letters did: re-queued, failed their mapping again (back among
+    the dead letters with one attempt more), or left (their step is not in the flow)."""
+
+    retried: int = 0
+    failed: int = 0
+    skipped: list[int] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"retried": self.retried, "failed": self.failed, "skipped": self.skipped}
 
 
 @dataclass(frozen=True)

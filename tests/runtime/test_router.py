@@ -11,7 +11,9 @@ from deployd.metrics import Metrics
 from deployd.runtime.embedded.process import Result
 from deployd.runtime.embedded.router import REBOUND_LIMIT, Router
 from deployd.store import FlowStore, Store
-from deployd.types import RunStep, StepKind
+from deployd.store.letters import DeadLetterStore
+from deployd.store.queues import Queued
+from deployd.types import FlowVersionToRun, RunStep, StepKind
 
 
 def _step(id_: str, kind: StepKind, mapping: str | None = None) -> RunStep:
@@ -23,6 +25,7 @@ STEPS = (
     _step("double", StepKind.ACTION, mapping='{"n": n * 2}'),
     _step("sink", StepKind.ACTION),
 )
+SPEC = FlowVersionToRun("f1", 3, STEPS)
 
 
 @pytest.fixture
@@ -31,6 +34,20 @@ def router(tmp_path: Path) -> Router:
     with store.tx():
         FlowStore(store).create_flow("f1", "realtime", "auto")
     return Router(store, Metrics())
+
+
+def _take(router: Router, step: str) -> Queued:
+    """Queue one message for `step` and take it as an action loop does."""
+    with router.store.tx():
+        router.flows.enqueue("f1", step, {"n": 1}, {"h": "x"})
+    [row] = router.flows.fetch("f1", step, 0, 1)
+    return row
+
+
+def _commit(router: Router, spec: FlowVersionToRun, index: int, res: Result, row=None):  # type: ignore[no-untyped-def]
+    due = router.commit(spec, index, res, row)
+    router.flush()  # outside an event loop the group commit is written by hand
+    return due
 
 
 def _queued(router: Router, step: str) -> list[dict[str, object]]:
@@ -45,7 +62,9 @@ def _queued(router: Router, step: str) -> list[dict[str, object]]:
 def test_outputs_are_mapped_into_the_next_queue_and_wake_its_consumer(router: Router) -> None:
     wake = router.waker("f1", "double")
     res = Result(outputs=[({"n": 1}, {"h": "x"}), ({"n": 2}, {})])
-    router.commit("f1", STEPS, 0, res)
+    router.commit(SPEC, 0, res)
+    assert not wake.is_set()  # nothing is visible before the group commit is written
+    router.flush()
     assert wake.is_set()
     rows = _queued(router, "double")
     assert [r["body"] for r in rows] == [{"n": 2}, {"n": 4}]  # the mapper ran on the way in
@@ -55,43 +74,88 @@ def test_outputs_are_mapped_into_the_next_queue_and_wake_its_consumer(router: Ro
 def test_a_handled_message_leaves_its_queue_with_the_snapshot_in_one_transaction(
     router: Router,
 ) -> None:
-    with router.store.tx():
-        router.flows.enqueue("f1", "sink", {"n": 1}, {})
-    row = router.flows.next_message("f1", "sink")
-    assert row is not None
-    router.commit("f1", STEPS, 2, Result(snapshot={"seen": 1}), row)
+    row = _take(router, "sink")
+    assert router.depth("f1", "sink") == 1
+    _commit(router, SPEC, 2, Result(snapshot={"seen": 1}), row)
     assert router.flows.next_message("f1", "sink") is None
+    assert router.depth("f1", "sink") == 0
     assert router.snapshot("f1", "sink") == {"seen": 1}
     assert router.flows.snapshot("f1", "sink") == {"seen": 1}  # durable, not only cached
     assert router.flows.stats("f1")["sink"]["processed"] == 1
 
 
+def test_results_of_one_tick_share_one_transaction(router: Router) -> None:
+    rows = []
+    with router.store.tx():
+        for n in range(5):
+            router.flows.enqueue("f1", "sink", {"n": n}, {})
+    rows = router.flows.fetch("f1", "sink", 0, 10)
+    commits = []
+    router.store.conn.set_trace_callback(
+        lambda sql: commits.append(sql) if sql == "COMMIT" else None
+    )
+    for row in rows:
+        router.commit(SPEC, 2, Result(outputs=[]), row)
+    router.flush()
+    router.store.conn.set_trace_callback(None)
+    assert commits == ["COMMIT"]
+    assert router.flows.queue_depths("f1") == {}
+    assert router.flows.stats("f1")["sink"]["processed"] == 5
+
+
 def test_an_empty_trigger_call_writes_nothing(router: Router) -> None:
     before = router.store.conn.total_changes
-    router.commit("f1", STEPS, 0, Result())
+    _commit(router, SPEC, 0, Result())
     assert router.store.conn.total_changes == before
 
 
-def test_a_failed_mapping_is_counted_on_the_mapper_step_and_not_queued(router: Router) -> None:
+def test_a_failed_message_becomes_a_dead_letter_with_its_input(router: Router) -> None:
+    row = _take(router, "sink")
+    res = Result(
+        outputs=[({"partial": 1}, {})],
+        errors=["ValueError: bad"],
+        detail="Traceback (most recent call last):\n  ...\nValueError: bad\n",
+    )
+    _commit(router, SPEC, 2, res, row)
+    assert router.flows.queue_depths("f1") == {}  # it left its queue …
+    letters = DeadLetterStore(router.store)
+    [listed] = letters.letters("f1")  # … and is kept, in the same commit
+    letter = letters.letter("f1", listed["id"])
+    assert letter is not None
+    assert letter["step"] == "sink" and letter["msg_id"] == row.msg_id
+    assert letter["body"] == {"n": 1} and letter["headers"] == {"h": "x"}
+    assert letter["flow_version"] == 3 and letter["component"] == "comp"
+    assert letter["component_version"] == 1 and letter["attempts"] == 1
+    assert letter["error"].startswith("ValueError: bad\n") and "Traceback" in letter["error"]
+    assert letter["emitted"] == [{"body": {"partial": 1}, "headers": {}}]
+    assert router.flows.stats("f1")["sink"]["failed"] == 1
+
+
+def test_a_failed_mapping_is_a_dead_letter_of_the_mapper_step(router: Router) -> None:
     steps = (STEPS[0], _step("bad", StepKind.ACTION, mapping="$error('no')"), STEPS[2])
-    router.commit("f1", steps, 0, Result(outputs=[({"n": 1}, {})]))
+    _commit(router, FlowVersionToRun("f1", 1, steps), 0, Result(outputs=[({"n": 1}, {})]))
     assert router.flows.next_message("f1", "bad") is None
     stats = router.flows.stats("f1")
     assert stats["bad:mapper"]["failed"] == 1 and "no" in stats["bad:mapper"]["last_error"]
+    letters = DeadLetterStore(router.store)
+    [listed] = letters.letters("f1", step="bad")
+    assert listed["step"] == "bad:mapper"
+    letter = letters.letter("f1", listed["id"])
+    assert letter is not None and letter["body"] == {"n": 1}  # as it was before the mapping
 
 
 def test_a_rebound_defers_the_message_until_the_limit(router: Router) -> None:
-    with router.store.tx():
-        router.flows.enqueue("f1", "sink", {"n": 1}, {})
-    row = router.flows.next_message("f1", "sink")
-    assert row is not None
-    router.commit("f1", STEPS, 2, Result(rebound="later"), row)
-    assert router.flows.next_message("f1", "sink") is None  # deferred: not due yet
+    row = _take(router, "sink")
+    assert _commit(router, SPEC, 2, Result(rebound="later"), row) is not None
+    assert router.flows.fetch("f1", "sink", 0, 1) == []  # deferred: not due yet
     assert router.flows.queue_depths("f1") == {("f1", "sink"): 1}
     for _ in range(REBOUND_LIMIT - 1):
-        router.commit("f1", STEPS, 2, Result(rebound="later"), row)
-    assert router.flows.queue_depths("f1") == {}  # gave up: counted as failed
+        [row] = [r for r in router.flows.queue_rows("f1", "sink")]
+        _commit(router, SPEC, 2, Result(rebound="later"), row)
+    assert router.flows.queue_depths("f1") == {}  # gave up: a dead letter
     assert "gave up after" in router.flows.stats("f1")["sink"]["last_error"]
+    [letter] = DeadLetterStore(router.store).letters("f1")
+    assert "gave up after 10 rebounds: later" in letter["error"]
 
 
 def test_wakers_are_per_flow_and_step(router: Router) -> None:

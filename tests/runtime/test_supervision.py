@@ -37,8 +37,11 @@ def process(msg, cfg):
 """
 
 
-def holding_flow(env: FlowEnv, name: str = "counter", **config: Any) -> tuple[str, Path, Path]:
+def holding_flow(
+    env: FlowEnv, name: str = "counter", prefetch: int | None = None, **config: Any
+) -> tuple[str, Path, Path]:
     out, attempts, hold = env.out(name), env.tmp / "attempts", env.tmp / "hold"
+    more = {"prefetch": prefetch} if prefetch else {}
     text = flow_toml(
         name,
         out,
@@ -49,6 +52,7 @@ def holding_flow(env: FlowEnv, name: str = "counter", **config: Any) -> tuple[st
                 "component": "hello",
                 "function": "write",
                 "config": {"out": out, "attempts": attempts, "hold": hold, **config},
+                **more,
             },
         ],
     )
@@ -122,8 +126,10 @@ def test_a_restarted_daemon_resumes_its_flows_with_queues_and_snapshots_intact(
 ) -> None:
     env: FlowEnv = make_env(counter_files(**{"lib/write.py": HOLDING_WRITER}))
     env.push(counter_files(**{"lib/write.py": HOLDING_WRITER.replace('"v1"', '"v2"')}))
-    # A slow writer behind a fast ticker: its queue grows.
-    text, out, _attempts = holding_flow(env, pause="0.05")
+    # A slow writer behind a fast ticker: its queue grows. With one message in flight at a
+    # time (prefetch 1) a kill may repeat at most one side effect; with the default prefetch
+    # N, at most the N in flight (see docs/architecture.md, "The message path").
+    text, out, _attempts = holding_flow(env, pause="0.05", prefetch=1)
     env.apply(text)
     wait_until(lambda: len(read_out(out)) >= 3, timeout=30)
     flow = env.flow("counter")

@@ -119,6 +119,8 @@ class Drafts:
                     config=s.get("config") or {},
                     mapping=s.get("mapping"),
                     interval=float(s.get("interval", 1.0)),
+                    prefetch=int(s.get("prefetch") or 16),
+                    max_queue=s.get("max_queue"),
                 )
             )
         return FlowVersionToRun(flow, version, tuple(out))

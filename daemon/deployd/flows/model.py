@@ -31,6 +31,10 @@ class StepSpec(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     mapping: str | None = None
     version: int | None = Field(default=None, ge=1)
+    # The message path: messages handed to the step process ahead of the one it handles,
+    # and the limit of the step's input queue (default: daemon.max_queue).
+    prefetch: int = Field(default=16, ge=1, le=1000)
+    max_queue: int | None = Field(default=None, ge=1, le=10_000_000)
 
     @field_validator("id")
     @classmethod
@@ -81,6 +85,9 @@ class FlowSpec(BaseModel):
     name: str
     type: Literal["realtime", "ordinary"] = "realtime"
     update: Literal["auto", "manual"] = "auto"
+    # "on_publish": after a publish that changed a step's component version stays up through
+    # the rollback window, that step's dead letters are re-queued once into the new version.
+    retry_errors: Literal["manual", "on_publish"] = "manual"
     steps: list[StepSpec]
 
     @field_validator("name")
@@ -153,6 +160,8 @@ class Step(BaseModel):
     interval: float = 1.0
     config: dict[str, Any] = Field(default_factory=dict)
     mapping: str | None = None
+    prefetch: int = 16
+    max_queue: int | None = None
 
 
 def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
@@ -173,6 +182,8 @@ def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
                 interval=s.interval,
                 config=s.config,
                 mapping=s.mapping,
+                prefetch=s.prefetch,
+                max_queue=s.max_queue,
             )
         )
     return steps

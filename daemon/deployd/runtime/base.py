@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from ..config import DaemonConfig
 from ..errors import FlowError
-from ..types import FlowVersionToRun, StepExit, StepStatus
+from ..types import FlowVersionToRun, RetryResult, StepExit, StepStatus
 
 
 class StepFailed(FlowError):
@@ -113,4 +113,22 @@ class Runtime(Protocol):
     def queue_depths(self) -> dict[tuple[str, str], int]:
         """Messages queued, by (flow, step id), the one being handled included (it leaves its
         queue when its result commits); an empty queue may be missing."""
+        ...
+
+    # Dead letters: a message whose handling failed (an error in process(), a failed mapping
+    # for the next step, the rebound limit) leaves its queue and becomes a dead letter in the
+    # same commit. Every runtime keeps them in the state database (`store/letters.py`), so
+    # listing and discarding them is the same everywhere; putting them back is the runtime's.
+
+    def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        """Dead letters by (flow, step id; "ID:mapper" for failed mappings)."""
+        ...
+
+    async def retry_dead_letters(
+        self, spec: FlowVersionToRun, step: str | None, ids: list[int] | None
+    ) -> RetryResult:
+        """Put letters of `spec`'s flow (of `step`; those with `ids`, or all) back at the end of
+        their step's input queue, to be handled by the version `spec` (a mapper letter is
+        mapped by `spec`'s mapping). A letter that fails again comes back with one attempt
+        more. Letters of steps `spec` does not have stay (`skipped`)."""
         ...

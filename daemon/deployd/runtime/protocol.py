@@ -11,13 +11,20 @@ sailor → daemon
     {"t": "data", "body": dict, "headers": dict} an output message of the current call/message
     {"t": "snapshot", "data": dict}              replace the step snapshot
     {"t": "updateSnapshot", "data": dict}        merge into the step snapshot
-    {"t": "error", "error": str}                 an error for the current call/message
+    {"t": "error", "error": str, "stack": str?}  an error for the current call/message (first
+                                                 line; the whole traceback or stack)
     {"t": "rebound", "error": str}               deliver the current message again later
     {"t": "done", "ref": int}                    the call/message `ref` is finished
     {"t": "result", "ref": int, "data": any}     answer to startup/shutdown
 daemon → sailor
-    {"t": "call", "ref": int, "snapshot": dict}             trigger: run process() once
-    {"t": "msg", "ref": int, "msg": dict, "snapshot": dict} action: process one message
+    {"t": "call", "ref": int, "snapshot": dict?}            trigger: run process() once
+    {"t": "msg", "ref": int, "msg": dict, "snapshot": dict?} action: process one message
+        Requests are pipelined: the daemon sends up to a step's `prefetch` messages before
+        the first is done; the sailor handles them one at a time, in order, and answers in
+        that order. Only a process's first call or message carries "snapshot"; after that
+        the sailor keeps its own copy, changed by what it emits (snapshot/updateSnapshot),
+        exactly as the daemon does. A sailor may buffer what it sends until it would block
+        reading (or a large buffer), so one write carries many lines.
     {"t": "startup", "ref": int} / {"t": "shutdown", "ref": int, "data": any}
     {"t": "stop"}                                finish the current work, then exit 0
     {"t": "spec", "spec": dict}                  to an idle pooled sailor (first line only):
@@ -33,8 +40,20 @@ from typing import Any
 MAX_LINE = 16 * 1024 * 1024
 
 
+_encoder = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def encode(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+    return _encoder.encode(obj).encode() + b"\n"
+
+
+def encode_value(value: Any) -> bytes:
+    """A JSON value as it appears inside a line (no newline)."""
+    return _encoder.encode(value).encode()
+
+
+def encode_with_ref(obj: dict[str, Any], ref: int) -> bytes:
+    return encode({**obj, "ref": ref})
 
 
 def decode(line: bytes) -> dict[str, Any]:

@@ -76,6 +76,13 @@ function shortError(err) {
   return describe(err);
 }
 
+// An error event: its first line, and (for an Error) the whole stack for the dead letter.
+function errorEvent(err, prefix = '') {
+  const obj = { t: 'error', error: prefix + shortError(err) };
+  if (err instanceof Error && err.stack) obj.stack = prefix + err.stack;
+  return obj;
+}
+
 function makeLogger(step) {
   const out = (level) => (...args) => {
     const text = args.map((a) => (typeof a === 'string' ? a : describe(a))).join(' ');
@@ -107,10 +114,30 @@ class Sailor {
     this.chain = Promise.resolve();
     this.buffer = '';
     this.onSpec = null;
+    this.snapshot = {}; // the step snapshot as the daemon has it (protocol.py)
+    this.out = []; // lines not written yet: one write per turn of the event loop
+    this.flushing = false;
+    this.outSince = 0;
   }
 
+  // Lines go out once per turn of the event loop, or at once when the oldest waiting line is
+  // 2 ms old (a slow step's results must not wait for the messages handed to it ahead).
   send(obj) {
-    this.sock.write(JSON.stringify(obj) + '\n');
+    if (!this.out.length) this.outSince = Date.now();
+    this.out.push(JSON.stringify(obj) + '\n');
+    if (Date.now() - this.outSince >= 2) {
+      this.flush();
+    } else if (!this.flushing) {
+      this.flushing = true;
+      setImmediate(() => {
+        this.flushing = false;
+        this.flush();
+      });
+    }
+  }
+
+  flush() {
+    if (this.out.length) this.sock.write(this.out.splice(0).join(''));
   }
 
   // An event of a context. Emitted while its own call runs it belongs to that call; emitted
@@ -160,11 +187,12 @@ class Sailor {
         if (!isPlainObject(payload)) {
           throw new TypeError(`this.emit('${event}', …) needs an object`);
         }
+        this.snapshot = event === 'snapshot' ? { ...payload } : { ...this.snapshot, ...payload };
         this.event(owner, { t: event, data: payload });
         break;
       case 'error':
         process.stderr.write(`emitted error: ${describe(payload)}\n`);
-        this.event(owner, { t: 'error', error: shortError(payload) });
+        this.event(owner, errorEvent(payload));
         break;
       case 'rebound':
         this.event(owner, { t: 'rebound', error: shortError(payload || 'rebound') });
@@ -233,7 +261,7 @@ class Sailor {
         ret = this.module.process.call(ctx, msg, this.config, snapshot);
       } catch (err) {
         process.stderr.write(`process() threw: ${describe(err)}\n`);
-        this.send({ t: 'error', error: shortError(err) });
+        this.send(errorEvent(err));
         finish();
         return;
       }
@@ -247,7 +275,7 @@ class Sailor {
           (err) => {
             if (finished) return;
             process.stderr.write(`process() rejected: ${describe(err)}\n`);
-            this.send({ t: 'error', error: shortError(err) });
+            this.send(errorEvent(err));
             finish();
           },
         );
@@ -279,7 +307,8 @@ class Sailor {
       this.current = { finish: null };
       for (const obj of this.late.splice(0)) this.send(obj);
       try {
-        await this.runProcess(msg, cmd.snapshot || {});
+        if (isPlainObject(cmd.snapshot)) this.snapshot = cmd.snapshot;
+        await this.runProcess(msg, this.snapshot);
       } finally {
         this.current = null;
       }
@@ -293,7 +322,7 @@ class Sailor {
         data = data === undefined ? null : JSON.parse(JSON.stringify(data));
       } catch (err) {
         process.stderr.write(`${kind}() failed: ${describe(err)}\n`);
-        this.send({ t: 'error', error: `${kind}(): ${shortError(err)}` });
+        this.send(errorEvent(err, `${kind}(): `));
         data = null;
       } finally {
         this.current = null;
@@ -303,6 +332,7 @@ class Sailor {
       if (this.late.length) {
         process.stderr.write(`${this.late.length} event(s) emitted after the last call were dropped at stop\n`);
       }
+      this.flush();
       this.sock.end(() => process.exit(0));
       setTimeout(() => process.exit(0), 2000).unref();
     }
@@ -334,6 +364,7 @@ class Sailor {
     } catch (err) {
       process.stderr.write(`${describe(err)}\n`);
       this.send({ t: 'failed', error: shortError(err) });
+      this.flush();
       this.sock.end(() => process.exit(3));
       setTimeout(() => process.exit(3), 2000).unref();
       return;
@@ -355,12 +386,12 @@ function main(argv) {
   process.on('uncaughtException', (err) => {
     // An error thrown by a callback of the component: an error of the current message.
     process.stderr.write(`uncaught exception: ${describe(err)}\n`);
-    if (sailor.module) sailor.event(sailor.current, { t: 'error', error: shortError(err) });
+    if (sailor.module) sailor.event(sailor.current, errorEvent(err));
     else process.exit(3);
   });
   process.on('unhandledRejection', (err) => {
     process.stderr.write(`unhandled rejection: ${describe(err)}\n`);
-    if (sailor.module) sailor.event(sailor.current, { t: 'error', error: shortError(err) });
+    if (sailor.module) sailor.event(sailor.current, errorEvent(err));
   });
 
   sock.on('connect', () => {

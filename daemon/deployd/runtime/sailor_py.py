@@ -17,11 +17,18 @@ import logging
 import os
 import socket
 import sys
+import time
 import traceback
 from types import ModuleType
 from typing import Any
 
 from .protocol import decode, encode
+
+READ_CHUNK = 256 * 1024
+# Output is sent when reading would block, or once this much is buffered, or this old (a slow
+# step's results must not wait for the messages handed to it ahead).
+FLUSH_AT = 64 * 1024
+FLUSH_AFTER = 0.002  # bytes of buffered output sent at once without waiting for the read
 
 
 class Context:
@@ -49,9 +56,10 @@ class Context:
         elif event in ("snapshot", "updateSnapshot"):
             if not isinstance(payload, dict):
                 raise TypeError(f"ctx.emit({event!r}, …) needs a dict")
+            self._sailor.keep_snapshot(event, payload)
             self._sailor.send({"t": event, "data": payload})
         elif event == "error":
-            self._sailor.send({"t": "error", "error": _describe(payload)})
+            self._sailor.send({"t": "error", "error": _describe(payload), **_stack(payload)})
         elif event == "rebound":
             self._sailor.send({"t": "rebound", "error": _describe(payload)})
         elif event == "end":
@@ -66,6 +74,13 @@ def _describe(err: Any) -> str:
     return str(err)
 
 
+def _stack(err: Any) -> dict[str, str]:
+    """The traceback of an exception, for the dead letter of the message it failed."""
+    if isinstance(err, BaseException) and err.__traceback__ is not None:
+        return {"stack": "".join(traceback.format_exception(type(err), err, err.__traceback__))}
+    return {}
+
+
 def _arity(func: Any) -> int:
     try:
         params = inspect.signature(func).parameters.values()
@@ -76,17 +91,87 @@ def _arity(func: Any) -> int:
     return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
+class LineReader:
+    """Lines from the daemon's socket, knowing whether a whole one is already buffered (so
+    buffered output is flushed exactly when reading would block)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.pos = 0
+
+    def _closed(self) -> bool:
+        """Whether the daemon closed its end (its results would not be committed)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    def ready(self) -> bool:
+        return self.buf.find(b"\n", self.pos) >= 0
+
+    def readline(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\n", self.pos)
+            if end >= 0:
+                if self.pos and self._closed():
+                    return b""  # the daemon is gone: what it sent ahead is not handled
+                line = bytes(self.buf[self.pos : end + 1])
+                self.pos = end + 1
+                if self.pos > 65536 and self.pos * 2 > len(self.buf):
+                    del self.buf[: self.pos]
+                    self.pos = 0
+                return line
+            chunk = self.sock.recv(READ_CHUNK)
+            if not chunk:
+                return b""
+            self.buf += chunk
+
+
 class Sailor:
-    def __init__(self, spec: dict[str, Any], sock: socket.socket, rfile: Any = None) -> None:
+    def __init__(
+        self, spec: dict[str, Any], sock: socket.socket, rfile: LineReader | None = None
+    ) -> None:
         self.spec = spec
         self.sock = sock
-        self.rfile = rfile if rfile is not None else sock.makefile("rb")
+        self.rfile = rfile if rfile is not None else LineReader(sock)
         self.module: ModuleType | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # made on the first async call
         self.ctx = Context(self)
+        self.snapshot: dict[str, Any] = {}  # as the daemon has it (see protocol.py)
+        self.out: list[bytes] = []  # lines not sent yet: flushed before reading blocks
+        self.out_size = 0
+        self.out_since = 0.0
 
     def send(self, obj: dict[str, Any]) -> None:
-        self.sock.sendall(encode(obj))
+        line = encode(obj)
+        if not self.out:
+            self.out_since = time.monotonic()
+        self.out.append(line)
+        self.out_size += len(line)
+        if self.out_size >= FLUSH_AT or time.monotonic() - self.out_since >= FLUSH_AFTER:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out)
+            self.out.clear()
+            self.out_size = 0
+            self.sock.sendall(data)
+
+    def keep_snapshot(self, event: str, data: dict[str, Any]) -> None:
+        if event == "snapshot":
+            self.snapshot = dict(data)
+        else:
+            self.snapshot = {**self.snapshot, **data}
+
+    def readline(self) -> bytes:
+        """The next command; what is buffered to send goes first when none is waiting."""
+        if self.out and not self.rfile.ready():
+            self.flush()
+        return self.rfile.readline()
 
     def _run(self, result: Any) -> Any:
         if inspect.isawaitable(result):
@@ -124,7 +209,7 @@ class Sailor:
             result = self._run(func(*args))
         except Exception as exc:
             traceback.print_exc()
-            self.send({"t": "error", "error": _describe(exc)})
+            self.send({"t": "error", "error": _describe(exc), **_stack(exc)})
             return
         if isinstance(result, dict):
             self.ctx.emit("data", result)
@@ -147,19 +232,21 @@ class Sailor:
         except BaseException as exc:  # the import or init of user code failed
             traceback.print_exc()
             self.send({"t": "failed", "error": _describe(exc)})
+            self.flush()
             return 3
         self.send({"t": "ready"})
         while True:
-            line = self.rfile.readline()
+            line = self.readline()
             if not line:
                 return 0  # the daemon is gone: exit rather than linger as an orphan
             cmd = decode(line)
             kind = cmd["t"]
-            if kind == "call":
-                self.process({"id": str(cmd["ref"]), "body": {}, "headers": {}}, cmd["snapshot"])
-                self.send({"t": "done", "ref": cmd["ref"]})
-            elif kind == "msg":
-                self.process(cmd["msg"], cmd["snapshot"])
+            if kind in ("call", "msg"):
+                if "snapshot" in cmd:
+                    self.snapshot = cmd["snapshot"]
+                msg = cmd["msg"] if kind == "msg" else {"id": str(cmd["ref"]), "body": {}}
+                msg.setdefault("headers", {})
+                self.process(msg, self.snapshot)
                 self.send({"t": "done", "ref": cmd["ref"]})
             elif kind in ("startup", "shutdown"):
                 try:
@@ -172,6 +259,7 @@ class Sailor:
                     data = None
                 self.send({"t": "result", "ref": cmd["ref"], "data": data})
             elif kind == "stop":
+                self.flush()
                 return 0
 
 
@@ -214,7 +302,7 @@ def run(spec: dict[str, Any]) -> int:
             return Sailor(spec, sock).serve()
         # An idle sailor of the pool: say hello, then wait for the step to become.
         sock.sendall(encode({"t": "hello", "token": spec["token"], "pid": os.getpid()}))
-        rfile = sock.makefile("rb")
+        rfile = LineReader(sock)
         line = rfile.readline()
         if not line:
             return 0  # the pool shrank, or the daemon is gone

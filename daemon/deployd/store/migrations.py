@@ -293,3 +293,38 @@ def m005_draft_causes(db: Database) -> None:
             " created_at) VALUES (?, ?, ?, ?, ?, NULL, ?)",
             (flow, component, version, sha, problems, ts),
         )
+
+
+@migrations()
+def m006_dead_letters(db: Database) -> None:
+    """Dead letters: messages whose handling failed, kept with their input (issue 11).
+
+    `step` is the step whose handling failed, or `<id>:mapper` when the mapping of the step's
+    input failed (then `body` is the message before the mapping). `error` is the whole text
+    (first line, then the traceback or stack); `emitted` what the step emitted before failing
+    (delivered all the same). `messages.failures` carries a retried letter's attempts back
+    into its queue; `deployments.redriven` counts letters re-driven after a publish.
+    """
+    db.execute(
+        """
+        CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY,
+            flow TEXT NOT NULL,
+            step TEXT NOT NULL,
+            msg_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            headers TEXT NOT NULL,
+            flow_version INTEGER,
+            component TEXT,
+            component_version INTEGER,
+            error TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 1,
+            emitted TEXT NOT NULL DEFAULT '[]',
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX dead_letters_step ON dead_letters (flow, step, id)")
+    db.execute("CREATE INDEX dead_letters_age ON dead_letters (created_at)")
+    db.execute("ALTER TABLE messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE deployments ADD COLUMN redriven INTEGER")

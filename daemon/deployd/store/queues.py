@@ -8,10 +8,60 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from .builds import Store
 from .db import Row, decode_json, utcnow
+
+
+class Queued(NamedTuple):
+    """A message as an action loop takes it: its JSON columns as stored (never decoded by the
+    daemon when it only forwards them)."""
+
+    id: int
+    msg_id: str
+    body: str
+    headers: str
+    attempts: int  # rebounds so far
+    failures: int  # dead-letter attempts so far (a retried letter)
+
+
+@dataclass
+class QueueBatch:
+    """What one group commit writes: the results of every call and message that finished in
+    one event-loop tick, so each costs no transaction of its own."""
+
+    # (flow, step, msg_id, body JSON, headers JSON, failures)
+    enqueue: list[tuple[str, str, str, str, str, int]] = field(default_factory=list)
+    delete: list[int] = field(default_factory=list)
+    defer: list[tuple[float, int]] = field(default_factory=list)  # (not_before, row id)
+    snapshots: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # (flow, step) -> [processed, failed, last error or None]
+    stats: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    # dead_letters rows: (flow, step, msg_id, body, headers, flow_version, component,
+    # component_version, error, attempts, emitted JSON)
+    letters: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.enqueue
+            or self.delete
+            or self.defer
+            or self.snapshots
+            or self.stats
+            or self.letters
+        )
+
+    def count(self, flow: str, step: str, failed: bool, error: str | None) -> None:
+        entry = self.stats.get((flow, step))
+        if entry is None:
+            self.stats[(flow, step)] = [1, int(failed), error]
+            return
+        entry[0] += 1
+        entry[1] += int(failed)
+        if error is not None:
+            entry[2] = error
 
 
 class QueueStore:
@@ -31,6 +81,59 @@ class QueueStore:
             (flow, step, uuid.uuid4().hex, json.dumps(body), json.dumps(headers), utcnow()),
         )
 
+    def fetch(self, flow: str, step: str, after: int, limit: int) -> list[Queued]:
+        """Up to `limit` messages of `step` due now with row id above `after`, oldest first."""
+        rows = self.conn.execute(
+            "SELECT id, msg_id, body, headers, attempts, failures FROM messages"
+            " WHERE flow = ? AND step = ? AND id > ? AND not_before <= ? ORDER BY id LIMIT ?",
+            (flow, step, after, time.time(), limit),
+        ).fetchall()
+        return [Queued(*r) for r in rows]
+
+    def commit_batch(self, batch: QueueBatch) -> None:
+        """Write one group commit (call inside a transaction)."""
+        now = utcnow()
+        conn = self.conn
+        if batch.enqueue:
+            conn.executemany(
+                "INSERT INTO messages (flow, step, msg_id, body, headers, failures, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(*row, now) for row in batch.enqueue],
+            )
+        if batch.defer:
+            conn.executemany(
+                "UPDATE messages SET attempts = attempts + 1, not_before = ? WHERE id = ?",
+                batch.defer,
+            )
+        if batch.letters:
+            conn.executemany(
+                "INSERT INTO dead_letters (flow, step, msg_id, body, headers, flow_version,"
+                " component, component_version, error, attempts, emitted, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*row, now) for row in batch.letters],
+            )
+        if batch.delete:
+            conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in batch.delete])
+        for (flow, step), data in batch.snapshots.items():
+            self.save_snapshot(flow, step, data)
+        if batch.stats:
+            conn.executemany(
+                "INSERT INTO step_stats (flow, step, processed, failed, restarts, last_error)"
+                " VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (flow, step) DO UPDATE SET"
+                " processed = processed + excluded.processed, failed = failed + excluded.failed,"
+                " last_error = COALESCE(excluded.last_error, last_error)",
+                [(f, s, p, n, e) for (f, s), (p, n, e) in batch.stats.items()],
+            )
+
+    def queue_rows(self, flow: str, step: str) -> list[Queued]:
+        """Every message of `step`, due or not, oldest first."""
+        rows = self.conn.execute(
+            "SELECT id, msg_id, body, headers, attempts, failures FROM messages"
+            " WHERE flow = ? AND step = ? ORDER BY id",
+            (flow, step),
+        ).fetchall()
+        return [Queued(*r) for r in rows]
+
     def next_message(self, flow: str, step: str) -> Row | None:
         """The oldest message of `step` that is due now (body and headers decoded), or None."""
         row = self.store.one(
@@ -40,10 +143,12 @@ class QueueStore:
         )
         return decode_json(row, "body", "headers")
 
-    def next_due(self, flow: str, step: str) -> float | None:
-        """When the earliest message queued for `step` may be delivered (None: queue empty)."""
+    def next_due(self, flow: str, step: str, after: float = -1.0) -> float | None:
+        """When the earliest message queued for `step` (of those held back past `after`) may
+        be delivered; None: there is none."""
         row = self.conn.execute(
-            "SELECT MIN(not_before) FROM messages WHERE flow = ? AND step = ?", (flow, step)
+            "SELECT MIN(not_before) FROM messages WHERE flow = ? AND step = ? AND not_before > ?",
+            (flow, step, after),
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 

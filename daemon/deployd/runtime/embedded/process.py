@@ -17,19 +17,23 @@ import secrets
 import signal
 import sys
 import time
+from asyncio import Future
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...store.queues import Queued
 from ...toolchains.env import clean_env
 from ...toolchains.env import log_tail as read_tail
 from ..base import StepFailed
-from ..protocol import MAX_LINE, decode, encode
+from ..protocol import MAX_LINE, decode, encode, encode_value, encode_with_ref
 from .node_pool import NodeRuntime, NodeSettings
 from .py_pool import PyPool
 
 log = logging.getLogger("deployd.runtime")
+READ_CHUNK = 256 * 1024  # bytes read from a step's socket at once (many lines per read)
+MAX_DETAIL = 16000  # characters of an error's traceback or stack that are kept
 
 
 class StepDied(Exception):
@@ -43,9 +47,9 @@ class Result:
     outputs: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
     snapshot: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
+    detail: str | None = None  # the last error's whole text (traceback or stack), when sent
     rebound: str | None = None
     data: Any = None
-    base: dict[str, Any] = field(default_factory=dict)  # snapshot the work started from
     started: float = 0.0
     ended: float = 0.0
 
@@ -90,6 +94,10 @@ class StepProcess:
         )
         self._ref = 0
         self._reader_task: asyncio.Task[None] | None = None
+        # The step's snapshot as this process has it: given with its first call or message,
+        # then changed only by what the process emits (the sailor keeps the same copy), so a
+        # pipelined message need not carry one.
+        self.snap: dict[str, Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -114,13 +122,24 @@ class StepProcess:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         reason = "its connection closed"
+        parts: list[bytes] = []  # the start of a line that has not ended yet
+        size = 0
         try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                self._dispatch(decode(line))
-        except (ValueError, asyncio.LimitOverrunError) as exc:
+            while chunk := await reader.read(READ_CHUNK):
+                end = chunk.rfind(b"\n")
+                if end < 0:
+                    parts.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_LINE:
+                        raise ValueError(f"a line longer than {MAX_LINE} bytes")
+                    continue
+                data = b"".join((*parts, chunk[:end])) if parts else chunk[:end]
+                rest = chunk[end + 1 :]
+                parts, size = ([rest], len(rest)) if rest else ([], 0)
+                for line in data.split(b"\n"):
+                    if line:
+                        self._dispatch(decode(line))
+        except ValueError as exc:
             reason = f"protocol error: {exc}"
         except ConnectionError:
             pass
@@ -149,12 +168,13 @@ class StepProcess:
             body = msg.get("body")
             res.outputs.append((body if isinstance(body, dict) else {}, msg.get("headers") or {}))
         elif kind == "snapshot" and res is not None:
-            res.snapshot = dict(msg.get("data") or {})
+            self.snap = res.snapshot = dict(msg.get("data") or {})
         elif kind == "updateSnapshot" and res is not None:
-            base = res.snapshot if res.snapshot is not None else res.base
-            res.snapshot = {**base, **(msg.get("data") or {})}
+            self.snap = res.snapshot = {**(self.snap or {}), **(msg.get("data") or {})}
         elif kind == "error" and res is not None:
             res.errors.append(str(msg.get("error"))[:4000])
+            stack = msg.get("stack")
+            res.detail = str(stack)[:MAX_DETAIL] if stack else None
         elif kind == "rebound" and res is not None:
             res.rebound = str(msg.get("error") or "rebound")
         elif kind in ("done", "result"):
@@ -197,22 +217,61 @@ class StepProcess:
 
     # -- work ------------------------------------------------------------------------------
 
-    async def request(self, obj: dict[str, Any], base_snapshot: dict[str, Any]) -> Result:
-        """Send a call/msg/startup/shutdown and wait until the process says it is done."""
+    def submit(self, obj: dict[str, Any], snapshot: dict[str, Any] | None) -> Future[Result]:
+        """Send a call or message without waiting for it (requests are pipelined: the sailor
+        handles them in order); the future resolves when the process says it is done.
+
+        `snapshot` is the step's committed snapshot: only the first request of a process
+        carries it. `None` (a startup/shutdown hook) carries none. Raises StepDied.
+        """
+        body = obj
+        if snapshot is not None and self.snap is None:
+            self.snap = snapshot
+            body = {**obj, "snapshot": snapshot}
+        return self._send(encode_with_ref(body, self._ref + 1))
+
+    def submit_msg(self, row: Queued, snapshot: dict[str, Any]) -> Future[Result]:
+        """`submit` of a queued message, its body and headers forwarded as stored."""
+        extra = b""
+        if self.snap is None:
+            self.snap = snapshot
+            extra = b',"snapshot":' + encode_value(snapshot)
+        line = b'{"t":"msg","ref":%d,"msg":{"id":%s,"body":%s,"headers":%s}%s}\n' % (
+            self._ref + 1,
+            encode_value(row.msg_id),
+            row.body.encode(),
+            row.headers.encode(),
+            extra,
+        )
+        return self._send(line)
+
+    def _send(self, line: bytes) -> Future[Result]:
         if self._writer is None or self._writer.is_closing() or self.exited.is_set():
             raise StepDied(f"step {self.step_id} is not running")
         self._ref += 1
-        ref = self._ref
-        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending[ref] = (fut, Result(started=time.monotonic(), base=base_snapshot))
+        fut: Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending[self._ref] = (fut, Result(started=time.monotonic()))
+        self._writer.write(line)
+        return fut
+
+    async def drain(self) -> None:
+        """Wait while the socket's send buffer is full (raises StepDied when it closed)."""
+        if self._writer is None:
+            raise StepDied(f"step {self.step_id} is not running")
         try:
-            self._writer.write(encode({**obj, "ref": ref}))
             await self._writer.drain()
         except ConnectionError as exc:
-            self._pending.pop(ref, None)
+            raise StepDied(f"step {self.step_id}: {exc}") from exc
+
+    async def request(self, obj: dict[str, Any], snapshot: dict[str, Any] | None) -> Result:
+        """Send one call/msg/startup/shutdown and wait until the process says it is done."""
+        fut = self.submit(obj, snapshot)
+        try:
+            await self.drain()
+        except StepDied:
             if fut.done():  # _died() failed it while drain() waited; nobody else awaits it
                 fut.exception()
-            raise StepDied(f"step {self.step_id}: {exc}") from exc
+            raise
         return await fut
 
     async def stop(self, timeout: float = 10.0) -> None:

@@ -1,100 +1,272 @@
-"""The router: commits what a step produced and moves messages along the flow's queues.
+"""The router: commits what steps produced and moves messages along the flow's queues.
 
-Each call or message is committed in one transaction: its output messages (through the
-next step's mapper) go into the next step's durable queue, the step's snapshot is saved,
-and the message that was handled leaves its queue. A step process that dies before it says
-"done" commits nothing, so its message is delivered again and nothing is lost or doubled.
+Every call or message is committed atomically: its output messages (through the next step's
+mapper) go into the next step's durable queue, the step's snapshot is saved, and the message
+that was handled leaves its queue — or, when its handling failed (an error in `process()`, a
+failed mapping of an output for the next step, the rebound limit), becomes a **dead letter**
+in that same transaction. A step process that dies before it says "done" commits nothing, so
+its message is delivered again and nothing is lost or doubled.
+
+**Group commit.** `commit` only adds a result to the pending batch; the batch is written in
+one transaction at the end of the event-loop tick (`call_soon`), so every result that arrived
+in one read of every step's socket shares one transaction. Nothing reads a queue before its
+batch is written: consumers are woken, snapshots cached and queue depths counted only after
+the commit; `flush()` writes at once where order matters (a switch, a snapshot read, stop).
+
+**Queue depths** are counted here (the router is the queues' only writer while flows run),
+so backpressure (`runner.py`) costs no query per message; code that changes queues in other
+ways calls `forget_depths`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
+import uuid
 from collections import defaultdict
 from typing import Any
 
 from ...errors import FlowError
 from ...metrics import Metrics
 from ...store import FlowStore, Store
-from ...types import RunStep
+from ...store.letters import DeadLetterStore
+from ...store.queues import QueueBatch, Queued
+from ...types import FlowVersionToRun
 from .. import mapper
 from .process import Result
 
 log = logging.getLogger("deployd.router")
 REBOUND_LIMIT = 10
+MAX_EMITTED_KEPT = 100  # outputs of a failed message recorded with its dead letter
 
 
 class Router:
-    """Commits results; wakes the consumer of a queue when a message arrives in it."""
+    """Commits results in groups; wakes the consumer of a queue when messages arrive in it and
+    its producer when the queue shrinks."""
 
     def __init__(self, store: Store, metrics: Metrics) -> None:
         self.store = store
         self.flows = FlowStore(store)
-        self._wake: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
+        self.letters = DeadLetterStore(store)
         self.metrics = metrics
+        self._wake: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
+        self._room: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
         # Step snapshots as last committed: the router is their only writer, so a call or
         # message need not read (and decode) the snapshot from the database each time.
         self._snapshots: dict[tuple[str, str], dict[str, Any]] = {}
+        self._depth: dict[tuple[str, str], int] = {}
+        self._batch = QueueBatch()
+        self._added: dict[tuple[str, str], int] = defaultdict(int)  # queued by the batch
+        self._removed: dict[tuple[str, str], int] = defaultdict(int)  # left by the batch
+        self._failed: dict[tuple[str, str], int] = defaultdict(int)
+        self._processed: dict[tuple[str, str], int] = defaultdict(int)
+        self._errors: list[tuple[str, str, str]] = []
+        self._handle: asyncio.Handle | None = None
+        self.generation = 0  # bumped when a group commit failed: loops take their queue anew
+
+    # -- reads -----------------------------------------------------------------------------
 
     def snapshot(self, flow: str, step: str) -> dict[str, Any]:
         key = (flow, step)
+        if key in self._batch.snapshots:
+            self.flush()
         if key not in self._snapshots:
             self._snapshots[key] = self.flows.snapshot(flow, step)
         return self._snapshots[key]
 
     def waker(self, flow: str, step: str) -> asyncio.Event:
+        """Set when messages were committed into the queue of `step`."""
         return self._wake[(flow, step)]
 
+    def room(self, flow: str, step: str) -> asyncio.Event:
+        """Set when messages left the queue of `step` (its producer may be waiting)."""
+        return self._room[(flow, step)]
+
+    def depth(self, flow: str, step: str) -> int:
+        """Messages in the queue of `step` as last committed (the one being handled counts)."""
+        key = (flow, step)
+        depth = self._depth.get(key)
+        if depth is None:
+            depth = self._depth[key] = self.flows.queue_depths(flow).get(key, 0)
+        return depth
+
+    def forget_depths(self, flow: str) -> None:
+        """Queues of `flow` were changed outside the router (moved, retried, requeued)."""
+        for key in [k for k in self._depth if k[0] == flow]:
+            del self._depth[key]
+        for key, event in self._wake.items():
+            if key[0] == flow:
+                event.set()
+        for key, event in self._room.items():
+            if key[0] == flow:
+                event.set()
+
+    # -- commits ---------------------------------------------------------------------------
+
     def commit(
-        self,
-        flow: str,
-        steps: tuple[RunStep, ...],
-        index: int,
-        res: Result,
-        row: dict[str, Any] | None = None,
-    ) -> None:
-        step = steps[index]
-        nxt = steps[index + 1] if index + 1 < len(steps) else None
-        woke = False
+        self, spec: FlowVersionToRun, index: int, res: Result, row: Queued | None = None
+    ) -> float | None:
+        """Add one call's (`row` None) or message's result to the pending group commit.
+
+        Returns when a message that asked to be delivered again later (a rebound) is due,
+        else None.
+        """
+        flow = spec.flow
+        step = spec.steps[index]
+        key = (flow, step.id)
         if row is None and not res.outputs and res.snapshot is None and not res.errors:
             # A trigger call that produced nothing: there is nothing to make durable, and an
             # idle flow should not write to the database several times a second.
             self.metrics.message_processed(flow, step.id)
-            return
-        saved: dict[str, Any] | None = None
-        with self.store.tx():
-            if row is not None and res.rebound is not None and not res.outputs:
-                attempts = self.flows.defer_message(row["id"], min(60.0, 2.0 ** row["attempts"]))
-                if attempts < REBOUND_LIMIT:
-                    return
-                res.errors.append(f"gave up after {attempts} rebounds: {res.rebound}")
-            mapping_errors = 0
+            return None
+        batch = self._batch
+        self._schedule()
+        if row is not None and res.rebound is not None and not res.outputs:
+            attempts = row.attempts + 1
+            if attempts < REBOUND_LIMIT:
+                due = time.time() + min(60.0, 2.0**row.attempts)
+                batch.defer.append((due, row.id))
+                return due
+            res.errors.append(f"gave up after {attempts} rebounds: {res.rebound}")
+        nxt = spec.steps[index + 1] if index + 1 < len(spec.steps) else None
+        if nxt is not None:
+            nkey = (flow, nxt.id)
             for body, headers in res.outputs:
-                if nxt is None:
-                    continue
                 if nxt.mapping:
                     try:
                         body = mapper.apply(nxt.mapping, body)
                     except FlowError as exc:
-                        mapping_errors += 1
-                        self.flows.count(flow, f"{nxt.id}:mapper", failed=1, error=str(exc))
+                        self._mapping_failed(spec, index + 1, body, headers, str(exc))
                         continue
-                self.flows.enqueue(flow, nxt.id, body, headers)
-                woke = True
-            if res.snapshot is not None:
-                self.flows.save_snapshot(flow, step.id, res.snapshot)
-                saved = res.snapshot
-            if row is not None:
-                self.flows.delete_message(row["id"])
-            error = res.errors[-1] if res.errors else None
-            self.flows.count(flow, step.id, processed=1, failed=1 if error else 0, error=error)
-        if saved is not None:  # only once the transaction has committed
-            self._snapshots[(flow, step.id)] = saved
-        self.metrics.message_processed(flow, step.id)
-        if error:
-            self.metrics.message_failed(flow, step.id)
-            log.warning("flow %s step %s: %s", flow, step.id, error[:500])
-        if mapping_errors:
-            log.warning("flow %s: %d message(s) failed their mapping", flow, mapping_errors)
-        if woke and nxt is not None:
-            self._wake[(flow, nxt.id)].set()
+                batch.enqueue.append(
+                    (flow, nxt.id, uuid.uuid4().hex, json.dumps(body), json.dumps(headers), 0)
+                )
+                self._added[nkey] += 1
+        if res.snapshot is not None:
+            batch.snapshots[key] = res.snapshot
+        error = res.errors[-1] if res.errors else None
+        if row is not None:
+            batch.delete.append(row.id)
+            self._removed[key] += 1
+            if error is not None:
+                self._dead_letter(spec, index, row, res, error)
+        batch.count(flow, step.id, error is not None, error)
+        self._processed[key] += 1
+        if error is not None:
+            self._failed[key] += 1
+            self._errors.append((flow, step.id, error))
+        return None
+
+    def _dead_letter(
+        self, spec: FlowVersionToRun, index: int, row: Queued, res: Result, error: str
+    ) -> None:
+        step = spec.steps[index]
+        emitted = [{"body": b, "headers": h} for b, h in res.outputs[:MAX_EMITTED_KEPT]]
+        text = error if not res.detail or res.detail == error else f"{error}\n\n{res.detail}"
+        self._batch.letters.append(
+            (
+                spec.flow,
+                step.id,
+                row.msg_id,
+                row.body,
+                row.headers,
+                spec.version,
+                step.component,
+                step.version,
+                text,
+                row.failures + 1,
+                json.dumps(emitted),
+            )
+        )
+
+    def _mapping_failed(
+        self,
+        spec: FlowVersionToRun,
+        index: int,
+        body: dict[str, Any],
+        headers: dict[str, Any],
+        error: str,
+    ) -> None:
+        """An output failed the mapping of the step it was for: a dead letter of that step's
+        mapper, holding the output as it was before the mapping."""
+        step = spec.steps[index]
+        mapper_id = f"{step.id}:mapper"
+        self._batch.letters.append(
+            (
+                spec.flow,
+                mapper_id,
+                uuid.uuid4().hex,
+                json.dumps(body),
+                json.dumps(headers),
+                spec.version,
+                step.component,
+                step.version,
+                error,
+                1,
+                "[]",
+            )
+        )
+        self._batch.count(spec.flow, mapper_id, True, error)
+        self._failed[(spec.flow, mapper_id)] += 1
+        self._errors.append((spec.flow, mapper_id, error))
+
+    def _schedule(self) -> None:
+        if self._handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no event loop (a script, a test): the caller flushes
+            self._handle = loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the pending group commit now (one transaction), then wake who waits for it."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        batch, self._batch = self._batch, QueueBatch()
+        added, self._added = self._added, defaultdict(int)
+        removed, self._removed = self._removed, defaultdict(int)
+        processed, self._processed = self._processed, defaultdict(int)
+        failed, self._failed = self._failed, defaultdict(int)
+        errors, self._errors = self._errors, []
+        if not batch:
+            return
+        try:
+            if self.store.conn.in_transaction:  # called inside another write: join it
+                self.flows.commit_batch(batch)
+            else:
+                with self.store.tx():
+                    self.flows.commit_batch(batch)
+        except Exception:
+            # Nothing of the batch was written: its messages are still queued. The loops that
+            # sent them take their queues anew (so each is delivered again).
+            self.generation += 1
+            log.exception(
+                "committing %d result(s) failed; their messages will be delivered again",
+                len(batch.delete),
+            )
+            for key in set(added) | set(removed):
+                self._depth.pop(key, None)
+                self._wake[key].set()
+            return
+        self._snapshots.update(batch.snapshots)
+        for key, n in added.items():
+            if key in self._depth:
+                self._depth[key] += n
+            self._wake[key].set()
+        for key, n in removed.items():
+            if key in self._depth:
+                self._depth[key] = max(0, self._depth[key] - n)
+            self._room[key].set()
+        for (flow, step), n in processed.items():
+            self.metrics.message_processed(flow, step, n)
+        for (flow, step), n in failed.items():
+            self.metrics.message_failed(flow, step, n)
+        for flow, step, error in errors[:5]:
+            log.warning("flow %s step %s: %s", flow, step, error.splitlines()[0][:500])
+        if len(errors) > 5:
+            log.warning(
+                "… and %d more failed message(s) (see `deployd flow errors`)", len(errors) - 5
+            )

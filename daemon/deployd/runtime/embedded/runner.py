@@ -13,15 +13,17 @@ embedded runtime's `FlowRun` (`runtime/base.py`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from ...store.queues import Queued
 from ...types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState, StepStatus
 from ..base import StepFailed
-from .process import Launcher, StepDied, StepProcess, log_tail
+from .process import Launcher, Result, StepDied, StepProcess, log_tail
 from .router import Router
 
 log = logging.getLogger("deployd.runner")
@@ -32,6 +34,11 @@ IDLE_POLL = 5.0  # an idle action loop's safety-net wake-up (seconds)
 MAX_EXITS_KEPT = 100
 
 
+def low_water(limit: int) -> int:
+    """A step held back by a full queue resumes once the queue is below this."""
+    return max(0, min(limit - 1, int(limit * 0.9)))
+
+
 class FlowRunner:
     def __init__(
         self,
@@ -40,6 +47,7 @@ class FlowRunner:
         log_dir: Path,
         spec: FlowVersionToRun,
         drain_timeout: float = 20.0,
+        max_queue: int = 10000,
     ) -> None:
         self.launcher = launcher
         self.router = router
@@ -68,6 +76,8 @@ class FlowRunner:
         self.drain_timeout = drain_timeout  # longest wait for a step to finish when stopping
         self._handled: set[str] = set()  # tokens of processes whose exit was supervised
         self._exits: asyncio.Queue[StepExit | None] = asyncio.Queue()
+        self.default_max_queue = max_queue  # daemon.max_queue: steps without their own
+        self.held_since: dict[str, float | None] = {}  # held back by a full queue, since
 
     # -- FlowRun (runtime/base.py) ---------------------------------------------------------
 
@@ -259,6 +269,12 @@ class FlowRunner:
     async def _trigger_loop(self, step: RunStep, stop: asyncio.Event) -> None:
         interval = float(step.interval)
         while not stop.is_set():
+            if self.first_call_at is None and self._full(0, 0):
+                # Held back from the start: for the switch, it runs (its gap ends) now.
+                self.first_call_at = time.monotonic()
+                self.first_call.set()
+            if not await self._room_for(0, 0, stop):
+                return
             proc = await self._live_proc(step.id, stop)
             if proc is None:
                 return
@@ -268,14 +284,14 @@ class FlowRunner:
                 self.first_call_at = started
                 self.first_call.set()
             try:
-                res = await proc.request({"t": "call", "snapshot": snapshot}, snapshot)
+                res = await proc.request({"t": "call"}, snapshot)
             except StepDied:
                 if self.boundary_stop:
                     return  # being replaced: the new trigger makes the next call
                 await self._gone(proc)
                 continue
             self.last_call_end = res.ended
-            self.router.commit(self.flow, self.steps, 0, res)
+            self.router.commit(self.spec, 0, res)
             if self.boundary_stop:
                 return
             if interval > 0:
@@ -283,6 +299,58 @@ class FlowRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval)
                 self.sleeping_until = None
+            else:
+                await asyncio.sleep(0)  # let the group commit and the other loops run
+
+    # -- backpressure ----------------------------------------------------------------------
+
+    def max_queue(self, index: int) -> int:
+        """The input queue limit of step `index`."""
+        return self.steps[index].max_queue or self.default_max_queue
+
+    def _full(self, index: int, inflight: int) -> bool:
+        """Whether step `index` must not be given more work: the next step's queue, with what
+        the messages in flight may still add, is at its limit (or, once held, not yet below
+        the low-water mark)."""
+        if index + 1 >= len(self.steps):
+            return False
+        nxt = self.steps[index + 1]
+        limit = self.max_queue(index + 1)
+        depth = self.router.depth(self.flow, nxt.id) + inflight
+        held = self.held_since.get(self.steps[index].id) is not None
+        return depth >= (low_water(limit) if held else limit)
+
+    async def _room_for(self, index: int, inflight: int, stop: asyncio.Event) -> bool:
+        """Wait until step `index` may be given its next call or message (backpressure);
+        False once stopped. Only waits with nothing in flight (else it says so at once)."""
+        step_id = self.steps[index].id
+        if not self._full(index, inflight):
+            self._release(step_id)
+            return True
+        if step_id not in self.held_since or self.held_since[step_id] is None:
+            self.held_since[step_id] = time.monotonic()
+        if inflight:
+            return False
+        room = self.router.room(self.flow, self.steps[index + 1].id)
+        while self._full(index, 0):
+            if stop.is_set():
+                return False
+            room.clear()
+            waiter = asyncio.ensure_future(room.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait(
+                {waiter, stopper}, timeout=IDLE_POLL, return_when=asyncio.FIRST_COMPLETED
+            )
+            waiter.cancel()
+            stopper.cancel()
+        self._release(step_id)
+        return not stop.is_set()
+
+    def _release(self, step_id: str) -> None:
+        since = self.held_since.get(step_id)
+        if since is not None:
+            self.held_since[step_id] = None
+            self.router.metrics.backpressure(self.flow, step_id, time.monotonic() - since)
 
     async def stop_trigger_at_boundary(self, max_wait: float) -> None:
         """End the trigger loop right after a call ends, so the next trigger can start at once.
@@ -295,9 +363,10 @@ class FlowRunner:
         due = self.sleeping_until
         if due is not None and due - time.monotonic() > max_wait:
             self.stop_flags[trigger].set()
-        elif not self.live[trigger].is_set():
-            # Its process is down (waiting for a restart, or crash-looping during a rollback):
-            # no call is in progress, so this is a boundary too.
+        elif not self.live[trigger].is_set() or self.held_since.get(trigger) is not None:
+            # Its process is down (waiting for a restart, or crash-looping during a rollback),
+            # or it is held back by a full queue: no call is in progress, so this is a
+            # boundary too.
             self.stop_flags[trigger].set()
         task = self.loops.pop(trigger, None)
         if task is not None:
@@ -305,36 +374,102 @@ class FlowRunner:
         self.stop_flags[trigger].set()
 
     async def _action_loop(self, index: int, stop: asyncio.Event) -> None:
+        """Hand the step up to `prefetch` messages ahead (the sailor handles them in order)
+        and commit each result as it comes; the queue is read again from its start whenever
+        nothing is in flight (so a message deferred by a rebound, or not committed, is not
+        skipped)."""
         step = self.steps[index]
         wake = self.router.waker(self.flow, step.id)
-        while not stop.is_set():
-            row = self.flows.next_message(self.flow, step.id)
-            if row is None:
-                wake.clear()
-                waiter = asyncio.ensure_future(wake.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                # The router wakes this loop when it queues a message for the step; the
-                # timeout is when a message deferred by a rebound is due (a fixed 0.5 s poll
-                # of every idle action step was most of an idle daemon's CPU).
-                await asyncio.wait(
-                    {waiter, stopper},
-                    timeout=self._idle_wait(step.id),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                waiter.cancel()
-                stopper.cancel()
+        prefetch = max(1, step.prefetch)
+        inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]] = collections.deque()
+        cursor = 0  # row id of the newest message in flight (0: read from the start)
+        # When the earliest message deferred by a rebound is due (None: there is none).
+        due = self.flows.next_due(self.flow, step.id, after=time.time())
+        generation = self.router.generation
+        proc: StepProcess | None = None
+        while True:
+            # Deferred messages that are due now, or a group commit that failed: take the
+            # queue from its start again, once what is in flight is done.
+            draining = generation != self.router.generation or (
+                due is not None and time.time() >= due
+            )
+            if not inflight:
+                if stop.is_set():
+                    return
+                self.router.flush()  # what was handled has left the queue
+                cursor = 0
+                if draining:
+                    generation = self.router.generation
+                    due = self.flows.next_due(self.flow, step.id, after=time.time())
+                    draining = False
+            if (
+                not stop.is_set()
+                and not draining
+                and len(inflight) <= prefetch // 2
+                and await self._room_for(index, len(inflight), stop)
+            ):
+                if not inflight:  # only then may it be a new process (after a restart)
+                    proc = await self._live_proc(step.id, stop)
+                if proc is not None and proc is self.procs.get(step.id):
+                    cursor = await self._hand(proc, step.id, cursor, prefetch, inflight)
+            if not inflight:
+                if not stop.is_set() and self.held_since.get(step.id) is None:
+                    await self._wait_for_work(wake, stop, step.id)
                 continue
-            proc = await self._live_proc(step.id, stop)
-            if proc is None:
-                return
-            snapshot = self.router.snapshot(self.flow, step.id)
-            msg = {"id": row["msg_id"], "body": row["body"], "headers": row["headers"]}
+            row, fut = inflight[0]
             try:
-                res = await proc.request({"t": "msg", "msg": msg, "snapshot": snapshot}, snapshot)
+                res = await fut
             except StepDied:
-                await self._gone(proc)
-                continue  # the message stays queued and is delivered again
-            self.router.commit(self.flow, self.steps, index, res, row)
+                for _row, other in inflight:
+                    if other.done() and not other.cancelled():
+                        other.exception()  # retrieved: each stays queued, delivered again
+                inflight.clear()
+                if proc is not None:
+                    await self._gone(proc)
+                continue
+            inflight.popleft()
+            again = self.router.commit(self.spec, index, res, row)
+            if again is not None:
+                due = again if due is None else min(due, again)
+
+    async def _hand(
+        self,
+        proc: StepProcess,
+        step_id: str,
+        cursor: int,
+        prefetch: int,
+        inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]],
+    ) -> int:
+        """Send `proc` the next messages after row `cursor` until `prefetch` are in flight;
+        the new cursor."""
+        rows = self.flows.fetch(self.flow, step_id, cursor, prefetch - len(inflight))
+        if not rows:
+            return cursor
+        snapshot = self.router.snapshot(self.flow, step_id)
+        try:
+            for row in rows:
+                inflight.append((row, proc.submit_msg(row, snapshot)))
+            await proc.drain()
+        except StepDied:
+            pass  # what was sent fails when awaited; the messages stay queued
+        return rows[-1].id
+
+    async def _wait_for_work(self, wake: asyncio.Event, stop: asyncio.Event, step_id: str) -> None:
+        wake.clear()
+        if self.flows.fetch(self.flow, step_id, 0, 1):
+            return  # arrived between the last read and now
+        waiter = asyncio.ensure_future(wake.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        # The router wakes this loop when it commits a message for the step; the timeout is
+        # when a message deferred by a rebound is due (a fixed 0.5 s poll of every idle
+        # action step was most of an idle daemon's CPU).
+        await asyncio.wait(
+            {waiter, stopper},
+            timeout=self._idle_wait(step_id),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        waiter.cancel()
+        stopper.cancel()
 
     def _idle_wait(self, step_id: str) -> float:
         """Seconds an idle action loop may sleep: until its next deferred message is due."""
@@ -351,7 +486,7 @@ class FlowRunner:
         if proc is None or not self.live[proc.step_id].is_set():
             return None
         try:
-            res = await proc.request({"t": name, "data": data}, {})
+            res = await proc.request({"t": name, "data": data}, None)
         except StepDied:
             return None
         if res.errors:
@@ -365,6 +500,7 @@ class FlowRunner:
         for task in list(self.restart_tasks):
             task.cancel()
         await asyncio.gather(*(self.stop_loop(sid) for sid in list(self.loops)))
+        self.router.flush()
         await asyncio.gather(*(p.stop(timeout) for p in self.procs.values()))
 
     def status(self) -> list[StepStatus]:
@@ -397,7 +533,14 @@ class FlowRunner:
             pid = proc.pid if proc is not None and not proc.exited.is_set() else None
             out.append(
                 StepStatus(
-                    step.id, step.kind, step.component, step.function, step.version, state, pid
+                    step.id,
+                    step.kind,
+                    step.component,
+                    step.function,
+                    step.version,
+                    state,
+                    pid,
+                    backpressure=self.held_since.get(step.id) is not None,
                 )
             )
         return out

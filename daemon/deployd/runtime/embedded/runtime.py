@@ -14,13 +14,16 @@ next happens here, so the deployer only ever sees `runtime/base.py`:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from ...config import DaemonConfig
+from ...errors import FlowError
 from ...metrics import Metrics
 from ...paths import Paths
 from ...store import Store
-from ...types import FlowVersionToRun
+from ...types import FlowVersionToRun, RetryResult
+from .. import mapper
 from ..base import FlowRun
 from .node_pool import NodeSettings
 from .process import Launcher
@@ -66,7 +69,12 @@ class EmbeddedRuntime:
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
         runner = FlowRunner(
-            self.launcher, self.router, self.log_dir, spec, self.settings.stop_timeout
+            self.launcher,
+            self.router,
+            self.log_dir,
+            spec,
+            self.settings.stop_timeout,
+            self.settings.max_queue,
         )
         await runner.start(timeout)
         return runner
@@ -99,9 +107,11 @@ class EmbeddedRuntime:
         async def switch_actions() -> None:
             await asyncio.gather(*(old_r.stop_loop(sid) for sid in actions_old))
             new_ids = [s.id for s in new_r.steps[1:]]
+            self.router.flush()  # what the old actions handled has left their queues
             with self.store.tx():
                 moved = self.flows.requeue_orphans(flow, [s.id for s in new_r.steps], new_ids[0])
             if moved:
+                self.router.forget_depths(flow)
                 log.info("flow %s: %d queued message(s) moved to step %s", flow, moved, new_ids[0])
             new_r.start_loops(new_ids)
 
@@ -118,6 +128,37 @@ class EmbeddedRuntime:
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
         return self.flows.queue_depths()
+
+    def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        return self.router.letters.counts()
+
+    async def retry_dead_letters(
+        self, spec: FlowVersionToRun, step: str | None, ids: list[int] | None
+    ) -> RetryResult:
+        self.router.flush()
+        letters = self.router.letters.select(spec.flow, step, ids)
+        steps = {s.id: s for s in spec.actions}
+        back, bodies, again, skipped = [], [], [], []
+        for letter in letters:
+            target = steps.get(str(letter["step"]).removesuffix(":mapper"))
+            if target is None:
+                skipped.append(int(letter["id"]))
+                continue
+            body = letter["body"]
+            if str(letter["step"]).endswith(":mapper") and target.mapping:
+                try:
+                    body = json.dumps(mapper.apply(target.mapping, json.loads(body)))
+                except FlowError as exc:
+                    again.append((int(letter["id"]), str(exc)))
+                    continue
+            back.append(letter)
+            bodies.append(body)
+        with self.store.tx():
+            self.router.letters.requeue(back, bodies)
+            self.router.letters.failed_again(again)
+        if back:
+            self.router.forget_depths(spec.flow)
+        return RetryResult(len(back), len(again), skipped)
 
 
 def _runner(run: FlowRun) -> FlowRunner:
