@@ -126,10 +126,9 @@ def test_a_restarted_daemon_resumes_its_flows_with_queues_and_snapshots_intact(
 ) -> None:
     env: FlowEnv = make_env(counter_files(**{"lib/write.py": HOLDING_WRITER}))
     env.push(counter_files(**{"lib/write.py": HOLDING_WRITER.replace('"v1"', '"v2"')}))
-    # A slow writer behind a fast ticker: its queue grows. With one message in flight at a
-    # time (prefetch 1) a kill may repeat at most one side effect; with the default prefetch
-    # N, at most the N in flight (see docs/architecture.md, "The message path").
-    text, out, _attempts = holding_flow(env, pause="0.05", prefetch=1)
+    # A slow writer behind a fast ticker: its queue grows. A slow step is handed one message
+    # at a time (prefetch adapts to its pace), so a kill repeats at most one side effect.
+    text, out, _attempts = holding_flow(env, pause="0.05")
     env.apply(text)
     wait_until(lambda: len(read_out(out)) >= 3, timeout=30)
     flow = env.flow("counter")

@@ -14,7 +14,8 @@ sailor → daemon
     {"t": "error", "error": str, "stack": str?}  an error for the current call/message (first
                                                  line; the whole traceback or stack)
     {"t": "rebound", "error": str}               deliver the current message again later
-    {"t": "done", "ref": int}                    the call/message `ref` is finished
+    {"t": "done", "ref": int, "took": float}     the call/message `ref` is finished (took:
+                                                 seconds of work, for the prefetch pace)
     {"t": "result", "ref": int, "data": any}     answer to startup/shutdown
 daemon → sailor
     {"t": "call", "ref": int, "snapshot": dict?}            trigger: run process() once

@@ -174,7 +174,7 @@ class Sailor {
       headers = isPlainObject(payload.headers) ? payload.headers : {};
     }
     if (!isPlainObject(body)) body = { value: body === undefined ? null : body };
-    return { t: 'data', body, headers };
+    return { t: 'data', headers, body }; // headers first: see sailor_py.py
   }
 
   emit(owner, event, payload) {
@@ -306,13 +306,15 @@ class Sailor {
       };
       this.current = { finish: null };
       for (const obj of this.late.splice(0)) this.send(obj);
+      const began = process.hrtime.bigint();
       try {
         if (isPlainObject(cmd.snapshot)) this.snapshot = cmd.snapshot;
         await this.runProcess(msg, this.snapshot);
       } finally {
         this.current = null;
       }
-      this.send({ t: 'done', ref: cmd.ref });
+      const took = Number(process.hrtime.bigint() - began) / 1e9;
+      this.send({ t: 'done', ref: cmd.ref, took });
     } else if (kind === 'startup' || kind === 'shutdown') {
       this.current = { finish: null };
       let data = null;

@@ -52,7 +52,8 @@ class Context:
                 body, headers = payload["body"], payload.get("headers") or {}
             if not isinstance(body, dict):
                 body = {"value": body}
-            self._sailor.send({"t": "data", "body": body, "headers": headers})
+            # headers first: the daemon forwards a body without headers undecoded
+            self._sailor.send({"t": "data", "headers": headers, "body": body})
         elif event in ("snapshot", "updateSnapshot"):
             if not isinstance(payload, dict):
                 raise TypeError(f"ctx.emit({event!r}, …) needs a dict")
@@ -141,12 +142,17 @@ class Sailor:
         self.loop: asyncio.AbstractEventLoop | None = None  # made on the first async call
         self.ctx = Context(self)
         self.snapshot: dict[str, Any] = {}  # as the daemon has it (see protocol.py)
+        self.config: dict[str, Any] = spec.get("config", {})
+        self._func: Any = None
+        self._nargs = 4
         self.out: list[bytes] = []  # lines not sent yet: flushed before reading blocks
         self.out_size = 0
         self.out_since = 0.0
 
     def send(self, obj: dict[str, Any]) -> None:
-        line = encode(obj)
+        self.send_line(encode(obj))
+
+    def send_line(self, line: bytes) -> None:
         if not self.out:
             self.out_since = time.monotonic()
         self.out.append(line)
@@ -204,7 +210,9 @@ class Sailor:
     def process(self, msg: dict[str, Any], snapshot: dict[str, Any]) -> None:
         assert self.module is not None
         func = self.module.process
-        args = (msg, self.spec.get("config", {}), snapshot, self.ctx)[: _arity(func)]
+        if func is not self._func:  # inspecting a signature costs more than most process()
+            self._func, self._nargs = func, _arity(func)
+        args = (msg, self.config, snapshot, self.ctx)[: self._nargs]
         try:
             result = self._run(func(*args))
         except Exception as exc:
@@ -246,8 +254,10 @@ class Sailor:
                     self.snapshot = cmd["snapshot"]
                 msg = cmd["msg"] if kind == "msg" else {"id": str(cmd["ref"]), "body": {}}
                 msg.setdefault("headers", {})
+                began = time.perf_counter()
                 self.process(msg, self.snapshot)
-                self.send({"t": "done", "ref": cmd["ref"]})
+                took = time.perf_counter() - began
+                self.send_line(b'{"t":"done","ref":%d,"took":%.6f}\n' % (cmd["ref"], took))
             elif kind in ("startup", "shutdown"):
                 try:
                     args = (cmd.get("data"),) if kind == "shutdown" else ()

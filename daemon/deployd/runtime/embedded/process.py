@@ -32,6 +32,8 @@ from .node_pool import NodeRuntime, NodeSettings
 from .py_pool import PyPool
 
 log = logging.getLogger("deployd.runtime")
+DONE = b'{"t":"done","ref":'  # the sailors write "done" exactly so (protocol.py) …
+DATA = b'{"t":"data","headers":{},"body":{'[:-1]  # … and an output without headers so
 READ_CHUNK = 256 * 1024  # bytes read from a step's socket at once (many lines per read)
 MAX_DETAIL = 16000  # characters of an error's traceback or stack that are kept
 
@@ -44,7 +46,8 @@ class StepDied(Exception):
 class Result:
     """What one call or message produced."""
 
-    outputs: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    # (body, headers): a body the daemon only forwards stays the JSON text the sailor sent
+    outputs: list[tuple[dict[str, Any] | str, dict[str, Any]]] = field(default_factory=list)
     snapshot: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
     detail: str | None = None  # the last error's whole text (traceback or stack), when sent
@@ -52,6 +55,7 @@ class Result:
     data: Any = None
     started: float = 0.0
     ended: float = 0.0
+    took: float = 0.0  # seconds the sailor spent on it (its own clock)
 
 
 def step_env(home: Path) -> dict[str, str]:
@@ -98,6 +102,7 @@ class StepProcess:
         # then changed only by what the process emits (the sailor keeps the same copy), so a
         # pipelined message need not carry one.
         self.snap: dict[str, Any] | None = None
+        self._out: list[bytes] = []  # submitted requests not written yet
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -137,7 +142,15 @@ class StepProcess:
                 rest = chunk[end + 1 :]
                 parts, size = ([rest], len(rest)) if rest else ([], 0)
                 for line in data.split(b"\n"):
-                    if line:
+                    if line.startswith(DONE):  # most lines: parsed without json
+                        ref, _, took = line[len(DONE) : -1].partition(b',"took":')
+                        self._done(int(ref), float(took or 0))
+                    elif line.startswith(DATA) and line.endswith(b"}}") and self._pending:
+                        # An output without headers: its body is kept as the sailor's JSON
+                        # text, to be stored and forwarded without decoding and encoding.
+                        res = next(iter(self._pending.values()))[1]
+                        res.outputs.append((line[len(DATA) : -1].decode(), {}))
+                    elif line:
                         self._dispatch(decode(line))
         except ValueError as exc:
             reason = f"protocol error: {exc}"
@@ -177,15 +190,25 @@ class StepProcess:
             res.detail = str(stack)[:MAX_DETAIL] if stack else None
         elif kind == "rebound" and res is not None:
             res.rebound = str(msg.get("error") or "rebound")
-        elif kind in ("done", "result"):
+        elif kind == "done":
+            self._done(int(msg.get("ref", -1)), float(msg.get("took") or 0))
+        elif kind == "result":
             entry = self._pending.pop(int(msg.get("ref", -1)), None)
             if entry is not None:
                 fut, res = entry
                 res.ended = time.monotonic()
-                if kind == "result":
-                    res.data = msg.get("data")
+                res.data = msg.get("data")
                 if not fut.done():
                     fut.set_result(res)
+
+    def _done(self, ref: int, took: float) -> None:
+        entry = self._pending.pop(ref, None)
+        if entry is not None:
+            fut, res = entry
+            res.ended = time.monotonic()
+            res.took = took
+            if not fut.done():
+                fut.set_result(res)
 
     def _died(self, reason: str) -> None:
         if self.exited.is_set():
@@ -251,14 +274,20 @@ class StepProcess:
         self._ref += 1
         fut: Future[Result] = asyncio.get_running_loop().create_future()
         self._pending[self._ref] = (fut, Result(started=time.monotonic()))
-        self._writer.write(line)
+        self._out.append(line)  # written by drain(): many requests, one write
         return fut
 
     async def drain(self) -> None:
-        """Wait while the socket's send buffer is full (raises StepDied when it closed)."""
+        """Write what was submitted (one write for many requests: the sailor then reads them
+        at once and answers them at once), and wait while the socket's send buffer is full.
+        Raises StepDied when the connection is gone."""
         if self._writer is None:
             raise StepDied(f"step {self.step_id} is not running")
         try:
+            if self._out:
+                data = b"".join(self._out)
+                self._out.clear()
+                self._writer.write(data)
             await self._writer.drain()
         except ConnectionError as exc:
             raise StepDied(f"step {self.step_id}: {exc}") from exc
@@ -269,8 +298,7 @@ class StepProcess:
         try:
             await self.drain()
         except StepDied:
-            if fut.done():  # _died() failed it while drain() waited; nobody else awaits it
-                fut.exception()
+            forget(fut)  # it fails (or failed) with the process; nobody awaits it now
             raise
         return await fut
 
@@ -300,6 +328,15 @@ class StepProcess:
         except (ProcessLookupError, PermissionError):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
+
+
+def forget(fut: Future[Result]) -> None:
+    """Nobody will await `fut`: its StepDied is expected, not an unretrieved error."""
+    if fut.done():
+        if not fut.cancelled():
+            fut.exception()
+    else:
+        fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
 
 
 def log_tail(path: Path, lines: int = 12) -> str:

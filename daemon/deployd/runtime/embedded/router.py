@@ -21,10 +21,11 @@ ways calls `forget_depths`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -38,6 +39,7 @@ from .. import mapper
 from .process import Result
 
 log = logging.getLogger("deployd.router")
+dumps = json.JSONEncoder(separators=(",", ":")).encode
 REBOUND_LIMIT = 10
 MAX_EMITTED_KEPT = 100  # outputs of a failed message recorded with its dead letter
 
@@ -65,6 +67,12 @@ class Router:
         self._errors: list[tuple[str, str, str]] = []
         self._handle: asyncio.Handle | None = None
         self.generation = 0  # bumped when a group commit failed: loops take their queue anew
+        # Message ids: unique per daemon start (random prefix) and cheap (a counter).
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count(1)
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):012x}"
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -136,12 +144,19 @@ class Router:
             for body, headers in res.outputs:
                 if nxt.mapping:
                     try:
-                        body = mapper.apply(nxt.mapping, body)
+                        body = mapper.apply(nxt.mapping, _decoded(body))
                     except FlowError as exc:
                         self._mapping_failed(spec, index + 1, body, headers, str(exc))
                         continue
                 batch.enqueue.append(
-                    (flow, nxt.id, uuid.uuid4().hex, json.dumps(body), json.dumps(headers), 0)
+                    (
+                        flow,
+                        nxt.id,
+                        self._new_id(),
+                        body if isinstance(body, str) else dumps(body),
+                        dumps(headers) if headers else "{}",
+                        0,
+                    )
                 )
                 self._added[nkey] += 1
         if res.snapshot is not None:
@@ -163,7 +178,7 @@ class Router:
         self, spec: FlowVersionToRun, index: int, row: Queued, res: Result, error: str
     ) -> None:
         step = spec.steps[index]
-        emitted = [{"body": b, "headers": h} for b, h in res.outputs[:MAX_EMITTED_KEPT]]
+        emitted = [{"body": _decoded(b), "headers": h} for b, h in res.outputs[:MAX_EMITTED_KEPT]]
         text = error if not res.detail or res.detail == error else f"{error}\n\n{res.detail}"
         self._batch.letters.append(
             (
@@ -185,7 +200,7 @@ class Router:
         self,
         spec: FlowVersionToRun,
         index: int,
-        body: dict[str, Any],
+        body: dict[str, Any] | str,
         headers: dict[str, Any],
         error: str,
     ) -> None:
@@ -197,8 +212,8 @@ class Router:
             (
                 spec.flow,
                 mapper_id,
-                uuid.uuid4().hex,
-                json.dumps(body),
+                self._new_id(),
+                body if isinstance(body, str) else dumps(body),
                 json.dumps(headers),
                 spec.version,
                 step.component,
@@ -270,3 +285,11 @@ class Router:
             log.warning(
                 "… and %d more failed message(s) (see `deployd flow errors`)", len(errors) - 5
             )
+
+
+def _decoded(body: dict[str, Any] | str) -> dict[str, Any]:
+    """An output's body as an object (the sailor's JSON text decoded when it was kept so)."""
+    if isinstance(body, str):
+        value = json.loads(body)
+        return value if isinstance(value, dict) else {}
+    return body

@@ -23,7 +23,7 @@ from typing import Any
 from ...store.queues import Queued
 from ...types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState, StepStatus
 from ..base import StepFailed
-from .process import Launcher, Result, StepDied, StepProcess, log_tail
+from .process import Launcher, Result, StepDied, StepProcess, forget, log_tail
 from .router import Router
 
 log = logging.getLogger("deployd.runner")
@@ -31,6 +31,7 @@ BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 IDLE_POLL = 5.0  # an idle action loop's safety-net wake-up (seconds)
+AHEAD_BUDGET = 0.005  # seconds of a step's work handed to it ahead (see _action_loop)
 MAX_EXITS_KEPT = 100
 
 
@@ -378,10 +379,27 @@ class FlowRunner:
         and commit each result as it comes; the queue is read again from its start whenever
         nothing is in flight (so a message deferred by a rebound, or not committed, is not
         skipped)."""
+        inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]] = collections.deque()
+        try:
+            await self._deliver(index, stop, inflight)
+        finally:
+            for _row, fut in inflight:  # cancelled (a stuck step): each stays queued
+                forget(fut)
+
+    async def _deliver(
+        self,
+        index: int,
+        stop: asyncio.Event,
+        inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]],
+    ) -> None:
         step = self.steps[index]
         wake = self.router.waker(self.flow, step.id)
         prefetch = max(1, step.prefetch)
-        inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]] = collections.deque()
+        # Messages handed ahead: what the step handles in AHEAD_BUDGET at the pace its sailor
+        # reports (up to `prefetch`). A fast step gets many per write; a slow one gets one at
+        # a time, so a stop or switch waits for one message and a kill repeats at most one.
+        ahead = 1
+        pace: float | None = None  # seconds of work per message, smoothed
         cursor = 0  # row id of the newest message in flight (0: read from the start)
         # When the earliest message deferred by a rebound is due (None: there is none).
         due = self.flows.next_due(self.flow, step.id, after=time.time())
@@ -405,13 +423,13 @@ class FlowRunner:
             if (
                 not stop.is_set()
                 and not draining
-                and len(inflight) <= prefetch // 2
+                and len(inflight) <= ahead // 2
                 and await self._room_for(index, len(inflight), stop)
             ):
                 if not inflight:  # only then may it be a new process (after a restart)
                     proc = await self._live_proc(step.id, stop)
                 if proc is not None and proc is self.procs.get(step.id):
-                    cursor = await self._hand(proc, step.id, cursor, prefetch, inflight)
+                    cursor = await self._hand(proc, step.id, cursor, ahead, inflight)
             if not inflight:
                 if not stop.is_set() and self.held_since.get(step.id) is None:
                     await self._wait_for_work(wake, stop, step.id)
@@ -421,13 +439,14 @@ class FlowRunner:
                 res = await fut
             except StepDied:
                 for _row, other in inflight:
-                    if other.done() and not other.cancelled():
-                        other.exception()  # retrieved: each stays queued, delivered again
+                    forget(other)  # each stays queued and is delivered again
                 inflight.clear()
                 if proc is not None:
                     await self._gone(proc)
                 continue
             inflight.popleft()
+            pace = res.took if pace is None else pace * 0.8 + res.took * 0.2
+            ahead = max(1, min(prefetch, int(AHEAD_BUDGET / max(pace, 1e-6))))
             again = self.router.commit(self.spec, index, res, row)
             if again is not None:
                 due = again if due is None else min(due, again)
