@@ -465,13 +465,18 @@ class FlowRunner:
         if not rows:
             return cursor
         snapshot = self.router.snapshot(self.flow, step_id)
+        sent = len(inflight)
         try:
             for row in rows:
                 inflight.append((row, proc.submit_msg(row, snapshot)))
             await proc.drain()
         except StepDied:
-            pass  # what was sent fails when awaited; the messages stay queued
-        return rows[-1].id
+            # What was sent fails when awaited; the messages stay queued. With nothing in
+            # flight, wait until the exit is handled (retrying at once would spin).
+            if len(inflight) == sent:
+                await self._gone(proc)
+                return cursor
+        return inflight[-1][0].id if inflight else cursor
 
     async def _wait_for_work(self, wake: asyncio.Event, stop: asyncio.Event, step_id: str) -> None:
         wake.clear()
