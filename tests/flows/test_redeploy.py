@@ -32,10 +32,21 @@ FLOW_KEYS = {
     "version",
     "stale",
     "needs_attention",
+    "dead_letters",
     "steps",
     "last_deploy",
 }
-STEP_KEYS = {"id", "kind", "component", "function", "version", "state", "pid"}
+STEP_KEYS = {
+    "id",
+    "kind",
+    "component",
+    "function",
+    "version",
+    "state",
+    "pid",
+    "backpressure",
+    "dead_letters",
+}
 DEPLOY_KEYS = {"status", "to_version", "warmup_ms", "gap_ms", "finished_at"}
 
 

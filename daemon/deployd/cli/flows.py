@@ -183,6 +183,18 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
             str(data["queues"].get(s["id"], 0)),
         )
     out.print(table)
+    held = [s["id"] for s in data["steps"] if s.get("backpressure")]
+    if held:
+        out.print(f"held back (the next step's queue is full): {', '.join(held)}", markup=False)
+    failed = [f"{s['id']} {s['dead_letters']}" for s in data["steps"] if s.get("dead_letters")]
+    if data.get("dead_letters"):
+        out.print(
+            f"dead letters: {data['dead_letters']}"
+            + (f" ({', '.join(failed)})" if failed else "")
+            + f" — `deployd flow errors {name}`",
+            markup=False,
+            highlight=False,
+        )
     if data["draft"]:
         d = data["draft"]
         out.print(f"draft ({d['reason']}): " + ("; ".join(d["problems"]) or "valid"))

@@ -284,13 +284,15 @@ class Deployer:
         return len(self.publisher.runs)
 
     def update_gauges(self) -> None:
-        """Refresh the point-in-time metrics (queue depths, flows by state) before a scrape."""
+        """Refresh the point-in-time metrics (queue depths, dead letters, flows by state) before
+        a scrape."""
         depths = self.runtime.queue_depths()
         for flow_name, run in self.publisher.runs.items():  # an empty queue has no row: 0
             for action in run.spec.actions:
                 depths.setdefault((flow_name, action.id), 0)
         for (flow_name, step_id), depth in depths.items():
             self.metrics.set_queue_depth(flow_name, step_id, depth)
+        self.metrics.set_dead_letters(self.runtime.dead_letter_counts())
         states: dict[str, int] = {}
         for flow in self.fs.flows():
             state = self.flow_state(flow["name"], bool(flow["enabled"]))
