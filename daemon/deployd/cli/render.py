@@ -138,6 +138,55 @@ def print_status(data: dict[str, Any]) -> None:
             say(f"last {part[:-1]} error ({err['at'][:19]}): {err['message'][:150]}\n")
 
 
+def _when(iso: str) -> str:
+    return iso[:19].replace("T", " ")
+
+
+def print_letters(rows: list[dict[str, Any]], limit: int) -> None:
+    """Dead letters (newest first) as aligned columns: id, step, time, attempts, error."""
+    shown = rows[:limit]
+    table = [
+        [
+            (str(r["id"]), ""),
+            (r["step"], ""),
+            (_when(r["created_at"]), ""),
+            (str(r["attempts"]), ""),
+            (r["error"][:200], "red"),
+        ]
+        for r in shown
+    ]
+    sys.stdout.write(grid(["id", "step", "time", "attempts", "error"], table) + "\n")
+    if len(rows) > len(shown):
+        sys.stdout.write(f"… and {len(rows) - len(shown)} older (--limit N, or --json for all)\n")
+
+
+def print_letter(letter: dict[str, Any]) -> None:
+    """One dead letter whole: where it failed, its input, the error, what it emitted first."""
+    say = sys.stdout.write
+    version = (
+        f"{letter['component']} v{letter['component_version']}" if letter["component"] else "-"
+    )
+    say(f"dead letter {letter['id']} of flow {letter['flow']}, step {letter['step']}\n")
+    say(f"  message id:  {letter['msg_id']}\n")
+    say(f"  failed at:   {_when(letter['created_at'])} (attempts: {letter['attempts']})\n")
+    say(f"  by:          flow v{letter['flow_version']}, {version}\n")
+    say("error:\n")
+    for line in letter["error"].splitlines():
+        say(f"  {line}\n")
+    say("body:\n" + _indent(letter["body"]))
+    say("headers:\n" + _indent(letter["headers"]))
+    emitted = letter.get("emitted") or []
+    if emitted:
+        say(f"emitted before failing ({len(emitted)}, delivered all the same):\n")
+        for out in emitted:
+            say(_indent(out))
+
+
+def _indent(data: Any) -> str:
+    text = json.dumps(data, indent=2, default=str)
+    return "".join(f"  {line}\n" for line in text.splitlines())
+
+
 def print_deploys(deps: list[dict[str, Any]]) -> None:
     """Deployments (publishes) as a table, with warm-up and switch-over gap."""
     from rich.table import Table
