@@ -201,7 +201,9 @@ def print_deploys(deps: list[dict[str, Any]]) -> None:
             d["flow"],
             f"v{d['from_version']}" if d["from_version"] else "-",
             f"v{d['to_version']}",
-            d["status"] + (f": {d['reason'][:60]}" if d["reason"] else ""),
+            d["status"]
+            + (f": {d['reason'][:60]}" if d["reason"] else "")
+            + (f", {d['redriven']} re-driven" if d.get("redriven") else ""),
             trig,
             f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-",
             f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-",

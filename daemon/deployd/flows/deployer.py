@@ -52,11 +52,13 @@ class Deployer:
     # -- service lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Finish interrupted deployments, then bring every enabled flow back up."""
+        """Finish interrupted deployments, bring every enabled flow back up, resume owed
+        re-drives of dead letters, then catch up on versions registered but not deployed."""
         await self.runtime.start()
         self.publisher.recover()
         flows = [f for f in self.fs.flows() if f["enabled"] and f["active_version"]]
         await asyncio.gather(*(self.publisher.start_run(f["name"], initial=False) for f in flows))
+        self.publisher.resume_redrives()
         await self.catch_up()
 
     async def catch_up(self) -> None:
