@@ -1,4 +1,5 @@
-"""Operator actions: retention (`gc`), pause/resume, redeploy on demand.
+"""Operator actions: retention (`gc`: version folders, logs, dead letters), pause/resume,
+redeploy on demand.
 
 `Operator` is a daemon service: at start it schedules retention with APScheduler; its
 methods are what the `/api/v1/gc|pause|resume|redeploy` routes (`deployd.api.ops`) call.
@@ -17,6 +18,7 @@ from . import retention
 from .config import Config
 from .errors import DeploydError
 from .flows.deployer import Deployer
+from .metrics import Metrics
 from .paths import Paths
 from .pauses import Kind, Pauses
 from .pipeline.queue import Pipeline
@@ -39,8 +41,10 @@ class Operator:
         deployer: Deployer,
         pipeline: Pipeline,
         reconcile: Callable[[], int],
+        metrics: Metrics,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.paths = paths
         self.pauses = pauses
@@ -81,19 +85,49 @@ class Operator:
         """Run retention now; returns what was removed and the state dir's size."""
         d = self.config.daemon
         async with self._gc_lock:
+            expired = self.expire_dead_letters()
             plan = retention.plan(self.store, self.paths, d.keep_versions, d.keep_logs)
             retention.record(self.store, plan)  # rows first: never point at a half-deleted dir
             freed = await asyncio.to_thread(retention.apply_plan, plan)
             disk = await self.measure_disk()
-            result = retention.summary(plan, freed, disk)
+            result = retention.summary(plan, freed, disk, expired)
             with self.store.tx():
                 self.store.event(
                     "gc",
                     f"retention: {len(plan.versions)} version folder(s), "
-                    f"{len(plan.build_logs)} build log(s) removed, {freed} bytes freed",
+                    f"{len(plan.build_logs)} build log(s), "
+                    f"{result['dead_letters_expired']} dead letter(s) removed, "
+                    f"{freed} bytes freed",
                     detail=result,
                 )
         return result
+
+    def expire_dead_letters(self) -> list[retention.Expired]:
+        """Dead letters past keep_dead_letters or max_dead_letters go, each step's removal
+        recorded as an event and counted (deployd_dead_letters_expired_total): never silent."""
+        d = self.config.daemon
+        with self.store.tx():
+            expired = retention.expire_dead_letters(
+                self.store, d.keep_dead_letters, d.max_dead_letters
+            )
+            for e in expired:
+                why = e.why(d.keep_dead_letters, d.max_dead_letters)
+                self.store.event(
+                    "dead_letters.expired",
+                    f"flow {e.flow} step {e.step}: {e.count} dead letter(s) removed by "
+                    f"retention: {why}",
+                    flow=e.flow,
+                    detail={
+                        "step": e.step,
+                        "removed": e.count,
+                        "older_than_keep_dead_letters": e.too_old,
+                        "beyond_max_dead_letters": e.too_many,
+                    },
+                )
+        for e in expired:
+            self.metrics.dead_letters_expired(e.flow, e.step, e.count)
+            log.info("flow %s step %s: %d dead letter(s) expired", e.flow, e.step, e.count)
+        return expired
 
     def _kinds(self, name: str) -> list[Kind]:
         kinds: list[Kind] = []

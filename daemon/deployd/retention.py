@@ -6,6 +6,10 @@ last two deployments (so a rollback always finds its code). Build logs older tha
 are deleted. Step logs are capped (the newest half is kept). The version *rows* stay: history
 is never rewritten; a pruned version simply cannot be run again.
 
+Dead letters are kept `keep_dead_letters` ("0": no age limit) and at most `max_dead_letters`
+per step (the oldest go first); `expire_dead_letters` removes the rest and says, per step, how
+many went and why, so the caller can count and record every removal.
+
 `plan` only reads; `apply_plan` touches the disk (run it in a worker thread).
 """
 
@@ -13,13 +17,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .config import format_duration
 from .paths import Paths
 from .store import FlowStore, Store
+from .store.letters import DeadLetterStore
 
 MAX_STEP_LOG = 20 * 1024 * 1024
 
@@ -100,6 +108,46 @@ def apply_plan(p: Plan) -> int:
     return freed
 
 
+@dataclass(frozen=True)
+class Expired:
+    """Dead letters of one step removed by retention: older than keep_dead_letters, and
+    beyond max_dead_letters."""
+
+    flow: str
+    step: str
+    too_old: int = 0
+    too_many: int = 0
+
+    @property
+    def count(self) -> int:
+        return self.too_old + self.too_many
+
+    def why(self, keep: float, limit: int) -> str:
+        parts = []
+        if self.too_old:
+            parts.append(
+                f"{self.too_old} older than {format_duration(keep)} (daemon.keep_dead_letters)"
+            )
+        if self.too_many:
+            parts.append(f"{self.too_many} beyond {limit} per step (daemon.max_dead_letters)")
+        return ", ".join(parts)
+
+
+def expire_dead_letters(store: Store, keep: float, limit: int) -> list[Expired]:
+    """Remove dead letters older than `keep` seconds (0: no age limit), then all but the
+    newest `limit` of each step. Call inside a transaction."""
+    letters = DeadLetterStore(store)
+    old: dict[tuple[str, str], int] = {}
+    if keep > 0:
+        cutoff = (datetime.now(UTC) - timedelta(seconds=keep)).isoformat(timespec="milliseconds")
+        old = letters.prune(cutoff, sys.maxsize)
+    many = letters.prune("", limit)  # no letter is older than "": by count only
+    return [
+        Expired(flow, step, old.get((flow, step), 0), many.get((flow, step), 0))
+        for flow, step in sorted(set(old) | set(many))
+    ]
+
+
 def record(store: Store, p: Plan) -> None:
     """Mark what was deleted, in one transaction (on the loop: the store's single writer)."""
     store.mark_pruned([(c, v) for c, v, _dir in p.versions], [b for b, _log in p.build_logs])
@@ -126,11 +174,12 @@ def disk_usage(root: Path) -> int:
     return total
 
 
-def summary(p: Plan, freed: int, disk: int) -> dict[str, Any]:
+def summary(p: Plan, freed: int, disk: int, expired: list[Expired] | None = None) -> dict[str, Any]:
     return {
         "versions_pruned": [f"{c} v{v}" for c, v, _ in p.versions],
         "build_logs_deleted": len(p.build_logs),
         "step_logs_trimmed": len(p.step_logs),
+        "dead_letters_expired": sum(e.count for e in expired or ()),
         "freed_bytes": freed,
         "state_dir_bytes": disk,
     }

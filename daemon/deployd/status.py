@@ -9,11 +9,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, redact_url
 from .paths import Paths
 from .store import FlowStore, Store
+from .store.letters import DeadLetterStore
 
 if TYPE_CHECKING:
     from .flows.deployer import Deployer
@@ -139,7 +141,18 @@ def _mapper(step: dict[str, Any]) -> dict[str, Any]:
         "version": None,
         "state": "stopped",
         "pid": None,
+        "backpressure": False,
+        "dead_letters": 0,
     }
+
+
+def dead_letter_counts(store: Store) -> dict[tuple[str, str], int]:
+    """Dead letters by (flow, step), in one GROUP BY on an index (status has a budget); none
+    in a database the daemon has not upgraded yet (before m006)."""
+    try:
+        return DeadLetterStore(store).counts()
+    except sqlite3.OperationalError:
+        return {}
 
 
 def flows_status(store: Store, deployer: Deployer | None = None) -> list[dict[str, Any]]:
@@ -147,6 +160,10 @@ def flows_status(store: Store, deployer: Deployer | None = None) -> list[dict[st
     fs = FlowStore(store)
     recent = {name: row["version"] for name, row in store.recent_all().items()}
     last = fs.last_deployments()
+    letters = dead_letter_counts(store)
+    totals: dict[str, int] = {}
+    for (flow_name, _step), n in letters.items():
+        totals[flow_name] = totals.get(flow_name, 0) + n
     out = []
     for flow in fs.flows():
         name = flow["name"]
@@ -169,8 +186,12 @@ def flows_status(store: Store, deployer: Deployer | None = None) -> list[dict[st
                         "version": s["version"],
                         "state": "stopped",
                         "pid": None,
+                        "backpressure": False,
+                        "dead_letters": 0,
                     }
                 )
+        for step in steps:
+            step["dead_letters"] = letters.get((name, step["id"]), 0)
         stale = any(
             s["version"] is not None and (recent.get(s["component"]) or 0) > s["version"]
             for s in steps_db
@@ -186,6 +207,7 @@ def flows_status(store: Store, deployer: Deployer | None = None) -> list[dict[st
                 "version": flow["active_version"],
                 "stale": stale,
                 "needs_attention": flow["needs_attention"],
+                "dead_letters": totals.get(name, 0),
                 "steps": steps,
                 "last_deploy": {
                     "status": dep["status"],

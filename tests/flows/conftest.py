@@ -90,6 +90,7 @@ def flow_toml(
     update: str = "auto",
     steps: list[dict[str, Any]] | None = None,
     component: str = "hello",
+    retry_errors: str | None = None,
 ) -> str:
     """A flow file: tick (ticker) → write (write, out=`out`), unless `steps` is given."""
     if steps is None:
@@ -98,6 +99,8 @@ def flow_toml(
             {"id": "write", "component": component, "function": "write", "config": {"out": out}},
         ]
     lines = [f'name = "{name}"', 'type = "realtime"', f'update = "{update}"']
+    if retry_errors is not None:
+        lines.append(f'retry_errors = "{retry_errors}"')
     for step in steps:
         lines.append("[[steps]]")
         for key, value in step.items():

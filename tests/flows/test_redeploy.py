@@ -32,6 +32,7 @@ FLOW_KEYS = {
     "version",
     "stale",
     "needs_attention",
+    "dead_letters",
     "steps",
     "last_deploy",
 }

@@ -1,13 +1,19 @@
-"""HTTP routes that change flows (`/api/v1/flows/...`); every one requires the bearer token."""
+"""HTTP routes of flows (`/api/v1/flows/...`); every one requires the bearer token.
+
+That includes `GET /flows/{name}/errors`: unlike the status, a dead letter holds a message's
+body and headers (customer data, perhaps credentials), so reading them needs the token too.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from ..errors import DeploydError
+from ..flows.letters import MAX_IDS, Letters
 from .auth import answer, token_required
 
 if TYPE_CHECKING:
@@ -23,10 +29,34 @@ class RollbackBody(BaseModel):
     to: int | None = None
 
 
+LetterId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
+
+
+class ErrorsBody(BaseModel):
+    """Which dead letters to retry or discard: `ids`, or `all` (of `step`, when given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: str | None = Field(default=None, min_length=1, max_length=200)
+    ids: list[LetterId] | None = Field(default=None, min_length=1, max_length=MAX_IDS)
+    all: StrictBool = False
+
+    @model_validator(mode="after")
+    def _ids_or_all(self) -> ErrorsBody:
+        if (self.ids is not None) == self.all:
+            raise ValueError(
+                "give either ids (a list of dead letter ids) or all: true, not both"
+                if self.all
+                else "ids or all: name the dead letters (ids: [1, 2]) or give all: true"
+            )
+        return self
+
+
 def router(
     deployer: Deployer, token: Callable[[], str], accepting: Callable[[], bool]
 ) -> APIRouter:
-    """apply / publish / start / stop / rollback, each one call of the deployer."""
+    """apply / publish / start / stop / rollback and the dead letters (list, retry, discard),
+    each one call of the deployer."""
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(token_required(token))])
 
     def run(coro: Any) -> Any:
@@ -51,5 +81,27 @@ def router(
     @api.post("/flows/{name}/rollback")
     async def rollback(name: str, body: RollbackBody) -> Any:
         return await run(deployer.rollback(name, body.to))
+
+    @api.get("/flows/{name}/errors")
+    async def errors(
+        name: str,
+        step: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+        id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    ) -> Any:
+        """The flow's dead letters, newest first (a list); with `id`, that one whole."""
+        letters = Letters(deployer.store)
+        try:
+            return letters.listing(name, step) if id is None else letters.one(name, id, step)
+        except DeploydError as exc:
+            status = 404 if str(exc).startswith("unknown ") else 400
+            raise HTTPException(status_code=status, detail=str(exc)) from exc
+
+    @api.post("/flows/{name}/errors/retry")
+    async def retry_errors(name: str, body: ErrorsBody) -> Any:
+        return await run(deployer.retry_errors(name, body.step, body.ids))
+
+    @api.post("/flows/{name}/errors/discard")
+    async def discard_errors(name: str, body: ErrorsBody) -> Any:
+        return await run(deployer.discard_errors(name, body.step, body.ids))
 
     return api

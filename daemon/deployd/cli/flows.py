@@ -16,12 +16,27 @@ import typer
 
 from ..errors import DeploydError, FlowError
 from .common import ConfigOpt, JsonOpt, load_config
-from .render import console, print_deploys, print_flows_table, print_json
+from .render import (
+    console,
+    print_deploys,
+    print_flows_table,
+    print_json,
+    print_letter,
+    print_letters,
+)
 
 commands = typer.Typer()  # `deploys` and `logs`; `deployd.cli` adds them to its app
 flow_app = typer.Typer(help="Real-time flows: apply, publish, start, stop, inspect, roll back.")
 
 NameArg = Annotated[str, typer.Argument(help="Flow name.")]
+StepOpt = Annotated[
+    str | None, typer.Option("--step", help="Only this step (ID also means its mapper, ID:mapper).")
+]
+IdsOpt = Annotated[
+    list[int] | None,
+    typer.Option("--id", help="A dead letter id (repeat for more); see `deployd flow errors`."),
+]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every dead letter (of --step, if given).")]
 
 
 def _call(cfg: Any, method: str, path: str, body: Any = None) -> Any:
@@ -183,12 +198,119 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
             str(data["queues"].get(s["id"], 0)),
         )
     out.print(table)
+    held = [s["id"] for s in data["steps"] if s.get("backpressure")]
+    if held:
+        out.print(f"held back (the next step's queue is full): {', '.join(held)}", markup=False)
+    failed = [f"{s['id']} {s['dead_letters']}" for s in data["steps"] if s.get("dead_letters")]
+    if data.get("dead_letters"):
+        out.print(
+            f"dead letters: {data['dead_letters']}"
+            + (f" ({', '.join(failed)})" if failed else "")
+            + f" — `deployd flow errors {name}`",
+            markup=False,
+            highlight=False,
+        )
     if data["draft"]:
         d = data["draft"]
         out.print(f"draft ({d['reason']}): " + ("; ".join(d["problems"]) or "valid"))
     last = data["last_deploy"]
     if last:
         out.print(f"last deploy: {last['status']} → v{last['to_version']} at {last['finished_at']}")
+
+
+@flow_app.command("errors")
+def flow_errors(
+    name: NameArg,
+    step: StepOpt = None,
+    letter_id: Annotated[
+        int | None, typer.Option("--id", help="Show this dead letter whole.", min=1)
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", help="Show at most N (default: 100; --json: all).", min=1),
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List a flow's dead letters (messages whose handling failed), newest first; --id shows
+    one whole: its input, the versions that failed it, the error with its traceback."""
+    from ..flows.letters import Letters
+
+    letters = Letters(_reader(load_config(config)))
+    if letter_id is not None:
+        one = letters.one(name, letter_id, step)
+        print_json(one) if as_json else print_letter(one)
+        return
+    rows = letters.listing(name, step)
+    if as_json:
+        print_json(rows[:limit] if limit else rows)
+        return
+    if not rows:
+        where = f" step {step}" if step else ""
+        typer.echo(f"flow {name}{where} has no dead letters")
+        return
+    print_letters(rows, limit or 100)
+
+
+def _which(ids: list[int] | None, all_: bool, verb: str) -> list[int] | None:
+    """The ids a retry or discard names (None: --all); exactly one of --id and --all."""
+    if bool(ids) == all_:
+        raise FlowError(
+            f"flow {verb}: give either --id N (repeatable) or --all, "
+            + ("not both" if all_ else "one of them is required")
+        )
+    return None if all_ else ids
+
+
+def _errors_body(step: str | None, ids: list[int] | None) -> dict[str, Any]:
+    return {"step": step, "ids": ids, "all": ids is None}
+
+
+@flow_app.command("retry")
+def flow_retry(
+    name: NameArg,
+    step: StepOpt = None,
+    ids: IdsOpt = None,
+    all_: AllOpt = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put dead letters back at the end of their step's input queue, to be handled by the
+    flow's current version (running or not); one that fails again comes back."""
+    chosen = _which(ids, all_, "retry")
+    res = _call(
+        load_config(config), "POST", _flow_path(name, "errors/retry"), _errors_body(step, chosen)
+    )
+    if as_json:
+        print_json(res)
+        return
+    line = f"{res['flow']}: {res['retried']} dead letter(s) put back for v{res['version']}"
+    if res["failed"]:
+        line += f"; {res['failed']} failed their mapping again"
+    if res["skipped"]:
+        skipped = ", ".join(map(str, res["skipped"]))
+        line += f"; {len(res['skipped'])} left, their step is not in v{res['version']} ({skipped})"
+    typer.echo(line)
+
+
+@flow_app.command("discard")
+def flow_discard(
+    name: NameArg,
+    step: StepOpt = None,
+    ids: IdsOpt = None,
+    all_: AllOpt = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete dead letters for good (recorded in `deployd history`)."""
+    chosen = _which(ids, all_, "discard")
+    res = _call(
+        load_config(config), "POST", _flow_path(name, "errors/discard"), _errors_body(step, chosen)
+    )
+    if as_json:
+        print_json(res)
+        return
+    typer.echo(f"{res['flow']}: {res['discarded']} dead letter(s) discarded")
 
 
 @flow_app.command("list")

@@ -102,13 +102,15 @@ def redeploy(
 
 @commands.command("gc")
 def gc(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Run retention now: old version folders and build logs; prints what was removed."""
+    """Run retention now: old version folders, build logs and dead letters; prints what was
+    removed."""
     res = _call(load_config(config), "/api/v1/gc")
     if as_json:
         print_json(res)
         return
     typer.echo(
         f"removed {len(res['versions_pruned'])} version folder(s), "
-        f"{res['build_logs_deleted']} build log(s); freed {res['freed_bytes']} bytes; "
+        f"{res['build_logs_deleted']} build log(s), "
+        f"{res.get('dead_letters_expired', 0)} dead letter(s); freed {res['freed_bytes']} bytes; "
         f"state_dir uses {res['state_dir_bytes']} bytes"
     )

@@ -61,6 +61,9 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
     rows: list[list[tuple[str, str]]] = []
     for f in flows:
         state, style = f["state"], {"running": "green", "failed": "red"}.get(f["state"], "")
+        if f.get("dead_letters"):
+            state += f", {f['dead_letters']} dead letter{'s' if f['dead_letters'] != 1 else ''}"
+            style = style if style == "red" else "yellow"
         if f.get("needs_attention"):
             state, style = f"{state} needs attention: {f['needs_attention']}", "red"
         elif f.get("stale"):
@@ -135,6 +138,55 @@ def print_status(data: dict[str, Any]) -> None:
             say(f"last {part[:-1]} error ({err['at'][:19]}): {err['message'][:150]}\n")
 
 
+def _when(iso: str) -> str:
+    return iso[:19].replace("T", " ")
+
+
+def print_letters(rows: list[dict[str, Any]], limit: int) -> None:
+    """Dead letters (newest first) as aligned columns: id, step, time, attempts, error."""
+    shown = rows[:limit]
+    table = [
+        [
+            (str(r["id"]), ""),
+            (r["step"], ""),
+            (_when(r["created_at"]), ""),
+            (str(r["attempts"]), ""),
+            (r["error"][:200], "red"),
+        ]
+        for r in shown
+    ]
+    sys.stdout.write(grid(["id", "step", "time", "attempts", "error"], table) + "\n")
+    if len(rows) > len(shown):
+        sys.stdout.write(f"… and {len(rows) - len(shown)} older (--limit N, or --json for all)\n")
+
+
+def print_letter(letter: dict[str, Any]) -> None:
+    """One dead letter whole: where it failed, its input, the error, what it emitted first."""
+    say = sys.stdout.write
+    version = (
+        f"{letter['component']} v{letter['component_version']}" if letter["component"] else "-"
+    )
+    say(f"dead letter {letter['id']} of flow {letter['flow']}, step {letter['step']}\n")
+    say(f"  message id:  {letter['msg_id']}\n")
+    say(f"  failed at:   {_when(letter['created_at'])} (attempts: {letter['attempts']})\n")
+    say(f"  by:          flow v{letter['flow_version']}, {version}\n")
+    say("error:\n")
+    for line in letter["error"].splitlines():
+        say(f"  {line}\n")
+    say("body:\n" + _indent(letter["body"]))
+    say("headers:\n" + _indent(letter["headers"]))
+    emitted = letter.get("emitted") or []
+    if emitted:
+        say(f"emitted before failing ({len(emitted)}, delivered all the same):\n")
+        for out in emitted:
+            say(_indent(out))
+
+
+def _indent(data: Any) -> str:
+    text = json.dumps(data, indent=2, default=str)
+    return "".join(f"  {line}\n" for line in text.splitlines())
+
+
 def print_deploys(deps: list[dict[str, Any]]) -> None:
     """Deployments (publishes) as a table, with warm-up and switch-over gap."""
     from rich.table import Table
@@ -149,7 +201,9 @@ def print_deploys(deps: list[dict[str, Any]]) -> None:
             d["flow"],
             f"v{d['from_version']}" if d["from_version"] else "-",
             f"v{d['to_version']}",
-            d["status"] + (f": {d['reason'][:60]}" if d["reason"] else ""),
+            d["status"]
+            + (f": {d['reason'][:60]}" if d["reason"] else "")
+            + (f", {d['redriven']} re-driven" if d.get("redriven") else ""),
             trig,
             f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-",
             f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-",

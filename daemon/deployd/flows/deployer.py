@@ -19,9 +19,11 @@ from ..metrics import Metrics
 from ..pauses import Pauses
 from ..runtime.base import Runtime
 from ..store import FlowStore, Row, Store
+from ..store.letters import DeadLetterStore
 from ..toolchains import node as nodetool
-from ..types import FlowState, StepStatus, VersionRegistered
+from ..types import FlowState, RetryResult, StepStatus, VersionRegistered
 from .drafts import Drafts
+from .letters import MAPPER, Letters
 from .publish import Cause, Publisher
 
 log = logging.getLogger("deployd.deploy")
@@ -50,11 +52,13 @@ class Deployer:
     # -- service lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Finish interrupted deployments, then bring every enabled flow back up."""
+        """Finish interrupted deployments, bring every enabled flow back up, resume owed
+        re-drives of dead letters, then catch up on versions registered but not deployed."""
         await self.runtime.start()
         self.publisher.recover()
         flows = [f for f in self.fs.flows() if f["enabled"] and f["active_version"]]
         await asyncio.gather(*(self.publisher.start_run(f["name"], initial=False) for f in flows))
+        self.publisher.resume_redrives()
         await self.catch_up()
 
     async def catch_up(self) -> None:
@@ -188,6 +192,72 @@ class Deployer:
                 return None
             return await self._publish_draft(name, Cause("resume"))
 
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def retry_errors(
+        self, name: str, step: str | None, ids: list[int] | None
+    ) -> dict[str, Any]:
+        """Put dead letters of `name` back at the end of their step's input queue, to be
+        handled by the flow's active version (running or stopped: stopped, they wait in the
+        queue). `ids` None: every letter (of `step`). Unknown names or ids change nothing."""
+        async with self.publisher.lock(name):  # the active version cannot change meanwhile
+            flow = self._known(name)
+            rows = Letters(self.store).choose(name, step, ids)
+            if not flow["active_version"]:
+                raise FlowError(f"flow {name} has never been published: no version can retry")
+            fv = self.fs.flow_version(name, flow["active_version"])
+            assert fv is not None
+            spec = self.drafts.runnable(name, fv["version"], fv["steps"])
+            actions = {s.id for s in spec.actions}
+            stray = sorted(
+                {str(r["step"]) for r in rows if str(r["step"]).removesuffix(MAPPER) not in actions}
+            )
+            if ids is not None and stray:
+                raise FlowError(
+                    f"dead letter(s) of step(s) {', '.join(stray)}, which v{spec.version} of "
+                    f"{name} does not have, cannot be retried; nothing was changed (discard "
+                    f"them: `deployd flow discard {name} --step STEP --all`)"
+                )
+            res = RetryResult()
+            if rows:
+                chosen = None if ids is None else [int(r["id"]) for r in rows]
+                res = await self.runtime.retry_dead_letters(spec, step, chosen)
+            out = {"flow": name, "version": spec.version, **res.as_json()}
+            if rows:
+                with self.store.tx():
+                    self.store.event(
+                        "errors.retried",
+                        f"{name}: {res.retried} dead letter(s) put back for v{spec.version}"
+                        + (f" (step {step})" if step else "")
+                        + (f"; {res.failed} failed their mapping again" if res.failed else "")
+                        + (
+                            f"; {len(res.skipped)} left (step not in v{spec.version})"
+                            if res.skipped
+                            else ""
+                        ),
+                        flow=name,
+                        detail={"step": step, "ids": ids, **out},
+                    )
+        return out
+
+    async def discard_errors(
+        self, name: str, step: str | None, ids: list[int] | None
+    ) -> dict[str, Any]:
+        """Delete dead letters of `name` (`ids` None: every one, of `step`); recorded."""
+        self._known(name)
+        rows = Letters(self.store).choose(name, step, ids)
+        with self.store.tx():
+            gone = DeadLetterStore(self.store).delete([int(r["id"]) for r in rows])
+            if gone:
+                self.store.event(
+                    "errors.discarded",
+                    f"{name}: {gone} dead letter(s) discarded"
+                    + (f" (step {step})" if step else ""),
+                    flow=name,
+                    detail={"step": step, "ids": ids, "discarded": gone},
+                )
+        return {"flow": name, "discarded": gone}
+
     def _known(self, name: str) -> Row:
         flow = self.fs.flow(name)
         if flow is None:
@@ -284,13 +354,15 @@ class Deployer:
         return len(self.publisher.runs)
 
     def update_gauges(self) -> None:
-        """Refresh the point-in-time metrics (queue depths, flows by state) before a scrape."""
+        """Refresh the point-in-time metrics (queue depths, dead letters, flows by state) before
+        a scrape."""
         depths = self.runtime.queue_depths()
         for flow_name, run in self.publisher.runs.items():  # an empty queue has no row: 0
             for action in run.spec.actions:
                 depths.setdefault((flow_name, action.id), 0)
         for (flow_name, step_id), depth in depths.items():
             self.metrics.set_queue_depth(flow_name, step_id, depth)
+        self.metrics.set_dead_letters(self.runtime.dead_letter_counts())
         states: dict[str, int] = {}
         for flow in self.fs.flows():
             state = self.flow_state(flow["name"], bool(flow["enabled"]))

@@ -10,6 +10,12 @@ Publishing a new version of a running flow, crash-only:
            `rollback_exits` times within `rollback_window` → deployment(rolled_back)
 A daemon killed at any line restarts into exactly one active version: `recover()` marks
 starting_new as failed (the old version is still active) and switching as done.
+
+Re-drive (flow key `retry_errors = "on_publish"`): once the rollback window of a publish has
+passed without a rollback and the version is still the active one, the dead letters of every
+step whose component version the publish changed, failed by another version of it, are put
+back once into the new version (`deployments.redriven` counts them). A letter that fails again
+was failed by the new version, so this publish never takes it again.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from ..config import Config
@@ -28,7 +35,8 @@ from ..errors import FlowError
 from ..metrics import Metrics
 from ..runtime.base import FlowRun, Runtime, StepFailed
 from ..store import FlowStore, Store
-from ..types import DeploymentResult, DeploymentState, FlowState, StepStatus
+from ..store.letters import DeadLetterStore
+from ..types import DeploymentResult, DeploymentState, FlowState, FlowVersionToRun, StepStatus
 from .drafts import Drafts
 
 log = logging.getLogger("deployd.deploy")
@@ -102,6 +110,38 @@ class Publisher:
                     f"deployment {dep['id']} of {dep['flow']} finished at start-up",
                     flow=dep["flow"],
                 )
+
+    def resume_redrives(self) -> None:
+        """At start-up: a re-drive a stopped daemon still owed (the last publish of a flow was
+        live, with `retry_errors = "on_publish"`, but its rollback window had not passed) runs
+        when what is left of the window has passed (at once if it has)."""
+        window = self.config.daemon.rollback_window
+        for name, dep in self.fs.last_deployments().items():
+            if (
+                dep["status"] != DeploymentState.DONE
+                or dep["from_version"] is None
+                or dep["redriven"] is not None
+                or dep["warmup_ms"] is None  # published while stopped: nothing was started
+                or dep["finished_at"] is None
+            ):
+                continue
+            flow = self.fs.flow(name)
+            fv = self.fs.flow_version(name, dep["to_version"])
+            if flow is None or fv is None or flow["active_version"] != dep["to_version"]:
+                continue
+            if (fv["spec"].get("retry_errors") or "manual") != "on_publish":
+                continue
+            try:
+                spec = self.drafts.runnable(name, fv["version"], fv["steps"])
+            except FlowError as exc:
+                log.warning("flow %s: no re-drive of its dead letters: %s", name, exc)
+                continue
+            since = datetime.now(UTC) - datetime.fromisoformat(dep["finished_at"])
+            switched_at = time.monotonic() - min(window, max(0.0, since.total_seconds()))
+            self.spawn(
+                self._redrive(name, dep["id"], spec, dep["from_version"], switched_at),
+                f"redrive:{name}",
+            )
 
     async def stop_all(self) -> None:
         """Daemon shutdown: every flow's steps stop (flows stay enabled for the next start)."""
@@ -293,6 +333,7 @@ class Publisher:
     ) -> None:
         exits = await self._crash_loops(new, switched_at)
         if exits is None:
+            await self._redrive(name, dep, new.spec, from_version, switched_at)
             return
         window = self.config.daemon.rollback_window
         async with self.lock(name):
@@ -335,6 +376,60 @@ class Publisher:
             self.metrics.deployment(name, DeploymentState.ROLLED_BACK)
             await self.runtime.switch(new, old, old_failing=True)
             self.runs[name] = old
+
+    # -- re-drive on publish ---------------------------------------------------------------
+
+    async def _redrive(
+        self, name: str, dep: int, spec: FlowVersionToRun, from_version: int, switched_at: float
+    ) -> None:
+        """After the rollback window of `spec`'s publish passed: with `retry_errors =
+        "on_publish"`, re-queue once into `spec` the dead letters of each step the publish
+        moved to another component version that another version of that step failed."""
+        version = spec.version
+        fv = self.fs.flow_version(name, version)
+        if fv is None or (fv["spec"].get("retry_errors") or "manual") != "on_publish":
+            return
+        # The window must have passed even when the run ended early (`flow stop`): a stopped
+        # flow's letters are re-queued all the same and wait for the next start.
+        remaining = switched_at + self.config.daemon.rollback_window - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+        async with self.lock(name):
+            flow = self.fs.flow(name)
+            if flow is None or flow["active_version"] != version:
+                return  # rolled back, or replaced by a later publish within the window
+            old = self.fs.flow_version(name, from_version)
+            before = {s["id"]: (s["component"], s["version"]) for s in (old or {}).get("steps", [])}
+            letters = DeadLetterStore(self.store)
+            redriven: dict[str, int] = {}
+            for step in spec.actions:
+                now = (step.component, step.version)
+                if before.get(step.id) == now:
+                    continue
+                ids = [
+                    int(r["id"])
+                    for r in letters.select(name, step.id, None)
+                    if (r["component"], r["component_version"]) != now
+                ]
+                if not ids:
+                    continue
+                res = await self.runtime.retry_dead_letters(spec, step.id, ids)
+                if res.retried + res.failed:
+                    redriven[step.id] = res.retried + res.failed
+            total = sum(redriven.values())
+            with self.store.tx():
+                self.fs.set_deployment(dep, redriven=total)
+                if total:
+                    self.store.event(
+                        "errors.redriven",
+                        f"{name}: {total} dead letter(s) re-driven into v{version} ("
+                        + ", ".join(f"{step} {n}" for step, n in redriven.items())
+                        + ")",
+                        flow=name,
+                        detail={"deployment": dep, "version": version, "steps": redriven},
+                    )
+        if total:
+            log.info("flow %s: %d dead letter(s) re-driven into v%s", name, total, version)
 
 
 def _json_dump(data: Any) -> str | None:

@@ -83,7 +83,7 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
     intake = WebhookIntake(
         current_config, store, pipeline.notify, metrics, lambda: not stopping.is_set()
     )
-    operator = Operator(config, store, paths, pauses, deployer, pipeline, repos.reconcile)
+    operator = Operator(config, store, paths, pauses, deployer, pipeline, repos.reconcile, metrics)
     lag = LagMonitor()
     metrics.track_build_queue(lambda: pipeline.queue_depth)
     metrics.track_loop_lag(lag.current)

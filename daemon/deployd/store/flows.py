@@ -12,11 +12,13 @@ from ..types import VersionRegistered
 from .db import Row, decode_json, utcnow
 from .queues import QueueStore
 
-# What a deployment row shows (`flow history --json`, `deploys --json`): the columns of m002.
-# `interrupted` (m005) is read only by `deployed_version`.
+# What a deployment row shows (`flow history --json`, `deploys --json`): the columns of m002,
+# and `redriven` (m006: dead letters re-driven into the new version after its rollback window,
+# with `retry_errors = "on_publish"`; null when none were tried). `interrupted` (m005) is read
+# only by `deployed_version`.
 _DEPLOYMENT = (
     "id, flow, from_version, to_version, trigger, component, component_version, sha, status,"
-    " reason, log_tail, warmup_ms, gap_ms, started_at, finished_at"
+    " reason, log_tail, warmup_ms, gap_ms, started_at, finished_at, redriven"
 )
 
 
