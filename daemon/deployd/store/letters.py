@@ -108,13 +108,15 @@ class DeadLetterStore:
         self.delete([int(letter["id"]) for letter in letters])
         return len(rows)
 
-    def failed_again(self, failures: Sequence[tuple[int, str]]) -> None:
-        """Letters whose retry failed before reaching a queue (their mapping): one attempt
-        more, the new error (call inside a transaction)."""
+    def failed_again(self, failures: Sequence[tuple[str, int, int, int]]) -> None:
+        """Letters whose retry failed before reaching a queue (their mapping), as (error, flow
+        version, component version, id): one attempt more, the new error and the versions
+        that failed it (call inside a transaction)."""
+        now = utcnow()
         self.conn.executemany(
-            "UPDATE dead_letters SET attempts = attempts + 1, error = ?, created_at = ?"
-            " WHERE id = ?",
-            [(error, utcnow(), i) for i, error in failures],
+            "UPDATE dead_letters SET attempts = attempts + 1, error = ?, flow_version = ?,"
+            " component_version = ?, created_at = ? WHERE id = ?",
+            [(error, fv, cv, now, i) for error, fv, cv, i in failures],
         )
 
     def delete(self, ids: Sequence[int]) -> int:

@@ -149,7 +149,7 @@ class EmbeddedRuntime:
                 try:
                     body = json.dumps(mapper.apply(target.mapping, json.loads(body)))
                 except FlowError as exc:
-                    again.append((int(letter["id"]), str(exc)))
+                    again.append((str(exc), spec.version, target.version, int(letter["id"])))
                     continue
             back.append(letter)
             bodies.append(body)
