@@ -344,8 +344,16 @@ class FlowRunner:
             )
             waiter.cancel()
             stopper.cancel()
+            self._account(step_id)  # the counter grows while it is held, not only after
         self._release(step_id)
         return not stop.is_set()
+
+    def _account(self, step_id: str) -> None:
+        since = self.held_since.get(step_id)
+        if since is not None:
+            now = time.monotonic()
+            self.router.metrics.backpressure(self.flow, step_id, now - since)
+            self.held_since[step_id] = now
 
     def _release(self, step_id: str) -> None:
         since = self.held_since.get(step_id)
