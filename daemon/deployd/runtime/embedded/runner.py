@@ -321,6 +321,14 @@ class FlowRunner:
         held = self.held_since.get(self.steps[index].id) is not None
         return depth >= (low_water(limit) if held else limit)
 
+    def _space(self, index: int, inflight: int) -> int:
+        """How many more messages step `index` may be given before the next step's queue (with
+        one output per message in flight) reaches its limit."""
+        if index + 1 >= len(self.steps):
+            return 1 << 30
+        nxt = self.steps[index + 1]
+        return self.max_queue(index + 1) - self.router.depth(self.flow, nxt.id) - inflight
+
     async def _room_for(self, index: int, inflight: int, stop: asyncio.Event) -> bool:
         """Wait until step `index` may be given its next call or message (backpressure);
         False once stopped. Only waits with nothing in flight (else it says so at once)."""
@@ -437,7 +445,8 @@ class FlowRunner:
                 if not inflight:  # only then may it be a new process (after a restart)
                     proc = await self._live_proc(step.id, stop)
                 if proc is not None and proc is self.procs.get(step.id):
-                    cursor = await self._hand(proc, step.id, cursor, ahead, inflight)
+                    room = min(ahead, len(inflight) + self._space(index, len(inflight)))
+                    cursor = await self._hand(proc, step.id, cursor, room, inflight)
             if not inflight:
                 if not stop.is_set() and self.held_since.get(step.id) is None:
                     await self._wait_for_work(wake, stop, step.id)
