@@ -365,7 +365,8 @@ def measure_windows(
     time.sleep(WARM_S)  # the measurement itself: the flow runs at its own pace meanwhile
     if meter is not None:
         meter.start()
-    windows, depths = [], []
+    windows: list[tuple[float, float]] = []
+    depths: list[int] = []
     for _ in range(WINDOWS):
         if queued is not None and not depths:
             depths.append(queued())
