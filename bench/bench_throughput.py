@@ -41,7 +41,7 @@ growth of the queues) and `queued_at_end` show it.
    was written, for the in-flight bound). Measured the same way as 1 (after deployd's daemon
    has stopped); the ratios deployd / Node-RED are reported.
 
-BENCH_SHORT=1 makes every phase shorter (~1.5 min in all instead of ~4.5).
+BENCH_SHORT=1 makes every phase shorter (~1.6 min in all instead of ~3.5).
 """
 
 from __future__ import annotations
