@@ -28,6 +28,7 @@ MODULES = [
     "bench_compare",
     "bench_service",
     "bench_scale",
+    "bench_throughput",
 ]
 
 
