@@ -76,6 +76,13 @@ class StepKind(StrEnum):
     MAPPER = "mapper"
 
 
+# Messages a step process may be handed ahead of the one it handles (the step key `prefetch`).
+# Chosen by measurement (docs/benchmarks.md, issue 11): 16 → 5-7k msg/s, 128 → 8-11k,
+# 256 → 11-14k through trigger → pass → sink. The in-flight *work* stays bounded whatever the
+# value: a step is handed at most what it does in 5 ms at its pace (runner.AHEAD_BUDGET).
+DEFAULT_PREFETCH = 256
+
+
 @dataclass(frozen=True)
 class RunStep:
     """One step of a flow version, resolved to the code it runs: what a runtime starts.
@@ -95,7 +102,7 @@ class RunStep:
     config: Mapping[str, Any] = field(default_factory=dict)
     mapping: str | None = None
     interval: float = 1.0
-    prefetch: int = 16  # messages a step process may be handed ahead of the one it handles
+    prefetch: int = DEFAULT_PREFETCH  # messages a step process may be handed ahead
     max_queue: int | None = None  # its input queue's limit (None: daemon.max_queue)
 
 

@@ -15,7 +15,7 @@ from ..config import Config
 from ..errors import FlowError
 from ..store import Store
 from ..toolchains import node as nodetool
-from ..types import FlowVersionToRun, RunStep, StepKind
+from ..types import DEFAULT_PREFETCH, FlowVersionToRun, RunStep, StepKind
 from . import model
 
 
@@ -119,7 +119,7 @@ class Drafts:
                     config=s.get("config") or {},
                     mapping=s.get("mapping"),
                     interval=float(s.get("interval", 1.0)),
-                    prefetch=int(s.get("prefetch") or 16),
+                    prefetch=int(s.get("prefetch") or DEFAULT_PREFETCH),
                     max_queue=s.get("max_queue"),
                 )
             )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import NAME_RE, Duration
 from ..errors import FlowError, key_path
+from ..types import DEFAULT_PREFETCH
 
 STEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")  # as in component.json
@@ -33,7 +34,7 @@ class StepSpec(BaseModel):
     version: int | None = Field(default=None, ge=1)
     # The message path: messages handed to the step process ahead of the one it handles,
     # and the limit of the step's input queue (default: daemon.max_queue).
-    prefetch: int = Field(default=16, ge=1, le=1000)
+    prefetch: int = Field(default=DEFAULT_PREFETCH, ge=1, le=10000)
     max_queue: int | None = Field(default=None, ge=1, le=10_000_000)
 
     @field_validator("id")
@@ -160,7 +161,7 @@ class Step(BaseModel):
     interval: float = 1.0
     config: dict[str, Any] = Field(default_factory=dict)
     mapping: str | None = None
-    prefetch: int = 16
+    prefetch: int = DEFAULT_PREFETCH
     max_queue: int | None = None
 
 

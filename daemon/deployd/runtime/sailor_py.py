@@ -25,6 +25,7 @@ from typing import Any
 from .protocol import decode, encode
 
 READ_CHUNK = 256 * 1024
+PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # Output is sent when reading would block, or once this much is buffered, or this old (a slow
 # step's results must not wait for the messages handed to it ahead).
 FLUSH_AT = 64 * 1024
@@ -100,11 +101,12 @@ class LineReader:
         self.sock = sock
         self.buf = bytearray()
         self.pos = 0
+        self.read_at = 0.0
 
     def _closed(self) -> bool:
         """Whether the daemon closed its end (its results would not be committed)."""
         try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return self.sock.recv(1, PEEK) == b""
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -117,8 +119,10 @@ class LineReader:
         while True:
             end = self.buf.find(b"\n", self.pos)
             if end >= 0:
-                if self.pos and self._closed():
-                    return b""  # the daemon is gone: what it sent ahead is not handled
+                if self.pos and time.monotonic() - self.read_at > 0.001 and self._closed():
+                    # The daemon is gone: what it sent ahead is not handled (checked once a
+                    # millisecond: the work it may hand ahead is a few milliseconds at most).
+                    return b""
                 line = bytes(self.buf[self.pos : end + 1])
                 self.pos = end + 1
                 if self.pos > 65536 and self.pos * 2 > len(self.buf):
@@ -129,6 +133,7 @@ class LineReader:
             if not chunk:
                 return b""
             self.buf += chunk
+            self.read_at = time.monotonic()
 
 
 class Sailor:

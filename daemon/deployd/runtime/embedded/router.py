@@ -124,6 +124,32 @@ class Router:
         flow = spec.flow
         step = spec.steps[index]
         key = (flow, step.id)
+        if row is not None and not res.errors and res.rebound is None:
+            nxt = spec.steps[index + 1] if index + 1 < len(spec.steps) else None
+            if nxt is None or not nxt.mapping:  # the common case, kept short
+                if self._handle is None:
+                    self._schedule()
+                batch = self._batch
+                if nxt is not None and res.outputs:
+                    new_id, enqueue, nid = self._new_id, batch.enqueue.append, nxt.id
+                    for body, headers in res.outputs:
+                        enqueue(
+                            (
+                                flow,
+                                nid,
+                                new_id(),
+                                body if isinstance(body, str) else dumps(body),
+                                dumps(headers) if headers else "{}",
+                                0,
+                            )
+                        )
+                    self._added[(flow, nid)] += len(res.outputs)
+                if res.snapshot is not None:
+                    batch.snapshots[key] = res.snapshot
+                batch.delete.append(row.id)
+                self._removed[key] += 1
+                self._processed[key] += 1
+                return None
         if row is None and not res.outputs and res.snapshot is None and not res.errors:
             # A trigger call that produced nothing: there is nothing to make durable, and an
             # idle flow should not write to the database several times a second.
@@ -167,7 +193,6 @@ class Router:
             self._removed[key] += 1
             if error is not None:
                 self._dead_letter(spec, index, row, res, error)
-        batch.count(flow, step.id, error is not None, error)
         self._processed[key] += 1
         if error is not None:
             self._failed[key] += 1
@@ -223,7 +248,6 @@ class Router:
                 "[]",
             )
         )
-        self._batch.count(spec.flow, mapper_id, True, error)
         self._failed[(spec.flow, mapper_id)] += 1
         self._errors.append((spec.flow, mapper_id, error))
 
@@ -246,6 +270,10 @@ class Router:
         processed, self._processed = self._processed, defaultdict(int)
         failed, self._failed = self._failed, defaultdict(int)
         errors, self._errors = self._errors, []
+        for key in processed.keys() | failed.keys():  # the step counters, a row per step
+            batch.stats[key] = [processed.get(key, 0), failed.get(key, 0), None]
+        for flow, step, error in errors:
+            batch.stats[(flow, step)][2] = error
         if not batch:
             return
         try:

@@ -31,6 +31,7 @@ BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 IDLE_POLL = 5.0  # an idle action loop's safety-net wake-up (seconds)
+FETCH_CHUNK = 64  # queue rows read at once by a busy action loop
 AHEAD_BUDGET = 0.005  # seconds of a step's work handed to it ahead (see _action_loop)
 MAX_EXITS_KEPT = 100
 
@@ -416,7 +417,8 @@ class FlowRunner:
         # a time, so a stop or switch waits for one message and a kill repeats at most one.
         ahead = 1
         pace: float | None = None  # seconds of work per message, smoothed
-        cursor = 0  # row id of the newest message in flight (0: read from the start)
+        cursor = 0  # row id of the newest message read (0: read from the start)
+        fetched: collections.deque[Queued] = collections.deque()  # read, not handed yet
         # When the earliest message deferred by a rebound is due (None: there is none).
         due = self.flows.next_due(self.flow, step.id, after=time.time())
         generation = self.router.generation
@@ -432,6 +434,7 @@ class FlowRunner:
                     return
                 self.router.flush()  # what was handled has left the queue
                 cursor = 0
+                fetched.clear()
                 if draining:
                     generation = self.router.generation
                     due = self.flows.next_due(self.flow, step.id, after=time.time())
@@ -446,14 +449,20 @@ class FlowRunner:
                     proc = await self._live_proc(step.id, stop)
                 if proc is not None and proc is self.procs.get(step.id):
                     room = min(ahead, len(inflight) + self._space(index, len(inflight)))
-                    cursor = await self._hand(proc, step.id, cursor, room, inflight)
+                    cursor = await self._hand(proc, step.id, cursor, room, inflight, fetched)
             if not inflight:
                 if not stop.is_set() and self.held_since.get(step.id) is None:
                     await self._wait_for_work(wake, stop, step.id)
                 continue
-            row, fut = inflight[0]
             try:
-                res = await fut
+                await inflight[0][1]  # the oldest; then every one done with it, in order
+                while inflight and inflight[0][1].done():
+                    row, fut = inflight.popleft()
+                    res = fut.result()
+                    pace = res.took if pace is None else pace * 0.8 + res.took * 0.2
+                    again = self.router.commit(self.spec, index, res, row)
+                    if again is not None:
+                        due = again if due is None else min(due, again)
             except StepDied:
                 for _row, other in inflight:
                     forget(other)  # each stays queued and is delivered again
@@ -461,30 +470,35 @@ class FlowRunner:
                 if proc is not None:
                     await self._gone(proc)
                 continue
-            inflight.popleft()
-            pace = res.took if pace is None else pace * 0.8 + res.took * 0.2
-            ahead = max(1, min(prefetch, int(AHEAD_BUDGET / max(pace, 1e-6))))
-            again = self.router.commit(self.spec, index, res, row)
-            if again is not None:
-                due = again if due is None else min(due, again)
+            if pace is not None:
+                ahead = max(1, min(prefetch, int(AHEAD_BUDGET / max(pace, 1e-6))))
 
     async def _hand(
         self,
         proc: StepProcess,
         step_id: str,
         cursor: int,
-        prefetch: int,
+        target: int,
         inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]],
+        fetched: collections.deque[Queued],
     ) -> int:
-        """Send `proc` the next messages after row `cursor` until `prefetch` are in flight;
-        the new cursor."""
-        rows = self.flows.fetch(self.flow, step_id, cursor, prefetch - len(inflight))
-        if not rows:
+        """Send `proc` the next messages until `target` are in flight, reading the queue after
+        row `cursor` in chunks (`fetched` keeps what was read ahead); the new cursor."""
+        want = target - len(inflight)
+        if want <= 0:
+            return cursor
+        if len(fetched) < want:
+            rows = self.flows.fetch(self.flow, step_id, cursor, max(want, FETCH_CHUNK))
+            if rows:
+                fetched.extend(rows)
+                cursor = rows[-1].id
+        if not fetched:
             return cursor
         snapshot = self.router.snapshot(self.flow, step_id)
         sent = len(inflight)
         try:
-            for row in rows:
+            for _ in range(min(want, len(fetched))):
+                row = fetched.popleft()
                 inflight.append((row, proc.submit_msg(row, snapshot)))
             await proc.drain()
         except StepDied:
@@ -492,8 +506,7 @@ class FlowRunner:
             # flight, wait until the exit is handled (retrying at once would spin).
             if len(inflight) == sent:
                 await self._gone(proc)
-                return cursor
-        return inflight[-1][0].id if inflight else cursor
+        return cursor
 
     async def _wait_for_work(self, wake: asyncio.Event, stop: asyncio.Event, step_id: str) -> None:
         wake.clear()
