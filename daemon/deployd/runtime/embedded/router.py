@@ -93,12 +93,14 @@ class Router:
         return self._room[(flow, step)]
 
     def depth(self, flow: str, step: str) -> int:
-        """Messages in the queue of `step` as last committed (the one being handled counts)."""
+        """Messages in the queue of `step`, the pending group commit included (the one being
+        handled counts)."""
         key = (flow, step)
         depth = self._depth.get(key)
         if depth is None:
             depth = self._depth[key] = self.flows.queue_depths(flow).get(key, 0)
-        return depth
+        # with what the pending group commit adds and removes
+        return depth + self._added.get(key, 0) - self._removed.get(key, 0)
 
     def forget_depths(self, flow: str) -> None:
         """Queues of `flow` were changed outside the router (moved, retried, requeued)."""
