@@ -36,6 +36,7 @@ from deployd.runtime.base import FlowRun, Runtime, StepFailed
 from deployd.runtime.factory import create_runtime
 from deployd.store import Store
 from deployd.types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState
+from tests.conftest import db_rows
 from tests.flows.conftest import read_out
 
 FLOW = "contract"
@@ -198,6 +199,8 @@ class Contract:
         *,
         interval: float = 0.02,
         mapping: str | None = None,
+        max_queue: int | None = None,
+        prefetch: int = 16,
         **config: Any,
     ) -> RunStep:
         """A step running `code` (with PRELUDE) from a new component version folder."""
@@ -217,6 +220,8 @@ class Contract:
             config={k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
             mapping=mapping,
             interval=interval,
+            max_queue=max_queue,
+            prefetch=prefetch,
         )
 
     def trigger(self, tag: str = "v1", interval: float = 0.02, **config: Any) -> RunStep:
@@ -657,6 +662,515 @@ def test_switch_away_from_a_failing_version(contract: Contract) -> None:
             assert_contiguous(rows)  # message 1, which crashed v1 each time, included
             assert {r["by"] for r in rows} == {"v2"}
             assert all_in(good, StepState.RUNNING), good.status()
+
+    scenario(main())
+
+
+# -- 9. dead letters ------------------------------------------------------------------------
+
+# An action that fails some messages: raises for n % fail_every == 0 (from a helper, so the
+# traceback has two frames), emits one output then an `error` event for n in `error_on`,
+# asks for every n in `rebound_on` to be delivered again later; passes the rest on with the
+# id of the message it came from. Records every delivery in `attempts`.
+FLAKY = """\
+def _check(n, every):
+    if every and n % every == 0:
+        raise ValueError(f"marker-FAIL {n} by {TAG}")
+
+
+def _ns(value):
+    return [int(x) for x in str(value or "").split(",") if x]
+
+
+def process(msg, cfg, snapshot, ctx):
+    body = msg["body"]
+    n = int(body["n"])
+    if cfg.get("attempts"):
+        with open(cfg["attempts"], "a") as fh:
+            fh.write(json.dumps(n) + "\\n")
+    _check(n, int(cfg.get("fail_every") or 0))
+    out = {**body, "work": TAG, "src": msg["id"]}
+    if n in _ns(cfg.get("error_on")):
+        ctx.emit("data", {**out, "partial": True})
+        ctx.emit("error", f"marker-ERR {n} by {TAG}")
+        return None
+    if n in _ns(cfg.get("rebound_on")):
+        ctx.emit("rebound", f"marker-REBOUND {n}")
+        return None
+    return out
+"""
+
+# Emits `burst` messages per call (n counted in its snapshot) until cfg["limit"] (if any),
+# recording what it emitted in cfg["emitted"]: a trigger as fast as a burst of events.
+BURSTY = """\
+def process(msg, cfg, snapshot, ctx):
+    n = snapshot.get("n", 0)
+    burst = int(cfg.get("burst") or 1)
+    if cfg.get("limit") is not None:
+        burst = min(burst, int(cfg["limit"]) - n)
+    if burst <= 0:
+        return None
+    out = [{"n": n + i, "trigger": TAG} for i in range(1, burst + 1)]
+    ctx.emit("snapshot", {"n": n + burst})
+    if cfg.get("emitted"):
+        with open(cfg["emitted"], "a") as fh:
+            fh.write("".join(f"{m['n']}\\n" for m in out))
+    return out
+"""
+
+
+def dead_letters(contract: Contract) -> list[dict[str, Any]]:
+    """The flow's dead letters, oldest first, as the state database holds them.
+
+    The one place this suite looks past the interface: every runtime keeps its dead letters
+    in the state database (`runtime/base.py`), so the look is the same for all of them. It
+    opens the file read-only, from outside the runtime."""
+    if not Paths(contract.state).db.exists():
+        return []
+    rows = db_rows(contract.state, "SELECT * FROM dead_letters WHERE flow = ? ORDER BY id", FLOW)
+    for row in rows:
+        for column in ("body", "headers", "emitted"):
+            row[column] = json.loads(row[column])
+    return rows
+
+
+def letters_by_n(contract: Contract) -> dict[int, dict[str, Any]]:
+    letters = dead_letters(contract)
+    by_n = {int(r["body"]["n"]): r for r in letters}
+    assert len(by_n) == len(letters), f"a message is a dead letter twice: {letters}"
+    return by_n
+
+
+def counts(s: Session) -> dict[tuple[str, str], int]:
+    """`dead_letter_counts()` of this suite's flow, zero counts left out."""
+    return {k: n for k, n in s.rt.dead_letter_counts().items() if k[0] == FLOW and n}
+
+
+def test_failed_messages_become_dead_letters_and_the_rest_flow_on(contract: Contract) -> None:
+    """A step that raises for some messages and emits an error event for another: each of
+    those leaves its queue as a dead letter (its input, the error's first line, a blank line
+    and the traceback, attempts 1, the versions that failed it, what it emitted before
+    failing — still delivered); every other message flows on, in order."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+            work = contract.step(
+                "work",
+                StepKind.ACTION,
+                FLAKY,
+                fail_every=3,
+                error_on="4",
+                attempts=contract.attempts,
+            )
+            sink = contract.sink()
+            spec = contract.spec(7, contract.trigger(limit=12), work, sink)
+            await s.start(spec)
+            await until(lambda: len(contract.tried()) >= 12, "every message tried by work")
+            await until(lambda: len(dead_letters(contract)) >= 5, "five dead letters")
+            await until(lambda: s.depth("work") == 0 and s.depth("sink") == 0, "queues empty")
+            await until(lambda: len(contract.rows()) >= 8, "the other messages handled")
+
+            rows = contract.rows()
+            assert ns(rows) == [1, 2, 4, 5, 7, 8, 10, 11], rows  # in order, none twice
+            assert [r["n"] for r in rows if r.get("partial")] == [4]
+            assert sorted(contract.tried()) == list(range(1, 13))  # each delivered once
+
+            by_n = letters_by_n(contract)
+            assert sorted(by_n) == [3, 4, 6, 9, 12]
+            for n, letter in by_n.items():
+                assert letter["step"] == "work"
+                assert letter["body"] == {"n": n, "trigger": "v1"}  # the input, as it came
+                assert letter["headers"] == {}
+                assert letter["msg_id"]
+                assert letter["attempts"] == 1
+                assert letter["flow_version"] == 7
+                assert (letter["component"], letter["component_version"]) == (
+                    work.component,
+                    work.version,
+                )
+                assert letter["created_at"]
+            for n in (3, 6, 9, 12):
+                error = by_n[n]["error"]
+                lines = error.splitlines()
+                assert lines[0] == f"ValueError: marker-FAIL {n} by v1", error
+                assert lines[1] == "", error  # the first line, a blank line, the traceback
+                assert "Traceback (most recent call last)" in error
+                assert "in process" in error and "in _check" in error
+                assert "main.py" in error
+                assert by_n[n]["emitted"] == []
+            # An error event: its text, no traceback; what was emitted first is delivered and
+            # recorded with the letter.
+            assert by_n[4]["error"].splitlines()[0] == "marker-ERR 4 by v1"
+            [partial] = by_n[4]["emitted"]
+            assert partial["body"]["partial"] is True and partial["body"]["n"] == 4
+            assert partial["body"]["src"] == by_n[4]["msg_id"]
+            assert counts(s) == {(FLOW, "work"): 5}
+
+    scenario(main())
+
+
+def test_retried_dead_letters_are_handled_by_the_fixed_version_once(contract: Contract) -> None:
+    """retry_dead_letters: into a version that still fails, the letter comes back with
+    attempts 2 (same message id); into a spec without the step, letters are skipped; into a
+    version that no longer fails, each is handled once, by it, with its message id, nothing
+    else is handled again, and the letters are gone."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+
+            def version(number: int, tag: str, fail_every: int) -> FlowVersionToRun:
+                return contract.spec(
+                    number,
+                    contract.trigger(tag, limit=12),
+                    contract.step("work", StepKind.ACTION, FLAKY, tag, fail_every=fail_every),
+                    contract.sink(tag),
+                )
+
+            v1 = await s.start(version(1, "v1", 3))
+            await until(lambda: len(dead_letters(contract)) >= 4, "four dead letters")
+            await until(lambda: len(contract.rows()) >= 8, "the other eight handled")
+            first = letters_by_n(contract)
+            assert sorted(first) == [3, 6, 9, 12]
+            assert {r["attempts"] for r in first.values()} == {1}
+
+            # A step the spec does not have: nothing moves.
+            other = contract.spec(9, contract.trigger("v9"), contract.sink("v9"))
+            skipped = await s.rt.retry_dead_letters(other, None, None)
+            assert (skipped.retried, skipped.failed) == (0, 0)
+            assert sorted(skipped.skipped) == sorted(r["id"] for r in first.values())
+            assert letters_by_n(contract) == first
+
+            # Into the version that still fails it: back, with one attempt more.
+            again = await s.rt.retry_dead_letters(v1.spec, "work", [first[3]["id"]])
+            assert (again.retried, again.failed, again.skipped) == (1, 0, [])
+
+            def failed_twice() -> dict[str, Any] | None:
+                letter = letters_by_n(contract).get(3)
+                return letter if letter is not None and letter["attempts"] == 2 else None
+
+            twice = await until(failed_twice, "message 3 failed again")
+            assert twice["msg_id"] == first[3]["msg_id"]
+            assert twice["error"].splitlines()[0] == "ValueError: marker-FAIL 3 by v1"
+            assert {n: r["attempts"] for n, r in letters_by_n(contract).items()} == {
+                3: 2,
+                6: 1,
+                9: 1,
+                12: 1,
+            }
+            assert counts(s) == {(FLOW, "work"): 4}
+
+            # The fixed version: each letter handled once, by it.
+            v2 = await s.warm_up(version(2, "v2", 0))
+            await s.rt.switch(v1, v2)
+            done = await s.rt.retry_dead_letters(v2.spec, "work", None)
+            assert (done.retried, done.failed, done.skipped) == (4, 0, [])
+            await until(lambda: len(contract.rows()) >= 12, "the retried messages handled")
+            await until(lambda: not dead_letters(contract), "no dead letter left")
+            await until(lambda: s.depth("work") == 0 and s.depth("sink") == 0, "queues empty")
+            rows = contract.rows()
+            assert sorted(ns(rows)) == list(range(1, 13)), rows  # nothing twice downstream
+            retried = {r["n"]: r for r in rows if r["n"] % 3 == 0}
+            assert {r["work"] for r in retried.values()} == {"v2"}
+            assert {n: r["src"] for n, r in retried.items()} == {
+                n: first[n]["msg_id"] for n in (3, 6, 9, 12)
+            }
+            assert all(r["work"] == "v1" for r in rows if r["n"] % 3)
+            assert counts(s) == {}
+            nothing = await s.rt.retry_dead_letters(v2.spec, None, None)
+            assert (nothing.retried, nothing.failed, nothing.skipped) == (0, 0, [])
+
+    scenario(main())
+
+
+def test_a_failed_mapping_is_a_dead_letter_of_the_mapper_step(contract: Contract) -> None:
+    """An output that fails the next step's mapping: a letter of "ID:mapper" holding the output
+    as it was before the mapping; a retry through a mapping that still fails keeps it (one
+    attempt more); through a fixed mapping it is mapped and handled once."""
+    failing = (
+        'n % 3 = 0 ? $error("marker-MAP " & $string(n))'
+        ' : {"n": n, "trigger": trigger, "mapped": "m1"}'
+    )
+    fixed = '{"n": n, "trigger": trigger, "mapped": "m2"}'
+
+    async def main() -> None:
+        async with contract.session() as s:
+            v1 = await s.start(
+                contract.spec(1, contract.trigger(limit=9), contract.sink(mapping=failing))
+            )
+            await until(lambda: len(dead_letters(contract)) >= 3, "three dead letters")
+            await until(lambda: len(contract.rows()) >= 6, "the other six handled")
+            rows = contract.rows()
+            assert ns(rows) == [1, 2, 4, 5, 7, 8]
+            assert {r["mapped"] for r in rows} == {"m1"}
+            by_n = letters_by_n(contract)
+            assert sorted(by_n) == [3, 6, 9]
+            for n, letter in by_n.items():
+                assert letter["step"] == "sink:mapper"
+                assert letter["body"] == {"n": n, "trigger": "v1"}  # before the mapping
+                assert f"marker-MAP {n}" in letter["error"].splitlines()[0]
+                assert letter["attempts"] == 1
+                assert letter["flow_version"] == 1
+            assert counts(s) == {(FLOW, "sink:mapper"): 3}
+
+            again = await s.rt.retry_dead_letters(v1.spec, "sink", None)
+            assert (again.retried, again.failed, again.skipped) == (0, 3, [])
+            assert {n: r["attempts"] for n, r in letters_by_n(contract).items()} == {
+                3: 2,
+                6: 2,
+                9: 2,
+            }
+
+            v2 = await s.warm_up(
+                contract.spec(
+                    2, contract.trigger("v2", limit=9), contract.sink("v2", mapping=fixed)
+                )
+            )
+            await s.rt.switch(v1, v2)
+            done = await s.rt.retry_dead_letters(v2.spec, "sink", None)
+            assert (done.retried, done.failed, done.skipped) == (3, 0, [])
+            await until(lambda: len(contract.rows()) >= 9, "the retried outputs handled")
+            await until(lambda: not dead_letters(contract), "no dead letter left")
+            rows = contract.rows()
+            assert sorted(ns(rows)) == list(range(1, 10)), rows
+            assert {r["n"]: r["mapped"] for r in rows if r["n"] % 3 == 0} == {
+                3: "m2",
+                6: "m2",
+                9: "m2",
+            }
+            assert counts(s) == {}
+
+    scenario(main())
+
+
+# The rebound back-off (1 s doubling, 60 s at most: about 4 minutes for 10 tries) has no
+# setting, so each runtime names how this suite shortens it: a clock that runs faster.
+REBOUND_SPEEDUP = 100.0
+
+
+def _fast_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded runtime runs in this process and times rebounds by `time.time()` (which
+    nothing else in it reads, bar log retention): make that clock run REBOUND_SPEEDUP times
+    faster. The event loop keeps its own monotonic clock."""
+    mono, start = time.monotonic, time.time()
+    origin = mono()
+    monkeypatch.setattr(time, "time", lambda: start + (mono() - origin) * REBOUND_SPEEDUP)
+
+
+FAST_REBOUNDS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {"embedded": _fast_wall_clock}
+
+
+def test_the_rebound_limit_makes_a_dead_letter(
+    contract: Contract, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message the step asks to have delivered again every time: after REBOUND_LIMIT (10)
+    tries it is a dead letter naming the rebounds; the messages after it flow on."""
+    FAST_REBOUNDS[contract.name](monkeypatch)
+
+    async def main() -> None:
+        async with contract.session() as s:
+            work = contract.step(
+                "work", StepKind.ACTION, FLAKY, rebound_on="2", attempts=contract.attempts
+            )
+            # An endless trigger: its messages keep the step busy while message 2 waits.
+            await s.start(contract.spec(1, contract.trigger(interval=0.02), work, contract.sink()))
+            [letter] = await until(
+                lambda: dead_letters(contract), "message 2 dead-lettered", timeout=60
+            )
+            assert letter["step"] == "work"
+            assert letter["body"] == {"n": 2, "trigger": "v1"}
+            assert "rebound" in letter["error"].splitlines()[0]
+            assert "marker-REBOUND 2" in letter["error"]
+            assert contract.tried().count(2) == 10  # README: "after 10 tries it is an error"
+            assert counts(s) == {(FLOW, "work"): 1}
+            rows = contract.rows()
+            assert 2 not in ns(rows)
+            assert ns(rows) == sorted(ns(rows))
+            assert ns(rows) == [1, *range(3, len(rows) + 2)], rows  # nothing else lost
+
+    scenario(main())
+
+
+# -- 10. backpressure -----------------------------------------------------------------------
+
+LIMIT = 50  # the small max_queue of the backpressure cases
+BURST = 5  # messages per trigger call
+
+
+class DepthSampler:
+    """Samples queue depths every few milliseconds while the scenario runs (the maximum seen
+    per step, and how many samples were taken)."""
+
+    def __init__(self, s: Session, *steps: str) -> None:
+        self.s = s
+        self.steps = steps
+        self.max = dict.fromkeys(steps, 0)
+        self.samples = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> DepthSampler:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            depths = self.s.rt.queue_depths()
+            for step in self.steps:
+                self.max[step] = max(self.max[step], depths.get((FLOW, step), 0))
+            self.samples += 1
+            await asyncio.sleep(0.003)
+
+    async def more(self, n: int, what: str) -> None:
+        """Wait until `n` more samples were taken (an observation window, bounded)."""
+        target = self.samples + n
+        await until(lambda: self.samples >= target, what)
+
+
+def emitted(contract: Contract) -> list[int]:
+    path = contract.tmp / "emitted"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def burst_trigger(contract: Contract, tag: str = "v1", **config: Any) -> RunStep:
+    config.setdefault("burst", BURST)
+    config.setdefault("emitted", contract.tmp / "emitted")
+    return contract.step("tick", StepKind.TRIGGER, BURSTY, tag, interval=0.002, **config)
+
+
+def held(run: FlowRun, step: str) -> bool:
+    return bool(real_steps(run)[step].backpressure)
+
+
+def test_a_full_queue_holds_the_trigger_back_until_it_drains(contract: Contract) -> None:
+    """A trigger emitting 5 messages every 2 ms into a sink's queue limited to 50: while the
+    sink is held the queue never exceeds the limit plus one call's output, the trigger makes
+    no call and shows backpressure; once the sink drains the queue it resumes; all 300 are
+    handled once, in order."""
+    total = 300
+
+    async def main() -> None:
+        async with contract.session() as s:
+            contract.hold.touch()
+            sink = contract.sink(hold=contract.hold, delay=0.003, max_queue=LIMIT)
+            run = await s.start(contract.spec(1, burst_trigger(contract, limit=total), sink))
+            with DepthSampler(s, "sink") as sampler:
+                await until(lambda: held(run, "tick"), "the trigger held back")
+                assert LIMIT <= s.depth("sink") <= LIMIT + BURST
+                calls = len(emitted(contract))
+                await sampler.more(100, "an observation window while held")
+                assert held(run, "tick")
+                assert len(emitted(contract)) == calls, "no call while held back"
+                assert calls <= LIMIT + BURST
+                assert not held(run, "sink")  # the last step feeds no queue
+
+                contract.hold.unlink()
+                await until(lambda: len(emitted(contract)) > calls, "the trigger resumed")
+                await until(lambda: len(contract.rows()) >= total, "every message handled")
+                await until(lambda: not held(run, "tick"), "backpressure released")
+                await until(lambda: s.depth("sink") == 0, "the queue drained")
+            assert sampler.max["sink"] <= LIMIT + BURST, sampler.max
+            assert sampler.max["sink"] >= LIMIT
+            rows = contract.rows()
+            assert_contiguous(rows)
+            assert len(rows) == total
+
+    scenario(main())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="backpressure under-counts for an action producer: runner._action_loop checks"
+    " depth(next) + len(inflight) < max_queue, then _hand() sends prefetch - len(inflight)"
+    " more messages (not capped at the room left), and router.depth() leaves out the outputs"
+    " already in the pending group commit; the sink's queue reaches 53-65 for max_queue 50",
+)
+def test_a_full_queue_holds_an_action_back_and_the_hold_reaches_the_trigger(
+    contract: Contract,
+) -> None:
+    """trigger → work (pass-through) → sink, both queues limited to 50, the sink held: the
+    sink's queue stays within its limit plus one message's output of work, work shows
+    backpressure, then its own queue fills and the trigger is held too; after the release
+    everything is handled once, in order."""
+    total, burst = 600, 20  # bursts larger than work's prefetch (16), several fills
+
+    async def main() -> None:
+        async with contract.session() as s:
+            contract.hold.touch()
+            run = await s.start(
+                contract.spec(
+                    1,
+                    burst_trigger(contract, limit=total, burst=burst),
+                    contract.step("work", StepKind.ACTION, PASS, max_queue=LIMIT),
+                    contract.sink(hold=contract.hold, max_queue=LIMIT),
+                )
+            )
+            with DepthSampler(s, "work", "sink") as sampler:
+                await until(lambda: held(run, "work"), "work held back")
+                await until(lambda: held(run, "tick"), "the trigger held back in turn")
+                await sampler.more(100, "an observation window while held")
+                assert held(run, "work") and held(run, "tick")
+                contract.hold.unlink()
+                await until(lambda: len(contract.rows()) >= total, "every message handled")
+            rows = contract.rows()
+            assert_contiguous(rows)
+            assert len(rows) == total
+            assert sampler.max["work"] <= LIMIT + burst, sampler.max
+            assert sampler.max["sink"] <= LIMIT + 1, sampler.max
+
+    scenario(main())
+
+
+def test_switch_and_stop_with_a_full_queue_lose_and_duplicate_nothing(contract: Contract) -> None:
+    """A fast trigger held back by a slow sink's full queue: a switch to new code, then a stop
+    and a new runtime on the same state, all while the queue is full; the queue stays within
+    its limit plus one call; every message emitted is handled exactly once, in order, and
+    the versions hand over once."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+
+            def version(number: int, tag: str) -> FlowVersionToRun:
+                sink = contract.sink(tag, delay=0.02, max_queue=LIMIT)
+                return contract.spec(number, burst_trigger(contract, tag), sink)
+
+            v1 = await s.start(version(1, "v1"))
+            with DepthSampler(s, "sink") as sampler:
+                await until(lambda: held(v1, "tick"), "v1's trigger held back")
+                v2 = await s.warm_up(version(2, "v2"))
+                gap = await s.rt.switch(v1, v2)
+                assert gap is None or gap >= 0, gap
+                await until(
+                    lambda: any(r["trigger"] == "v2" for r in contract.rows()),
+                    "messages of the new trigger handled",
+                )
+                await until(lambda: held(v2, "tick"), "v2's trigger held back")
+                await until(lambda: stopped_and_gone(v1), "v1 stopped")
+                await v2.stop()
+            left = s.depth("sink")
+            # What was queued stays queued (less what the sinks had in hand and finished).
+            assert left >= LIMIT // 2, left
+            assert sampler.max["sink"] <= LIMIT + BURST, sampler.max
+            done = len(contract.rows())
+
+        async with contract.session() as s:
+            assert s.depth("sink") == left
+            with DepthSampler(s, "sink") as sampler:
+                await s.start(
+                    contract.spec(3, burst_trigger(contract, "v3", limit=0), contract.sink("v3"))
+                )
+                await until(lambda: s.depth("sink") == 0, "the queue drained")
+                await until(lambda: len(contract.rows()) >= done + left, "all handled")
+            assert sampler.max["sink"] <= LIMIT + BURST, sampler.max
+        rows = contract.rows()
+        assert_contiguous(rows)
+        assert ns(rows) == emitted(contract), "every message emitted handled, once"
+        assert_one_handover([r["trigger"] for r in rows], "v1", "v2")
+        tags = [r["by"] for r in rows]
+        assert tags == sorted(tags), "v1, then v2, then v3 handled them"
+        assert tags.count("v3") == left
 
     scenario(main())
 
