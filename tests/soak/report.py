@@ -14,6 +14,7 @@ class FlowResult:
     duplicates: int = 0
     lost: int = 0
     queued: int = 0
+    dead: int = 0  # dead letters (the sink fails n % 7 == 0)
     redelivered: int = 0
     expected_tag: str = ""
     running_tag: str = ""
@@ -34,6 +35,7 @@ class SoakReport:
     daemon_runs: int = 0
     pids_tracked: int = 0
     fds: str = ""
+    fast_queue: str = ""  # the fast flow's sink queue, as sampled
     violations: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
@@ -54,7 +56,7 @@ class SoakReport:
                 (
                     f"{name} messages",
                     f"produced {f.produced}, handled {f.handled}, queued {f.queued}, "
-                    f"duplicates {f.duplicates}, lost {f.lost}, "
+                    f"dead letters {f.dead}, duplicates {f.duplicates}, lost {f.lost}, "
                     f"redelivered (absorbed by sink dedup) {f.redelivered}",
                 )
             )
@@ -72,6 +74,7 @@ class SoakReport:
         rows.append(("webhook answers", _counts(self.webhooks)))
         rows.append(("pids tracked", str(self.pids_tracked)))
         rows.append(("daemon fds", self.fds))
+        rows.append(("fast flow queue", self.fast_queue))
         rows.append(("result", "OK" if self.ok else f"{len(self.violations)} violation(s)"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]

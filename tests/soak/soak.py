@@ -1,10 +1,18 @@
 """The fault-injection soak: N random cycles of pushes and kills under a steady message rate.
 
-Two flows run all the time, each fed by a counting trigger (interval 30/40 ms) through a
-mapper step into an idempotent sink that appends {id, n, flow, by} lines to a file:
+Three flows run all the time, each fed by a counting trigger through a mapper step into an
+idempotent sink that appends {id, n, flow, by} lines to a file, and fails every n % 7 == 0
+(an exception in process(): each of those must become a dead letter exactly once):
 
     soak-a: alpha.ticker → (mapper) alpha.sink                 alpha: hosted, pushed with git
     soak-b: beta.ticker → beta.relay → (mapper) beta.sink      beta: file:// url + webhooks
+    soak-c: alpha.burst → (mapper) alpha.sink                  5 messages every 5 ms into a
+                                                               sink taking 20 ms a message,
+                                                               its queue limited to 30
+
+soak-c's trigger is held back by backpressure almost all the time; a thread samples the
+sink's queue depth every few milliseconds for the whole run (kills, restarts, publishes and
+rollbacks included): it must never exceed its limit plus one call's output.
 
 Each cycle injects one random fault, recorded with its cycle number: a good push (the sink's
 `by` tag changes, so the output shows which code handled what), a push whose build or tests
@@ -15,10 +23,12 @@ right after a push, so builds and publishes are cut in the middle).
 
 At the end the daemon is stopped gracefully and the invariants are checked from the sinks'
 outputs and the state database (opened read-only): every counter value 1..N was handled
-exactly once or is still queued; each flow runs the version of its component's newest good
-push; no (component, sha) registered twice; every failed build has an error and every
-failed/rolled-back deployment a reason; `PRAGMA integrity_check` is ok; no process of any
-daemon run is left; the daemon's fd count did not grow across a run.
+exactly once, or is still queued, or (n % 7 == 0, and only those) is a dead letter exactly
+once, with its traceback; the fast flow's queue stayed bounded; each flow runs the version
+of its component's newest good push; no (component, sha) registered twice; every failed
+build has an error and every failed/rolled-back deployment a reason; `PRAGMA
+integrity_check` is ok; no process of any daemon run is left; the daemon's fd count did not
+grow across a run.
 
 A `kill -9` can make a step handle a message twice (it acted, then died before the daemon
 committed). deployd keeps `msg["id"]` stable across redeliveries, so the sink dedups by id:
@@ -42,6 +52,7 @@ import sqlite3
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,10 +64,13 @@ import httpx
 from tests.conftest import GIT_ENV, Daemon, Work, free_port, git, wait_until
 from tests.soak.procs import descendants, fd_count, processes_touching, start_time
 from tests.soak.report import FlowResult, SoakReport
-from tests.soak.workload import PUSH_KINDS, files_for, flow_text
+from tests.soak.workload import BURST, FAIL_EVERY, PUSH_KINDS, files_for, flow_text
 
 SECRET = "soak-hook-secret-5d1e"
-FLOWS = {"soak-a": "alpha", "soak-b": "beta"}
+FLOWS = {"soak-a": "alpha", "soak-b": "beta", "soak-c": "alpha"}
+FAST_FLOW = "soak-c"  # the burst trigger, held back by its sink's small queue
+FAST_MAX_QUEUE = 30
+FAST_DELAY = 0.02  # seconds the fast flow's sink takes a message
 ROLLBACK_WINDOW = 2.0  # seconds (daemon.rollback_window); see _pick_step
 FD_SLACK = 3  # see _check_fds
 # One fault per cycle: a push of one kind; "pair": a good push then at once an unrunnable one;
@@ -75,6 +89,42 @@ class Push:
     delivery: str | None = None
 
 
+class QueueSampler(threading.Thread):
+    """The depth of one queue, read from the state database (read-only) every few ms."""
+
+    def __init__(self, db: Path, flow: str, step: str) -> None:
+        super().__init__(daemon=True)
+        self.db, self.flow, self.step = db, flow, step
+        self.max = 0
+        self.samples = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        while not self.done.is_set():
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
+                (n,) = conn.execute(
+                    "SELECT COUNT(*) FROM messages WHERE flow = ? AND step = ?",
+                    (self.flow, self.step),
+                ).fetchone()
+                self.max = max(self.max, int(n))
+                self.samples += 1
+            except sqlite3.Error:
+                if conn is not None:
+                    conn.close()
+                conn = None
+            self.done.wait(0.005)
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.is_alive():
+            self.join(10)
+
+
 class Soak:
     def __init__(self, cycles: int, seed: int, workdir: Path) -> None:
         self.cycles = cycles
@@ -89,6 +139,7 @@ class Soak:
         self.works: dict[str, Work] = {}
         self.counter = 0
         self.cycle = 0
+        self.sampler = QueueSampler(workdir / "deployd" / "var" / "deployd.db", FAST_FLOW, "sink")
         self.daemon = Daemon(
             root=workdir / "deployd",
             port=free_port(),
@@ -197,6 +248,14 @@ class Soak:
             path = self.workdir / f"{name}.toml"
             path.write_text(flow_text(name, comp, self.out(name), interval, relay))
             self.daemon.cli("flow", "apply", str(path))
+        path = self.workdir / f"{FAST_FLOW}.toml"
+        path.write_text(
+            flow_text(
+                FAST_FLOW, "alpha", self.out(FAST_FLOW), "5ms", False, FAST_MAX_QUEUE, FAST_DELAY
+            )
+        )
+        self.daemon.cli("flow", "apply", str(path))
+        self.sampler.start()
         for name in FLOWS:
             wait_until(lambda name=name: self.rows(name), timeout=30)
         self.note("set up: alpha-0 and beta-0 running")
@@ -416,8 +475,9 @@ class Soak:
             return bool(rows) and rows[-1]["by"] == self.expected(FLOWS[flow]).tag
 
         def drained() -> bool:
-            depth = self.query("SELECT COUNT(*) FROM messages")[0][0]
-            return bool(depth <= 2 * len(FLOWS)) and self.quiet()
+            # The fast flow's trigger never stops: its queue stays full (and bounded).
+            depth = self.query("SELECT COUNT(*) FROM messages WHERE flow != ?", (FAST_FLOW,))
+            return bool(depth[0][0] <= 2 * (len(FLOWS) - 1)) and self.quiet()
 
         for flow in FLOWS:
             try:
@@ -469,10 +529,36 @@ class Soak:
                 json.loads(body)["n"]
                 for (body,) in self.query("SELECT body FROM messages WHERE flow = ?", (flow,))
             }
+            dead: dict[int, int] = {}
+            bad_error = []
+            for body, error in self.query(
+                "SELECT body, error FROM dead_letters WHERE flow = ?", (flow,)
+            ):
+                n = int(json.loads(body)["n"])
+                dead[n] = dead.get(n, 0) + 1
+                if "always fails" not in error or "Traceback" not in error:
+                    bad_error.append(n)
+            res.dead = sum(dead.values())
             missing = [n for n in range(1, res.produced + 1) if n not in ids_per_n]
             res.queued = sum(1 for n in missing if n in queued)
-            lost = [n for n in missing if n not in queued]
+            lost = [n for n in missing if n not in queued and n not in dead]
             res.lost = len(lost)
+            twice = sorted(n for n, c in dead.items() if c > 1)
+            if twice:
+                rep.violations.append(f"{flow}: dead-lettered more than once, n = {twice[:20]}")
+            wrong = sorted(n for n in dead if n % FAIL_EVERY)
+            if wrong:
+                rep.violations.append(f"{flow}: dead letters of good messages, n = {wrong[:20]}")
+            handled_bad = sorted(n for n in ids_per_n if n % FAIL_EVERY == 0)
+            if handled_bad:
+                rep.violations.append(f"{flow}: failing messages handled, n = {handled_bad[:20]}")
+            queued_dead = sorted(n for n in dead if n in queued)
+            if queued_dead:
+                rep.violations.append(f"{flow}: both queued and dead, n = {queued_dead[:20]}")
+            if bad_error:
+                rep.violations.append(
+                    f"{flow}: dead letters without their error and traceback, n = {bad_error[:20]}"
+                )
             extra = sorted(n for n in ids_per_n if not 1 <= n <= res.produced)
             redelivered = self.out(flow).with_name(self.out(flow).name + ".redelivered")
             if redelivered.exists():
@@ -618,8 +704,30 @@ class Soak:
         if strays:
             self.report.violations.append(f"processes still using the soak's files: {strays}")
         self.report.pids_tracked = len(self.pids)
+        self._check_queue_bound()
         self._check_fds()
         self._check_log()
+
+    def _check_queue_bound(self) -> None:
+        """The fast flow's sink queue, sampled the whole run: within its limit plus one call."""
+        self.sampler.stop()
+        bound = FAST_MAX_QUEUE + BURST
+        self.report.fast_queue = (
+            f"max {self.sampler.max} (limit {FAST_MAX_QUEUE} + one call's {BURST}), "
+            f"{self.sampler.samples} samples"
+        )
+        if self.sampler.samples < 100:
+            self.report.violations.append(
+                f"{FAST_FLOW}: queue sampled only {self.sampler.samples}x"
+            )
+        if self.sampler.max > bound:
+            self.report.violations.append(
+                f"{FAST_FLOW}: the sink's queue held {self.sampler.max} messages (bound {bound})"
+            )
+        if self.sampler.max < FAST_MAX_QUEUE - BURST:
+            self.report.violations.append(
+                f"{FAST_FLOW}: the queue never filled (max {self.sampler.max}): no backpressure"
+            )
 
     def _check_log(self) -> None:
         """The daemon logged no crash: no traceback, no asyncio complaint (an exception nobody
@@ -676,6 +784,7 @@ class Soak:
             self.note("aborted:\n" + textwrap.indent(self.daemon.log()[-4000:], "  "))
             raise
         finally:
+            self.sampler.stop()
             if self.daemon.proc is not None and self.daemon.proc.poll() is None:
                 self.daemon.proc.kill()
                 self.daemon.proc.wait(10)

@@ -1,5 +1,5 @@
-"""What the soak runs: the two components' code (counting trigger, relay, idempotent sink),
-each kind of push as files to commit, and the flow files."""
+"""What the soak runs: the two components' code (counting triggers, relay, idempotent sink
+that fails a known subset), each kind of push as files to commit, and the flow files."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ def process(msg, cfg, snapshot, ctx):
     ctx.emit("snapshot", {"n": n})
     return {"n": n}
 """
+# The fast trigger: BURST messages per call, as fast as its interval (and backpressure) allow.
+BURST = 5
+BURSTY = f"""\
+def process(msg, cfg, snapshot, ctx):
+    n = snapshot.get("n", 0)
+    ctx.emit("snapshot", {{"n": n + {BURST}}})
+    return [{{"n": n + i}} for i in range(1, {BURST + 1})]
+"""
+# Every sink version fails these messages (an exception in process()): each must end up a
+# dead letter exactly once, never handled, never lost.
+FAIL_EVERY = 7
 RELAY = """\
 TAG = {tag!r}
 
@@ -45,6 +56,10 @@ def _catch_up(fh):
 
 
 def process(msg, cfg):
+    if msg["body"]["n"] % {fail_every} == 0:
+        raise ValueError(f"soak: n {{msg['body']['n']}} always fails")
+    if cfg.get("delay"):
+        time.sleep(float(cfg["delay"]))
     with open(cfg["out"], "a+b") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         _catch_up(fh)
@@ -68,7 +83,7 @@ def descriptor(kind: str) -> dict[str, Any]:
     desc: dict[str, Any] = {
         "title": "Soak",
         "runtime": "python",
-        "triggers": {"ticker": {"main": "./lib/ticker.py"}},
+        "triggers": {"ticker": {"main": "./lib/ticker.py"}, "burst": {"main": "./lib/burst.py"}},
         "actions": {
             "relay": {"main": "./lib/relay.py"},
             "sink": {"main": "./lib/sink.py", "fields": {"out": {"required": True}}},
@@ -88,21 +103,35 @@ def files_for(kind: str, tag: str) -> dict[str, Any]:
     return {
         "component.json": descriptor(kind),
         "lib/ticker.py": TICKER,
+        "lib/burst.py": BURSTY,
         "lib/relay.py": RELAY.format(tag=tag),
-        "lib/sink.py": SINK.format(tag=tag, extra=extra),
+        "lib/sink.py": SINK.format(tag=tag, extra=extra, fail_every=FAIL_EVERY),
     }
 
 
-def flow_text(name: str, comp: str, out: Path, interval: str, relay: bool) -> str:
+def flow_text(
+    name: str,
+    comp: str,
+    out: Path,
+    interval: str,
+    relay: bool,
+    max_queue: int | None = None,
+    delay: float | None = None,
+) -> str:
+    """ticker (or, with `max_queue`, the burst trigger) → [relay] → (mapper) sink; the sink's
+    queue limited to `max_queue`, each of its messages taking `delay` seconds."""
+    trigger = "burst" if max_queue is not None else "ticker"
     steps = [
-        f'[[steps]]\nid = "tick"\ncomponent = "{comp}"\nfunction = "ticker"\n'
+        f'[[steps]]\nid = "tick"\ncomponent = "{comp}"\nfunction = "{trigger}"\n'
         f'interval = "{interval}"\n'
     ]
     if relay:
         steps.append(f'[[steps]]\nid = "relay"\ncomponent = "{comp}"\nfunction = "relay"\n')
+    config = f'out = "{out}"' + (f', delay = "{delay}"' if delay else "")
     steps.append(
         f'[[steps]]\nid = "sink"\ncomponent = "{comp}"\nfunction = "sink"\n'
         f'mapping = \'{{"n": n, "flow": "{name}"}}\'\n'
-        f'config = {{ out = "{out}" }}\n'
+        + (f"max_queue = {max_queue}\n" if max_queue is not None else "")
+        + f"config = {{ {config} }}\n"
     )
     return f'name = "{name}"\ntype = "realtime"\nupdate = "auto"\n' + "".join(steps)
