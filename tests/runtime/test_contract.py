@@ -1080,13 +1080,6 @@ def test_a_full_queue_holds_the_trigger_back_until_it_drains(contract: Contract)
     scenario(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backpressure does not count the outputs of results waiting in the pending group"
-    " commit: runner._space()/_full() use router.depth(), which counts committed messages only;"
-    " results popped from `inflight` in the same tick are in neither, so the room left is"
-    " over-estimated by that many and the sink's queue reaches 60 for max_queue 50",
-)
 def test_a_full_queue_holds_an_action_back_and_the_hold_reaches_the_trigger(
     contract: Contract,
 ) -> None:
