@@ -17,6 +17,7 @@ import secrets
 import signal
 import sys
 import time
+import weakref
 from asyncio import Future
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -361,6 +362,7 @@ class Launcher:
         self._fork_reader: asyncio.Task[None] | None = None
         self._spawned: dict[str, asyncio.Future[int]] = {}
         self._fork_lock = asyncio.Lock()
+        self._writers: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
         self.home = state_dir / "run" / "home"
         self.node = NodeRuntime(
             node or NodeSettings(), self.address, self.home, state_dir / "logs", step_env(self.home)
@@ -432,6 +434,11 @@ class Launcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._fork_reader
         await self.node.stop()
+        # A sailor that connected while the runtime was closing (a pool refill, say) may have
+        # been accepted after its taker was cancelled: close what is left, not the GC.
+        for writer in list(self._writers):
+            if not writer.is_closing():
+                writer.close()
 
     def expect(self, step: StepProcess) -> None:
         self._expected[step.token] = step
@@ -442,6 +449,7 @@ class Launcher:
             self._by_pid.pop(step.pid, None)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)  # closed by stop() if nobody else closed it by then
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
             hello = decode(line)
