@@ -12,7 +12,7 @@ from deployd.runtime.embedded.process import Result
 from deployd.runtime.embedded.router import REBOUND_LIMIT, Router
 from deployd.store import FlowStore, Store
 from deployd.store.letters import DeadLetterStore
-from deployd.store.queues import Queued
+from deployd.store.queues import QueueBatch, Queued
 from deployd.types import FlowVersionToRun, RunStep, StepKind
 
 
@@ -55,7 +55,7 @@ def _queued(router: Router, step: str) -> list[dict[str, object]]:
     while (row := router.flows.next_message("f1", step)) is not None:
         out.append(row)
         with router.store.tx():
-            router.flows.delete_message(row["id"])
+            router.flows.commit_batch(QueueBatch(delete=[row["id"]]))
     return out
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 from deployd.store import QueueStore, Store
+from deployd.store.queues import QueueBatch
 
 
-def test_enqueue_next_defer_delete(qs: QueueStore, store: Store) -> None:
-    assert qs.next_message("f", "a") is None and qs.next_due("f", "a") is None
+def test_enqueue_fetch_defer_delete(qs: QueueStore, store: Store) -> None:
+    assert qs.fetch("f", "a", 0, 10) == [] and qs.next_due("f", "a") is None
     qs.enqueue("f", "a", {"n": 1}, {"h": "x"})
     qs.enqueue("f", "a", {"n": 2}, {})
     qs.enqueue("f", "b", {"n": 3}, {})
@@ -14,19 +18,18 @@ def test_enqueue_next_defer_delete(qs: QueueStore, store: Store) -> None:
     assert qs.queue_depths() == {("f", "a"): 2, ("f", "b"): 1}
     assert qs.queue_depths("other") == {}
 
-    first = qs.next_message("f", "a")
-    assert first is not None and first["body"] == {"n": 1} and first["headers"] == {"h": "x"}
-    assert qs.defer_message(first["id"], 3600) == 1  # held back an hour: the next one is due
-    second = qs.next_message("f", "a")
-    assert second is not None and second["body"] == {"n": 2}
-    qs.delete_message(second["id"])
-    assert qs.next_message("f", "a") is None  # only the deferred one is left
-    due = qs.next_due("f", "a")
-    assert due is not None and due > 0
-    assert qs.defer_message(first["id"], 0) == 2
-    again = qs.next_message("f", "a")
-    assert again is not None and again["id"] == first["id"] and again["attempts"] == 2
-    assert qs.defer_message(12345, 1) == 0  # gone: no attempts
+    first, second = qs.fetch("f", "a", 0, 10)
+    assert json.loads(first.body) == {"n": 1} and json.loads(first.headers) == {"h": "x"}
+    assert qs.fetch("f", "a", first.id, 10) == [second]  # after a cursor
+    with store.tx():  # first held back an hour, second handled: one group commit
+        qs.commit_batch(QueueBatch(defer=[(time.time() + 3600, first.id)], delete=[second.id]))
+    assert qs.fetch("f", "a", 0, 10) == []  # only the deferred one is left, not due
+    due = qs.next_due("f", "a", after=time.time())
+    assert due is not None and due > time.time() + 3000
+    with store.tx():
+        qs.commit_batch(QueueBatch(defer=[(0.0, first.id)]))
+    [again] = qs.fetch("f", "a", 0, 10)
+    assert again.id == first.id and again.attempts == 2
 
 
 def test_requeue_orphans(qs: QueueStore) -> None:

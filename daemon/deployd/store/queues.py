@@ -53,16 +53,6 @@ class QueueBatch:
             or self.letters
         )
 
-    def count(self, flow: str, step: str, failed: bool, error: str | None) -> None:
-        entry = self.stats.get((flow, step))
-        if entry is None:
-            self.stats[(flow, step)] = [1, int(failed), error]
-            return
-        entry[0] += 1
-        entry[1] += int(failed)
-        if error is not None:
-            entry[2] = error
-
 
 class QueueStore:
     """The embedded runtime's queues, snapshots and counters, on the `Store`'s connection."""
@@ -151,19 +141,6 @@ class QueueStore:
             (flow, step, after),
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
-
-    def delete_message(self, row_id: int) -> None:
-        """Remove a delivered message."""
-        self.conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
-
-    def defer_message(self, row_id: int, delay: float) -> int:
-        """Count a failed attempt and hold the message back `delay` seconds; returns attempts."""
-        self.conn.execute(
-            "UPDATE messages SET attempts = attempts + 1, not_before = ? WHERE id = ?",
-            (time.time() + delay, row_id),
-        )
-        row = self.conn.execute("SELECT attempts FROM messages WHERE id = ?", (row_id,)).fetchone()
-        return int(row[0]) if row else 0
 
     def queue_depths(self, flow: str | None = None) -> dict[tuple[str, str], int]:
         """Queued messages by (flow, step), of one flow or of all."""
