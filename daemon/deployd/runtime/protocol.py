@@ -53,10 +53,6 @@ def encode_value(value: Any) -> bytes:
     return _encoder.encode(value).encode()
 
 
-def encode_with_ref(obj: dict[str, Any], ref: int) -> bytes:
-    return encode({**obj, "ref": ref})
-
-
 def decode(line: bytes) -> dict[str, Any]:
     obj = json.loads(line)
     if not isinstance(obj, dict) or "t" not in obj:

@@ -124,13 +124,6 @@ class DeadLetterStore:
         cur = self.conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
         return cur.rowcount
 
-    def rename_flow_steps(self, flow: str, moves: dict[str, str]) -> None:
-        """Letters of steps that were renamed follow them (unused steps keep theirs)."""
-        for old, new in moves.items():
-            self.conn.execute(
-                "UPDATE dead_letters SET step = ? WHERE flow = ? AND step = ?", (new, flow, old)
-            )
-
     def prune(self, older_than: str, max_per_step: int) -> dict[tuple[str, str], int]:
         """Remove letters created before `older_than` (ISO time) and, per step, all but the
         newest `max_per_step`; what went, by (flow, step). Call inside a transaction."""

@@ -28,7 +28,7 @@ from ...store.queues import Queued
 from ...toolchains.env import clean_env
 from ...toolchains.env import log_tail as read_tail
 from ..base import StepFailed
-from ..protocol import MAX_LINE, decode, encode, encode_value, encode_with_ref
+from ..protocol import MAX_LINE, decode, encode, encode_value
 from .node_pool import NodeRuntime, NodeSettings
 from .py_pool import PyPool
 
@@ -54,7 +54,6 @@ class Result:
     detail: str | None = None  # the last error's whole text (traceback or stack), when sent
     rebound: str | None = None
     data: Any = None
-    started: float = 0.0
     ended: float = 0.0
     took: float = 0.0  # seconds the sailor spent on it (its own clock)
 
@@ -252,7 +251,7 @@ class StepProcess:
         if snapshot is not None and self.snap is None:
             self.snap = snapshot
             body = {**obj, "snapshot": snapshot}
-        return self._send(encode_with_ref(body, self._ref + 1))
+        return self._send(encode({**body, "ref": self._ref + 1}))
 
     def submit_msg(self, row: Queued, snapshot: dict[str, Any]) -> Future[Result]:
         """`submit` of a queued message, its body and headers forwarded as stored."""
@@ -274,7 +273,7 @@ class StepProcess:
             raise StepDied(f"step {self.step_id} is not running")
         self._ref += 1
         fut: Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending[self._ref] = (fut, Result(started=time.monotonic()))
+        self._pending[self._ref] = (fut, Result())
         self._out.append(line)  # written by drain(): many requests, one write
         return fut
 

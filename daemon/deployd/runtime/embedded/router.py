@@ -126,39 +126,14 @@ class Router:
         flow = spec.flow
         step = spec.steps[index]
         key = (flow, step.id)
-        if row is not None and not res.errors and res.rebound is None:
-            nxt = spec.steps[index + 1] if index + 1 < len(spec.steps) else None
-            if nxt is None or not nxt.mapping:  # the common case, kept short
-                if self._handle is None:
-                    self._schedule()
-                batch = self._batch
-                if nxt is not None and res.outputs:
-                    new_id, enqueue, nid = self._new_id, batch.enqueue.append, nxt.id
-                    for body, headers in res.outputs:
-                        enqueue(
-                            (
-                                flow,
-                                nid,
-                                new_id(),
-                                body if isinstance(body, str) else dumps(body),
-                                dumps(headers) if headers else "{}",
-                                0,
-                            )
-                        )
-                    self._added[(flow, nid)] += len(res.outputs)
-                if res.snapshot is not None:
-                    batch.snapshots[key] = res.snapshot
-                batch.delete.append(row.id)
-                self._removed[key] += 1
-                self._processed[key] += 1
-                return None
         if row is None and not res.outputs and res.snapshot is None and not res.errors:
             # A trigger call that produced nothing: there is nothing to make durable, and an
             # idle flow should not write to the database several times a second.
             self.metrics.message_processed(flow, step.id)
             return None
+        if self._handle is None:
+            self._schedule()
         batch = self._batch
-        self._schedule()
         if row is not None and res.rebound is not None and not res.outputs:
             attempts = row.attempts + 1
             if attempts < REBOUND_LIMIT:
@@ -166,40 +141,54 @@ class Router:
                 batch.defer.append((due, row.id))
                 return due
             res.errors.append(f"gave up after {attempts} rebounds: {res.rebound}")
-        nxt = spec.steps[index + 1] if index + 1 < len(spec.steps) else None
-        if nxt is not None:
-            nkey = (flow, nxt.id)
-            for body, headers in res.outputs:
-                if nxt.mapping:
-                    try:
-                        body = mapper.apply(nxt.mapping, _decoded(body))
-                    except FlowError as exc:
-                        self._mapping_failed(spec, index + 1, body, headers, str(exc))
-                        continue
-                batch.enqueue.append(
-                    (
-                        flow,
-                        nxt.id,
-                        self._new_id(),
-                        body if isinstance(body, str) else dumps(body),
-                        dumps(headers) if headers else "{}",
-                        0,
-                    )
-                )
-                self._added[nkey] += 1
+        if res.outputs and index + 1 < len(spec.steps):
+            self._forward(spec, index + 1, res.outputs)
         if res.snapshot is not None:
             batch.snapshots[key] = res.snapshot
-        error = res.errors[-1] if res.errors else None
+        self._processed[key] += 1
         if row is not None:
             batch.delete.append(row.id)
             self._removed[key] += 1
-            if error is not None:
+        if res.errors:
+            error = res.errors[-1]
+            if row is not None:
                 self._dead_letter(spec, index, row, res, error)
-        self._processed[key] += 1
-        if error is not None:
             self._failed[key] += 1
             self._errors.append((flow, step.id, error))
         return None
+
+    def _forward(
+        self,
+        spec: FlowVersionToRun,
+        index: int,
+        outputs: list[tuple[dict[str, Any] | str, dict[str, Any]]],
+    ) -> None:
+        """Queue `outputs` for step `index`, through its mapping when it has one (a body the
+        daemon only forwards stays the sailor's JSON text)."""
+        flow, step = spec.flow, spec.steps[index]
+        mapping = step.mapping
+        enqueue, new_id = self._batch.enqueue.append, self._new_id
+        queued = 0
+        for body, headers in outputs:
+            if mapping:
+                try:
+                    body = mapper.apply(mapping, _decoded(body))
+                except FlowError as exc:
+                    self._mapping_failed(spec, index, body, headers, str(exc))
+                    continue
+            enqueue(
+                (
+                    flow,
+                    step.id,
+                    new_id(),
+                    body if isinstance(body, str) else dumps(body),
+                    dumps(headers) if headers else "{}",
+                    0,
+                )
+            )
+            queued += 1
+        if queued:
+            self._added[(flow, step.id)] += queued
 
     def _dead_letter(
         self, spec: FlowVersionToRun, index: int, row: Queued, res: Result, error: str

@@ -36,6 +36,15 @@ AHEAD_BUDGET = 0.005  # seconds of a step's work handed to it ahead (see _action
 MAX_EXITS_KEPT = 100
 
 
+async def _either(event: asyncio.Event, stop: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until `event` or `stop` is set (or `timeout` seconds pass)."""
+    waiter = asyncio.ensure_future(event.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    stopper.cancel()
+
+
 def low_water(limit: int) -> int:
     """A step held back by a full queue resumes once the queue is below this."""
     return max(0, min(limit - 1, int(limit * 0.9)))
@@ -204,11 +213,7 @@ class FlowRunner:
             live = self.live[step_id]
             if live.is_set():
                 return self.procs[step_id]
-            waiter = asyncio.ensure_future(live.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
+            await _either(live, stop)
         return None
 
     async def _gone(self, proc: StepProcess) -> None:
@@ -346,13 +351,7 @@ class FlowRunner:
             if stop.is_set():
                 return False
             room.clear()
-            waiter = asyncio.ensure_future(room.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait(
-                {waiter, stopper}, timeout=IDLE_POLL, return_when=asyncio.FIRST_COMPLETED
-            )
-            waiter.cancel()
-            stopper.cancel()
+            await _either(room, stop, IDLE_POLL)
             self._account(step_id)  # the counter grows while it is held, not only after
         self._release(step_id)
         return not stop.is_set()
@@ -512,18 +511,10 @@ class FlowRunner:
         wake.clear()
         if self.flows.fetch(self.flow, step_id, 0, 1):
             return  # arrived between the last read and now
-        waiter = asyncio.ensure_future(wake.wait())
-        stopper = asyncio.ensure_future(stop.wait())
         # The router wakes this loop when it commits a message for the step; the timeout is
         # when a message deferred by a rebound is due (a fixed 0.5 s poll of every idle
         # action step was most of an idle daemon's CPU).
-        await asyncio.wait(
-            {waiter, stopper},
-            timeout=self._idle_wait(step_id),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        waiter.cancel()
-        stopper.cancel()
+        await _either(wake, stop, self._idle_wait(step_id))
 
     def _idle_wait(self, step_id: str) -> float:
         """Seconds an idle action loop may sleep: until its next deferred message is due."""
