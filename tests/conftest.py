@@ -343,3 +343,14 @@ def db_rows(state_dir: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
     finally:
         conn.close()
+
+
+def dead_letter_rows(state_dir: Path, flow: str) -> list[dict[str, Any]]:
+    """A flow's dead letters, oldest first, their JSON columns decoded (read-only)."""
+    import json
+
+    rows = db_rows(state_dir, "SELECT * FROM dead_letters WHERE flow = ? ORDER BY id", flow)
+    for row in rows:
+        for column in ("body", "headers", "emitted"):
+            row[column] = json.loads(row[column])
+    return rows

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Daemon, Work, db_rows, wait_until
+from tests.conftest import Daemon, Work, db_rows, dead_letter_rows, wait_until
 from tests.flows.conftest import FlowEnv, flow_toml, read_out
 
 DESC: dict[str, Any] = {
@@ -158,13 +158,7 @@ def steps(
 
 
 def letters(env: FlowEnv, flow: str) -> list[dict[str, Any]]:
-    rows = db_rows(
-        env.daemon.state_dir, "SELECT * FROM dead_letters WHERE flow = ? ORDER BY id", flow
-    )
-    for row in rows:
-        for column in ("body", "headers", "emitted"):
-            row[column] = json.loads(row[column])
-    return rows
+    return dead_letter_rows(env.daemon.state_dir, flow)
 
 
 def produced(env: FlowEnv, flow: str) -> int:

@@ -4,24 +4,17 @@ the other messages flow on, in order."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
-from tests.conftest import db_rows, wait_until
+from tests.conftest import dead_letter_rows, wait_until
 from tests.node.conftest import NodeEnv, read_out
 
 KINDS = "callback,throw,plain,reject,promise,error,async,noend,last"
 
 
 def _letters(env: NodeEnv, flow: str) -> list[dict[str, Any]]:
-    rows = db_rows(
-        env.daemon.state_dir, "SELECT * FROM dead_letters WHERE flow = ? ORDER BY id", flow
-    )
-    for row in rows:
-        for column in ("body", "headers", "emitted"):
-            row[column] = json.loads(row[column])
-    return rows
+    return dead_letter_rows(env.daemon.state_dir, flow)
 
 
 def test_node_errors_become_dead_letters_with_the_js_stack(

@@ -36,7 +36,7 @@ from deployd.runtime.base import FlowRun, Runtime, StepFailed
 from deployd.runtime.factory import create_runtime
 from deployd.store import Store
 from deployd.types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState
-from tests.conftest import db_rows
+from tests.conftest import dead_letter_rows
 from tests.flows.conftest import read_out
 
 FLOW = "contract"
@@ -727,11 +727,7 @@ def dead_letters(contract: Contract) -> list[dict[str, Any]]:
     opens the file read-only, from outside the runtime."""
     if not Paths(contract.state).db.exists():
         return []
-    rows = db_rows(contract.state, "SELECT * FROM dead_letters WHERE flow = ? ORDER BY id", FLOW)
-    for row in rows:
-        for column in ("body", "headers", "emitted"):
-            row[column] = json.loads(row[column])
-    return rows
+    return dead_letter_rows(contract.state, FLOW)
 
 
 def letters_by_n(contract: Contract) -> dict[int, dict[str, Any]]:
