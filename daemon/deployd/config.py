@@ -316,8 +316,47 @@ class ComponentConfig(_Model):
         return None
 
 
+_AMQP_URL_RE = re.compile(
+    r"^amqps?://(?:[^@/\s]*@)?\[?[A-Za-z0-9._:-]+\]?(?::\d{1,5})?(?:/[^\s]*)?$"
+)
+
+
+class RabbitConfig(_Model):
+    """[runtime.rabbitmq]: flows whose queues live in RabbitMQ (issue 12)."""
+
+    # amqp://user:password@host:5672/vhost (or amqps://); a secret: never logged or shown.
+    url: SecretStr | None = None
+    # Where step processes run: "local" (this machine); "kubernetes" comes with issue 13.
+    placement: Literal["local"] = "local"
+    # Unacked messages a step's consumer may hold (a step's own `prefetch` may lower it).
+    prefetch: int = Field(default=16, ge=1, le=10000)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        if not _AMQP_URL_RE.match(text):
+            raise ValueError(
+                "is not an AMQP url; write amqp://USER:PASSWORD@HOST:5672/VHOST (amqps:// for TLS)"
+            )
+        port = re.search(r"@?[^@/]*:(\d{1,5})(?:/|$)", text.split("://", 1)[1])
+        if port and not 0 < int(port.group(1)) < 65536:
+            raise ValueError(f"port {port.group(1)} is out of range (1-65535)")
+        return value
+
+
+class RuntimeConfig(_Model):
+    """[runtime]: what runs flows. `default` is the runtime of flows that name none."""
+
+    default: Literal["embedded", "rabbitmq"] = "embedded"
+    rabbitmq: RabbitConfig = RabbitConfig()
+
+
 class Config(_Model):
     daemon: DaemonConfig = DaemonConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     components: tuple[ComponentConfig, ...] = ()
     path: Path | None = None
 
@@ -411,6 +450,12 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
                 )
             expanded.append(comp)
         raw["components"] = expanded
+    runtime = raw.get("runtime")
+    if isinstance(runtime, dict) and isinstance(runtime.get("rabbitmq"), dict):
+        rabbit = dict(runtime["rabbitmq"])
+        if "url" in rabbit:
+            rabbit["url"] = _expand_env(rabbit["url"], "runtime.rabbitmq.url", problems)
+        raw["runtime"] = {**runtime, "rabbitmq": rabbit}
     cfg: Config | None = None
     try:
         cfg = Config.model_validate(raw)
@@ -420,6 +465,11 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     # The checks below read the raw values, so they run (and are listed) even when the models
     # failed: one check-config run shows every problem.
     state_dir, comp_updates = _check_places(raw, base, problems)
+    if cfg is not None and cfg.runtime.default == "rabbitmq" and cfg.runtime.rabbitmq.url is None:
+        problems.append(
+            'runtime.default: is "rabbitmq" but [runtime.rabbitmq] url is not set '
+            '(e.g. url = "${DEPLOYD_AMQP_URL}")'
+        )
     _check_webhook_secrets(raw, problems)
     if cfg is None or problems:
         raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)

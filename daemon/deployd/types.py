@@ -113,6 +113,7 @@ class FlowVersionToRun:
     flow: str
     version: int
     steps: tuple[RunStep, ...]
+    runtime: str | None = None  # "embedded" | "rabbitmq"; None: [runtime] default
 
     @property
     def trigger(self) -> RunStep:

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
-from deployd.config import Config, DaemonConfig
+from deployd.config import Config, DaemonConfig, RabbitConfig, RuntimeConfig
 from deployd.metrics import Metrics
 from deployd.paths import Paths
 from deployd.runtime.base import FlowRun, Runtime, StepFailed
@@ -68,9 +69,36 @@ async def embedded(state: Path) -> AsyncIterator[Runtime]:
         store.close()
 
 
+# The broker (its own vhost) each state dir's RabbitMQ runtime uses: set by `contract`.
+AMQP_URLS: dict[Path, str] = {}
+
+
+@asynccontextmanager
+async def rabbitmq(state: Path) -> AsyncIterator[Runtime]:
+    """The RabbitMQ runtime on a real broker (a vhost of its own) and a real state dir: step
+    processes forked here, queues in quorum queues, snapshots and letters in SQLite."""
+    paths = Paths(state)
+    for folder in paths.dirs():
+        folder.mkdir(parents=True, exist_ok=True)
+    store = Store.open(paths.db)
+    config = Config(
+        daemon=DaemonConfig(state_dir=state, node_pool=0),
+        runtime=RuntimeConfig(
+            default="rabbitmq", rabbitmq=RabbitConfig(url=SecretStr(AMQP_URLS[state]))
+        ),
+    )
+    runtime = create_runtime(config, store, paths, Metrics())
+    try:
+        await runtime.start()
+        yield runtime
+    finally:
+        await runtime.close()
+        store.close()
+
+
 # Each factory yields a started runtime and closes it afterwards. Two runtimes made for the
 # same `state` share its durable part (queues, snapshots): a daemon restarted on its state.
-RUNTIMES: dict[str, RuntimeFactory] = {"embedded": embedded}
+RUNTIMES: dict[str, RuntimeFactory] = {"embedded": embedded, "rabbitmq": rabbitmq}
 
 
 # -- component code -------------------------------------------------------------------------
@@ -246,6 +274,8 @@ class Contract:
 
 @pytest.fixture(params=sorted(RUNTIMES))
 def contract(request: pytest.FixtureRequest, tmp_path: Path) -> Contract:
+    if request.param == "rabbitmq":
+        AMQP_URLS[tmp_path / "state"] = request.getfixturevalue("amqp_url")
     return Contract(str(request.param), tmp_path)
 
 
@@ -952,7 +982,19 @@ def _fast_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(time, "time", lambda: start + (mono() - origin) * REBOUND_SPEEDUP)
 
 
-FAST_REBOUNDS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {"embedded": _fast_wall_clock}
+def _short_rebound_delays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RabbitMQ runtime holds a rebound in the broker (a per-message TTL, timed by the
+    broker's own clock): shorten the delays it asks for by REBOUND_SPEEDUP."""
+    from deployd.runtime.embedded import router
+
+    monkeypatch.setattr(router, "REBOUND_DELAY", router.REBOUND_DELAY / REBOUND_SPEEDUP)
+    monkeypatch.setattr(router, "REBOUND_DELAY_MAX", router.REBOUND_DELAY_MAX / REBOUND_SPEEDUP)
+
+
+FAST_REBOUNDS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
+    "embedded": _fast_wall_clock,
+    "rabbitmq": _short_rebound_delays,
+}
 
 
 def test_the_rebound_limit_makes_a_dead_letter(

@@ -1,15 +1,116 @@
-"""Choosing the runtime from config: the one place that knows the implementations."""
+"""Choosing the runtime from config: the one place that knows the implementations.
+
+The daemon has one `Runtime` object: `Runtimes`, which holds the embedded runtime and, when
+[runtime.rabbitmq] has a url, the RabbitMQ one (sharing the embedded one's launcher), and
+hands each flow version to the runtime it names (`FlowVersionToRun.runtime`, else
+[runtime] default). A switch between versions on different runtimes is a flow moving
+between them: the new runtime runs it and carries the queued messages across.
+"""
 
 from __future__ import annotations
 
-from ..config import Config
+from typing import Any
+
+from ..config import Config, DaemonConfig
+from ..errors import FlowError
 from ..metrics import Metrics
 from ..paths import Paths
 from ..store import Store
-from .base import Runtime
+from ..types import FlowVersionToRun, RetryResult
+from .base import FlowRun, Runtime
 from .embedded.runtime import EmbeddedRuntime
+from .rabbitmq.runtime import RabbitRuntime
+
+RUNTIME_NAMES = ("embedded", "rabbitmq")
+
+
+class Runtimes:
+    """Every runtime the daemon has, as one `Runtime`."""
+
+    name = "runtimes"
+
+    def __init__(self, default: str, embedded: EmbeddedRuntime, rabbit: RabbitRuntime | None):
+        self.default = default
+        self.embedded = embedded
+        self.rabbit = rabbit
+        self.all: dict[str, EmbeddedRuntime] = {"embedded": embedded}
+        if rabbit is not None:
+            self.all["rabbitmq"] = rabbit
+
+    def of(self, spec: FlowVersionToRun) -> EmbeddedRuntime:
+        name = spec.runtime or self.default
+        runtime = self.all.get(name)
+        if runtime is None:
+            if name == "rabbitmq":
+                raise FlowError(
+                    f"flow {spec.flow} runs on rabbitmq, but [runtime.rabbitmq] url is not set"
+                    ' in the daemon config (e.g. url = "${DEPLOYD_AMQP_URL}")'
+                )
+            raise FlowError(f"flow {spec.flow}: unknown runtime {name!r} (embedded, rabbitmq)")
+        return runtime
+
+    def describe(self) -> dict[str, Any]:
+        """What status shows about the runtimes: the default, and the broker's state."""
+        out: dict[str, Any] = {"default": self.default}
+        if self.rabbit is not None:
+            out["rabbitmq"] = self.rabbit.describe()
+        return out
+
+    async def start(self) -> None:
+        await self.embedded.start()  # first: it starts the launcher the others share
+        if self.rabbit is not None:
+            await self.rabbit.start()
+
+    async def close(self) -> None:
+        try:
+            if self.rabbit is not None:
+                await self.rabbit.close()
+        finally:
+            await self.embedded.close()
+
+    def reload(self, settings: DaemonConfig) -> None:
+        for runtime in self.all.values():
+            runtime.reload(settings)
+
+    async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
+        return await self.of(spec).warm_up(spec, timeout)
+
+    async def run(self, new: FlowRun) -> None:
+        await self.of(new.spec).run(new)
+
+    async def switch(
+        self, old: FlowRun, new: FlowRun, *, old_failing: bool = False
+    ) -> float | None:
+        target, source = self.of(new.spec), self.of(old.spec)
+        return await target.switch(old, new, old_failing=old_failing, source=source)
+
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for runtime in self.all.values():
+            for key, n in runtime.queue_depths().items():
+                out[key] = out.get(key, 0) + n
+        return out
+
+    def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        return self.embedded.dead_letter_counts()  # one table for every runtime
+
+    async def retry_dead_letters(
+        self, spec: FlowVersionToRun, step: str | None, ids: list[int] | None
+    ) -> RetryResult:
+        return await self.of(spec).retry_dead_letters(spec, step, ids)
 
 
 def create_runtime(config: Config, store: Store, paths: Paths, metrics: Metrics) -> Runtime:
-    """The runtime flows run on (today: the embedded one, forked processes and SQLite)."""
-    return EmbeddedRuntime(store, paths, config.daemon, metrics)
+    """The runtimes flows run on: embedded always, RabbitMQ when it is configured."""
+    embedded = EmbeddedRuntime(store, paths, config.daemon, metrics)
+    rabbit = None
+    if config.runtime.rabbitmq.url is not None:
+        rabbit = RabbitRuntime(
+            store,
+            paths,
+            config.daemon,
+            metrics,
+            config.runtime.rabbitmq,
+            launcher=embedded.launcher,
+        )
+    return Runtimes(config.runtime.default, embedded, rabbit)

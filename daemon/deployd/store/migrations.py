@@ -328,3 +328,32 @@ def m006_dead_letters(db: Database) -> None:
     db.execute("CREATE INDEX dead_letters_age ON dead_letters (created_at)")
     db.execute("ALTER TABLE messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE deployments ADD COLUMN redriven INTEGER")
+
+
+@migrations()
+def m007_handled_messages(db: Database) -> None:
+    """Message ids each step has handled on the RabbitMQ runtime (issue 12).
+
+    Written in the group commit that records a message's result, before the broker is told
+    (ack): a message the broker delivers again (its consumer's connection broke before the
+    ack arrived) is recognised here and not handed to `process()` a second time. Pruned by
+    age (`QueueStore.prune_handled`). `broker_queues` lists the step queues deployd declared
+    on the broker.
+    """
+    db.execute(
+        """
+        CREATE TABLE handled (
+            flow TEXT NOT NULL,
+            step TEXT NOT NULL,
+            msg_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (flow, step, msg_id)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX handled_age ON handled (at)")
+    # The step input queues deployd declared on a broker (so their depths are known at start).
+    db.execute(
+        "CREATE TABLE broker_queues (flow TEXT NOT NULL, step TEXT NOT NULL,"
+        " PRIMARY KEY (flow, step)) WITHOUT ROWID"
+    )

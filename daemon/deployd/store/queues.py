@@ -42,10 +42,13 @@ class QueueBatch:
     # dead_letters rows: (flow, step, msg_id, body, headers, flow_version, component,
     # component_version, error, attempts, emitted JSON)
     letters: list[tuple[Any, ...]] = field(default_factory=list)
+    # (flow, step, msg_id, at): messages handled on a broker (their redelivery is skipped)
+    handled: list[tuple[str, str, str, float]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
             self.enqueue
+            or self.handled
             or self.delete
             or self.defer
             or self.snapshots
@@ -106,6 +109,11 @@ class QueueStore:
             conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in batch.delete])
         for (flow, step), data in batch.snapshots.items():
             self.save_snapshot(flow, step, data)
+        if batch.handled:
+            conn.executemany(
+                "INSERT OR IGNORE INTO handled (flow, step, msg_id, at) VALUES (?, ?, ?, ?)",
+                batch.handled,
+            )
         if batch.stats:
             conn.executemany(
                 "INSERT INTO step_stats (flow, step, processed, failed, restarts, last_error)"
@@ -157,6 +165,30 @@ class QueueStore:
         row = self.conn.execute("SELECT COUNT(*) FROM messages").fetchone()
         return int(row[0]) if row else 0
 
+    def flow_messages(self, flow: str) -> list[tuple[str, Queued]]:
+        """Every message queued for `flow`, with its step, oldest first."""
+        rows = self.conn.execute(
+            "SELECT step, id, msg_id, body, headers, attempts, failures FROM messages"
+            " WHERE flow = ? ORDER BY id",
+            (flow,),
+        ).fetchall()
+        return [(r[0], Queued(*r[1:])) for r in rows]
+
+    def delete_messages(self, ids: list[int]) -> None:
+        self.conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
+
+    def insert_messages(self, flow: str, rows: list[tuple[str, Queued]]) -> None:
+        """Queue messages (keeping their ids and attempts) at the end of their steps' queues."""
+        now = utcnow()
+        self.conn.executemany(
+            "INSERT INTO messages (flow, step, msg_id, body, headers, attempts, failures,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (flow, step, q.msg_id, q.body, q.headers, q.attempts, q.failures, now)
+                for step, q in rows
+            ],
+        )
+
     def requeue_orphans(self, flow: str, step_ids: list[str], fallback: str) -> int:
         """Messages queued for steps that no longer exist go to `fallback`."""
         marks = ",".join("?" * len(step_ids))
@@ -167,6 +199,28 @@ class QueueStore:
         return cur.rowcount
 
     # -- snapshots and stats ---------------------------------------------------------------
+
+    def was_handled(self, flow: str, step: str, msg_id: str) -> bool:
+        """Whether `step` already handled message `msg_id` (the RabbitMQ runtime's record)."""
+        row = self.conn.execute(
+            "SELECT 1 FROM handled WHERE flow = ? AND step = ? AND msg_id = ?",
+            (flow, step, msg_id),
+        ).fetchone()
+        return row is not None
+
+    def broker_queues(self) -> list[tuple[str, str]]:
+        """(flow, step) of every step queue declared on the broker."""
+        rows = self.conn.execute("SELECT flow, step FROM broker_queues ORDER BY flow, step")
+        return [(r[0], r[1]) for r in rows]
+
+    def add_broker_queue(self, flow: str, step: str) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO broker_queues (flow, step) VALUES (?, ?)", (flow, step)
+        )
+
+    def prune_handled(self, before: float) -> int:
+        """Forget handled-message records older than `before` (epoch seconds)."""
+        return self.conn.execute("DELETE FROM handled WHERE at < ?", (before,)).rowcount
 
     def snapshot(self, flow: str, step: str) -> dict[str, Any]:
         """The last committed snapshot of a step ({} when it has none)."""

@@ -41,6 +41,10 @@ from .process import Result
 log = logging.getLogger("deployd.router")
 dumps = json.JSONEncoder(separators=(",", ":")).encode
 REBOUND_LIMIT = 10
+# A rebound is delivered again after REBOUND_DELAY seconds, doubling with each one, at most
+# REBOUND_DELAY_MAX.
+REBOUND_DELAY = 1.0
+REBOUND_DELAY_MAX = 60.0
 MAX_EMITTED_KEPT = 100  # outputs of a failed message recorded with its dead letter
 
 
@@ -137,7 +141,7 @@ class Router:
         if row is not None and res.rebound is not None and not res.outputs:
             attempts = row.attempts + 1
             if attempts < REBOUND_LIMIT:
-                due = time.time() + min(60.0, 2.0**row.attempts)
+                due = time.time() + min(REBOUND_DELAY_MAX, REBOUND_DELAY * 2.0**row.attempts)
                 batch.defer.append((due, row.id))
                 return due
             res.errors.append(f"gave up after {attempts} rebounds: {res.rebound}")

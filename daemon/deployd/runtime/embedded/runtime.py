@@ -22,6 +22,7 @@ from ...errors import FlowError
 from ...metrics import Metrics
 from ...paths import Paths
 from ...store import Store
+from ...store.queues import Queued
 from ...types import FlowVersionToRun, RetryResult
 from .. import mapper
 from ..base import FlowRun
@@ -40,18 +41,28 @@ class EmbeddedRuntime:
     name = "embedded"
 
     def __init__(
-        self, store: Store, paths: Paths, settings: DaemonConfig, metrics: Metrics
+        self,
+        store: Store,
+        paths: Paths,
+        settings: DaemonConfig,
+        metrics: Metrics,
+        router: Router | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
-        self.router = Router(store, metrics)
+        self.router = router or Router(store, metrics)
         self.flows = self.router.flows
         self.store = store
-        self.launcher = Launcher(paths.root, _node_settings(settings))
+        # A runtime given a launcher shares it (and its fork server) with another runtime,
+        # which starts and stops it.
+        self.owns_launcher = launcher is None
+        self.launcher = launcher or Launcher(paths.root, _node_settings(settings))
         self.log_dir = paths.step_logs
         self.settings = settings
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self.launcher.start()
+        if self.owns_launcher:
+            await self.launcher.start()
 
     async def close(self) -> None:
         """Give replaced versions still draining `stop_timeout` to finish, then stop the
@@ -60,7 +71,8 @@ class EmbeddedRuntime:
             if self._background:
                 await asyncio.wait(set(self._background), timeout=self.settings.stop_timeout)
         finally:
-            await self.launcher.stop()
+            if self.owns_launcher:
+                await self.launcher.stop()
 
     def reload(self, settings: DaemonConfig) -> None:
         """New daemon settings (node binary, pool, timeouts) apply to the next warm-up."""
@@ -68,7 +80,12 @@ class EmbeddedRuntime:
         self.settings = settings
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
-        runner = FlowRunner(
+        runner = self._runner_for(spec)
+        await runner.start(timeout)
+        return runner
+
+    def _runner_for(self, spec: FlowVersionToRun) -> FlowRunner:
+        return FlowRunner(
             self.launcher,
             self.router,
             self.log_dir,
@@ -76,15 +93,21 @@ class EmbeddedRuntime:
             self.settings.stop_timeout,
             self.settings.max_queue,
         )
-        await runner.start(timeout)
-        return runner
 
     async def run(self, new: FlowRun) -> None:
         _runner(new).start_loops()
 
     async def switch(
-        self, old: FlowRun, new: FlowRun, *, old_failing: bool = False
+        self,
+        old: FlowRun,
+        new: FlowRun,
+        *,
+        old_failing: bool = False,
+        source: EmbeddedRuntime | None = None,
     ) -> float | None:
+        """`Runtime.switch`; `source`: the runtime `old` runs on when it is another one (a
+        flow moving between runtimes: its queues are carried across)."""
+        source = source or self
         old_r, new_r = _runner(old), _runner(new)
         if old_failing:
             old_r.supervise = False  # a crash-looping version is not restarted while it goes
@@ -107,19 +130,59 @@ class EmbeddedRuntime:
         async def switch_actions() -> None:
             await asyncio.gather(*(old_r.stop_loop(sid) for sid in actions_old))
             new_ids = [s.id for s in new_r.steps[1:]]
-            self.router.flush()  # what the old actions handled has left their queues
-            with self.store.tx():
-                moved = self.flows.requeue_orphans(flow, [s.id for s in new_r.steps], new_ids[0])
-            if moved:
-                self.router.forget_depths(flow)
-                log.info("flow %s: %d queued message(s) moved to step %s", flow, moved, new_ids[0])
+            if source is not self:
+                # The trigger must have made its last call on `source` before its queues move.
+                await old_r.stop_trigger_at_boundary(BOUNDARY_WAIT)
+                moved = await source.move_queues_to(self, flow)
+                log.info(
+                    "flow %s: %d queued message(s) carried from %s to %s",
+                    flow,
+                    moved,
+                    source.name,
+                    self.name,
+                )
+            await self.hand_queues(flow, [s.id for s in new_r.steps])
             new_r.start_loops(new_ids)
 
-        gap_ms, _ = await asyncio.gather(switch_trigger(), switch_actions())
+        if source is self:
+            gap_ms, _ = await asyncio.gather(switch_trigger(), switch_actions())
+        else:  # queues move once the old trigger is done, before the new trigger starts
+            await switch_actions()
+            gap_ms = await switch_trigger()
         task = asyncio.get_running_loop().create_task(old_r.stop(), name=f"stop-old:{flow}")
         self._background.add(task)
         task.add_done_callback(self._stopped)
         return gap_ms
+
+    async def hand_queues(self, flow: str, steps: list[str]) -> None:
+        """Between the old actions stopping and the new ones starting: messages queued for
+        steps the new version does not have go to its first action."""
+        self.router.flush()  # what the old actions handled has left their queues
+        with self.store.tx():
+            moved = self.flows.requeue_orphans(flow, steps, steps[1])
+        if moved:
+            self.router.forget_depths(flow)
+            log.info("flow %s: %d queued message(s) moved to step %s", flow, moved, steps[1])
+
+    async def import_queues(self, flow: str, rows: list[tuple[str, Queued]]) -> None:
+        """Queue (step, message) pairs that come from another runtime, in order, keeping
+        their ids and attempts."""
+        with self.store.tx():
+            self.flows.insert_messages(flow, rows)
+        self.router.forget_depths(flow)
+
+    async def move_queues_to(self, target: EmbeddedRuntime, flow: str) -> int:
+        """Carry every message queued for `flow` here to `target` (a flow moving between
+        runtimes): queued there first, then removed here, so a crash between leaves a
+        message in both places, never in neither."""
+        self.router.flush()
+        rows = self.flows.flow_messages(flow)
+        if rows:
+            await target.import_queues(flow, rows)
+            with self.store.tx():
+                self.flows.delete_messages([row.id for _step, row in rows])
+            self.router.forget_depths(flow)
+        return len(rows)
 
     def _stopped(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)

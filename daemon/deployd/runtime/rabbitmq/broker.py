@@ -1,0 +1,229 @@
+"""The connection to RabbitMQ: kept up with back-off, reported as connected or unreachable.
+
+One robust connection per daemon (aio-pika reconnects it and re-opens its channels); one
+channel with publisher confirms for everything deployd publishes, and one channel per
+consuming step (its prefetch is that step's own). A broker that is down never stops the
+daemon: `state` says `unreachable` with the error (credentials redacted), warm-ups of flows on
+this runtime wait for it (up to their timeout), everything else keeps working.
+
+Names (all durable, declared idempotently whenever they are needed):
+
+    deployd.flows            direct exchange; routing key "<flow>.<step>" → that step's input
+    deployd.<flow>.<step>    quorum queue; the daemon is its only consumer and pulls from it
+                             (`runner.Consumer`: order kept across switches; RabbitMQ refuses
+                             basic.get on a single-active-consumer queue, so that is not set)
+    deployd.retry            direct exchange for rebounds: deployd.<flow>.<step>.retry holds a
+                             message for its per-message TTL, then dead-letters it back to
+                             deployd.flows with the step's routing key
+
+Dead letters (a message whose handling failed) are not a broker queue: they are written to
+the state database in the same group commit as the step's other results, so `deployd flow
+errors/retry/discard` work alike on every runtime. The broker's own delivery limit is not
+set: a message that kills its step is handed to the restarted process again (with back-off),
+as on the embedded runtime, and a broker-side limit would also count the returns of a switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from ...errors import FlowError
+
+log = logging.getLogger("deployd.rabbitmq")
+EXCHANGE = "deployd.flows"
+RETRY_EXCHANGE = "deployd.retry"
+BACKOFF_START = 0.5
+BACKOFF_MAX = 15.0
+_CREDENTIALS = re.compile(r"(amqps?://)[^@/\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user and password of any AMQP url in it replaced."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
+def queue_name(flow: str, step: str) -> str:
+    return f"deployd.{flow}.{step}"
+
+
+def routing_key(flow: str, step: str) -> str:
+    return f"{flow}.{step}"
+
+
+class BrokerUnreachable(FlowError):
+    """The broker cannot be reached (the error says why; credentials are redacted)."""
+
+
+class Broker:
+    """The daemon's connection to RabbitMQ."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self.state = "connecting"  # connecting | connected | unreachable
+        self.error: str | None = None
+        self.since: float | None = None  # loop time of the last state change
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+        self.conn: AbstractRobustConnection | None = None
+        self.channel: AbstractChannel | None = None  # publisher confirms on
+        self.exchange: AbstractExchange | None = None
+        self.retry_exchange: AbstractExchange | None = None
+        self._declared: set[tuple[str, str]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.on_reconnect: list[Callable[[], None]] = []
+
+    @property
+    def where(self) -> str:
+        return redact(self._url)
+
+    def describe(self) -> dict[str, Any]:
+        return {"state": self.state, "url": self.where, "error": self.error}
+
+    def start(self) -> None:
+        """Connect in the background (with back-off until it works)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._connect(), name="amqp")
+
+    async def _connect(self) -> None:
+        delay = BACKOFF_START
+        while not self._closing:
+            try:
+                conn = await aio_pika.connect_robust(
+                    self._url,
+                    timeout=10,
+                    client_properties={"connection_name": "deployd"},
+                    reconnect_interval=BACKOFF_START,
+                )
+                self.conn = conn
+                conn.reconnect_callbacks.add(self._reconnected)
+                conn.close_callbacks.add(self._lost)
+                await self._open()
+            except (OSError, aiormq.exceptions.AMQPError, TimeoutError, ConnectionError) as exc:
+                self._set("unreachable", _reason(exc))
+                if self.conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self.conn.close()
+                    self.conn = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            self._set("connected", None)
+            return
+
+    async def _open(self) -> None:
+        assert self.conn is not None
+        self.channel = await self.conn.channel(publisher_confirms=True)
+        self.exchange = await self.channel.declare_exchange(
+            EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        self.retry_exchange = await self.channel.declare_exchange(
+            RETRY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        self._declared.clear()
+
+    def _set(self, state: str, error: str | None) -> None:
+        if state != self.state or error != self.error:
+            if state == "connected":
+                log.info("RabbitMQ at %s: connected", self.where)
+            else:
+                log.warning("RabbitMQ at %s: %s (%s)", self.where, state, error)
+        self.state = state
+        self.error = error
+        self.since = asyncio.get_running_loop().time()
+        if state == "connected":
+            self.connected.set()
+        else:
+            self.connected.clear()
+
+    def _lost(self, _conn: Any, exc: BaseException | None = None) -> None:
+        if self._closing:
+            return
+        self._set("unreachable", _reason(exc) if exc else "connection closed")
+
+    def _reconnected(self, _conn: Any) -> None:
+        self.reconnects += 1
+        self._declared.clear()
+        self._set("connected", None)
+        for callback in list(self.on_reconnect):
+            callback()
+
+    async def wait(self, timeout: float) -> None:
+        """Until connected; `BrokerUnreachable` after `timeout` seconds."""
+        self.start()
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            raise BrokerUnreachable(
+                f"RabbitMQ at {self.where} is unreachable: {self.error or 'no answer'}"
+                " (check [runtime.rabbitmq] url and that the broker runs)"
+            ) from None
+
+    async def declare_step(
+        self, flow: str, step: str, channel: AbstractChannel | None = None
+    ) -> AbstractQueue:
+        """The input queue of `step` (and its retry queue), declared if not yet; on `channel`
+        (to consume from it) or the publishing channel."""
+        assert self.channel is not None and self.exchange is not None
+        name = queue_name(flow, step)
+        queue = await (channel or self.channel).declare_queue(
+            name,
+            durable=True,
+            arguments={"x-queue-type": "quorum"},
+        )
+        if (flow, step) not in self._declared:
+            key = routing_key(flow, step)
+            await queue.bind(self.exchange, key)
+            assert self.retry_exchange is not None
+            retry = await self.channel.declare_queue(
+                f"{name}.retry",
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-dead-letter-exchange": EXCHANGE,
+                    "x-dead-letter-routing-key": key,
+                },
+            )
+            await retry.bind(self.retry_exchange, key)
+            self._declared.add((flow, step))
+        return queue
+
+    async def depth(self, flow: str, step: str) -> int:
+        """Ready messages in the input queue of `step` (0 when it does not exist)."""
+        if self.channel is None or not self.connected.is_set():
+            return 0
+        queue = await self.declare_step(flow, step)
+        result = queue.declaration_result
+        return int(result.message_count or 0)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                await self.conn.close()
+        self.connected.clear()
+
+
+def _reason(exc: BaseException | None) -> str:
+    if exc is None:
+        return "connection closed"
+    text = str(exc) or type(exc).__name__
+    return redact(text.splitlines()[0][:300])

@@ -1,0 +1,467 @@
+"""The RabbitMQ router: what a step produced goes to the broker, what it consumed is acked.
+
+It is the embedded `Router` (same commit rules, mapping, dead letters, rebound limit, group
+commit per event-loop tick) with the queue part moved to the broker. A group is made durable
+in this order, each step only after the one before it succeeded:
+
+    1. publish every output (persistent, publisher confirms) — and rebounds to the step's
+       retry queue — and wait for the broker's confirms;
+    2. one SQLite transaction: snapshots, dead letters, step counters, and the ids of the
+       messages handled (so a redelivery is recognised: `handled`);
+    3. ack every input of the group.
+
+A daemon or connection that dies between 1 and 3 leaves inputs unacked: the broker delivers
+them again and the ones recorded in 2 are acked without being handled again. Outputs carry a
+message id derived from their input's, so outputs made again for an input handled again are
+recognised by the next step the same way (`x-deployd-replay`). Groups are chained: a group's
+transaction and acks wait for the group before it; once one fails, the later ones in the
+chain fail too (their inputs come again), and every loop starts from the broker anew
+(`generation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from ...metrics import Metrics
+from ...store import Store
+from ...store.queues import QueueBatch, Queued
+from ...types import FlowVersionToRun
+from ..embedded.process import Result
+from ..embedded.router import Router
+from .broker import Broker, routing_key
+
+log = logging.getLogger("deployd.rabbitmq")
+dumps = json.JSONEncoder(separators=(",", ":")).encode
+KEEP_HANDLED = 24 * 3600.0  # seconds a handled message id is remembered
+PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+
+
+@dataclass
+class Delivery:
+    """An input as the broker delivered it, with what its outputs inherit."""
+
+    message: AbstractIncomingMessage
+    flow: str
+    step: str
+    thread: str
+    replay: bool  # it may have been handled before (its outputs may repeat earlier ones)
+    epoch: int = 0  # the broker connection it came on (`Broker.reconnects`)
+    done: bool = False
+
+
+@dataclass
+class _Group:
+    batch: QueueBatch
+    publishes: list[asyncio.Future[Any]] = field(default_factory=list)
+    added: dict[tuple[str, str], int] = field(default_factory=dict)
+    removed: dict[tuple[str, str], int] = field(default_factory=dict)
+    acks: list[Delivery] = field(default_factory=list)
+    processed: dict[tuple[str, str], int] = field(default_factory=dict)
+    failed: dict[tuple[str, str], int] = field(default_factory=dict)
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def envelope(msg_id: str, body: str, headers: str) -> bytes:
+    """A message as it travels: the seed platform's shape, `{"id", "body", "headers"}`."""
+    return b'{"id":%s,"body":%s,"headers":%s}' % (
+        dumps(msg_id).encode(),
+        body.encode(),
+        headers.encode(),
+    )
+
+
+class AmqpRouter(Router):
+    """The router of the RabbitMQ runtime (see the module docstring)."""
+
+    def __init__(self, store: Store, metrics: Metrics, broker: Broker) -> None:
+        super().__init__(store, metrics)
+        self.broker = broker
+        self.deliveries: dict[int, Delivery] = {}
+        self._row_ids = 0
+        self._parent: Delivery | None = None
+        self._child = 0
+        self._chain: asyncio.Task[bool] | None = None
+        self._unsettled: dict[tuple[str, str], dict[str, Any]] = {}  # snapshots in the chain
+        self._broken = False  # a group of the current chain failed
+        self._pruned_at = 0.0
+        self._parents: dict[str, Delivery] = {}  # output id → its input, until published
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._publishing: dict[tuple[str, str], int] = defaultdict(int)  # flushed, unsettled
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def row(self, flow: str, step: str, message: AbstractIncomingMessage) -> Queued | None:
+        """The broker's delivery as a queued message for the action loop; None when it was
+        handled before (then it is acked here) or is not a deployd message (a dead letter)."""
+        headers = message.headers or {}
+        msg_id = str(message.message_id or headers.get("messageId") or "")
+        replay = bool(message.redelivered or headers.get("x-deployd-replay"))
+        if replay and msg_id and self.flows.was_handled(flow, step, msg_id):
+            log.info("flow %s step %s: message %s was handled already", flow, step, msg_id)
+            self._later(_ack(message))
+            return None
+        try:
+            data = json.loads(message.body)
+            if not isinstance(data, dict) or "body" not in data:
+                raise ValueError('not an object with "body"')
+            body = dumps(data["body"])
+            msg_headers = dumps(data.get("headers") or {})
+            msg_id = msg_id or str(data.get("id") or self._new_id())
+        except ValueError as exc:
+            self._foreign(flow, step, message, msg_id, str(exc))
+            return None
+        self._row_ids += 1
+        self.deliveries[self._row_ids] = Delivery(
+            message,
+            flow,
+            step,
+            str(headers.get("threadId") or msg_id),
+            replay,
+            self.broker.reconnects,
+        )
+        return Queued(
+            self._row_ids,
+            msg_id,
+            body,
+            msg_headers,
+            _int(headers.get("x-deployd-attempts")),
+            _int(headers.get("x-deployd-failures")),
+        )
+
+    def _foreign(
+        self, flow: str, step: str, message: AbstractIncomingMessage, msg_id: str, why: str
+    ) -> None:
+        """A message on a step's queue that deployd did not write: a dead letter of the step
+        (acked once the letter is written, like any other)."""
+        text = message.body.decode("utf-8", "replace")
+        error = f'not a deployd message ({why}); expected JSON {{"id", "body", "headers"}}'
+        self._row_ids += 1
+        self.deliveries[self._row_ids] = Delivery(message, flow, step, msg_id, False)
+        self._batch.letters.append(
+            (
+                flow,
+                step,
+                msg_id or self._new_id(),
+                dumps({"raw": text}),
+                "{}",
+                None,
+                None,
+                None,
+                error,
+                1,
+                "[]",
+            )
+        )
+        self._batch.delete.append(self._row_ids)
+        self._failed[(flow, step)] += 1
+        self._errors.append((flow, step, error))
+        self._schedule()
+
+    async def release(self, row_ids: list[int]) -> None:
+        """Give inputs that were not handled back to the broker, in order (they come again
+        before anything else)."""
+        for row_id in row_ids:
+            delivery = self.deliveries.pop(row_id, None)
+            if delivery is not None and not delivery.done:
+                delivery.done = True
+                await _nack(delivery.message)
+
+    def _later(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- commits ---------------------------------------------------------------------------
+
+    def commit(
+        self, spec: FlowVersionToRun, index: int, res: Result, row: Queued | None = None
+    ) -> float | None:
+        parent = self._parent = self.deliveries.get(row.id) if row is not None else None
+        self._child = 0
+        queued = len(self._batch.enqueue)
+        try:
+            due = super().commit(spec, index, res, row)
+        finally:
+            self._parent = None
+        if parent is not None:
+            for entry in self._batch.enqueue[queued:]:
+                self._parents[entry[2]] = parent
+        if res.snapshot is not None:
+            self._unsettled[(spec.flow, spec.steps[index].id)] = res.snapshot
+        if row is not None:
+            self._batch.handled.append((spec.flow, spec.steps[index].id, row.msg_id, time.time()))
+        return due
+
+    def _new_id(self) -> str:
+        parent = self._parent
+        if parent is None:
+            return super()._new_id()
+        # Derived from the input's id: made again for the same input, it is the same id.
+        self._child += 1
+        seed = f"{parent.message.message_id}/{self._child}".encode()
+        return hashlib.blake2b(seed, digest_size=12).hexdigest()
+
+    def snapshot(self, flow: str, step: str) -> dict[str, Any]:
+        key = (flow, step)
+        if key in self._batch.snapshots:
+            return self._batch.snapshots[key]
+        if key in self._unsettled:
+            return self._unsettled[key]
+        return super().snapshot(flow, step)
+
+    def depth(self, flow: str, step: str) -> int:
+        """Messages in the queue of `step` as far as this router knows: counted from the
+        broker when the step first ran, then kept here (this daemon is the only producer and
+        consumer), publishes not yet confirmed included."""
+        key = (flow, step)
+        return (
+            self._depth.get(key, 0)
+            + self._publishing.get(key, 0)
+            + self._added.get(key, 0)
+            - self._removed.get(key, 0)
+        )
+
+    def set_depth(self, flow: str, step: str, depth: int) -> None:
+        self._depth[(flow, step)] = depth
+
+    def forget_depths(self, flow: str) -> None:
+        """Queues of `flow` were changed outside the router: the runtime counts them again
+        from the broker (`set_depth`); here only who waits is woken."""
+        for events in (self._room, self._wake):
+            for key, event in events.items():
+                if key[0] == flow:
+                    event.set()
+
+    def flush(self) -> None:
+        """Start making the pending group durable (see the module docstring)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        batch, self._batch = self._batch, QueueBatch()
+        group = _Group(batch)
+        group.added, self._added = dict(self._added), defaultdict(int)
+        group.removed, self._removed = dict(self._removed), defaultdict(int)
+        group.processed, self._processed = dict(self._processed), defaultdict(int)
+        group.failed, self._failed = dict(self._failed), defaultdict(int)
+        group.errors, self._errors = self._errors, []
+        for key in group.processed.keys() | group.failed.keys():  # the step counters
+            batch.stats[key] = [group.processed.get(key, 0), group.failed.get(key, 0), None]
+        for flow, step, error in group.errors:
+            batch.stats[(flow, step)][2] = error
+        if not batch:
+            return
+        for row_id in batch.delete:
+            delivery = self.deliveries.pop(row_id, None)
+            if delivery is not None:
+                group.acks.append(delivery)
+        rebounds = []
+        for due, row_id in batch.defer:
+            delivery = self.deliveries.pop(row_id, None)
+            if delivery is not None:
+                group.acks.append(delivery)
+                rebounds.append((due, delivery))
+        exchange, retry = self.broker.exchange, self.broker.retry_exchange
+        if (batch.enqueue or batch.defer) and (
+            exchange is None or retry is None or not self.broker.connected.is_set()
+        ):
+            self._fail(group, "RabbitMQ is not connected")
+            return
+        # Publish now (in order: each publish writes its frames when its task first runs, and
+        # tasks run in the order they were made); the chain waits for the confirms.
+        loop = asyncio.get_running_loop()
+        for flow, step, msg_id, body, headers, failures in batch.enqueue:
+            group.publishes.append(
+                loop.create_task(
+                    exchange.publish(  # type: ignore[union-attr]
+                        self._message(flow, step, msg_id, body, headers, failures),
+                        routing_key(flow, step),
+                    )
+                )
+            )
+        for due, delivery in rebounds:
+            group.publishes.append(loop.create_task(self._rebound(delivery, due)))
+        batch.enqueue, batch.delete, batch.defer = [], [], []
+        self._parents.clear()
+        for key, n in group.added.items():
+            self._publishing[key] += n
+        prev = self._chain
+        self._chain = loop.create_task(self._settle_group(prev, group))
+
+    def _message(
+        self, flow: str, step: str, msg_id: str, body: str, headers: str, failures: int
+    ) -> aio_pika.Message:
+        parent = self._parents.get(msg_id)
+        amqp: dict[str, Any] = {"messageId": msg_id, "flowId": flow, "stepId": step}
+        if parent is not None:
+            amqp["parentMessageId"] = parent.message.message_id
+            amqp["threadId"] = parent.thread
+            if parent.replay:
+                amqp["x-deployd-replay"] = 1
+        else:
+            amqp["threadId"] = msg_id
+        if failures:
+            amqp["x-deployd-failures"] = failures
+        return aio_pika.Message(
+            envelope(msg_id, body, headers),
+            headers=amqp,
+            content_type="application/json",
+            delivery_mode=PERSISTENT,
+            message_id=msg_id,
+        )
+
+    async def _rebound(self, delivery: Delivery, due: float) -> None:
+        """A message that asked to come again later: to its step's retry queue, with a TTL."""
+        message = delivery.message
+        headers = dict(message.headers or {})
+        headers["x-deployd-attempts"] = _int(headers.get("x-deployd-attempts")) + 1
+        assert self.broker.retry_exchange is not None
+        await self.broker.retry_exchange.publish(
+            aio_pika.Message(
+                message.body,
+                headers=headers,
+                content_type="application/json",
+                delivery_mode=PERSISTENT,
+                message_id=message.message_id,
+                expiration=max(0.001, due - time.time()),
+            ),
+            routing_key(delivery.flow, delivery.step),
+        )
+
+    async def _settle_group(self, prev: asyncio.Task[bool] | None, group: _Group) -> bool:
+        try:
+            return await self._settle(prev, group)
+        finally:
+            for key, n in group.added.items():
+                self._publishing[key] -= n
+
+    async def _settle(self, prev: asyncio.Task[bool] | None, group: _Group) -> bool:
+        ok = True
+        error = ""
+        try:
+            if group.publishes:
+                await asyncio.gather(*group.publishes)
+        except Exception as exc:  # a nack, a closed channel or connection
+            ok, error = False, str(exc) or type(exc).__name__
+        if prev is not None and not await prev:
+            ok, error = False, error or "an earlier group failed"
+        if ok and self._broken:
+            self._broken = False  # the chain before this group is done: start clean
+        if not ok:
+            self._fail(group, error)
+            return False
+        try:
+            self._write(group.batch)
+        except Exception:
+            log.exception("recording a group of results failed; they will be delivered again")
+            self._fail(group, "the state database write failed")
+            return False
+        for delivery in group.acks:
+            if not delivery.done:
+                delivery.done = True
+                await _ack(delivery.message)
+        self._settled(group)
+        return True
+
+    def _write(self, batch: QueueBatch) -> None:
+        stats = batch.stats
+        if not (batch.snapshots or batch.letters or batch.handled or stats):
+            return
+        with self.store.tx():
+            self.flows.commit_batch(batch)
+            now = time.time()
+            if now - self._pruned_at > 600:
+                self._pruned_at = now
+                self.flows.prune_handled(now - KEEP_HANDLED)
+
+    def _fail(self, group: _Group, error: str) -> None:
+        """Nothing of `group` was made durable: its inputs go back to the broker (in order),
+        its snapshots are read anew, every action loop starts from the broker again."""
+        for task in group.publishes:
+            task.cancel()
+        nacks = [d for d in group.acks if not d.done]
+        for delivery in nacks:
+            delivery.done = True
+        if nacks:
+            self._later(_nack_all([d.message for d in nacks]))
+        if not self._broken:
+            log.warning(
+                "publishing to RabbitMQ failed (%s); %d message(s) will be delivered again",
+                error,
+                len(group.acks),
+            )
+        self._broken = True
+        self._unsettled.clear()
+        self._snapshots.clear()
+        self.generation += 1
+        for key in group.batch.snapshots:
+            self._snapshots.pop(key, None)
+
+    def _settled(self, group: _Group) -> None:
+        for key, data in group.batch.snapshots.items():
+            self._snapshots[key] = data
+            if self._unsettled.get(key) is data:
+                del self._unsettled[key]
+        for key, n in group.added.items():
+            self._depth[key] = self._depth.get(key, 0) + n
+            self._wake[key].set()
+        for key, n in group.removed.items():
+            self._depth[key] = max(0, self._depth.get(key, 0) - n)
+            self._room[key].set()
+        for (flow, step), n in group.processed.items():
+            self.metrics.message_processed(flow, step, n)
+        for (flow, step), n in group.failed.items():
+            self.metrics.message_failed(flow, step, n)
+        for flow, step, error in group.errors[:5]:
+            log.warning("flow %s step %s: %s", flow, step, error.splitlines()[0][:500])
+        if len(group.errors) > 5:
+            log.warning(
+                "… and %d more failed message(s) (see `deployd flow errors`)",
+                len(group.errors) - 5,
+            )
+
+    async def settle(self) -> bool:
+        """Flush, then wait until every group so far is durable (False: one failed)."""
+        self.flush()
+        chain = self._chain
+        if chain is None:
+            return True
+        return await chain
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    """Ack, ignoring a channel that is gone (the broker then delivers the message again, and
+    `handled` recognises it)."""
+    with contextlib.suppress(Exception):
+        await message.ack()
+
+
+async def _nack(message: AbstractIncomingMessage) -> None:
+    """Back to its queue (a channel that is gone gives it back by itself)."""
+    with contextlib.suppress(Exception):
+        await message.nack(requeue=True)
+
+
+async def _nack_all(messages: list[AbstractIncomingMessage]) -> None:
+    for message in messages:
+        await _nack(message)
+
+
+def _int(value: Any) -> int:
+    """A counter header as an int (0 when missing or not a number)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
