@@ -22,6 +22,7 @@ chain fail too (their inputs come again), and every loop starts from the broker 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -100,6 +101,8 @@ class AmqpRouter(Router):
         self._parents: dict[str, Delivery] = {}  # output id → its input, until published
         self._tasks: set[asyncio.Task[None]] = set()
         self._publishing: dict[tuple[str, str], int] = defaultdict(int)  # flushed, unsettled
+        # Messages a stopped loop had taken and not handed on, for the step's next loop.
+        self.leftovers: dict[tuple[str, str], collections.deque[Queued]] = {}
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -178,6 +181,13 @@ class AmqpRouter(Router):
             if delivery is not None and not delivery.done:
                 delivery.done = True
                 await _nack(delivery.message)
+
+    async def ack(self, row_id: int) -> None:
+        """Ack an input that was carried elsewhere (it is durable there)."""
+        delivery = self.deliveries.pop(row_id, None)
+        if delivery is not None and not delivery.done:
+            delivery.done = True
+            await _ack(delivery.message)
 
     def _later(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

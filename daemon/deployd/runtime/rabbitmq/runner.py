@@ -54,27 +54,33 @@ class Consumer:
 
     async def start(self) -> None:
         self.queue = await self.router.broker.declare_step(self.flow, self.step)
+        # What the step's previous loop had taken and not handed on comes first.
+        self.buffer.extend(self.router.leftovers.pop((self.flow, self.step), ()))
 
-    async def fill(self, want: int) -> None:
-        """Pull up to `want` messages into the buffer (fewer when the queue has fewer)."""
-        if want <= 0:
-            return
-        if self.queue is None or not self.router.broker.connected.is_set():
-            self.empty = True
-            return
+    async def fill(self, want: int, stop: asyncio.Event) -> None:
+        """Pull up to `want` messages into the buffer (fewer when the queue has fewer), one
+        get after the other, none once `stop` is set: a get sent before a switch's new
+        trigger published anything cannot return what it published (one channel, in order)."""
         queue = self.queue
-        try:
-            got = await asyncio.gather(*(queue.get(no_ack=False, fail=False) for _ in range(want)))
-        except Exception as exc:  # the channel or connection broke: pulled again later
-            log.debug("flow %s step %s: pulling failed: %s", self.flow, self.step, exc)
+        if queue is None or not self.router.broker.connected.is_set():
             self.empty = True
             return
-        self.empty = any(message is None for message in got)
-        for message in got:
-            if message is not None:
-                row = self.router.row(self.flow, self.step, message)
-                if row is not None:
-                    self.buffer.append(row)
+        self.empty = False
+        for _ in range(want):
+            if stop.is_set():
+                return
+            try:
+                message = await queue.get(no_ack=False, fail=False)
+            except Exception as exc:  # the channel or connection broke: pulled again later
+                log.debug("flow %s step %s: pulling failed: %s", self.flow, self.step, exc)
+                self.empty = True
+                return
+            if message is None:
+                self.empty = True
+                return
+            row = self.router.row(self.flow, self.step, message)
+            if row is not None:
+                self.buffer.append(row)
 
     def drop_stale(self) -> None:
         """After a reconnect the broker gives every unacked message again: what was pulled
@@ -88,12 +94,14 @@ class Consumer:
         self.buffer = keep
 
     async def close(self) -> None:
-        """What was pulled but not handed on goes back (only after a step was stopped in
-        the middle of a batch: the loop pulls only what it hands on)."""
-        rows = [row.id for row in self.buffer]
-        self.buffer.clear()
+        """What was taken and not handed on (the unfinished messages of a step that died
+        while it was being stopped) is kept for the step's next loop, first in line: given
+        back to the broker, it would go to the end of the queue."""
+        if self.buffer:
+            key = (self.flow, self.step)
+            self.router.leftovers.setdefault(key, collections.deque()).extend(self.buffer)
+            self.buffer.clear()
         await self.router.settle()
-        await self.router.release(rows)
 
 
 def _epoch(deliveries: dict[int, Delivery], row_id: int) -> int:
@@ -194,7 +202,8 @@ class RabbitRunner(FlowRunner):
                 if proc is not None and proc is self.procs.get(step.id):
                     room = min(ahead, len(inflight) + self._space(index, len(inflight)))
                     wake.clear()
-                    await consumer.fill(room - len(inflight) - len(consumer.buffer))
+                    await consumer.fill(room - len(inflight) - len(consumer.buffer), stop)
+                    # handed on even if a stop came meanwhile: taken, they belong to this loop
                     await self._hand_rows(proc, room, inflight, consumer.buffer)
             if not inflight:
                 if stop.is_set():

@@ -90,6 +90,9 @@ class RabbitRuntime(EmbeddedRuntime):
     async def close(self) -> None:
         try:
             await super().close()
+            await self.router.settle()
+            for key in list(self.router.leftovers):  # back to the broker (no loop is left)
+                await self.router.release([row.id for row in self.router.leftovers.pop(key)])
         finally:
             await self.broker.close()
 
@@ -135,7 +138,12 @@ class RabbitRuntime(EmbeddedRuntime):
             async def put(row: Queued) -> None:
                 await self.import_queues(flow, [(steps[1], row)])
 
-            moved = await self._drain(flow, key[1], put)
+            moved = 0
+            for row in self.router.leftovers.pop(key, ()):
+                await put(row)
+                await self.router.ack(row.id)
+                moved += 1
+            moved += await self._drain(flow, key[1], put)
             if moved:
                 log.info("flow %s: %d queued message(s) moved to step %s", flow, moved, steps[1])
 
