@@ -95,6 +95,7 @@ def build_status(
         "daemon": {"running": running, "pid": pid, "listen": config.daemon.listen},
         "components": components,
         "runtimes": runtimes(config),
+        "broker": broker_status(config, deployer),
         "flows": flows_status(store, deployer) if store else [],
         **status_extras(store),
     }
@@ -109,6 +110,21 @@ def runtimes(config: Config) -> dict[str, str | None]:
 
     node = detect(config.daemon.node)
     return {"python": platform.python_version(), "node": node.version if node.ok else None}
+
+
+def broker_status(config: Config, deployer: Deployer | None) -> dict[str, Any] | None:
+    """The RabbitMQ broker as the daemon sees it: `{"state": "connected" | "unreachable" |
+    "connecting" | "unknown", "url" (credentials redacted), "error"}`; None when no
+    [runtime.rabbitmq] url is configured. "unknown": read without a running daemon."""
+    url = config.runtime.rabbitmq.url
+    if url is None:
+        return None
+    describe = getattr(deployer.runtime, "describe", None) if deployer is not None else None
+    if describe is not None:
+        broker = describe().get("rabbitmq")
+        if broker is not None:
+            return dict(broker)
+    return {"state": "unknown", "url": redact_url(url.get_secret_value()), "error": None}
 
 
 def poll_status(row: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -123,6 +123,10 @@ def print_status(data: dict[str, Any]) -> None:
     rts = data.get("runtimes") or {}
     node = rts.get("node") or "not available (see `deployd check-config`)"
     say(f"runtimes: python {rts.get('python')}, node {node}\n")
+    broker = data.get("broker")
+    if broker:
+        error = f": {broker['error']}" if broker.get("error") else ""
+        say(f"broker: {broker['state']} ({broker['url']}){error}\n")
     print_flows_table(data.get("flows", []))
     paused = data.get("paused") or {}
     names = [f"flow {n}" for n in paused.get("flow", [])] + [

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import FlowError
-from ..store import Store
+from ..store import FlowStore, Store
 from ..toolchains import node as nodetool
 from ..types import DEFAULT_PREFETCH, FlowVersionToRun, RunStep, StepKind
 from . import model
@@ -123,4 +123,17 @@ class Drafts:
                     max_queue=s.get("max_queue"),
                 )
             )
-        return FlowVersionToRun(flow, version, tuple(out))
+        return FlowVersionToRun(flow, version, tuple(out), self.runtime_of(flow, version))
+
+    def runtime_of(self, flow: str, version: int) -> str | None:
+        """The runtime flow version `version` runs on: its own flow row's choice (a `flow
+        move`), else its flow file's `runtime` key, else None ([runtime] default)."""
+        fs = FlowStore(self.store)
+        row = fs.flow(flow)
+        if row is not None and row["runtime"]:
+            return str(row["runtime"])
+        fv = fs.flow_version(flow, version)
+        if fv is None:
+            return None
+        runtime = (fv["spec"] or {}).get("runtime")
+        return str(runtime) if runtime else None

@@ -89,6 +89,9 @@ class FlowSpec(BaseModel):
     # "on_publish": after a publish that changed a step's component version stays up through
     # the rollback window, that step's dead letters are re-queued once into the new version.
     retry_errors: Literal["manual", "on_publish"] = "manual"
+    # What runs it: "embedded" (this machine, SQLite queues) or "rabbitmq" (queues in
+    # RabbitMQ); None: the daemon's [runtime] default.
+    runtime: Literal["embedded", "rabbitmq"] | None = None
     steps: list[StepSpec]
 
     @field_validator("name")
