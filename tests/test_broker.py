@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -191,22 +191,19 @@ def test_a_quorum_queue_declared_just_before_a_kill_comes_back_as_an_empty_membe
 
 @pytest.mark.timeout(240)
 def test_a_second_broker_runs_beside_the_first_and_close_leaves_nothing(
-    broker: Broker, tmp_path: Path
+    broker: Broker, broker_factory: Callable[..., Broker]
 ) -> None:
-    other = Broker(tmp_path, vhosts=1)
-    try:
-        other.start()
-        assert {other.port, other.dist_port, other.epmd_port}.isdisjoint(
-            {broker.port, broker.dist_port, broker.epmd_port}
-        )
-        assert other.node != broker.node
-        assert other._server is not None and other._epmd is not None
-        mine = descendants(os.getpid())
-        top = {other._server.pid, other._epmd.pid}
-        procs = {p: mine[p] for p in top} | descendants(other._server.pid)
-        assert len(procs) >= 4  # epmd, the script, the VM, erl_child_setup ...
-    finally:
-        other.close()
+    other = broker_factory(vhosts=1)
+    assert {other.port, other.dist_port, other.epmd_port}.isdisjoint(
+        {broker.port, broker.dist_port, broker.epmd_port}
+    )
+    assert other.node != broker.node
+    assert other._server is not None and other._epmd is not None
+    mine = descendants(os.getpid())
+    top = {other._server.pid, other._epmd.pid}
+    procs = {p: mine[p] for p in top} | descendants(other._server.pid)
+    assert len(procs) >= 4  # epmd, the script, the VM, erl_child_setup ...
+    other.close()  # the factory closes it again at teardown: a no-op
     assert not alive(procs), "a process outlived close() (zombies don't count)"
     assert not other.dir.exists()
 
