@@ -24,7 +24,11 @@ check: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Debian packages some tests need (installed as root when missing; see scripts/ensure-packages).
+TEST_PACKAGES := rabbitmq-server
+
 test: $(STAMP) check
+	scripts/ensure-packages $(TEST_PACKAGES)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

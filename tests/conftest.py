@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.broker import DEFAULT_VHOSTS, VHOSTS_ENV, Broker, broker_unavailable, start_broker
+
 DEPLOYD = [sys.executable, "-m", "deployd"]
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test",
@@ -354,3 +356,70 @@ def dead_letter_rows(state_dir: Path, flow: str) -> list[dict[str, Any]]:
         for column in ("body", "headers", "emitted"):
             row[column] = json.loads(row[column])
     return rows
+
+
+# --------------------------------------------------------------------------- RabbitMQ
+
+BROKER_FIXTURES = {"broker", "amqp_url", "broker_factory"}
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_broker() -> None:
+    """Skip the calling test when no RabbitMQ can be had here; under CI=true, fail it."""
+    reason = broker_unavailable()
+    if reason is None:
+        return
+    if under_ci():
+        pytest.fail(f"CI=true and no RabbitMQ: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test using a broker fixture is a `rabbitmq` test: `-m "not rabbitmq"` leaves it out.
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.rabbitmq)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("rabbitmq") is not None:
+        require_broker()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One private RabbitMQ for the whole session (tests/broker.py); closed at the end.
+
+    Don't stop, kill or restart it (a restart recovers every pooled vhost: slow); a test
+    that does takes its own from `broker_factory`."""
+    require_broker()
+    vhosts = int(os.environ.get(VHOSTS_ENV) or DEFAULT_VHOSTS)
+    b = start_broker(tmp_path_factory.mktemp("rabbitmq"), vhosts=vhosts)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def amqp_url(broker: Broker) -> str:
+    """amqp://…/tNNN: a vhost of the session broker no other test has had."""
+    return broker.vhost_url()
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """broker_factory(vhosts=2) → a started private Broker, closed after the test: for tests
+    that stop, kill or restart a broker."""
+    require_broker()
+    made: list[Broker] = []
+
+    def make(vhosts: int = 2) -> Broker:
+        b = start_broker(tmp_path / f"rabbitmq{len(made)}", vhosts=vhosts)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
