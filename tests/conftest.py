@@ -166,6 +166,7 @@ class Daemon:
     daemon_extra: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    extra_toml: str = ""  # more tables for the config file (e.g. [runtime.rabbitmq])
 
     @property
     def config_path(self) -> Path:
@@ -190,6 +191,7 @@ class Daemon:
         lines = ["[daemon]", f'state_dir = "{self.state_dir}"', f'listen = "127.0.0.1:{self.port}"']
         for key, value in self.daemon_extra.items():
             lines.append(f"{key} = {json.dumps(value)}")
+        lines.append(self.extra_toml)
         for comp in self.components:
             lines.append("[[components]]")
             for key, value in comp.items():
@@ -296,7 +298,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """daemon_factory(components=[{"name": "hello"}], **daemon_keys) → a Daemon, not started."""
     made: list[Daemon] = []
 
-    def make(components: list[dict[str, Any]] | None = None, **daemon_extra: Any) -> Daemon:
+    def make(
+        components: list[dict[str, Any]] | None = None, extra_toml: str = "", **daemon_extra: Any
+    ) -> Daemon:
         root = tmp_path / f"deployd{len(made)}"
         root.mkdir()
         d = Daemon(
@@ -304,6 +308,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             port=free_port(),
             components=components if components is not None else [{"name": "hello"}],
             daemon_extra=daemon_extra,
+            extra_toml=extra_toml,
         )
         made.append(d)
         return d

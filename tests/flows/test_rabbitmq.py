@@ -1,0 +1,60 @@
+"""The daemon with flows on the RabbitMQ runtime, end to end: a real `deployd serve`, a real
+git push, a real broker (the session's, a vhost of this test's own)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+from tests.flows.conftest import FlowEnv, assert_contiguous, counter_files, flow_toml, read_out
+
+
+def rabbit_toml(url: str, default: str = "rabbitmq") -> str:
+    return f'[runtime]\ndefault = "{default}"\n[runtime.rabbitmq]\nurl = "{url}"\n'
+
+
+def test_a_push_republishes_a_flow_on_rabbitmq_with_nothing_lost(
+    make_env: Callable[..., FlowEnv], amqp_url: str
+) -> None:
+    """trigger → write on RabbitMQ; a push of new code switches it with nothing lost or
+    doubled; status shows the broker connected, its url without the password, which is in
+    no log either."""
+    env = make_env(extra_toml=rabbit_toml(amqp_url))
+    out = env.out("counter")
+    env.apply(flow_toml("counter", out))
+    env.wait_by(out, "v1", 5)
+    status = env.daemon.status()
+    assert status["broker"]["state"] == "connected", status["broker"]
+    password = amqp_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    assert password not in str(status)
+    assert password not in env.daemon.cli("status").stdout
+    env.push(counter_files("v2"))
+    env.wait_by(out, "v2", 5)
+    rows = read_out(out)
+    assert_contiguous(rows)
+    tags = [r["by"] for r in rows]
+    switch = tags.index("v2")
+    assert set(tags[:switch]) == {"v1"} and set(tags[switch:]) == {"v2"}, tags
+    dep = env.wait_deploy("counter", 2)
+    assert dep["status"] == "done" and dep["gap_ms"] is not None
+    assert password not in env.daemon.log_path.read_text()
+
+
+def test_a_broker_that_is_down_does_not_stop_the_daemon(make_env: Callable[..., FlowEnv]) -> None:
+    """[runtime.rabbitmq] points at a port nothing listens on: the daemon starts, builds, runs
+    embedded flows, and status says the broker is unreachable, with the error and without
+    the password."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"amqp://deployd:s3cret-pw@127.0.0.1:{port}/"
+    env = make_env(extra_toml=rabbit_toml(url, default="embedded"))
+    out = env.counter()
+    assert read_out(out)
+    status = env.daemon.status()
+    broker = status["broker"]
+    assert broker["state"] in ("unreachable", "connecting"), broker
+    assert "s3cret-pw" not in str(status)
+    assert "s3cret-pw" not in env.daemon.log_path.read_text()
+    human = env.daemon.cli("status").stdout
+    assert "broker:" in human and "s3cret-pw" not in human
