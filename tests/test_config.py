@@ -265,3 +265,31 @@ def test_serve_refuses_a_bad_config_before_touching_state(tmp_path: Path) -> Non
     assert "components[0].name: 'Bad_Name'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not state.exists()
+
+
+@pytest.mark.parametrize(
+    ("snippet", "words"),
+    [
+        ('[runtime.rabbitmq]\nurl = "http://broker:5672/"', "is not an AMQP url"),
+        ('[runtime.rabbitmq]\nurl = "amqp://u:p@host:99999/v"', "out of range"),
+        ('[runtime]\ndefault = "rabbitmq"', "url is not set"),
+        ('[runtime]\ndefault = "kafka"', "runtime.default"),
+        ('[runtime.rabbitmq]\nurl = "amqp://h/"\nplacement = "mars"', "runtime.rabbitmq.placement"),
+        ('[runtime.rabbitmq]\nurl = "amqp://h/"\nprefetch = 0', "runtime.rabbitmq.prefetch"),
+        ('[runtime.rabbitmq]\nurl = "${NO_SUCH_AMQP_VAR}"', "NO_SUCH_AMQP_VAR is not set"),
+    ],
+)
+def test_runtime_keys_name_what_is_wrong(tmp_path: Path, snippet: str, words: str) -> None:
+    assert any(words in p for p in problems_of(snippet, tmp_path)), problems_of(snippet, tmp_path)
+
+
+def test_the_amqp_url_comes_from_the_environment_and_is_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEPLOYD_AMQP_URL", "amqp://deployd:pw-123@127.0.0.1:5672/flows")
+    path = write(tmp_path / "c.toml", '[runtime.rabbitmq]\nurl = "${DEPLOYD_AMQP_URL}"\n')
+    cfg = cfgmod.load(path)
+    assert cfg.runtime.default == "embedded" and cfg.runtime.rabbitmq.prefetch == 16
+    assert cfg.runtime.rabbitmq.url is not None
+    assert cfg.runtime.rabbitmq.url.get_secret_value().endswith("/flows")
+    assert "pw-123" not in repr(cfg) and "pw-123" not in str(cfg.model_dump())
