@@ -3,10 +3,21 @@ git push, a real broker (the session's, a vhost of this test's own)."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable
 
-from tests.flows.conftest import FlowEnv, assert_contiguous, counter_files, flow_toml, read_out
+import httpx
+
+from tests.conftest import wait_until
+from tests.flows.conftest import (
+    FlowEnv,
+    assert_contiguous,
+    counter_files,
+    flow_toml,
+    read_out,
+    writer,
+)
 
 
 def rabbit_toml(url: str, default: str = "rabbitmq") -> str:
@@ -58,3 +69,43 @@ def test_a_broker_that_is_down_does_not_stop_the_daemon(make_env: Callable[..., 
     assert "s3cret-pw" not in env.daemon.log_path.read_text()
     human = env.daemon.cli("status").stdout
     assert "broker:" in human and "s3cret-pw" not in human
+
+
+def test_flow_move_both_ways_under_load_carries_the_queue(
+    make_env: Callable[..., FlowEnv], amqp_url: str
+) -> None:
+    """A trigger faster than its action (a queue builds up); `flow move` to RabbitMQ and back
+    to embedded while messages flow: each move is a deployment of the active steps, the
+    queued messages are carried across, nothing is lost or handled twice, order is kept."""
+    slow = counter_files("v1", **{"lib/write.py": writer("v1", "import time\nDELAY = 0.02\n")})
+    slow["lib/write.py"] = slow["lib/write.py"].replace(
+        "def process(msg, cfg):\n", "def process(msg, cfg):\n    time.sleep(DELAY)\n", 1
+    )
+    env = make_env(files=slow, extra_toml=rabbit_toml(amqp_url, default="embedded"))
+    out = env.out("counter")
+    env.apply(flow_toml("counter", out, interval="10ms"))
+    env.wait_more(out, 20)
+
+    def queued() -> float:
+        """The write step's queue depth, as /metrics reports it (either runtime)."""
+        text = httpx.get(env.daemon.url + "/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith("deployd_step_queue_depth{") and 'step="write"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    for target, version in (("rabbitmq", 2), ("embedded", 3)):
+        wait_until(lambda: queued() >= 20, timeout=30)
+        before = len(read_out(out))
+        res = json.loads(
+            env.daemon.cli("flow", "move", "counter", "--runtime", target, "--json").stdout
+        )
+        assert res["status"] == "done", res
+        dep = env.wait_deploy("counter", version)
+        assert dep["trigger"] == "flow move" and dep["status"] == "done", dep
+        env.wait_more(out, 40)
+        rows = read_out(out)
+        assert len(rows) > before
+        assert_contiguous(rows)
+    again = env.daemon.cli("flow", "move", "counter", "--runtime", "embedded", check=False)
+    assert again.returncode != 0 and "already runs on embedded" in again.stderr

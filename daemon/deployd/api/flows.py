@@ -7,7 +7,7 @@ body and headers (customer data, perhaps credentials), so reading them needs the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
@@ -27,6 +27,12 @@ class ApplyBody(BaseModel):
 
 class RollbackBody(BaseModel):
     to: int | None = None
+
+
+class MoveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: Literal["embedded", "rabbitmq"]
 
 
 LetterId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
@@ -55,7 +61,7 @@ class ErrorsBody(BaseModel):
 def router(
     deployer: Deployer, token: Callable[[], str], accepting: Callable[[], bool]
 ) -> APIRouter:
-    """apply / publish / start / stop / rollback and the dead letters (list, retry, discard),
+    """apply / publish / start / stop / rollback / move and the dead letters (list, retry, discard),
     each one call of the deployer."""
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(token_required(token))])
 
@@ -81,6 +87,10 @@ def router(
     @api.post("/flows/{name}/rollback")
     async def rollback(name: str, body: RollbackBody) -> Any:
         return await run(deployer.rollback(name, body.to))
+
+    @api.post("/flows/{name}/move")
+    async def move(name: str, body: MoveBody) -> Any:
+        return await run(deployer.move(name, body.runtime))
 
     @api.get("/flows/{name}/errors")
     async def errors(

@@ -136,6 +136,22 @@ def flow_rollback(
     print_json(res) if as_json else _print_result(res)
 
 
+@flow_app.command("move")
+def flow_move(
+    name: NameArg,
+    runtime: Annotated[str, typer.Option("--runtime", help="Where it goes: embedded or rabbitmq.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish the active version onto another runtime, its queued messages carried across."""
+    if runtime not in ("embedded", "rabbitmq"):
+        raise typer.BadParameter(
+            f"{runtime!r} is not a runtime; use embedded or rabbitmq", param_hint="--runtime"
+        )
+    res = _call(load_config(config), "POST", _flow_path(name, "move"), {"runtime": runtime})
+    print_json(res) if as_json else _print_result(res)
+
+
 def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
     from ..status import build_status
     from ..store import FlowStore

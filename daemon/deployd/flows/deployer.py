@@ -26,6 +26,7 @@ from .drafts import Drafts
 from .letters import MAPPER, Letters
 from .publish import Cause, Publisher
 
+RUNTIMES = ("embedded", "rabbitmq")
 log = logging.getLogger("deployd.deploy")
 
 
@@ -151,6 +152,39 @@ class Deployer:
                 raise FlowError(f"flow {name} already runs version {to}")
             res = await self.publisher.publish(
                 name, target["spec"], target["steps"], f"rollback to v{to}", Cause("flow rollback")
+            )
+            return res.as_json()
+
+    async def move(self, name: str, runtime: str) -> dict[str, Any]:
+        """`flow move`: publish the active version onto another runtime (warm-up there,
+        switch at a trigger call boundary); its queued messages are carried across, its dead
+        letters and snapshots stay (they are the state database's on every runtime)."""
+        if runtime not in RUNTIMES:
+            raise FlowError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+        if runtime == "rabbitmq" and self.config.runtime.rabbitmq.url is None:
+            raise FlowError(
+                "the rabbitmq runtime is not configured: set [runtime.rabbitmq] url in the"
+                " daemon config (README: Queues in RabbitMQ)"
+            )
+        self._known(name)
+        async with self.publisher.lock(name):
+            flow = self._known(name)
+            active = flow["active_version"]
+            if not active:
+                raise FlowError(f"flow {name} has never been published (`deployd flow publish`)")
+            fv = self.fs.flow_version(name, active)
+            assert fv is not None
+            current = fv["spec"].get("runtime") or self.config.runtime.default
+            if current == runtime:
+                raise FlowError(f"flow {name} already runs on {runtime}")
+            if not flow["enabled"]:
+                raise FlowError(
+                    f"flow {name} is stopped: start it (`deployd flow start {name}`) to move it;"
+                    " its queued messages move with it"
+                )
+            spec = {**fv["spec"], "runtime": runtime}
+            res = await self.publisher.publish(
+                name, spec, fv["steps"], f"moved from {current} to {runtime}", Cause("flow move")
             )
             return res.as_json()
 

@@ -126,13 +126,9 @@ class Drafts:
         return FlowVersionToRun(flow, version, tuple(out), self.runtime_of(flow, version))
 
     def runtime_of(self, flow: str, version: int) -> str | None:
-        """The runtime flow version `version` runs on: its own flow row's choice (a `flow
-        move`), else its flow file's `runtime` key, else None ([runtime] default)."""
-        fs = FlowStore(self.store)
-        row = fs.flow(flow)
-        if row is not None and row["runtime"]:
-            return str(row["runtime"])
-        fv = fs.flow_version(flow, version)
+        """The runtime flow version `version` runs on: its spec's `runtime` (the flow file's
+        key, or what `flow move` wrote), else None ([runtime] default)."""
+        fv = FlowStore(self.store).flow_version(flow, version)
         if fv is None:
             return None
         runtime = (fv["spec"] or {}).get("runtime")

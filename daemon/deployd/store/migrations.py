@@ -352,8 +352,6 @@ def m007_handled_messages(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX handled_age ON handled (at)")
-    # The runtime a flow was moved to (`deployd flow move`); NULL: its flow file's choice.
-    db.execute("ALTER TABLE flows ADD COLUMN runtime TEXT")
     # The step input queues deployd declared on a broker (so their depths are known at start).
     db.execute(
         "CREATE TABLE broker_queues (flow TEXT NOT NULL, step TEXT NOT NULL,"
