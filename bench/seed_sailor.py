@@ -223,6 +223,12 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> list[int | None]:
     return [p.returncode for p in procs]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _read_sink(path: Path) -> list[tuple[int, float, float]]:
     rows = []
     with suppress(FileNotFoundError), path.open() as f:
@@ -374,6 +380,7 @@ def run_seed_sailor(
             )
             log.close()
         admin("wait-consumers", spec)
+        cpu_start = [_cpu_seconds(p.pid) for p in procs]
         admin("start", spec)
 
         def dead() -> str | None:
@@ -406,6 +413,10 @@ def run_seed_sailor(
 
         wait_until(drained, drain_timeout, "the sink to handle what the trigger emitted")
         counts = admin("counts", spec)
+        cpu = {
+            fn: _cpu_seconds(p.pid) - c0
+            for p, c0, (_, fn) in zip(procs, cpu_start, reversed(STEPS), strict=True)
+        }
     finally:
         codes = _stop(procs)
         stub.close()
@@ -457,6 +468,8 @@ def run_seed_sailor(
         )
     else:
         notes.append(f"trigger emitted {trig_rate:.0f} msg/s")
+    per_msg = {fn: round(c * 1000 / max(1, len(rows)), 2) for fn, c in reversed(cpu.items())}
+    notes.append(f"sailor CPU ms a message {per_msg}")
     notes.append(f"load average {load_before} before, {os.getloadavg()[0]:.1f} after")
     if not left and emitted == len(unique):
         shutil.rmtree(run)  # kept, with the sailors' logs, when something is off

@@ -6,6 +6,7 @@
 // as emit allows) and the file the trigger's tally goes to.
 const fs = require('fs');
 const { now } = require('../clock.js');
+const { newMessageWithBody } = require('../messages.js');
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -31,7 +32,7 @@ exports.process = async function process(msg, cfg) {
             break;
         }
         // the documented way to emit: wait for it (the sailor's flow control and confirm)
-        await this.emit('data', { body: { seq, t } });
+        await this.emit('data', newMessageWithBody({ seq, t }));
         seq += 1;
     }
     const tally = JSON.stringify({ emitted: seq, start, end: now(), rate });
