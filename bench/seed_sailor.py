@@ -254,6 +254,7 @@ def run_seed_sailor(
     rate: float | None = None,
     *,
     data_rate_limit: int | None = None,
+    prefetch: int | None = None,
     log_level: str = "info",
     drain_timeout: float = 120.0,
 ) -> dict[str, Any]:
@@ -261,7 +262,8 @@ def run_seed_sailor(
 
     rate None: the trigger emits as fast as the sailor lets it (throughput); rate N: N msg/s
     (latency at that rate). data_rate_limit None lifts the sailor's static flow control (its
-    default is 10 a 100 ms); log_level is the sailor's LOG_LEVEL (the platform's is info).
+    default is 10 a 100 ms); prefetch None keeps the sailor's RABBITMQ_PREFETCH_SAILOR (1);
+    log_level is the sailor's LOG_LEVEL (the platform's is info).
     """
     version = ensure_sailor()
     load_before = f"{os.getloadavg()[0]:.1f}"
@@ -368,6 +370,8 @@ def run_seed_sailor(
                 "ELASTICIO_FUNCTION": fn,
                 "ELASTICIO_DATA_RATE_LIMIT": str(data_rate_limit or UNTHROTTLED),
             }
+            if prefetch:
+                env["ELASTICIO_RABBITMQ_PREFETCH_SAILOR"] = str(prefetch)
             log = (run / f"{step}-{fn}.log").open("wb")
             procs.append(
                 subprocess.Popen(
@@ -437,7 +441,8 @@ def run_seed_sailor(
         )
     notes = [
         f"real elasticio-sailor-nodejs {version} (node {_node_version()}), 3 sailor processes "
-        "trigger -> pass -> sink, prefetch 1, publish with confirm then ack, AES-256-CBC "
+        f"trigger -> pass -> sink, prefetch {prefetch or '1 (its default)'}, "
+        "publish with confirm then ack, AES-256-CBC "
         "bodies (protocol v1, base64), transient messages on durable queues",
         "static flow control "
         + (
@@ -580,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=None, help="msg/s (default: flat out)")
     parser.add_argument("--data-rate-limit", type=int, default=None)
+    parser.add_argument("--prefetch", type=int, default=None, help="default: the sailor's, 1")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="seed-sailor-") as tmp:
@@ -588,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds,
             "rate": args.rate,
             "data_rate_limit": args.data_rate_limit,
+            "prefetch": args.prefetch,
             "log_level": args.log_level,
         }
         if args.url:
