@@ -23,21 +23,34 @@ What the platform would do, and what stands in for it here:
   (body {}, AES-256-CBC with the flow's crypto password and IV, base64 = protocol version 1, a
   messageId header, as the sailor's own integration tests send it) goes to the trigger's queue
   through the default exchange; that one process() call then emits every message of the run,
-  numbered, with its CLOCK_MONOTONIC stamp in the body: as fast as `await this.emit` returns,
-  or paced to `rate` msg/s.
+  numbered, with its CLOCK_MONOTONIC stamp in the body: `await this.emit('data', ...)` (the
+  documented way, which waits for the sailor's flow control and the broker's confirm) as fast
+  as it returns, or paced to `rate` msg/s. The run ends after `seconds` even if the trigger
+  fell behind its rate; `notes` then says by how much and gives the latency counted from the
+  scheduled times too (the emit stamp alone would hide the trigger's own lag).
+* Messages as components make them: {id: uuid, body, headers, attachments, metadata}, what
+  elasticio-node's newMessageWithBody returns. The id becomes the messageId header, and the
+  sailor's deduplication (2.7.7 and later) takes deliveries with one messageId as one message:
+  without ids, every message of one trigger call would share its messageId.
 * The sailor as the platform runs it: `node node_modules/elasticio-sailor-nodejs/run.js` with
   the component directory as cwd (COMPONENT_PATH is relative to cwd), prefetch 1 (its
-  default RABBITMQ_PREFETCH_SAILOR), each output published on a confirm channel and waited
-  for, the input acked after `end`, transient messages (AMQP_PERSISTENT_MESSAGES default),
-  bunyan logs at info (its default) to a file. One setting differs from its defaults:
-  DATA_RATE_LIMIT, the static flow control of 10 data messages per 100 ms (100 msg/s a step),
-  is raised out of the way (`data_rate_limit=None`), else nothing above 100 msg/s could be
-  measured; pass `data_rate_limit=10` for the platform's default.
+  default RABBITMQ_PREFETCH_SAILOR; `prefetch=` changes it), each output published on a
+  confirm channel and waited for, the input acked after `end`, transient messages
+  (AMQP_PERSISTENT_MESSAGES default), bunyan logs at info (its default; one line a message in
+  the actions) to a file. One setting differs from its defaults: DATA_RATE_LIMIT, the static
+  flow control of 10 data messages per 100 ms (100 msg/s a step), is raised out of the way
+  (`data_rate_limit=None`), else nothing above 100 msg/s could be measured; pass
+  `data_rate_limit=10` for the platform's default. Even so every emit goes through the
+  throttle's setTimeout, at least 1 ms in Node: with prefetch 1 a step cannot pass more than
+  about 1 / (1 ms + a confirm round trip + its own CPU) messages a second.
 
 Latency is the sink's handling time minus the trigger's stamp; throughput is the messages the
 sink handled over the time from the first stamp to the last handling. lost = emitted and never
-handled, duplicated = handled more than once. Everything is torn down after the run (sailor
-processes, the stub, queues and exchange).
+handled, duplicated = handled more than once. `notes` also has each sailor's CPU time a
+message (from /proc, from the start message to the end of the drain) and the load average,
+as the figures depend on what else the machine runs. Everything is torn down after the run
+(sailor processes, the stub, queues and exchange); the run's directory under `work`, with the
+sailors' logs, is kept only when something was lost or left in a queue.
 
 Standalone: `python bench/seed_sailor.py [--url URL] [--seconds N] [--rate R]` prints the JSON;
 without --url it starts a private broker (rabbitmq-server on loopback ports, in a temp dir).
@@ -587,9 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-rate-limit", type=int, default=None)
     parser.add_argument("--prefetch", type=int, default=None, help="default: the sailor's, 1")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--work", type=Path, help="keep a failed run's logs here (default: temp)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="seed-sailor-") as tmp:
         work = Path(tmp)
+        runs = args.work or work / "run"
         kwargs: dict[str, Any] = {
             "seconds": args.seconds,
             "rate": args.rate,
@@ -598,11 +613,11 @@ def main(argv: list[str] | None = None) -> int:
             "log_level": args.log_level,
         }
         if args.url:
-            result = run_seed_sailor(args.url, work / "run", **kwargs)
+            result = run_seed_sailor(args.url, runs, **kwargs)
         else:
             (work / "broker").mkdir()
             with broker(work / "broker") as url:
-                result = run_seed_sailor(url, work / "run", **kwargs)
+                result = run_seed_sailor(url, runs, **kwargs)
     print(json.dumps(result, indent=2))
     return 0
 
