@@ -50,7 +50,7 @@ handled, duplicated = handled more than once. `notes` also has each sailor's CPU
 message (from /proc, from the start message to the end of the drain) and the load average,
 as the figures depend on what else the machine runs. Everything is torn down after the run
 (sailor processes, the stub, queues and exchange); the run's directory under `work`, with the
-sailors' logs, is kept only when something was lost or left in a queue.
+sailors' logs, is kept only when something was lost, duplicated or left in a queue.
 
 Standalone: `python bench/seed_sailor.py [--url URL] [--seconds N] [--rate R]` prints the JSON;
 without --url it starts a private broker (rabbitmq-server on loopback ports, in a temp dir).
@@ -489,7 +489,7 @@ def run_seed_sailor(
     per_msg = {fn: round(c * 1000 / max(1, len(rows)), 2) for fn, c in reversed(cpu.items())}
     notes.append(f"sailor CPU ms a message {per_msg}")
     notes.append(f"load average {load_before} before, {os.getloadavg()[0]:.1f} after")
-    if not left and emitted == len(unique):
+    if not left and emitted == len(unique) == len(seqs):
         shutil.rmtree(run)  # kept, with the sailors' logs, when something is off
     return {
         "msgs_per_s": round(len(rows) / span_s, 1) if span_s > 0 else 0.0,
