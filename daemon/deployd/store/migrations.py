@@ -352,6 +352,13 @@ def m007_handled_messages(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX handled_age ON handled (at)")
+    # The number of the last recorded trigger call that produced something, per trigger: the
+    # ids of a call's outputs derive from it, so a call made again after a failed publish
+    # gives its outputs the same ids (and the next step recognises them).
+    db.execute(
+        "CREATE TABLE trigger_calls (flow TEXT NOT NULL, step TEXT NOT NULL,"
+        " seq INTEGER NOT NULL, PRIMARY KEY (flow, step)) WITHOUT ROWID"
+    )
     # The step input queues deployd declared on a broker (so their depths are known at start).
     db.execute(
         "CREATE TABLE broker_queues (flow TEXT NOT NULL, step TEXT NOT NULL,"

@@ -44,11 +44,13 @@ class QueueBatch:
     letters: list[tuple[Any, ...]] = field(default_factory=list)
     # (flow, step, msg_id, at): messages handled on a broker (their redelivery is skipped)
     handled: list[tuple[str, str, str, float]] = field(default_factory=list)
+    calls: dict[tuple[str, str], int] = field(default_factory=dict)  # trigger call numbers
 
     def __bool__(self) -> bool:
         return bool(
             self.enqueue
             or self.handled
+            or self.calls
             or self.delete
             or self.defer
             or self.snapshots
@@ -109,6 +111,11 @@ class QueueStore:
             conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in batch.delete])
         for (flow, step), data in batch.snapshots.items():
             self.save_snapshot(flow, step, data)
+        if batch.calls:
+            conn.executemany(
+                "INSERT OR REPLACE INTO trigger_calls (flow, step, seq) VALUES (?, ?, ?)",
+                [(f, s, n) for (f, s), n in batch.calls.items()],
+            )
         if batch.handled:
             conn.executemany(
                 "INSERT OR IGNORE INTO handled (flow, step, msg_id, at) VALUES (?, ?, ?, ?)",
@@ -207,6 +214,13 @@ class QueueStore:
             (flow, step, msg_id),
         ).fetchone()
         return row is not None
+
+    def trigger_call(self, flow: str, step: str) -> int:
+        """The number of the last recorded call of trigger `step` (0: none yet)."""
+        row = self.conn.execute(
+            "SELECT seq FROM trigger_calls WHERE flow = ? AND step = ?", (flow, step)
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def broker_queues(self) -> list[tuple[str, str]]:
         """(flow, step) of every step queue declared on the broker."""

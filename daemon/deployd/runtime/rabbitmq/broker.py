@@ -48,6 +48,7 @@ EXCHANGE = "deployd.flows"
 RETRY_EXCHANGE = "deployd.retry"
 BACKOFF_START = 0.5
 BACKOFF_MAX = 15.0
+RECONNECT_EVERY = 1.0  # seconds between reconnects of a connection that was up
 _CREDENTIALS = re.compile(r"(amqps?://)[^@/\s]*@")
 
 
@@ -72,6 +73,11 @@ class Broker:
     """The daemon's connection to RabbitMQ."""
 
     def __init__(self, url: str) -> None:
+        # The client libraries log every failed reconnect with the url (user name included)
+        # at error level; this class reports the connection's state itself, redacted, once
+        # per change.
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self._url = url
         self.state = "connecting"  # connecting | connected | unreachable
         self.error: str | None = None
@@ -107,7 +113,7 @@ class Broker:
                     self._url,
                     timeout=10,
                     client_properties={"connection_name": "deployd"},
-                    reconnect_interval=BACKOFF_START,
+                    reconnect_interval=RECONNECT_EVERY,
                 )
                 self.conn = conn
                 conn.reconnect_callbacks.add(self._reconnected)

@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,7 @@ class _Group:
     processed: dict[tuple[str, str], int] = field(default_factory=dict)
     failed: dict[tuple[str, str], int] = field(default_factory=dict)
     errors: list[tuple[str, str, str]] = field(default_factory=list)
+    generation: int = 0  # the router's generation when the group was made
 
 
 def envelope(msg_id: str, body: str, headers: str) -> bytes:
@@ -96,9 +97,15 @@ class AmqpRouter(Router):
         self._child = 0
         self._chain: asyncio.Task[bool] | None = None
         self._unsettled: dict[tuple[str, str], dict[str, Any]] = {}  # snapshots in the chain
-        self._broken = False  # a group of the current chain failed
         self._pruned_at = 0.0
         self._parents: dict[str, Delivery] = {}  # output id → its input, until published
+        self._seed: str | None = None  # what a trigger call's output ids derive from
+        self._calls: dict[tuple[str, str], int] = {}  # the last call number, per trigger
+        self._replayed: dict[tuple[str, str], int] = {}  # calls up to this one are made again
+        self._replays: set[str] = set()  # output ids of calls made again, until published
+        # Called when a group failed: step processes must be given their snapshot anew (they
+        # keep their own copy, which may be ahead of what was recorded).
+        self.on_fail: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._publishing: dict[tuple[str, str], int] = defaultdict(int)  # flushed, unsettled
         # Messages a stopped loop had taken and not handed on, for the step's next loop.
@@ -112,7 +119,9 @@ class AmqpRouter(Router):
         headers = message.headers or {}
         msg_id = str(message.message_id or headers.get("messageId") or "")
         replay = bool(message.redelivered or headers.get("x-deployd-replay"))
-        if replay and msg_id and self.flows.was_handled(flow, step, msg_id):
+        # Checked for every message, not only those the broker marks redelivered: a message
+        # taken with basic.get and returned when its channel closed does not always say so.
+        if msg_id and self.flows.was_handled(flow, step, msg_id):
             log.info("flow %s step %s: message %s was handled already", flow, step, msg_id)
             self._later(_ack(message))
             return None
@@ -201,14 +210,29 @@ class AmqpRouter(Router):
     ) -> float | None:
         parent = self._parent = self.deliveries.get(row.id) if row is not None else None
         self._child = 0
+        self._seed = None
+        replay = False
+        if row is None and (res.outputs or res.snapshot is not None):
+            # A trigger call: its outputs' ids derive from its number, so the call made again
+            # after a failed publish (same snapshot, same number) gives them the same ids.
+            key = (spec.flow, spec.steps[index].id)
+            if key not in self._calls:
+                self._calls[key] = self.flows.trigger_call(*key)
+            seq = self._calls[key] = self._calls[key] + 1
+            self._batch.calls[key] = seq
+            self._seed = f"{spec.flow}/{key[1]}/call/{seq}"
+            replay = seq <= self._replayed.get(key, 0)
         queued = len(self._batch.enqueue)
         try:
             due = super().commit(spec, index, res, row)
         finally:
             self._parent = None
+        self._seed = None
         if parent is not None:
             for entry in self._batch.enqueue[queued:]:
                 self._parents[entry[2]] = parent
+        elif replay:
+            self._replays.update(entry[2] for entry in self._batch.enqueue[queued:])
         if res.snapshot is not None:
             self._unsettled[(spec.flow, spec.steps[index].id)] = res.snapshot
         if row is not None:
@@ -217,12 +241,13 @@ class AmqpRouter(Router):
 
     def _new_id(self) -> str:
         parent = self._parent
-        if parent is None:
+        if parent is None and self._seed is None:
             return super()._new_id()
-        # Derived from the input's id: made again for the same input, it is the same id.
+        # Derived from the input's id (or the trigger call's number): made again for the
+        # same input, it is the same id.
         self._child += 1
-        seed = f"{parent.message.message_id}/{self._child}".encode()
-        return hashlib.blake2b(seed, digest_size=12).hexdigest()
+        base = parent.message.message_id if parent is not None else self._seed
+        return hashlib.blake2b(f"{base}/{self._child}".encode(), digest_size=12).hexdigest()
 
     def snapshot(self, flow: str, step: str) -> dict[str, Any]:
         key = (flow, step)
@@ -261,7 +286,7 @@ class AmqpRouter(Router):
             self._handle.cancel()
             self._handle = None
         batch, self._batch = self._batch, QueueBatch()
-        group = _Group(batch)
+        group = _Group(batch, generation=self.generation)
         group.added, self._added = dict(self._added), defaultdict(int)
         group.removed, self._removed = dict(self._removed), defaultdict(int)
         group.processed, self._processed = dict(self._processed), defaultdict(int)
@@ -305,6 +330,7 @@ class AmqpRouter(Router):
             group.publishes.append(loop.create_task(self._rebound(delivery, due)))
         batch.enqueue, batch.delete, batch.defer = [], [], []
         self._parents.clear()
+        self._replays.clear()
         for key, n in group.added.items():
             self._publishing[key] += n
         prev = self._chain
@@ -322,6 +348,8 @@ class AmqpRouter(Router):
                 amqp["x-deployd-replay"] = 1
         else:
             amqp["threadId"] = msg_id
+            if msg_id in self._replays:
+                amqp["x-deployd-replay"] = 1
         if failures:
             amqp["x-deployd-failures"] = failures
         return aio_pika.Message(
@@ -365,10 +393,12 @@ class AmqpRouter(Router):
                 await asyncio.gather(*group.publishes)
         except Exception as exc:  # a nack, a closed channel or connection
             ok, error = False, str(exc) or type(exc).__name__
-        if prev is not None and not await prev:
-            ok, error = False, error or "an earlier group failed"
-        if ok and self._broken:
-            self._broken = False  # the chain before this group is done: start clean
+        if prev is not None:
+            await prev
+        if ok and group.generation != self.generation:
+            # A group made before this one failed after this one was made: this one's
+            # results may build on it (a snapshot, a call number), so it fails too.
+            ok, error = False, "an earlier group failed"
         if not ok:
             self._fail(group, error)
             return False
@@ -406,16 +436,23 @@ class AmqpRouter(Router):
             delivery.done = True
         if nacks:
             self._later(_nack_all([d.message for d in nacks]))
-        if not self._broken:
-            log.warning(
-                "publishing to RabbitMQ failed (%s); %d message(s) will be delivered again",
-                error,
-                len(group.acks),
-            )
-        self._broken = True
+        if group.generation != self.generation:
+            return  # it fails because an earlier one did, which did what follows already
+        log.warning(
+            "publishing to RabbitMQ failed (%s); %d message(s) will be delivered again",
+            error,
+            len(group.acks),
+        )
+        for key in group.batch.calls:
+            # Calls from the last recorded one on are made again: their outputs may be on
+            # the broker already, so they say so (the next step then checks their ids).
+            self._replayed[key] = max(self._replayed.get(key, 0), self._calls.get(key, 0))
+            self._calls.pop(key, None)
         self._unsettled.clear()
         self._snapshots.clear()
         self.generation += 1
+        for callback in list(self.on_fail):
+            callback()
         for key in group.batch.snapshots:
             self._snapshots.pop(key, None)
 

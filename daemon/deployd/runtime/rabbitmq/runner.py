@@ -127,6 +127,13 @@ class RabbitRunner(FlowRunner):
         super().__init__(launcher, router, log_dir, spec, drain_timeout, max_queue)
         self.prefetch = prefetch
         self.broker: Broker = router.broker
+        router.on_fail.append(self._forget_snapshots)
+
+    def _forget_snapshots(self) -> None:
+        """A group failed: what the step processes keep of their snapshot may be ahead of what
+        was recorded, so the next request gives them the recorded one."""
+        for proc in self.procs.values():
+            proc.snap = None
 
     def _full(self, index: int, inflight: int) -> bool:
         # With the broker gone nothing can be made durable: hold the step (and so its
@@ -266,6 +273,8 @@ class RabbitRunner(FlowRunner):
                 await self._gone(proc)
 
     async def stop(self, timeout: float = 10.0) -> None:
+        with contextlib.suppress(ValueError):
+            self.router.on_fail.remove(self._forget_snapshots)
         await super().stop(timeout)
         with contextlib.suppress(Exception):
             await self.router.settle()
