@@ -96,7 +96,7 @@ def build_status(
         "components": components,
         "runtimes": runtimes(config),
         "broker": broker_status(config, deployer),
-        "flows": flows_status(store, deployer) if store else [],
+        "flows": flows_status(store, deployer, config.runtime.default) if store else [],
         **status_extras(store),
     }
     return status
@@ -171,8 +171,12 @@ def dead_letter_counts(store: Store) -> dict[tuple[str, str], int]:
         return {}
 
 
-def flows_status(store: Store, deployer: Deployer | None = None) -> list[dict[str, Any]]:
-    """The `flows` list of the status object; live step states when the daemon asks."""
+def flows_status(
+    store: Store, deployer: Deployer | None = None, default_runtime: str = "embedded"
+) -> list[dict[str, Any]]:
+    """The `flows` list of the status object; live step states when the daemon asks.
+    `runtime`: what the flow's active version runs on (its flow file's or `flow move`'s
+    choice, else [runtime] default)."""
     fs = FlowStore(store)
     recent = {name: row["version"] for name, row in store.recent_all().items()}
     last = fs.last_deployments()
@@ -224,6 +228,7 @@ def flows_status(store: Store, deployer: Deployer | None = None) -> list[dict[st
                 "stale": stale,
                 "needs_attention": flow["needs_attention"],
                 "dead_letters": totals.get(name, 0),
+                "runtime": ((fv["spec"] or {}).get("runtime") if fv else None) or default_runtime,
                 "steps": steps,
                 "last_deploy": {
                     "status": dep["status"],

@@ -104,6 +104,7 @@ def test_flow_move_both_ways_under_load_carries_the_queue(
         assert res["status"] == "done", res
         dep = env.wait_deploy("counter", version)
         assert dep["trigger"] == "flow move" and dep["status"] == "done", dep
+        assert env.flow("counter")["runtime"] == target
         env.wait_more(out, 40)
         rows = read_out(out)
         assert len(rows) > before

@@ -33,6 +33,7 @@ FLOW_KEYS = {
     "stale",
     "needs_attention",
     "dead_letters",
+    "runtime",
     "steps",
     "last_deploy",
 }
@@ -75,6 +76,7 @@ def test_push_switches_the_output_to_the_new_code_with_nothing_lost(env: FlowEnv
     first = env.flow("counter")
     assert set(first) == FLOW_KEYS
     assert first["type"] == "realtime" and first["update"] == "auto"
+    assert first["runtime"] == "embedded"
     assert (first["state"], first["version"], first["stale"]) == ("running", 1, False)
     assert first["needs_attention"] is None
     # Two visible steps, three real ones: write has a mapper step in front of it.

@@ -61,6 +61,8 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
     rows: list[list[tuple[str, str]]] = []
     for f in flows:
         state, style = f["state"], {"running": "green", "failed": "red"}.get(f["state"], "")
+        if f.get("runtime") not in (None, "embedded"):
+            state += f" on {f['runtime']}"
         if f.get("dead_letters"):
             state += f", {f['dead_letters']} dead letter{'s' if f['dead_letters'] != 1 else ''}"
             style = style if style == "red" else "yellow"
