@@ -293,3 +293,15 @@ def test_the_amqp_url_comes_from_the_environment_and_is_a_secret(
     assert cfg.runtime.rabbitmq.url is not None
     assert cfg.runtime.rabbitmq.url.get_secret_value().endswith("/flows")
     assert "pw-123" not in repr(cfg) and "pw-123" not in str(cfg.model_dump())
+
+
+def test_check_config_shows_the_broker_without_its_password(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.toml",
+        '[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\n'
+        'url = "amqp://deployd:pw-456@broker.example:5672/flows"\n',
+    )
+    res = run("check-config", "-c", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "default rabbitmq; rabbitmq at amqp://broker.example:5672/flows" in res.stdout
+    assert "pw-456" not in res.stdout + res.stderr

@@ -52,6 +52,18 @@ def check_config(config: ConfigOpt = None) -> None:
         markup=False,
         highlight=False,
     )
+    rabbit = cfg.runtime.rabbitmq
+    out.print(
+        f"  runtime    default {cfg.runtime.default}"
+        + (
+            f"; rabbitmq at {redact_url(rabbit.url.get_secret_value())} (placement"
+            f" {rabbit.placement}, prefetch {rabbit.prefetch})"
+            if rabbit.url is not None
+            else "; rabbitmq not configured"
+        ),
+        markup=False,
+        highlight=False,
+    )
     out.print(f"  components {len(cfg.components)}")
     for comp in cfg.components:
         where = "hosted" if comp.hosted else redact_url(comp.url or "")
