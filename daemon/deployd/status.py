@@ -185,9 +185,20 @@ def flows_status(
     for (flow_name, _step), n in letters.items():
         totals[flow_name] = totals.get(flow_name, 0) + n
     out = []
+    live_depths = deployer.runtime.queue_depths() if deployer else None
+    stored_depths = fs.queue_depths() if live_depths is None else {}
     for flow in fs.flows():
         name = flow["name"]
         fv = fs.flow_version(name, flow["active_version"]) if flow["active_version"] else None
+        runtime = ((fv["spec"] or {}).get("runtime") if fv else None) or default_runtime
+        # Queue depths: the runtime's when the daemon asks; read without it, the SQLite
+        # queues of the embedded runtime (a broker's are not known then: empty).
+        depths = live_depths if live_depths is not None else stored_depths
+        queues = {
+            step: n
+            for (f, step), n in depths.items()
+            if f == name and (live_depths is not None or runtime == "embedded")
+        }
         steps_db = fv["steps"] if fv else []
         live = deployer.step_status(name) if deployer else None
         if live is not None:
@@ -228,7 +239,8 @@ def flows_status(
                 "stale": stale,
                 "needs_attention": flow["needs_attention"],
                 "dead_letters": totals.get(name, 0),
-                "runtime": ((fv["spec"] or {}).get("runtime") if fv else None) or default_runtime,
+                "runtime": runtime,
+                "queues": queues,
                 "steps": steps,
                 "last_deploy": {
                     "status": dep["status"],

@@ -34,6 +34,7 @@ FLOW_KEYS = {
     "needs_attention",
     "dead_letters",
     "runtime",
+    "queues",
     "steps",
     "last_deploy",
 }

@@ -165,7 +165,6 @@ def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
     data = live_status(cfg) or build_status(cfg, store)
     summary = next(f for f in data["flows"] if f["name"] == name)
     draft = fs.draft(name)
-    depths = fs.queue_depths(name)
     stats = fs.stats(name)
     return {
         **summary,
@@ -178,7 +177,6 @@ def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
         }
         if draft
         else None,
-        "queues": {step: n for (_f, step), n in depths.items()},
         "stats": {
             k: {x: v[x] for x in ("processed", "failed", "restarts", "last_error")}
             for k, v in stats.items()
