@@ -169,7 +169,7 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _epmd_names(port: int) -> list[str] | None:
+def epmd_names(port: int) -> list[str] | None:
     """The node names registered with the epmd on `port` (NAMES_REQ), None if it is not up."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
@@ -387,7 +387,7 @@ class Broker:
         def up() -> bool:
             if epmd.poll() is not None:
                 raise RuntimeError(f"epmd exited {epmd.returncode}:\n{self.log_tail()}")
-            return _epmd_names(self.epmd_port) is not None
+            return epmd_names(self.epmd_port) is not None
 
         _wait(up, 10, f"epmd on port {self.epmd_port}")
 
@@ -473,7 +473,7 @@ class Broker:
         finally:
             self._server = None
         _wait(
-            lambda: self.node.split("@")[0] not in (_epmd_names(self.epmd_port) or []),
+            lambda: self.node.split("@")[0] not in (epmd_names(self.epmd_port) or []),
             10,
             "the node to leave epmd",
         )

@@ -24,6 +24,7 @@ from tests.broker import (
     alive,
     broker_unavailable,
     descendants,
+    epmd_names,
     proc_stat,
     run_async,
     vhost_of,
@@ -198,6 +199,9 @@ def test_a_second_broker_runs_beside_the_first_and_close_leaves_nothing(
         {broker.port, broker.dist_port, broker.epmd_port}
     )
     assert other.node != broker.node
+    for b in (broker, other):  # each on its own epmd, none on the system's (4369)
+        assert epmd_names(b.epmd_port) == [b.node.split("@")[0]]
+        assert b.node.split("@")[0] not in (epmd_names(4369) or [])
     assert other._server is not None and other._epmd is not None
     mine = descendants(os.getpid())
     top = {other._server.pid, other._epmd.pid}
