@@ -29,6 +29,7 @@ from .broker import Broker
 from .router import AmqpRouter, Delivery
 
 log = logging.getLogger("deployd.rabbitmq")
+GET_TIMEOUT = 10.0  # seconds a basic.get may take before the queue counts as not answering
 IDLE_POLL = 1.0  # an idle step looks for messages from elsewhere this often (seconds)
 
 
@@ -70,7 +71,19 @@ class Consumer:
             if stop.is_set():
                 return
             try:
-                message = await queue.get(no_ack=False, fail=False)
+                message = await queue.get(no_ack=False, fail=False, timeout=GET_TIMEOUT)
+            except TimeoutError:
+                # A quorum queue without a leader does not answer (RabbitMQ 3.10, after a
+                # crash right after its declaration: README); the loop tries again later.
+                log.warning(
+                    "flow %s step %s: queue %s does not answer within %gs (no quorum leader?)",
+                    self.flow,
+                    self.step,
+                    queue.name,
+                    GET_TIMEOUT,
+                )
+                self.empty = True
+                return
             except Exception as exc:  # the channel or connection broke: pulled again later
                 log.debug("flow %s step %s: pulling failed: %s", self.flow, self.step, exc)
                 self.empty = True
