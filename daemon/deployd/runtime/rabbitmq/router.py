@@ -121,7 +121,9 @@ class AmqpRouter(Router):
         replay = bool(message.redelivered or headers.get("x-deployd-replay"))
         # Checked for every message, not only those the broker marks redelivered: a message
         # taken with basic.get and returned when its channel closed does not always say so.
-        if msg_id and self.flows.was_handled(flow, step, msg_id):
+        attempts = _int(headers.get("x-deployd-attempts"))
+        failures = _int(headers.get("x-deployd-failures"))
+        if msg_id and self.flows.was_handled(flow, step, _seen(msg_id, failures, attempts)):
             log.info("flow %s step %s: message %s was handled already", flow, step, msg_id)
             self._later(_ack(message))
             return None
@@ -149,8 +151,8 @@ class AmqpRouter(Router):
             msg_id,
             body,
             msg_headers,
-            _int(headers.get("x-deployd-attempts")),
-            _int(headers.get("x-deployd-failures")),
+            attempts,
+            failures,
         )
 
     def _foreign(
@@ -236,7 +238,8 @@ class AmqpRouter(Router):
         if res.snapshot is not None:
             self._unsettled[(spec.flow, spec.steps[index].id)] = res.snapshot
         if row is not None:
-            self._batch.handled.append((spec.flow, spec.steps[index].id, row.msg_id, time.time()))
+            seen = _seen(row.msg_id, row.failures, row.attempts)
+            self._batch.handled.append((spec.flow, spec.steps[index].id, seen, time.time()))
         return due
 
     def _new_id(self) -> str:
@@ -504,6 +507,12 @@ async def _nack(message: AbstractIncomingMessage) -> None:
 async def _nack_all(messages: list[AbstractIncomingMessage]) -> None:
     for message in messages:
         await _nack(message)
+
+
+def _seen(msg_id: str, failures: int, attempts: int) -> str:
+    """What `handled` records of a message: its id, and how often it came back on purpose (a
+    retried dead letter, a rebound) — those are handled again; a redelivery is not."""
+    return msg_id if not (failures or attempts) else f"{msg_id}:{failures}:{attempts}"
 
 
 def _int(value: Any) -> int:
