@@ -19,6 +19,7 @@ from tests.flows.conftest import (
     read_out,
     writer,
 )
+from tests.flows.test_dead_letters import errors, files, limited_flow, wait_errors
 
 
 def rabbit_toml(url: str, default: str = "rabbitmq") -> str:
@@ -160,3 +161,29 @@ def test_a_daemon_killed_while_a_flow_runs_on_rabbitmq_converges_at_start(
     # nothing is lost, and a message is not handled twice once its result was recorded.
     assert sorted(set(ns)) == list(range(1, max(ns) + 1)), "a message was lost"
     assert len(ns) - len(set(ns)) <= 2, f"handled twice: {len(ns) - len(set(ns))}"
+
+
+def test_failed_messages_on_rabbitmq_are_dead_letters_retried_into_a_fixed_version(
+    make_env: Callable[..., FlowEnv], amqp_url: str
+) -> None:
+    """On RabbitMQ as on the embedded runtime: failing messages become dead letters that
+    `deployd flow errors` lists, the rest flow on; after a fixed version is pushed,
+    `deployd flow retry --all` puts them back and each is handled once, by the new code."""
+    env = make_env(files("v1"), extra_toml=rabbit_toml(amqp_url))
+    out = env.out("counter")
+    env.apply(limited_flow(env, 6))
+    letters = wait_errors(env, 3)
+    wait_until(lambda: len(read_out(out)) == 3)
+    assert [r["n"] for r in read_out(out)] == [2, 4, 6]
+    assert [r["error"] for r in letters] == [f"ValueError: n={n} refused by v1" for n in (5, 3, 1)]
+    assert env.flow("counter")["runtime"] == "rabbitmq"
+    env.push(files("v2", fail="none"))
+    assert env.wait_deploy("counter", 2)["status"] == "done"
+    res = json.loads(env.daemon.cli("flow", "retry", "counter", "--all", "--json").stdout)
+    assert (res["retried"], res["failed"], res["skipped"]) == (3, 0, [])
+    wait_until(lambda: len(read_out(out)) == 6)
+    rows = read_out(out)
+    assert sorted(r["n"] for r in rows) == [1, 2, 3, 4, 5, 6]
+    assert {r["n"]: r["by"] for r in rows if r["n"] % 2} == {1: "v2", 3: "v2", 5: "v2"}
+    assert errors(env) == []
+    wait_until(lambda: env.flow("counter")["dead_letters"] == 0)
