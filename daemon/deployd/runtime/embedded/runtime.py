@@ -22,6 +22,7 @@ from ...errors import FlowError
 from ...metrics import Metrics
 from ...paths import Paths
 from ...store import Store
+from ...store.db import Row
 from ...store.queues import Queued
 from ...types import FlowVersionToRun, RetryResult
 from .. import mapper
@@ -201,7 +202,10 @@ class EmbeddedRuntime:
         self.router.flush()
         letters = self.router.letters.select(spec.flow, step, ids)
         steps = {s.id: s for s in spec.actions}
-        back, bodies, again, skipped = [], [], [], []
+        back: list[Row] = []
+        bodies: list[str] = []
+        again: list[tuple[str, int, int, int]] = []
+        skipped: list[int] = []
         for letter in letters:
             target = steps.get(str(letter["step"]).removesuffix(":mapper"))
             if target is None:
@@ -216,12 +220,23 @@ class EmbeddedRuntime:
                     continue
             back.append(letter)
             bodies.append(body)
-        with self.store.tx():
-            self.router.letters.requeue(back, bodies)
-            self.router.letters.failed_again(again)
-        if back:
-            self.router.forget_depths(spec.flow)
+        await self.put_back(spec.flow, back, bodies, again)
         return RetryResult(len(back), len(again), skipped)
+
+    async def put_back(
+        self,
+        flow: str,
+        letters: list[Row],
+        bodies: list[str],
+        again: list[tuple[str, int, int, int]],
+    ) -> None:
+        """Letters to retry go back at the end of their step's queue (`bodies`: a mapper
+        letter's body mapped anew); those whose mapping failed again get one attempt more."""
+        with self.store.tx():
+            self.router.letters.requeue(letters, bodies)
+            self.router.letters.failed_again(again)
+        if letters:
+            self.router.forget_depths(flow)
 
 
 def _runner(run: FlowRun) -> FlowRunner:

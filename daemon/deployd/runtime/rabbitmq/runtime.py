@@ -25,9 +25,9 @@ from ...errors import FlowError
 from ...metrics import Metrics
 from ...paths import Paths
 from ...store import Store
+from ...store.db import Row
 from ...store.queues import Queued
-from ...types import FlowVersionToRun, RetryResult
-from .. import mapper
+from ...types import FlowVersionToRun
 from ..base import FlowRun, StepFailed
 from ..embedded.process import Launcher
 from ..embedded.runner import FlowRunner
@@ -209,30 +209,19 @@ class RabbitRuntime(EmbeddedRuntime):
             )
         )
 
-    async def retry_dead_letters(
-        self, spec: FlowVersionToRun, step: str | None, ids: list[int] | None
-    ) -> RetryResult:
+    async def put_back(
+        self,
+        flow: str,
+        letters: list[Row],
+        bodies: list[str],
+        again: list[tuple[str, int, int, int]],
+    ) -> None:
+        """Letters to retry are published to their step's queue (confirmed) before they leave
+        the state database; their attempts travel in `x-deployd-failures`."""
         await self.router.settle()
-        letters = self.router.letters.select(spec.flow, step, ids)
-        steps = {s.id: s for s in spec.actions}
-        back: list[tuple[Any, str]] = []
-        again, skipped = [], []
-        for letter in letters:
-            target = steps.get(str(letter["step"]).removesuffix(":mapper"))
-            if target is None:
-                skipped.append(int(letter["id"]))
-                continue
-            body = letter["body"]
-            if str(letter["step"]).endswith(":mapper") and target.mapping:
-                try:
-                    body = json.dumps(mapper.apply(target.mapping, json.loads(body)))
-                except FlowError as exc:
-                    again.append((str(exc), spec.version, target.version, int(letter["id"])))
-                    continue
-            back.append((letter, body))
-        if back:
+        if letters:
             await self.import_queues(
-                spec.flow,
+                flow,
                 [
                     (
                         str(letter["step"]).removesuffix(":mapper"),
@@ -245,13 +234,12 @@ class RabbitRuntime(EmbeddedRuntime):
                             int(letter["attempts"]),
                         ),
                     )
-                    for letter, body in back
+                    for letter, body in zip(letters, bodies, strict=True)
                 ],
             )
         with self.store.tx():
-            self.router.letters.delete([int(letter["id"]) for letter, _ in back])
+            self.router.letters.delete([int(letter["id"]) for letter in letters])
             self.router.letters.failed_again(again)
-        return RetryResult(len(back), len(again), skipped)
 
 
 def _headers(flow: str, step: str, row: Queued) -> dict[str, Any]:
