@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 
-from ...config import DaemonConfig
+from ...config import DaemonConfig, redact_url
 from ...errors import FlowError
 from ...metrics import Metrics
 from ...paths import Paths
@@ -134,15 +134,27 @@ class EmbeddedRuntime:
             if source is not self:
                 # The trigger must have made its last call on `source` before its queues move.
                 await old_r.stop_trigger_at_boundary(BOUNDARY_WAIT)
-                moved = await source.move_queues_to(self, flow)
-                log.info(
-                    "flow %s: %d queued message(s) carried from %s to %s",
+            # Moving messages can fail (a broker that went away meanwhile): the new version
+            # runs all the same, and what was not moved stays queued where it was (a later
+            # switch or move takes it), rather than leaving the flow with nothing running.
+            try:
+                if source is not self:
+                    moved = await source.move_queues_to(self, flow)
+                    log.info(
+                        "flow %s: %d queued message(s) carried from %s to %s",
+                        flow,
+                        moved,
+                        source.name,
+                        self.name,
+                    )
+                await self.hand_queues(flow, [s.id for s in new_r.steps])
+            except Exception as exc:
+                log.error(
+                    "flow %s: moving its queued messages failed (%s); they stay queued on %s",
                     flow,
-                    moved,
+                    _reason(exc),
                     source.name,
-                    self.name,
                 )
-            await self.hand_queues(flow, [s.id for s in new_r.steps])
             new_r.start_loops(new_ids)
 
         if source is self:
@@ -237,6 +249,11 @@ class EmbeddedRuntime:
             self.router.letters.failed_again(again)
         if letters:
             self.router.forget_depths(flow)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's first line, without credentials of any url in it."""
+    return redact_url(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 def _runner(run: FlowRun) -> FlowRunner:

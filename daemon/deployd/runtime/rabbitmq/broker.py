@@ -33,7 +33,6 @@ from collections.abc import Callable
 from typing import Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -49,7 +48,8 @@ RETRY_EXCHANGE = "deployd.retry"
 BACKOFF_START = 0.5
 BACKOFF_MAX = 15.0
 RECONNECT_EVERY = 1.0  # seconds between reconnects of a connection that was up
-_CREDENTIALS = re.compile(r"(amqps?://)[^@/\s]*@")
+# Everything between the scheme and the last "@" of the url: a password may hold "@" or "/".
+_CREDENTIALS = re.compile(r"(amqps?://)\S*@", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -119,7 +119,7 @@ class Broker:
                 conn.reconnect_callbacks.add(self._reconnected)
                 conn.close_callbacks.add(self._lost)
                 await self._open()
-            except (OSError, aiormq.exceptions.AMQPError, TimeoutError, ConnectionError) as exc:
+            except Exception as exc:  # refused, unknown host, bad credentials, a bad url
                 self._set("unreachable", _reason(exc))
                 if self.conn is not None:
                     with contextlib.suppress(Exception):
@@ -134,6 +134,9 @@ class Broker:
     async def _open(self) -> None:
         assert self.conn is not None
         self.channel = await self.conn.channel(publisher_confirms=True)
+        reopen = getattr(self.channel, "reopen_callbacks", None)
+        if reopen is not None:
+            reopen.add(self._channel_reopened)
         self.exchange = await self.channel.declare_exchange(
             EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
         )
@@ -160,6 +163,11 @@ class Broker:
         if self._closing:
             return
         self._set("unreachable", _reason(exc) if exc else "connection closed")
+
+    def _channel_reopened(self, _channel: Any) -> None:
+        """The publishing channel was closed by the broker and opened again (an RPC timed
+        out, a declare did not match): what was taken on it must be taken again."""
+        self._reconnected(None)
 
     def _reconnected(self, _conn: Any) -> None:
         self.reconnects += 1

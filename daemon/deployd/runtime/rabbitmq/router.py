@@ -42,10 +42,11 @@ from ...store.queues import QueueBatch, Queued
 from ...types import FlowVersionToRun
 from ..embedded.process import Result
 from ..embedded.router import Router
-from .broker import Broker, routing_key
+from .broker import Broker, redact, routing_key
 
 log = logging.getLogger("deployd.rabbitmq")
 dumps = json.JSONEncoder(separators=(",", ":")).encode
+CONFIRM_TIMEOUT = 30.0  # seconds a group's publishes may wait for the broker's confirms
 KEEP_HANDLED = 24 * 3600.0  # seconds a handled message id is remembered
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 
@@ -107,6 +108,7 @@ class AmqpRouter(Router):
         # keep their own copy, which may be ahead of what was recorded).
         self.on_fail: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._recording: set[tuple[str, str, str]] = set()  # handled ids not yet written
         self._publishing: dict[tuple[str, str], int] = defaultdict(int)  # flushed, unsettled
         # Messages a stopped loop had taken and not handed on, for the step's next loop.
         self.leftovers: dict[tuple[str, str], collections.deque[Queued]] = {}
@@ -123,9 +125,12 @@ class AmqpRouter(Router):
         # taken with basic.get and returned when its channel closed does not always say so.
         attempts = _int(headers.get("x-deployd-attempts"))
         failures = _int(headers.get("x-deployd-failures"))
-        if msg_id and self.flows.was_handled(flow, step, _seen(msg_id, failures, attempts)):
+        seen = (flow, step, _seen(msg_id, failures, attempts))
+        if msg_id and (seen in self._recording or self.flows.was_handled(*seen)):
             log.info("flow %s step %s: message %s was handled already", flow, step, msg_id)
             self._later(_ack(message))
+            key = (flow, step)
+            self._depth[key] = max(0, self._depth.get(key, 0) - 1)
             return None
         try:
             data = json.loads(message.body)
@@ -180,6 +185,7 @@ class AmqpRouter(Router):
             )
         )
         self._batch.delete.append(self._row_ids)
+        self._removed[(flow, step)] += 1
         self._failed[(flow, step)] += 1
         self._errors.append((flow, step, error))
         self._schedule()
@@ -212,7 +218,9 @@ class AmqpRouter(Router):
     ) -> float | None:
         parent = self._parent = self.deliveries.get(row.id) if row is not None else None
         self._child = 0
-        self._seed = None
+        # Outputs' ids derive from the input as it came this time: a retried dead letter or
+        # a rebound (which come back on purpose) makes new ones, a redelivery the same.
+        self._seed = _seen(row.msg_id, row.failures, row.attempts) if row is not None else None
         replay = False
         if row is None and (res.outputs or res.snapshot is not None):
             # A trigger call: its outputs' ids derive from its number, so the call made again
@@ -240,16 +248,17 @@ class AmqpRouter(Router):
         if row is not None:
             seen = _seen(row.msg_id, row.failures, row.attempts)
             self._batch.handled.append((spec.flow, spec.steps[index].id, seen, time.time()))
+            # Until it is written, a copy of it (redelivered meanwhile) is known from here.
+            self._recording.add((spec.flow, spec.steps[index].id, seen))
         return due
 
     def _new_id(self) -> str:
-        parent = self._parent
-        if parent is None and self._seed is None:
+        if self._seed is None:
             return super()._new_id()
         # Derived from the input's id (or the trigger call's number): made again for the
         # same input, it is the same id.
         self._child += 1
-        base = parent.message.message_id if parent is not None else self._seed
+        base = self._seed
         return hashlib.blake2b(f"{base}/{self._child}".encode(), digest_size=12).hexdigest()
 
     def snapshot(self, flow: str, step: str) -> dict[str, Any]:
@@ -274,6 +283,10 @@ class AmqpRouter(Router):
 
     def set_depth(self, flow: str, step: str, depth: int) -> None:
         self._depth[(flow, step)] = depth
+
+    def add_depth(self, flow: str, step: str, n: int) -> None:
+        """`n` messages were put into the queue of `step` outside a group (confirmed)."""
+        self._depth[(flow, step)] = self._depth.get((flow, step), 0) + n
 
     def forget_depths(self, flow: str) -> None:
         """Queues of `flow` were changed outside the router: the runtime counts them again
@@ -393,11 +406,14 @@ class AmqpRouter(Router):
         error = ""
         try:
             if group.publishes:
-                await asyncio.gather(*group.publishes)
+                await asyncio.wait_for(asyncio.gather(*group.publishes), CONFIRM_TIMEOUT)
+        except TimeoutError:
+            ok, error = False, f"no publisher confirm within {CONFIRM_TIMEOUT:g}s"
         except Exception as exc:  # a nack, a closed channel or connection
-            ok, error = False, str(exc) or type(exc).__name__
+            ok, error = False, redact(str(exc) or type(exc).__name__)
         if prev is not None:
-            await prev
+            with contextlib.suppress(BaseException):  # its own failure is handled in it
+                await asyncio.shield(prev)
         if ok and group.generation != self.generation:
             # A group made before this one failed after this one was made: this one's
             # results may build on it (a snapshot, a call number), so it fails too.
@@ -411,6 +427,7 @@ class AmqpRouter(Router):
             log.exception("recording a group of results failed; they will be delivered again")
             self._fail(group, "the state database write failed")
             return False
+        self._recorded(group)
         for delivery in group.acks:
             if not delivery.done:
                 delivery.done = True
@@ -434,6 +451,7 @@ class AmqpRouter(Router):
         its snapshots are read anew, every action loop starts from the broker again."""
         for task in group.publishes:
             task.cancel()
+        self._recorded(group)
         nacks = [d for d in group.acks if not d.done]
         for delivery in nacks:
             delivery.done = True
@@ -456,8 +474,24 @@ class AmqpRouter(Router):
         self.generation += 1
         for callback in list(self.on_fail):
             callback()
+        if self._batch:
+            # Results not flushed yet may build on what failed (a snapshot, a call number):
+            # they fail with it.
+            pending = self._batch
+            self._batch = QueueBatch()
+            self._added.clear()
+            self._removed.clear()
+            rest = _Group(pending, generation=self.generation - 1)
+            rest.acks = [d for i in pending.delete if (d := self.deliveries.pop(i, None))]
+            rest.acks += [d for _due, i in pending.defer if (d := self.deliveries.pop(i, None))]
+            self._fail(rest, "an earlier group failed")
         for key in group.batch.snapshots:
             self._snapshots.pop(key, None)
+
+    def _recorded(self, group: _Group) -> None:
+        """The handled ids of `group` are written (or will never be): off the pending set."""
+        for flow, step, seen, _at in group.batch.handled:
+            self._recording.discard((flow, step, seen))
 
     def _settled(self, group: _Group) -> None:
         for key, data in group.batch.snapshots.items():
@@ -488,7 +522,9 @@ class AmqpRouter(Router):
         chain = self._chain
         if chain is None:
             return True
-        return await chain
+        # Shielded: a caller that is cancelled while it waits must not cancel the chain
+        # (every later group waits for it).
+        return await asyncio.shield(chain)
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:

@@ -32,7 +32,7 @@ from ..base import FlowRun, StepFailed
 from ..embedded.process import Launcher
 from ..embedded.runner import FlowRunner
 from ..embedded.runtime import EmbeddedRuntime
-from .broker import Broker, BrokerUnreachable, routing_key
+from .broker import Broker, BrokerUnreachable, redact, routing_key
 from .router import PERSISTENT, AmqpRouter, envelope
 from .runner import RabbitRunner
 
@@ -124,7 +124,7 @@ class RabbitRuntime(EmbeddedRuntime):
         except BrokerUnreachable as exc:
             raise StepFailed(spec.steps[0].id, str(exc)) from None
         except Exception as exc:  # a channel error while declaring
-            raise StepFailed(spec.steps[0].id, f"RabbitMQ: {exc}") from None
+            raise StepFailed(spec.steps[0].id, f"RabbitMQ: {redact(str(exc))}") from None
         return await super().warm_up(spec, max(1.0, deadline - loop.time()))
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
@@ -155,7 +155,7 @@ class RabbitRuntime(EmbeddedRuntime):
         await self._publish(flow, rows)
         for step, _row in rows:
             self._know(flow, step, 0)
-            self.router.set_depth(flow, step, self.router.depth(flow, step) + 1)
+            self.router.add_depth(flow, step, 1)
         self.router.forget_depths(flow)  # wakes the consumers
 
     async def move_queues_to(self, target: EmbeddedRuntime, flow: str) -> int:
@@ -163,6 +163,11 @@ class RabbitRuntime(EmbeddedRuntime):
         then acked here."""
         await self.router.settle()
         moved = 0
+        for key in [k for k in self.router.leftovers if k[0] == flow]:
+            for row in self.router.leftovers.pop(key):  # taken by a stopped loop: first
+                await target.import_queues(flow, [(key[1], row)])
+                await self.router.ack(row.id)
+                moved += 1
         for _flow, step in sorted(k for k in self._steps if k[0] == flow):
 
             async def put(row: Queued, step: str = step) -> None:

@@ -1,0 +1,40 @@
+"""Parts of the RabbitMQ runtime that need no broker: redaction, names, envelopes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deployd.runtime.rabbitmq.broker import queue_name, redact, routing_key
+from deployd.runtime.rabbitmq.router import _seen, envelope
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://user:secret@host:5672/v",
+        "amqp://user:p@ss-secret@host/v",
+        "AMQPS://user:secret@host/v",
+        "amqp://user:pa/ss-secret@host/v",
+    ],
+)
+def test_redact_hides_user_and_password_whatever_they_hold(url: str) -> None:
+    out = redact(f"cannot connect to {url}: refused")
+    assert "secret" not in out and "user" not in out, out
+    assert out.endswith("host:5672/v: refused") or "host/v: refused" in out
+
+
+def test_names_carry_flow_and_step() -> None:
+    assert queue_name("orders", "write") == "deployd.orders.write"
+    assert routing_key("orders", "write") == "orders.write"
+
+
+def test_the_envelope_is_the_seed_platforms_message_shape() -> None:
+    data = json.loads(envelope("m1", '{"n": 1}', '{"k": "v"}'))
+    assert data == {"id": "m1", "body": {"n": 1}, "headers": {"k": "v"}}
+
+
+def test_a_message_back_on_purpose_is_a_new_handling_a_redelivery_is_not() -> None:
+    assert _seen("m1", 0, 0) == "m1"
+    assert _seen("m1", 1, 0) != _seen("m1", 0, 0) != _seen("m1", 0, 1)
