@@ -29,6 +29,13 @@ GIT_ENV = {
 }
 
 
+# One HTTP client for the whole run. `httpx.get()` makes a new client per call, and with it an
+# SSL context that loads the CA bundle: ~30 ms of CPU each time, so a 20 ms poll of a daemon's
+# status kept a core busy beside the daemon under test. No keep-alive: every request opens a
+# fresh loopback connection, so a daemon restarted on the same port never meets a stale one.
+HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def wait_until(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Poll `cond` until it returns something truthy; fail the test after `timeout` seconds.
 
@@ -213,7 +220,7 @@ class Daemon:
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
         try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            return HTTP.get(self.url + "/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -256,7 +263,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         if self.proc is not None:
-            return dict(httpx.get(self.url + "/api/v1/status", timeout=5).json())
+            return dict(HTTP.get(self.url + "/api/v1/status", timeout=5).json())
         return dict(json.loads(self.cli("status", "--json").stdout))
 
     def component_status(self, name: str) -> dict[str, Any]:

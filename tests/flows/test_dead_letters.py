@@ -12,10 +12,9 @@ import signal
 import textwrap
 from typing import Any
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import wait_until
+from tests.conftest import HTTP, wait_until
 from tests.flows.conftest import FlowEnv, counter_files, flow_toml, read_out
 
 LIMITED_TICKER = """\
@@ -114,7 +113,7 @@ def events(env: FlowEnv, kind: str) -> list[dict[str, Any]]:
 
 
 def metric(env: FlowEnv, name: str, **labels: str) -> float | None:
-    text = httpx.get(env.daemon.url + "/metrics", timeout=10).text
+    text = HTTP.get(env.daemon.url + "/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == name and s.labels == labels:
@@ -382,13 +381,13 @@ def test_the_errors_api_needs_the_token_and_checks_every_body(make_env: Any) -> 
         ("POST", "/discard", {"all": True}),
     ):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
-            resp = httpx.request(method, base + path, json=body, headers=headers, timeout=10)
+            resp = HTTP.request(method, base + path, json=body, headers=headers, timeout=10)
             assert resp.status_code == 401, (path, resp.text)
             assert resp.headers["www-authenticate"] == "Bearer"
 
-    listed = httpx.get(base, headers=auth, timeout=10)
+    listed = HTTP.get(base, headers=auth, timeout=10)
     assert listed.status_code == 200 and listed.json() == errors(env)
-    one = httpx.get(base, params={"id": letter["id"], "step": "write"}, headers=auth, timeout=10)
+    one = HTTP.get(base, params={"id": letter["id"], "step": "write"}, headers=auth, timeout=10)
     assert one.status_code == 200 and one.json()["body"] == {"text": "hi 1", "n": 1}
 
     # (path, body, status, words of the answer)
@@ -409,10 +408,10 @@ def test_the_errors_api_needs_the_token_and_checks_every_body(make_env: Any) -> 
         ("/discard", {"all": True, "step": "nope"}, 404, "unknown step 'nope' in flow counter"),
     ]
     for path, body, status, words in cases:
-        resp = httpx.post(base + path, json=body, headers=auth, timeout=10)
+        resp = HTTP.post(base + path, json=body, headers=auth, timeout=10)
         assert resp.status_code == status, (path, body, resp.text)
         assert words in resp.text, (path, body, resp.text)
-    resp = httpx.post(base + "/retry", content=b"{not json", headers=auth, timeout=10)
+    resp = HTTP.post(base + "/retry", content=b"{not json", headers=auth, timeout=10)
     assert resp.status_code == 422
     for method, path, body in (
         ("GET", "", None),
@@ -420,14 +419,14 @@ def test_the_errors_api_needs_the_token_and_checks_every_body(make_env: Any) -> 
         ("POST", "/discard", {"ids": [1]}),
     ):
         url = env.daemon.url + "/api/v1/flows/nope/errors" + path
-        resp = httpx.request(method, url, json=body, headers=auth, timeout=10)
+        resp = HTTP.request(method, url, json=body, headers=auth, timeout=10)
         assert resp.status_code == 404 and "unknown flow 'nope'" in resp.text, resp.text
     for query in ({"id": "one"}, {"id": 0}, {"id": 999}):
-        resp = httpx.get(base, params=query, headers=auth, timeout=10)
+        resp = HTTP.get(base, params=query, headers=auth, timeout=10)
         assert resp.status_code in (404, 422), (query, resp.text)
     assert errors(env) == [letter]  # nothing changed
 
-    resp = httpx.post(base + "/discard", json={"ids": [letter["id"]]}, headers=auth, timeout=10)
+    resp = HTTP.post(base + "/discard", json={"ids": [letter["id"]]}, headers=auth, timeout=10)
     assert resp.status_code == 200 and resp.json() == {"flow": "counter", "discarded": 1}
     assert errors(env) == []
 
