@@ -297,16 +297,17 @@ class Daemon:
         """
 
         def done() -> dict[str, Any] | None:
-            rows = db_rows(
-                self.state_dir,
-                f"SELECT {BUILD_FIELDS} FROM builds WHERE component = ? AND sha = ?"
-                " AND status IN ('succeeded', 'failed') ORDER BY id DESC LIMIT 1",
-                name,
-                sha,
-            )
-            return rows[0] if rows else None
+            for b in self.build_rows(name):
+                if b["sha"] == sha and b["status"] in ("succeeded", "failed"):
+                    return b
+            return None
 
         return dict(wait_until(done, timeout=timeout))
+
+    def build_rows(self, name: str) -> list[dict[str, Any]]:
+        """What `builds(name)` shows, newest first, read from the state database: for polls."""
+        sql = f"SELECT {BUILD_FIELDS} FROM builds WHERE component = ? ORDER BY id DESC LIMIT 50"
+        return db_rows(self.state_dir, sql, name)
 
 
 @pytest.fixture

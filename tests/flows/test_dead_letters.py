@@ -231,7 +231,7 @@ def test_retry_on_publish_redrives_once_and_discard_removes(make_env: Any) -> No
     # again, and stay with one attempt more. They are not taken again by this publish.
     env.push(files("v2"))
     assert env.wait_deploy("counter", 2)["status"] == "done"
-    dep = wait_until(lambda: (d := env.deploys()[0])["redriven"] is not None and d)
+    dep = env.wait_deploys(lambda ds: (d := ds[0])["redriven"] is not None and d)
     assert (dep["to_version"], dep["redriven"]) == (2, 2)
     again = wait_errors(env, 2)
     assert [r["error"] for r in again] == [f"ValueError: n={n} refused by v2" for n in (3, 1)]
@@ -263,8 +263,8 @@ def test_retry_on_publish_redrives_once_and_discard_removes(make_env: Any) -> No
 
     # v3 handles odd n: its re-drive takes the letter v2 failed, once.
     env.push(files("v3", fail="none"))
-    dep = wait_until(
-        lambda: (d := env.deploys()[0])["to_version"] == 3 and d["redriven"] is not None and d
+    dep = env.wait_deploys(
+        lambda ds: (d := ds[0])["to_version"] == 3 and d["redriven"] is not None and d
     )
     assert dep["redriven"] == 1
     wait_until(lambda: len(read_out(out)) == 3)
@@ -446,7 +446,7 @@ def test_a_redrive_owed_by_a_killed_daemon_runs_after_its_restart(make_env: Any)
     assert errors(env) == first  # the letters survived the kill -9
     env.daemon.daemon_extra["rollback_window"] = "1s"  # what is left of the window: nothing
     env.daemon.start()
-    dep = wait_until(lambda: (d := env.deploys()[0])["redriven"] is not None and d)
+    dep = env.wait_deploys(lambda ds: (d := ds[0])["redriven"] is not None and d)
     assert (dep["to_version"], dep["redriven"]) == (2, 2)
     wait_until(lambda: len(read_out(out)) == 4)
     assert sorted((r["n"], r["by"]) for r in read_out(out)) == [

@@ -50,7 +50,7 @@ def test_sigterm_during_a_long_build_exits_0_and_the_build_is_retried_at_start(
     work = component(descriptor=desc)
     d = daemon_factory(stop_timeout="4s").start()
     sha = work.push(d.hosted("hello"))
-    wait_until(lambda: any(b["status"] == "building" for b in d.builds("hello")), timeout=30)
+    wait_until(lambda: any(b["status"] == "building" for b in d.build_rows("hello")))
 
     started = time.monotonic()
     assert d.stop(signal.SIGTERM, timeout=30) == 0

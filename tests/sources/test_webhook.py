@@ -300,7 +300,9 @@ def test_webhook_poll_and_local_notice_of_one_commit_build_once(
     def polled_after_build() -> bool:
         poll = d.component_status("hello")["poll"]
         return bool(
-            poll and poll["head"] == sha and poll["last_ok"] > d.builds("hello")[0]["finished_at"]
+            poll
+            and poll["head"] == sha
+            and poll["last_ok"] > d.build_rows("hello")[0]["finished_at"]
         )
 
     wait_until(polled_after_build, timeout=30)
