@@ -31,6 +31,13 @@ GIT_ENV = {
 }
 
 
+# One HTTP client for the whole run. `httpx.get()` makes a new client per call, and with it an
+# SSL context that loads the CA bundle: ~30 ms of CPU each time, so a 20 ms poll of a daemon's
+# status kept a core busy beside the daemon under test. No keep-alive: every request opens a
+# fresh loopback connection, so a daemon restarted on the same port never meets a stale one.
+HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def wait_until(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Poll `cond` until it returns something truthy; fail the test after `timeout` seconds.
 
@@ -156,6 +163,10 @@ def bare_repo(tmp_path: Path) -> Callable[[str], Path]:
     return make
 
 
+# The fields of one build in `deployd builds --json` (cli/components.py).
+BUILD_FIELDS = "id, component, sha, status, version, source, error, started_at, finished_at"
+
+
 @dataclass
 class Daemon:
     """A real `deployd serve` subprocess with its own config and state dir."""
@@ -217,7 +228,7 @@ class Daemon:
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
         try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            return HTTP.get(self.url + "/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -260,7 +271,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         if self.proc is not None:
-            return dict(httpx.get(self.url + "/api/v1/status", timeout=5).json())
+            return dict(HTTP.get(self.url + "/api/v1/status", timeout=5).json())
         return dict(json.loads(self.cli("status", "--json").stdout))
 
     def component_status(self, name: str) -> dict[str, Any]:
@@ -282,15 +293,25 @@ class Daemon:
         return list(json.loads(self.cli(*args).stdout))
 
     def wait_build(self, name: str, sha: str, timeout: float = 60) -> dict[str, Any]:
-        """Wait until `sha` has a finished build; return it."""
+        """Wait until `sha` has a finished build; return it (the fields of `builds --json`).
+
+        Polled on the state database, read-only: a poll through the CLI is a Python start
+        (~0.5 s of CPU) every round, which starves the daemon under test on a small machine.
+        `builds()` and the tests of the `builds` command still go through the CLI.
+        """
 
         def done() -> dict[str, Any] | None:
-            for b in self.builds(name):
+            for b in self.build_rows(name):
                 if b["sha"] == sha and b["status"] in ("succeeded", "failed"):
                     return b
             return None
 
         return dict(wait_until(done, timeout=timeout))
+
+    def build_rows(self, name: str) -> list[dict[str, Any]]:
+        """What `builds(name)` shows, newest first, read from the state database: for polls."""
+        sql = f"SELECT {BUILD_FIELDS} FROM builds WHERE component = ? ORDER BY id DESC LIMIT 50"
+        return db_rows(self.state_dir, sql, name)
 
 
 @pytest.fixture

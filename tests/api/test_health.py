@@ -14,12 +14,12 @@ import httpx
 
 from deployd.health import LagMonitor, Limits, check, check_db, check_disk
 from deployd.store import Store
-from tests.conftest import Daemon, wait_until
+from tests.conftest import HTTP, Daemon, wait_until
 
 
 def test_healthy_daemon_answers_200_with_figures(daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory().start()
-    resp = httpx.get(d.url + "/healthz", timeout=5)
+    resp = HTTP.get(d.url + "/healthz", timeout=5)
     assert resp.status_code == 200
     body = resp.json()
     assert body["ok"] is True and body["reasons"] == []
@@ -37,7 +37,7 @@ def test_nearly_full_disk_makes_the_daemon_unhealthy(
 
     def answered() -> httpx.Response | None:
         try:
-            return httpx.get(d.url + "/healthz", timeout=1)
+            return HTTP.get(d.url + "/healthz", timeout=1)
         except httpx.HTTPError:
             return None
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployd.metrics import Metrics
-from tests.conftest import Daemon, Work, default_descriptor
+from tests.conftest import HTTP, Daemon, Work, default_descriptor
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -70,7 +69,7 @@ def test_builds_and_versions_show_in_metrics(
     bad = work.commit_push("broken", {"component.json": default_descriptor(build="exit 3")})
     d.wait_build("hello", bad)
 
-    resp = httpx.get(d.url + "/metrics", timeout=5)
+    resp = HTTP.get(d.url + "/metrics", timeout=5)
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain")
     got = samples(resp.text)

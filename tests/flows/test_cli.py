@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
-
-from tests.conftest import wait_until
+from tests.conftest import HTTP, wait_until
 from tests.flows.conftest import (
     TICKER,
     FlowEnv,
@@ -92,7 +90,7 @@ def test_apply_refuses_bad_flow_files_with_a_clear_error_and_creates_nothing(
 
     # The daemon makes the same checks when the client does not (the API directly).
     token = (env.daemon.state_dir / "api-token").read_text().strip()
-    resp = httpx.post(
+    resp = HTTP.post(
         env.daemon.url + "/api/v1/flows/apply",
         json={"text": cases[0][0]},
         headers={"Authorization": f"Bearer {token}"},
@@ -200,7 +198,7 @@ def test_mutating_api_needs_the_token_and_the_cli_says_when_the_daemon_is_down(
             ("POST", "/counter/rollback", {"to": 1}),
             ("POST", "/counter/start", None),
         ):
-            resp = httpx.request(method, base + path, json=body, headers=headers)
+            resp = HTTP.request(method, base + path, json=body, headers=headers)
             assert resp.status_code == 401, (path, resp.text)
             assert resp.headers["www-authenticate"] == "Bearer"
     assert env.flow("counter")["state"] == "running"  # none of that did anything

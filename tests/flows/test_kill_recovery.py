@@ -55,8 +55,8 @@ def test_a_publish_cut_by_a_kill_is_finished_even_when_a_newer_version_cannot_st
     env.wait_by(out, "v2", 3, timeout=60)
     flow = wait_until(lambda: (f := env.flow("counter"))["state"] == "running" and f, timeout=30)
     assert [s["version"] for s in flow["steps"]] == [2, 2]
-    deps = wait_until(
-        lambda: [d for d in env.deploys() if "boom at import" in (d["reason"] or "")], timeout=30
+    deps = env.wait_deploys(
+        lambda ds: [d for d in ds if "boom at import" in (d["reason"] or "")], timeout=30
     )
     assert deps[0]["status"] == "failed"
     assert env.flow("counter")["version"] == flow["version"]  # v3 never replaced it

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Daemon, Work, db_rows, dead_letter_rows, wait_until
+from tests.conftest import HTTP, Daemon, Work, db_rows, dead_letter_rows, wait_until
 from tests.flows.conftest import FlowEnv, flow_toml, read_out
 
 DESC: dict[str, Any] = {
@@ -475,7 +475,7 @@ def _parent(pid: int) -> int:
 
 def _answers(daemon: Daemon) -> bool:
     try:
-        return httpx.get(daemon.url + "/healthz", timeout=3).status_code == 200
+        return HTTP.get(daemon.url + "/healthz", timeout=3).status_code == 200
     except httpx.HTTPError:
         return False
 

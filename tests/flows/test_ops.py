@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import wait_until
+from tests.conftest import HTTP, wait_until
 from tests.flows.conftest import FlowEnv, counter_files, flow_toml, read_out, writer
 
 
@@ -130,7 +130,6 @@ def test_status_shows_the_last_error_of_each_part(
 def test_metrics_count_flow_deployments_messages_and_queues(
     make_env: Callable[..., FlowEnv],
 ) -> None:
-    import httpx
 
     env = make_env()
     out = env.counter("counter")
@@ -138,7 +137,7 @@ def test_metrics_count_flow_deployments_messages_and_queues(
     env.wait_by(out, "v2")
 
     def metrics() -> str:
-        return httpx.get(env.daemon.url + "/metrics", timeout=5).text
+        return HTTP.get(env.daemon.url + "/metrics", timeout=5).text
 
     text = metrics()
     assert 'deployd_deployments_total{flow="counter",status="done"} 2.0' in text

@@ -208,7 +208,7 @@ def test_a_version_that_crash_loops_after_the_switch_is_rolled_back(
         }
     env.push(counter_files("v2", **files))
 
-    wait_until(lambda: env.deploys()[0]["status"] == "rolled_back", timeout=30)
+    env.wait_deploys(lambda ds: ds[0]["status"] == "rolled_back", timeout=30)
     dep = env.deploys()[0]
     assert dep["to_version"] == 2 and f"step {step} exited (code 1)" in dep["reason"]
     flow = wait_until(lambda: (f := env.flow("counter"))["state"] == "running" and f, timeout=30)

@@ -12,9 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tests.conftest import Daemon, Work, default_descriptor, git
+from tests.conftest import HTTP, Daemon, Work, default_descriptor, git
 
 
 def _descriptor_bytes(data: bytes) -> Callable[[Path], None]:
@@ -95,7 +93,7 @@ def test_bad_pushes_fail_with_their_reason_and_change_nothing(
         assert daemon.recent_sha("hello") == good, what
     versions = json.loads(daemon.cli("versions", "hello", "--json").stdout)
     assert [v["version"] for v in versions] == [1]
-    assert httpx.get(daemon.url + "/healthz", timeout=5).status_code == 200
+    assert HTTP.get(daemon.url + "/healthz", timeout=5).status_code == 200
     assert "Traceback" not in daemon.log()
 
 
@@ -147,4 +145,4 @@ def test_flow_files_naming_what_a_version_lacks_create_nothing(
     for steps, words in cases:
         assert words in apply(steps)
     assert daemon.status()["flows"] == []
-    assert httpx.get(daemon.url + "/healthz", timeout=5).status_code == 200
+    assert HTTP.get(daemon.url + "/healthz", timeout=5).status_code == 200

@@ -11,12 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.conftest import Daemon, free_port
+from tests.conftest import HTTP, Daemon, free_port
 
 # A few examples per operation in the suite; DEPLOYD_FUZZ_EXAMPLES=500 for a long hunt.
 EXAMPLES = int(os.environ.get("DEPLOYD_FUZZ_EXAMPLES", "6"))
@@ -82,7 +81,7 @@ def test_no_operation_answers_5xx(live: Daemon, api_schema: Any, mode: Any) -> N
 def test_the_schema_is_served_and_the_daemon_survived(live: Daemon, api_schema: Any) -> None:
     paths = set(api_schema.raw_schema["paths"])
     assert {"/healthz", "/api/v1/status", "/api/v1/flows/apply"} <= paths
-    assert httpx.get(live.url + "/healthz", timeout=5).status_code == 200
+    assert HTTP.get(live.url + "/healthz", timeout=5).status_code == 200
     assert "Traceback" not in live.log()
     assert Path(live.state_dir / "deployd.db").exists()
 
@@ -160,7 +159,7 @@ API_CASES: list[tuple[str, str, Any, int, str]] = [
 )
 def test_hostile_api_requests(live: Daemon, path: str, body: Any, status: int, words: str) -> None:
     auth = {"Authorization": f"Bearer {_token(live)}"}
-    response = httpx.post(live.url + path, json=body, headers=auth, timeout=10)
+    response = HTTP.post(live.url + path, json=body, headers=auth, timeout=10)
     assert response.status_code == status, response.text[:300]
     assert words in response.text, response.text[:300]
 
@@ -171,12 +170,12 @@ def test_hostile_api_requests(live: Daemon, path: str, body: Any, status: int, w
 )
 def test_mutating_routes_refuse_a_bad_token(live: Daemon, header: str) -> None:
     headers = {"Authorization": header.format(token=_token(live))} if header else {}
-    response = httpx.post(live.url + "/api/v1/gc", headers=headers, timeout=10)
+    response = HTTP.post(live.url + "/api/v1/gc", headers=headers, timeout=10)
     assert response.status_code == 401, response.text
     assert "API token" in response.json()["detail"]
 
 
 def test_the_bearer_scheme_is_case_insensitive(live: Daemon) -> None:
     headers = {"Authorization": f"bearer {_token(live)}"}
-    response = httpx.post(live.url + "/api/v1/gc", headers=headers, timeout=30)
+    response = HTTP.post(live.url + "/api/v1/gc", headers=headers, timeout=30)
     assert response.status_code == 200, response.text

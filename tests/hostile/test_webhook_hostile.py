@@ -16,10 +16,9 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import Daemon, free_port, git, make_component
+from tests.conftest import HTTP, Daemon, free_port, git, make_component
 
 SECRET = "hostile-secret-5b1c9e"
 MAX_BYTES = 65536
@@ -394,7 +393,7 @@ def test_hostile_webhook(
     component, headers, body = build(shas["signed"])
     if component in shas:  # name the unbuilt commit of the component addressed
         component, headers, body = build(shas[component])
-    response = httpx.post(f"{d.url}/hooks/{component}", headers=headers, content=body, timeout=10)
+    response = HTTP.post(f"{d.url}/hooks/{component}", headers=headers, content=body, timeout=10)
     assert response.status_code == status, response.text[:300]
     assert words in response.text, response.text[:300]
 
@@ -433,19 +432,19 @@ def test_a_huge_content_length_is_refused_before_the_body_is_read(hooked: Any) -
     assert answer.startswith("HTTP/1.1 413"), answer
     assert "max_webhook_bytes" in answer
     assert d.builds() == []
-    assert httpx.get(d.url + "/healthz", timeout=5).status_code == 200
+    assert HTTP.get(d.url + "/healthz", timeout=5).status_code == 200
 
 
 def test_nothing_was_built_but_a_valid_delivery_is(hooked: tuple[Daemon, dict[str, str]]) -> None:
     """Runs after the cases: none of them queued a build; the setup does deploy."""
     d, shas = hooked
     assert d.builds() == []
-    assert httpx.get(d.url + "/healthz", timeout=5).status_code == 200
+    assert HTTP.get(d.url + "/healthz", timeout=5).status_code == 200
     body = push_body(shas["signed"])
-    ok = httpx.post(f"{d.url}/hooks/signed", headers=github(body), content=body, timeout=10)
+    ok = HTTP.post(f"{d.url}/hooks/signed", headers=github(body), content=body, timeout=10)
     assert ok.status_code == 202, ok.text
     assert d.wait_build("signed", shas["signed"])["status"] == "succeeded"
-    again = httpx.post(f"{d.url}/hooks/signed", headers=github(body), content=body, timeout=10)
+    again = HTTP.post(f"{d.url}/hooks/signed", headers=github(body), content=body, timeout=10)
     assert again.status_code == 200 and "duplicate delivery" in again.text, again.text
     assert [b["sha"] for b in d.builds()] == [shas["signed"]]
     assert "Traceback" not in d.log()

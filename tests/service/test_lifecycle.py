@@ -14,12 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from deployd import config as cfgmod
 from deployd.service import logs as service
-from tests.conftest import Daemon, Work, default_descriptor, wait_until
+from tests.conftest import HTTP, Daemon, Work, default_descriptor, wait_until
 
 
 def _db_rows(d: Daemon, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -51,7 +50,7 @@ def test_sigterm_during_a_long_build_exits_0_and_the_build_is_retried_at_start(
     work = component(descriptor=desc)
     d = daemon_factory(stop_timeout="4s").start()
     sha = work.push(d.hosted("hello"))
-    wait_until(lambda: any(b["status"] == "building" for b in d.builds("hello")), timeout=30)
+    wait_until(lambda: any(b["status"] == "building" for b in d.build_rows("hello")))
 
     started = time.monotonic()
     assert d.stop(signal.SIGTERM, timeout=30) == 0
@@ -150,7 +149,7 @@ def test_bad_config_is_rejected_and_the_old_one_keeps_running(
     else:
         d.config_path.write_text(bad)
     _hup_and_wait(d, "reload rejected")
-    assert httpx.get(d.url + "/healthz", timeout=5).status_code == 200
+    assert HTTP.get(d.url + "/healthz", timeout=5).status_code == 200
     work = component()
     d.wait_recent("hello", work.push(d.hosted("hello")))
     rejected = _db_rows(d, "SELECT message FROM events WHERE kind = 'config.rejected'")

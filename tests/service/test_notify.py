@@ -16,11 +16,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-import httpx
 import pytest
 
 from deployd.notify import Notifier, monotonic_usec, watchdog_pinger
-from tests.conftest import Daemon, wait_until
+from tests.conftest import HTTP, Daemon, wait_until
 
 
 class NotifySocket:
@@ -165,7 +164,7 @@ def test_daemon_speaks_the_protocol(
     d = _started(daemon_factory, notify_socket)
     ready = notify_socket.wait_for("READY", "1")
     # READY=1 means the listener is bound: the very next request is answered.
-    assert httpx.get(d.url + "/healthz", timeout=5).status_code == 200
+    assert HTTP.get(d.url + "/healthz", timeout=5).status_code == 200
     assert "1 component(s)" in ready["STATUS"]
 
     # WATCHDOG=1 keeps coming, about every WATCHDOG_USEC / 2 (0.15 s here).

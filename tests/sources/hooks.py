@@ -13,6 +13,8 @@ from urllib.parse import urlencode
 
 import httpx
 
+from tests.conftest import HTTP
+
 PAYLOADS = Path(__file__).parent / "payloads"
 ZERO = "0" * 40
 BEFORE = "0d1a26e67d8f8f1e2b7c4a9e5d3c2b1a09f8e7d6"
@@ -169,4 +171,4 @@ def generic(secret: str | None, ref: str, after: str, delivery_id: str | None = 
 
 def post(base: str, component: str, request: Request, timeout: float = 10) -> httpx.Response:
     headers, body = request
-    return httpx.post(f"{base}/hooks/{component}", headers=headers, content=body, timeout=timeout)
+    return HTTP.post(f"{base}/hooks/{component}", headers=headers, content=body, timeout=timeout)

@@ -7,13 +7,12 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
 from deployd.errors import GitError
 from deployd.sources.poll import next_delay
 from deployd.toolchains import git as gitops
-from tests.conftest import Daemon, Work, free_port, git, wait_until
+from tests.conftest import HTTP, Daemon, Work, free_port, git, wait_until
 from tests.sources.conftest import GitDaemon, builds_of
 
 
@@ -103,9 +102,9 @@ def test_deployd_poll_checks_now(
     assert "nothing new to build" in d.cli("poll").stdout
     refused = d.cli("poll", "hosted", check=False)
     assert refused.returncode == 1 and "not polled" in refused.stderr
-    resp = httpx.post(f"{d.url}/api/v1/poll", json={}, timeout=5)
+    resp = HTTP.post(f"{d.url}/api/v1/poll", json={}, timeout=5)
     assert resp.status_code == 401
-    resp = httpx.post(
+    resp = HTTP.post(
         f"{d.url}/api/v1/poll", json={}, headers={"Authorization": "Bearer nope"}, timeout=5
     )
     assert resp.status_code == 401

@@ -12,9 +12,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-import httpx
-
-from tests.conftest import Daemon, Work, wait_until
+from tests.conftest import HTTP, Daemon, Work, wait_until
 from tests.sources import hooks
 from tests.sources.conftest import builds_of, events
 from tests.sources.hooks import ZERO
@@ -182,7 +180,7 @@ def test_malformed_oversize_and_wrong_content_type(
     assert code == 413 and "max_webhook_bytes" in text
     # No Content-Length (chunked upload): the bound holds while reading, too.
     headers, body = hooks.github(SECRET, big)
-    resp = httpx.post(f"{d.url}/hooks/hello", headers=headers, content=iter([body]), timeout=10)
+    resp = HTTP.post(f"{d.url}/hooks/hello", headers=headers, content=iter([body]), timeout=10)
     assert resp.status_code == 413
     headers, body = hooks.github(SECRET, {"ref": "refs/heads/main", "after": "a" * 40})
     code, text = status((dict(headers, **{"Content-Type": "text/plain"}), body))
@@ -302,7 +300,9 @@ def test_webhook_poll_and_local_notice_of_one_commit_build_once(
     def polled_after_build() -> bool:
         poll = d.component_status("hello")["poll"]
         return bool(
-            poll and poll["head"] == sha and poll["last_ok"] > d.builds("hello")[0]["finished_at"]
+            poll
+            and poll["head"] == sha
+            and poll["last_ok"] > d.build_rows("hello")[0]["finished_at"]
         )
 
     wait_until(polled_after_build, timeout=30)
@@ -315,21 +315,20 @@ def test_webhook_poll_and_local_notice_of_one_commit_build_once(
 
 
 def test_webhook_answers_are_counted_in_metrics(daemon: Daemon) -> None:
-    import httpx
 
-    httpx.post(
+    HTTP.post(
         daemon.url + "/hooks/nope",
         content=b"{}",
         headers={"Content-Type": "application/json"},
         timeout=10,
     )
-    httpx.post(
+    HTTP.post(
         daemon.url + "/hooks/hello",
         content=b"{}",
         headers={"X-GitHub-Event": "ping", "Content-Type": "application/json"},
         timeout=10,
     )
-    text = httpx.get(daemon.url + "/metrics", timeout=10).text
+    text = HTTP.get(daemon.url + "/metrics", timeout=10).text
     assert 'deployd_webhook_requests_total{provider="generic",status="404"} 1.0' in text, [
         line for line in text.splitlines() if "webhook" in line
     ]
