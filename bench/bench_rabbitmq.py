@@ -15,18 +15,27 @@ with `rate` set only those due by now at that rate (at most RATE_BATCH_CAP a cal
    as shipped: prefetch 16) and the embedded one, ROUNDS rounds one after the other with the
    sailor's runs between them. Rates are counted by the sink's `t_recv` over WINDOWS windows of
    WINDOW_S s after WARM_S s of running; the figure is the median window of all rounds.
-2. `latency`: the same flow paced to LOW_RATE (100) and HIGH_RATE (1000) msg/s (interval
-   1 ms), emit → sink receive p50 / p99 over the windows (p99 of the windows' messages).
+2. `latency`: the same flow paced (interval 1 ms) to each of LATENCY_RATES: 50, 100 and
+   1000 msg/s on RabbitMQ, 100 and 1000 on the embedded runtime; emit → sink receive p50 /
+   p99 of the windows' messages, and `sustained` (the sink got >= 90% of the rate). A rate
+   the runtime does not sustain has a latency that grows with the time the phase ran.
 3. `seed_sailor`: `bench/seed_sailor.py` on the same broker (its docstring says what it runs:
    the npm elasticio-sailor-nodejs, three sailor processes, prefetch 1 as shipped): flat out
-   SEED_RUNS runs of SEED_S s each (median), and one run paced at LOW_RATE; flat out again
-   with prefetch 256 beside it.
+   SEED_RUNS + ROUNDS - 1 runs of SEED_S s each (median; between deployd's rounds), then
+   SEED_WIDE runs at prefetch 256 beside it, then one run paced at each of 50 and 100 msg/s.
 4. `redeploys`: the flow on RabbitMQ paced at REDEPLOY_RATE (200) msg/s, REDEPLOYS (20)
    switches to a new version (new code folders), one every REDEPLOY_EVERY s: `gap_ms`
    (what `Runtime.switch` returns: the old trigger's last call end → the new trigger's first
    call) p50 / p90 / max; beside it the longest pause in the emit stamps and in the sink's
-   receive times around each switch. Then the trigger stops (a stop file), the sink drains,
-   and lost (emitted, never received) / duplicated (received twice) are counted.
+   receive times within 0.5 s of each switch, and the messages queued after each switch.
+   Then the trigger stops (a stop file), the sink drains, and lost (emitted, never received)
+   / duplicated (received twice) are counted.
+5. `broker_get_probe`: PROBE_GETS serial basic.get + ack round trips on a quorum and on a
+   classic queue of the same broker, at the end: what bounds a consumer that pulls one
+   message per get (the RabbitMQ runtime's `runner.Consumer` does).
+
+`verdict` holds the targets, met or missed: the RabbitMQ runtime's flat-out msg/s over the
+sailor's (prefetch 1), and p99 compared at the highest paced rate both sustained.
 
 Targets (issue 12): deployd on RabbitMQ >= 2x the sailor's msg/s at equal or better p99
 latency; switch-over gap p50 <= 50 ms with 0 lost. The load average is recorded before and
@@ -73,20 +82,21 @@ from deployd.types import FlowVersionToRun, RunStep, StepKind  # noqa: E402
 
 SHORT = os.environ.get("BENCH_SHORT") == "1"
 WARM_S = 1.5 if SHORT else 3.0
-WINDOW_S = 2.0 if SHORT else 3.0
+WINDOW_S = 1.5 if SHORT else 3.0
 WINDOWS = 3
 ROUNDS = 1 if SHORT else 2  # flat-out rounds of each deployd runtime
 BATCH = 100
 RATE_BATCH_CAP = 50
-LOW_RATE = 100  # a rate the sailor at prefetch 1 sustains here
-HIGH_RATE = 1000
-SEED_S = 4.0 if SHORT else 6.0
+# Paced rates for latency: the sailor at prefetch 1 manages ~100-250 msg/s here; 1000 is
+# issue 11's latency rate; 50 in case 100 is not sustained on a loaded machine.
+LATENCY_RATES = {"rabbitmq": (50, 100, 1000), "embedded": (100, 1000), "seed": (50, 100)}
+SEED_S = 3.0 if SHORT else 6.0
 SEED_RUNS = 1 if SHORT else 3  # flat out at prefetch 1 (ROUNDS - 1 more between rounds)
 SEED_WIDE = 1 if SHORT else 2  # flat out at prefetch 256
-SEED_LATENCY_S = 5.0 if SHORT else 10.0
+SEED_LATENCY_S = 4.0 if SHORT else 8.0
 REDEPLOYS = 20
 REDEPLOY_RATE = 200
-REDEPLOY_EVERY = 0.3 if SHORT else 0.8  # seconds between switches
+REDEPLOY_EVERY = 0.2 if SHORT else 0.5  # seconds between switches
 WARMUP = 30.0
 WAIT = 90.0  # the longest any condition is waited for (a loaded machine)
 VHOSTS = 16
@@ -317,17 +327,17 @@ async def windows_phase(
 
 
 async def deployd_phase(
-    kind: str, root: Path, broker: Broker, what: str, flows: Flows
+    kind: str, root: Path, broker: Broker, flows: Flows, rate: int | None = None
 ) -> dict[str, Any]:
-    """One phase (`throughput`, `latency_low`, `latency_high`) on a fresh runtime."""
+    """Flat out (`rate` None) or paced to `rate` msg/s, on a fresh runtime."""
     url = broker.vhost_url() if kind == "rabbitmq" else None
+    what = f"at{rate}" if rate else "flat"
     state = root / f"state-{kind}-{what}-{flows.versions}"
     beam = broker.beam_pid() if kind == "rabbitmq" else None
-    flow = f"{what.replace('_', '')}{flows.versions}"
+    flow = f"{what}{flows.versions}"
     async with runtime(kind, state, url) as rt:
-        if what == "throughput":
+        if not rate:
             return await windows_phase(rt, flows, flow, root, {"batch": BATCH}, 0.0, beam)
-        rate = LOW_RATE if what == "latency_low" else HIGH_RATE
         emit = {"batch": RATE_BATCH_CAP, "rate": rate}
         result = await windows_phase(rt, flows, flow, root, emit, 0.001, beam)
         result["offered_msgs_per_s"] = rate
@@ -354,6 +364,7 @@ async def redeploys(root: Path, broker: Broker, flows: Flows) -> dict[str, Any]:
     gaps: list[float | None] = []
     warmups: list[float] = []
     spans: list[tuple[float, float]] = []
+    queued: list[int] = []  # messages in the flow's queues after each switch
     async with runtime("rabbitmq", root / "state-redeploy", url) as rt:
         old = await rt.warm_up(version(1), WARMUP)
         runs = [old]
@@ -369,6 +380,7 @@ async def redeploys(root: Path, broker: Broker, flows: Flows) -> dict[str, Any]:
                 a = time.time()
                 gaps.append(await rt.switch(old, new))
                 spans.append((a, time.time()))
+                queued.append(sum(n for (f, _), n in rt.queue_depths().items() if f == "redeploy"))
                 old = new
             await asyncio.sleep(REDEPLOY_EVERY)
             stop.write_text("")
@@ -400,6 +412,7 @@ async def redeploys(root: Path, broker: Broker, flows: Flows) -> dict[str, Any]:
         recv = sorted(r["t_recv"] for r in lines if a - 0.5 <= r["t_recv"] <= b + 0.5)
         recv_gaps.append(max_step(recv))
     measured = [g for g in gaps if g is not None]
+    span = max(r["t_recv"] for r in lines) - min(r["t_recv"] for r in lines) if lines else 0.0
     return {
         "redeploys": REDEPLOYS,
         "offered_msgs_per_s": REDEPLOY_RATE,
@@ -409,6 +422,8 @@ async def redeploys(root: Path, broker: Broker, flows: Flows) -> dict[str, Any]:
         "emit_pause_ms": spread(emit_gaps),
         "receive_pause_ms": spread(recv_gaps),
         "warm_up_ms": spread(warmups),
+        "queued_after_switch": spread([float(q) for q in queued]),
+        "sink_msgs_per_s": round(len(ns) / max(1e-3, span), 1),
         "emitted": emitted,
         "received": len(ns),
         "lost": emitted - len(unique & set(range(1, emitted + 1))),
@@ -486,22 +501,39 @@ def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def verdicts(result: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, met or missed, from the figures (nothing softened)."""
+    """The issue's targets, met or missed, from the figures (nothing softened). p99 is
+    compared at the highest paced rate both the RabbitMQ runtime and the sailor sustained."""
     rabbit = result["throughput"]["rabbitmq"]["msgs_per_s"]
     seed = result["seed_sailor"]["throughput_prefetch_1"]["msgs_per_s"]
     ratio = round(rabbit / seed, 2) if seed else None
-    low = result["latency"]["rabbitmq"][f"at_{LOW_RATE}"]
-    r_p99 = low["latency_ms"]["p99"] if low["sustained"] else None
-    s_p99 = result["seed_sailor"][f"latency_at_{LOW_RATE}_prefetch_1"]["latency_p99_ms"]
+    both = [
+        (rate, result["latency"]["rabbitmq"][f"at_{rate}"], result["seed_sailor"][key])
+        for rate in LATENCY_RATES["seed"]
+        if (key := f"latency_at_{rate}_prefetch_1")
+        and f"at_{rate}" in result["latency"]["rabbitmq"]
+    ]
+    p99: dict[str, Any] = {}
+    for rate, ours, theirs in both:
+        p99[f"at_{rate}"] = {
+            "rabbitmq": ours["latency_ms"]["p99"],
+            "rabbitmq_sustained": ours["sustained"],
+            "seed": theirs["latency_p99_ms"],
+            "seed_sustained": theirs["sustained"],
+        }
+    common = [(r, o, t) for r, o, t in both if o["sustained"] and t["sustained"]]
+    p99_ok = None
+    if common:
+        _rate, ours, theirs = common[-1]
+        p99_ok = ours["latency_ms"]["p99"] <= theirs["latency_p99_ms"]
     red = result["redeploys"]
     gap = red["gap_ms"]["p50"]
     return {
         "rabbitmq_to_seed_msgs_per_s": ratio,
         "rabbitmq_to_seed_target": ">= 2",
-        f"p99_ms_at_{LOW_RATE}_rabbitmq_vs_seed": [r_p99, s_p99],
-        "throughput_target_met": bool(
-            ratio is not None and ratio >= 2 and r_p99 is not None and r_p99 <= s_p99
-        ),
+        "p99_ms": p99,
+        "p99_compared_at": common[-1][0] if common else None,
+        "p99_equal_or_better": p99_ok,
+        "throughput_target_met": bool(ratio is not None and ratio >= 2 and p99_ok),
         "gap_p50_ms": gap,
         "gap_target": "<= 50 ms, 0 lost",
         "lost": red["lost"],
@@ -590,9 +622,9 @@ def phases(root: Path, broker: Broker) -> dict[str, Any]:
         finally:
             took[name] = round(took.get(name, 0.0) + time.monotonic() - t0, 1)
 
-    def deployd(kind: str, what: str) -> dict[str, Any]:
-        coro = deployd_phase(kind, root, broker, what, flows)
-        return dict(timed(f"{kind}_{what}", asyncio.run, coro))
+    def deployd(kind: str, rate: int | None = None) -> dict[str, Any]:
+        coro = deployd_phase(kind, root, broker, flows, rate)
+        return dict(timed(f"{kind}_{f'at_{rate}' if rate else 'flat'}", asyncio.run, coro))
 
     def seed(name: str, **kwargs: Any) -> dict[str, Any]:
         return dict(timed(f"seed_{name}", seed_run, broker, work, **kwargs))
@@ -601,20 +633,21 @@ def phases(root: Path, broker: Broker) -> dict[str, Any]:
     seed_flat: list[dict[str, Any]] = []
     for i in range(ROUNDS):  # the sailor's runs between deployd's rounds
         for kind in ("rabbitmq", "embedded"):
-            flat[kind].append(deployd(kind, "throughput"))
+            flat[kind].append(deployd(kind))
         for _ in range(SEED_RUNS if i == 0 else 1):
             seed_flat.append(seed("throughput_prefetch_1", seconds=SEED_S))
     seed_wide = [
         seed("throughput_prefetch_256", seconds=SEED_S, prefetch=256) for _ in range(SEED_WIDE)
     ]
     latency = {
-        kind: {
-            f"at_{LOW_RATE}": deployd(kind, "latency_low"),
-            f"at_{HIGH_RATE}": deployd(kind, "latency_high"),
-        }
+        kind: {f"at_{rate}": deployd(kind, rate) for rate in LATENCY_RATES[kind]}
         for kind in ("rabbitmq", "embedded")
     }
-    seed_low = seed(f"latency_at_{LOW_RATE}", seconds=SEED_LATENCY_S, rate=LOW_RATE)
+    seed_paced = {}
+    for rate in LATENCY_RATES["seed"]:
+        res = seed(f"latency_at_{rate}", seconds=SEED_LATENCY_S, rate=rate)
+        res["sustained"] = res["msgs_per_s"] >= 0.9 * rate
+        seed_paced[f"latency_at_{rate}_prefetch_1"] = res
     red = timed("redeploys", asyncio.run, redeploys(root, broker, flows))
     probe = timed("get_probe", asyncio.run, get_probe(broker.vhost_url()))
     return {
@@ -623,7 +656,7 @@ def phases(root: Path, broker: Broker) -> dict[str, Any]:
         "seed_sailor": {
             "throughput_prefetch_1": seed_summary(seed_flat),
             "throughput_prefetch_256": seed_summary(seed_wide),
-            f"latency_at_{LOW_RATE}_prefetch_1": seed_low,
+            **seed_paced,
         },
         "redeploys": red,
         "broker_get_probe": probe,
