@@ -29,6 +29,7 @@ MODULES = [
     "bench_service",
     "bench_scale",
     "bench_throughput",
+    "bench_rabbitmq",
 ]
 
 
