@@ -276,3 +276,36 @@ def test_without_a_broker_under_ci_its_tests_fail() -> None:
     assert proc.returncode != 0, proc.stdout
     assert "CI=true and no RabbitMQ: rabbitmq-server is not installed (" in proc.stdout
     assert "2 error" in proc.stdout or "2 failed" in proc.stdout, proc.stdout
+
+
+def test_a_quorum_queue_keeps_order_on_a_channel_close_but_not_on_a_nack(amqp_url: str) -> None:
+    """RabbitMQ 3.10, pinned (the RabbitMQ runtime's design rests on it, docs/architecture.md):
+    an unacked message given back by closing its channel is delivered again first; one given
+    back with basic.nack(requeue=True) goes to the end of the queue."""
+
+    async def scenario(give_back: str) -> list[str]:
+        conn = await aio_pika.connect_robust(amqp_url)
+        try:
+            pub = await conn.channel(publisher_confirms=True)
+            args: FieldTable = {"x-queue-type": "quorum"}
+            queue = await pub.declare_queue(f"order-{give_back}", durable=True, arguments=args)
+            for n in range(1, 5):
+                await pub.default_exchange.publish(
+                    aio_pika.Message(str(n).encode(), delivery_mode=2), queue.name
+                )
+            channel = await conn.channel()
+            mine = await channel.declare_queue(queue.name, durable=True, arguments=args)
+            first = await mine.get(no_ack=False)
+            assert first.body == b"1"
+            if give_back == "nack":
+                await first.nack(requeue=True)
+            await channel.close()
+            order = []
+            while (m := await queue.get(no_ack=True, fail=False)) is not None:
+                order.append(m.body.decode())
+            return order
+        finally:
+            await conn.close()
+
+    assert run_async(lambda: scenario("close")) == ["1", "2", "3", "4"]
+    assert run_async(lambda: scenario("nack")) == ["2", "3", "4", "1"]
