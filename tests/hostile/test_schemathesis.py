@@ -25,7 +25,15 @@ EXAMPLES = int(os.environ.get("DEPLOYD_FUZZ_EXAMPLES", "6"))
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     root = tmp_path_factory.mktemp("schemathesis")
     (root / "home").mkdir()
-    d = Daemon(root=root, port=free_port(), components=[{"name": "hello"}])
+    # webhook_wait 1s: a redeploy of a sha that never appears (a case below, and whatever the
+    # fuzzer sends) waits that long for it and then builds the head; with the default 60 s
+    # the waits were still running at the stop, which held it for its 5 s grace.
+    d = Daemon(
+        root=root,
+        port=free_port(),
+        components=[{"name": "hello"}],
+        daemon_extra={"webhook_wait": "1s"},
+    )
     d.env = {"HOME": str(root / "home")}
     d.start()
     yield d
