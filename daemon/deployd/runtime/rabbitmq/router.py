@@ -190,15 +190,6 @@ class AmqpRouter(Router):
         self._errors.append((flow, step, error))
         self._schedule()
 
-    async def release(self, row_ids: list[int]) -> None:
-        """Give inputs that were not handled back to the broker, in order (they come again
-        before anything else)."""
-        for row_id in row_ids:
-            delivery = self.deliveries.pop(row_id, None)
-            if delivery is not None and not delivery.done:
-                delivery.done = True
-                await _nack(delivery.message)
-
     async def ack(self, row_id: int) -> None:
         """Ack an input that was carried elsewhere (it is durable there)."""
         delivery = self.deliveries.pop(row_id, None)
