@@ -122,8 +122,10 @@ def test_flows_resume_by_themselves_after_the_broker_restarts_under_load(
     make_env: Callable[..., FlowEnv], broker_factory: Callable[..., Broker]
 ) -> None:
     """The broker stopped cleanly (SIGTERM) and later killed (SIGKILL) while a flow runs on
-    it: status says unreachable, the daemon reconnects with back-off, the flow resumes by
-    itself, and nothing is lost or handled twice."""
+    it: status says unreachable, the daemon reconnects, the flow resumes by itself, and
+    nothing is lost. What the README promises for a broker failure, no more: the messages in
+    flight at that moment may be handled again (a step's process() runs again when its result
+    was not recorded) and come back behind later ones; every message arrives."""
     broker = broker_factory(vhosts=2)
     url = broker.vhost_url()
     env = make_env(extra_toml=rabbit_toml(url))
@@ -131,14 +133,21 @@ def test_flows_resume_by_themselves_after_the_broker_restarts_under_load(
     env.apply(flow_toml("counter", out, interval="20ms"))
     env.wait_more(out, 10)
     broker.wait_quorum_durable(vhost_of(url), "deployd.counter.write")
+
+    def seen() -> set[int]:
+        return {r["n"] for r in read_out(out)}
+
     for how in (broker.stop, broker.kill):
         how()
         wait_until(lambda: _broker_state(env) == "unreachable", timeout=30)
-        before = len(read_out(out))
+        target = max(seen()) + 20
         broker.restart()
         wait_until(lambda: _broker_state(env) == "connected", timeout=60)
-        wait_until(lambda n=before: len(read_out(out)) >= n + 20, timeout=60)
-        assert_contiguous(read_out(out))
+        # None lost: every number up to `target` arrives (in flight ones possibly late).
+        wait_until(lambda t=target: set(range(1, t + 1)) <= seen(), timeout=60)
+    ns = [r["n"] for r in read_out(out)]
+    # Handled twice at most what was in flight at each failure (a step's prefetch).
+    assert len(ns) - len(set(ns)) <= 2 * 16, f"handled twice: {len(ns) - len(set(ns))}"
     assert env.flow("counter")["state"] == "running"
 
 

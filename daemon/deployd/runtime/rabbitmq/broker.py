@@ -9,9 +9,8 @@ this runtime wait for it (up to their timeout), everything else keeps working.
 Names (all durable, declared idempotently whenever they are needed):
 
     deployd.flows            direct exchange; routing key "<flow>.<step>" → that step's input
-    deployd.<flow>.<step>    quorum queue; the daemon is its only consumer and pulls from it
-                             (`runner.Consumer`: order kept across switches; RabbitMQ refuses
-                             basic.get on a single-active-consumer queue, so that is not set)
+    deployd.<flow>.<step>    quorum queue; the daemon is its only consumer (`runner.Consumer`:
+                             order kept across switches by giving back with a channel close)
     deployd.retry            direct exchange for rebounds: deployd.<flow>.<step>.retry holds a
                              message for its per-message TTL, then dead-letters it back to
                              deployd.flows with the step's routing key

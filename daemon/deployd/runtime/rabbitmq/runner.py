@@ -2,12 +2,12 @@
 supervision, trigger loop, backpressure, switch hooks) whose action loops consume from the
 broker instead of the SQLite file.
 
-Each action loop pulls from its step's quorum queue only what it hands to the step process
-(up to `prefetch` unacked), so a switch is simple: the old version's loop finishes what it
-holds, then the new version's loop pulls the next message — nothing is returned to the
-broker, so the order survives (a quorum queue puts a returned message at its end). A step
-process that dies gets its unfinished messages again, in order, from the loop's buffer (the
-broker does not need to know).
+Each action loop consumes its step's quorum queue on a channel of its own, at most `prefetch`
+unacked. A switch: the old version's loop finishes what it handed on, its results are acked,
+and closing its channel gives back what it was sent beyond that — first in line again, so
+the new version's loop takes the queue in order. A step process that dies gets its
+unfinished messages again, in order, from the loop's buffer (the broker does not need to
+know).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from pathlib import Path
 
-from aio_pika.abc import AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from ...store.queues import Queued
 from ...types import FlowVersionToRun
@@ -29,75 +28,50 @@ from .broker import Broker
 from .router import AmqpRouter, Delivery
 
 log = logging.getLogger("deployd.rabbitmq")
-GET_TIMEOUT = 10.0  # seconds a basic.get may take before the queue counts as not answering
-IDLE_POLL = 1.0  # an idle step looks for messages from elsewhere this often (seconds)
+CLOSE_TIMEOUT = 10.0  # seconds a consumer's channel may take to close
+IDLE_POLL = 5.0  # an idle loop's safety-net wake-up (seconds)
 
 
 class Consumer:
-    """Takes messages of one step's queue from the broker, as many as the action loop can
-    hand on, in order.
+    """The broker's deliveries of one step's queue for one action loop, in order.
 
-    It pulls (`basic.get`, several at once) rather than having the broker push: a pushed
-    message that was not handed on when the loop stops would have to be returned, and a
-    quorum queue puts returned messages at its end — the order of the step's queue would
-    not survive a switch or a held step. The router wakes it when it publishes to the
-    queue; otherwise an idle step looks every IDLE_POLL seconds (messages from elsewhere:
-    rebounds coming back, other producers).
+    The broker pushes (`basic.consume` on a channel of the loop's own, at most `prefetch`
+    unacked). When the loop stops, what it was sent and did not hand on goes back by closing
+    that channel, after every result was acked: a quorum queue delivers what a closed channel
+    gave back first again, in order (a nack would put it at the end; tests/test_broker.py pins
+    both). So the order survives switches and stops, and the next loop — of the same version
+    or the next — gets those messages first.
     """
 
-    def __init__(self, router: AmqpRouter, flow: str, step: str) -> None:
+    def __init__(self, router: AmqpRouter, flow: str, step: str, prefetch: int) -> None:
         self.router = router
         self.flow = flow
         self.step = step
+        self.prefetch = prefetch
         self.buffer: collections.deque[Queued] = collections.deque()
-        self.queue: AbstractQueue | None = None
-        self.empty = False  # the last pull found the queue empty
+        self.arrived = asyncio.Event()
+        self.channel: AbstractChannel | None = None
+        self.closed = False
 
     async def start(self) -> None:
-        self.queue = await self.router.broker.declare_step(self.flow, self.step)
-        # What the step's previous loop had taken and not handed on comes first.
-        self.buffer.extend(self.router.leftovers.pop((self.flow, self.step), ()))
+        broker = self.router.broker
+        assert broker.conn is not None
+        self.channel = await broker.conn.channel()
+        await self.channel.set_qos(prefetch_count=self.prefetch)
+        queue = await broker.declare_step(self.flow, self.step, self.channel)
+        await queue.consume(self._on_message)
 
-    async def fill(self, want: int, stop: asyncio.Event) -> None:
-        """Pull up to `want` messages into the buffer (fewer when the queue has fewer), one
-        get after the other, none once `stop` is set: a get sent before a switch's new
-        trigger published anything cannot return what it published (one channel, in order)."""
-        queue = self.queue
-        if queue is None or not self.router.broker.connected.is_set():
-            self.empty = True
-            return
-        self.empty = False
-        for _ in range(want):
-            if stop.is_set():
-                return
-            try:
-                message = await queue.get(no_ack=False, fail=False, timeout=GET_TIMEOUT)
-            except TimeoutError:
-                # A quorum queue without a leader does not answer (RabbitMQ 3.10, after a
-                # crash right after its declaration: README); the loop tries again later.
-                log.warning(
-                    "flow %s step %s: queue %s does not answer within %gs (no quorum leader?)",
-                    self.flow,
-                    self.step,
-                    queue.name,
-                    GET_TIMEOUT,
-                )
-                self.empty = True
-                return
-            except Exception as exc:  # the channel or connection broke: pulled again later
-                log.debug("flow %s step %s: pulling failed: %s", self.flow, self.step, exc)
-                self.empty = True
-                return
-            if message is None:
-                self.empty = True
-                return
-            row = self.router.row(self.flow, self.step, message)
-            if row is not None:
-                self.buffer.append(row)
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self.closed:
+            return  # not taken: it goes back with the channel
+        row = self.router.row(self.flow, self.step, message)
+        if row is not None:
+            self.buffer.append(row)
+            self.arrived.set()
 
     def drop_stale(self) -> None:
-        """After a reconnect the broker gives every unacked message again: what was pulled
-        on the old connection is forgotten (its acks could not arrive anyway)."""
+        """After a reconnect the broker gives every unacked message again: what came on the
+        old connection is forgotten (its acks could not arrive anyway)."""
         epoch = self.router.broker.reconnects
         deliveries = self.router.deliveries
         keep = collections.deque(r for r in self.buffer if _epoch(deliveries, r.id) == epoch)
@@ -107,14 +81,16 @@ class Consumer:
         self.buffer = keep
 
     async def close(self) -> None:
-        """What was taken and not handed on (the unfinished messages of a step that died
-        while it was being stopped) is kept for the step's next loop, first in line: given
-        back to the broker, it would go to the end of the queue."""
-        if self.buffer:
-            key = (self.flow, self.step)
-            self.router.leftovers.setdefault(key, collections.deque()).extend(self.buffer)
-            self.buffer.clear()
+        """Every result made durable and acked, then the channel closed: what was sent and
+        not handed on is delivered again first, to whichever loop consumes next."""
+        self.closed = True
         await self.router.settle()
+        for row in self.buffer:
+            self.router.deliveries.pop(row.id, None)
+        self.buffer.clear()
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.channel.close(), CLOSE_TIMEOUT)
 
 
 def _epoch(deliveries: dict[int, Delivery], row_id: int) -> int:
@@ -177,7 +153,7 @@ class RabbitRunner(FlowRunner):
             if stop.is_set():
                 return
             await _either(self.broker.connected, stop, IDLE_POLL)
-        consumer = Consumer(self.router, self.flow, step.id)
+        consumer = Consumer(self.router, self.flow, step.id, prefetch)
         try:
             await consumer.start()
             await self._consume(index, stop, inflight, consumer, prefetch)
@@ -198,16 +174,14 @@ class RabbitRunner(FlowRunner):
         prefetch: int,
     ) -> None:
         step = self.steps[index]
-        wake = self.router.waker(self.flow, step.id)
         ahead = 1
         pace: float | None = None
         generation = self.router.generation
         proc: StepProcess | None = None
-        due: float | None = None  # when the earliest rebound of this loop comes back
         while True:
             if generation != self.router.generation and not inflight:
                 # A group failed or the connection was replaced: the broker gives every
-                # unacked message again, so what was pulled before is stale.
+                # unacked message again, so what came before is stale.
                 generation = self.router.generation
                 consumer.drop_stale()
             if not inflight and stop.is_set():
@@ -221,9 +195,6 @@ class RabbitRunner(FlowRunner):
                     proc = await self._live_proc(step.id, stop)
                 if proc is not None and proc is self.procs.get(step.id):
                     room = min(ahead, len(inflight) + self._space(index, len(inflight)))
-                    wake.clear()
-                    await consumer.fill(room - len(inflight) - len(consumer.buffer), stop)
-                    # handed on even if a stop came meanwhile: taken, they belong to this loop
                     await self._hand_rows(proc, room, inflight, consumer.buffer)
             if not inflight:
                 if stop.is_set():
@@ -236,12 +207,10 @@ class RabbitRunner(FlowRunner):
                         stop,
                         0.05,
                     )
-                elif consumer.empty and not consumer.buffer:
-                    wait = IDLE_POLL
-                    if due is not None:
-                        wait = min(wait, max(0.005, due - time.time()))
-                        due = None if due <= time.time() else due
-                    await _either(wake, stop, wait)
+                else:
+                    consumer.arrived.clear()
+                    if not consumer.buffer:
+                        await _either(consumer.arrived, stop, IDLE_POLL)
                 continue
             try:
                 await inflight[0][1]
@@ -249,9 +218,7 @@ class RabbitRunner(FlowRunner):
                     row, fut = inflight.popleft()
                     res = fut.result()
                     pace = res.took if pace is None else pace * 0.8 + res.took * 0.2
-                    again = self.router.commit(self.spec, index, res, row)
-                    if again is not None:
-                        due = again if due is None else min(due, again)
+                    self.router.commit(self.spec, index, res, row)
             except StepDied:
                 for _row, other in inflight:
                     forget(other)
