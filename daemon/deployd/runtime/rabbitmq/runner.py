@@ -29,7 +29,7 @@ from .router import AmqpRouter, Delivery
 
 log = logging.getLogger("deployd.rabbitmq")
 CLOSE_TIMEOUT = 10.0  # seconds a consumer's channel may take to close
-IDLE_POLL = 5.0  # an idle loop's safety-net wake-up (seconds)
+IDLE_POLL = 1.0  # an idle loop looks again this often (a reconnect is seen within it)
 
 
 class Consumer:
@@ -52,14 +52,41 @@ class Consumer:
         self.arrived = asyncio.Event()
         self.channel: AbstractChannel | None = None
         self.closed = False
+        self.epoch = router.broker.reconnects  # the connection it consumes on
 
     async def start(self) -> None:
         broker = self.router.broker
         assert broker.conn is not None
+        self.closed = False
         self.channel = await broker.conn.channel()
         await self.channel.set_qos(prefetch_count=self.prefetch)
         queue = await broker.declare_step(self.flow, self.step, self.channel)
         await queue.consume(self._on_message)
+
+    async def restart(self, stop: asyncio.Event) -> None:
+        """After a reconnect: a consumer of our own again, on a new channel (the client's own
+        restore can fail for good while a quorum queue has no leader yet, just after the
+        broker restarted), retried with back-off until it works or the loop stops."""
+        self.closed = True
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.channel.close(), CLOSE_TIMEOUT)
+        self.drop_stale()
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                await self.router.broker.wait(CLOSE_TIMEOUT)
+                await asyncio.wait_for(self.start(), CLOSE_TIMEOUT)
+                return
+            except Exception as exc:
+                log.info(
+                    "flow %s step %s: consuming again failed (%s); retrying",
+                    self.flow,
+                    self.step,
+                    exc,
+                )
+                await _either(stop, stop, delay)
+                delay = min(delay * 2, 5.0)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if self.closed:
@@ -183,7 +210,11 @@ class RabbitRunner(FlowRunner):
                 # A group failed or the connection was replaced: the broker gives every
                 # unacked message again, so what came before is stale.
                 generation = self.router.generation
-                consumer.drop_stale()
+                if consumer.epoch != self.broker.reconnects:
+                    await consumer.restart(stop)
+                    consumer.epoch = self.broker.reconnects
+                else:
+                    consumer.drop_stale()
             if not inflight and stop.is_set():
                 return
             if (
