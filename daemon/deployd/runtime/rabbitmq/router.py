@@ -22,7 +22,6 @@ chain fail too (their inputs come again), and every loop starts from the broker 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import json
@@ -110,8 +109,6 @@ class AmqpRouter(Router):
         self._tasks: set[asyncio.Task[None]] = set()
         self._recording: set[tuple[str, str, str]] = set()  # handled ids not yet written
         self._publishing: dict[tuple[str, str], int] = defaultdict(int)  # flushed, unsettled
-        # Messages a stopped loop had taken and not handed on, for the step's next loop.
-        self.leftovers: dict[tuple[str, str], collections.deque[Queued]] = {}
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -189,13 +186,6 @@ class AmqpRouter(Router):
         self._failed[(flow, step)] += 1
         self._errors.append((flow, step, error))
         self._schedule()
-
-    async def ack(self, row_id: int) -> None:
-        """Ack an input that was carried elsewhere (it is durable there)."""
-        delivery = self.deliveries.pop(row_id, None)
-        if delivery is not None and not delivery.done:
-            delivery.done = True
-            await _ack(delivery.message)
 
     def _later(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

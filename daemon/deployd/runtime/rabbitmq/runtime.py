@@ -91,10 +91,6 @@ class RabbitRuntime(EmbeddedRuntime):
         try:
             await super().close()
             await self.router.settle()
-            # What stopped loops had taken and not handed on goes back when the connection
-            # closes: a quorum queue delivers what a closed channel gave back first again
-            # (a nack would put it at the end; tests/test_broker.py pins both).
-            self.router.leftovers.clear()
         finally:
             await self.broker.close()
 
@@ -140,12 +136,7 @@ class RabbitRuntime(EmbeddedRuntime):
             async def put(row: Queued) -> None:
                 await self.import_queues(flow, [(steps[1], row)])
 
-            moved = 0
-            for row in self.router.leftovers.pop(key, ()):
-                await put(row)
-                await self.router.ack(row.id)
-                moved += 1
-            moved += await self._drain(flow, key[1], put)
+            moved = await self._drain(flow, key[1], put)
             if moved:
                 log.info("flow %s: %d queued message(s) moved to step %s", flow, moved, steps[1])
 
@@ -165,11 +156,6 @@ class RabbitRuntime(EmbeddedRuntime):
         then acked here."""
         await self.router.settle()
         moved = 0
-        for key in [k for k in self.router.leftovers if k[0] == flow]:
-            for row in self.router.leftovers.pop(key):  # taken by a stopped loop: first
-                await target.import_queues(flow, [(key[1], row)])
-                await self.router.ack(row.id)
-                moved += 1
         for _flow, step in sorted(k for k in self._steps if k[0] == flow):
 
             async def put(row: Queued, step: str = step) -> None:
