@@ -135,6 +135,9 @@ def test_metrics_count_flow_deployments_messages_and_queues(
     out = env.counter("counter")
     env.push(counter_files("v2", **{"lib/write.py": writer("v2")}))
     env.wait_by(out, "v2")
+    # The new version's steps write before the publish that started them has finished
+    # recording itself (and counting the deployment): wait for that, not only the output.
+    env.wait_deploy("counter", 2)
 
     def metrics() -> str:
         return HTTP.get(env.daemon.url + "/metrics", timeout=5).text
