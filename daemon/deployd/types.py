@@ -106,6 +106,9 @@ class RunStep:
     max_queue: int | None = None  # its input queue's limit (None: daemon.max_queue)
 
 
+RUNTIME_NAMES = ("embedded", "rabbitmq")  # what `runtime =` and `flow move --runtime` take
+
+
 @dataclass(frozen=True)
 class FlowVersionToRun:
     """A flow version as the deployer hands it to a runtime."""

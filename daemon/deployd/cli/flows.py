@@ -144,7 +144,9 @@ def flow_move(
     as_json: JsonOpt = False,
 ) -> None:
     """Publish the active version onto another runtime, its queued messages carried across."""
-    if runtime not in ("embedded", "rabbitmq"):
+    from ..types import RUNTIME_NAMES
+
+    if runtime not in RUNTIME_NAMES:
         raise typer.BadParameter(
             f"{runtime!r} is not a runtime; use embedded or rabbitmq", param_hint="--runtime"
         )

@@ -21,12 +21,11 @@ from ..runtime.base import Runtime
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
 from ..toolchains import node as nodetool
-from ..types import FlowState, RetryResult, StepStatus, VersionRegistered
+from ..types import RUNTIME_NAMES, FlowState, RetryResult, StepStatus, VersionRegistered
 from .drafts import Drafts
 from .letters import MAPPER, Letters
 from .publish import Cause, Publisher
 
-RUNTIMES = ("embedded", "rabbitmq")
 log = logging.getLogger("deployd.deploy")
 
 
@@ -159,8 +158,8 @@ class Deployer:
         """`flow move`: publish the active version onto another runtime (warm-up there,
         switch at a trigger call boundary); its queued messages are carried across, its dead
         letters and snapshots stay (they are the state database's on every runtime)."""
-        if runtime not in RUNTIMES:
-            raise FlowError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+        if runtime not in RUNTIME_NAMES:
+            raise FlowError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIME_NAMES)}")
         if runtime == "rabbitmq" and self.config.runtime.rabbitmq.url is None:
             raise FlowError(
                 "the rabbitmq runtime is not configured: set [runtime.rabbitmq] url in the"

@@ -21,8 +21,6 @@ from .base import FlowRun, Runtime
 from .embedded.runtime import EmbeddedRuntime
 from .rabbitmq.runtime import RabbitRuntime
 
-RUNTIME_NAMES = ("embedded", "rabbitmq")
-
 
 class Runtimes:
     """Every runtime the daemon has, as one `Runtime`."""
