@@ -176,6 +176,10 @@ class DaemonConfig(_Model):
     max_queue: int = Field(default=10000, ge=1, le=10_000_000)
     keep_dead_letters: Duration = 14 * 86400.0
     max_dead_letters: int = Field(default=10000, ge=1, le=10_000_000)
+    # Passthrough (issue 17): an output's record of what every earlier step of its flow
+    # execution emitted is cut to this many bytes (the oldest steps' entries left out, with a
+    # warning in the step log); 0 carries none.
+    max_passthrough_bytes: int = Field(default=1024 * 1024, ge=0, le=8 * 1024 * 1024)
 
     @field_validator("warmup_timeout", "rollback_window", "stop_timeout")
     @classmethod

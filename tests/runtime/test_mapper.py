@@ -31,3 +31,14 @@ def test_a_runtime_failure_is_a_flow_error() -> None:
 
 def test_compiled_expressions_are_cached() -> None:
     assert mapper.compile_mapping("a + 1") is mapper.compile_mapping("a + 1")
+
+
+def test_get_passthrough_returns_the_messages_passthrough() -> None:
+    """As the components library's JSONata helper defines it: `$getPassthrough()` is the
+    message's passthrough (stored JSON text or an object), {} when there is none."""
+    pt = '{"tick":{"id":"a","body":{"text":"hi 1"},"headers":{}}}'
+    expr = '{"n": n, "text": $getPassthrough().tick.body.text}'
+    assert mapper.apply(expr, {"n": 1}, pt) == {"n": 1, "text": "hi 1"}
+    assert mapper.apply(expr, {"n": 1}, {"tick": {"body": {"text": "x"}}})["text"] == "x"
+    assert mapper.apply("$getPassthrough()", {"n": 1}) == {}
+    assert mapper.apply('{"n": n}', {"n": 1}, "not decoded: the mapping does not ask") == {"n": 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,78 @@ def test_wakers_are_per_flow_and_step(router: Router) -> None:
     assert router.waker("f1", "sink") is router.waker("f1", "sink")
     assert router.waker("f1", "sink") is not router.waker("f2", "sink")
     assert isinstance(router.waker("f1", "sink"), asyncio.Event)
+
+
+# -- passthrough ---------------------------------------------------------------------------
+
+
+def test_each_output_carries_the_passthrough_of_its_input_and_itself(router: Router) -> None:
+    """As the platform's sailor does it: an output's passthrough is its input's, with the
+    output (id, body, headers) added under the emitting step's id; a mapping sees it through
+    `$getPassthrough()`; the next step's own output joins it in turn."""
+    steps = (
+        STEPS[0],
+        _step("double", StepKind.ACTION, mapping='{"n": n * 2, "was": $getPassthrough()}'),
+        STEPS[2],
+    )
+    spec = FlowVersionToRun("f1", 3, steps)
+    _commit(router, spec, 0, Result(outputs=[('{"n":1}', {}), ({"n": 2}, {"h": "x"})]))
+    first, second = router.flows.queue_rows("f1", "double")
+    pt = json.loads(second.passthrough)
+    assert pt == {"trigger": {"id": second.msg_id, "body": {"n": 2}, "headers": {"h": "x"}}}
+    assert json.loads(second.body) == {"n": 4, "was": pt}
+    assert json.loads(first.passthrough)["trigger"]["body"] == {"n": 1}
+    _commit(router, spec, 1, Result(outputs=[('{"m":3}', {})]), second)
+    [sunk] = router.flows.queue_rows("f1", "sink")
+    assert list(json.loads(sunk.passthrough)) == ["trigger", "double"]
+    assert json.loads(sunk.passthrough)["double"] == {
+        "id": sunk.msg_id,
+        "body": {"m": 3},
+        "headers": {},
+    }
+
+
+def test_a_dead_letter_keeps_its_passthrough_and_a_requeue_gives_it_back(router: Router) -> None:
+    _commit(router, SPEC, 0, Result(outputs=[({"n": 1}, {})]))
+    [row] = router.flows.queue_rows("f1", "double")
+    _commit(router, SPEC, 1, Result(errors=["ValueError: no"]), row)
+    letters = DeadLetterStore(router.store)
+    [listed] = letters.letters("f1")
+    letter = letters.letter("f1", listed["id"])
+    assert letter is not None and letter["passthrough"] == json.loads(row.passthrough)
+    with router.store.tx():
+        letters.requeue(letters.select("f1", None, None))
+    [again] = router.flows.queue_rows("f1", "double")
+    assert again.passthrough == row.passthrough
+
+
+def test_a_passthrough_over_the_bound_leaves_out_the_oldest_steps_with_a_warning(
+    router: Router, tmp_path: Path
+) -> None:
+    router.max_passthrough = 400
+    router.log_dir = tmp_path / "logs"
+    (router.log_dir / "f1").mkdir(parents=True)
+    big = "x" * 250
+    _commit(router, SPEC, 0, Result(outputs=[({"n": 1, "big": big}, {})]))
+    [row] = router.flows.queue_rows("f1", "double")
+    assert list(json.loads(row.passthrough)) == ["trigger"]  # fits
+    _commit(router, SPEC, 1, Result(outputs=[({"m": 2, "big": big}, {})]), row)
+    [sunk] = router.flows.queue_rows("f1", "sink")
+    assert list(json.loads(sunk.passthrough)) == ["double"]  # the trigger's entry left out
+    assert len(sunk.passthrough.encode()) <= 400
+    log = (router.log_dir / "f1" / "double.log").read_text()
+    assert "over daemon.max_passthrough_bytes (400)" in log and "step(s) trigger" in log
+    # An output alone over the bound: no passthrough, the message still goes on (mapped).
+    router.max_passthrough = 100
+    _commit(router, SPEC, 0, Result(outputs=[({"n": 3, "big": big}, {})]))
+    rows = router.flows.queue_rows("f1", "double")
+    assert json.loads(rows[-1].passthrough) == {} and json.loads(rows[-1].body)["n"] == 6
+    log = (router.log_dir / "f1" / "trigger.log").read_text()
+    assert "this step's own output" in log
+
+
+def test_a_bound_of_zero_carries_no_passthrough(router: Router) -> None:
+    router.max_passthrough = 0
+    _commit(router, SPEC, 0, Result(outputs=[({"n": 1}, {})]))
+    [row] = router.flows.queue_rows("f1", "double")
+    assert row.passthrough == "{}"

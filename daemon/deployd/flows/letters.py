@@ -83,8 +83,9 @@ class Letters:
         ]
 
     def one(self, name: str, letter_id: int, step: str | None = None) -> dict[str, Any]:
-        """One letter whole: its input (body, headers), the versions that failed it, the whole
-        error (with the traceback or stack), attempts and what the step emitted first."""
+        """One letter whole: its input (body, headers, passthrough), the versions that failed
+        it, the whole error (with the traceback or stack), attempts and what the step emitted
+        first."""
         flow = self.known_flow(name)
         self.check_step(flow, step)
         row = self.dl.letter(name, letter_id)
@@ -107,6 +108,7 @@ class Letters:
             "error": row["error"],
             "body": row["body"],
             "headers": row["headers"],
+            "passthrough": row["passthrough"],
             "emitted": row["emitted"],
         }
 

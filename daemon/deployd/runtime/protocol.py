@@ -20,6 +20,8 @@ sailor → daemon
 daemon → sailor
     {"t": "call", "ref": int, "snapshot": dict?}            trigger: run process() once
     {"t": "msg", "ref": int, "msg": dict, "snapshot": dict?} action: process one message
+        (msg: {"id", "body", "headers", "passthrough"}; passthrough is what each earlier
+        step of the flow execution emitted, by step id: {"<step>": {"id", "body", "headers"}})
         Requests are pipelined: the daemon sends up to a step's `prefetch` messages before
         the first is done; the sailor handles them one at a time, in order, and answers in
         that order. Only a process's first call or message carries "snapshot"; after that

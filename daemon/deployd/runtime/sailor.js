@@ -303,6 +303,8 @@ class Sailor {
         headers: isPlainObject(base.headers) ? base.headers : {},
         attachments: isPlainObject(base.attachments) ? base.attachments : {},
         metadata: {},
+        // what each earlier step of this flow execution emitted, by step id (protocol.py)
+        passthrough: isPlainObject(base.passthrough) ? base.passthrough : {},
       };
       this.current = { finish: null };
       for (const obj of this.late.splice(0)) this.send(obj);

@@ -259,6 +259,7 @@ class Sailor:
                     self.snapshot = cmd["snapshot"]
                 msg = cmd["msg"] if kind == "msg" else {"id": str(cmd["ref"]), "body": {}}
                 msg.setdefault("headers", {})
+                msg.setdefault("passthrough", {})
                 began = time.perf_counter()
                 self.process(msg, self.snapshot)
                 took = time.perf_counter() - began

@@ -47,11 +47,11 @@ class DeadLetterStore:
         return self.store.query(sql, params)
 
     def letter(self, flow: str, letter_id: int) -> Row | None:
-        """One whole letter (body, headers and emitted outputs decoded), or None."""
+        """One whole letter (body, headers, passthrough and emitted outputs decoded), or None."""
         row = self.store.one(
             "SELECT * FROM dead_letters WHERE flow = ? AND id = ?", (flow, letter_id)
         )
-        return decode_json(row, "body", "headers", "emitted")
+        return decode_json(row, "body", "headers", "emitted", "passthrough")
 
     def select(self, flow: str, step: str | None, ids: Sequence[int] | None) -> list[Row]:
         """Whole letters of `flow` to retry or discard, oldest first: those with `ids` (of
@@ -82,8 +82,9 @@ class DeadLetterStore:
         """Move `letters` to the end of their step's input queue (call inside a transaction).
 
         A mapper letter ("ID:mapper") goes to step ID with `bodies[i]` (the body mapped by the
-        step's current mapping) when given. The message keeps its id; its attempts so far
-        travel with it (`failures`), so failing again makes a letter with one attempt more.
+        step's current mapping) when given. The message keeps its id and its passthrough; its
+        attempts so far travel with it (`failures`), so failing again makes a letter with one
+        attempt more.
         """
         rows = []
         for i, letter in enumerate(letters):
@@ -97,12 +98,13 @@ class DeadLetterStore:
                     body,
                     _text(letter["headers"]),
                     int(letter["attempts"]),
+                    _text(letter["passthrough"]),
                     letter["created_at"],
                 )
             )
         self.conn.executemany(
-            "INSERT INTO messages (flow, step, msg_id, body, headers, failures, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (flow, step, msg_id, body, headers, failures, passthrough,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         self.delete([int(letter["id"]) for letter in letters])

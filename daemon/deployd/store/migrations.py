@@ -364,3 +364,17 @@ def m007_handled_messages(db: Database) -> None:
         "CREATE TABLE broker_queues (flow TEXT NOT NULL, step TEXT NOT NULL,"
         " PRIMARY KEY (flow, step)) WITHOUT ROWID"
     )
+
+
+@migrations()
+def m008_passthrough(db: Database) -> None:
+    """Passthrough on every message (issue 17): what each earlier step of the same flow
+    execution emitted, by step id (`{"<step>": {"id", "body", "headers"}}`), as the seed
+    platform's sailor carries it.
+
+    It is a column of its own, not part of `body` or `headers`, so the daemon forwards it as
+    the JSON text it stored (never decoded on the way), and a dead letter keeps it with its
+    input so a retried letter carries it again.
+    """
+    db.execute("ALTER TABLE messages ADD COLUMN passthrough TEXT NOT NULL DEFAULT '{}'")
+    db.execute("ALTER TABLE dead_letters ADD COLUMN passthrough TEXT NOT NULL DEFAULT '{}'")

@@ -25,6 +25,8 @@ class Queued(NamedTuple):
     headers: str
     attempts: int  # rebounds so far
     failures: int  # dead-letter attempts so far (a retried letter)
+    # what earlier steps of the same flow execution emitted, by step id (JSON text, as stored)
+    passthrough: str = "{}"
 
 
 @dataclass
@@ -32,15 +34,15 @@ class QueueBatch:
     """What one group commit writes: the results of every call and message that finished in
     one event-loop tick, so each costs no transaction of its own."""
 
-    # (flow, step, msg_id, body JSON, headers JSON, failures)
-    enqueue: list[tuple[str, str, str, str, str, int]] = field(default_factory=list)
+    # (flow, step, msg_id, body JSON, headers JSON, failures, passthrough JSON)
+    enqueue: list[tuple[str, str, str, str, str, int, str]] = field(default_factory=list)
     delete: list[int] = field(default_factory=list)
     defer: list[tuple[float, int]] = field(default_factory=list)  # (not_before, row id)
     snapshots: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # (flow, step) -> [processed, failed, last error or None]
     stats: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
     # dead_letters rows: (flow, step, msg_id, body, headers, flow_version, component,
-    # component_version, error, attempts, emitted JSON)
+    # component_version, error, attempts, emitted JSON, passthrough JSON)
     letters: list[tuple[Any, ...]] = field(default_factory=list)
     # (flow, step, msg_id, at): messages handled on a broker (their redelivery is skipped)
     handled: list[tuple[str, str, str, float]] = field(default_factory=list)
@@ -79,7 +81,7 @@ class QueueStore:
     def fetch(self, flow: str, step: str, after: int, limit: int) -> list[Queued]:
         """Up to `limit` messages of `step` due now with row id above `after`, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, msg_id, body, headers, attempts, failures FROM messages"
+            "SELECT id, msg_id, body, headers, attempts, failures, passthrough FROM messages"
             " WHERE flow = ? AND step = ? AND id > ? AND not_before <= ? ORDER BY id LIMIT ?",
             (flow, step, after, time.time(), limit),
         ).fetchall()
@@ -91,8 +93,8 @@ class QueueStore:
         conn = self.conn
         if batch.enqueue:
             conn.executemany(
-                "INSERT INTO messages (flow, step, msg_id, body, headers, failures, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (flow, step, msg_id, body, headers, failures, passthrough,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*row, now) for row in batch.enqueue],
             )
         if batch.defer:
@@ -103,8 +105,8 @@ class QueueStore:
         if batch.letters:
             conn.executemany(
                 "INSERT INTO dead_letters (flow, step, msg_id, body, headers, flow_version,"
-                " component, component_version, error, attempts, emitted, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " component, component_version, error, attempts, emitted, passthrough,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*row, now) for row in batch.letters],
             )
         if batch.delete:
@@ -133,7 +135,7 @@ class QueueStore:
     def queue_rows(self, flow: str, step: str) -> list[Queued]:
         """Every message of `step`, due or not, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, msg_id, body, headers, attempts, failures FROM messages"
+            "SELECT id, msg_id, body, headers, attempts, failures, passthrough FROM messages"
             " WHERE flow = ? AND step = ? ORDER BY id",
             (flow, step),
         ).fetchall()
@@ -146,7 +148,7 @@ class QueueStore:
             " ORDER BY id LIMIT 1",
             (flow, step, time.time()),
         )
-        return decode_json(row, "body", "headers")
+        return decode_json(row, "body", "headers", "passthrough")
 
     def next_due(self, flow: str, step: str, after: float = -1.0) -> float | None:
         """When the earliest message queued for `step` (of those held back past `after`) may
@@ -175,7 +177,8 @@ class QueueStore:
     def flow_messages(self, flow: str) -> list[tuple[str, Queued]]:
         """Every message queued for `flow`, with its step, oldest first."""
         rows = self.conn.execute(
-            "SELECT step, id, msg_id, body, headers, attempts, failures FROM messages"
+            "SELECT step, id, msg_id, body, headers, attempts, failures, passthrough"
+            " FROM messages"
             " WHERE flow = ? ORDER BY id",
             (flow,),
         ).fetchall()
@@ -189,9 +192,19 @@ class QueueStore:
         now = utcnow()
         self.conn.executemany(
             "INSERT INTO messages (flow, step, msg_id, body, headers, attempts, failures,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " passthrough, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (flow, step, q.msg_id, q.body, q.headers, q.attempts, q.failures, now)
+                (
+                    flow,
+                    step,
+                    q.msg_id,
+                    q.body,
+                    q.headers,
+                    q.attempts,
+                    q.failures,
+                    q.passthrough,
+                    now,
+                )
                 for step, q in rows
             ],
         )

@@ -254,17 +254,22 @@ class StepProcess:
         return self._send(encode({**body, "ref": self._ref + 1}))
 
     def submit_msg(self, row: Queued, snapshot: dict[str, Any]) -> Future[Result]:
-        """`submit` of a queued message, its body and headers forwarded as stored."""
+        """`submit` of a queued message, its body, headers and passthrough forwarded as
+        stored."""
         extra = b""
         if self.snap is None:
             self.snap = snapshot
             extra = b',"snapshot":' + encode_value(snapshot)
-        line = b'{"t":"msg","ref":%d,"msg":{"id":%s,"body":%s,"headers":%s}%s}\n' % (
-            self._ref + 1,
-            encode_value(row.msg_id),
-            row.body.encode(),
-            row.headers.encode(),
-            extra,
+        line = (
+            b'{"t":"msg","ref":%d,"msg":{"id":%s,"body":%s,"headers":%s,"passthrough":%s}%s}\n'
+            % (
+                self._ref + 1,
+                encode_value(row.msg_id),
+                row.body.encode(),
+                row.headers.encode(),
+                row.passthrough.encode(),
+                extra,
+            )
         )
         return self._send(line)
 

@@ -13,6 +13,14 @@ in one read of every step's socket shares one transaction. Nothing reads a queue
 batch is written: consumers are woken, snapshots cached and queue depths counted only after
 the commit; `flush()` writes at once where order matters (a switch, a snapshot read, stop).
 
+**Passthrough.** Every output carries what each step of the same flow execution emitted so
+far, by step id — its input's passthrough with the output itself added under the emitting
+step's id (`{"<step>": {"id", "body", "headers"}}`), as the seed platform's sailor builds it.
+It is put together here as JSON text from the texts the sailor sent and the input's stored
+column (never decoded, unless a mapping calls `$getPassthrough()`), and bounded by
+`daemon.max_passthrough_bytes`: over it, the oldest steps' entries are left out (a warning in
+the emitting step's log says which), never the message.
+
 **Queue depths** are counted here (the router is the queues' only writer while flows run),
 so backpressure (`runner.py`) costs no query per message; code that changes queues in other
 ways calls `forget_depths`.
@@ -27,6 +35,8 @@ import logging
 import secrets
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from ...errors import FlowError
@@ -46,6 +56,8 @@ REBOUND_LIMIT = 10
 REBOUND_DELAY = 1.0
 REBOUND_DELAY_MAX = 60.0
 MAX_EMITTED_KEPT = 100  # outputs of a failed message recorded with its dead letter
+MAX_PASSTHROUGH = 1024 * 1024  # bytes of an output's passthrough (daemon.max_passthrough_bytes)
+PASSTHROUGH_WARN_EVERY = 60.0  # seconds between two warnings of one step's cut passthrough
 
 
 class Router:
@@ -74,6 +86,11 @@ class Router:
         # Message ids: unique per daemon start (random prefix) and cheap (a counter).
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
+        # Passthrough: the bound (0: none is carried) and where a step's log is, for the
+        # warning when the bound cut one; (flow, step) -> (last warned, cut since then).
+        self.max_passthrough = MAX_PASSTHROUGH
+        self.log_dir: Path | None = None
+        self._cut: dict[tuple[str, str], tuple[float, int]] = {}
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):012x}"
@@ -146,7 +163,7 @@ class Router:
                 return due
             res.errors.append(f"gave up after {attempts} rebounds: {res.rebound}")
         if res.outputs and index + 1 < len(spec.steps):
-            self._forward(spec, index + 1, res.outputs)
+            self._forward(spec, index + 1, res.outputs, row.passthrough if row else "{}")
         if res.snapshot is not None:
             batch.snapshots[key] = res.snapshot
         self._processed[key] += 1
@@ -166,33 +183,85 @@ class Router:
         spec: FlowVersionToRun,
         index: int,
         outputs: list[tuple[dict[str, Any] | str, dict[str, Any]]],
+        passthrough: str = "{}",
     ) -> None:
         """Queue `outputs` for step `index`, through its mapping when it has one (a body the
-        daemon only forwards stays the sailor's JSON text)."""
+        daemon only forwards stays the sailor's JSON text), each with its passthrough: the
+        input's (`passthrough`, JSON text) and the output itself under the emitting step."""
         flow, step = spec.flow, spec.steps[index]
         mapping = step.mapping
         enqueue, new_id = self._batch.enqueue.append, self._new_id
+        limit = self.max_passthrough
+        emitter = spec.steps[index - 1].id
+        # `{…earlier steps…, "<emitter>": ` — what every output's passthrough starts with
+        head = ("{" if passthrough == "{}" else passthrough[:-1] + ",") + dumps(emitter) + ":"
         queued = 0
         for body, headers in outputs:
+            msg_id = new_id()
+            text = body if isinstance(body, str) else dumps(body)
+            headers_text = dumps(headers) if headers else "{}"
+            pt = "{}"
+            if limit:
+                pt = f'{head}{{"id":"{msg_id}","body":{text},"headers":{headers_text}}}}}'
+                if len(pt) > limit >> 2 and len(pt.encode()) > limit:
+                    pt = self._cut_passthrough(flow, emitter, step.id, pt, limit)
             if mapping:
                 try:
-                    body = mapper.apply(mapping, _decoded(body))
+                    text = dumps(mapper.apply(mapping, _decoded(body), pt))
                 except FlowError as exc:
-                    self._mapping_failed(spec, index, body, headers, str(exc))
+                    self._mapping_failed(spec, index, msg_id, text, headers, pt, str(exc))
                     continue
-            enqueue(
-                (
-                    flow,
-                    step.id,
-                    new_id(),
-                    body if isinstance(body, str) else dumps(body),
-                    dumps(headers) if headers else "{}",
-                    0,
-                )
-            )
+            enqueue((flow, step.id, msg_id, text, headers_text, 0, pt))
             queued += 1
         if queued:
             self._added[(flow, step.id)] += queued
+
+    def _cut_passthrough(self, flow: str, emitter: str, target: str, text: str, limit: int) -> str:
+        """`text` (a passthrough) is over `limit` bytes: the oldest steps' entries are left out
+        until it fits, and the emitting step's log says so (once a minute at most)."""
+        entries: dict[str, Any] = json.loads(text)
+        sizes = {k: len(dumps({k: v}).encode()) - 1 for k, v in entries.items()}  # "k":v,
+        total = 1 + sum(sizes.values())
+        left_out = []
+        for key in list(entries):
+            if total <= limit:
+                break
+            total -= sizes[key]
+            del entries[key]
+            left_out.append(key)
+        self._warn_cut(flow, emitter, target, len(text.encode()), limit, left_out)
+        return dumps(entries)
+
+    def _warn_cut(
+        self, flow: str, emitter: str, target: str, size: int, limit: int, left_out: list[str]
+    ) -> None:
+        key = (flow, emitter)
+        now = time.monotonic()
+        last, count = self._cut.get(key, (-PASSTHROUGH_WARN_EVERY, 0))
+        if now - last < PASSTHROUGH_WARN_EVERY:
+            self._cut[key] = (last, count + 1)
+            return
+        self._cut[key] = (now, 0)
+        steps = ", ".join(left_out)
+        if emitter in left_out:
+            steps += " (this step's own output too: it alone is over the bound)"
+        text = (
+            f"the passthrough of an output for step {target} is {size} bytes, over "
+            f"daemon.max_passthrough_bytes ({limit}): the entries of step(s) {steps} were left "
+            "out, oldest first; the message itself is delivered. Raise "
+            "daemon.max_passthrough_bytes or emit smaller messages"
+        )
+        if count:
+            text += f" ({count} more output(s) cut since the last warning)"
+        log.warning("flow %s step %s: %s", flow, emitter, text)
+        if self.log_dir is not None:
+            path = self.log_dir / flow / f"{emitter}.log"
+            stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+            try:
+                with path.open("a") as fh:
+                    fh.write(f"{stamp} WARNING deployd: {text}\n")
+            except OSError as exc:
+                log.warning("could not write to the step log %s: %s", path, exc)
 
     def _dead_letter(
         self, spec: FlowVersionToRun, index: int, row: Queued, res: Result, error: str
@@ -213,6 +282,7 @@ class Router:
                 text,
                 row.failures + 1,
                 json.dumps(emitted),
+                row.passthrough,
             )
         )
 
@@ -220,20 +290,22 @@ class Router:
         self,
         spec: FlowVersionToRun,
         index: int,
-        body: dict[str, Any] | str,
+        msg_id: str,
+        body: str,
         headers: dict[str, Any],
+        passthrough: str,
         error: str,
     ) -> None:
         """An output failed the mapping of the step it was for: a dead letter of that step's
-        mapper, holding the output as it was before the mapping."""
+        mapper, holding the output as it was before the mapping, with its passthrough."""
         step = spec.steps[index]
         mapper_id = f"{step.id}:mapper"
         self._batch.letters.append(
             (
                 spec.flow,
                 mapper_id,
-                self._new_id(),
-                body if isinstance(body, str) else dumps(body),
+                msg_id,
+                body,
                 json.dumps(headers),
                 spec.version,
                 step.component,
@@ -241,6 +313,7 @@ class Router:
                 error,
                 1,
                 "[]",
+                passthrough,
             )
         )
         self._failed[(spec.flow, mapper_id)] += 1

@@ -51,6 +51,8 @@ class EmbeddedRuntime:
         launcher: Launcher | None = None,
     ) -> None:
         self.router = router or Router(store, metrics)
+        self.router.max_passthrough = settings.max_passthrough_bytes
+        self.router.log_dir = paths.step_logs
         self.flows = self.router.flows
         self.store = store
         # A runtime given a launcher shares it (and its fork server) with another runtime,
@@ -76,8 +78,10 @@ class EmbeddedRuntime:
                 await self.launcher.stop()
 
     def reload(self, settings: DaemonConfig) -> None:
-        """New daemon settings (node binary, pool, timeouts) apply to the next warm-up."""
+        """New daemon settings (node binary, pool, timeouts) apply to the next warm-up; the
+        passthrough bound to the next output."""
         self.launcher.node.settings = _node_settings(settings)
+        self.router.max_passthrough = settings.max_passthrough_bytes
         self.settings = settings
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
@@ -226,7 +230,8 @@ class EmbeddedRuntime:
             body = letter["body"]
             if str(letter["step"]).endswith(":mapper") and target.mapping:
                 try:
-                    body = json.dumps(mapper.apply(target.mapping, json.loads(body)))
+                    mapped = mapper.apply(target.mapping, json.loads(body), letter["passthrough"])
+                    body = json.dumps(mapped)
                 except FlowError as exc:
                     again.append((str(exc), spec.version, target.version, int(letter["id"])))
                     continue

@@ -76,12 +76,14 @@ class _Group:
     generation: int = 0  # the router's generation when the group was made
 
 
-def envelope(msg_id: str, body: str, headers: str) -> bytes:
-    """A message as it travels: the seed platform's shape, `{"id", "body", "headers"}`."""
-    return b'{"id":%s,"body":%s,"headers":%s}' % (
+def envelope(msg_id: str, body: str, headers: str, passthrough: str = "{}") -> bytes:
+    """A message as it travels: the seed platform's shape, `{"id", "body", "headers",
+    "passthrough"}` (the JSON texts as stored, not encoded again)."""
+    return b'{"id":%s,"body":%s,"headers":%s,"passthrough":%s}' % (
         dumps(msg_id).encode(),
         body.encode(),
         headers.encode(),
+        passthrough.encode(),
     )
 
 
@@ -135,6 +137,8 @@ class AmqpRouter(Router):
                 raise ValueError('not an object with "body"')
             body = dumps(data["body"])
             msg_headers = dumps(data.get("headers") or {})
+            passthrough = data.get("passthrough")
+            passthrough = dumps(passthrough) if isinstance(passthrough, dict) else "{}"
             msg_id = msg_id or str(data.get("id") or self._new_id())
         except ValueError as exc:
             self._foreign(flow, step, message, msg_id, str(exc))
@@ -155,6 +159,7 @@ class AmqpRouter(Router):
             msg_headers,
             attempts,
             failures,
+            passthrough,
         )
 
     def _foreign(
@@ -179,6 +184,7 @@ class AmqpRouter(Router):
                 error,
                 1,
                 "[]",
+                "{}",
             )
         )
         self._batch.delete.append(self._row_ids)
@@ -314,11 +320,11 @@ class AmqpRouter(Router):
         # Publish now (in order: each publish writes its frames when its task first runs, and
         # tasks run in the order they were made); the chain waits for the confirms.
         loop = asyncio.get_running_loop()
-        for flow, step, msg_id, body, headers, failures in batch.enqueue:
+        for flow, step, msg_id, body, headers, failures, passthrough in batch.enqueue:
             group.publishes.append(
                 loop.create_task(
                     exchange.publish(  # type: ignore[union-attr]
-                        self._message(flow, step, msg_id, body, headers, failures),
+                        self._message(flow, step, msg_id, body, headers, failures, passthrough),
                         routing_key(flow, step),
                     )
                 )
@@ -334,7 +340,14 @@ class AmqpRouter(Router):
         self._chain = loop.create_task(self._settle_group(prev, group))
 
     def _message(
-        self, flow: str, step: str, msg_id: str, body: str, headers: str, failures: int
+        self,
+        flow: str,
+        step: str,
+        msg_id: str,
+        body: str,
+        headers: str,
+        failures: int,
+        passthrough: str = "{}",
     ) -> aio_pika.Message:
         parent = self._parents.get(msg_id)
         amqp: dict[str, Any] = {"messageId": msg_id, "flowId": flow, "stepId": step}
@@ -350,7 +363,7 @@ class AmqpRouter(Router):
         if failures:
             amqp["x-deployd-failures"] = failures
         return aio_pika.Message(
-            envelope(msg_id, body, headers),
+            envelope(msg_id, body, headers, passthrough),
             headers=amqp,
             content_type="application/json",
             delivery_mode=PERSISTENT,

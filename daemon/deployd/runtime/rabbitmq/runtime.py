@@ -190,7 +190,7 @@ class RabbitRuntime(EmbeddedRuntime):
             *(
                 exchange.publish(
                     aio_pika.Message(
-                        envelope(row.msg_id, row.body, row.headers),
+                        envelope(row.msg_id, row.body, row.headers, row.passthrough),
                         headers=_headers(flow, step, row),
                         content_type="application/json",
                         delivery_mode=PERSISTENT,
@@ -225,6 +225,7 @@ class RabbitRuntime(EmbeddedRuntime):
                             _text(letter["headers"]),
                             0,
                             int(letter["attempts"]),
+                            _text(letter["passthrough"]),
                         ),
                     )
                     for letter, body in zip(letters, bodies, strict=True)
