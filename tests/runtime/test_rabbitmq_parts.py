@@ -32,7 +32,9 @@ def test_names_carry_flow_and_step() -> None:
 
 def test_the_envelope_is_the_seed_platforms_message_shape() -> None:
     data = json.loads(envelope("m1", '{"n": 1}', '{"k": "v"}'))
-    assert data == {"id": "m1", "body": {"n": 1}, "headers": {"k": "v"}}
+    assert data == {"id": "m1", "body": {"n": 1}, "headers": {"k": "v"}, "passthrough": {}}
+    pt = '{"tick":{"id":"m0","body":{"n":1},"headers":{}}}'
+    assert json.loads(envelope("m1", "{}", "{}", pt))["passthrough"] == json.loads(pt)
 
 
 def test_a_message_back_on_purpose_is_a_new_handling_a_redelivery_is_not() -> None:
