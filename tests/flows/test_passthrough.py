@@ -162,6 +162,8 @@ def test_node_python_and_mapper_steps_see_the_earlier_steps_outputs_by_step_id(
     )
     assert list(whole["passthrough"]) == ["tick", "stamp", "peek"]
     assert whole["passthrough"]["tick"]["body"]["n"] == 3
+    human = env.daemon.cli("flow", "errors", "pt", "--id", str(letter["id"])).stdout
+    assert "passthrough (earlier steps' outputs):" in human and '"x-stamp": "s1"' in human
     env.push(hello_files("v2"))
     assert env.wait_deploy("pt", 2)["status"] == "done"
     env.daemon.cli("flow", "retry", "pt", "--all")

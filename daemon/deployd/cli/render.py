@@ -181,6 +181,8 @@ def print_letter(letter: dict[str, Any]) -> None:
         say(f"  {line}\n")
     say("body:\n" + _indent(letter["body"]))
     say("headers:\n" + _indent(letter["headers"]))
+    if letter.get("passthrough"):
+        say("passthrough (earlier steps' outputs):\n" + _indent(letter["passthrough"]))
     emitted = letter.get("emitted") or []
     if emitted:
         say(f"emitted before failing ({len(emitted)}, delivered all the same):\n")
