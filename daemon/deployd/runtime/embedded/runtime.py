@@ -119,6 +119,12 @@ class EmbeddedRuntime:
         async def switch_trigger() -> float | None:
             await old_r.stop_trigger_at_boundary(BOUNDARY_WAIT)
             end = old_r.last_call_end
+            if source is not self:
+                # The new trigger starts from the snapshot the old one left: durable on the
+                # other runtime's router first, then read here anew (not from this router's
+                # memory of an earlier stay of the flow here).
+                await source.router.settle()
+                self.router.forget_snapshots(flow)
             new_r.start_loops([trigger_new])
             try:  # a new trigger that died before its first call is restarted (or rolled back)
                 await asyncio.wait_for(new_r.first_call.wait(), self.settings.warmup_timeout)
@@ -140,6 +146,7 @@ class EmbeddedRuntime:
             try:
                 if source is not self:
                     moved = await source.move_queues_to(self, flow)
+                    self.router.forget_snapshots(flow)  # the actions' too (see above)
                     log.info(
                         "flow %s: %d queued message(s) carried from %s to %s",
                         flow,
