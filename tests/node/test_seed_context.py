@@ -113,10 +113,13 @@ PY_DESC: dict[str, Any] = {
 }
 
 
-def flow_file(name: str, node_out: Path, py_out: Path, region: str = "eu") -> str:
+def flow_file(
+    name: str, node_out: Path, py_out: Path, region: str = "eu", runtime: str = "embedded"
+) -> str:
     return f"""\
 name = "{name}"
 type = "realtime"
+runtime = "{runtime}"
 
 [variables]
 REGION = "{region}"
@@ -145,9 +148,25 @@ env = {{ MY_PY = "snake" }}
 """
 
 
+CtxDaemon = Callable[..., tuple[Daemon, str]]
+
+
 @pytest.fixture
-def ctx_daemon(
-    daemon_factory: Callable[..., Daemon], component: Callable[..., Work], tmp_path: Path
+def ctx_daemon_factory(
+    daemon_factory: Callable[..., Daemon], component: Callable[..., Work]
+) -> CtxDaemon:
+    """ctx_daemon_factory(extra_toml="") → (a started daemon hosting both probes, the secret
+    it has in its environment as SEED_CTX_TOKEN)."""
+    return lambda extra_toml="": _ctx_daemon(daemon_factory, component, extra_toml)
+
+
+@pytest.fixture
+def ctx_daemon(ctx_daemon_factory: CtxDaemon) -> tuple[Daemon, str]:
+    return ctx_daemon_factory()
+
+
+def _ctx_daemon(
+    daemon_factory: Callable[..., Daemon], component: Callable[..., Work], extra_toml: str
 ) -> tuple[Daemon, str]:
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     node = component("ctxnode")
@@ -171,7 +190,7 @@ def ctx_daemon(
             "lib/probe.py": PY_PROBE,
         },
     )
-    d = daemon_factory([{"name": "ctxnode"}, {"name": "ctxpy"}])
+    d = daemon_factory([{"name": "ctxnode"}, {"name": "ctxpy"}], extra_toml=extra_toml)
     d.env["SEED_CTX_TOKEN"] = secret
     d.start()
     d.wait_recent("ctxnode", node.push(d.hosted("ctxnode")), timeout=60)
@@ -191,10 +210,20 @@ def _state_bytes(state_dir: Path) -> bytes:
 def test_context_logger_env_and_flow_variables_node_and_python(
     ctx_daemon: tuple[Daemon, str], tmp_path: Path
 ) -> None:
-    d, secret = ctx_daemon
+    check_context(*ctx_daemon, tmp_path, "embedded")
+
+
+def test_flow_variables_and_env_on_rabbitmq_through_a_switch_over(
+    ctx_daemon_factory: CtxDaemon, amqp_url: str, tmp_path: Path
+) -> None:
+    extra = f'[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
+    check_context(*ctx_daemon_factory(extra), tmp_path, "rabbitmq")
+
+
+def check_context(d: Daemon, secret: str, tmp_path: Path, runtime: str) -> None:
     node_out, py_out = tmp_path / "node.jsonl", tmp_path / "py.jsonl"
     flow = tmp_path / "ctx.toml"
-    flow.write_text(flow_file("ctx", node_out, py_out))
+    flow.write_text(flow_file("ctx", node_out, py_out, runtime=runtime))
     d.cli("flow", "apply", str(flow))
     rows = wait_until(lambda: len(r := read_out(node_out)) >= 3 and r, timeout=60)
     py_rows = wait_until(lambda: len(r := read_out(py_out)) >= 3 and r, timeout=60)
@@ -250,7 +279,7 @@ def test_context_logger_env_and_flow_variables_node_and_python(
     assert secret.encode() not in _state_bytes(d.state_dir)
 
     # changing a variable is a flow change: a new version, whose steps see the new value
-    flow.write_text(flow_file("ctx", node_out, py_out, region="us"))
+    flow.write_text(flow_file("ctx", node_out, py_out, region="us", runtime=runtime))
     d.cli("flow", "apply", str(flow))
     wait_until(lambda: any(r["vars"]["REGION"] == "us" for r in read_out(py_out)), timeout=60)
     assert (
