@@ -27,6 +27,7 @@ from ...store.queues import Queued
 from ...types import FlowVersionToRun, RetryResult
 from .. import mapper
 from ..base import FlowRun
+from ..stepenv import api_uri
 from .node_pool import NodeSettings
 from .process import Launcher
 from .router import Router
@@ -57,6 +58,7 @@ class EmbeddedRuntime:
         # which starts and stops it.
         self.owns_launcher = launcher is None
         self.launcher = launcher or Launcher(paths.root, _node_settings(settings))
+        self.launcher.api_uri = api_uri(settings.host, settings.port)
         self.log_dir = paths.step_logs
         self.settings = settings
         self._background: set[asyncio.Task[None]] = set()
@@ -78,6 +80,7 @@ class EmbeddedRuntime:
     def reload(self, settings: DaemonConfig) -> None:
         """New daemon settings (node binary, pool, timeouts) apply to the next warm-up."""
         self.launcher.node.settings = _node_settings(settings)
+        self.launcher.api_uri = api_uri(settings.host, settings.port)
         self.settings = settings
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
