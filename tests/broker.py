@@ -592,7 +592,8 @@ class Broker:
                 except subprocess.TimeoutExpired:
                     epmd.kill()
                     epmd.wait(10)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if not os.environ.get("DEPLOYD_KEEP_BROKER_DIR"):
+                shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Broker:
         return self

@@ -363,6 +363,8 @@ class Config(_Model):
     runtime: RuntimeConfig = RuntimeConfig()
     components: tuple[ComponentConfig, ...] = ()
     path: Path | None = None
+    # Every ${NAME} the config file mentions: deployd's own secrets, which flows cannot read.
+    own_env: frozenset[str] = frozenset()
 
     def component(self, name: str) -> ComponentConfig | None:
         for comp in self.components:
@@ -440,6 +442,7 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     """Validate an already-parsed TOML document; relative paths are taken from `base`."""
     problems: list[str] = []
     raw = dict(raw)
+    own_env = frozenset(_env_names(raw))
     comps = raw.get("components")
     if comps is not None and not isinstance(comps, list):
         problems.append("components: must be an array of tables ([[components]])")
@@ -482,7 +485,31 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
         for comp, update in zip(cfg.components, comp_updates, strict=True)
     ]
     daemon = cfg.daemon.model_copy(update={"state_dir": state_dir or cfg.daemon.state_dir})
-    return cfg.model_copy(update={"daemon": daemon, "components": tuple(comps_out), "path": path})
+    return cfg.model_copy(
+        update={
+            "daemon": daemon,
+            "components": tuple(comps_out),
+            "path": path,
+            "own_env": own_env,
+        }
+    )
+
+
+def _env_names(value: Any) -> set[str]:
+    """Every ${NAME} in a raw config document (its strings, at any depth)."""
+    if isinstance(value, str):
+        return set(_ENV_RE.findall(value))
+    if isinstance(value, dict):
+        return {n for v in value.values() for n in _env_names(v)}
+    if isinstance(value, list):
+        return {n for v in value for n in _env_names(v)}
+    return set()
+
+
+def env_value(name: str) -> str | None:
+    """The daemon's environment variable `name` (None: not set), for a flow file's `${NAME}`:
+    config is the one module that reads the environment."""
+    return os.environ.get(name)
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -104,6 +104,8 @@ class RunStep:
     interval: float = 1.0
     prefetch: int = DEFAULT_PREFETCH  # messages a step process may be handed ahead
     max_queue: int | None = None  # its input queue's limit (None: daemon.max_queue)
+    # The flow file's `env` of the step, `${VAR}` secrets expanded: never in a repr or a log.
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 RUNTIME_NAMES = ("embedded", "rabbitmq")  # what `runtime =` and `flow move --runtime` take
@@ -117,6 +119,8 @@ class FlowVersionToRun:
     version: int
     steps: tuple[RunStep, ...]
     runtime: str | None = None  # "embedded" | "rabbitmq"; None: [runtime] default
+    # The flow file's [variables], `${VAR}` secrets expanded: never in a repr or a log.
+    variables: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def trigger(self) -> RunStep:

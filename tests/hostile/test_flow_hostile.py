@@ -119,6 +119,27 @@ PARSE_CASES: list[tuple[str, str, str]] = [
     ("version-word", flow(write=WRITE + 'version = "latest"\n'), "version: Input should be a"),
     ("version-float", flow(write=WRITE + "version = 1.5\n"), "fractional part"),
     ("step-unknown-key", flow(write=WRITE + 'mappnig = "x"\n'), "steps[1].mappnig: unknown key"),
+    ("env-a-string", flow(write=WRITE + 'env = "A=1"\n'), "steps[1].env: must be a table of NAME"),
+    ("env-int", flow(write=WRITE + "env = { A = 1 }\n"), "steps[1].env.A: must be a string"),
+    ("env-bad-name", flow(write=WRITE + 'env = { "1A" = "x" }\n'), "'1A' is not a valid environ"),
+    ("env-shell-name", flow(write=WRITE + 'env = { "A;B" = "x" }\n'), "'A;B' is not a valid"),
+    ("env-path", flow(write=WRITE + 'env = { PATH = "/tmp" }\n'), "PATH is set by deployd"),
+    ("env-home", flow(write=WRITE + 'env = { HOME = "/" }\n'), "HOME is set by deployd itself"),
+    ("env-lang", flow(write=WRITE + 'env = { LANG = "C" }\n'), "LANG is set by deployd itself"),
+    (
+        "env-elasticio",
+        flow(write=WRITE + 'env = { ELASTICIO_FLOW_ID = "x" }\n'),
+        "ELASTICIO_FLOW_ID is set by deployd itself and cannot be overridden",
+    ),
+    ("env-deployd", flow(write=WRITE + 'env = { DEPLOYD_SPEC = "x" }\n'), "DEPLOYD_SPEC is set"),
+    ("env-nul", flow(write=WRITE + 'env = { A = "x\\u0000" }\n'), "env 'A' holds a NUL"),
+    ("variables-a-list", flow(head=HEAD + "variables = [1]\n"), "variables: must be a table"),
+    ("variables-int", flow(head=HEAD + "variables = { a = 1 }\n"), "variables.a: must be a str"),
+    (
+        "variables-bad-name",
+        flow(head=HEAD + 'variables = { "a b" = "x" }\n'),
+        "'a b' is not a valid variable name",
+    ),
 ]
 
 

@@ -16,7 +16,7 @@ from ..errors import FlowError
 from ..store import FlowStore, Store
 from ..toolchains import node as nodetool
 from ..types import DEFAULT_PREFETCH, FlowVersionToRun, RunStep, StepKind
-from . import model
+from . import model, secrets
 
 
 class Drafts:
@@ -41,6 +41,9 @@ class Drafts:
                 raise FlowError(
                     f"step {step.id}: unknown component {step.component!r} (known: {known})"
                 )
+        refs = secrets.problems(spec, self.config)
+        if refs:
+            raise FlowError("flow file is invalid: " + "; ".join(refs))
         return spec
 
     def resolve(self, spec: model.FlowSpec) -> list[model.Step]:
@@ -89,7 +92,9 @@ class Drafts:
         starts. Raises FlowError when a version's code is gone."""
         out = []
         rows: dict[tuple[str, int], Any] = {}
-        for s in steps:
+        fv = FlowStore(self.store).flow_version(flow, version)
+        flow_spec = (fv["spec"] if fv else None) or {}
+        for i, s in enumerate(steps):
             key = (s["component"], s["version"])
             if key not in rows:  # 30 steps of one component: one read, one JSON decode
                 rows[key] = self.store.version(*key)
@@ -121,9 +126,14 @@ class Drafts:
                     interval=float(s.get("interval", 1.0)),
                     prefetch=int(s.get("prefetch") or DEFAULT_PREFETCH),
                     max_queue=s.get("max_queue"),
+                    env=secrets.expand(s.get("env") or {}, f"steps[{i}].env", self.config),
                 )
             )
-        return FlowVersionToRun(flow, version, tuple(out), self.runtime_of(flow, version))
+        runtime = flow_spec.get("runtime")
+        variables = secrets.expand(flow_spec.get("variables") or {}, "variables", self.config)
+        return FlowVersionToRun(
+            flow, version, tuple(out), str(runtime) if runtime else None, variables
+        )
 
     def runtime_of(self, flow: str, version: int) -> str | None:
         """The runtime flow version `version` runs on: its spec's `runtime` (the flow file's

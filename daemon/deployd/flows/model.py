@@ -21,6 +21,39 @@ from ..types import DEFAULT_PREFETCH
 STEP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 FUNCTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")  # as in component.json
 SUPPORTED_RUNTIMES = {"python", "node"}
+# A step's `env` names: POSIX (letters, digits, '_', not a digit first). Refused: what deployd
+# sets itself (the clean environment, the platform's ELASTICIO_* variables), its own DEPLOYD_*
+# names, and variables an interpreter reads only at its start (a pooled step process is
+# started before it knows its step, so those could not take effect).
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+RESERVED_ENV = {"PATH", "HOME", "LANG", "NODE_OPTIONS", "NODE_PATH"}
+RESERVED_ENV_PREFIXES = ("ELASTICIO_", "DEPLOYD_", "LC_", "PYTHON")
+VARIABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
+MAX_VALUE = 64 * 1024  # characters of one variable or env value
+
+
+def _env_problem(name: str) -> str | None:
+    """Why `name` cannot be a step's env variable (None: it can)."""
+    if not ENV_NAME_RE.match(name):
+        return (
+            f"{name!r} is not a valid environment variable name (letters, digits and '_', "
+            "not starting with a digit)"
+        )
+    if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+        return (
+            f"{name} is set by deployd itself and cannot be overridden (reserved: PATH, HOME, "
+            "LANG, LC_*, NODE_OPTIONS, NODE_PATH, PYTHON*, ELASTICIO_*, DEPLOYD_*); use another "
+            "name"
+        )
+    return None
+
+
+def _check_values(table: dict[str, str], what: str) -> None:
+    for key, value in table.items():
+        if "\x00" in value:
+            raise ValueError(f"{what} {key!r} holds a NUL character")
+        if len(value) > MAX_VALUE:
+            raise ValueError(f"{what} {key!r} is longer than {MAX_VALUE} characters")
 
 
 class StepSpec(BaseModel):
@@ -36,6 +69,18 @@ class StepSpec(BaseModel):
     # and the limit of the step's input queue (default: daemon.max_queue).
     prefetch: int = Field(default=DEFAULT_PREFETCH, ge=1, le=10000)
     max_queue: int | None = Field(default=None, ge=1, le=10_000_000)
+    # Environment variables of the step process (values may be "${VAR}" secrets).
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            problem = _env_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
+        _check_values(value, "env")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -92,7 +137,22 @@ class FlowSpec(BaseModel):
     # What runs it: "embedded" (this machine, SQLite queues) or "rabbitmq" (queues in
     # RabbitMQ); None: the daemon's [runtime] default.
     runtime: Literal["embedded", "rabbitmq"] | None = None
+    # Flow variables: what this.getFlowVariables() / ctx.flow_variables return in every step
+    # (values may be "${VAR}" secrets, expanded only when the steps start).
+    variables: dict[str, str] = Field(default_factory=dict)
     steps: list[StepSpec]
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not VARIABLE_NAME_RE.match(name):
+                raise ValueError(
+                    f"{name!r} is not a valid variable name (letters, digits, '_' and '-', "
+                    "starting with a letter or '_')"
+                )
+        _check_values(value, "variable")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -133,8 +193,17 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
                 msg = "unknown key"
             elif err["type"] == "model_type":  # not "... or instance of StepSpec"
                 msg = "must be a table ([[steps]] with id, component and function)"
+            elif _in_table(err["loc"]) and err["type"] == "string_type":
+                msg = 'must be a string (quote it, e.g. "3")'
+            elif _in_table(err["loc"]) and err["type"] == "dict_type":
+                msg = 'must be a table of NAME = "value" (e.g. { REGION = "eu" })'
             problems.append(f"{key_path(err['loc'])}: {msg}")
         raise FlowError(f"{source} is invalid: " + "; ".join(problems)) from exc
+
+
+def _in_table(loc: tuple[Any, ...]) -> bool:
+    """Whether a validation error is inside `variables` or a step's `env`."""
+    return bool(loc) and (loc[0] == "variables" or (len(loc) > 2 and loc[2] == "env"))
 
 
 def load(path: Path) -> FlowSpec:
@@ -166,6 +235,7 @@ class Step(BaseModel):
     mapping: str | None = None
     prefetch: int = DEFAULT_PREFETCH
     max_queue: int | None = None
+    env: dict[str, str] = Field(default_factory=dict)  # "${VAR}" kept as written
 
 
 def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
@@ -188,6 +258,7 @@ def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
                 mapping=s.mapping,
                 prefetch=s.prefetch,
                 max_queue=s.max_queue,
+                env=s.env,
             )
         )
     return steps

@@ -33,6 +33,8 @@ daemon → sailor
     {"t": "spec", "spec": dict}                  to an idle pooled sailor (first line only):
                                                  become this step, its output going to
                                                  spec["log"]; then "ready" or "failed"
+        Every step's spec (pooled or not) carries "env" (ELASTICIO_* and the flow file's
+        env, set by the sailor before the component loads) and "variables" (the flow's).
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@
  *                                     then write console output to the step log named there
  *
  * The contract honoured is the one of the integration platform's Node.js runtime: the module
- * exports process(msg, cfg, snapshot), called with `this` bound to a context that has
- * emit(event, payload) and logger; optional init(cfg), startup(cfg), shutdown(cfg, data).
+ * exports process(msg, cfg, snapshot), called with `this` bound to a context (an EventEmitter
+ * whose emit(event, payload) returns a promise) that has logger, getFlowVariables(),
+ * getConfig() and getApiClient(); optional init(cfg), startup(cfg), shutdown(cfg, data).
+ * cfg is a deep copy for every call. The step's environment (ELASTICIO_*, the flow file's
+ * env) is set from its spec before the component is loaded.
  * require('elasticio-node') resolves to the helper shipped next to this file when the
  * component does not install that package itself. No npm dependency of its own.
  * When the daemon goes away (socket closed) the process exits: no orphans.
@@ -20,6 +23,8 @@ const net = require('net');
 const path = require('path');
 const Module = require('module');
 const crypto = require('crypto');
+const util = require('util');
+const { EventEmitter } = require('events');
 const { pathToFileURL } = require('url');
 
 const SHIM_DIR = path.join(__dirname, '..', 'toolchains', 'node_shim');
@@ -83,31 +88,93 @@ function errorEvent(err, prefix = '') {
   return obj;
 }
 
-function makeLogger(step) {
+// The component logger: printf-style like the platform's (util.format: '%s', '%d', '%j',
+// objects inspected), an Error first with its stack; child(fields) adds fields to its lines.
+function makeLogger(step, fields = {}) {
+  const suffix = Object.keys(fields).length ? ` ${JSON.stringify(fields)}` : '';
   const out = (level) => (...args) => {
-    const text = args.map((a) => (typeof a === 'string' ? a : describe(a))).join(' ');
-    process.stderr.write(`${new Date().toISOString()} ${level} step.${step}: ${text}\n`);
+    if (args.length && args[0] instanceof Error) args[0] = describe(args[0]);
+    const text = util.format(...args);
+    process.stderr.write(`${new Date().toISOString()} ${level} step.${step}: ${text}${suffix}\n`);
   };
-  const logger = {
+  return {
     trace: out('TRACE'),
     debug: out('DEBUG'),
     info: out('INFO'),
     warn: out('WARNING'),
     error: out('ERROR'),
     fatal: out('CRITICAL'),
-    child: () => logger,
+    child: (more) => makeLogger(step, { ...fields, ...(isPlainObject(more) ? more : {}) }),
   };
-  return logger;
+}
+
+// A deep copy of the step config for each call, as the platform's sailor makes (cloneDeep):
+// what a call changes in its cfg is not seen by the next.
+function copyConfig(cfg) {
+  return structuredClone(cfg);
+}
+
+// `this` of process() and the hooks: the platform's TaskExec. emit() does what the event
+// means (data, snapshot, end, …), then runs the component's own listeners of that event
+// (this.on/once), in order; it returns a promise resolved when they have run.
+class StepContext extends EventEmitter {
+  constructor(sailor, owner) {
+    super();
+    this._sailor = sailor;
+    this._owner = owner;
+    this.flow = sailor.spec.flow;
+    this.step = sailor.spec.step;
+    this.logger = sailor.logger;
+    this.emit = this.emit.bind(this); // components pass this.emit around unbound
+  }
+
+  emit(event, ...args) {
+    this._sailor.emit(this._owner, event, args[0]); // a misuse throws here, at the call
+    const listeners = this.rawListeners(event);
+    if (!listeners.length) return Promise.resolve(true);
+    return (async () => {
+      for (const fn of listeners) await fn.apply(this, args);
+      return true;
+    })();
+  }
+
+  getFlowVariables() {
+    return { ...this._sailor.variables };
+  }
+
+  getConfig() {
+    return this._sailor.settings;
+  }
+
+  getApiClient() {
+    throw new Error(
+      "getApiClient() is not available on deployd: steps get no credentials for deployd's " +
+      'API (its url is ELASTICIO_API_URI); use the step config (cfg) and this.getFlowVariables()',
+    );
+  }
 }
 
 function isPlainObject(value) {
   return value !== null && typeof value === 'object' && !Array.isArray(value);
 }
 
+// getConfig(): the platform's settings, read from the ELASTICIO_* environment (names without
+// the prefix: FLOW_ID, STEP_ID, FUNCTION, API_URI, …).
+function settingsFrom(env) {
+  const out = {};
+  for (const [key, value] of Object.entries(env)) {
+    if (key.startsWith('ELASTICIO_')) out[key.slice('ELASTICIO_'.length)] = value;
+  }
+  return out;
+}
+
 class Sailor {
   constructor(sock) {
     this.sock = sock;
     this.spec = null;
+    this.variables = {}; // the flow's variables (getFlowVariables)
+    this.settings = {}; // ELASTICIO_* without the prefix (getConfig)
+    this.logger = null;
     this.module = null;
     this.current = null; // the call/message being handled: {ref, finish}
     this.late = []; // events emitted while no call/message was running
@@ -153,17 +220,7 @@ class Sailor {
   }
 
   context(owner) {
-    const sailor = this;
-    const logger = makeLogger(this.spec.step);
-    return {
-      flow: this.spec.flow,
-      step: this.spec.step,
-      logger,
-      emit(event, payload) {
-        sailor.emit(owner, event, payload);
-        return true;
-      },
-    };
+    return new StepContext(this, owner);
   }
 
   dataEvent(payload) {
@@ -210,6 +267,11 @@ class Sailor {
   }
 
   async load() {
+    // The step's environment, before its code loads (a pooled sailor started without it).
+    Object.assign(process.env, this.spec.env || {});
+    this.variables = isPlainObject(this.spec.variables) ? this.spec.variables : {};
+    this.settings = settingsFrom(process.env);
+    this.logger = makeLogger(this.spec.step);
     const root = this.spec.artifact_dir;
     process.chdir(root);
     const file = path.resolve(root, this.spec.main);
@@ -228,7 +290,7 @@ class Sailor {
     }
     this.module = mod;
     if (typeof mod.init === 'function') {
-      await mod.init.call(this.context({}), this.config);
+      await mod.init.call(this.context({}), copyConfig(this.config));
     }
   }
 
@@ -258,7 +320,7 @@ class Sailor {
       const ctx = this.context(owner);
       let ret;
       try {
-        ret = this.module.process.call(ctx, msg, this.config, snapshot);
+        ret = this.module.process.call(ctx, msg, copyConfig(this.config), snapshot);
       } catch (err) {
         process.stderr.write(`process() threw: ${describe(err)}\n`);
         this.send(errorEvent(err));
@@ -290,7 +352,7 @@ class Sailor {
   async hook(name, args) {
     const fn = this.module[name];
     if (typeof fn !== 'function') return null;
-    return fn.call(this.context({}), this.config, ...args);
+    return fn.call(this.context({}), copyConfig(this.config), ...args);
   }
 
   async handle(cmd) {

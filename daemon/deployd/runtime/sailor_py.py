@@ -32,6 +32,17 @@ FLUSH_AT = 64 * 1024
 FLUSH_AFTER = 0.002  # bytes of buffered output sent at once without waiting for the read
 
 
+class FieldsAdapter(logging.LoggerAdapter[logging.Logger]):
+    """A logger that appends its fields to every line (`ctx.log_child({...})`)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        fields = " ".join(f"{k}={v}" for k, v in (self.extra or {}).items())
+        return (f"{msg} [{fields}]" if fields else msg), kwargs
+
+    def child(self, fields: dict[str, Any]) -> FieldsAdapter:
+        return FieldsAdapter(self.logger, {**(self.extra or {}), **fields})
+
+
 class Context:
     """`ctx` of `process(msg, cfg, snapshot, ctx)`: emit events and log to the step log."""
 
@@ -39,7 +50,17 @@ class Context:
         self._sailor = sailor
         self.flow: str = sailor.spec.get("flow", "")
         self.step: str = sailor.spec.get("step", "")
-        self.log = logging.getLogger(f"step.{self.step}")
+        self.log = logging.getLogger(f"step.{self.step}")  # %-style: log.info("%s", x)
+        self.logger = self.log  # the name the platform's Node sailor uses
+
+    @property
+    def flow_variables(self) -> dict[str, str]:
+        """The flow file's [variables] (secrets expanded): a copy, safe to change."""
+        return dict(self._sailor.spec.get("variables") or {})
+
+    def log_child(self, fields: dict[str, Any]) -> FieldsAdapter:
+        """A logger whose lines carry `fields` (the Node sailor's `logger.child(fields)`)."""
+        return FieldsAdapter(self.log, dict(fields))
 
     def emit(self, event: str, payload: Any = None) -> None:
         if event == "data":
@@ -81,6 +102,15 @@ def _stack(err: Any) -> dict[str, str]:
     if isinstance(err, BaseException) and err.__traceback__ is not None:
         return {"stack": "".join(traceback.format_exception(type(err), err, err.__traceback__))}
     return {}
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON value (step config): each call gets its own, as on the platform."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 def _arity(func: Any) -> int:
@@ -192,6 +222,9 @@ class Sailor:
         return result
 
     def load(self) -> None:
+        # The step's environment (ELASTICIO_*, the flow file's env), before its code loads: a
+        # pooled process was forked before it knew its step.
+        os.environ.update(self.spec.get("env") or {})
         root = self.spec["artifact_dir"]
         os.chdir(root)
         for extra in (os.path.join(root, ".deps"), root):
@@ -210,14 +243,14 @@ class Sailor:
         self.module = module
         init = getattr(module, "init", None)
         if callable(init):
-            self._run(init(self.spec.get("config", {})))
+            self._run(init(_copy(self.config)))
 
     def process(self, msg: dict[str, Any], snapshot: dict[str, Any]) -> None:
         assert self.module is not None
         func = self.module.process
         if func is not self._func:  # inspecting a signature costs more than most process()
             self._func, self._nargs = func, _arity(func)
-        args = (msg, self.config, snapshot, self.ctx)[: self._nargs]
+        args = (msg, _copy(self.config) if self.config else {}, snapshot, self.ctx)[: self._nargs]
         try:
             result = self._run(func(*args))
         except Exception as exc:
@@ -235,7 +268,7 @@ class Sailor:
         func = getattr(self.module, name, None)
         if not callable(func):
             return None
-        return self._run(func(self.spec.get("config", {}), *args))
+        return self._run(func(_copy(self.config), *args))
 
     def serve(self, hello: bool = True) -> int:
         if hello:

@@ -368,6 +368,7 @@ class Launcher:
         self._fork_lock = asyncio.Lock()
         self._writers: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
         self.home = state_dir / "run" / "home"
+        self.api_uri: str | None = None  # ELASTICIO_API_URI of the steps (set by the runtime)
         self.node = NodeRuntime(
             node or NodeSettings(), self.address, self.home, state_dir / "logs", step_env(self.home)
         )

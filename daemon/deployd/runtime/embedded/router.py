@@ -123,6 +123,17 @@ class Router:
         # with what the pending group commit adds and removes
         return depth + self._added.get(key, 0) - self._removed.get(key, 0)
 
+    async def settle(self) -> bool:
+        """Every result so far made durable (here: the pending group written now)."""
+        self.flush()
+        return True
+
+    def forget_snapshots(self, flow: str) -> None:
+        """Snapshots of `flow` were written by another runtime's router (a flow moved): read
+        them from the database again."""
+        for key in [k for k in self._snapshots if k[0] == flow]:
+            del self._snapshots[key]
+
     def forget_depths(self, flow: str) -> None:
         """Queues of `flow` were changed outside the router (moved, retried, requeued)."""
         for key in [k for k in self._depth if k[0] == flow]:

@@ -23,6 +23,7 @@ from typing import Any
 from ...store.queues import Queued
 from ...types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState, StepStatus
 from ..base import StepFailed
+from ..stepenv import step_environment
 from .process import Launcher, Result, StepDied, StepProcess, forget, log_tail
 from .router import Router
 
@@ -126,6 +127,9 @@ class FlowRunner:
             "artifact_dir": step.artifact_dir,
             "main": step.main,
             "runtime": step.runtime,
+            # set by the sailor as it becomes the step (a pooled process started without it)
+            "env": step_environment(self.flow, self.version, step, self.launcher.api_uri),
+            "variables": dict(self._spec.variables),
         }
         proc = StepProcess(self.launcher, spec, self.log_path(step.id), self._on_exit)
         self.procs[step.id] = proc

@@ -27,6 +27,7 @@ from ...store.queues import Queued
 from ...types import FlowVersionToRun, RetryResult
 from .. import mapper
 from ..base import FlowRun
+from ..stepenv import api_uri
 from .node_pool import NodeSettings
 from .process import Launcher
 from .router import Router
@@ -59,6 +60,7 @@ class EmbeddedRuntime:
         # which starts and stops it.
         self.owns_launcher = launcher is None
         self.launcher = launcher or Launcher(paths.root, _node_settings(settings))
+        self.launcher.api_uri = api_uri(settings.host, settings.port)
         self.log_dir = paths.step_logs
         self.settings = settings
         self._background: set[asyncio.Task[None]] = set()
@@ -81,6 +83,7 @@ class EmbeddedRuntime:
         """New daemon settings (node binary, pool, timeouts) apply to the next warm-up; the
         passthrough bound to the next output."""
         self.launcher.node.settings = _node_settings(settings)
+        self.launcher.api_uri = api_uri(settings.host, settings.port)
         self.router.max_passthrough = settings.max_passthrough_bytes
         self.settings = settings
 
@@ -123,6 +126,12 @@ class EmbeddedRuntime:
         async def switch_trigger() -> float | None:
             await old_r.stop_trigger_at_boundary(BOUNDARY_WAIT)
             end = old_r.last_call_end
+            if source is not self:
+                # The new trigger starts from the snapshot the old one left: durable on the
+                # other runtime's router first, then read here anew (not from this router's
+                # memory of an earlier stay of the flow here).
+                await source.router.settle()
+                self.router.forget_snapshots(flow)
             new_r.start_loops([trigger_new])
             try:  # a new trigger that died before its first call is restarted (or rolled back)
                 await asyncio.wait_for(new_r.first_call.wait(), self.settings.warmup_timeout)
@@ -144,6 +153,7 @@ class EmbeddedRuntime:
             try:
                 if source is not self:
                     moved = await source.move_queues_to(self, flow)
+                    self.router.forget_snapshots(flow)  # the actions' too (see above)
                     log.info(
                         "flow %s: %d queued message(s) carried from %s to %s",
                         flow,

@@ -32,12 +32,15 @@ from collections.abc import Callable
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
 
 from ...errors import FlowError
 
@@ -66,6 +69,23 @@ def routing_key(flow: str, step: str) -> str:
 
 class BrokerUnreachable(FlowError):
     """The broker cannot be reached (the error says why; credentials are redacted)."""
+
+
+class NotRouted(Exception):
+    """The broker confirmed a publish it could route to no queue (the queue was deleted)."""
+
+
+def properties(
+    msg_id: str, headers: dict[str, Any], expiration: float | None = None
+) -> spec.Basic.Properties:
+    """A persistent JSON message's AMQP properties (`expiration` in seconds)."""
+    return spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id=msg_id,
+        headers=headers,
+        expiration=None if expiration is None else str(max(1, int(expiration * 1000))),
+    )
 
 
 class Broker:
@@ -185,6 +205,33 @@ class Broker:
                 f"RabbitMQ at {self.where} is unreachable: {self.error or 'no answer'}"
                 " (check [runtime.rabbitmq] url and that the broker runs)"
             ) from None
+
+    async def publish(
+        self,
+        exchange: str,
+        key: str,
+        body: bytes,
+        props: spec.Basic.Properties,
+        drain: bool = True,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm; raises when the broker
+        nacks it, could not route it, or the channel or connection went away.
+
+        Lower-level than aio-pika's `Exchange.publish` (no message object). With `drain`
+        False the next publish may be written before this one left the socket's buffer: a
+        group's publishes are written back to back and only its last one drains, which holds
+        the channel (and so the next group) until the socket took them — without that, a
+        producer far ahead of the broker would fill the buffer without bound, and every ack
+        on the connection would wait behind it. Tasks made in order write in order (nothing
+        here yields before the frame is queued)."""
+        if self.channel is None:
+            raise aiormq.exceptions.ChannelInvalidStateError("not connected")
+        channel = await self.channel.get_underlay_channel()
+        result = await channel.basic_publish(  # type: ignore[call-arg]
+            body, exchange=exchange, routing_key=key, properties=props, mandatory=True, wait=drain
+        )
+        if isinstance(result, DeliveredMessage):  # returned: no queue is bound to the key
+            raise NotRouted(f"no queue for routing key {key!r} on exchange {exchange!r}")
 
     async def declare_step(
         self, flow: str, step: str, channel: AbstractChannel | None = None

@@ -32,8 +32,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+from pamqp import commands as spec
 
 from ...metrics import Metrics
 from ...store import Store
@@ -41,13 +41,12 @@ from ...store.queues import QueueBatch, Queued
 from ...types import FlowVersionToRun
 from ..embedded.process import Result
 from ..embedded.router import Router
-from .broker import Broker, redact, routing_key
+from .broker import EXCHANGE, RETRY_EXCHANGE, Broker, properties, redact, routing_key
 
 log = logging.getLogger("deployd.rabbitmq")
 dumps = json.JSONEncoder(separators=(",", ":")).encode
 CONFIRM_TIMEOUT = 30.0  # seconds a group's publishes may wait for the broker's confirms
 KEEP_HANDLED = 24 * 3600.0  # seconds a handled message id is remembered
-PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 
 
 @dataclass
@@ -74,6 +73,7 @@ class _Group:
     failed: dict[tuple[str, str], int] = field(default_factory=dict)
     errors: list[tuple[str, str, str]] = field(default_factory=list)
     generation: int = 0  # the router's generation when the group was made
+    producers: frozenset[tuple[str, str]] = frozenset()  # the steps whose results it holds
 
 
 def envelope(msg_id: str, body: str, headers: str, passthrough: str = "{}") -> bytes:
@@ -97,7 +97,12 @@ class AmqpRouter(Router):
         self._row_ids = 0
         self._parent: Delivery | None = None
         self._child = 0
-        self._chain: asyncio.Task[bool] | None = None
+        # The last group of each producing step: a group waits for those of its own steps
+        # only (a snapshot or a call number builds on the step's previous group), so one
+        # step far ahead of the broker's confirms does not hold the acks of the others.
+        self._tails: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        self._producers: set[tuple[str, str]] = set()
+        self._groups: set[asyncio.Task[bool]] = set()  # every group not settled yet
         self._unsettled: dict[tuple[str, str], dict[str, Any]] = {}  # snapshots in the chain
         self._pruned_at = 0.0
         self._parents: dict[str, Delivery] = {}  # output id → its input, until published
@@ -187,11 +192,20 @@ class AmqpRouter(Router):
                 "{}",
             )
         )
+        self._producing((flow, step))
         self._batch.delete.append(self._row_ids)
         self._removed[(flow, step)] += 1
         self._failed[(flow, step)] += 1
         self._errors.append((flow, step, error))
         self._schedule()
+
+    def _producing(self, key: tuple[str, str]) -> None:
+        """Results of step `key` come next: a group holds one step's results (it waits only
+        for that step's previous group), so the pending one is flushed first if another
+        step's results are in it."""
+        if self._producers and key not in self._producers:
+            self.flush()
+        self._producers.add(key)
 
     def _later(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -203,6 +217,7 @@ class AmqpRouter(Router):
     def commit(
         self, spec: FlowVersionToRun, index: int, res: Result, row: Queued | None = None
     ) -> float | None:
+        self._producing((spec.flow, spec.steps[index].id))
         parent = self._parent = self.deliveries.get(row.id) if row is not None else None
         self._child = 0
         # Outputs' ids derive from the input as it came this time: a retried dead letter or
@@ -261,11 +276,12 @@ class AmqpRouter(Router):
         broker when the step first ran, then kept here (this daemon is the only producer and
         consumer), publishes not yet confirmed included."""
         key = (flow, step)
-        return (
+        return max(
+            0,
             self._depth.get(key, 0)
             + self._publishing.get(key, 0)
             + self._added.get(key, 0)
-            - self._removed.get(key, 0)
+            - self._removed.get(key, 0),
         )
 
     def set_depth(self, flow: str, step: str, depth: int) -> None:
@@ -289,7 +305,8 @@ class AmqpRouter(Router):
             self._handle.cancel()
             self._handle = None
         batch, self._batch = self._batch, QueueBatch()
-        group = _Group(batch, generation=self.generation)
+        group = _Group(batch, generation=self.generation, producers=frozenset(self._producers))
+        self._producers.clear()
         group.added, self._added = dict(self._added), defaultdict(int)
         group.removed, self._removed = dict(self._removed), defaultdict(int)
         group.processed, self._processed = dict(self._processed), defaultdict(int)
@@ -311,21 +328,27 @@ class AmqpRouter(Router):
             if delivery is not None:
                 group.acks.append(delivery)
                 rebounds.append((due, delivery))
-        exchange, retry = self.broker.exchange, self.broker.retry_exchange
         if (batch.enqueue or batch.defer) and (
-            exchange is None or retry is None or not self.broker.connected.is_set()
+            self.broker.exchange is None or not self.broker.connected.is_set()
         ):
             self._fail(group, "RabbitMQ is not connected")
             return
         # Publish now (in order: each publish writes its frames when its task first runs, and
         # tasks run in the order they were made); the chain waits for the confirms.
         loop = asyncio.get_running_loop()
-        for flow, step, msg_id, body, headers, failures, passthrough in batch.enqueue:
+        publish = self.broker.publish
+        last = len(batch.enqueue) - 1
+        for i, (flow, step, msg_id, body, headers, failures, passthrough) in enumerate(
+            batch.enqueue
+        ):
             group.publishes.append(
                 loop.create_task(
-                    exchange.publish(  # type: ignore[union-attr]
-                        self._message(flow, step, msg_id, body, headers, failures, passthrough),
+                    publish(
+                        EXCHANGE,
                         routing_key(flow, step),
+                        envelope(msg_id, body, headers, passthrough),
+                        self._properties(flow, step, msg_id, failures),
+                        drain=i == last and not rebounds,
                     )
                 )
             )
@@ -336,19 +359,16 @@ class AmqpRouter(Router):
         self._replays.clear()
         for key, n in group.added.items():
             self._publishing[key] += n
-        prev = self._chain
-        self._chain = loop.create_task(self._settle_group(prev, group))
+        prevs = {tail for key in group.producers if (tail := self._tails.get(key))}
+        task = loop.create_task(self._settle_group(prevs, group))
+        for key in group.producers:
+            self._tails[key] = task
+        self._groups.add(task)
+        task.add_done_callback(self._groups.discard)
 
-    def _message(
-        self,
-        flow: str,
-        step: str,
-        msg_id: str,
-        body: str,
-        headers: str,
-        failures: int,
-        passthrough: str = "{}",
-    ) -> aio_pika.Message:
+    def _properties(
+        self, flow: str, step: str, msg_id: str, failures: int
+    ) -> spec.Basic.Properties:
         parent = self._parents.get(msg_id)
         amqp: dict[str, Any] = {"messageId": msg_id, "flowId": flow, "stepId": step}
         if parent is not None:
@@ -362,40 +382,32 @@ class AmqpRouter(Router):
                 amqp["x-deployd-replay"] = 1
         if failures:
             amqp["x-deployd-failures"] = failures
-        return aio_pika.Message(
-            envelope(msg_id, body, headers, passthrough),
-            headers=amqp,
-            content_type="application/json",
-            delivery_mode=PERSISTENT,
-            message_id=msg_id,
-        )
+        return properties(msg_id, amqp)
 
     async def _rebound(self, delivery: Delivery, due: float) -> None:
         """A message that asked to come again later: to its step's retry queue, with a TTL."""
         message = delivery.message
         headers = dict(message.headers or {})
         headers["x-deployd-attempts"] = _int(headers.get("x-deployd-attempts")) + 1
-        assert self.broker.retry_exchange is not None
-        await self.broker.retry_exchange.publish(
-            aio_pika.Message(
-                message.body,
-                headers=headers,
-                content_type="application/json",
-                delivery_mode=PERSISTENT,
-                message_id=message.message_id,
-                expiration=max(0.001, due - time.time()),
-            ),
+        await self.broker.publish(
+            RETRY_EXCHANGE,
             routing_key(delivery.flow, delivery.step),
+            message.body,
+            properties(str(message.message_id or ""), headers, due - time.time()),
         )
 
-    async def _settle_group(self, prev: asyncio.Task[bool] | None, group: _Group) -> bool:
+    async def _settle_group(self, prevs: set[asyncio.Task[bool]], group: _Group) -> bool:
         try:
-            return await self._settle(prev, group)
+            return await self._settle(prevs, group)
         finally:
             for key, n in group.added.items():
                 self._publishing[key] -= n
+            task = asyncio.current_task()
+            for key in group.producers:
+                if self._tails.get(key) is task:
+                    del self._tails[key]
 
-    async def _settle(self, prev: asyncio.Task[bool] | None, group: _Group) -> bool:
+    async def _settle(self, prevs: set[asyncio.Task[bool]], group: _Group) -> bool:
         ok = True
         error = ""
         try:
@@ -405,7 +417,7 @@ class AmqpRouter(Router):
             ok, error = False, f"no publisher confirm within {CONFIRM_TIMEOUT:g}s"
         except Exception as exc:  # a nack, a closed channel or connection
             ok, error = False, redact(str(exc) or type(exc).__name__)
-        if prev is not None:
+        for prev in prevs:
             with contextlib.suppress(BaseException):  # its own failure is handled in it
                 await asyncio.shield(prev)
         if ok and group.generation != self.generation:
@@ -496,7 +508,9 @@ class AmqpRouter(Router):
             self._depth[key] = self._depth.get(key, 0) + n
             self._wake[key].set()
         for key, n in group.removed.items():
-            self._depth[key] = max(0, self._depth.get(key, 0) - n)
+            # Not clamped at 0: a consumer's group may settle before its producer's (they
+            # are not chained), whose messages count in `_publishing` until then.
+            self._depth[key] = self._depth.get(key, 0) - n
             self._room[key].set()
         for (flow, step), n in group.processed.items():
             self.metrics.message_processed(flow, step, n)
@@ -513,19 +527,21 @@ class AmqpRouter(Router):
     async def settle(self) -> bool:
         """Flush, then wait until every group so far is durable (False: one failed)."""
         self.flush()
-        chain = self._chain
-        if chain is None:
+        groups = list(self._groups)
+        if not groups:
             return True
-        # Shielded: a caller that is cancelled while it waits must not cancel the chain
-        # (every later group waits for it).
-        return await asyncio.shield(chain)
+        # Shielded: a caller that is cancelled while it waits must not cancel a group (later
+        # groups wait for it).
+        results = await asyncio.shield(asyncio.gather(*groups, return_exceptions=True))
+        return all(result is True for result in results)
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:
     """Ack, ignoring a channel that is gone (the broker then delivers the message again, and
-    `handled` recognises it)."""
+    `handled` recognises it). Not waiting for the socket to drain: acks of a group are written
+    back to back."""
     with contextlib.suppress(Exception):
-        await message.ack()
+        await message.channel.basic_ack(message.delivery_tag, wait=False)  # type: ignore[arg-type]
 
 
 async def _nack(message: AbstractIncomingMessage) -> None:

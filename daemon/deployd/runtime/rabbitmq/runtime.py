@@ -18,8 +18,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aio_pika
-
 from ...config import DaemonConfig, RabbitConfig
 from ...errors import FlowError
 from ...metrics import Metrics
@@ -32,8 +30,8 @@ from ..base import FlowRun, StepFailed
 from ..embedded.process import Launcher
 from ..embedded.runner import FlowRunner
 from ..embedded.runtime import EmbeddedRuntime
-from .broker import Broker, BrokerUnreachable, redact, routing_key
-from .router import PERSISTENT, AmqpRouter, envelope
+from .broker import EXCHANGE, Broker, BrokerUnreachable, properties, redact, routing_key
+from .router import AmqpRouter, envelope
 from .runner import RabbitRunner
 
 log = logging.getLogger("deployd.rabbitmq")
@@ -184,19 +182,14 @@ class RabbitRuntime(EmbeddedRuntime):
         return moved
 
     async def _publish(self, flow: str, rows: list[tuple[str, Queued]]) -> None:
-        exchange = self.broker.exchange
-        assert exchange is not None
+        publish = self.broker.publish
         await asyncio.gather(
             *(
-                exchange.publish(
-                    aio_pika.Message(
-                        envelope(row.msg_id, row.body, row.headers, row.passthrough),
-                        headers=_headers(flow, step, row),
-                        content_type="application/json",
-                        delivery_mode=PERSISTENT,
-                        message_id=row.msg_id,
-                    ),
+                publish(
+                    EXCHANGE,
                     routing_key(flow, step),
+                    envelope(row.msg_id, row.body, row.headers, row.passthrough),
+                    properties(row.msg_id, _headers(flow, step, row)),
                 )
                 for step, row in rows
             )
