@@ -108,15 +108,25 @@ def versions(
     _known_component(cfg, component)
     store = open_reader(cfg)
     rows = store.versions(component) if store else []
-    recent = rows[0]["version"] if rows else None
+    recent = rows[0]["version"] if rows else None  # the highest sequence number wins
     data = [
         {
             "version": r["version"],
             "sha": r["sha"],
             "semver": r["semver"],
+            # the older version with the same semver (a new commit, the version kept), or null
+            "same_semver_as": next(
+                (
+                    o["version"]
+                    for o in rows
+                    if r["semver"] and o["version"] < r["version"] and o["semver"] == r["semver"]
+                ),
+                None,
+            ),
             "runtime": r["runtime"],
             "built_at": r["built_at"],
             "recent": r["version"] == recent,
+            "warnings": r["warnings"],
         }
         for r in rows
     ]
@@ -127,13 +137,17 @@ def versions(
 
     table = Table("version", "sha", "semver", "runtime", "built_at", "", box=None)
     for r in data:
+        notes = ["recent"] if r["recent"] else []
+        if r["same_semver_as"]:
+            notes.append(f"same semver as v{r['same_semver_as']}")
+        notes += [f"warning: {w}" for w in r["warnings"]]
         table.add_row(
             f"v{r['version']}",
             r["sha"][:12],
             r["semver"] or "-",
             r["runtime"],
             r["built_at"],
-            "recent" if r["recent"] else "",
+            "; ".join(notes),
         )
     console().print(table if data else f"{component} has no versions yet")
 

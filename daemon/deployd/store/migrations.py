@@ -364,3 +364,10 @@ def m007_handled_messages(db: Database) -> None:
         "CREATE TABLE broker_queues (flow TEXT NOT NULL, step TEXT NOT NULL,"
         " PRIMARY KEY (flow, step)) WITHOUT ROWID"
     )
+
+
+@migrations()
+def m008_version_warnings(db: Database) -> None:
+    """What a build found worth telling about a version without failing it (issue 17): a JSON
+    list of sentences, such as an `engines.node` the node in use does not satisfy."""
+    db.execute("ALTER TABLE versions ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
