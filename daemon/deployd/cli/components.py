@@ -14,7 +14,7 @@ import typer
 
 from ..errors import DeploydError
 from .common import ConfigOpt, JsonOpt, load_config, state
-from .render import console, print_json, print_status
+from .render import console, grid, print_json, print_status
 
 commands = typer.Typer()  # the top-level commands below; `deployd.cli` adds them to its app
 hook_app = typer.Typer(help="Install deployd's post-receive hook into bare repositories.")
@@ -133,23 +133,28 @@ def versions(
     if as_json:
         print_json(data)
         return
-    from rich.table import Table
-
-    table = Table("version", "sha", "semver", "runtime", "built_at", "", box=None)
+    if not data:
+        sys.stdout.write(f"{component} has no versions yet\n")
+        return
+    # Aligned columns, each row one line (a warning is long: it stays whole, for grep).
+    cells: list[list[tuple[str, str]]] = []
     for r in data:
         notes = ["recent"] if r["recent"] else []
         if r["same_semver_as"]:
             notes.append(f"same semver as v{r['same_semver_as']}")
         notes += [f"warning: {w}" for w in r["warnings"]]
-        table.add_row(
-            f"v{r['version']}",
-            r["sha"][:12],
-            r["semver"] or "-",
-            r["runtime"],
-            r["built_at"],
-            "; ".join(notes),
+        style = "yellow" if r["warnings"] else "green" if r["recent"] else ""
+        cells.append(
+            [
+                (f"v{r['version']}", ""),
+                (r["sha"][:12], ""),
+                (r["semver"] or "-", ""),
+                (r["runtime"], ""),
+                (r["built_at"], ""),
+                ("; ".join(notes), style),
+            ]
         )
-    console().print(table if data else f"{component} has no versions yet")
+    sys.stdout.write(grid(["version", "sha", "semver", "runtime", "built_at", ""], cells) + "\n")
 
 
 def _known_component(cfg: Any, name: str) -> None:

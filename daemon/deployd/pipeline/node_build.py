@@ -9,6 +9,7 @@ names npm's reason (its `npm error` lines), not its usage text.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -69,7 +70,7 @@ class NodeBuild:
         try:
             await self._run(what, argv)
         except builder.CommandFailed as exc:
-            raise _explained(exc, f"`npm {argv[1]}`") from None
+            raise self._explained(exc, f"`npm {argv[1]}`") from None
 
     async def run(self) -> None:
         pkg = npm.package_json(self.src)
@@ -78,10 +79,10 @@ class NodeBuild:
                 await self._run("install", npm.install_ci())
             except builder.CommandFailed as exc:
                 if not npm.lock_refused(exc.output):
-                    raise _explained(exc, "`npm ci`") from None
+                    raise self._explained(exc, "`npm ci`") from None
                 note(
                     self.log,
-                    f"npm ci refused the lock file ({npm.reason(exc.output)}); "
+                    f"npm ci refused the lock file ({self._reason(exc)}); "
                     "installing with `npm install` instead",
                 )
                 await self._npm("install", npm.install())
@@ -97,13 +98,16 @@ class NodeBuild:
                 note(self.log, "daemon.node_test is false: `npm test` not run")
         await self._npm("prune", npm.prune())
 
+    def _reason(self, exc: builder.CommandFailed) -> str:
+        """npm's reason, with paths inside the build's tree relative to it."""
+        return npm.reason(exc.output).replace(str(self.src) + os.sep, "")
 
-def _explained(exc: builder.CommandFailed, what: str) -> builder.CommandFailed:
-    why = npm.reason(exc.output)
-    if not why:
-        return exc
-    failed = builder.CommandFailed(
-        f"{what} failed (exit code {exc.returncode}): {why}", exc.returncode, exc.output
-    )
-    failed.explained = True
-    return failed
+    def _explained(self, exc: builder.CommandFailed, what: str) -> builder.CommandFailed:
+        why = self._reason(exc)
+        if not why:
+            return exc
+        failed = builder.CommandFailed(
+            f"{what} failed (exit code {exc.returncode}): {why}", exc.returncode, exc.output
+        )
+        failed.explained = True
+        return failed

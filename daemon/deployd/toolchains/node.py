@@ -92,4 +92,3 @@ def detect(setting: str = "node") -> NodeInfo:
 def forget() -> None:
     """Drop cached detections (a reload looks again: node may have been installed)."""
     detect.cache_clear()
-

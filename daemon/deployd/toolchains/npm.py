@@ -88,6 +88,8 @@ def reason(output: str) -> str:
             paragraphs = paragraphs[: max(i - 1, 1)]
             break
     lines = list(dict.fromkeys(line for para in paragraphs for line in para))
+    # npm ends a block with its bare tag ("npm error enoent"): no news
+    lines = [x for x in lines if " " in x or not any(y.startswith(x + " ") for y in lines)]
     text = "; ".join(lines)
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
