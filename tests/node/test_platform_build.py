@@ -12,14 +12,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Daemon, Work, db_rows
+from tests.conftest import Daemon, Work, db_rows, wait_until
+from tests.flows.conftest import flow_toml, read_out
 
 # The action requires `tiny` (a dependency) at run time; `npm test` requires `devtool` (a dev
 # dependency), which must be installed for the tests and gone from the artifact.
 ACTION_JS = """\
 'use strict';
+const fs = require('fs');
 const tiny = require('tiny');
-exports.process = async function (msg) { return { body: { tiny: tiny.answer, n: msg.body.n } }; };
+exports.process = async function (msg, cfg) {
+  const body = { n: msg.body.n, tiny: tiny.answer };
+  if (cfg.out) fs.appendFileSync(cfg.out, JSON.stringify(body) + '\\n');
+  return { body };
+};
+"""
+TICK_JS = """\
+'use strict';
+exports.process = async function (msg, cfg, snapshot) {
+  const n = (snapshot.n || 0) + 1;
+  this.emit('snapshot', { n });
+  return { body: { n } };
+};
 """
 TEST_JS = """\
 'use strict';
@@ -43,6 +57,7 @@ def node_component(
     """A node component with a dependency and a dev dependency (local `file:` packages)."""
     desc: dict[str, Any] = {
         "title": "Built like the platform",
+        "triggers": {"tick": {"main": "./lib/tick.js"}},
         "actions": {"act": {"main": "./lib/act.js"}},
     }
     if version:
@@ -82,6 +97,7 @@ def node_component(
         "package.json": pkg,
         "package-lock.json": lock,
         "lib/act.js": ACTION_JS,
+        "lib/tick.js": TICK_JS,
         "test/test.js": TEST_JS,
         "vendor/tiny/package.json": {"name": "tiny", "version": "1.0.0", "main": "index.js"},
         "vendor/tiny/index.js": "module.exports = { answer: 42 };\n",
@@ -112,7 +128,7 @@ def versions(daemon: Daemon, name: str) -> list[dict[str, Any]]:
 
 
 def test_refused_lock_file_builds_through_npm_install_tests_and_prunes_dev_dependencies(
-    daemon_factory: Callable[..., Daemon], component: Callable[..., Work]
+    daemon_factory: Callable[..., Daemon], component: Callable[..., Work], tmp_path: Path
 ) -> None:
     work = component("xmlish")
     sha = work.commit("a lock file npm ci refuses", node_component(engines=">=99"))
@@ -146,6 +162,18 @@ def test_refused_lock_file_builds_through_npm_install_tests_and_prunes_dev_depen
     )
     plain = daemon.cli("versions", "xmlish").stdout
     assert "warning:" in plain and "engines.node" in plain
+    # the artifact runs: the action requires its (non-dev) dependency
+    out = tmp_path / "out.jsonl"
+    flow = tmp_path / "xml.toml"
+    steps = [
+        {"id": "tick", "component": "xmlish", "function": "tick", "interval": "50ms"},
+        {"id": "act", "component": "xmlish", "function": "act", "config": {"out": out}},
+    ]
+    flow.write_text(flow_toml("xml", out, steps=steps))
+    daemon.cli("flow", "apply", str(flow))
+    rows = wait_until(lambda: (r := read_out(out)) and len(r) >= 2 and r, timeout=60)
+    assert rows[:2] == [{"n": 1, "tiny": 42}, {"n": 2, "tiny": 42}]
+    daemon.cli("flow", "stop", "xml")
     # a lock file in step with package.json: npm ci, no fallback, no warning
     sha2 = work.commit_push("lock in sync", node_component(lock_in_sync=True))
     build = daemon.wait_build("xmlish", sha2, timeout=120)
