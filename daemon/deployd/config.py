@@ -161,6 +161,9 @@ class DaemonConfig(_Model):
     node: str = Field(default="node", min_length=1)
     node_pool: int = Field(default=32, ge=0, le=256)
     node_end_timeout: Duration = 60.0
+    # The default Node build runs `npm test` (when package.json has a test script) between
+    # installing with dev dependencies and pruning them, as the platform's buildpack does.
+    node_test: bool = True
     log_format: Literal["text", "json"] = "text"
     # /healthz: unhealthy past this event-loop lag, or below this much free disk in state_dir.
     health_max_loop_lag: Duration = 2.0

@@ -126,7 +126,9 @@ def test_versions_builds_and_build_log(daemon: Daemon, component: Callable[..., 
 
     versions = json.loads(daemon.cli("versions", "hello", "--json").stdout)
     assert len(versions) == 1
-    assert set(versions[0]) == {"version", "sha", "semver", "runtime", "built_at", "recent"}
+    keys = {"version", "sha", "semver", "runtime", "built_at", "recent", "warnings"}
+    assert set(versions[0]) == keys | {"same_semver_as"}
+    assert versions[0]["warnings"] == [] and versions[0]["same_semver_as"] is None
     assert versions[0]["version"] == 1 and versions[0]["sha"] == first
     assert versions[0]["recent"] is True and versions[0]["runtime"] == "python"
     assert ISO.match(versions[0]["built_at"])

@@ -35,14 +35,6 @@ def test_detect_names_missing_too_old_and_good_node(tmp_path: Path) -> None:
     assert real.ok and real.path and real.version and real.version.startswith("v")
 
 
-def test_default_build_uses_npm_ci_only_with_a_lock_file(tmp_path: Path) -> None:
-    assert noderuntime.default_build(tmp_path) is None  # no package.json: nothing to install
-    (tmp_path / "package.json").write_text("{}")
-    assert str(noderuntime.default_build(tmp_path)).startswith("npm install --omit=dev")
-    (tmp_path / "package-lock.json").write_text("{}")
-    assert str(noderuntime.default_build(tmp_path)).startswith("npm ci --omit=dev")
-
-
 def test_missing_node_is_refused_with_a_clear_error(
     daemon_factory: Callable[..., Daemon], component: Callable[..., Work], tmp_path: Path
 ) -> None:

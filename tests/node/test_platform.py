@@ -22,7 +22,8 @@ def test_platform_component_builds_with_npm_and_runs_in_a_realtime_flow(
     build = env.daemon.builds("platform")[0]
     assert build["status"] == "succeeded"
     log = env.daemon.cli("build-log", str(build["id"])).stdout
-    assert "npm ci --omit=dev" in log and "smoke ok" in log
+    assert "$ npm ci --include=dev" in log and "smoke ok" in log
+    assert log.index("smoke ok") < log.index("$ npm prune --omit=dev")
     out = env.out("counter")
     env.apply(
         "counter",

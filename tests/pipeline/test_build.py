@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deployd.pipeline.build import MAX_LOG_BYTES
+from deployd.errors import BuildError
+from deployd.pipeline.build import MAX_LOG_BYTES, CommandFailed, run_command
+from deployd.toolchains.env import clean_env
 from tests.conftest import Daemon, Work, db_rows, default_descriptor
 
 
@@ -150,3 +155,30 @@ def test_a_main_module_with_a_syntax_error_fails_the_build_and_others_are_compil
     assert build["status"] == "failed"
     assert "lib/upper.py does not compile" in build["error"]
     assert daemon.recent_sha("hello") == good
+
+
+def test_argument_lists_run_without_a_shell(tmp_path: Path) -> None:
+    """deployd's own commands (the npm steps) are argument lists: nothing is a shell line."""
+
+    async def run(argv: list[str]) -> tuple[Any, str]:
+        log = io.BytesIO()
+        try:
+            result: Any = await run_command(
+                "build", argv, cwd=tmp_path, log=log, timeout=30, env=clean_env(tmp_path)
+            )
+        except BuildError as exc:
+            result = exc
+        return result, log.getvalue().decode()
+
+    code = "import sys; print(sys.argv[1]); sys.exit(int(sys.argv[2]))"
+    ok, log = asyncio.run(run([sys.executable, "-c", code, "$(touch x); echo `id`", "0"]))
+    assert ok.returncode == 0 and ok.output == "$(touch x); echo `id`\n"
+    assert not (tmp_path / "x").exists()
+    assert "$ " in log and "'$(touch x); echo `id`'" in log  # shown quoted, as typed
+    failed, _ = asyncio.run(run([sys.executable, "-c", code, "npm error code EX", "4"]))
+    assert isinstance(failed, CommandFailed) and failed.returncode == 4
+    assert failed.output == "npm error code EX\n" and not failed.explained
+    missing, log = asyncio.run(run(["no-such-program-xyz", "ci"]))
+    assert isinstance(missing, BuildError) and not isinstance(missing, CommandFailed)
+    assert "no-such-program-xyz" in str(missing) and "could not start" in str(missing)
+    assert "could not start" in log

@@ -100,17 +100,20 @@ def test_invalid_component_trees_fail_with_a_readable_error(
     assert daemon.proc is not None and daemon.proc.poll() is None
 
 
-def test_semver_must_grow(daemon: Daemon, component: Callable[..., Work]) -> None:
+def test_semver_must_not_go_down(daemon: Daemon, component: Callable[..., Work]) -> None:
     work = component(descriptor=default_descriptor(version="1.2.0"))
     work.remote = daemon.hosted("hello")
     first = work.push()
     comp = daemon.wait_recent("hello", first)
     assert comp["recent"]["semver"] == "1.2.0"
-    for version in ("1.2.0", "1.1.9", "1.2.0-rc.1"):
+    for version in ("1.1.9", "1.2.0-rc.1"):
         bad = work.commit_push(version, {"component.json": default_descriptor(version=version)})
         build = daemon.wait_build("hello", bad)
         assert build["status"] == "failed", version
-        assert f"version: {version} is not greater than 1.2.0 of hello v1" in build["error"]
+        assert build["error"] == (
+            f"component.json version: {version} is lower than 1.2.0 of hello v1; "
+            "keep 1.2.0 or raise it"
+        )
         assert daemon.recent_sha("hello") == first
     # a version without semver in between does not reset the comparison
     plain = work.commit_push("plain", {"component.json": default_descriptor()})
@@ -121,6 +124,47 @@ def test_semver_must_grow(daemon: Daemon, component: Callable[..., Work]) -> Non
     comp = daemon.wait_recent("hello", ok)
     assert comp["recent"]["semver"] == "1.10.0"
     assert comp["recent"]["version"] == 3
+
+
+def test_same_semver_on_a_new_commit_is_a_new_version(
+    daemon: Daemon, component: Callable[..., Work]
+) -> None:
+    """Real components keep their `version` across many commits (a README change)."""
+    work = component(descriptor=default_descriptor(version="1.6.1"))
+    work.remote = daemon.hosted("hello")
+    first = work.push()
+    daemon.wait_recent("hello", first)
+    second = work.commit_push("only the README", {"README.md": "# hello\n\nbetter words\n"})
+    comp = daemon.wait_recent("hello", second)
+    assert comp["recent"] == {**comp["recent"], "version": 2, "semver": "1.6.1", "sha": second}
+    rows = json.loads(daemon.cli("versions", "hello", "--json").stdout)
+    assert [(r["version"], r["semver"], r["recent"], r["same_semver_as"]) for r in rows] == [
+        (2, "1.6.1", True, 1),
+        (1, "1.6.1", False, None),
+    ]
+    assert [r["sha"] for r in rows] == [second, first]
+    plain = daemon.cli("versions", "hello").stdout.splitlines()
+    assert "v2" in plain[1] and "1.6.1" in plain[1] and "same semver as v1" in plain[1]
+    assert "recent" in plain[1] and "v1" in plain[2] and "same semver" not in plain[2]
+    events = json.loads(daemon.cli("history", "--component", "hello", "--json").stdout)
+    [registered] = [
+        e for e in events if e["kind"] == "version.registered" and second[:12] in e["message"]
+    ]
+    assert registered["message"].endswith("(semver 1.6.1, as v1)"), registered
+    # a third commit, same semver: the newest sequence number is the recent version
+    third = work.commit_push("again", {"README.md": "# hello\n\neven better\n"})
+    comp = daemon.wait_recent("hello", third)
+    assert comp["recent"]["version"] == 3
+    rows = json.loads(daemon.cli("versions", "hello", "--json").stdout)
+    assert [(r["version"], r["same_semver_as"]) for r in rows] == [(3, 2), (2, 1), (1, None)]
+    # lower is still refused, naming the recent version
+    lower = work.commit_push("lower", {"component.json": default_descriptor(version="1.6.0")})
+    build = daemon.wait_build("hello", lower)
+    assert build["status"] == "failed"
+    assert (
+        "version: 1.6.0 is lower than 1.6.1 of hello v3; keep 1.6.1 or raise it" in (build["error"])
+    )
+    assert daemon.recent_sha("hello") == third
 
 
 def test_semver_ordering() -> None:

@@ -14,7 +14,7 @@ import typer
 
 from ..errors import DeploydError
 from .common import ConfigOpt, JsonOpt, load_config, state
-from .render import console, print_json, print_status
+from .render import console, grid, print_json, print_status
 
 commands = typer.Typer()  # the top-level commands below; `deployd.cli` adds them to its app
 hook_app = typer.Typer(help="Install deployd's post-receive hook into bare repositories.")
@@ -108,34 +108,53 @@ def versions(
     _known_component(cfg, component)
     store = open_reader(cfg)
     rows = store.versions(component) if store else []
-    recent = rows[0]["version"] if rows else None
+    recent = rows[0]["version"] if rows else None  # the highest sequence number wins
     data = [
         {
             "version": r["version"],
             "sha": r["sha"],
             "semver": r["semver"],
+            # the older version with the same semver (a new commit, the version kept), or null
+            "same_semver_as": next(
+                (
+                    o["version"]
+                    for o in rows
+                    if r["semver"] and o["version"] < r["version"] and o["semver"] == r["semver"]
+                ),
+                None,
+            ),
             "runtime": r["runtime"],
             "built_at": r["built_at"],
             "recent": r["version"] == recent,
+            "warnings": r["warnings"],
         }
         for r in rows
     ]
     if as_json:
         print_json(data)
         return
-    from rich.table import Table
-
-    table = Table("version", "sha", "semver", "runtime", "built_at", "", box=None)
+    if not data:
+        sys.stdout.write(f"{component} has no versions yet\n")
+        return
+    # Aligned columns, each row one line (a warning is long: it stays whole, for grep).
+    cells: list[list[tuple[str, str]]] = []
     for r in data:
-        table.add_row(
-            f"v{r['version']}",
-            r["sha"][:12],
-            r["semver"] or "-",
-            r["runtime"],
-            r["built_at"],
-            "recent" if r["recent"] else "",
+        notes = ["recent"] if r["recent"] else []
+        if r["same_semver_as"]:
+            notes.append(f"same semver as v{r['same_semver_as']}")
+        notes += [f"warning: {w}" for w in r["warnings"]]
+        style = "yellow" if r["warnings"] else "green" if r["recent"] else ""
+        cells.append(
+            [
+                (f"v{r['version']}", ""),
+                (r["sha"][:12], ""),
+                (r["semver"] or "-", ""),
+                (r["runtime"], ""),
+                (r["built_at"], ""),
+                ("; ".join(notes), style),
+            ]
         )
-    console().print(table if data else f"{component} has no versions yet")
+    sys.stdout.write(grid(["version", "sha", "semver", "runtime", "built_at", ""], cells) + "\n")
 
 
 def _known_component(cfg: Any, name: str) -> None:

@@ -25,14 +25,15 @@ from ..paths import Paths
 from ..pauses import Pauses
 from ..store import Store
 from ..toolchains import git as gitops
+from ..toolchains import npm
 from ..toolchains.env import clean_env, log_tail
 from ..toolchains.node import SHIM_DIR as NODE_SHIM_DIR
-from ..toolchains.node import default_build as node_default_build
 from ..toolchains.node import detect as node_detect
 from ..types import BuildState, PushNotice, VersionRegistered
 from . import build as builder
 from . import descriptor
 from .mirror import MirrorResolver
+from .node_build import NodeBuild, note
 
 log = logging.getLogger("deployd.pipeline")
 
@@ -220,16 +221,30 @@ class Pipeline:
                 self._check_semver(comp.name, desc)
                 deadline = started + comp.build_timeout
                 env = clean_env(src, {"DEPLOYD_COMPONENT": comp.name, "DEPLOYD_COMMIT": sha})
-                build_cmd = desc.build
+                commands = [("build", desc.build), ("test", desc.test)]
+                warnings: list[str] = []
                 if desc.runtime == "node":
                     node = node_detect(self.config.daemon.node)
-                    if node.error is not None or node.path is None:
+                    if node.error is not None or node.path is None or node.version is None:
                         raise BuildError(str(node.error))
                     env["PATH"] = os.path.dirname(node.path) + os.pathsep + env["PATH"]
                     env["NODE_PATH"] = str(NODE_SHIM_DIR)  # `npm test` can require the helper
-                    if build_cmd is None:
-                        build_cmd = node_default_build(src)  # npm ci/install --omit=dev
-                for what, command in (("build", build_cmd), ("test", desc.test)):
+                    engines = npm.engines_warning(npm.package_json(src), node.version)
+                    if engines:
+                        note(logf, f"warning: {engines}")
+                        warnings.append(engines)
+                    if desc.build is None and npm.has_package_json(src):
+                        await NodeBuild(
+                            src,
+                            log=logf,
+                            env=env,
+                            deadline=deadline,
+                            budget=comp.build_timeout,
+                            node_test=self.config.daemon.node_test,
+                            test_command=desc.test,
+                        ).run()
+                        commands = []  # install, test, prune: done
+                for what, command in commands:
                     if command:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
@@ -262,6 +277,7 @@ class Pipeline:
                     descriptor=desc.model_dump(mode="json", exclude_none=True),
                     artifact_dir=final,
                     version=version,
+                    warnings=warnings,
                 )
             except Exception:
                 shutil.rmtree(final, ignore_errors=True)
@@ -270,6 +286,9 @@ class Pipeline:
             self.store.fail_build(build_id, str(exc))
             return
         except BuildError as exc:
+            if isinstance(exc, builder.CommandFailed) and exc.explained:
+                self.store.fail_build(build_id, str(exc))
+                return
             tail = log_tail(log_path, 600).strip().splitlines()[-6:]
             detail = " | ".join(
                 line for line in tail if line.strip() and not line.startswith("[deployd:")
@@ -313,11 +332,13 @@ class Pipeline:
         self.metrics.build_finished(component, status, seconds)
 
     def _check_semver(self, component: str, desc: descriptor.Descriptor) -> None:
+        """A lower semver than the last registered one is refused; the same one is not (real
+        components keep their `version` across many commits: a new sequence number)."""
         if desc.version is None:
             return
         row = self.store.last_semver(component)
-        if row and descriptor.semver_key(desc.version) <= descriptor.semver_key(row["semver"]):
+        if row and descriptor.semver_key(desc.version) < descriptor.semver_key(row["semver"]):
             raise ComponentError(
-                f"component.json version: {desc.version} is not greater than {row['semver']} "
-                f"of {component} v{row['version']}; bump it"
+                f"component.json version: {desc.version} is lower than {row['semver']} "
+                f"of {component} v{row['version']}; keep {row['semver']} or raise it"
             )

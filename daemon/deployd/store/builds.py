@@ -69,16 +69,30 @@ class Store(StoreCore):
         descriptor: dict[str, Any],
         artifact_dir: Path,
         version: int,
+        warnings: list[str] | None = None,
     ) -> int:
-        """Mark the build succeeded and register its component version, in one transaction."""
+        """Mark the build succeeded and register its component version, in one transaction.
+
+        `warnings` are what the build found worth telling but not failing for (an
+        `engines.node` the node in use does not satisfy), shown by `versions`.
+        """
         with self.tx() as conn:
             component, sha = conn.execute(
                 "SELECT component, sha FROM builds WHERE id = ?", (build_id,)
             ).fetchone()
+            same = (
+                conn.execute(
+                    "SELECT MAX(version) FROM versions WHERE component = ? AND semver = ?",
+                    (component, semver),
+                ).fetchone()[0]
+                if semver
+                else None
+            )
             now = utcnow()
             conn.execute(
                 "INSERT INTO versions (component, version, sha, semver, runtime, descriptor,"
-                " artifact_dir, build_id, built_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " artifact_dir, build_id, built_at, warnings)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     component,
                     version,
@@ -89,6 +103,7 @@ class Store(StoreCore):
                     str(artifact_dir),
                     build_id,
                     now,
+                    json.dumps(list(warnings or [])),
                 ),
             )
             conn.execute(
@@ -98,7 +113,8 @@ class Store(StoreCore):
             self.event(
                 "version.registered",
                 f"{component} v{version} registered from {sha[:12]}"
-                + (f" (semver {semver})" if semver else ""),
+                + (f" (semver {semver}" + (f", as v{same})" if same else ")") if semver else "")
+                + "".join(f"; warning: {w}" for w in warnings or []),
                 component=component,
                 sha=sha,
                 detail={"version": version, "build": build_id},
@@ -156,12 +172,16 @@ class Store(StoreCore):
     # -- versions --------------------------------------------------------------------------
 
     def versions(self, component: str, limit: int = 1000) -> list[Row]:
-        """The versions of `component`, newest first, without their descriptors."""
-        return self.query(
-            "SELECT component, version, sha, semver, runtime, artifact_dir, build_id, built_at"
-            " FROM versions WHERE component = ? ORDER BY version DESC LIMIT ?",
+        """The versions of `component`, newest first, without their descriptors (`warnings`
+        decoded: a list of strings)."""
+        rows = self.query(
+            "SELECT component, version, sha, semver, runtime, artifact_dir, build_id, built_at,"
+            " warnings FROM versions WHERE component = ? ORDER BY version DESC LIMIT ?",
             (component, limit),
         )
+        for row in rows:
+            row["warnings"] = json.loads(row["warnings"] or "[]")
+        return rows
 
     def version(self, component: str, version: int) -> Row | None:
         """One version with its decoded descriptor, or None."""
@@ -170,6 +190,7 @@ class Store(StoreCore):
         )
         if row:
             row["descriptor"] = json.loads(row["descriptor"])
+            row["warnings"] = json.loads(row["warnings"] or "[]")
         return row
 
     def recent(self, component: str) -> Row | None:
@@ -180,6 +201,7 @@ class Store(StoreCore):
         )
         if row:
             row["descriptor"] = json.loads(row["descriptor"])
+            row["warnings"] = json.loads(row["warnings"] or "[]")
         return row
 
     def recent_all(self) -> dict[str, Row]:

@@ -378,3 +378,10 @@ def m008_passthrough(db: Database) -> None:
     """
     db.execute("ALTER TABLE messages ADD COLUMN passthrough TEXT NOT NULL DEFAULT '{}'")
     db.execute("ALTER TABLE dead_letters ADD COLUMN passthrough TEXT NOT NULL DEFAULT '{}'")
+
+
+@migrations()
+def m009_version_warnings(db: Database) -> None:
+    """What a build found worth telling about a version without failing it (issue 17): a JSON
+    list of sentences, such as an `engines.node` the node in use does not satisfy."""
+    db.execute("ALTER TABLE versions ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")

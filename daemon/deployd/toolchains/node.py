@@ -1,10 +1,11 @@
-"""Node.js for `runtime = "node"` components: finding `node`, its version, the default build.
+"""Node.js for `runtime = "node"` components: finding `node` and its version.
 
 `detect()` finds the configured node (`daemon.node`: a name looked up on PATH, or a path) and
 checks it is Node.js 18 or newer; its `error` is the one-line reason shown by validation,
 builds, `check-config` and `status` when it is not. Light on imports (no asyncio): `deployd
 status` and `check-config` use it. Shared by the pipeline (builds) and the runtime (steps);
-starting Node step processes is the embedded runtime's `node_pool.py`.
+starting Node step processes is the embedded runtime's `node_pool.py`; the default build's
+npm commands are `npm.py`.
 """
 
 from __future__ import annotations
@@ -91,17 +92,3 @@ def detect(setting: str = "node") -> NodeInfo:
 def forget() -> None:
     """Drop cached detections (a reload looks again: node may have been installed)."""
     detect.cache_clear()
-
-
-def default_build(tree: Path) -> str | None:
-    """The build command of a node component that sets no `build` (None: nothing to do).
-
-    `npm ci` when a lock file pins the dependencies, else `npm install`; never dev
-    dependencies; nothing without a package.json. The npm cache lives next to the build's
-    tree (removed with it), and npm does not phone home for audits, funding or updates.
-    """
-    if not (tree / "package.json").exists():
-        return None
-    flags = "--omit=dev --no-audit --no-fund --no-update-notifier --cache ../.npm-cache"
-    verb = "ci" if (tree / "package-lock.json").exists() else "install"
-    return f"npm {verb} {flags}"
