@@ -97,7 +97,11 @@ PY_DESC: dict[str, Any] = {
         "weigh": {
             "main": "./lib/weigh.py",
             "dynamicMetadata": True,
-            "fields": {"unit": {"label": "Unit", "viewClass": "SelectView", "model": "list_units"}},
+            "fields": {
+                "unit": {"label": "Unit", "viewClass": "SelectView", "model": "list_units"},
+                "size": {"label": "Size", "viewClass": "SelectView", "model": "list_sizes"},
+                "shelf": {"label": "Shelf", "viewClass": "SelectView", "model": "listShelves"},
+            },
         }
     },
 }
@@ -112,6 +116,10 @@ def get_meta_model(cfg):
         "in": {"type": "object", "required": ["sku"], "properties": {"sku": {"type": "string"}}},
         "out": {"type": "object", "properties": {"grams": {"type": "number"}}},
     }
+
+
+def list_shelves(cfg):
+    raise LookupError("no shelves in " + cfg.get("market", "?") + "\\nmore")
 
 
 async def list_units(cfg, ctx):
@@ -278,6 +286,19 @@ def test_component_call_errors_are_clear_and_exit_non_zero(meta: MetaEnv, tmp_pa
     bad_key = meta.cfg(tmp_path, {"region": "eu", "apiKey": "nope"}, "key.json")
     res = meta.call("metanode", "getTables", "-f", "lookup", "--cfg", bad_key, check=False)
     assert res.returncode == 1 and "failed: Error: bad api key" in res.stderr
+
+    # Python: a model method component.json names but the module lacks; one that raises
+    res = meta.call("metapy", "selectModel", "-f", "weigh", "--field", "size", check=False)
+    assert res.returncode == 1
+    assert (
+        'list_sizes of metapy v1 weigh failed: AttributeError: Method "list_sizes" is not '
+        'found in "weigh" action or trigger (./lib/weigh.py defines no list_sizes)'
+    ) in res.stderr
+    shelf = meta.cfg(tmp_path, {"market": "de"}, "shelf.json")
+    res = meta.call("metapy", "listShelves", "-f", "weigh", "--cfg", shelf, check=False)
+    assert res.returncode == 1
+    assert "listShelves of metapy v1 weigh failed: LookupError: no shelves in de" in res.stderr
+    assert "more" not in res.stderr
 
     # a method that never answers: stopped after --timeout, a clear message (HTTP 504)
     hang = meta.cfg(tmp_path, {"table": "hang"}, "hang.json")

@@ -137,7 +137,10 @@ class Deployer:
     async def _validate(self, steps: list[Step]) -> list[str]:
         """Every reason `steps` cannot run: component.json's static checks, then what the
         dynamic metadata (getMetaModel) of functions that declare it says."""
-        return self.drafts.validate(steps) + await self.metadata.problems(steps)
+        static = self.drafts.validate(steps)
+        # A step already refused (no such version, node missing) is not asked for more.
+        refused = {s.id for s in steps if any(p.startswith(f"step {s.id}: ") for p in static)}
+        return static + await self.metadata.problems(steps, skip=refused)
 
     async def call_method(
         self,

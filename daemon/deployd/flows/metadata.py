@@ -130,12 +130,14 @@ class Metadata:
             self._cache.popitem(last=False)
         return result
 
-    async def problems(self, steps: list[model.Step]) -> list[str]:
+    async def problems(
+        self, steps: list[model.Step], skip: set[str] | frozenset[str] = frozenset()
+    ) -> list[str]:
         """Why the dynamic metadata of `steps` says they cannot run, as `step ID: what` lines.
 
         Only functions with `"dynamicMetadata": true` are asked; a failed or malformed
         getMetaModel is a problem (the draft is not published blind). Steps the static checks
-        already refuse (no such version or function) are left to those.
+        already refuse (no such version or function, or the ids in `skip`) are left to those.
         """
         out: list[str] = []
         rows: dict[tuple[str, int], Row | None] = {}
@@ -161,7 +163,7 @@ class Metadata:
 
         for i, step in enumerate(steps):
             row = row_of(step)
-            if i == 0 or row is None or not _dynamic(row, step):
+            if i == 0 or step.id in skip or row is None or not _dynamic(row, step):
                 continue
             ref = f"{step.component} v{step.version}"
             result = await meta(step)

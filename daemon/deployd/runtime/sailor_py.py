@@ -5,6 +5,8 @@ Runs inside a step process (forked from the fork server, or started as
 socket, imports the function's module from the version's artifact folder, runs `init(cfg)`,
 reports ready, then handles one call or message at a time until told to stop or the daemon
 goes away (socket EOF: the process exits, so a killed daemon leaves no orphans).
+A "service" spec answers "method" requests instead (protocol.py): `get_meta_model(cfg)` and
+the select model functions a component.json field names with `"model"`.
 """
 
 from __future__ import annotations
