@@ -78,6 +78,8 @@ async def call_method(launcher: Launcher, log_dir: Path, call: MethodCall, timeo
             proc.ready.exception()  # mark retrieved
         if answered:
             await proc.stop(timeout=2)
+        elif proc.pid is None:
+            launcher.forget(proc)  # a start cut short: a late connection gets nothing, exits
         else:
             proc.kill()
             with contextlib.suppress(TimeoutError):
