@@ -256,8 +256,11 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        # `component call` takes the step's config as --config (the contract, as on
+        # the platform); deployd's own is --daemon-config there.
+        flag = "--daemon-config" if args[:2] == ("component", "call") else "-c"
         proc = subprocess.run(
-            [*DEPLOYD, *args, "-c", str(self.config_path)],
+            [*DEPLOYD, *args, flag, str(self.config_path)],
             capture_output=True,
             text=True,
             env={**os.environ, **self.env},

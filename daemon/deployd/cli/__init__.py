@@ -30,6 +30,7 @@ app = typer.Typer(
 for part in (components.commands, flows.commands, ops.commands):
     app.registered_commands.extend(part.registered_commands)
 app.add_typer(components.hook_app, name="hook")
+app.add_typer(components.component_app, name="component")
 app.add_typer(flows.flow_app, name="flow")
 
 

@@ -1,4 +1,5 @@
-"""Components and the daemon: serve, check-config, status, versions, builds, build-log, poll, hook.
+"""Components and the daemon: serve, check-config, status, versions, builds, build-log, poll,
+hook, component call.
 
 Heavy imports (FastAPI, uvicorn, the pipeline) happen inside the commands that need them,
 so read-only commands such as `status` start fast.
@@ -18,6 +19,7 @@ from .render import console, grid, print_json, print_status
 
 commands = typer.Typer()  # the top-level commands below; `deployd.cli` adds them to its app
 hook_app = typer.Typer(help="Install deployd's post-receive hook into bare repositories.")
+component_app = typer.Typer(help="Run a component's service verbs (dynamic metadata).")
 
 
 # -- serve / check-config -------------------------------------------------------------------
@@ -305,3 +307,111 @@ def hook_install(
     paths.inbox.mkdir(parents=True, exist_ok=True)
     gitops.install_hook(repo, component, paths.inbox)
     typer.echo(f"installed deployd post-receive hook in {bare_repo} for component {component}")
+
+
+# -- component call -------------------------------------------------------------------------
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    """The cfg of `--cfg FILE`: a JSON object (a .toml file: a TOML table); `${VAR}` stays as
+    written here, the daemon expands it from its own environment."""
+    import json
+    import tomllib
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{path} does not exist", param_hint="--cfg") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"{path} cannot be read: {exc}", param_hint="--cfg") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        kind = "TOML" if path.suffix == ".toml" else "JSON (or name it *.toml)"
+        raise typer.BadParameter(f"{path} is not valid {kind}: {exc}", param_hint="--cfg") from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(
+            f'{path} must hold an object (the step\'s cfg, e.g. {{"region": "eu"}})',
+            param_hint="--cfg",
+        )
+    return data
+
+
+@component_app.command("call")
+def component_call(
+    component: Annotated[str, typer.Argument(help="Component name.")],
+    method: Annotated[
+        str,
+        typer.Argument(
+            help="getMetaModel, selectModel (with --field) or a model method named by a field's "
+            '"model" in component.json.'
+        ),
+    ],
+    function: Annotated[
+        str, typer.Option("--function", "-f", help="The trigger or action whose method it is.")
+    ],
+    cfg_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "--cfg",
+            help="The step's configuration: a JSON object file (or *.toml); ${VAR} is read "
+            "from the daemon's environment, as in flow files. (Here --config is the step's, "
+            "as on the platform; deployd's own config file is --daemon-config.)",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option("--version", help="This version (default: the recent one).", min=1)
+    ] = None,
+    field: Annotated[
+        str | None,
+        typer.Option("--field", help='selectModel: the field whose "model" method to call.'),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds the call may take.", min=0.1, max=300)
+    ] = 30.0,
+    daemon_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--daemon-config",
+            help="deployd's config file (default: $DEPLOYD_CONFIG, ./config.toml, "
+            "/etc/deployd/config.toml).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run METHOD of a component version's FUNCTION once in a step process; print its result."""
+    from .client import call
+
+    cfg = load_config(daemon_config)
+    step_cfg = _read_cfg(cfg_file) if cfg_file is not None else {}
+    body = {
+        "method": method,
+        "function": function,
+        "config": step_cfg,
+        "version": version,
+        "field": field,
+        "timeout": timeout,
+    }
+    data = call(
+        cfg, "POST", f"/api/v1/components/{component}/call", json=body, timeout=timeout + 30
+    )
+    if as_json:
+        print_json(data)
+        return
+    result = data.get("result")
+    if (
+        data.get("method") != "getMetaModel"
+        and isinstance(result, dict)
+        and result
+        and all(not isinstance(v, dict | list) for v in result.values())
+    ):
+        width = max(len(str(k)) for k in result)
+        for key, label in result.items():  # a select model: value and label
+            typer.echo(f"{key:<{width}}  {label}")
+        return
+    import json
+
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))

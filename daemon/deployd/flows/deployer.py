@@ -24,6 +24,8 @@ from ..toolchains import node as nodetool
 from ..types import RUNTIME_NAMES, FlowState, RetryResult, StepStatus, VersionRegistered
 from .drafts import Drafts
 from .letters import MAPPER, Letters
+from .metadata import Metadata
+from .model import Step
 from .publish import Cause, Publisher
 
 log = logging.getLogger("deployd.deploy")
@@ -47,6 +49,7 @@ class Deployer:
         self.pauses = pauses
         self.metrics = metrics
         self.drafts = Drafts(config, store)
+        self.metadata = Metadata(config, store, runtime)
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
 
     # -- service lifecycle -----------------------------------------------------------------
@@ -85,6 +88,7 @@ class Deployer:
     async def reload(self, config: Config) -> None:
         """SIGHUP: new settings apply to the next publish; running flows are not restarted."""
         self.config = self.drafts.config = self.publisher.config = config
+        self.metadata.config = config
         nodetool.forget()  # node may have been installed or upgraded meanwhile
         self.runtime.reload(config.daemon)
 
@@ -101,7 +105,7 @@ class Deployer:
         async with self.publisher.lock(spec.name):
             existing = self.fs.flow(spec.name)
             steps = self.drafts.resolve(spec)
-            problems = self.drafts.validate(steps)
+            problems = await self._validate(steps)
             if problems and not draft_only:
                 raise FlowError(
                     f"flow {spec.name} is not valid, nothing was changed: " + "; ".join(problems)
@@ -129,6 +133,28 @@ class Deployer:
                 with self.store.tx():
                     self.fs.set_flow(spec.name, enabled=1)
             return await self._publish_draft(spec.name, Cause("flow apply"))
+
+    async def _validate(self, steps: list[Step]) -> list[str]:
+        """Every reason `steps` cannot run: component.json's static checks, then what the
+        dynamic metadata (getMetaModel) of functions that declare it says."""
+        static = self.drafts.validate(steps)
+        # A step already refused (no such version, node missing) is not asked for more.
+        refused = {s.id for s in steps if any(p.startswith(f"step {s.id}: ") for p in static)}
+        return static + await self.metadata.problems(steps, skip=refused)
+
+    async def call_method(
+        self,
+        component: str,
+        method: str,
+        function: str,
+        cfg: dict[str, Any],
+        version: int | None = None,
+        field: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """`deployd component call`: a service verb of a component version, run once."""
+        extra = {} if timeout is None else {"timeout": timeout}
+        return await self.metadata.call(component, method, function, cfg, version, field, **extra)
 
     async def publish(self, name: str) -> dict[str, Any]:
         self._known(name)
@@ -343,7 +369,7 @@ class Deployer:
             fv = self.fs.flow_version(name, flow["active_version"])
             assert fv is not None
             steps = self.drafts.with_version(fv["steps"], event.component, event.version)
-            problems = self.drafts.validate(steps)
+            problems = await self._validate(steps)
             reason = f"{event.component} v{event.version} ({event.sha[:12]})"
             with self.store.tx():
                 self.fs.put_draft(

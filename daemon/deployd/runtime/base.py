@@ -19,6 +19,7 @@ implementation (the embedded runtime today; RabbitMQ next).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import DaemonConfig
@@ -34,6 +35,32 @@ class StepFailed(FlowError):
         self.reason = reason
         self.log_tail = log_tail  # the end of the step's log, when it explains the failure
         super().__init__(f"step {step}: {reason}")
+
+
+@dataclass(frozen=True)
+class MethodCall:
+    """A one-off call of a function's service verb (the platform's `getMetaModel`, a select
+    model method): which code, which method, and the cfg it gets (secrets expanded)."""
+
+    component: str
+    version: int
+    function: str
+    kind: str  # "trigger" | "action" (ELASTICIO_ACTION_OR_TRIGGER)
+    method: str  # the module's method: getMetaModel, or a field's "model"
+    artifact_dir: str
+    main: str
+    runtime: str  # "python" | "node"
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+
+class MethodFailed(FlowError):
+    """A service verb could not answer: it threw (its first line), it did not answer within
+    the timeout, or its module did not load. `timed_out` tells the last case apart."""
+
+    def __init__(self, message: str, timed_out: bool = False, detail: str = "") -> None:
+        self.timed_out = timed_out
+        self.detail = detail  # the stack or traceback, or the log tail
+        super().__init__(message)
 
 
 class FlowRun(Protocol):
@@ -113,6 +140,11 @@ class Runtime(Protocol):
     def queue_depths(self) -> dict[tuple[str, str], int]:
         """Messages queued, by (flow, step id), the one being handled included (it leaves its
         queue when its result commits); an empty queue may be missing."""
+        ...
+
+    async def call_method(self, call: MethodCall, timeout: float) -> Any:
+        """Start a sandboxed step process of `call`'s version, run its service verb once
+        and stop the process; what the method returned. Raises `MethodFailed`."""
         ...
 
     # Dead letters: a message whose handling failed (an error in process(), a failed mapping

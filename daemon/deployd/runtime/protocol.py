@@ -16,7 +16,8 @@ sailor → daemon
     {"t": "rebound", "error": str}               deliver the current message again later
     {"t": "done", "ref": int, "took": float}     the call/message `ref` is finished (took:
                                                  seconds of work, for the prefetch pace)
-    {"t": "result", "ref": int, "data": any}     answer to startup/shutdown
+    {"t": "result", "ref": int, "data": any}     answer to startup/shutdown/method (after an
+                                                 "error" line when it failed: data null)
 daemon → sailor
     {"t": "call", "ref": int, "snapshot": dict?}            trigger: run process() once
     {"t": "msg", "ref": int, "msg": dict, "snapshot": dict?} action: process one message
@@ -29,12 +30,19 @@ daemon → sailor
         exactly as the daemon does. A sailor may buffer what it sends until it would block
         reading (or a large buffer), so one write carries many lines.
     {"t": "startup", "ref": int} / {"t": "shutdown", "ref": int, "data": any}
+    {"t": "method", "ref": int, "name": str, "cfg": dict}
+                                                 a one-off call of a function's module-level
+                                                 method (getMetaModel, a select model method:
+                                                 the platform's "service" verbs), answered by
+                                                 "result" with what it returned
     {"t": "stop"}                                finish the current work, then exit 0
     {"t": "spec", "spec": dict}                  to an idle pooled sailor (first line only):
                                                  become this step, its output going to
                                                  spec["log"]; then "ready" or "failed"
         Every step's spec (pooled or not) carries "env" (ELASTICIO_* and the flow file's
         env, set by the sailor before the component loads) and "variables" (the flow's).
+        A spec with "service": true is a one-off process for "method" requests: the module
+        is loaded without init(cfg) and needs no process(), as the platform's service does.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@
  * exports process(msg, cfg, snapshot), called with `this` bound to a context (an EventEmitter
  * whose emit(event, payload) returns a promise) that has logger, getFlowVariables(),
  * getConfig() and getApiClient(); optional init(cfg), startup(cfg), shutdown(cfg, data).
- * cfg is a deep copy for every call. The step's environment (ELASTICIO_*, the flow file's
+ * cfg is a deep copy for every call. A "service" spec (protocol.py) answers "method" requests:
+ * getMetaModel(cfg) and select model methods, as the platform's service.js calls them. The step's environment (ELASTICIO_*, the flow file's
  * env) is set from its spec before the component is loaded.
  * require('elasticio-node') resolves to the helper shipped next to this file when the
  * component does not install that package itself. No npm dependency of its own.
@@ -285,6 +286,12 @@ class Sailor {
     if (mod && typeof mod.process !== 'function' && mod.default && typeof mod.default.process === 'function') {
       mod = mod.default;
     }
+    if (this.spec.service) {
+      // A one-off process for the platform's service verbs (getMetaModel, select model
+      // methods): the module only, no init() and no process() needed, as in its service.js.
+      this.module = mod || {};
+      return;
+    }
     if (!mod || typeof mod.process !== 'function') {
       throw new Error(`${this.spec.main} exports no process() function`);
     }
@@ -349,6 +356,24 @@ class Sailor {
     });
   }
 
+  // A service verb: the module's method `name` called as the platform's service calls it,
+  // with `this` a context (logger, getConfig, …) and (cfg, callback); it may return a value
+  // or a promise, or call the callback (err, result).
+  callMethod(name, cfg) {
+    const mod = this.module;
+    let fn = mod[name];
+    if (typeof fn !== 'function' && mod.default) fn = mod.default[name];
+    if (typeof fn !== 'function') {
+      throw new Error(`Method "${name}" is not found in "${this.spec.function}" action or trigger`);
+    }
+    const ctx = this.context({});
+    return new Promise((resolve, reject) => {
+      const callback = (err, result) => (err ? reject(err) : resolve(result));
+      const result = fn.call(ctx, cfg, callback);
+      if (result) resolve(result);
+    });
+  }
+
   async hook(name, args) {
     const fn = this.module[name];
     if (typeof fn !== 'function') return null;
@@ -389,6 +414,20 @@ class Sailor {
       } catch (err) {
         process.stderr.write(`${kind}() failed: ${describe(err)}\n`);
         this.send(errorEvent(err, `${kind}(): `));
+        data = null;
+      } finally {
+        this.current = null;
+      }
+      this.send({ t: 'result', ref: cmd.ref, data });
+    } else if (kind === 'method') {
+      this.current = { finish: null };
+      let data = null;
+      try {
+        data = await this.callMethod(String(cmd.name), isPlainObject(cmd.cfg) ? cmd.cfg : {});
+        data = data === undefined ? null : JSON.parse(JSON.stringify(data));
+      } catch (err) {
+        process.stderr.write(`${cmd.name}() failed: ${describe(err)}\n`);
+        this.send(errorEvent(err));
         data = null;
       } finally {
         this.current = null;

@@ -5,6 +5,8 @@ Runs inside a step process (forked from the fork server, or started as
 socket, imports the function's module from the version's artifact folder, runs `init(cfg)`,
 reports ready, then handles one call or message at a time until told to stop or the daemon
 goes away (socket EOF: the process exits, so a killed daemon leaves no orphans).
+A "service" spec answers "method" requests instead (protocol.py): `get_meta_model(cfg)` and
+the select model functions a component.json field names with `"model"`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -111,6 +114,11 @@ def _copy(value: Any) -> Any:
     if isinstance(value, list):
         return [_copy(v) for v in value]
     return value
+
+
+def _snake(name: str) -> str:
+    """`getMetaModel` → `get_meta_model`: the Python spelling of a platform method name."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
 
 
 def _arity(func: Any) -> int:
@@ -238,6 +246,10 @@ class Sailor:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
+        if self.spec.get("service"):
+            # A one-off process for "method" requests: the module only (no init, no process).
+            self.module = module
+            return
         if not callable(getattr(module, "process", None)):
             raise AttributeError(f"{self.spec['main']} defines no process() function")
         self.module = module
@@ -262,6 +274,20 @@ class Sailor:
         elif isinstance(result, list):
             for item in result:
                 self.ctx.emit("data", item)
+
+    def method(self, name: str, cfg: dict[str, Any]) -> Any:
+        """A service verb: the module's `name` (or its snake_case form: `getMetaModel` is
+        `get_meta_model`), called with (cfg) or (cfg, ctx); it may be a coroutine."""
+        assert self.module is not None
+        names = list(dict.fromkeys((name, _snake(name))))
+        func = next((f for n in names if callable(f := getattr(self.module, n, None))), None)
+        if func is None:
+            raise AttributeError(
+                f'Method "{name}" is not found in "{self.spec.get("function")}" action or '
+                f"trigger ({self.spec.get('main')} defines no {' or '.join(names)})"
+            )
+        args = (_copy(cfg), self.ctx)[: max(1, min(_arity(func), 2))]
+        return self._run(func(*args))
 
     def hook(self, name: str, *args: Any) -> Any:
         assert self.module is not None
@@ -305,6 +331,15 @@ class Sailor:
                 except Exception as exc:
                     traceback.print_exc()
                     self.send({"t": "error", "error": f"{kind}(): {_describe(exc)}"})
+                    data = None
+                self.send({"t": "result", "ref": cmd["ref"], "data": data})
+            elif kind == "method":
+                try:
+                    data = self.method(str(cmd.get("name")), cmd.get("cfg") or {})
+                    json.dumps(data)
+                except Exception as exc:
+                    traceback.print_exc()
+                    self.send({"t": "error", "error": _describe(exc), **_stack(exc)})
                     data = None
                 self.send({"t": "result", "ref": cmd["ref"], "data": data})
             elif kind == "stop":

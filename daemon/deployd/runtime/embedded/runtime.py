@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 from ...config import DaemonConfig, redact_url
 from ...errors import FlowError
@@ -26,8 +27,9 @@ from ...store.db import Row
 from ...store.queues import Queued
 from ...types import FlowVersionToRun, RetryResult
 from .. import mapper
-from ..base import FlowRun
+from ..base import FlowRun, MethodCall
 from ..stepenv import api_uri
+from . import oneoff
 from .node_pool import NodeSettings
 from .process import Launcher
 from .router import Router
@@ -215,6 +217,9 @@ class EmbeddedRuntime:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("stopping a replaced flow version failed", exc_info=task.exception())
+
+    async def call_method(self, call: MethodCall, timeout: float) -> Any:
+        return await oneoff.call_method(self.launcher, self.log_dir, call, timeout)
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
         return self.flows.queue_depths()
