@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import Daemon, Work, db_rows, wait_until
@@ -157,6 +158,14 @@ class FlowEnv:
 
     def out(self, name: str = "out") -> Path:
         return self.tmp / f"{name}.jsonl"
+
+    def queued(self, step: str) -> float:
+        """The queue depth of `step`, as /metrics reports it (on either runtime)."""
+        text = httpx.get(self.daemon.url + "/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith("deployd_step_queue_depth{") and f'step="{step}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def write_flow(self, text: str, name: str = "flow") -> Path:
         path = self.tmp / f"{name}.toml"

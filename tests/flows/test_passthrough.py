@@ -17,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tests.conftest import Work, dead_letter_rows, wait_until
 from tests.flows.conftest import FlowEnv, counter_files, flow_toml, read_out
 from tests.flows.test_rabbitmq import rabbit_toml
@@ -224,14 +222,7 @@ def test_passthrough_survives_the_broker_hop_and_a_switch_over_on_rabbitmq(
     wait_until(lambda: len(read_out(records)) >= 10, timeout=60)
     assert env.flow("pt")["runtime"] == "rabbitmq"
 
-    def queued() -> float:
-        text = httpx.get(env.daemon.url + "/metrics", timeout=5).text
-        for line in text.splitlines():
-            if line.startswith("deployd_step_queue_depth{") and 'step="record"' in line:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    wait_until(lambda: queued() >= 10, timeout=30)
+    wait_until(lambda: env.queued("record") >= 10, timeout=30)
     env.push(hello_files("v2"))
     assert env.wait_deploy("pt", 2)["status"] == "done"
     wait_until(lambda: sum(r["by"] == "v2" for r in read_out(records)) >= 10, timeout=60)

@@ -7,8 +7,6 @@ import json
 import socket
 from collections.abc import Callable
 
-import httpx
-
 from tests.broker import Broker, vhost_of
 from tests.conftest import wait_until
 from tests.flows.conftest import (
@@ -88,16 +86,8 @@ def test_flow_move_both_ways_under_load_carries_the_queue(
     env.apply(flow_toml("counter", out, interval="10ms"))
     env.wait_more(out, 20)
 
-    def queued() -> float:
-        """The write step's queue depth, as /metrics reports it (either runtime)."""
-        text = httpx.get(env.daemon.url + "/metrics", timeout=5).text
-        for line in text.splitlines():
-            if line.startswith("deployd_step_queue_depth{") and 'step="write"' in line:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
     for target, version in (("rabbitmq", 2), ("embedded", 3)):
-        wait_until(lambda: queued() >= 20, timeout=30)
+        wait_until(lambda: env.queued("write") >= 20, timeout=30)
         before = len(read_out(out))
         res = json.loads(
             env.daemon.cli("flow", "move", "counter", "--runtime", target, "--json").stdout
