@@ -116,6 +116,9 @@ class AmqpRouter(Router):
         self._tasks: set[asyncio.Task[None]] = set()
         self._recording: set[tuple[str, str, str]] = set()  # handled ids not yet written
         self._publishing: dict[tuple[str, str], int] = defaultdict(int)  # flushed, unsettled
+        # Inputs of flushed groups not settled yet: they leave their queue's depth when they
+        # are handed on, not again (+1) between the flush and the acks.
+        self._removing: dict[tuple[str, str], int] = defaultdict(int)
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -281,6 +284,7 @@ class AmqpRouter(Router):
             self._depth.get(key, 0)
             + self._publishing.get(key, 0)
             + self._added.get(key, 0)
+            - self._removing.get(key, 0)
             - self._removed.get(key, 0),
         )
 
@@ -359,6 +363,8 @@ class AmqpRouter(Router):
         self._replays.clear()
         for key, n in group.added.items():
             self._publishing[key] += n
+        for key, n in group.removed.items():
+            self._removing[key] += n
         prevs = {tail for key in group.producers if (tail := self._tails.get(key))}
         task = loop.create_task(self._settle_group(prevs, group))
         for key in group.producers:
@@ -402,6 +408,8 @@ class AmqpRouter(Router):
         finally:
             for key, n in group.added.items():
                 self._publishing[key] -= n
+            for key, n in group.removed.items():
+                self._removing[key] -= n
             task = asyncio.current_task()
             for key in group.producers:
                 if self._tails.get(key) is task:
