@@ -13,10 +13,11 @@ in this order, each step only after the one before it succeeded:
 A daemon or connection that dies between 1 and 3 leaves inputs unacked: the broker delivers
 them again and the ones recorded in 2 are acked without being handled again. Outputs carry a
 message id derived from their input's, so outputs made again for an input handled again are
-recognised by the next step the same way (`x-deployd-replay`). Groups are chained: a group's
-transaction and acks wait for the group before it; once one fails, the later ones in the
-chain fail too (their inputs come again), and every loop starts from the broker anew
-(`generation`).
+recognised by the next step the same way (`x-deployd-replay`). A group holds one producing
+step's results, and its transaction and acks wait for that step's group before it (what a
+group builds on — a snapshot, a call number, handled ids — is its own step's); once one
+fails, every group made before the failure was seen fails too (their inputs come again), and
+every loop starts from the broker anew (`generation`).
 """
 
 from __future__ import annotations
