@@ -134,12 +134,3 @@ class Drafts:
         return FlowVersionToRun(
             flow, version, tuple(out), str(runtime) if runtime else None, variables
         )
-
-    def runtime_of(self, flow: str, version: int) -> str | None:
-        """The runtime flow version `version` runs on: its spec's `runtime` (the flow file's
-        key, or what `flow move` wrote), else None ([runtime] default)."""
-        fv = FlowStore(self.store).flow_version(flow, version)
-        if fv is None:
-            return None
-        runtime = (fv["spec"] or {}).get("runtime")
-        return str(runtime) if runtime else None
