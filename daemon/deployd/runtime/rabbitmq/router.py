@@ -74,7 +74,7 @@ class _Group:
     failed: dict[tuple[str, str], int] = field(default_factory=dict)
     errors: list[tuple[str, str, str]] = field(default_factory=list)
     generation: int = 0  # the router's generation when the group was made
-    producers: frozenset[tuple[str, str]] = frozenset()  # the steps whose results it holds
+    producer: tuple[str, str] | None = None  # the step whose results it holds
 
 
 def envelope(msg_id: str, body: str, headers: str, passthrough: str = "{}") -> bytes:
@@ -102,7 +102,7 @@ class AmqpRouter(Router):
         # only (a snapshot or a call number builds on the step's previous group), so one
         # step far ahead of the broker's confirms does not hold the acks of the others.
         self._tails: dict[tuple[str, str], asyncio.Task[bool]] = {}
-        self._producers: set[tuple[str, str]] = set()
+        self._producer: tuple[str, str] | None = None  # the step of the pending group
         self._groups: set[asyncio.Task[bool]] = set()  # every group not settled yet
         self._unsettled: dict[tuple[str, str], dict[str, Any]] = {}  # snapshots in the chain
         self._pruned_at = 0.0
@@ -207,9 +207,9 @@ class AmqpRouter(Router):
         """Results of step `key` come next: a group holds one step's results (it waits only
         for that step's previous group), so the pending one is flushed first if another
         step's results are in it."""
-        if self._producers and key not in self._producers:
+        if self._producer is not None and self._producer != key:
             self.flush()
-        self._producers.add(key)
+        self._producer = key
 
     def _later(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -310,8 +310,8 @@ class AmqpRouter(Router):
             self._handle.cancel()
             self._handle = None
         batch, self._batch = self._batch, QueueBatch()
-        group = _Group(batch, generation=self.generation, producers=frozenset(self._producers))
-        self._producers.clear()
+        group = _Group(batch, generation=self.generation, producer=self._producer)
+        self._producer = None
         group.added, self._added = dict(self._added), defaultdict(int)
         group.removed, self._removed = dict(self._removed), defaultdict(int)
         group.processed, self._processed = dict(self._processed), defaultdict(int)
@@ -366,10 +366,11 @@ class AmqpRouter(Router):
             self._publishing[key] += n
         for key, n in group.removed.items():
             self._removing[key] += n
-        prevs = {tail for key in group.producers if (tail := self._tails.get(key))}
-        task = loop.create_task(self._settle_group(prevs, group))
-        for key in group.producers:
-            self._tails[key] = task
+        producer = group.producer
+        prev = self._tails.get(producer) if producer is not None else None
+        task = loop.create_task(self._settle_group(prev, group))
+        if producer is not None:
+            self._tails[producer] = task
         self._groups.add(task)
         task.add_done_callback(self._groups.discard)
 
@@ -403,20 +404,19 @@ class AmqpRouter(Router):
             properties(str(message.message_id or ""), headers, due - time.time()),
         )
 
-    async def _settle_group(self, prevs: set[asyncio.Task[bool]], group: _Group) -> bool:
+    async def _settle_group(self, prev: asyncio.Task[bool] | None, group: _Group) -> bool:
         try:
-            return await self._settle(prevs, group)
+            return await self._settle(prev, group)
         finally:
             for key, n in group.added.items():
                 self._publishing[key] -= n
             for key, n in group.removed.items():
                 self._removing[key] -= n
             task = asyncio.current_task()
-            for key in group.producers:
-                if self._tails.get(key) is task:
-                    del self._tails[key]
+            if group.producer is not None and self._tails.get(group.producer) is task:
+                del self._tails[group.producer]
 
-    async def _settle(self, prevs: set[asyncio.Task[bool]], group: _Group) -> bool:
+    async def _settle(self, prev: asyncio.Task[bool] | None, group: _Group) -> bool:
         ok = True
         error = ""
         try:
@@ -426,7 +426,7 @@ class AmqpRouter(Router):
             ok, error = False, f"no publisher confirm within {CONFIRM_TIMEOUT:g}s"
         except Exception as exc:  # a nack, a closed channel or connection
             ok, error = False, redact(str(exc) or type(exc).__name__)
-        for prev in prevs:
+        if prev is not None:
             with contextlib.suppress(BaseException):  # its own failure is handled in it
                 await asyncio.shield(prev)
         if ok and group.generation != self.generation:
