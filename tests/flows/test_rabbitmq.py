@@ -3,10 +3,14 @@ git push, a real broker (the session's, a vhost of this test's own)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Callable
 
+import aiormq
+
+from deployd.runtime.rabbitmq.broker import queue_name
 from tests.broker import Broker, vhost_of
 from tests.conftest import wait_until
 from tests.flows.conftest import (
@@ -186,3 +190,36 @@ def test_failed_messages_on_rabbitmq_are_dead_letters_retried_into_a_fixed_versi
     assert {r["n"]: r["by"] for r in rows if r["n"] % 2} == {1: "v2", 3: "v2", 5: "v2"}
     assert errors(env) == []
     wait_until(lambda: env.flow("counter")["dead_letters"] == 0)
+
+
+def test_a_message_deployd_did_not_write_is_a_dead_letter_and_the_flow_goes_on(
+    make_env: Callable[..., FlowEnv], amqp_url: str
+) -> None:
+    """Something else publishes onto a step's queue (by hand, another program): a body that
+    is not JSON and one that is JSON but not deployd's envelope each become a dead letter of
+    that step, kept with the raw text and saying what was expected; the flow's own messages
+    flow on in order."""
+    env = make_env(extra_toml=rabbit_toml(amqp_url))
+    out = env.out("counter")
+    env.apply(flow_toml("counter", out))
+    env.wait_by(out, "v1", 3)
+
+    async def publish() -> None:
+        conn = await aiormq.connect(amqp_url)
+        try:
+            channel = await conn.channel()
+            for body in (b"not json at all", b'{"text": "no body member"}'):
+                await channel.basic_publish(body, routing_key=queue_name("counter", "write"))
+        finally:
+            await conn.close()
+
+    asyncio.run(publish())
+    letters = wait_errors(env, 2)
+    assert {r["step"] for r in letters} == {"write"}
+    assert all("not a deployd message" in r["error"] for r in letters), letters
+    assert all('expected JSON {"id", "body", "headers"}' in r["error"] for r in letters)
+    shown = env.daemon.cli("flow", "errors", "counter").stdout
+    assert "not a deployd message" in shown
+    seen = len(read_out(out))
+    wait_until(lambda: len(read_out(out)) >= seen + 3)
+    assert_contiguous(read_out(out))

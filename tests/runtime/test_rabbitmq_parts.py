@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deployd.runtime.rabbitmq.broker import queue_name, redact, routing_key
-from deployd.runtime.rabbitmq.router import _seen, envelope
+from deployd.runtime.rabbitmq.router import _seen, envelope, members
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,24 @@ def test_the_envelope_is_the_seed_platforms_message_shape() -> None:
     assert data == {"id": "m1", "body": {"n": 1}, "headers": {"k": "v"}, "passthrough": {}}
     pt = '{"tick":{"id":"m0","body":{"n":1},"headers":{}}}'
     assert json.loads(envelope("m1", "{}", "{}", pt))["passthrough"] == json.loads(pt)
+
+
+def test_members_keep_each_values_text_as_it_came() -> None:
+    text = envelope("m1", '{"n": 1, "s": "\u00e9"}', "{}", '{"a":{"body":[]}}').decode()
+    got = members(text)
+    assert got["body"] == ({"n": 1, "s": "\u00e9"}, '{"n": 1, "s": "\u00e9"}')
+    assert got["id"] == ("m1", '"m1"')
+    assert got["passthrough"][1] == '{"a":{"body":[]}}'
+    assert members(' { "a" : [ 1 ] , "b" : null } ') == {"a": ([1], "[ 1 ]"), "b": (None, "null")}
+    assert members("{}") == {}
+
+
+@pytest.mark.parametrize(
+    "text", ["", "[]", "null", '{"a":1', '{"a":1}x', '{"a" 1}', "{a:1}", '{"a":1,}', '{"a":}']
+)
+def test_members_refuse_what_is_not_one_json_object(text: str) -> None:
+    with pytest.raises(ValueError):
+        members(text)
 
 
 def test_a_message_back_on_purpose_is_a_new_handling_a_redelivery_is_not() -> None:

@@ -27,13 +27,15 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import AbstractChannel as AmqpChannel
+from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from ...metrics import Metrics
@@ -50,11 +52,28 @@ CONFIRM_TIMEOUT = 30.0  # seconds a group's publishes may wait for the broker's 
 KEEP_HANDLED = 24 * 3600.0  # seconds a handled message id is remembered
 
 
+class Inbound:
+    """A message as the broker delivered it: aiormq's delivery, read once, without aio-pika's
+    message object (a task and a copy of every property per message, on every message's
+    path)."""
+
+    __slots__ = ("body", "channel", "delivery_tag", "headers", "message_id", "redelivered")
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        props = message.header.properties
+        self.body: bytes = message.body
+        self.headers: dict[str, Any] = props.headers or {}
+        self.message_id: str | None = props.message_id
+        self.redelivered = bool(getattr(message.delivery, "redelivered", False))
+        self.delivery_tag: int | None = message.delivery_tag
+        self.channel: AmqpChannel = message.channel
+
+
 @dataclass
 class Delivery:
     """An input as the broker delivered it, with what its outputs inherit."""
 
-    message: AbstractIncomingMessage
+    message: Inbound
     flow: str
     step: str
     thread: str
@@ -75,6 +94,49 @@ class _Group:
     errors: list[tuple[str, str, str]] = field(default_factory=list)
     generation: int = 0  # the router's generation when the group was made
     producer: tuple[str, str] | None = None  # the step whose results it holds
+
+
+_decoder = json.JSONDecoder()
+_space = re.compile(r"[ \t\n\r]*")
+
+
+def members(text: str) -> dict[str, tuple[Any, str]]:
+    """The members of the JSON object `text`, each as (value, its JSON text as it came).
+
+    A message's body, headers and passthrough are kept and handed on as the text the broker
+    delivered (decoded once, to check them), not encoded again. Raises ValueError (as
+    `json.loads`) when `text` is not one JSON object."""
+    end = len(text)
+    i = _space.match(text, 0).end()  # type: ignore[union-attr]
+    if i >= end or text[i] != "{":
+        raise ValueError("not a JSON object")
+    out: dict[str, tuple[Any, str]] = {}
+    i = _space.match(text, i + 1).end()  # type: ignore[union-attr]
+    if i < end and text[i] == "}":
+        return _only(out, text, i + 1)
+    while True:
+        if i >= end or text[i] != '"':
+            raise ValueError(f"expected a member name at character {i}")
+        key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        i = _space.match(text, i).end()  # type: ignore[union-attr]
+        if i >= end or text[i] != ":":
+            raise ValueError(f"expected ':' at character {i}")
+        i = _space.match(text, i + 1).end()  # type: ignore[union-attr]
+        value, j = _decoder.raw_decode(text, i)
+        out[key] = (value, text[i:j])
+        i = _space.match(text, j).end()  # type: ignore[union-attr]
+        if i < end and text[i] == ",":
+            i = _space.match(text, i + 1).end()  # type: ignore[union-attr]
+            continue
+        if i < end and text[i] == "}":
+            return _only(out, text, i + 1)
+        raise ValueError(f"expected ',' or '}}' at character {i}")
+
+
+def _only(out: dict[str, tuple[Any, str]], text: str, i: int) -> dict[str, tuple[Any, str]]:
+    if text[_space.match(text, i).end() :]:  # type: ignore[union-attr]
+        raise ValueError(f"extra data after the object at character {i}")
+    return out
 
 
 def envelope(msg_id: str, body: str, headers: str, passthrough: str = "{}") -> bytes:
@@ -123,7 +185,7 @@ class AmqpRouter(Router):
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def row(self, flow: str, step: str, message: AbstractIncomingMessage) -> Queued | None:
+    def row(self, flow: str, step: str, message: Inbound) -> Queued | None:
         """The broker's delivery as a queued message for the action loop; None when it was
         handled before (then it is acked here) or is not a deployd message (a dead letter)."""
         headers = message.headers or {}
@@ -141,14 +203,15 @@ class AmqpRouter(Router):
             self._depth[key] = max(0, self._depth.get(key, 0) - 1)
             return None
         try:
-            data = json.loads(message.body)
-            if not isinstance(data, dict) or "body" not in data:
+            data = members(message.body.decode())
+            if "body" not in data:
                 raise ValueError('not an object with "body"')
-            body = dumps(data["body"])
-            msg_headers = dumps(data.get("headers") or {})
-            passthrough = data.get("passthrough")
-            passthrough = dumps(passthrough) if isinstance(passthrough, dict) else "{}"
-            msg_id = msg_id or str(data.get("id") or self._new_id())
+            body = data["body"][1]
+            value, text = data.get("headers", (None, "{}"))
+            msg_headers = text if isinstance(value, dict) else "{}"
+            value, text = data.get("passthrough", (None, "{}"))
+            passthrough = text if isinstance(value, dict) else "{}"
+            msg_id = msg_id or str(data.get("id", (None,))[0] or self._new_id())
         except ValueError as exc:
             self._foreign(flow, step, message, msg_id, str(exc))
             return None
@@ -171,9 +234,7 @@ class AmqpRouter(Router):
             passthrough,
         )
 
-    def _foreign(
-        self, flow: str, step: str, message: AbstractIncomingMessage, msg_id: str, why: str
-    ) -> None:
+    def _foreign(self, flow: str, step: str, message: Inbound, msg_id: str, why: str) -> None:
         """A message on a step's queue that deployd did not write: a dead letter of the step
         (acked once the letter is written, like any other)."""
         text = message.body.decode("utf-8", "replace")
@@ -545,7 +606,7 @@ class AmqpRouter(Router):
         return all(result is True for result in results)
 
 
-async def _ack(message: AbstractIncomingMessage) -> None:
+async def _ack(message: Inbound) -> None:
     """Ack, ignoring a channel that is gone (the broker then delivers the message again, and
     `handled` recognises it). Not waiting for the socket to drain: acks of a group are written
     back to back."""
@@ -553,13 +614,13 @@ async def _ack(message: AbstractIncomingMessage) -> None:
         await message.channel.basic_ack(message.delivery_tag, wait=False)  # type: ignore[arg-type]
 
 
-async def _nack(message: AbstractIncomingMessage) -> None:
+async def _nack(message: Inbound) -> None:
     """Back to its queue (a channel that is gone gives it back by itself)."""
     with contextlib.suppress(Exception):
-        await message.nack(requeue=True)
+        await message.channel.basic_nack(message.delivery_tag, requeue=True)  # type: ignore[arg-type]
 
 
-async def _nack_all(messages: list[AbstractIncomingMessage]) -> None:
+async def _nack_all(messages: list[Inbound]) -> None:
     for message in messages:
         await _nack(message)
 

@@ -18,14 +18,15 @@ import contextlib
 import logging
 from pathlib import Path
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel
+from aiormq.abc import DeliveredMessage
 
 from ...store.queues import Queued
 from ...types import FlowVersionToRun
 from ..embedded.process import Launcher, Result, StepDied, StepProcess, forget
 from ..embedded.runner import AHEAD_BUDGET, FlowRunner, _either
 from .broker import Broker
-from .router import AmqpRouter, Delivery
+from .router import AmqpRouter, Delivery, Inbound
 
 log = logging.getLogger("deployd.rabbitmq")
 CLOSE_TIMEOUT = 10.0  # seconds a consumer's channel may take to close
@@ -61,7 +62,10 @@ class Consumer:
         self.channel = await broker.conn.channel()
         await self.channel.set_qos(prefetch_count=self.prefetch)
         queue = await broker.declare_step(self.flow, self.step, self.channel)
-        await queue.consume(self._on_message)
+        # aiormq's consumer directly: aio-pika's wraps each delivery in a message object and
+        # one more task before the callback runs.
+        underlay = await self.channel.get_underlay_channel()
+        await underlay.basic_consume(queue.name, self._on_message)
 
     async def restart(self, stop: asyncio.Event) -> None:
         """After a reconnect: a consumer of our own again, on a new channel (the client's own
@@ -88,10 +92,10 @@ class Consumer:
                 await _either(stop, stop, delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         if self.closed:
             return  # not taken: it goes back with the channel
-        row = self.router.row(self.flow, self.step, message)
+        row = self.router.row(self.flow, self.step, Inbound(message))
         if row is not None:
             self.buffer.append(row)
             self.arrived.set()

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pamqp import commands as spec
+
 from ...config import DaemonConfig, RabbitConfig
 from ...errors import FlowError
 from ...metrics import Metrics
@@ -31,7 +33,7 @@ from ..embedded.process import Launcher
 from ..embedded.runner import FlowRunner
 from ..embedded.runtime import EmbeddedRuntime
 from .broker import EXCHANGE, Broker, BrokerUnreachable, properties, redact, routing_key
-from .router import AmqpRouter, envelope
+from .router import AmqpRouter, Inbound, envelope
 from .runner import RabbitRunner
 
 log = logging.getLogger("deployd.rabbitmq")
@@ -166,17 +168,19 @@ class RabbitRuntime(EmbeddedRuntime):
         """Take every message of `step`'s queue, `put` it elsewhere, then ack it."""
         await self.broker.wait(self.settings.warmup_timeout)
         queue = await self.broker.declare_step(flow, step)
+        channel = await queue.channel.get_underlay_channel()
         moved = 0
         while True:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
+            got = await channel.basic_get(queue.name, no_ack=False)
+            if not isinstance(got.delivery, spec.Basic.GetOk):
+                break  # GetEmpty: the queue is drained
+            message = Inbound(got)
             row = self.router.row(flow, step, message)
             if row is None:
                 continue
             self.router.deliveries.pop(row.id, None)
             await put(row)
-            await message.ack()
+            await channel.basic_ack(got.delivery.delivery_tag or 0)
             moved += 1
         self.router.set_depth(flow, step, 0)
         return moved
