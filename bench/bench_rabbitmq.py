@@ -702,7 +702,9 @@ def phases(root: Path, broker: Broker) -> dict[str, Any]:
             seed_rounds[rate].append(res)
     latency: dict[str, dict[str, Any]] = {
         kind: {
-            f"at_{rate}": paced_summary(paced[rate]) if rate in paced else deployd(kind, rate)
+            f"at_{rate}": paced_summary(paced[rate])
+            if kind == "rabbitmq" and rate in paced
+            else deployd(kind, rate)
             for rate in LATENCY_RATES[kind]
         }
         for kind in ("rabbitmq", "embedded")
