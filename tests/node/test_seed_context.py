@@ -100,6 +100,7 @@ def process(msg, cfg, snapshot, ctx):
     variables["REGION"] = "changed"  # a copy: the next call sees the flow's value
     env = {k: v for k, v in os.environ.items() if k.startswith(("ELASTICIO_", "MY_"))}
     line = {"n": msg["body"]["n"], "vars": ctx.flow_variables, "env": env, "clean": clean}
+    line["mapped"] = msg["body"].get("mapped_region")
     with open(cfg["out"], "a") as fh:
         fh.write(json.dumps(line) + "\\n")
     return {"n": msg["body"]["n"], "from": "python"}
@@ -143,6 +144,7 @@ env = {{ MY_PLAIN = "hello", MY_SECRET = "${{SEED_CTX_TOKEN}}" }}
 id = "pyprobe"
 component = "ctxpy"
 function = "probe"
+mapping = '$merge([$, {{"mapped_region": $getFlowVariables().REGION}}])'
 config = {{ out = "{py_out}", nested = {{ list = [0] }} }}
 env = {{ MY_PY = "snake" }}
 """
@@ -259,6 +261,7 @@ def check_context(d: Daemon, secret: str, tmp_path: Path, runtime: str) -> None:
     assert firsts, py_rows
     py = firsts[0]
     assert py["vars"]["REGION"] == "eu" and py["vars"]["TOKEN"] == secret
+    assert py["mapped"] == "eu"  # the mapping in front of it: $getFlowVariables()
     assert py["env"]["ELASTICIO_STEP_ID"] == "pyprobe" and py["env"]["MY_PY"] == "snake"
     assert py["env"]["ELASTICIO_COMP_ID"] == "ctxpy" and "MY_PLAIN" not in py["env"]
     assert all(r["clean"] for r in py_rows)

@@ -33,6 +33,16 @@ def test_compiled_expressions_are_cached() -> None:
     assert mapper.compile_mapping("a + 1") is mapper.compile_mapping("a + 1")
 
 
+def test_get_flow_variables_returns_a_copy_of_the_flows_variables() -> None:
+    """As in the components library's JSONata helper: `$getFlowVariables()` is the flow's
+    variables ({} for a flow without any); what a mapping does to it changes nothing."""
+    variables = {"region": "eu", "prefix": "hi"}
+    expr = '{"where": $getFlowVariables().region, "text": $getFlowVariables().prefix & " " & t}'
+    assert mapper.apply(expr, {"t": "x"}, None, variables) == {"where": "eu", "text": "hi x"}
+    assert mapper.apply("$getFlowVariables()", {}) == {}
+    assert variables == {"region": "eu", "prefix": "hi"}
+
+
 def test_get_passthrough_returns_the_messages_passthrough() -> None:
     """As the components library's JSONata helper defines it: `$getPassthrough()` is the
     message's passthrough (stored JSON text or an object), {} when there is none."""

@@ -3,12 +3,14 @@
 A mapper step costs nothing to start (no process), which keeps warm-up flat. As in the seed
 platform's components library (`@elastic.io/component-commons-library`'s JSONata helper),
 `$getPassthrough()` returns the message's passthrough: what each earlier step of the flow
-execution emitted, by step id (`$getPassthrough().tick.body.n`).
+execution emitted, by step id (`$getPassthrough().tick.body.n`), and `$getFlowVariables()`
+the flow file's `[variables]` (`$getFlowVariables().region`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -17,6 +19,7 @@ import jsonata
 from ..errors import FlowError
 
 PASSTHROUGH_FUNCTION = "getPassthrough"
+VARIABLES_FUNCTION = "getFlowVariables"
 
 
 @lru_cache(maxsize=1024)
@@ -29,17 +32,25 @@ def compile_mapping(expr: str) -> jsonata.Jsonata:
 
 
 def apply(
-    expr: str, body: dict[str, Any], passthrough: str | dict[str, Any] | None = None
+    expr: str,
+    body: dict[str, Any],
+    passthrough: str | dict[str, Any] | None = None,
+    variables: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `expr` over `body`; a non-object result becomes {"value": result}.
 
     `passthrough` (JSON text as stored, or an object) is decoded only when the expression
-    calls `$getPassthrough()`, so a mapping that does not pays nothing for it.
+    calls `$getPassthrough()`, so a mapping that does not pays nothing for it;
+    `$getFlowVariables()` is a copy of `variables` (the flow's, secrets expanded).
     """
-    bindings = None
+    bindings: dict[str, Any] | None = None
     if PASSTHROUGH_FUNCTION in expr:
         value = _decoded(passthrough)
         bindings = {PASSTHROUGH_FUNCTION: jsonata.Jsonata.JLambda(lambda: value)}
+    if VARIABLES_FUNCTION in expr:
+        flow_vars = dict(variables or {})
+        bindings = bindings or {}
+        bindings[VARIABLES_FUNCTION] = jsonata.Jsonata.JLambda(lambda: flow_vars)
     try:
         result = compile_mapping(expr).evaluate(body, bindings)
     except ValueError as exc:

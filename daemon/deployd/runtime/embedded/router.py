@@ -218,7 +218,7 @@ class Router:
                     pt = self._cut_passthrough(flow, emitter, step.id, pt, limit)
             if mapping:
                 try:
-                    text = dumps(mapper.apply(mapping, _decoded(body), pt))
+                    text = dumps(mapper.apply(mapping, _decoded(body), pt, spec.variables))
                 except FlowError as exc:
                     self._mapping_failed(spec, index, msg_id, text, headers, pt, str(exc))
                     continue

@@ -245,7 +245,9 @@ class EmbeddedRuntime:
             body = letter["body"]
             if str(letter["step"]).endswith(":mapper") and target.mapping:
                 try:
-                    mapped = mapper.apply(target.mapping, json.loads(body), letter["passthrough"])
+                    mapped = mapper.apply(
+                        target.mapping, json.loads(body), letter["passthrough"], spec.variables
+                    )
                     body = json.dumps(mapped)
                 except FlowError as exc:
                     again.append((str(exc), spec.version, target.version, int(letter["id"])))
