@@ -183,6 +183,14 @@ class DaemonConfig(_Model):
     # execution emitted is cut to this many bytes (the oldest steps' entries left out, with a
     # warning in the step log); 0 carries none.
     max_passthrough_bytes: int = Field(default=1024 * 1024, ge=0, le=8 * 1024 * 1024)
+    # The object store (issue 17: attachments, the maester-client API): an object is at most
+    # `max_object_bytes`; retention removes an object that messages referenced once no queued
+    # message or dead letter does and `keep_attachments` passed since the last message that
+    # referenced it was emitted, and an object no message ever referenced `keep_objects` after
+    # it was written (or when its own x-eio-ttl passes).
+    max_object_bytes: int = Field(default=100 * 1024 * 1024, ge=1, le=64 * 1024**3)
+    keep_attachments: Duration = 86400.0
+    keep_objects: Duration = 7 * 86400.0
 
     @field_validator("warmup_timeout", "rollback_window", "stop_timeout")
     @classmethod

@@ -19,6 +19,7 @@ from .config import Config
 from .errors import DeploydError
 from .flows.deployer import Deployer
 from .metrics import Metrics
+from .objects import ObjectInfo, ObjectStore
 from .paths import Paths
 from .pauses import Kind, Pauses
 from .pipeline.queue import Pipeline
@@ -42,6 +43,7 @@ class Operator:
         pipeline: Pipeline,
         reconcile: Callable[[], int],
         metrics: Metrics,
+        objects: ObjectStore | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -51,6 +53,7 @@ class Operator:
         self.deployer = deployer
         self.pipeline = pipeline
         self.reconcile = reconcile  # queue builds of branch heads that have none
+        self.objects = objects  # the object store (attachments), None: not served
         self.scheduler: AsyncIOScheduler | None = None
         self._gc_lock = asyncio.Lock()
         self._disk_task: asyncio.Task[int] | None = None
@@ -89,18 +92,43 @@ class Operator:
             plan = retention.plan(self.store, self.paths, d.keep_versions, d.keep_logs)
             retention.record(self.store, plan)  # rows first: never point at a half-deleted dir
             freed = await asyncio.to_thread(retention.apply_plan, plan)
+            removed = await self.expire_objects()
+            freed += sum(info.size for info in removed)
             disk = await self.measure_disk()
-            result = retention.summary(plan, freed, disk, expired)
+            result = retention.summary(plan, freed, disk, expired, removed)
             with self.store.tx():
                 self.store.event(
                     "gc",
                     f"retention: {len(plan.versions)} version folder(s), "
                     f"{len(plan.build_logs)} build log(s), "
-                    f"{result['dead_letters_expired']} dead letter(s) removed, "
+                    f"{result['dead_letters_expired']} dead letter(s), "
+                    f"{len(removed)} object(s) removed, "
                     f"{freed} bytes freed",
                     detail=result,
                 )
         return result
+
+    async def expire_objects(self) -> list[ObjectInfo]:
+        """Objects of the object store nothing references any more go (see retention.py)."""
+        if self.objects is None:
+            return []
+        d = self.config.daemon
+        refs = retention.object_refs(self.store)
+        removed, present = await asyncio.to_thread(
+            retention.expire_objects, self.objects, refs, d.keep_attachments, d.keep_objects
+        )
+        gone = [i for i in refs.last_seen if i not in present] + [i.id for i in removed]
+        if gone:
+            with self.store.tx():
+                retention.forget_refs(self.store, gone)
+        for info in removed:
+            log.info(
+                "object %s of flow %s (%d bytes) removed by retention",
+                info.id,
+                info.flow,
+                info.size,
+            )
+        return removed
 
     def expire_dead_letters(self) -> list[retention.Expired]:
         """Dead letters past keep_dead_letters or max_dead_letters go, each step's removal

@@ -65,6 +65,16 @@ class Paths:
     def token_file(self) -> Path:
         return self.root / "api-token"
 
+    @property
+    def objects(self) -> Path:
+        """The object store's files (attachments): objects/<id[:2]>/<id> and <id>.json."""
+        return self.root / "objects"
+
+    @property
+    def object_key(self) -> Path:
+        """The key the object store's per-flow tokens are derived from (0600)."""
+        return self.root / "object-storage-key"
+
     def hosted_repo(self, name: str) -> Path:
         return self.repos / f"{name}.git"
 

@@ -10,6 +10,13 @@ Dead letters are kept `keep_dead_letters` ("0": no age limit) and at most `max_d
 per step (the oldest go first); `expire_dead_letters` removes the rest and says, per step, how
 many went and why, so the caller can count and record every removal.
 
+Objects of the object store (attachments, `objects.py`) are kept while a queued message or a
+dead letter references them by url; an object messages referenced goes `keep_attachments`
+after the last such message was emitted (a message waiting on a broker is not in the state
+database: that time is what keeps its object), an object no message ever referenced
+`keep_objects` after it was written, and one whose own `x-eio-ttl` passed at once.
+`object_refs` reads the references (on the loop), `expire_objects` removes (in a thread).
+
 `plan` only reads; `apply_plan` touches the disk (run it in a worker thread).
 """
 
@@ -25,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import format_duration
+from .objects import ObjectInfo, ObjectStore, referenced
 from .paths import Paths
 from .store import FlowStore, Store
 from .store.letters import DeadLetterStore
@@ -148,6 +156,55 @@ def expire_dead_letters(store: Store, keep: float, limit: int) -> list[Expired]:
     ]
 
 
+@dataclass(frozen=True)
+class ObjectRefs:
+    """What references objects: queued messages and dead letters (their ids), and when a
+    message referencing each object was last emitted."""
+
+    queued: set[str]
+    last_seen: dict[str, float]
+
+
+def object_refs(store: Store) -> ObjectRefs:
+    fs = FlowStore(store)
+    return ObjectRefs(referenced(fs.attachment_texts()), fs.object_refs())
+
+
+def expire_objects(
+    objects: ObjectStore,
+    refs: ObjectRefs,
+    keep_attachments: float,
+    keep_objects: float,
+    now: float | None = None,
+) -> tuple[list[ObjectInfo], set[str]]:
+    """Remove the objects nothing keeps any more (see the module docstring); returns them and
+    the ids of every object that was there. Blocking: run in a thread."""
+    now = time.time() if now is None else now
+    removed: list[ObjectInfo] = []
+    present: set[str] = set()
+    for info in list(objects.list()):
+        present.add(info.id)
+        if info.id in refs.queued:
+            continue
+        seen = refs.last_seen.get(info.id)
+        if info.expired(now):
+            pass
+        elif seen is not None:
+            if now - max(seen, info.updated_at) < keep_attachments:
+                continue
+        elif now - info.updated_at < keep_objects:
+            continue
+        if objects.delete(info.id):
+            removed.append(info)
+    objects.sweep(now - max(3600.0, min(keep_attachments, keep_objects)))
+    return removed, present
+
+
+def forget_refs(store: Store, ids: list[str]) -> None:
+    """Objects that are gone need no record of their references (call inside a transaction)."""
+    FlowStore(store).forget_object_refs(ids)
+
+
 def record(store: Store, p: Plan) -> None:
     """Mark what was deleted, in one transaction (on the loop: the store's single writer)."""
     store.mark_pruned([(c, v) for c, v, _dir in p.versions], [b for b, _log in p.build_logs])
@@ -174,12 +231,19 @@ def disk_usage(root: Path) -> int:
     return total
 
 
-def summary(p: Plan, freed: int, disk: int, expired: list[Expired] | None = None) -> dict[str, Any]:
+def summary(
+    p: Plan,
+    freed: int,
+    disk: int,
+    expired: list[Expired] | None = None,
+    objects: list[ObjectInfo] | None = None,
+) -> dict[str, Any]:
     return {
         "versions_pruned": [f"{c} v{v}" for c, v, _ in p.versions],
         "build_logs_deleted": len(p.build_logs),
         "step_logs_trimmed": len(p.step_logs),
         "dead_letters_expired": sum(e.count for e in expired or ()),
+        "objects_removed": len(objects or ()),
         "freed_bytes": freed,
         "state_dir_bytes": disk,
     }

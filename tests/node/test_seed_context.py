@@ -243,6 +243,10 @@ def check_context(d: Daemon, secret: str, tmp_path: Path, runtime: str) -> None:
     assert env["ELASTICIO_COMP_ID"] == "ctxnode" and env["ELASTICIO_FUNCTION"] == "probe"
     assert env["ELASTICIO_FLOW_TYPE"] == "long_running"
     assert env["ELASTICIO_API_URI"] == d.url
+    # the object storage (attachments): deployd's API, and the flow's token (a JWT)
+    assert env["ELASTICIO_OBJECT_STORAGE_URI"] == d.url
+    storage_token = env["ELASTICIO_OBJECT_STORAGE_TOKEN"]
+    assert storage_token.count(".") == 2
     assert len(env["ELASTICIO_EXEC_ID"]) == 32 and env["ELASTICIO_FLOW_VERSION"] == "1"
     assert env["MY_PLAIN"] == "hello" and env["MY_SECRET"] == secret
     assert "MY_PY" not in env  # another step's env
@@ -280,6 +284,9 @@ def check_context(d: Daemon, secret: str, tmp_path: Path, runtime: str) -> None:
     assert "${SEED_CTX_TOKEN}" in stored[0]["spec"] and "${SEED_CTX_TOKEN}" in stored[0]["steps"]
     assert secret not in d.log()
     assert secret.encode() not in _state_bytes(d.state_dir)
+    # nor the object storage token (derived from a key, never stored or logged)
+    assert storage_token not in d.log()
+    assert storage_token.encode() not in _state_bytes(d.state_dir)
 
     # changing a variable is a flow change: a new version, whose steps see the new value
     flow.write_text(flow_file("ctx", node_out, py_out, region="us", runtime=runtime))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from deployd.metrics import Metrics
 from deployd.runtime.rabbitmq.broker import queue_name, redact, routing_key
-from deployd.runtime.rabbitmq.router import _seen, envelope, members
+from deployd.runtime.rabbitmq.router import AmqpRouter, Inbound, _seen, envelope, members
+from deployd.store import Store
 
 
 @pytest.mark.parametrize(
@@ -32,9 +36,36 @@ def test_names_carry_flow_and_step() -> None:
 
 def test_the_envelope_is_the_seed_platforms_message_shape() -> None:
     data = json.loads(envelope("m1", '{"n": 1}', '{"k": "v"}'))
-    assert data == {"id": "m1", "body": {"n": 1}, "headers": {"k": "v"}, "passthrough": {}}
+    assert data == {
+        "id": "m1",
+        "body": {"n": 1},
+        "headers": {"k": "v"},
+        "attachments": {},
+        "passthrough": {},
+    }
     pt = '{"tick":{"id":"m0","body":{"n":1},"headers":{}}}'
     assert json.loads(envelope("m1", "{}", "{}", pt))["passthrough"] == json.loads(pt)
+
+
+def test_a_delivery_carries_its_attachments_and_an_envelope_without_them_has_none(
+    tmp_path: Path,
+) -> None:
+    """The reader of the broker's messages: `attachments` as the text that came; an envelope
+    written before attachments travelled (no such member) is a message without any."""
+    store = Store.open(tmp_path / "state.db")
+    router = AmqpRouter(store, Metrics(), SimpleNamespace(reconnects=0))  # type: ignore[arg-type]
+    files = '{"a.txt": {"url": "http://h/objects/x", "size": 1}}'
+
+    def delivered(body: bytes) -> Inbound:
+        msg = Inbound.__new__(Inbound)
+        msg.body, msg.headers, msg.message_id = body, {}, "m1"
+        msg.redelivered, msg.delivery_tag, msg.channel = False, 1, None  # type: ignore[assignment]
+        return msg
+
+    row = router.row("f", "s", delivered(envelope("m1", "{}", "{}", "{}", files)))
+    assert row is not None and row.attachments == files
+    old = router.row("f", "s", delivered(b'{"id":"m2","body":{},"headers":{},"passthrough":{}}'))
+    assert old is not None and old.attachments == "{}" and old.msg_id == "m1"
 
 
 def test_members_keep_each_values_text_as_it_came() -> None:

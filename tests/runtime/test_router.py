@@ -238,3 +238,32 @@ def test_a_bound_of_zero_carries_no_passthrough(router: Router) -> None:
     _commit(router, SPEC, 0, Result(outputs=[({"n": 1}, {})]))
     [row] = router.flows.queue_rows("f1", "double")
     assert row.passthrough == "{}"
+
+
+OID = "0123abcd-0000-4000-8000-00000000beef"
+FILES = '{"a.txt":{"url":"http://127.0.0.1:1/objects/' + OID + '?storage_type=maester","size":3}}'
+
+
+def test_attachments_go_with_their_output_into_the_queue_its_passthrough_and_refs(
+    router: Router,
+) -> None:
+    """An output's attachments (JSON text, by output index) are queued with it, added to its
+    passthrough entry, recorded as a reference of the object their url names, and kept with
+    its message when that becomes a dead letter; a requeue gives them back."""
+    res = Result(outputs=[({"n": 1}, {}), ({"n": 2}, {})], attachments={1: FILES})
+    _commit(router, SPEC, 0, res)
+    first, second = router.flows.queue_rows("f1", "double")
+    assert (
+        first.attachments == "{}" and "attachments" not in json.loads(first.passthrough)["trigger"]
+    )
+    assert json.loads(second.attachments) == json.loads(FILES)
+    assert json.loads(second.passthrough)["trigger"]["attachments"] == json.loads(FILES)
+    assert list(router.flows.object_refs()) == [OID]
+    _commit(router, SPEC, 1, Result(errors=["ValueError: no"]), second)
+    [letter] = DeadLetterStore(router.store).select("f1", None, None)
+    assert json.loads(letter["attachments"]) == json.loads(FILES)
+    assert router.flows.attachment_texts() == [FILES]
+    with router.store.tx():
+        DeadLetterStore(router.store).requeue([letter])
+    [back] = [r for r in router.flows.queue_rows("f1", "double") if r.msg_id == second.msg_id]
+    assert back.attachments == FILES

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
-from . import components, flows, hooks, ops, poll, status
+from . import components, flows, hooks, objects, ops, poll, status
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..flows.deployer import Deployer
     from ..health import LagMonitor
     from ..metrics import Metrics
+    from ..objects import ObjectStore
     from ..ops import Operator
     from ..paths import Paths
     from ..service import Parts
@@ -47,6 +48,8 @@ class ApiParts:
     operator: Operator
     poller: Poller | None
     intake: WebhookIntake
+    object_store: ObjectStore  # attachments (the maester API at /objects)
+    object_key: Callable[[], bytes]  # what the steps' object storage tokens derive from
 
 
 class Server(uvicorn.Server):
@@ -92,6 +95,7 @@ def create_app(parts: ApiParts) -> hooks.FastPath:
     app.include_router(components.router(parts.deployer, parts.token, parts.accepting))
     app.include_router(hooks.router(parts.intake))  # /hooks/{component}
     app.include_router(poll.router(parts.poller, parts.config, parts.token))  # /api/v1/poll
+    app.include_router(objects.router(parts.object_store, parts.object_key, parts.config))
     return hooks.FastPath(app, parts.intake)
 
 
@@ -109,5 +113,7 @@ def create_server(parts: Parts, sock: socket.socket) -> Server:
         operator=parts.operator,
         poller=parts.poller,
         intake=parts.intake,
+        object_store=parts.object_store,
+        object_key=lambda: parts.object_key,
     )
     return Server(create_app(api), sock)

@@ -183,6 +183,8 @@ def print_letter(letter: dict[str, Any]) -> None:
     say("headers:\n" + _indent(letter["headers"]))
     if letter.get("passthrough"):
         say("passthrough (earlier steps' outputs):\n" + _indent(letter["passthrough"]))
+    if letter.get("attachments"):
+        say("attachments:\n" + _indent(letter["attachments"]))
     emitted = letter.get("emitted") or []
     if emitted:
         say(f"emitted before failing ({len(emitted)}, delivered all the same):\n")

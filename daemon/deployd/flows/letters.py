@@ -109,6 +109,7 @@ class Letters:
             "body": row["body"],
             "headers": row["headers"],
             "passthrough": row["passthrough"],
+            "attachments": row["attachments"],
             "emitted": row["emitted"],
         }
 

@@ -8,7 +8,12 @@ sailor → daemon
     {"t": "hello", "token": str, "pid": int}     first line: which step process this is
     {"t": "ready"}                               module imported and init(cfg) done
     {"t": "failed", "error": str}                import or init failed (the process then exits)
-    {"t": "data", "body": dict, "headers": dict} an output message of the current call/message
+    {"t": "data", "headers": dict, "attachments": dict?, "body": dict}
+                                                 an output message of the current call/message
+                                                 (attachments, only when it has any: {"<name>":
+                                                 {"url", "size", "content-type"}}; before the
+                                                 body, so a line that starts with empty headers
+                                                 and the body is one without attachments)
     {"t": "snapshot", "data": dict}              replace the step snapshot
     {"t": "updateSnapshot", "data": dict}        merge into the step snapshot
     {"t": "error", "error": str, "stack": str?}  an error for the current call/message (first
@@ -21,8 +26,9 @@ sailor → daemon
 daemon → sailor
     {"t": "call", "ref": int, "snapshot": dict?}            trigger: run process() once
     {"t": "msg", "ref": int, "msg": dict, "snapshot": dict?} action: process one message
-        (msg: {"id", "body", "headers", "passthrough"}; passthrough is what each earlier
-        step of the flow execution emitted, by step id: {"<step>": {"id", "body", "headers"}})
+        (msg: {"id", "body", "headers", "passthrough", "attachments"}; passthrough is what
+        each earlier step of the flow execution emitted, by step id: {"<step>": {"id", "body",
+        "headers", "attachments"?}}; attachments: {"<name>": {"url", "size", "content-type"}})
         Requests are pipelined: the daemon sends up to a step's `prefetch` messages before
         the first is done; the sailor handles them one at a time, in order, and answers in
         that order. Only a process's first call or message carries "snapshot"; after that

@@ -227,12 +227,19 @@ class Sailor {
   dataEvent(payload) {
     let body = payload;
     let headers = {};
+    let attachments = null;
     if (isPlainObject(payload) && isPlainObject(payload.body)) {
       body = payload.body;
       headers = isPlainObject(payload.headers) ? payload.headers : {};
+      // {name: {url, size, "content-type"}}, as the platform's messages carry them
+      if (isPlainObject(payload.attachments) && Object.keys(payload.attachments).length) {
+        attachments = payload.attachments;
+      }
     }
     if (!isPlainObject(body)) body = { value: body === undefined ? null : body };
-    return { t: 'data', headers, body }; // headers first: see sailor_py.py
+    // headers first, attachments (when any) before the body: see sailor_py.py
+    if (attachments) return { t: 'data', headers, attachments, body };
+    return { t: 'data', headers, body };
   }
 
   emit(owner, event, payload) {

@@ -69,16 +69,24 @@ class Context:
         if event == "data":
             body: Any = payload
             headers: dict[str, Any] = {}
+            files: Any = None
             if (
                 isinstance(payload, dict)
                 and "body" in payload
                 and isinstance(payload["body"], dict)
             ):
                 body, headers = payload["body"], payload.get("headers") or {}
+                files = payload.get("attachments")  # {name: {url, size, "content-type"}}
             if not isinstance(body, dict):
                 body = {"value": body}
-            # headers first: the daemon forwards a body without headers undecoded
-            self._sailor.send({"t": "data", "headers": headers, "body": body})
+            # headers first: the daemon forwards a body without headers undecoded; the
+            # attachments (when there are any) before the body, so that still holds
+            if isinstance(files, dict) and files:
+                self._sailor.send(
+                    {"t": "data", "headers": headers, "attachments": files, "body": body}
+                )
+            else:
+                self._sailor.send({"t": "data", "headers": headers, "body": body})
         elif event in ("snapshot", "updateSnapshot"):
             if not isinstance(payload, dict):
                 raise TypeError(f"ctx.emit({event!r}, …) needs a dict")
@@ -319,6 +327,7 @@ class Sailor:
                 msg = cmd["msg"] if kind == "msg" else {"id": str(cmd["ref"]), "body": {}}
                 msg.setdefault("headers", {})
                 msg.setdefault("passthrough", {})
+                msg.setdefault("attachments", {})
                 began = time.perf_counter()
                 self.process(msg, self.snapshot)
                 took = time.perf_counter() - began

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 
+from ..objects import flow_token
 from ..types import RunStep
 
 # deployd runs realtime flows only; the platform's API calls a realtime flow "long_running".
@@ -24,11 +25,14 @@ def api_uri(listen_host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def step_environment(flow: str, version: int, step: RunStep, api: str | None) -> dict[str, str]:
+def step_environment(
+    flow: str, version: int, step: RunStep, api: str | None, object_key: bytes | None = None
+) -> dict[str, str]:
     """`ELASTICIO_*` for one start of `step`'s process, then the step's own `env`.
 
     `ELASTICIO_EXEC_ID` is new for every process start, as the platform's is for every
-    container it starts (it is not a per-message id there either).
+    container it starts (it is not a per-message id there either). The object storage is
+    deployd's API (`api/objects.py`); its token is the flow's (`objects.flow_token`).
     """
     env = {
         "ELASTICIO_FLOW_ID": flow,
@@ -42,5 +46,8 @@ def step_environment(flow: str, version: int, step: RunStep, api: str | None) ->
     }
     if api is not None:
         env["ELASTICIO_API_URI"] = api
+        if object_key is not None:
+            env["ELASTICIO_OBJECT_STORAGE_URI"] = api
+            env["ELASTICIO_OBJECT_STORAGE_TOKEN"] = flow_token(object_key, flow)
     env.update(step.env)  # the flow file refuses ELASTICIO_* names there
     return env

@@ -16,6 +16,7 @@ from ..flows.deployer import Deployer
 from ..health import LagMonitor
 from ..metrics import Metrics
 from ..notify import Notifier
+from ..objects import FileStore, ObjectStore, ensure_key
 from ..ops import Operator
 from ..paths import Paths
 from ..pauses import Pauses
@@ -51,6 +52,8 @@ class Parts:
     intake: WebhookIntake
     operator: Operator
     api_token: str
+    object_store: ObjectStore
+    object_key: bytes
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -83,7 +86,10 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
     intake = WebhookIntake(
         current_config, store, pipeline.notify, metrics, lambda: not stopping.is_set()
     )
-    operator = Operator(config, store, paths, pauses, deployer, pipeline, repos.reconcile, metrics)
+    object_store = FileStore(paths.objects)
+    operator = Operator(
+        config, store, paths, pauses, deployer, pipeline, repos.reconcile, metrics, object_store
+    )
     lag = LagMonitor()
     metrics.track_build_queue(lambda: pipeline.queue_depth)
     metrics.track_loop_lag(lag.current)
@@ -106,6 +112,8 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
         intake=intake,
         operator=operator,
         api_token=ensure_token(config),
+        object_store=object_store,
+        object_key=ensure_key(paths),
         stopping=stopping,
     )
     return live

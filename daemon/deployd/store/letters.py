@@ -51,7 +51,7 @@ class DeadLetterStore:
         row = self.store.one(
             "SELECT * FROM dead_letters WHERE flow = ? AND id = ?", (flow, letter_id)
         )
-        return decode_json(row, "body", "headers", "emitted", "passthrough")
+        return decode_json(row, "body", "headers", "emitted", "passthrough", "attachments")
 
     def select(self, flow: str, step: str | None, ids: Sequence[int] | None) -> list[Row]:
         """Whole letters of `flow` to retry or discard, oldest first: those with `ids` (of
@@ -82,9 +82,9 @@ class DeadLetterStore:
         """Move `letters` to the end of their step's input queue (call inside a transaction).
 
         A mapper letter ("ID:mapper") goes to step ID with `bodies[i]` (the body mapped by the
-        step's current mapping) when given. The message keeps its id and its passthrough; its
-        attempts so far travel with it (`failures`), so failing again makes a letter with one
-        attempt more.
+        step's current mapping) when given. The message keeps its id, passthrough and
+        attachments; its attempts so far travel with it (`failures`), so failing again makes a
+        letter with one attempt more.
         """
         rows = []
         for i, letter in enumerate(letters):
@@ -99,12 +99,13 @@ class DeadLetterStore:
                     _text(letter["headers"]),
                     int(letter["attempts"]),
                     _text(letter["passthrough"]),
+                    _text(letter["attachments"]),
                     letter["created_at"],
                 )
             )
         self.conn.executemany(
             "INSERT INTO messages (flow, step, msg_id, body, headers, failures, passthrough,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " attachments, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         self.delete([int(letter["id"]) for letter in letters])

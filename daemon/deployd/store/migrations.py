@@ -385,3 +385,22 @@ def m009_version_warnings(db: Database) -> None:
     """What a build found worth telling about a version without failing it (issue 17): a JSON
     list of sentences, such as an `engines.node` the node in use does not satisfy."""
     db.execute("ALTER TABLE versions ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
+
+
+@migrations()
+def m010_attachments(db: Database) -> None:
+    """Attachments on every message (issue 17): `{"<name>": {"url", "size", "content-type"}}`
+    as the seed platform's messages carry them, kept (like passthrough) as the JSON text the
+    sailor sent, with queued messages and dead letters.
+
+    `object_refs` records, per object of the object store, when a message referencing it (by
+    its url) was last emitted: retention keeps an object while a queued message or a dead
+    letter references it, and for `daemon.keep_attachments` after the last message that did
+    (messages waiting on a broker are not in this database).
+    """
+    db.execute("ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT '{}'")
+    db.execute("ALTER TABLE dead_letters ADD COLUMN attachments TEXT NOT NULL DEFAULT '{}'")
+    db.execute(
+        "CREATE TABLE object_refs (object_id TEXT PRIMARY KEY, flow TEXT NOT NULL,"
+        " last_seen REAL NOT NULL) WITHOUT ROWID"
+    )

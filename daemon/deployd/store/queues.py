@@ -27,6 +27,8 @@ class Queued(NamedTuple):
     failures: int  # dead-letter attempts so far (a retried letter)
     # what earlier steps of the same flow execution emitted, by step id (JSON text, as stored)
     passthrough: str = "{}"
+    # files the message carries: {"<name>": {"url", "size", "content-type"}} (JSON text)
+    attachments: str = "{}"
 
 
 @dataclass
@@ -34,16 +36,19 @@ class QueueBatch:
     """What one group commit writes: the results of every call and message that finished in
     one event-loop tick, so each costs no transaction of its own."""
 
-    # (flow, step, msg_id, body JSON, headers JSON, failures, passthrough JSON)
-    enqueue: list[tuple[str, str, str, str, str, int, str]] = field(default_factory=list)
+    # (flow, step, msg_id, body JSON, headers JSON, failures, passthrough JSON, attachments
+    # JSON)
+    enqueue: list[tuple[str, str, str, str, str, int, str, str]] = field(default_factory=list)
     delete: list[int] = field(default_factory=list)
     defer: list[tuple[float, int]] = field(default_factory=list)  # (not_before, row id)
     snapshots: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     # (flow, step) -> [processed, failed, last error or None]
     stats: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
     # dead_letters rows: (flow, step, msg_id, body, headers, flow_version, component,
-    # component_version, error, attempts, emitted JSON, passthrough JSON)
+    # component_version, error, attempts, emitted JSON, passthrough JSON, attachments JSON)
     letters: list[tuple[Any, ...]] = field(default_factory=list)
+    # (object id, flow, at): objects of the object store a queued output references
+    refs: list[tuple[str, str, float]] = field(default_factory=list)
     # (flow, step, msg_id, at): messages handled on a broker (their redelivery is skipped)
     handled: list[tuple[str, str, str, float]] = field(default_factory=list)
     calls: dict[tuple[str, str], int] = field(default_factory=dict)  # trigger call numbers
@@ -58,6 +63,7 @@ class QueueBatch:
             or self.snapshots
             or self.stats
             or self.letters
+            or self.refs
         )
 
 
@@ -81,7 +87,8 @@ class QueueStore:
     def fetch(self, flow: str, step: str, after: int, limit: int) -> list[Queued]:
         """Up to `limit` messages of `step` due now with row id above `after`, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, msg_id, body, headers, attempts, failures, passthrough FROM messages"
+            "SELECT id, msg_id, body, headers, attempts, failures, passthrough, attachments"
+            " FROM messages"
             " WHERE flow = ? AND step = ? AND id > ? AND not_before <= ? ORDER BY id LIMIT ?",
             (flow, step, after, time.time(), limit),
         ).fetchall()
@@ -94,7 +101,7 @@ class QueueStore:
         if batch.enqueue:
             conn.executemany(
                 "INSERT INTO messages (flow, step, msg_id, body, headers, failures, passthrough,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " attachments, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*row, now) for row in batch.enqueue],
             )
         if batch.defer:
@@ -106,8 +113,13 @@ class QueueStore:
             conn.executemany(
                 "INSERT INTO dead_letters (flow, step, msg_id, body, headers, flow_version,"
                 " component, component_version, error, attempts, emitted, passthrough,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " attachments, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*row, now) for row in batch.letters],
+            )
+        if batch.refs:
+            conn.executemany(
+                "INSERT OR REPLACE INTO object_refs (object_id, flow, last_seen) VALUES (?, ?, ?)",
+                batch.refs,
             )
         if batch.delete:
             conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in batch.delete])
@@ -135,7 +147,8 @@ class QueueStore:
     def queue_rows(self, flow: str, step: str) -> list[Queued]:
         """Every message of `step`, due or not, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, msg_id, body, headers, attempts, failures, passthrough FROM messages"
+            "SELECT id, msg_id, body, headers, attempts, failures, passthrough, attachments"
+            " FROM messages"
             " WHERE flow = ? AND step = ? ORDER BY id",
             (flow, step),
         ).fetchall()
@@ -148,7 +161,7 @@ class QueueStore:
             " ORDER BY id LIMIT 1",
             (flow, step, time.time()),
         )
-        return decode_json(row, "body", "headers", "passthrough")
+        return decode_json(row, "body", "headers", "passthrough", "attachments")
 
     def next_due(self, flow: str, step: str, after: float = -1.0) -> float | None:
         """When the earliest message queued for `step` (of those held back past `after`) may
@@ -177,8 +190,8 @@ class QueueStore:
     def flow_messages(self, flow: str) -> list[tuple[str, Queued]]:
         """Every message queued for `flow`, with its step, oldest first."""
         rows = self.conn.execute(
-            "SELECT step, id, msg_id, body, headers, attempts, failures, passthrough"
-            " FROM messages"
+            "SELECT step, id, msg_id, body, headers, attempts, failures, passthrough,"
+            " attachments FROM messages"
             " WHERE flow = ? ORDER BY id",
             (flow,),
         ).fetchall()
@@ -192,7 +205,7 @@ class QueueStore:
         now = utcnow()
         self.conn.executemany(
             "INSERT INTO messages (flow, step, msg_id, body, headers, attempts, failures,"
-            " passthrough, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " passthrough, attachments, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     flow,
@@ -203,6 +216,7 @@ class QueueStore:
                     q.attempts,
                     q.failures,
                     q.passthrough,
+                    q.attachments,
                     now,
                 )
                 for step, q in rows
@@ -217,6 +231,24 @@ class QueueStore:
             (fallback, flow, *step_ids),
         )
         return cur.rowcount
+
+    # -- object references (retention of the object store) ----------------------------------
+
+    def attachment_texts(self) -> list[str]:
+        """The attachments (JSON text) of every queued message and dead letter that has any."""
+        rows = self.conn.execute(
+            "SELECT attachments FROM messages WHERE attachments != '{}'"
+            " UNION ALL SELECT attachments FROM dead_letters WHERE attachments != '{}'"
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def object_refs(self) -> dict[str, float]:
+        """When a message referencing each object was last emitted, by object id."""
+        rows = self.conn.execute("SELECT object_id, last_seen FROM object_refs").fetchall()
+        return {str(r[0]): float(r[1]) for r in rows}
+
+    def forget_object_refs(self, ids: list[str]) -> None:
+        self.conn.executemany("DELETE FROM object_refs WHERE object_id = ?", [(i,) for i in ids])
 
     # -- snapshots and stats ---------------------------------------------------------------
 

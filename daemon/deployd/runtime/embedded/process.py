@@ -43,12 +43,19 @@ class StepDied(Exception):
     """The step process went away while it had work."""
 
 
+# An output message: its body (a dict, or the sailor's JSON text) and headers.
+Output = tuple[dict[str, Any] | str, dict[str, Any]]
+
+
 @dataclass
 class Result:
     """What one call or message produced."""
 
     # (body, headers): a body the daemon only forwards stays the JSON text the sailor sent
-    outputs: list[tuple[dict[str, Any] | str, dict[str, Any]]] = field(default_factory=list)
+    outputs: list[Output] = field(default_factory=list)
+    # the attachments of outputs that have any, by their index in `outputs`: the JSON text of
+    # `{"<name>": {"url", "size", "content-type"}}` (most outputs have none)
+    attachments: dict[int, str] = field(default_factory=dict)
     snapshot: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
     detail: str | None = None  # the last error's whole text (traceback or stack), when sent
@@ -179,6 +186,9 @@ class StepProcess:
                 self.ready.set_exception(StepFailed(self.step_id, str(msg.get("error"))))
         elif kind == "data" and res is not None:
             body = msg.get("body")
+            files = msg.get("attachments")
+            if isinstance(files, dict) and files:
+                res.attachments[len(res.outputs)] = encode_value(files).decode()
             res.outputs.append((body if isinstance(body, dict) else {}, msg.get("headers") or {}))
         elif kind == "snapshot" and res is not None:
             self.snap = res.snapshot = dict(msg.get("data") or {})
@@ -254,20 +264,22 @@ class StepProcess:
         return self._send(encode({**body, "ref": self._ref + 1}))
 
     def submit_msg(self, row: Queued, snapshot: dict[str, Any]) -> Future[Result]:
-        """`submit` of a queued message, its body, headers and passthrough forwarded as
-        stored."""
+        """`submit` of a queued message, its body, headers, passthrough and attachments
+        forwarded as stored."""
         extra = b""
         if self.snap is None:
             self.snap = snapshot
             extra = b',"snapshot":' + encode_value(snapshot)
         line = (
-            b'{"t":"msg","ref":%d,"msg":{"id":%s,"body":%s,"headers":%s,"passthrough":%s}%s}\n'
+            b'{"t":"msg","ref":%d,"msg":{"id":%s,"body":%s,"headers":%s,"passthrough":%s,'
+            b'"attachments":%s}%s}\n'
             % (
                 self._ref + 1,
                 encode_value(row.msg_id),
                 row.body.encode(),
                 row.headers.encode(),
                 row.passthrough.encode(),
+                row.attachments.encode(),
                 extra,
             )
         )
@@ -369,6 +381,8 @@ class Launcher:
         self._writers: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
         self.home = state_dir / "run" / "home"
         self.api_uri: str | None = None  # ELASTICIO_API_URI of the steps (set by the runtime)
+        # what the steps' object storage tokens derive from (set by the runtime)
+        self.object_key: bytes | None = None
         self.node = NodeRuntime(
             node or NodeSettings(), self.address, self.home, state_dir / "logs", step_env(self.home)
         )

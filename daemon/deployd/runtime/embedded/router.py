@@ -15,11 +15,16 @@ the commit; `flush()` writes at once where order matters (a switch, a snapshot r
 
 **Passthrough.** Every output carries what each step of the same flow execution emitted so
 far, by step id — its input's passthrough with the output itself added under the emitting
-step's id (`{"<step>": {"id", "body", "headers"}}`), as the seed platform's sailor builds it.
+step's id (`{"<step>": {"id", "body", "headers", "attachments"?}}`), as the seed platform's
+sailor builds it.
 It is put together here as JSON text from the texts the sailor sent and the input's stored
 column (never decoded, unless a mapping calls `$getPassthrough()`), and bounded by
 `daemon.max_passthrough_bytes`: over it, the oldest steps' entries are left out (a warning in
 the emitting step's log says which), never the message.
+
+**Attachments** (`{"<name>": {"url", "size", "content-type"}}`) travel with each message as
+the JSON text the sailor sent, into the next step's queue and into dead letters; the objects of
+deployd's object store an output references are recorded (`object_refs`) for retention.
 
 **Queue depths** are counted here (the router is the queues' only writer while flows run),
 so backpressure (`runner.py`) costs no query per message; code that changes queues in other
@@ -41,12 +46,13 @@ from typing import Any
 
 from ...errors import FlowError
 from ...metrics import Metrics
+from ...objects import OBJECT_URL
 from ...store import FlowStore, Store
 from ...store.letters import DeadLetterStore
 from ...store.queues import QueueBatch, Queued
 from ...types import FlowVersionToRun
 from .. import mapper
-from .process import Result
+from .process import Output, Result
 
 log = logging.getLogger("deployd.router")
 dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -174,7 +180,9 @@ class Router:
                 return due
             res.errors.append(f"gave up after {attempts} rebounds: {res.rebound}")
         if res.outputs and index + 1 < len(spec.steps):
-            self._forward(spec, index + 1, res.outputs, row.passthrough if row else "{}")
+            self._forward(
+                spec, index + 1, res.outputs, row.passthrough if row else "{}", res.attachments
+            )
         if res.snapshot is not None:
             batch.snapshots[key] = res.snapshot
         self._processed[key] += 1
@@ -193,12 +201,15 @@ class Router:
         self,
         spec: FlowVersionToRun,
         index: int,
-        outputs: list[tuple[dict[str, Any] | str, dict[str, Any]]],
+        outputs: list[Output],
         passthrough: str = "{}",
+        attachments: dict[int, str] | None = None,
     ) -> None:
         """Queue `outputs` for step `index`, through its mapping when it has one (a body the
         daemon only forwards stays the sailor's JSON text), each with its passthrough: the
-        input's (`passthrough`, JSON text) and the output itself under the emitting step."""
+        input's (`passthrough`, JSON text) and the output itself under the emitting step; and
+        its attachments (`attachments`, JSON text by output index; the objects they name are
+        recorded for retention)."""
         flow, step = spec.flow, spec.steps[index]
         mapping = step.mapping
         enqueue, new_id = self._batch.enqueue.append, self._new_id
@@ -207,25 +218,35 @@ class Router:
         # `{…earlier steps…, "<emitter>": ` — what every output's passthrough starts with
         head = ("{" if passthrough == "{}" else passthrough[:-1] + ",") + dumps(emitter) + ":"
         queued = 0
-        for body, headers in outputs:
+        for i, (body, headers) in enumerate(outputs):
+            files = attachments.get(i, "{}") if attachments else "{}"
             msg_id = new_id()
             text = body if isinstance(body, str) else dumps(body)
             headers_text = dumps(headers) if headers else "{}"
             pt = "{}"
             if limit:
-                pt = f'{head}{{"id":"{msg_id}","body":{text},"headers":{headers_text}}}}}'
+                extra = "" if files == "{}" else f',"attachments":{files}'
+                pt = f'{head}{{"id":"{msg_id}","body":{text},"headers":{headers_text}{extra}}}}}'
                 if len(pt) > limit >> 2 and len(pt.encode()) > limit:
                     pt = self._cut_passthrough(flow, emitter, step.id, pt, limit)
+            if files != "{}":
+                self._refer(flow, files)
             if mapping:
                 try:
                     text = dumps(mapper.apply(mapping, _decoded(body), pt, spec.variables))
                 except FlowError as exc:
-                    self._mapping_failed(spec, index, msg_id, text, headers, pt, str(exc))
+                    self._mapping_failed(spec, index, msg_id, text, headers, pt, str(exc), files)
                     continue
-            enqueue((flow, step.id, msg_id, text, headers_text, 0, pt))
+            enqueue((flow, step.id, msg_id, text, headers_text, 0, pt, files))
             queued += 1
         if queued:
             self._added[(flow, step.id)] += queued
+
+    def _refer(self, flow: str, files: str) -> None:
+        """Record the objects of deployd's object store that `files` (an output's attachments,
+        JSON text) name, so retention keeps them (`object_refs`)."""
+        now = time.time()
+        self._batch.refs.extend((oid, flow, now) for oid in OBJECT_URL.findall(files))
 
     def _cut_passthrough(self, flow: str, emitter: str, target: str, text: str, limit: int) -> str:
         """`text` (a passthrough) is over `limit` bytes: the oldest steps' entries are left out
@@ -278,7 +299,12 @@ class Router:
         self, spec: FlowVersionToRun, index: int, row: Queued, res: Result, error: str
     ) -> None:
         step = spec.steps[index]
-        emitted = [{"body": _decoded(b), "headers": h} for b, h in res.outputs[:MAX_EMITTED_KEPT]]
+        emitted: list[dict[str, Any]] = []
+        for i, (body, headers) in enumerate(res.outputs[:MAX_EMITTED_KEPT]):
+            out: dict[str, Any] = {"body": _decoded(body), "headers": headers}
+            if i in res.attachments:
+                out["attachments"] = json.loads(res.attachments[i])
+            emitted.append(out)
         text = error if not res.detail or res.detail == error else f"{error}\n\n{res.detail}"
         self._batch.letters.append(
             (
@@ -294,6 +320,7 @@ class Router:
                 row.failures + 1,
                 json.dumps(emitted),
                 row.passthrough,
+                row.attachments,
             )
         )
 
@@ -306,9 +333,11 @@ class Router:
         headers: dict[str, Any],
         passthrough: str,
         error: str,
+        attachments: str = "{}",
     ) -> None:
         """An output failed the mapping of the step it was for: a dead letter of that step's
-        mapper, holding the output as it was before the mapping, with its passthrough."""
+        mapper, holding the output as it was before the mapping, with its passthrough and
+        attachments."""
         step = spec.steps[index]
         mapper_id = f"{step.id}:mapper"
         self._batch.letters.append(
@@ -325,6 +354,7 @@ class Router:
                 1,
                 "[]",
                 passthrough,
+                attachments,
             )
         )
         self._failed[(spec.flow, mapper_id)] += 1

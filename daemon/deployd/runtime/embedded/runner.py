@@ -163,7 +163,9 @@ class FlowRunner:
             "main": step.main,
             "runtime": step.runtime,
             # set by the sailor as it becomes the step (a pooled process started without it)
-            "env": step_environment(self.flow, self.version, step, self.launcher.api_uri),
+            "env": step_environment(
+                self.flow, self.version, step, self.launcher.api_uri, self.launcher.object_key
+            ),
             "variables": dict(self._spec.variables),
         }
         proc = StepProcess(self.launcher, spec, self.log_path(step.id), self._on_exit)

@@ -21,6 +21,7 @@ from typing import Any
 from ...config import DaemonConfig, redact_url
 from ...errors import FlowError
 from ...metrics import Metrics
+from ...objects import ensure_key
 from ...paths import Paths
 from ...store import Store
 from ...store.db import Row
@@ -63,6 +64,7 @@ class EmbeddedRuntime:
         self.owns_launcher = launcher is None
         self.launcher = launcher or Launcher(paths.root, _node_settings(settings))
         self.launcher.api_uri = api_uri(settings.host, settings.port)
+        self.launcher.object_key = ensure_key(paths)
         self.log_dir = paths.step_logs
         self.settings = settings
         self._background: set[asyncio.Task[None]] = set()

@@ -103,8 +103,8 @@ _space = re.compile(r"[ \t\n\r]*")
 def members(text: str) -> dict[str, tuple[Any, str]]:
     """The members of the JSON object `text`, each as (value, its JSON text as it came).
 
-    A message's body, headers and passthrough are kept and handed on as the text the broker
-    delivered (decoded once, to check them), not encoded again. Raises ValueError (as
+    A message's body, headers, attachments and passthrough are kept and handed on as the text
+    the broker delivered (decoded once, to check them), not encoded again. Raises ValueError (as
     `json.loads`) when `text` is not one JSON object."""
     end = len(text)
     i = _space.match(text, 0).end()  # type: ignore[union-attr]
@@ -139,13 +139,16 @@ def _only(out: dict[str, tuple[Any, str]], text: str, i: int) -> dict[str, tuple
     return out
 
 
-def envelope(msg_id: str, body: str, headers: str, passthrough: str = "{}") -> bytes:
+def envelope(
+    msg_id: str, body: str, headers: str, passthrough: str = "{}", attachments: str = "{}"
+) -> bytes:
     """A message as it travels: the seed platform's shape, `{"id", "body", "headers",
-    "passthrough"}` (the JSON texts as stored, not encoded again)."""
-    return b'{"id":%s,"body":%s,"headers":%s,"passthrough":%s}' % (
+    "attachments", "passthrough"}` (the JSON texts as stored, not encoded again)."""
+    return b'{"id":%s,"body":%s,"headers":%s,"attachments":%s,"passthrough":%s}' % (
         dumps(msg_id).encode(),
         body.encode(),
         headers.encode(),
+        attachments.encode(),
         passthrough.encode(),
     )
 
@@ -211,6 +214,9 @@ class AmqpRouter(Router):
             msg_headers = text if isinstance(value, dict) else "{}"
             value, text = data.get("passthrough", (None, "{}"))
             passthrough = text if isinstance(value, dict) else "{}"
+            # an envelope without "attachments" (written before they travelled) has none
+            value, text = data.get("attachments", (None, "{}"))
+            attachments = text if isinstance(value, dict) and value else "{}"
             msg_id = msg_id or str(data.get("id", (None,))[0] or self._new_id())
         except ValueError as exc:
             self._foreign(flow, step, message, msg_id, str(exc))
@@ -232,6 +238,7 @@ class AmqpRouter(Router):
             attempts,
             failures,
             passthrough,
+            attachments,
         )
 
     def _foreign(self, flow: str, step: str, message: Inbound, msg_id: str, why: str) -> None:
@@ -254,6 +261,7 @@ class AmqpRouter(Router):
                 error,
                 1,
                 "[]",
+                "{}",
                 "{}",
             )
         )
@@ -404,7 +412,7 @@ class AmqpRouter(Router):
         loop = asyncio.get_running_loop()
         publish = self.broker.publish
         last = len(batch.enqueue) - 1
-        for i, (flow, step, msg_id, body, headers, failures, passthrough) in enumerate(
+        for i, (flow, step, msg_id, body, headers, failures, passthrough, files) in enumerate(
             batch.enqueue
         ):
             group.publishes.append(
@@ -412,7 +420,7 @@ class AmqpRouter(Router):
                     publish(
                         EXCHANGE,
                         routing_key(flow, step),
-                        envelope(msg_id, body, headers, passthrough),
+                        envelope(msg_id, body, headers, passthrough, files),
                         self._properties(flow, step, msg_id, failures),
                         drain=i == last and not rebounds,
                     )
@@ -513,7 +521,7 @@ class AmqpRouter(Router):
 
     def _write(self, batch: QueueBatch) -> None:
         stats = batch.stats
-        if not (batch.snapshots or batch.letters or batch.handled or stats):
+        if not (batch.snapshots or batch.letters or batch.handled or stats or batch.refs):
             return
         with self.store.tx():
             self.flows.commit_batch(batch)

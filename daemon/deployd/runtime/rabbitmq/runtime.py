@@ -192,7 +192,7 @@ class RabbitRuntime(EmbeddedRuntime):
                 publish(
                     EXCHANGE,
                     routing_key(flow, step),
-                    envelope(row.msg_id, row.body, row.headers, row.passthrough),
+                    envelope(row.msg_id, row.body, row.headers, row.passthrough, row.attachments),
                     properties(row.msg_id, _headers(flow, step, row)),
                 )
                 for step, row in rows
@@ -223,6 +223,7 @@ class RabbitRuntime(EmbeddedRuntime):
                             0,
                             int(letter["attempts"]),
                             _text(letter["passthrough"]),
+                            _text(letter["attachments"]),
                         ),
                     )
                     for letter, body in zip(letters, bodies, strict=True)
