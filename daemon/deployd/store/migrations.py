@@ -385,3 +385,16 @@ def m009_version_warnings(db: Database) -> None:
     """What a build found worth telling about a version without failing it (issue 17): a JSON
     list of sentences, such as an `engines.node` the node in use does not satisfy."""
     db.execute("ALTER TABLE versions ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
+
+
+@migrations()
+def m011_credential_keys(db: Database) -> None:
+    """The keys a step refreshed with `emit('updateKeys', keys)` (issue 17), one row per
+    credential of the config: `token` is the keys as JSON, encrypted with the config's
+    `daemon.secret_key` (Fernet: AES-128-CBC and HMAC-SHA256), never in clear. `component`
+    is the credential's component when they were stored (keys of a credential that was given
+    to another component since are not used). Independent of every other table."""
+    db.execute(
+        "CREATE TABLE credential_keys (name TEXT NOT NULL PRIMARY KEY, component TEXT NOT NULL,"
+        " token BLOB NOT NULL, fields TEXT NOT NULL, updated_at TEXT NOT NULL) WITHOUT ROWID"
+    )
