@@ -644,7 +644,9 @@ def _check_credentials(raw: dict[str, Any], problems: list[str]) -> None:
     creds = raw.get("credentials")
     comps = raw.get("components")
     names = {
-        c.get("name") for c in (comps if isinstance(comps, list) else []) if isinstance(c, dict)
+        c["name"]
+        for c in (comps if isinstance(comps, list) else [])
+        if isinstance(c, dict) and isinstance(c.get("name"), str)
     }
     seen: dict[str, int] = {}
     for i, cred in enumerate(creds if isinstance(creds, list) else []):
@@ -659,7 +661,7 @@ def _check_credentials(raw: dict[str, Any], problems: list[str]) -> None:
             seen.setdefault(name, i)
         comp = cred.get("component")
         if isinstance(comp, str) and NAME_RE.match(comp) and comp not in names:
-            known = ", ".join(sorted(n for n in names if isinstance(n, str))) or "none"
+            known = ", ".join(sorted(names)) or "none"
             problems.append(
                 f"credentials[{i}].component: no [[components]] named {comp!r} (known: {known})"
             )
