@@ -191,6 +191,22 @@ class DaemonConfig(_Model):
     max_object_bytes: int = Field(default=100 * 1024 * 1024, ge=1, le=64 * 1024**3)
     keep_attachments: Duration = 86400.0
     keep_objects: Duration = 7 * 86400.0
+    # Credentials (issue 17): the key that encrypts the keys steps refresh with
+    # emit('updateKeys') in the state database (a Fernet key: 32 url-safe base64 bytes).
+    # Unset: such keys are refused (never stored in clear).
+    secret_key: SecretStr | None = None
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not is_fernet_key(value.get_secret_value()):
+            raise ValueError(
+                "is not a key deployd can encrypt with: give 32 random bytes, url-safe base64 "
+                "encoded (44 characters), e.g. the output of python3 -c 'import base64, os; "
+                "print(base64.urlsafe_b64encode(os.urandom(32)).decode())', set as an "
+                'environment variable (secret_key = "${DEPLOYD_SECRET_KEY}")'
+            )
+        return value
 
     @field_validator("warmup_timeout", "rollback_window", "stop_timeout")
     @classmethod
@@ -232,6 +248,17 @@ class DaemonConfig(_Model):
             return ipaddress.ip_address(host).is_loopback
         except ValueError:
             return False
+
+
+def is_fernet_key(text: str) -> bool:
+    """Whether `text` is a Fernet key: 32 bytes in url-safe base64."""
+    import base64
+    import binascii
+
+    try:
+        return len(base64.urlsafe_b64decode(text.strip().encode("ascii"))) == 32
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return False
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -369,10 +396,64 @@ class RuntimeConfig(_Model):
     rabbitmq: RabbitConfig = RabbitConfig()
 
 
+MAX_CREDENTIAL_FIELDS = 256
+MAX_CREDENTIAL_BYTES = 64 * 1024
+
+
+class CredentialConfig(_Model):
+    """[[credentials]]: an account of one component (the platform's credential), named by
+    flow steps (`credential = "NAME"`). Its `fields` are secrets: their `${VAR}` are
+    expanded at load, and they go to step processes only, never to a repr, a `model_dump`,
+    a log or a status."""
+
+    name: str
+    component: str
+    fields: dict[str, Any] = Field(default_factory=dict, repr=False, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid credential name: use 1-63 lowercase letters, digits "
+                "and '-', starting with a letter or digit (e.g. \"billing-prod\")"
+            )
+        return value
+
+    @field_validator("component")
+    @classmethod
+    def _component(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid component name")
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        if len(value) > MAX_CREDENTIAL_FIELDS:
+            raise ValueError(f"has more than {MAX_CREDENTIAL_FIELDS} fields")
+        for key in value:
+            if not key or key.startswith("_") or not key.isprintable():
+                raise ValueError(
+                    f"{key!r} is not a field name (a field of the component's component.json "
+                    "credentials.fields; names starting with '_' are the platform's own)"
+                )
+        try:
+            size = len(json.dumps(value, default=str))
+        except (ValueError, RecursionError):
+            raise ValueError("cannot be written as JSON; flatten it") from None
+        if size > MAX_CREDENTIAL_BYTES:
+            raise ValueError(f"is larger than {MAX_CREDENTIAL_BYTES} bytes as JSON")
+        return value
+
+
 class Config(_Model):
     daemon: DaemonConfig = DaemonConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     components: tuple[ComponentConfig, ...] = ()
+    credentials: tuple[CredentialConfig, ...] = ()
     path: Path | None = None
     # Every ${NAME} the config file mentions: deployd's own secrets, which flows cannot read.
     own_env: frozenset[str] = frozenset()
@@ -381,6 +462,12 @@ class Config(_Model):
         for comp in self.components:
             if comp.name == name:
                 return comp
+        return None
+
+    def credential(self, name: str) -> CredentialConfig | None:
+        for cred in self.credentials:
+            if cred.name == name:
+                return cred
         return None
 
     @property
@@ -454,6 +541,8 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     problems: list[str] = []
     raw = dict(raw)
     own_env = frozenset(_env_names(raw))
+    # deployd's own secrets, which a credential (given to steps) may not name
+    own_outside = _env_names({k: v for k, v in raw.items() if k != "credentials"})
     comps = raw.get("components")
     if comps is not None and not isinstance(comps, list):
         problems.append("components: must be an array of tables ([[components]])")
@@ -468,6 +557,21 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
                 )
             expanded.append(comp)
         raw["components"] = expanded
+    daemon_raw = raw.get("daemon")
+    if isinstance(daemon_raw, dict) and "secret_key" in daemon_raw:
+        raw["daemon"] = {
+            **daemon_raw,
+            "secret_key": _expand_env(daemon_raw["secret_key"], "daemon.secret_key", problems),
+        }
+    creds = raw.get("credentials")
+    if creds is not None and not isinstance(creds, list):
+        problems.append(
+            "credentials: must be an array of tables ([[credentials]] with name, component "
+            "and fields)"
+        )
+        raw.pop("credentials")
+    elif creds:
+        raw["credentials"] = _expand_credentials(own_outside, creds, problems)
     runtime = raw.get("runtime")
     if isinstance(runtime, dict) and isinstance(runtime.get("rabbitmq"), dict):
         rabbit = dict(runtime["rabbitmq"])
@@ -489,6 +593,7 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             '(e.g. url = "${DEPLOYD_AMQP_URL}")'
         )
     _check_webhook_secrets(raw, problems)
+    _check_credentials(raw, problems)
     if cfg is None or problems:
         raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
     comps_out = [
@@ -504,6 +609,70 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             "own_env": own_env,
         }
     )
+
+
+def _expand_credentials(own: set[str], creds: list[Any], problems: list[str]) -> list[Any]:
+    """[[credentials]] with the `${VAR}` in their fields' strings (at any depth) expanded.
+
+    A credential goes to step processes, so it cannot read deployd's own secrets: `DEPLOYD_*`
+    names and `own` (the names the rest of the config file uses) are refused, as in flow
+    files."""
+
+    def expand(value: Any, where: str) -> Any:
+        if isinstance(value, dict):
+            return {k: expand(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str):
+            for name in _ENV_RE.findall(value):
+                if name.startswith("DEPLOYD_") or name in own:
+                    problems.append(
+                        f"{where}: ${{{name}}} is one of deployd's own settings (the config "
+                        "file uses it elsewhere, or it starts with DEPLOYD_), which steps "
+                        "never get; export the credential's secret under another name"
+                    )
+                    return ""
+            return _expand_env(value, where, problems)
+        return value
+
+    out = []
+    for i, cred in enumerate(creds):
+        if isinstance(cred, dict) and isinstance(cred.get("fields"), dict):
+            try:
+                cred = {**cred, "fields": expand(cred["fields"], f"credentials[{i}].fields")}
+            except RecursionError:
+                problems.append(f"credentials[{i}].fields: nested too deeply; flatten it")
+                cred = {**cred, "fields": {}}
+        out.append(cred)
+    return out
+
+
+def _check_credentials(raw: dict[str, Any], problems: list[str]) -> None:
+    """Credential names are unique, and each names a configured component."""
+    creds = raw.get("credentials")
+    comps = raw.get("components")
+    names = {
+        c["name"]
+        for c in (comps if isinstance(comps, list) else [])
+        if isinstance(c, dict) and isinstance(c.get("name"), str)
+    }
+    seen: dict[str, int] = {}
+    for i, cred in enumerate(creds if isinstance(creds, list) else []):
+        if not isinstance(cred, dict):
+            continue
+        name = cred.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(
+                    f"credentials[{i}].name: {name!r} is already used by credentials[{seen[name]}]"
+                )
+            seen.setdefault(name, i)
+        comp = cred.get("component")
+        if isinstance(comp, str) and NAME_RE.match(comp) and comp not in names:
+            known = ", ".join(sorted(names)) or "none"
+            problems.append(
+                f"credentials[{i}].component: no [[components]] named {comp!r} (known: {known})"
+            )
 
 
 def _env_names(value: Any) -> set[str]:

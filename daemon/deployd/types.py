@@ -106,6 +106,8 @@ class RunStep:
     max_queue: int | None = None  # its input queue's limit (None: daemon.max_queue)
     # The flow file's `env` of the step, `${VAR}` secrets expanded: never in a repr or a log.
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The [[credentials]] (by name) merged into its cfg at every start of its process.
+    credential: str | None = None
 
 
 RUNTIME_NAMES = ("embedded", "rabbitmq")  # what `runtime =` and `flow move --runtime` take

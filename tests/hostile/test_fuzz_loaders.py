@@ -79,10 +79,24 @@ def _no_nul_keys(doc: Any) -> bool:
     return "\x00" not in json.dumps(doc)
 
 
+CREDENTIAL_KEYS = list(cfgmod.CredentialConfig.model_fields)
+
 config_docs = st.builds(
-    lambda daemon, comps, top: {**top, "daemon": daemon, "components": comps},
+    lambda daemon, comps, creds, top: {
+        **top,
+        "daemon": daemon,
+        "components": comps,
+        **({"credentials": creds} if creds is not None else {}),
+    },
     mutated({"state_dir": "var", "listen": "127.0.0.1:8787"}, DAEMON_KEYS) | value,
     st.lists(mutated({"name": "hello"}, COMPONENT_KEYS) | value, max_size=3) | value,
+    st.none()
+    | st.lists(
+        mutated({"name": "c", "component": "hello", "fields": {"k": "${HOME}"}}, CREDENTIAL_KEYS)
+        | value,
+        max_size=2,
+    )
+    | value,
     st.dictionaries(st.sampled_from(["path", "x", "daemon"]), value, max_size=1),
 )
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
-from . import components, flows, hooks, objects, ops, poll, status
+from . import components, credentials, flows, hooks, objects, ops, poll, status
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -93,6 +93,7 @@ def create_app(parts: ApiParts) -> hooks.FastPath:
     app.include_router(flows.router(parts.deployer, parts.token, parts.accepting))
     app.include_router(ops.router(parts.operator, parts.token, parts.accepting))
     app.include_router(components.router(parts.deployer, parts.token, parts.accepting))
+    app.include_router(credentials.router(parts.deployer, parts.token, parts.accepting))
     app.include_router(hooks.router(parts.intake))  # /hooks/{component}
     app.include_router(poll.router(parts.poller, parts.config, parts.token))  # /api/v1/poll
     app.include_router(objects.router(parts.object_store, parts.object_key, parts.config))

@@ -27,6 +27,7 @@ class CallBody(BaseModel):
     version: int | None = Field(default=None, ge=1)
     field: StrictStr | None = Field(default=None, min_length=1, max_length=128)
     timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT)
+    credential: StrictStr | None = Field(default=None, min_length=1, max_length=128)
 
 
 def router(
@@ -37,7 +38,14 @@ def router(
     @api.post("/components/{name}/call")
     async def call(name: str, body: CallBody) -> Any:
         work = deployer.call_method(
-            name, body.method, body.function, body.config, body.version, body.field, body.timeout
+            name,
+            body.method,
+            body.function,
+            body.config,
+            body.version,
+            body.field,
+            body.timeout,
+            body.credential,
         )
         try:
             return await answer(accepting, work)

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DeploydError
-from . import components, flows, ops
+from . import components, credentials, flows, ops
 from .common import state
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ for part in (components.commands, flows.commands, ops.commands):
     app.registered_commands.extend(part.registered_commands)
 app.add_typer(components.hook_app, name="hook")
 app.add_typer(components.component_app, name="component")
+app.add_typer(credentials.credential_app, name="credential")
 app.add_typer(flows.flow_app, name="flow")
 
 

@@ -66,6 +66,13 @@ def check_config(config: ConfigOpt = None) -> None:
         markup=False,
         highlight=False,
     )
+    out.print(
+        "  secret_key "
+        + ("set (refreshed credential keys are stored encrypted)" if d.secret_key else "not set")
+        + ("" if d.secret_key or not cfg.credentials else " (emit('updateKeys') is refused)"),
+        markup=False,
+        highlight=False,
+    )
     out.print(f"  components {len(cfg.components)}")
     for comp in cfg.components:
         where = "hosted" if comp.hosted else redact_url(comp.url or "")
@@ -73,6 +80,14 @@ def check_config(config: ConfigOpt = None) -> None:
         out.print(
             f"    {comp.name:<24} branch {comp.branch:<12} {where}  "
             f"(build_timeout {format_duration(comp.build_timeout)}, {secret})",
+            markup=False,
+            highlight=False,
+        )
+    out.print(f"  credentials {len(cfg.credentials)}")
+    for cred in cfg.credentials:  # names only: the values are secrets
+        fields = ", ".join(sorted(cred.fields)) or "no fields"
+        out.print(
+            f"    {cred.name:<24} component {cred.component:<16} fields {fields}",
             markup=False,
             highlight=False,
         )
@@ -371,6 +386,13 @@ def component_call(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds the call may take.", min=0.1, max=300)
     ] = 30.0,
+    credential: Annotated[
+        str | None,
+        typer.Option(
+            "--credential",
+            help="A [[credentials]] of the daemon config merged into the cfg, as for a step.",
+        ),
+    ] = None,
     daemon_config: Annotated[
         Path | None,
         typer.Option(
@@ -394,6 +416,7 @@ def component_call(
         "version": version,
         "field": field,
         "timeout": timeout,
+        "credential": credential,
     }
     data = call(
         cfg, "POST", f"/api/v1/components/{component}/call", json=body, timeout=timeout + 30

@@ -18,6 +18,7 @@ from ..errors import FlowError
 from ..metrics import Metrics
 from ..pauses import Pauses
 from ..runtime.base import Runtime
+from ..runtime.credentials import Credentials
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
 from ..toolchains import node as nodetool
@@ -41,6 +42,7 @@ class Deployer:
         runtime: Runtime,
         pauses: Pauses,
         metrics: Metrics,
+        credentials: Credentials | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -49,7 +51,9 @@ class Deployer:
         self.pauses = pauses
         self.metrics = metrics
         self.drafts = Drafts(config, store)
-        self.metadata = Metadata(config, store, runtime)
+        # The runtime's, when the daemon shares one (a reload then reaches both).
+        self.credentials = credentials or Credentials(config, store)
+        self.metadata = Metadata(config, store, runtime, self.credentials)
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
 
     # -- service lifecycle -----------------------------------------------------------------
@@ -88,7 +92,7 @@ class Deployer:
     async def reload(self, config: Config) -> None:
         """SIGHUP: new settings apply to the next publish; running flows are not restarted."""
         self.config = self.drafts.config = self.publisher.config = config
-        self.metadata.config = config
+        self.metadata.config = self.credentials.config = config
         nodetool.forget()  # node may have been installed or upgraded meanwhile
         self.runtime.reload(config.daemon)
 
@@ -151,10 +155,21 @@ class Deployer:
         version: int | None = None,
         field: str | None = None,
         timeout: float | None = None,
+        credential: str | None = None,
     ) -> dict[str, Any]:
         """`deployd component call`: a service verb of a component version, run once."""
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        return await self.metadata.call(
+            component, method, function, cfg, version, field, credential=credential, **extra
+        )
+
+    async def verify_credential(
+        self, name: str, version: int | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """`deployd credential verify`: the verifier of the credential's component, run once
+        with the credential's fields."""
         extra = {} if timeout is None else {"timeout": timeout}
-        return await self.metadata.call(component, method, function, cfg, version, field, **extra)
+        return await self.metadata.verify(name, version, **extra)
 
     async def publish(self, name: str) -> dict[str, Any]:
         self._known(name)

@@ -14,6 +14,7 @@ from typing import Any
 from ..config import Config
 from ..errors import FlowError
 from ..store import FlowStore, Store
+from ..store.credentials import CredentialKeyStore
 from ..toolchains import node as nodetool
 from ..types import DEFAULT_PREFETCH, FlowVersionToRun, RunStep, StepKind
 from . import model, secrets
@@ -68,7 +69,22 @@ class Drafts:
 
     def validate(self, steps: list[model.Step]) -> list[str]:
         """Every reason `steps` cannot run (empty: valid), as `step ID: what` lines."""
-        return model.validate(steps, self._descriptors(steps), self._node_error())
+        return model.validate(
+            steps, self._descriptors(steps), self._node_error(), self.credential_info()
+        )
+
+    def credential_info(self) -> dict[str, model.CredentialInfo]:
+        """The config's credentials for validation: component and field names (the config's
+        and those of keys refreshed for the same component), never a value."""
+        stored = CredentialKeyStore(self.store).summary()
+        out = {}
+        for cred in self.config.credentials:
+            names = set(cred.fields)
+            row = stored.get(cred.name)
+            if row is not None and row["component"] == cred.component:
+                names |= set(row["fields"])
+            out[cred.name] = model.CredentialInfo(cred.component, frozenset(names))
+        return out
 
     def _descriptors(self, steps: list[model.Step]) -> dict[tuple[str, int], dict[str, Any]]:
         out = {}
@@ -127,6 +143,7 @@ class Drafts:
                     prefetch=int(s.get("prefetch") or DEFAULT_PREFETCH),
                     max_queue=s.get("max_queue"),
                     env=secrets.expand(s.get("env") or {}, f"steps[{i}].env", self.config),
+                    credential=s.get("credential"),
                 )
             )
         runtime = flow_spec.get("runtime")

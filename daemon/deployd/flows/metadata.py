@@ -16,11 +16,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..errors import FlowError
-from ..runtime.base import MethodCall, MethodFailed, Runtime
+from ..runtime.base import VERIFY, MethodCall, MethodFailed, Runtime
+from ..runtime.credentials import Credentials
 from ..runtime.mapper import compile_mapping
 from ..store import Row, Store
 from . import model, secrets
@@ -47,10 +49,17 @@ class CallError(FlowError):
 class Metadata:
     """Service verbs of registered component versions, with a cache of their answers."""
 
-    def __init__(self, config: Config, store: Store, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        runtime: Runtime,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.runtime = runtime
+        self.credentials = credentials or Credentials(config, store)
         self._cache: collections.OrderedDict[tuple[str, int, str, str, str], Any] = (
             collections.OrderedDict()
         )
@@ -66,16 +75,29 @@ class Metadata:
         version: int | None = None,
         field: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        credential: str | None = None,
     ) -> dict[str, Any]:
         """Run `method` of `function` of `component` (v`version`, default the recent one)
-        with `cfg` (its `${VAR}` expanded from deployd's environment); what it returned."""
+        with `cfg` (its `${VAR}` expanded from deployd's environment, `credential` merged in
+        as for a step); what it returned."""
         if not 0 < timeout <= MAX_TIMEOUT:
             raise CallError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds", 422)
         row = self._version(component, version)
         kind, func = _function(row, function)
         name = _method(row, function, func, method, field)
         expanded = _expand(cfg, "cfg", self.config)
-        call = _call(row, kind, function, func, name, expanded)
+        if credential is not None:
+            cred = self.credentials.definition(credential)
+            if cred is None:
+                raise CallError(self.credentials.unknown(credential), 404)
+            if cred.component != component:
+                raise CallError(
+                    f"credential {credential!r} belongs to component {cred.component!r}, not "
+                    f"{component!r}",
+                    422,
+                )
+            expanded, _warning = self.credentials.cfg(credential, component, expanded)
+        call = _call(row, kind, function, func, name, expanded, credential)
         result = await self._run(call, timeout)
         return {
             "component": component,
@@ -84,6 +106,69 @@ class Metadata:
             "method": name,
             "result": result,
         }
+
+    # -- deployd credential verify -----------------------------------------------------------
+
+    async def verify(
+        self, name: str, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Run `verifyCredentials(cfg)` of credential `name`'s component (v`version`, default
+        the recent one) with the credential's fields as cfg, in a one-off step process.
+
+        `verified` is True or False (then `reason` says why: what the verifier said, or the
+        required field the credential lacks), or None when the version has no verifier
+        (nothing was checked). CallError when it could not run at all."""
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise CallError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds", 422)
+        cred = self.credentials.definition(name)
+        if cred is None:
+            raise CallError(self.credentials.unknown(name), 404)
+        row = self._version(cred.component, version)
+        ref = f"{cred.component} v{row['version']}"
+        out: dict[str, Any] = {
+            "credential": name,
+            "component": cred.component,
+            "version": row["version"],
+            "verifier": None,
+        }
+        declared = row["descriptor"].get("credentials")
+        if not isinstance(declared, dict):
+            return {
+                **out,
+                "verified": None,
+                "reason": f"{ref} takes no credential: its component.json has no credentials "
+                "section, so there is nothing to verify",
+            }
+        main, missing = verifier_of(row)
+        if main is None:
+            return {**out, "verified": None, "reason": missing}
+        out["verifier"] = main
+        fields, _warning = self.credentials.fields(name)
+        wanted = declared.get("fields")
+        for fname, fspec in (wanted if isinstance(wanted, dict) else {}).items():
+            if isinstance(fspec, dict) and fspec.get("required") is True and fname not in fields:
+                return {
+                    **out,
+                    "verified": False,
+                    "reason": f"field {fname!r} is required by {ref} (component.json "
+                    f"credentials.fields) but credential {name} has no value for it",
+                }
+        cfg, _warning = self.credentials.cfg(name, cred.component, {})
+        call = MethodCall(
+            component=cred.component,
+            version=int(row["version"]),
+            function=VERIFY,
+            kind="credentials",
+            method=VERIFY,
+            artifact_dir=row["artifact_dir"],
+            main=main,
+            runtime=row["descriptor"].get("runtime") or row["runtime"],
+            cfg=cfg,
+            credential=name,
+        )
+        result = await self._run(call, timeout)
+        verified, reason = verify_result(result)
+        return {**out, "verified": verified, **({"reason": reason} if reason else {})}
 
     def _version(self, component: str, version: int | None) -> Row:
         if self.config.component(component) is None:
@@ -116,14 +201,17 @@ class Metadata:
     async def meta_model(self, step: model.Step, row: Row) -> Any:
         """getMetaModel(step.config) of `step`'s version, from the cache when known."""
         cfg_hash = hashlib.sha256(
-            json.dumps(step.config, sort_keys=True, default=str).encode()
+            json.dumps([step.config, step.credential], sort_keys=True, default=str).encode()
         ).hexdigest()
         key = (step.component, int(row["version"]), step.function, GET_META_MODEL, cfg_hash)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         kind, func = _function(row, step.function)
-        call = _call(row, kind, step.function, func, GET_META_MODEL, dict(step.config))
+        cfg = dict(step.config)
+        if step.credential is not None:  # as the step will get it (a bad one: validation's)
+            cfg, _warning = self.credentials.cfg(step.credential, step.component, cfg)
+        call = _call(row, kind, step.function, func, GET_META_MODEL, cfg, step.credential)
         result = await self._run(call, VALIDATE_TIMEOUT)
         self._cache[key] = result
         while len(self._cache) > CACHE_SIZE:
@@ -316,7 +404,13 @@ def _method(row: Row, function: str, func: dict[str, Any], method: str, field: s
 
 
 def _call(
-    row: Row, kind: str, function: str, func: dict[str, Any], method: str, cfg: dict[str, Any]
+    row: Row,
+    kind: str,
+    function: str,
+    func: dict[str, Any],
+    method: str,
+    cfg: dict[str, Any],
+    credential: str | None = None,
 ) -> MethodCall:
     desc = row["descriptor"]
     return MethodCall(
@@ -329,6 +423,7 @@ def _call(
         main=func["main"],
         runtime=desc.get("runtime") or row["runtime"],
         cfg=cfg,
+        credential=credential,
     )
 
 
@@ -346,6 +441,65 @@ def _expand(value: Any, where: str, config: Config) -> Any:
         except FlowError as exc:
             raise CallError(str(exc), 422) from exc
     return value
+
+
+# Where a component's verifyCredentials lives when component.json does not say: the platform's
+# Node sailor requires `<component>/verifyCredentials` (so .js, or a folder's index.js).
+DEFAULT_VERIFIERS = {
+    "node": ("verifyCredentials.js", "verifyCredentials.cjs", "verifyCredentials/index.js"),
+    "python": ("verifyCredentials.py", "verify_credentials.py"),
+}
+_VERIFIER_SUFFIXES = {"node": (".js", ".cjs", ".mjs"), "python": (".py",)}
+
+
+def verifier_of(row: Row) -> tuple[str | None, str]:
+    """The verifier file of a version (relative to its folder), or None and why there is
+    none: component.json `credentials.verifier` when it names a file of this runtime (the
+    platform's Java components name a class there), else the default names."""
+    desc = row["descriptor"]
+    runtime = str(desc.get("runtime") or row["runtime"])
+    ref = f"{row['component']} v{row['version']}"
+    root = Path(row["artifact_dir"]).resolve()
+    declared = desc.get("credentials") or {}
+    named = declared.get("verifier") if isinstance(declared, dict) else None
+    defaults = DEFAULT_VERIFIERS.get(runtime, ())
+    if isinstance(named, str) and named.strip().endswith(_VERIFIER_SUFFIXES.get(runtime, ())):
+        candidates: tuple[str, ...] = (named.strip(),)
+        missing = (
+            f"{ref} has no verifier: component.json credentials.verifier names {named!r}, which "
+            "is not a file of this version"
+        )
+    else:
+        candidates = defaults
+        missing = (
+            f"{ref} has no verifier ({' or '.join(defaults) or 'none for its runtime'} at its "
+            "root, or a credentials.verifier file in component.json), so nothing was checked "
+            "(the platform then accepts a credential unchecked)"
+        )
+    for name in candidates:
+        try:
+            path = (root / name).resolve()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if path.is_relative_to(root) and path.is_file():
+            return str(path.relative_to(root)), ""
+    return None, missing
+
+
+def verify_result(result: Any) -> tuple[bool, str | None]:
+    """(verified, reason) from what a verifier answered, by the platform's rule: an answer
+    without `verified` (a promise of anything, a callback with no result) counts as verified;
+    a thrown error is `{verified: false, reason: its message}` (the sailors send that)."""
+    if isinstance(result, bool):
+        return result, None
+    if not isinstance(result, dict) or "verified" not in result:
+        return True, None
+    verified = result.get("verified") is True
+    reason = result.get("reason")
+    if verified:
+        return True, None
+    text = " ".join(str(reason).split()) if reason not in (None, "") else "the verifier said no"
+    return False, text[:1000]
 
 
 def _kind(value: Any) -> str:

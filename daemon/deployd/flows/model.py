@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +73,18 @@ class StepSpec(BaseModel):
     max_queue: int | None = Field(default=None, ge=1, le=10_000_000)
     # Environment variables of the step process (values may be "${VAR}" secrets).
     env: dict[str, str] = Field(default_factory=dict)
+    # A [[credentials]] of the daemon config, by name: its fields are merged into cfg.
+    credential: str | None = None
+
+    @field_validator("credential")
+    @classmethod
+    def _credential(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a credential name (the name of a [[credentials]] table of "
+                "the daemon config: lowercase letters, digits and '-')"
+            )
+        return value
 
     @field_validator("env")
     @classmethod
@@ -236,6 +250,16 @@ class Step(BaseModel):
     prefetch: int = DEFAULT_PREFETCH
     max_queue: int | None = None
     env: dict[str, str] = Field(default_factory=dict)  # "${VAR}" kept as written
+    credential: str | None = None  # its name only: the values are never stored with a flow
+
+
+@dataclass(frozen=True)
+class CredentialInfo:
+    """What validation knows of a credential: its component and the names of its fields
+    (the config's and the refreshed keys'); never a value."""
+
+    component: str
+    fields: frozenset[str]
 
 
 def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
@@ -259,6 +283,7 @@ def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
                 prefetch=s.prefetch,
                 max_queue=s.max_queue,
                 env=s.env,
+                credential=s.credential,
             )
         )
     return steps
@@ -268,10 +293,12 @@ def validate(
     steps: list[Step],
     descriptors: dict[tuple[str, int], dict[str, Any]],
     node_error: str | None = None,
+    credentials: Mapping[str, CredentialInfo] | None = None,
 ) -> list[str]:
     """Every reason these steps cannot run, as `step ID: what is wrong` lines (empty: valid).
 
     `node_error`: why node cannot run here (None: it can); refuses `runtime = "node"` steps.
+    `credentials`: the daemon config's, by name (a step naming another one is refused).
     """
     problems = []
     for step in steps:
@@ -305,9 +332,47 @@ def validate(
                 problems.append(
                     f"{where}: field {fname!r} is required by {ref} but has no value in config"
                 )
+        if step.credential is not None:
+            problems += _credential_problems(step, desc, ref, credentials or {})
         runtime = desc.get("runtime", "python")
         if runtime not in SUPPORTED_RUNTIMES:
             problems.append(f"{where}: runtime {runtime!r} of {ref} is not supported")
         elif runtime == "node" and node_error is not None:
             problems.append(f"{where}: {ref} cannot run: {node_error}")
     return problems
+
+
+def _credential_problems(
+    step: Step, desc: dict[str, Any], ref: str, credentials: Mapping[str, CredentialInfo]
+) -> list[str]:
+    """Why `step`'s credential cannot be used with its component version `desc`."""
+    where, name = f"step {step.id}", step.credential
+    info = credentials.get(name or "")
+    if info is None:
+        known = ", ".join(sorted(credentials)) or "none"
+        return [
+            f"{where}: credential {name!r} is not defined in the daemon config (known: "
+            f"{known}); add a [[credentials]] table with name = {name!r}, component = "
+            f'"{step.component}" and its fields, then reload deployd'
+        ]
+    if info.component != step.component:
+        return [
+            f"{where}: credential {name!r} belongs to component {info.component!r}, not "
+            f"{step.component!r}; name a credential of {step.component}"
+        ]
+    declared = desc.get("credentials")
+    if not isinstance(declared, dict):
+        return [
+            f"{where}: {ref} takes no credential (its component.json has no credentials "
+            f"section); remove credential = {name!r} from the step"
+        ]
+    fields = declared.get("fields")
+    out = []
+    for fname, fspec in (fields if isinstance(fields, dict) else {}).items():
+        if isinstance(fspec, dict) and fspec.get("required") is True and fname not in info.fields:
+            out.append(
+                f"{where}: field {fname!r} is required by {ref} (component.json "
+                f"credentials.fields) but credential {name!r} has no value for it; add it to "
+                "the credential's fields in the daemon config"
+            )
+    return out

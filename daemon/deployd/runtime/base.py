@@ -40,17 +40,23 @@ class StepFailed(FlowError):
 @dataclass(frozen=True)
 class MethodCall:
     """A one-off call of a function's service verb (the platform's `getMetaModel`, a select
-    model method): which code, which method, and the cfg it gets (secrets expanded)."""
+    model method) or of a component's `verifyCredentials`: which code, which method, and the
+    cfg it gets (secrets expanded)."""
 
     component: str
     version: int
     function: str
-    kind: str  # "trigger" | "action" (ELASTICIO_ACTION_OR_TRIGGER)
+    kind: str  # "trigger" | "action" (ELASTICIO_ACTION_OR_TRIGGER); "credentials": verify
     method: str  # the module's method: getMetaModel, or a field's "model"
     artifact_dir: str
     main: str
     runtime: str  # "python" | "node"
-    cfg: dict[str, Any] = field(default_factory=dict)
+    cfg: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The credential merged into `cfg` (its emit('updateKeys') is stored for it); None: none.
+    credential: str | None = None
+
+
+VERIFY = "verifyCredentials"  # the method (and `kind` "credentials") of a credential check
 
 
 class MethodFailed(FlowError):

@@ -18,6 +18,7 @@ from ..paths import Paths
 from ..store import Store
 from ..types import FlowVersionToRun, RetryResult
 from .base import FlowRun, MethodCall, Runtime
+from .credentials import Credentials
 from .embedded.runtime import EmbeddedRuntime
 from .rabbitmq.runtime import RabbitRuntime
 
@@ -101,9 +102,18 @@ class Runtimes:
         return await self.of(spec).retry_dead_letters(spec, step, ids)
 
 
-def create_runtime(config: Config, store: Store, paths: Paths, metrics: Metrics) -> Runtime:
-    """The runtimes flows run on: embedded always, RabbitMQ when it is configured."""
-    embedded = EmbeddedRuntime(store, paths, config.daemon, metrics)
+def create_runtime(
+    config: Config,
+    store: Store,
+    paths: Paths,
+    metrics: Metrics,
+    credentials: Credentials | None = None,
+) -> Runtime:
+    """The runtimes flows run on: embedded always, RabbitMQ when it is configured (sharing
+    its launcher, so its steps get their credentials the same way)."""
+    embedded = EmbeddedRuntime(
+        store, paths, config.daemon, metrics, credentials=credentials or Credentials(config, store)
+    )
     rabbit = None
     if config.runtime.rabbitmq.url is not None:
         rabbit = RabbitRuntime(

@@ -19,6 +19,9 @@ sailor → daemon
     {"t": "error", "error": str, "stack": str?}  an error for the current call/message (first
                                                  line; the whole traceback or stack)
     {"t": "rebound", "error": str}               deliver the current message again later
+    {"t": "updateKeys", "data": dict}            refreshed keys of the step's credential
+                                                 (stored encrypted; any time, not tied to a
+                                                 call; never logged)
     {"t": "done", "ref": int, "took": float}     the call/message `ref` is finished (took:
                                                  seconds of work, for the prefetch pace)
     {"t": "result", "ref": int, "data": any}     answer to startup/shutdown/method (after an
@@ -40,7 +43,9 @@ daemon → sailor
                                                  a one-off call of a function's module-level
                                                  method (getMetaModel, a select model method:
                                                  the platform's "service" verbs), answered by
-                                                 "result" with what it returned
+                                                 "result" with what it returned; name
+                                                 "verifyCredentials": the spec's `main` is a
+                                                 verifier module, answered {verified, reason?}
     {"t": "stop"}                                finish the current work, then exit 0
     {"t": "spec", "spec": dict}                  to an idle pooled sailor (first line only):
                                                  become this step, its output going to
@@ -49,6 +54,8 @@ daemon → sailor
         env, set by the sailor before the component loads) and "variables" (the flow's).
         A spec with "service": true is a one-off process for "method" requests: the module
         is loaded without init(cfg) and needs no process(), as the platform's service does.
+        "credential" names the step's credential (its fields are already merged into
+        "config" by the daemon); None: it has none, and updateKeys is dropped with a warning.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@
  * whose emit(event, payload) returns a promise) that has logger, getFlowVariables(),
  * getConfig() and getApiClient(); optional init(cfg), startup(cfg), shutdown(cfg, data).
  * cfg is a deep copy for every call. A "service" spec (protocol.py) answers "method" requests:
- * getMetaModel(cfg) and select model methods, as the platform's service.js calls them. The step's environment (ELASTICIO_*, the flow file's
+ * getMetaModel(cfg), select model methods and a verifier's verifyCredentials(cfg, cb), as the
+ * platform's service.js calls them; emit('updateKeys', keys) goes to the daemon, which keeps
+ * the keys of the step's credential. The step's environment (ELASTICIO_*, the flow file's
  * env) is set from its spec before the component is loaded.
  * require('elasticio-node') resolves to the helper shipped next to this file when the
  * component does not install that package itself. No npm dependency of its own.
@@ -266,11 +268,20 @@ class Sailor {
       case 'end':
         if (owner.finish) owner.finish();
         break;
-      case 'httpReply':
       case 'updateKeys':
-        break; // platform events with no meaning here
+        // Refreshed keys of the step's credential: the daemon stores them (encrypted) and
+        // merges them into cfg at the next start of every step using it (the platform PUTs
+        // them to the account, which its steps read at their start). Sent at once, whenever
+        // emitted (an OAuth refresh on a timer too); never logged here.
+        if (!isPlainObject(payload)) {
+          throw new TypeError("this.emit('updateKeys', …) needs an object of the credential's fields");
+        }
+        this.send({ t: 'updateKeys', data: payload });
+        break;
+      case 'httpReply':
+        break; // a platform event with no meaning here
       default:
-        throw new Error(`unknown event '${event}' (data, error, snapshot, updateSnapshot, end, rebound)`);
+        throw new Error(`unknown event '${event}' (data, error, snapshot, updateSnapshot, end, rebound, updateKeys)`);
     }
   }
 
@@ -381,6 +392,32 @@ class Sailor {
     });
   }
 
+  // verifyCredentials(cfg, callback) of a verifier module (module.exports = function), as
+  // the platform's service.js calls it: `this` a context; it may return a promise or call
+  // the callback. An answer without `verified` counts as verified; an error (thrown,
+  // rejected, or given to the callback) is {verified: false, reason: its message}.
+  async verifyCredentials(cfg) {
+    const mod = this.module;
+    const fn = [mod, mod && mod.default, mod && mod.verifyCredentials, mod && mod.verify]
+      .find((f) => typeof f === 'function');
+    if (!fn) throw new Error(`${this.spec.main} exports no verifyCredentials function`);
+    const ctx = this.context({});
+    let result;
+    try {
+      result = await new Promise((resolve, reject) => {
+        const callback = (err, res) => (err ? reject(err) : resolve(res));
+        const ret = fn.call(ctx, cfg, callback);
+        if (ret) resolve(ret);
+      });
+    } catch (err) {
+      process.stderr.write(`verifyCredentials() failed: ${describe(err)}\n`);
+      const reason = err instanceof Error ? err.message : describe(err);
+      return { verified: false, reason };
+    }
+    if (!isPlainObject(result) || !('verified' in result)) return { verified: true };
+    return result;
+  }
+
   async hook(name, args) {
     const fn = this.module[name];
     if (typeof fn !== 'function') return null;
@@ -430,7 +467,10 @@ class Sailor {
       this.current = { finish: null };
       let data = null;
       try {
-        data = await this.callMethod(String(cmd.name), isPlainObject(cmd.cfg) ? cmd.cfg : {});
+        const cfg = isPlainObject(cmd.cfg) ? cmd.cfg : {};
+        data = cmd.name === 'verifyCredentials'
+          ? await this.verifyCredentials(cfg)
+          : await this.callMethod(String(cmd.name), cfg);
         data = data === undefined ? null : JSON.parse(JSON.stringify(data));
       } catch (err) {
         process.stderr.write(`${cmd.name}() failed: ${describe(err)}\n`);

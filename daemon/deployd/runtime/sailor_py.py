@@ -5,8 +5,9 @@ Runs inside a step process (forked from the fork server, or started as
 socket, imports the function's module from the version's artifact folder, runs `init(cfg)`,
 reports ready, then handles one call or message at a time until told to stop or the daemon
 goes away (socket EOF: the process exits, so a killed daemon leaves no orphans).
-A "service" spec answers "method" requests instead (protocol.py): `get_meta_model(cfg)` and
-the select model functions a component.json field names with `"model"`.
+A "service" spec answers "method" requests instead (protocol.py): `get_meta_model(cfg)`, the
+select model functions a component.json field names with `"model"`, and
+`verify_credentials(cfg)` of a credentials verifier module.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from .protocol import decode, encode
 
 READ_CHUNK = 256 * 1024
+VERIFY = "verifyCredentials"  # the "method" request of `deployd credential verify`
 PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # Output is sent when reading would block, or once this much is buffered, or this old (a slow
 # step's results must not wait for the messages handed to it ahead).
@@ -96,10 +98,19 @@ class Context:
             self._sailor.send({"t": "error", "error": _describe(payload), **_stack(payload)})
         elif event == "rebound":
             self._sailor.send({"t": "rebound", "error": _describe(payload)})
+        elif event == "updateKeys":
+            # Refreshed keys of the step's credential: the daemon stores them (encrypted) and
+            # merges them into cfg at the next start of every step using the credential.
+            if not isinstance(payload, dict):
+                raise TypeError("ctx.emit('updateKeys', …) needs a dict of the credential's fields")
+            self._sailor.send({"t": "updateKeys", "data": payload})
         elif event == "end":
             pass  # Python functions finish when process() returns
         else:
-            raise ValueError(f"unknown event {event!r} (data, snapshot, error, rebound)")
+            raise ValueError(
+                f"unknown event {event!r} (data, snapshot, updateSnapshot, error, rebound, "
+                "updateKeys)"
+            )
 
 
 def _describe(err: Any) -> str:
@@ -297,6 +308,31 @@ class Sailor:
         args = (_copy(cfg), self.ctx)[: max(1, min(_arity(func), 2))]
         return self._run(func(*args))
 
+    def verify(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """`verify_credentials(cfg)` (or `verifyCredentials`, `verify`; with ctx when it
+        takes two arguments; it may be a coroutine), answered as the platform's service does:
+        True or an answer without "verified" is verified, False is not, an exception is
+        `{"verified": False, "reason": its message}`."""
+        assert self.module is not None
+        names = ("verify_credentials", "verifyCredentials", "verify")
+        func = next((f for n in names if callable(f := getattr(self.module, n, None))), None)
+        if func is None:
+            raise AttributeError(
+                f"{self.spec.get('main')} defines no verify_credentials(cfg) (nor "
+                "verifyCredentials or verify)"
+            )
+        args = (_copy(cfg), self.ctx)[: max(1, min(_arity(func), 2))]
+        try:
+            result = self._run(func(*args))
+        except Exception as exc:
+            traceback.print_exc()
+            return {"verified": False, "reason": str(exc) or type(exc).__name__}
+        if isinstance(result, bool):
+            return {"verified": result}
+        if not isinstance(result, dict) or "verified" not in result:
+            return {"verified": True}
+        return result
+
     def hook(self, name: str, *args: Any) -> Any:
         assert self.module is not None
         func = getattr(self.module, name, None)
@@ -344,7 +380,8 @@ class Sailor:
                 self.send({"t": "result", "ref": cmd["ref"], "data": data})
             elif kind == "method":
                 try:
-                    data = self.method(str(cmd.get("name")), cmd.get("cfg") or {})
+                    name, cfg = str(cmd.get("name")), cmd.get("cfg") or {}
+                    data = self.verify(cfg) if name == VERIFY else self.method(name, cfg)
                     json.dumps(data)
                 except Exception as exc:
                     traceback.print_exc()

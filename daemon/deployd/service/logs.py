@@ -7,11 +7,13 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from ..config import Config
 from ..paths import Paths
 
-# Secret values (webhook secrets, the API token) that must never reach a log line.
+# Secret values (webhook secrets, the API token, secret_key, credential values) that must never
+# reach a log line.
 _redactions: list[str] = []
 
 
@@ -35,7 +37,25 @@ def config_secrets(config: Config) -> list[str]:
     for comp in config.components:
         with contextlib.suppress(OSError):
             out.append(comp.secret())
+    if config.daemon.secret_key is not None:
+        out.append(config.daemon.secret_key.get_secret_value())
+    for cred in config.credentials:  # their longer strings: keys, tokens, passwords
+        out.extend(s for s in _strings(cred.fields) if len(s) >= MIN_REDACTED)
     return [s for s in out if s]
+
+
+MIN_REDACTED = 8  # shorter credential values ("eu", a port) would blank out ordinary words
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings of a JSON-like value, at any depth."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _redact(line: str) -> str:

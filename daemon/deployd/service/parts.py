@@ -22,6 +22,7 @@ from ..paths import Paths
 from ..pauses import Pauses
 from ..pipeline.queue import Pipeline
 from ..runtime.base import Runtime
+from ..runtime.credentials import Credentials
 from ..runtime.factory import create_runtime
 from ..sources.inbox import Inbox
 from ..sources.poll import Poller
@@ -67,8 +68,9 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
     metrics = Metrics()
     pauses = Pauses(store)
     pauses.load()
-    runtime = create_runtime(config, store, paths, metrics)
-    deployer = Deployer(config, store, runtime, pauses, metrics)
+    credentials = Credentials(config, store)  # one for the runtime and the deployer
+    runtime = create_runtime(config, store, paths, metrics, credentials)
+    deployer = Deployer(config, store, runtime, pauses, metrics, credentials)
     pipeline = Pipeline(
         config, store, paths, pauses, metrics, listeners=[deployer.on_version_registered]
     )

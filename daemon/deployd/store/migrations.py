@@ -404,3 +404,16 @@ def m010_attachments(db: Database) -> None:
         "CREATE TABLE object_refs (object_id TEXT PRIMARY KEY, flow TEXT NOT NULL,"
         " last_seen REAL NOT NULL) WITHOUT ROWID"
     )
+
+
+@migrations()
+def m011_credential_keys(db: Database) -> None:
+    """The keys a step refreshed with `emit('updateKeys', keys)` (issue 17), one row per
+    credential of the config: `token` is the keys as JSON, encrypted with the config's
+    `daemon.secret_key` (Fernet: AES-128-CBC and HMAC-SHA256), never in clear. `component`
+    is the credential's component when they were stored (keys of a credential that was given
+    to another component since are not used). Independent of every other table."""
+    db.execute(
+        "CREATE TABLE credential_keys (name TEXT NOT NULL PRIMARY KEY, component TEXT NOT NULL,"
+        " token BLOB NOT NULL, fields TEXT NOT NULL, updated_at TEXT NOT NULL) WITHOUT ROWID"
+    )

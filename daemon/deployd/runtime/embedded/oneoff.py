@@ -1,7 +1,7 @@
 """One-off step processes for the platform's service verbs (`getMetaModel`, select models).
 
-The platform runs these in a short-lived container of the component (its sailor's
-`runService.js`); here they run in a step process started like any other — the same
+The platform runs these, and `verifyCredentials`, in a short-lived container of the component
+(its sailor's `runService.js`); here they run in a step process started like any other — the same
 launcher, pools, clean environment and protocol — with a spec marked `"service"`, which
 loads the function's module without `init()`. One `method` request, one `result`; then the
 process is stopped (killed when the method never returned).
@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..base import MethodCall, MethodFailed, StepFailed
+from ..base import VERIFY, MethodCall, MethodFailed, StepFailed
 from .process import Launcher, StepDied, StepProcess, log_tail
 
 CALLS_DIR = "_calls"  # under the step logs; no flow is named so (flow names have no '_')
@@ -25,17 +25,17 @@ def _spec(call: MethodCall, api: str | None) -> dict[str, Any]:
     env = {
         "ELASTICIO_COMP_ID": call.component,
         "ELASTICIO_COMP_NAME": call.component,
-        "ELASTICIO_FUNCTION": call.function,
-        "ELASTICIO_ACTION_OR_TRIGGER": call.function,
         "ELASTICIO_EXEC_ID": uuid.uuid4().hex,
     }
-    if call.method != "getMetaModel":
+    if call.kind != "credentials":  # verifyCredentials belongs to no function
+        env["ELASTICIO_FUNCTION"] = env["ELASTICIO_ACTION_OR_TRIGGER"] = call.function
+    if call.method not in ("getMetaModel", VERIFY):
         env["ELASTICIO_GET_MODEL_METHOD"] = call.method
     if api is not None:
         env["ELASTICIO_API_URI"] = api
     return {
         "flow": "",
-        "step": f"{call.function}.{call.method}",
+        "step": call.method if call.kind == "credentials" else f"{call.function}.{call.method}",
         "kind": call.kind,
         "component": call.component,
         "version": call.version,
@@ -47,12 +47,15 @@ def _spec(call: MethodCall, api: str | None) -> dict[str, Any]:
         "env": env,
         "variables": {},
         "service": True,
+        "credential": call.credential,
     }
 
 
 async def call_method(launcher: Launcher, log_dir: Path, call: MethodCall, timeout: float) -> Any:
     """Run `call` in a new step process within `timeout` seconds (start-up included)."""
-    what = f"{call.method} of {call.component} v{call.version} {call.function}"
+    what = f"{call.method} of {call.component} v{call.version}" + (
+        "" if call.kind == "credentials" else f" {call.function}"
+    )
     log_path = log_dir / CALLS_DIR / f"{call.component}.log"
     proc = StepProcess(launcher, _spec(call, launcher.api_uri), log_path)
     answered = False

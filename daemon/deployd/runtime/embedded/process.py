@@ -28,6 +28,7 @@ from ...store.queues import Queued
 from ...toolchains.env import clean_env
 from ...toolchains.env import log_tail as read_tail
 from ..base import StepFailed
+from ..credentials import CredentialError, Credentials
 from ..protocol import MAX_LINE, decode, encode, encode_value
 from .node_pool import NodeRuntime, NodeSettings
 from .py_pool import PyPool
@@ -200,6 +201,8 @@ class StepProcess:
             res.detail = str(stack)[:MAX_DETAIL] if stack else None
         elif kind == "rebound" and res is not None:
             res.rebound = str(msg.get("error") or "rebound")
+        elif kind == "updateKeys":
+            self.launcher.keys_updated(self, msg.get("data"))
         elif kind == "done":
             self._done(int(msg.get("ref", -1)), float(msg.get("took") or 0))
         elif kind == "result":
@@ -356,6 +359,17 @@ def forget(fut: Future[Result]) -> None:
         fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
 
 
+def append_step_log(path: Path, level: str, text: str) -> None:
+    """A line of deployd's own in a step's log (what it did with something the step sent)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(f"{stamp}Z {level} deployd: {text}\n")
+    except OSError as exc:
+        log.warning("could not write to the step log %s: %s", path, exc)
+
+
 def log_tail(path: Path, lines: int = 12) -> str:
     """The last `lines` lines a step wrote (deployd's own markers left out), for a reason."""
     text = read_tail(path, 4000)
@@ -383,6 +397,9 @@ class Launcher:
         self.api_uri: str | None = None  # ELASTICIO_API_URI of the steps (set by the runtime)
         # what the steps' object storage tokens derive from (set by the runtime)
         self.object_key: bytes | None = None
+        # The config's credentials and their refreshed keys (set by the runtime; None: no
+        # credential can be used, and emit('updateKeys') is refused).
+        self.credentials: Credentials | None = None
         self.node = NodeRuntime(
             node or NodeSettings(), self.address, self.home, state_dir / "logs", step_env(self.home)
         )
@@ -458,6 +475,39 @@ class Launcher:
         for writer in list(self._writers):
             if not writer.is_closing():
                 writer.close()
+
+    def keys_updated(self, proc: StepProcess, keys: Any) -> None:
+        """`emit('updateKeys', keys)` of `proc`: stored for its step's credential, encrypted;
+        what happened goes to its step log and the daemon's (names only, never values)."""
+        name = proc.spec.get("credential")
+        where = f"{proc.spec.get('flow') or '-'}/{proc.step_id}"
+        if not name:
+            text = (
+                "emit('updateKeys') ignored: this step names no credential, so there is no "
+                'account to keep the keys in; give the step credential = "NAME" in the flow '
+                "file (a [[credentials]] of the daemon config). The keys were dropped"
+            )
+            append_step_log(proc.log_path, "WARNING", text)
+            log.warning("step %s: %s", where, text)
+            return
+        if self.credentials is None:
+            text = f"emit('updateKeys') of credential {name} ignored: no credential store here"
+            append_step_log(proc.log_path, "WARNING", text)
+            log.warning("step %s: %s", where, text)
+            return
+        try:
+            text = self.credentials.update_keys(str(name), str(proc.spec["component"]), keys)
+        except CredentialError as exc:
+            append_step_log(proc.log_path, "WARNING", str(exc))
+            log.warning("step %s: %s", where, exc)
+            return
+        except Exception as exc:  # the database: the step goes on, the keys are not stored
+            text = f"the refreshed keys of credential {name} could not be stored: {exc}"
+            append_step_log(proc.log_path, "ERROR", text)
+            log.error("step %s: %s", where, text)
+            return
+        append_step_log(proc.log_path, "INFO", text)
+        log.info("step %s: %s", where, text)
 
     def expect(self, step: StepProcess) -> None:
         self._expected[step.token] = step

@@ -24,7 +24,7 @@ from ...store.queues import Queued
 from ...types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState, StepStatus
 from ..base import StepFailed
 from ..stepenv import step_environment
-from .process import Launcher, Result, StepDied, StepProcess, forget, log_tail
+from .process import Launcher, Result, StepDied, StepProcess, append_step_log, forget, log_tail
 from .router import Router
 
 log = logging.getLogger("deployd.runner")
@@ -150,6 +150,23 @@ class FlowRunner:
 
     # -- processes -------------------------------------------------------------------------
 
+    def _config(self, step: RunStep) -> dict[str, Any]:
+        """The step's cfg for a start of its process: its credential merged in anew (keys
+        refreshed since the last start included), as the platform re-reads the account."""
+        config = dict(step.config)
+        if step.credential is None:
+            return config
+        creds = self.launcher.credentials
+        warning = None
+        if creds is None:
+            warning = f"credential {step.credential} cannot be read here: started without it"
+        else:
+            config, warning = creds.cfg(step.credential, step.component, config)
+        if warning is not None:
+            append_step_log(self.log_path(step.id), "WARNING", warning)
+            log.warning("flow %s step %s: %s", self.flow, step.id, warning)
+        return config
+
     def _new_proc(self, step: RunStep) -> StepProcess:
         spec = {
             "flow": self.flow,
@@ -158,7 +175,8 @@ class FlowRunner:
             "component": step.component,
             "version": step.version,
             "function": step.function,
-            "config": dict(step.config),
+            "config": self._config(step),
+            "credential": step.credential,
             "artifact_dir": step.artifact_dir,
             "main": step.main,
             "runtime": step.runtime,

@@ -29,6 +29,7 @@ from ...store.queues import Queued
 from ...types import FlowVersionToRun, RetryResult
 from .. import mapper
 from ..base import FlowRun, MethodCall
+from ..credentials import Credentials
 from ..stepenv import api_uri
 from . import oneoff
 from .node_pool import NodeSettings
@@ -53,6 +54,7 @@ class EmbeddedRuntime:
         metrics: Metrics,
         router: Router | None = None,
         launcher: Launcher | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.router = router or Router(store, metrics)
         self.router.max_passthrough = settings.max_passthrough_bytes
@@ -65,6 +67,8 @@ class EmbeddedRuntime:
         self.launcher = launcher or Launcher(paths.root, _node_settings(settings))
         self.launcher.api_uri = api_uri(settings.host, settings.port)
         self.launcher.object_key = ensure_key(paths)
+        if credentials is not None:  # else: a shared launcher's, or none
+            self.launcher.credentials = credentials
         self.log_dir = paths.step_logs
         self.settings = settings
         self._background: set[asyncio.Task[None]] = set()
