@@ -3,7 +3,7 @@ version (getMetaModel, a select model method), run once in a step process; token
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -47,12 +47,18 @@ def router(
             body.timeout,
             body.credential,
         )
-        try:
-            return await answer(accepting, work)
-        except HTTPException as exc:
-            cause = exc.__cause__
-            if isinstance(cause, CallError):
-                raise HTTPException(status_code=cause.status, detail=str(cause)) from cause
-            raise
+        return await answer_call(accepting, work)
 
     return api
+
+
+async def answer_call(accepting: Callable[[], bool], work: Awaitable[Any]) -> Any:
+    """`answer` for a one-off step call: a CallError is its own HTTP status (404 no such
+    version, 502 the code failed to load, 504 timeout…), not answer's generic one."""
+    try:
+        return await answer(accepting, work)
+    except HTTPException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, CallError):
+            raise HTTPException(status_code=cause.status, detail=str(cause)) from cause
+        raise

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..flows.metadata import MAX_TIMEOUT, CallError
-from .auth import answer, token_required
+from ..flows.metadata import MAX_TIMEOUT
+from .auth import token_required
+from .components import answer_call
 
 if TYPE_CHECKING:
     from ..flows.deployer import Deployer
@@ -39,12 +40,6 @@ def router(
     async def verify(name: str, body: VerifyBody | None = None) -> Any:
         body = body or VerifyBody()
         work = deployer.verify_credential(name, body.version, body.timeout)
-        try:
-            return await answer(accepting, work)
-        except HTTPException as exc:
-            cause = exc.__cause__
-            if isinstance(cause, CallError):
-                raise HTTPException(status_code=cause.status, detail=str(cause)) from cause
-            raise
+        return await answer_call(accepting, work)
 
     return api
