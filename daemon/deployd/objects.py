@@ -44,6 +44,9 @@ SCOPE = "object-storage"
 # -- tokens ----------------------------------------------------------------------------------
 
 
+MAX_TOKEN_CHARS = 4096  # a longer bearer token is not one deployd or maester-client makes
+
+
 def ensure_key(paths: Paths) -> bytes:
     """The key tokens are derived from; generated into state_dir at first start (0600)."""
     path = paths.object_key
@@ -91,8 +94,32 @@ def token_flow(key: bytes, authorization: str | None) -> str | None:
     `flowId` names the flow whose token signed it."""
     scheme, _, token = (authorization or "").partition(" ")
     parts = token.strip().split(".")
-    if scheme.lower() != "bearer" or len(parts) != 3:
+    if scheme.lower() != "bearer" or len(parts) != 3 or len(token) > MAX_TOKEN_CHARS:
         return None
+    signing_input = f"{parts[0]}.{parts[1]}"
+    # A token deployd gave: its signature is checked before anything of it is parsed.
+    if hmac.compare_digest(parts[2].encode(), _sign(key, signing_input).encode()):
+        payload = _claims(parts)
+        if payload is None or payload.get("scope") != SCOPE or payload.get("iss") != "deployd":
+            return None
+        flow = payload.get("flowId")
+        return flow if isinstance(flow, str) and flow else None
+    # A JWT the client signed with a flow's token: which flow's token is the secret is in
+    # the payload, so it is read (bounded in size) and the signature then checked with it.
+    payload = _claims(parts)
+    if payload is None or (payload.get("scope") == SCOPE and payload.get("iss") == "deployd"):
+        return None  # (one claiming to be deployd's own is only valid signed with the key)
+    flow = payload.get("flowId")
+    if not isinstance(flow, str) or not flow:
+        return None
+    secret = flow_token(key, flow).encode()
+    if not hmac.compare_digest(parts[2].encode(), _sign(secret, signing_input).encode()):
+        return None
+    return flow
+
+
+def _claims(parts: list[str]) -> dict[str, object] | None:
+    """The payload of an HS256 JWT's parts (None: not one)."""
     try:
         header = json.loads(_unb64(parts[0]))
         payload = json.loads(_unb64(parts[1]))
@@ -100,19 +127,7 @@ def token_flow(key: bytes, authorization: str | None) -> str | None:
         return None
     if not isinstance(header, dict) or header.get("alg") != "HS256":
         return None
-    if not isinstance(payload, dict):
-        return None
-    flow = payload.get("flowId")
-    if not isinstance(flow, str) or not flow:
-        return None
-    signing_input = f"{parts[0]}.{parts[1]}"
-    if payload.get("scope") == SCOPE and payload.get("iss") == "deployd":
-        secret = key  # a token deployd gave
-    else:
-        secret = flow_token(key, flow).encode()  # a JWT signed with the flow's token
-    if not hmac.compare_digest(parts[2].encode(), _sign(secret, signing_input).encode()):
-        return None
-    return flow
+    return payload if isinstance(payload, dict) else None
 
 
 # -- objects ---------------------------------------------------------------------------------
