@@ -29,6 +29,15 @@ from pydantic import (
 from .errors import ConfigError, key_path
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def component_name(value: str) -> str:
+    """`value` when it is a valid component name (a validator's check); else ValueError."""
+    if not NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid component name")
+    return value
+
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -423,9 +432,7 @@ class CredentialConfig(_Model):
     @field_validator("component")
     @classmethod
     def _component(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(f"{value!r} is not a valid component name")
-        return value
+        return component_name(value)
 
     @field_validator("fields")
     @classmethod

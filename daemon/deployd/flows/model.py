@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import NAME_RE, Duration
+from ..config import NAME_RE, Duration, component_name
 from ..errors import FlowError, key_path
 from ..types import DEFAULT_PREFETCH
 
@@ -106,9 +106,7 @@ class StepSpec(BaseModel):
     @field_validator("component")
     @classmethod
     def _component(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(f"{value!r} is not a valid component name")
-        return value
+        return component_name(value)
 
     @field_validator("function")
     @classmethod
