@@ -52,6 +52,38 @@ class Action:
         return self.kind + (f" ({self.why})" if self.why else "")
 
 
+def decide(config: Config, flow: Row, problems: list[str], paused: bool) -> Action:
+    """What an automatic redeploy does with the draft it made for `flow` — the one place
+    that decides, for `Deployer._redeploy` and for `deployd plan` (which makes no draft)."""
+    if problems:
+        return Action(NEEDS_ATTENTION, "; ".join(problems))
+    if flow["update"] != "auto":
+        return Action(DRAFT_ONLY, f'update = "manual": `deployd flow publish {flow["name"]}`')
+    if paused:
+        return Action(DRAFT_ONLY, f"paused: `deployd resume {flow['name']}` publishes it")
+    # Freeze windows (issue 16 §5) decide here: Action("held by freeze until …", reason).
+    return Action(PUBLISH)
+
+
+def affected(fs: FlowStore, component: str, version: int) -> list[tuple[Row, Row]]:
+    """(flow, its active version) of every flow a new `version` of `component` redeploys:
+    published, with an unpinned step of it on an older version, running unless manual."""
+    out = []
+    for flow in fs.flows():
+        if not flow["active_version"]:
+            continue
+        fv = fs.flow_version(flow["name"], flow["active_version"])
+        if fv is None:
+            continue
+        uses = [s for s in fv["steps"] if s["component"] == component and not s["pinned"]]
+        if not uses or any(s["version"] >= version for s in uses):
+            continue
+        if flow["update"] == "auto" and not flow["enabled"]:
+            continue  # stopped flows are left alone
+        out.append((flow, fv))
+    return out
+
+
 class Deployer:
     """Flows, drafts and publishing, on one runtime."""
 
@@ -176,34 +208,8 @@ class Deployer:
         return None if fv is None else [Step.model_validate(s) for s in fv["steps"]]
 
     def redeploy_action(self, flow: Row, problems: list[str]) -> Action:
-        """What an automatic redeploy does with the draft it made for `flow` (the one place
-        that decides; `plan` shows its answer without making the draft)."""
-        if problems:
-            return Action(NEEDS_ATTENTION, "; ".join(problems))
-        if flow["update"] != "auto":
-            return Action(DRAFT_ONLY, f'update = "manual": `deployd flow publish {flow["name"]}`')
-        if self.pauses.flow(flow["name"]):
-            return Action(DRAFT_ONLY, f"paused: `deployd resume {flow['name']}` publishes it")
-        # Freeze windows (issue 16 §5) decide here: Action("held by freeze until …", reason).
-        return Action(PUBLISH)
-
-    def affected(self, component: str, version: int) -> list[tuple[Row, Row]]:
-        """(flow, its active version) of every flow a new `version` of `component` redeploys:
-        published, with an unpinned step of it on an older version, running unless manual."""
-        out = []
-        for flow in self.fs.flows():
-            if not flow["active_version"]:
-                continue
-            fv = self.fs.flow_version(flow["name"], flow["active_version"])
-            if fv is None:
-                continue
-            uses = [s for s in fv["steps"] if s["component"] == component and not s["pinned"]]
-            if not uses or any(s["version"] >= version for s in uses):
-                continue
-            if flow["update"] == "auto" and not flow["enabled"]:
-                continue  # stopped flows are left alone
-            out.append((flow, fv))
-        return out
+        """What an automatic redeploy does with the draft it made for `flow` (`decide`)."""
+        return decide(self.config, flow, problems, self.pauses.flow(flow["name"]))
 
     async def call_method(
         self,
@@ -416,7 +422,7 @@ class Deployer:
         With `catch_up` (at start-up), flows that already have a draft or a deployment for
         this version are left as they are: a failed deploy is not retried at every restart.
         """
-        for flow, _fv in self.affected(event.component, event.version):
+        for flow, _fv in affected(self.fs, event.component, event.version):
             if catch_up and self._handled(flow["name"], event):
                 continue
             self.publisher.spawn(self._redeploy(flow["name"], event), f"redeploy:{flow['name']}")
