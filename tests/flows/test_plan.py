@@ -189,3 +189,5 @@ def test_plan_of_a_failing_build_exits_1_and_a_working_tree_is_planned_locally(
     assert db_rows(env.daemon.state_dir, "SELECT count(*) AS n FROM versions") == [{"n": 1}]
     both = env.daemon.cli("plan", "hello", "--sha", sha, "--dir", ".", check=False)
     assert both.returncode == 2 and "not both" in both.stderr
+    bad = env.daemon.cli("plan", "hello", "--sha", "main", check=False)
+    assert bad.returncode == 2 and "not a commit sha" in bad.stderr

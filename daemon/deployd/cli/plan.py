@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,12 +35,16 @@ def plan(
 ) -> None:
     """Build a commit (or a working tree) in a scratch folder and show what a push of it
     would do to every flow; exit 0 all would publish, 3 any needs attention, 1 build fails."""
+    from ..flows.plan import PlanError
+
     cfg = load_config(config)
     if cfg.component(component) is None:
         known = ", ".join(c.name for c in cfg.components) or "none"
-        raise DeploydError(f"unknown component {component!r} (known: {known})")
+        raise PlanError(f"unknown component {component!r} (known: {known})")
     if sha is not None and tree is not None:
-        raise typer.BadParameter("give --sha or --dir, not both")
+        raise PlanError("give --sha or --dir, not both")
+    if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{7,64}", sha.strip()):
+        raise PlanError(f"--sha {sha[:80]!r} is not a commit sha (7 to 64 hex digits)")
     if tree is not None:
         res = _local(cfg, component, tree.resolve())
     else:
