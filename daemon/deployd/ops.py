@@ -8,6 +8,7 @@ methods are what the `/api/v1/gc|pause|resume|redeploy` routes (`deployd.api.ops
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -203,6 +204,11 @@ class Operator:
                     )
                 return repo, head
             full = await asyncio.to_thread(gitops.resolve_commit, repo, want)
+            if full is None and comp.mirrored and comp.url is not None and gitops.is_sha(want):
+                # Not on the mirrored branch (a pull request's head): ask for it by sha.
+                with contextlib.suppress(GitError):
+                    await gitops.fetch_commit(comp.url, repo, want)
+                full = await asyncio.to_thread(gitops.resolve_commit, repo, want)
             if full is None:
                 raise PlanError(
                     f"{want[:80]!r} names no commit of {comp.name}'s repository (give a commit "

@@ -258,6 +258,20 @@ async def fetch_mirror(url: str, mirror: Path, branch: str, timeout: float = FET
     )
 
 
+async def fetch_commit(url: str, mirror: Path, sha: str, timeout: float = FETCH_TIMEOUT) -> None:
+    """Fetch the one commit `sha` (a full sha: a pull request's head on another branch) of
+    `url` into `mirror`, without a ref (`deployd plan`; hosting services serve reachable
+    commits by sha). GitError when the service does not."""
+    if not is_sha(sha):
+        raise GitError(f"{sha!r} is not a full commit sha")
+    await _run_git(
+        ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", url, sha],
+        url,
+        timeout,
+        cwd=mirror,
+    )
+
+
 def on_branch(repo_path: Path, branch: str, sha: str) -> bool:
     """True when commit `sha` is in `repo_path` and reachable from `refs/heads/<branch>`."""
     if not is_sha(sha) or not (repo_path / "HEAD").exists():
