@@ -91,10 +91,9 @@ mapping = '{{"text": text, "n": n % 2 = 0 ? n : $string(n)}}'
 """
 
 
-def test_validate_input_turns_a_message_that_does_not_match_into_a_dead_letter(
-    make_env: Any,
-) -> None:
-    env: FlowEnv = make_env(files())
+def refused_odd_messages(env: FlowEnv) -> None:
+    """The VALIDATING flow runs: odd n reach write as strings and are refused before
+    process(), kept as dead letters with the schema error; even n are written."""
     out = env.out("checked")
     env.apply(VALIDATING.format(out=out))
     wait_until(lambda: len(read_out(out)) >= 3, timeout=60)
@@ -102,19 +101,33 @@ def test_validate_input_turns_a_message_that_does_not_match_into_a_dead_letter(
         lambda: len(rows := dead_letter_rows(env.daemon.state_dir, "checked")) >= 2 and rows,
         timeout=60,
     )
-    # Odd n reach write as strings: refused before process(), kept as dead letters.
     assert {r["n"] % 2 for r in read_out(out)} == {0}
     letter = letters[0]
-    assert letter["step"] == "write"
-    assert "input does not match metadata.in of hello v1" in letter["error"]
+    assert letter["step"] == "write" and letter["body"]["n"] == "1"
+    assert 'input does not match metadata.in of hello v1 "write"' in letter["error"]
     assert "validate_input" in letter["error"] and "is not of type 'integer'" in letter["error"]
     listed = env.daemon.cli("flow", "errors", "checked", "--json").stdout
     assert "is not of type 'integer'" in listed
+
+
+def test_validate_input_turns_a_message_that_does_not_match_into_a_dead_letter(
+    make_env: Any,
+) -> None:
+    env: FlowEnv = make_env(files())
+    refused_odd_messages(env)
 
     # Without a metadata.in to check against, validate_input is refused at apply.
     no_in = desc()
     del no_in["actions"]["write"]["metadata"]
     env.push(files("v2", **{"component.json": no_in}), "no metadata.in")
-    bad = env.apply(VALIDATING.format(out=out).replace('"checked"', '"other"'), check=False)
+    text = VALIDATING.format(out=env.out("other")).replace('"checked"', '"other"')
+    bad = env.apply(text, check=False)
     assert bad.returncode != 0
     assert 'validate_input = true, but hello v2 action "write" cannot be checked' in bad.stderr
+
+
+def test_validate_input_on_rabbitmq(make_env: Any, amqp_url: str) -> None:
+    """The RabbitMQ runner hands messages over with the same check."""
+    toml = f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
+    env: FlowEnv = make_env(files(), extra_toml=toml)
+    refused_odd_messages(env)
