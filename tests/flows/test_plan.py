@@ -191,3 +191,38 @@ def test_plan_of_a_failing_build_exits_1_and_a_working_tree_is_planned_locally(
     assert both.returncode == 2 and "not both" in both.stderr
     bad = env.daemon.cli("plan", "hello", "--sha", "main", check=False)
     assert bad.returncode == 2 and "not a commit sha" in bad.stderr
+
+
+DYNAMIC_WRITE = """\
+import json
+
+def get_meta_model(cfg):
+    return {"in": {"type": "object", "properties": {"sku": {"type": "string"}},
+                   "required": ["n", "sku"]}, "out": {}}
+
+def process(msg, cfg):
+    with open(cfg["out"], "a") as fh:
+        fh.write(json.dumps({**msg["body"], "by": "dyn"}) + "\\n")
+"""
+
+
+def test_a_plan_through_the_daemon_asks_the_built_code_for_its_dynamic_metadata(
+    make_env: Any,
+) -> None:
+    env: FlowEnv = make_env(files())
+    out = env.out("plain")
+    env.apply(flow("plain", out))
+    wait_until(lambda: read_out(out), timeout=60)
+    dynamic = files("v2", **{"lib/write.py": DYNAMIC_WRITE})
+    dynamic["component.json"]["actions"]["write"]["dynamicMetadata"] = True
+    sha = side_branch(env, "v2", **dynamic)
+    code, res = plan(env, "--sha", sha)
+    assert code == 3, res
+    (plain,) = res["flows"]
+    assert any(
+        "input field 'sku' is required by the dynamic metadata of hello (new) write" in p
+        for p in plain["problems"]
+    ), plain["problems"]
+    # The edge into a dynamic function is left to that check, and says so.
+    assert "dynamic" in plain["schema"][0]["note"]
+    nothing_registered(env, sha)
