@@ -104,16 +104,7 @@ def check(
         return []
     name = label or (lambda comp, ver: f"{comp} v{ver}")
     old = {s.id: s for s in before}
-    changed = {
-        s.id
-        for s in after
-        if s.id in old
-        and (old[s.id].component, old[s.id].version)
-        != (
-            s.component,
-            s.version,
-        )
-    }
+    changed = {s.id for s in after if s.id in old and _ref(old[s.id]) != _ref(s)}
     out = []
     for i in range(1, len(after)):
         prod, cons = after[i - 1], after[i]
@@ -121,6 +112,10 @@ def check(
             continue
         out.append(_edge(prod, cons, old, descriptors, name))
     return out
+
+
+def _ref(step: model.Step) -> tuple[str, int | None]:
+    return step.component, step.version
 
 
 def problems(edges: Sequence[Edge]) -> list[str]:
