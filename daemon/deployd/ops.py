@@ -8,16 +8,19 @@ methods are what the `/api/v1/gc|pause|resume|redeploy` routes (`deployd.api.ops
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from . import retention
-from .config import Config
-from .errors import DeploydError
+from .config import ComponentConfig, Config
+from .errors import DeploydError, GitError
 from .flows.deployer import Deployer
+from .flows.plan import PlanError, Planner
 from .metrics import Metrics
 from .objects import ObjectInfo, ObjectStore
 from .paths import Paths
@@ -180,6 +183,49 @@ class Operator:
         queued = self.reconcile() if "component" in kinds else 0
         published = await self.deployer.resume(name) if "flow" in kinds else None
         return {"name": name, "resumed": kinds, "builds_queued": queued, "publish": published}
+
+    async def plan(self, component: str, sha: str | None) -> dict[str, Any]:
+        """`deployd plan`: build `sha` (default: the branch head) in a scratch folder, taking
+        a build slot as a push's build does, and say what a push of it would do to every
+        flow; registers nothing (see flows/plan.py)."""
+
+        async def resolve(comp: ComponentConfig, want: str | None) -> tuple[Path, str]:
+            notice = PushNotice(comp.name, f"refs/heads/{comp.branch}", None, "plan")
+            try:
+                repo = await self.pipeline.resolver(comp, notice)  # a mirror is fetched
+            except GitError as exc:
+                raise PlanError(f"{comp.name}: {exc}") from exc
+            if want is None:
+                head = await asyncio.to_thread(gitops.head, repo, comp.branch)
+                if head is None:
+                    raise PlanError(
+                        f"branch {comp.branch!r} of {comp.name} has no commit yet; push one "
+                        "or plan a working tree with --dir"
+                    )
+                return repo, head
+            full = await asyncio.to_thread(gitops.resolve_commit, repo, want)
+            if full is None and comp.mirrored and comp.url is not None and gitops.is_sha(want):
+                # Not on the mirrored branch (a pull request's head): ask for it by sha.
+                with contextlib.suppress(GitError):
+                    await gitops.fetch_commit(comp.url, repo, want)
+                full = await asyncio.to_thread(gitops.resolve_commit, repo, want)
+            if full is None:
+                raise PlanError(
+                    f"{want[:80]!r} names no commit of {comp.name}'s repository (give a commit "
+                    "sha, full or abbreviated, that was pushed to it)"
+                )
+            return repo, full
+
+        planner = Planner(
+            self.config,
+            self.store,
+            self.paths.builds,
+            paused=self.pauses.flow,
+            metadata=self.deployer.metadata,
+            resolve=resolve,
+            slots=self.pipeline.slots,
+        )
+        return await planner.plan(component, sha)
 
     async def redeploy(self, component: str, sha: str | None) -> dict[str, Any]:
         """Rebuild `sha` (default: the branch head), or redeploy its version if it has one."""

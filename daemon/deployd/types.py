@@ -108,6 +108,9 @@ class RunStep:
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # The [[credentials]] (by name) merged into its cfg at every start of its process.
     credential: str | None = None
+    # `validate_input = true`: its function's metadata.in; each message is checked against
+    # it before process() (a mismatch is a dead letter). None: messages go in unchecked.
+    input_schema: Mapping[str, Any] | None = field(default=None, repr=False)
 
 
 RUNTIME_NAMES = ("embedded", "rabbitmq")  # what `runtime =` and `flow move --runtime` take

@@ -1,4 +1,5 @@
-"""Operator routes (`/api/v1/gc|pause|resume|components/{name}/redeploy`), bearer token required."""
+"""Operator routes (`/api/v1/gc|pause|resume|components/{name}/redeploy|plan/{component}`),
+bearer token required."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from .auth import answer, token_required
 
@@ -20,6 +21,14 @@ class NameBody(BaseModel):
 
 class RedeployBody(BaseModel):
     sha: str | None = None
+
+
+class PlanBody(BaseModel):
+    """The commit to plan: a sha (full or abbreviated); null or absent: the branch head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha: StrictStr | None = Field(default=None, min_length=1, max_length=64)
 
 
 def router(
@@ -46,5 +55,10 @@ def router(
     @api.post("/components/{name}/redeploy")
     async def redeploy(name: str, body: RedeployBody) -> Any:
         return await run(operator.redeploy(name, body.sha))
+
+    @api.post("/plan/{component}")
+    async def plan(component: str, body: PlanBody | None = None) -> Any:
+        """What a push of `sha` would do: the same object as `deployd plan --json`."""
+        return await run(operator.plan(component, body.sha if body else None))
 
     return api

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DeploydError
-from . import components, credentials, flows, ops
+from . import components, credentials, flows, ops, plan
 from .common import state
 
 app = typer.Typer(
@@ -27,7 +27,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 # In this order, which is the order of `deployd --help`: top-level commands, then the groups.
-for part in (components.commands, flows.commands, ops.commands):
+for part in (components.commands, plan.commands, flows.commands, ops.commands):
     app.registered_commands.extend(part.registered_commands)
 app.add_typer(components.hook_app, name="hook")
 app.add_typer(components.component_app, name="component")

@@ -220,3 +220,43 @@ def print_deploys(deps: list[dict[str, Any]]) -> None:
             (d["finished_at"] or "")[:19],
         )
     console().print(table)
+
+
+def print_plan(res: dict[str, Any]) -> None:
+    """`deployd plan`: the build, then each affected flow's step changes, problems, schema
+    check and action."""
+    what = (res.get("sha") or "")[:12] or f"working tree {res.get('dir')}"
+    build = res.get("build") or {}
+    if not build.get("ok"):
+        print(f"{res['component']} at {what}: {paint('build failed', 'red')}: {build.get('error')}")
+        tail = (res.get("log_tail") or "").strip().splitlines()[-15:]
+        for line in tail:
+            print(f"  | {line}")
+        return
+    semver = f", version {res['semver']}" if res.get("semver") else ""
+    print(f"{res['component']} at {what}: built in {build.get('seconds')} s{semver}")
+    for warning in build.get("warnings") or []:
+        print(f"  warning: {warning}")
+    if not res.get("flows"):
+        print("no flow would be redeployed")
+    for flow in res.get("flows") or []:
+        colour = {"publish": "green", "needs attention": "red"}.get(flow["action"], "yellow")
+        action = paint(flow["action"], colour) + (f" ({flow['why']})" if flow.get("why") else "")
+        print(f"\nflow {flow['flow']} (v{flow['version']}, update {flow['update']}): {action}")
+        for ch in flow["changes"]:
+            print(f"  {ch['step']}: {ch['component']} v{ch['from']} → (new)")
+        if flow["problems"]:
+            for problem in flow["problems"]:
+                print(f"  problem: {problem}")
+        else:
+            print("  validation: ok")
+        for edge in flow["schema"]:
+            verdict = (
+                "incompatible"
+                if edge["problems"]
+                else ("compatible" if edge["checked"] else "not checked")
+            )
+            note = edge["note"].removeprefix("not checked: ")
+            print(f"  schema {edge['producer']} → {edge['consumer']}: {verdict} ({note})")
+    for note in res.get("notes") or []:
+        print(f"\nnote: {note}")

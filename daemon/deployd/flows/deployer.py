@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
@@ -23,6 +24,7 @@ from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
 from ..toolchains import node as nodetool
 from ..types import RUNTIME_NAMES, FlowState, RetryResult, StepStatus, VersionRegistered
+from . import schema
 from .drafts import Drafts
 from .letters import MAPPER, Letters
 from .metadata import Metadata
@@ -30,6 +32,56 @@ from .model import Step
 from .publish import Cause, Publisher
 
 log = logging.getLogger("deployd.deploy")
+
+# What an automatic redeploy does with the draft it made (`Deployer.redeploy_action`).
+PUBLISH = "publish"
+DRAFT_ONLY = "draft only"
+NEEDS_ATTENTION = "needs attention"
+
+
+@dataclass(frozen=True)
+class Action:
+    """What happens to a flow's draft for a new component version: `kind` is one of
+    PUBLISH, DRAFT_ONLY, NEEDS_ATTENTION (a freeze adds `held by freeze until …`), `why`
+    says why when it is not published."""
+
+    kind: str
+    why: str = ""
+
+    def shown(self) -> str:
+        return self.kind + (f" ({self.why})" if self.why else "")
+
+
+def decide(config: Config, flow: Row, problems: list[str], paused: bool) -> Action:
+    """What an automatic redeploy does with the draft it made for `flow` — the one place
+    that decides, for `Deployer._redeploy` and for `deployd plan` (which makes no draft)."""
+    if problems:
+        return Action(NEEDS_ATTENTION, "; ".join(problems))
+    if flow["update"] != "auto":
+        return Action(DRAFT_ONLY, f'update = "manual": `deployd flow publish {flow["name"]}`')
+    if paused:
+        return Action(DRAFT_ONLY, f"paused: `deployd resume {flow['name']}` publishes it")
+    # Freeze windows (issue 16 §5) decide here: Action("held by freeze until …", reason).
+    return Action(PUBLISH)
+
+
+def affected(fs: FlowStore, component: str, version: int) -> list[tuple[Row, Row]]:
+    """(flow, its active version) of every flow a new `version` of `component` redeploys:
+    published, with an unpinned step of it on an older version, running unless manual."""
+    out = []
+    for flow in fs.flows():
+        if not flow["active_version"]:
+            continue
+        fv = fs.flow_version(flow["name"], flow["active_version"])
+        if fv is None:
+            continue
+        uses = [s for s in fv["steps"] if s["component"] == component and not s["pinned"]]
+        if not uses or any(s["version"] >= version for s in uses):
+            continue
+        if flow["update"] == "auto" and not flow["enabled"]:
+            continue  # stopped flows are left alone
+        out.append((flow, fv))
+    return out
 
 
 class Deployer:
@@ -109,7 +161,7 @@ class Deployer:
         async with self.publisher.lock(spec.name):
             existing = self.fs.flow(spec.name)
             steps = self.drafts.resolve(spec)
-            problems = await self._validate(steps)
+            problems = await self._validate(steps, self._active_steps(existing))
             if problems and not draft_only:
                 raise FlowError(
                     f"flow {spec.name} is not valid, nothing was changed: " + "; ".join(problems)
@@ -138,13 +190,26 @@ class Deployer:
                     self.fs.set_flow(spec.name, enabled=1)
             return await self._publish_draft(spec.name, Cause("flow apply"))
 
-    async def _validate(self, steps: list[Step]) -> list[str]:
-        """Every reason `steps` cannot run: component.json's static checks, then what the
-        dynamic metadata (getMetaModel) of functions that declare it says."""
+    async def _validate(self, steps: list[Step], before: list[Step] | None = None) -> list[str]:
+        """Every reason `steps` cannot run: component.json's static checks, what the dynamic
+        metadata (getMetaModel) of functions that declare it says, and the schema check of
+        the edges whose steps changed version against `before` (the steps running now)."""
         static = self.drafts.validate(steps)
         # A step already refused (no such version, node missing) is not asked for more.
         refused = {s.id for s in steps if any(p.startswith(f"step {s.id}: ") for p in static)}
-        return static + await self.metadata.problems(steps, skip=refused)
+        dynamic = await self.metadata.problems(steps, skip=refused)
+        return static + dynamic + schema.problems(self.drafts.schema_edges(before, steps))
+
+    def _active_steps(self, flow: Row | None) -> list[Step] | None:
+        """The steps of `flow`'s active version (None: no flow, or never published)."""
+        if flow is None or not flow["active_version"]:
+            return None
+        fv = self.fs.flow_version(flow["name"], flow["active_version"])
+        return None if fv is None else [Step.model_validate(s) for s in fv["steps"]]
+
+    def redeploy_action(self, flow: Row, problems: list[str]) -> Action:
+        """What an automatic redeploy does with the draft it made for `flow` (`decide`)."""
+        return decide(self.config, flow, problems, self.pauses.flow(flow["name"]))
 
     async def call_method(
         self,
@@ -357,17 +422,7 @@ class Deployer:
         With `catch_up` (at start-up), flows that already have a draft or a deployment for
         this version are left as they are: a failed deploy is not retried at every restart.
         """
-        for flow in self.fs.flows():
-            if not flow["active_version"]:
-                continue
-            fv = self.fs.flow_version(flow["name"], flow["active_version"])
-            if fv is None:
-                continue
-            uses = [s for s in fv["steps"] if s["component"] == event.component and not s["pinned"]]
-            if not uses or any(s["version"] >= event.version for s in uses):
-                continue
-            if flow["update"] == "auto" and not flow["enabled"]:
-                continue  # stopped flows are left alone
+        for flow, _fv in affected(self.fs, event.component, event.version):
             if catch_up and self._handled(flow["name"], event):
                 continue
             self.publisher.spawn(self._redeploy(flow["name"], event), f"redeploy:{flow['name']}")
@@ -384,7 +439,7 @@ class Deployer:
             fv = self.fs.flow_version(name, flow["active_version"])
             assert fv is not None
             steps = self.drafts.with_version(fv["steps"], event.component, event.version)
-            problems = await self._validate(steps)
+            problems = await self._validate(steps, [Step.model_validate(s) for s in fv["steps"]])
             reason = f"{event.component} v{event.version} ({event.sha[:12]})"
             with self.store.tx():
                 self.fs.put_draft(
@@ -400,16 +455,16 @@ class Deployer:
                     component=event.component,
                     sha=event.sha,
                 )
-            if problems or flow["update"] != "auto":
-                return
-            if self.pauses.flow(name):
-                with self.store.tx():
-                    self.store.event(
-                        "deploy.paused",
-                        f"{name} is paused: draft for {reason} kept, not published "
-                        f"(`deployd resume {name}` publishes it)",
-                        flow=name,
-                    )
+            action = self.redeploy_action(flow, problems)
+            if action.kind != PUBLISH:
+                if action.kind == DRAFT_ONLY and flow["update"] == "auto":  # paused
+                    with self.store.tx():
+                        self.store.event(
+                            "deploy.paused",
+                            f"{name} is paused: draft for {reason} kept, not published "
+                            f"(`deployd resume {name}` publishes it)",
+                            flow=name,
+                        )
                 return
             await self._publish_draft(
                 name, Cause("component version", event.component, event.version, event.sha)

@@ -17,7 +17,9 @@ from ..store import FlowStore, Store
 from ..store.credentials import CredentialKeyStore
 from ..toolchains import node as nodetool
 from ..types import DEFAULT_PREFETCH, FlowVersionToRun, RunStep, StepKind
-from . import model, secrets
+from . import model, schema, secrets
+
+Descriptors = dict[tuple[str, int], dict[str, Any]]
 
 
 class Drafts:
@@ -67,11 +69,29 @@ class Drafts:
             for s in steps
         ]
 
-    def validate(self, steps: list[model.Step]) -> list[str]:
-        """Every reason `steps` cannot run (empty: valid), as `step ID: what` lines."""
-        return model.validate(
-            steps, self._descriptors(steps), self._node_error(), self.credential_info()
+    def validate(self, steps: list[model.Step], extra: Descriptors | None = None) -> list[str]:
+        """Every reason `steps` cannot run (empty: valid), as `step ID: what` lines.
+
+        `extra`: descriptors of versions not registered (a `plan`'s build), by (component,
+        version)."""
+        descriptors = {**self._descriptors(steps), **(extra or {})}
+        problems = model.validate(steps, descriptors, self._node_error(), self.credential_info())
+        refused = {s.id for s in steps if any(p.startswith(f"step {s.id}: ") for p in problems)}
+        return problems + schema.input_problems(
+            [s for s in steps if s.id not in refused], descriptors
         )
+
+    def schema_edges(
+        self,
+        before: list[model.Step] | None,
+        after: list[model.Step],
+        extra: Descriptors | None = None,
+        label: Any = None,
+    ) -> list[schema.Edge]:
+        """The schema check of every edge of `after` whose steps changed component version
+        against `before` (the steps that run now); see `schema.py`."""
+        descriptors = {**self._descriptors([*(before or []), *after]), **(extra or {})}
+        return schema.check(before, after, descriptors, label)
 
     def credential_info(self) -> dict[str, model.CredentialInfo]:
         """The config's credentials for validation: component and field names (the config's
@@ -144,6 +164,7 @@ class Drafts:
                     max_queue=s.get("max_queue"),
                     env=secrets.expand(s.get("env") or {}, f"steps[{i}].env", self.config),
                     credential=s.get("credential"),
+                    input_schema=schema.input_schema(func) if s.get("validate_input") else None,
                 )
             )
         runtime = flow_spec.get("runtime")

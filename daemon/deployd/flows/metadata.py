@@ -198,13 +198,14 @@ class Metadata:
 
     # -- flow validation ---------------------------------------------------------------------
 
-    async def meta_model(self, step: model.Step, row: Row) -> Any:
-        """getMetaModel(step.config) of `step`'s version, from the cache when known."""
+    async def meta_model(self, step: model.Step, row: Row, cache: bool = True) -> Any:
+        """getMetaModel(step.config) of `step`'s version, from the cache when known
+        (`cache` False: a tree that is not a registered version, asked and not kept)."""
         cfg_hash = hashlib.sha256(
             json.dumps([step.config, step.credential], sort_keys=True, default=str).encode()
         ).hexdigest()
         key = (step.component, int(row["version"]), step.function, GET_META_MODEL, cfg_hash)
-        if key in self._cache:
+        if cache and key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         kind, func = _function(row, step.function)
@@ -213,38 +214,49 @@ class Metadata:
             cfg, _warning = self.credentials.cfg(step.credential, step.component, cfg)
         call = _call(row, kind, step.function, func, GET_META_MODEL, cfg, step.credential)
         result = await self._run(call, VALIDATE_TIMEOUT)
+        if not cache:
+            return result
         self._cache[key] = result
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return result
 
     async def problems(
-        self, steps: list[model.Step], skip: set[str] | frozenset[str] = frozenset()
+        self,
+        steps: list[model.Step],
+        skip: set[str] | frozenset[str] = frozenset(),
+        rows: dict[tuple[str, int], Row] | None = None,
     ) -> list[str]:
         """Why the dynamic metadata of `steps` says they cannot run, as `step ID: what` lines.
 
         Only functions with `"dynamicMetadata": true` are asked; a failed or malformed
         getMetaModel is a problem (the draft is not published blind). Steps the static checks
         already refuse (no such version or function, or the ids in `skip`) are left to those.
+        `rows`: versions that are not registered (a plan's trial build), by (component,
+        version); their answers are not cached.
         """
+        unregistered = rows or {}
         out: list[str] = []
-        rows: dict[tuple[str, int], Row | None] = {}
+        known: dict[tuple[str, int], Row | None] = {}
         metas: dict[str, Any] = {}  # step id -> its getMetaModel result, or an Exception
 
         def row_of(step: model.Step) -> Row | None:
             if step.version is None:
                 return None
             key = (step.component, step.version)
-            if key not in rows:
-                rows[key] = self.store.version(*key)
-            return rows[key]
+            if key in unregistered:
+                return unregistered[key]
+            if key not in known:
+                known[key] = self.store.version(*key)
+            return known[key]
 
         async def meta(step: model.Step) -> Any:
             if step.id not in metas:
                 row = row_of(step)
                 assert row is not None
+                key = (step.component, int(row["version"]))
                 try:
-                    metas[step.id] = await self.meta_model(step, row)
+                    metas[step.id] = await self.meta_model(step, row, key not in unregistered)
                 except CallError as exc:
                     metas[step.id] = exc
             return metas[step.id]

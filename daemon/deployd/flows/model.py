@@ -75,6 +75,8 @@ class StepSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     # A [[credentials]] of the daemon config, by name: its fields are merged into cfg.
     credential: str | None = None
+    # Check each message against the function's metadata.in before process().
+    validate_input: bool = False
 
     @field_validator("credential")
     @classmethod
@@ -249,6 +251,7 @@ class Step(BaseModel):
     max_queue: int | None = None
     env: dict[str, str] = Field(default_factory=dict)  # "${VAR}" kept as written
     credential: str | None = None  # its name only: the values are never stored with a flow
+    validate_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,7 @@ def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
                 max_queue=s.max_queue,
                 env=s.env,
                 credential=s.credential,
+                validate_input=s.validate_input,
             )
         )
     return steps

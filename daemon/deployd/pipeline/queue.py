@@ -25,15 +25,11 @@ from ..paths import Paths
 from ..pauses import Pauses
 from ..store import Store
 from ..toolchains import git as gitops
-from ..toolchains import npm
-from ..toolchains.env import clean_env, log_tail
-from ..toolchains.node import SHIM_DIR as NODE_SHIM_DIR
-from ..toolchains.node import detect as node_detect
+from ..toolchains.env import log_tail
 from ..types import BuildState, PushNotice, VersionRegistered
 from . import build as builder
-from . import descriptor
 from .mirror import MirrorResolver
-from .node_build import NodeBuild, note
+from .tree import build_tree, semver_check
 
 log = logging.getLogger("deployd.pipeline")
 
@@ -64,7 +60,7 @@ class Pipeline:
         self.resolver = MirrorResolver(self, store, paths)
         self._pending: dict[str, PushNotice] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
-        self._slots = asyncio.Semaphore(config.daemon.max_parallel_builds)
+        self.slots = asyncio.Semaphore(config.daemon.max_parallel_builds)
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -159,7 +155,7 @@ class Pipeline:
                 comp = self.config.component(name)
                 if comp is None:
                     continue
-                async with self._slots:
+                async with self.slots:
                     try:
                         await self._process(comp, notice)
                     except asyncio.CancelledError:
@@ -217,52 +213,15 @@ class Pipeline:
             with log_path.open("wb") as logf:
                 logf.write(f"[deployd: build {build_id} of {comp.name} at {sha}]\n".encode())
                 await asyncio.to_thread(gitops.export, repo, sha, src)
-                desc = await asyncio.to_thread(descriptor.load, src)
-                self._check_semver(comp.name, desc)
-                deadline = started + comp.build_timeout
-                env = clean_env(src, {"DEPLOYD_COMPONENT": comp.name, "DEPLOYD_COMMIT": sha})
-                commands = [("build", desc.build), ("test", desc.test)]
-                warnings: list[str] = []
-                if desc.runtime == "node":
-                    node = node_detect(self.config.daemon.node)
-                    if node.error is not None or node.path is None or node.version is None:
-                        raise BuildError(str(node.error))
-                    env["PATH"] = os.path.dirname(node.path) + os.pathsep + env["PATH"]
-                    env["NODE_PATH"] = str(NODE_SHIM_DIR)  # `npm test` can require the helper
-                    engines = npm.engines_warning(npm.package_json(src), node.version)
-                    if engines:
-                        note(logf, f"warning: {engines}")
-                        warnings.append(engines)
-                    if desc.build is None and npm.has_package_json(src):
-                        await NodeBuild(
-                            src,
-                            log=logf,
-                            env=env,
-                            deadline=deadline,
-                            budget=comp.build_timeout,
-                            node_test=self.config.daemon.node_test,
-                            test_command=desc.test,
-                        ).run()
-                        commands = []  # install, test, prune: done
-                for what, command in commands:
-                    if command:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            raise BuildError(
-                                f"build ran past build_timeout ({comp.build_timeout:g}s)"
-                            )
-                        await builder.run_command(
-                            what,
-                            command,
-                            cwd=src,
-                            log=logf,
-                            timeout=remaining,
-                            env=env,
-                            budget=comp.build_timeout,
-                        )
-                if desc.runtime == "python":
-                    mains = [f.main for f in (*desc.triggers.values(), *desc.actions.values())]
-                    await asyncio.to_thread(builder.compile_python, src, mains, logf)
+                desc, warnings = await build_tree(
+                    self.config,
+                    comp,
+                    src,
+                    logf,
+                    sha,
+                    deadline=started + comp.build_timeout,
+                    check=semver_check(self.store, comp.name),
+                )
             version = self.store.next_version_number(comp.name)
             final = self.paths.versions / comp.name / str(version)
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -330,15 +289,3 @@ class Pipeline:
         if status == BuildState.FAILED and row and row.get("retryable"):
             status = "interrupted"
         self.metrics.build_finished(component, status, seconds)
-
-    def _check_semver(self, component: str, desc: descriptor.Descriptor) -> None:
-        """A lower semver than the last registered one is refused; the same one is not (real
-        components keep their `version` across many commits: a new sequence number)."""
-        if desc.version is None:
-            return
-        row = self.store.last_semver(component)
-        if row and descriptor.semver_key(desc.version) < descriptor.semver_key(row["semver"]):
-            raise ComponentError(
-                f"component.json version: {desc.version} is lower than {row['semver']} "
-                f"of {component} v{row['version']}; keep {row['semver']} or raise it"
-            )

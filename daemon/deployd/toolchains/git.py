@@ -121,6 +121,58 @@ def export(repo_path: Path, sha: str, dest: Path) -> None:
         raise GitError(f"cannot unpack commit {sha[:12]}: {exc}") from exc
 
 
+ABBREV_RE = re.compile(r"^[0-9a-f]{7,64}$")
+
+
+def resolve_commit(repo_path: Path, value: str) -> str | None:
+    """The full sha of the commit that `value` (a full or abbreviated sha, hex only: never a
+    ref or an option) names in `repo_path`; None when it names none, or more than one."""
+    value = value.strip().lower()
+    if not ABBREV_RE.match(value):
+        return None
+    try:
+        out = _repo(repo_path).git.rev_parse("--verify", "--quiet", f"{value}^{{commit}}")
+    except GitCommandError:
+        return None
+    sha = out.strip()
+    return sha if is_sha(sha) else None
+
+
+def copy_worktree(src: Path, dest: Path) -> int:
+    """Copy a working tree into the empty folder `dest`: in a git work tree the files git
+    would commit (tracked, and untracked ones not ignored: uncommitted changes included,
+    `node_modules` or `.venv` left out when ignored), elsewhere every file but `.git`.
+    Symbolic links are copied as links. Returns the number of files copied."""
+    if not src.is_dir():
+        raise GitError(f"{src} is not a directory")
+    try:
+        listed = git.cmd.Git(str(src)).ls_files("-z", "--cached", "--others", "--exclude-standard")
+        names = [n for n in listed.split("\0") if n]
+    except GitCommandError:
+        names = [
+            str(p.relative_to(src))
+            for p in sorted(src.rglob("*"))
+            if ".git" not in p.relative_to(src).parts and (p.is_file() or p.is_symlink())
+        ]
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    copied = 0
+    for name in names:
+        source = src / name
+        target = (dest / name).resolve() if not (dest / name).is_symlink() else dest / name
+        if not target.is_relative_to(root):
+            continue
+        if not (source.is_file() or source.is_symlink()):
+            continue  # listed by git but deleted in the work tree
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(source, target, follow_symlinks=False)
+        except OSError as exc:
+            raise GitError(f"cannot copy {source}: {exc.strerror}") from exc
+        copied += 1
+    return copied
+
+
 # -- remote repositories: ls-remote and mirror fetches (async) -----------------------------
 #
 # The url always comes from the config, never from a webhook payload. git runs as an
@@ -200,6 +252,20 @@ async def fetch_mirror(url: str, mirror: Path, branch: str, timeout: float = FET
     refspec = f"+refs/heads/{branch}:refs/heads/{branch}"
     await _run_git(
         ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", url, refspec],
+        url,
+        timeout,
+        cwd=mirror,
+    )
+
+
+async def fetch_commit(url: str, mirror: Path, sha: str, timeout: float = FETCH_TIMEOUT) -> None:
+    """Fetch the one commit `sha` (a full sha: a pull request's head on another branch) of
+    `url` into `mirror`, without a ref (`deployd plan`; hosting services serve reachable
+    commits by sha). GitError when the service does not."""
+    if not is_sha(sha):
+        raise GitError(f"{sha!r} is not a full commit sha")
+    await _run_git(
+        ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", url, sha],
         url,
         timeout,
         cwd=mirror,

@@ -17,12 +17,14 @@ import collections
 import contextlib
 import logging
 import time
+from asyncio import Future
 from pathlib import Path
 from typing import Any
 
 from ...store.queues import Queued
 from ...types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState, StepStatus
 from ..base import StepFailed
+from ..inputs import refusal
 from ..stepenv import step_environment
 from .process import Launcher, Result, StepDied, StepProcess, append_step_log, forget, log_tail
 from .router import Router
@@ -125,6 +127,7 @@ class FlowRunner:
         self._exits: asyncio.Queue[StepExit | None] = asyncio.Queue()
         self.default_max_queue = max_queue  # daemon.max_queue: steps without their own
         self.held_since: dict[str, float | None] = {}  # held back by a full queue, since
+        self._by_id = {s.id: s for s in spec.steps}
 
     # -- FlowRun (runtime/base.py) ---------------------------------------------------------
 
@@ -556,7 +559,7 @@ class FlowRunner:
         try:
             for _ in range(min(want, len(fetched))):
                 row = fetched.popleft()
-                inflight.append((row, proc.submit_msg(row, snapshot)))
+                inflight.append((row, self.submit(proc, row, snapshot)))
             await proc.drain()
         except StepDied:
             # What was sent fails when awaited; the messages stay queued. With nothing in
@@ -564,6 +567,18 @@ class FlowRunner:
             if len(inflight) == sent:
                 await self._gone(proc)
         return cursor
+
+    def submit(self, proc: StepProcess, row: Queued, snapshot: dict[str, Any]) -> Future[Result]:
+        """Hand `row` to `proc`, unless its step checks its input (`validate_input`) and the
+        body does not match: then it is not sent, and fails with the schema error (the
+        router makes it a dead letter, in order with the results around it)."""
+        step = self._by_id.get(proc.step_id)
+        error = None if step is None else refusal(step, row.body)
+        if error is None:
+            return proc.submit_msg(row, snapshot)
+        fut: Future[Result] = asyncio.get_running_loop().create_future()
+        fut.set_result(Result(errors=[error], ended=time.monotonic()))
+        return fut
 
     async def _wait_for_work(self, wake: asyncio.Event, stop: asyncio.Event, step_id: str) -> None:
         wake.clear()

@@ -343,7 +343,7 @@ class RabbitRunner(FlowRunner):
         try:
             for _ in range(want):
                 row = buffer[0]
-                inflight.append((row, proc.submit_msg(row, snapshot)))
+                inflight.append((row, self.submit(proc, row, snapshot)))
                 buffer.popleft()
             await proc.drain()
         except StepDied:
