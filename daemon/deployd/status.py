@@ -16,6 +16,7 @@ from .config import Config, redact_url
 from .paths import Paths
 from .store import FlowStore, Store
 from .store.letters import DeadLetterStore
+from .store.quarantine import QuarantineStore
 
 if TYPE_CHECKING:
     from .flows.deployer import Deployer
@@ -181,6 +182,7 @@ def flows_status(
     recent = {name: row["version"] for name, row in store.recent_all().items()}
     last = fs.last_deployments()
     letters = dead_letter_counts(store)
+    quarantined = QuarantineStore(store).all()
     totals: dict[str, int] = {}
     for (flow_name, _step), n in letters.items():
         totals[flow_name] = totals.get(flow_name, 0) + n
@@ -239,6 +241,10 @@ def flows_status(
                 "stale": stale,
                 "needs_attention": flow["needs_attention"],
                 "dead_letters": totals.get(name, 0),
+                "quarantined": [
+                    {k: q[k] for k in ("component", "version", "reason", "created_at")}
+                    for q in quarantined.get(name, [])
+                ],
                 "runtime": runtime,
                 "queues": queues,
                 "steps": steps,

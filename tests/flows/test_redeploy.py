@@ -33,6 +33,7 @@ FLOW_KEYS = {
     "stale",
     "needs_attention",
     "dead_letters",
+    "quarantined",
     "runtime",
     "queues",
     "steps",

@@ -25,6 +25,14 @@ class ApplyBody(BaseModel):
     draft: bool = False
 
 
+class PublishBody(BaseModel):
+    """`flow publish`: the draft (no body), or `version` "COMPONENT@N" on purpose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(default=None, min_length=3, max_length=100)
+
+
 class RollbackBody(BaseModel):
     to: int | None = None
 
@@ -73,8 +81,9 @@ def router(
         return await run(deployer.apply(body.text, draft_only=body.draft))
 
     @api.post("/flows/{name}/publish")
-    async def publish(name: str) -> Any:
-        return await run(deployer.publish(name))
+    async def publish(name: str, body: PublishBody | None = None) -> Any:
+        body = body or PublishBody()
+        return await run(deployer.publish(name, version=body.version))
 
     @api.post("/flows/{name}/start")
     async def start(name: str) -> Any:

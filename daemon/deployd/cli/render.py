@@ -66,6 +66,11 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
         if f.get("dead_letters"):
             state += f", {f['dead_letters']} dead letter{'s' if f['dead_letters'] != 1 else ''}"
             style = style if style == "red" else "yellow"
+        if f.get("quarantined"):
+            state += ", quarantined: " + ", ".join(
+                f"{q['component']} v{q['version']}" for q in f["quarantined"]
+            )
+            style = style if style == "red" else "yellow"
         if f.get("needs_attention"):
             state, style = f"{state} needs attention: {f['needs_attention']}", "red"
         elif f.get("stale"):

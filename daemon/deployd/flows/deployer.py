@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from ..config import Config
@@ -21,8 +22,16 @@ from ..runtime.base import Runtime
 from ..runtime.credentials import Credentials
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
+from ..store.quarantine import QuarantineStore
 from ..toolchains import node as nodetool
-from ..types import RUNTIME_NAMES, FlowState, RetryResult, StepStatus, VersionRegistered
+from ..types import (
+    RUNTIME_NAMES,
+    DeploymentState,
+    FlowState,
+    RetryResult,
+    StepStatus,
+    VersionRegistered,
+)
 from .drafts import Drafts
 from .letters import MAPPER, Letters
 from .metadata import Metadata
@@ -30,6 +39,18 @@ from .model import Step
 from .publish import Cause, Publisher
 
 log = logging.getLogger("deployd.deploy")
+_COMPONENT_VERSION_RE = re.compile(r"^([a-z0-9][a-z0-9-]{0,62})@v?([1-9][0-9]{0,17})$")
+
+
+def parse_component_version(text: str) -> tuple[str, int]:
+    """ "hello@5" (or "hello@v5") → ("hello", 5); FlowError naming the form otherwise."""
+    match = _COMPONENT_VERSION_RE.match(text)
+    if match is None:
+        raise FlowError(
+            f"--version {text[:80]!r} is not COMPONENT@N (e.g. hello@5; see `deployd versions"
+            " COMPONENT`)"
+        )
+    return match[1], int(match[2])
 
 
 class Deployer:
@@ -171,10 +192,65 @@ class Deployer:
         extra = {} if timeout is None else {"timeout": timeout}
         return await self.metadata.verify(name, version, **extra)
 
-    async def publish(self, name: str) -> dict[str, Any]:
+    async def publish(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """`flow publish NAME`: publish the draft; with `version` ("COMPONENT@N"), publish the
+        active version with every unpinned step of COMPONENT moved to vN instead — on purpose,
+        also a quarantined version, whose quarantine a live publish lifts."""
         self._known(name)
+        if version is not None:
+            component, number = parse_component_version(version)
+            return await self._publish_version(name, component, number)
         async with self.publisher.lock(name):
             return await self._publish_draft(name, Cause("flow publish"))
+
+    async def _publish_version(self, name: str, component: str, number: int) -> dict[str, Any]:
+        row = self.store.version(component, number) if self.config.component(component) else None
+        if row is None:
+            raise FlowError(
+                f"{component} has no version {number} (see `deployd versions {component}`)"
+                if self.config.component(component)
+                else f"unknown component {component!r} (see `deployd status`)"
+            )
+        if not row["artifact_dir"]:
+            raise FlowError(f"{component} v{number} was removed by retention; push it again")
+        async with self.publisher.lock(name):
+            flow = self._known(name)
+            if not flow["active_version"]:
+                raise FlowError(f"flow {name} has never been published (`deployd flow publish`)")
+            fv = self.fs.flow_version(name, flow["active_version"])
+            assert fv is not None
+            if not any(s["component"] == component and not s["pinned"] for s in fv["steps"]):
+                raise FlowError(
+                    f"flow {name} v{fv['version']} has no unpinned step of {component}; pin the"
+                    " version in the flow file and `deployd flow apply` it instead"
+                )
+            steps = self.drafts.with_version(fv["steps"], component, number)
+            problems = await self._validate(steps)
+            if problems:
+                raise FlowError(
+                    f"{component} v{number} cannot run in {name}, nothing was changed: "
+                    + "; ".join(problems)
+                )
+            reason = f"flow publish --version {component}@{number}"
+            res = await self.publisher.publish(
+                name,
+                fv["spec"],
+                [s.model_dump() for s in steps],
+                reason,
+                Cause("flow publish", component, number, row["sha"]),
+            )
+            quarantine = QuarantineStore(self.store)
+            if res.status == DeploymentState.DONE and quarantine.get(name, component, number):
+                with self.store.tx():
+                    quarantine.lift(name, component, number)
+                    self.store.event(
+                        "quarantine.lifted",
+                        f"{name}: {component} v{number} published on purpose and live: no"
+                        " longer quarantined",
+                        flow=name,
+                        component=component,
+                    )
+            return res.as_json()
 
     async def rollback(self, name: str, to: int | None) -> dict[str, Any]:
         self._known(name)
@@ -264,7 +340,7 @@ class Deployer:
                 or draft["reason"] == "flow apply"
             ):
                 return None
-            return await self._publish_draft(name, Cause("resume"))
+            return await self._publish_draft(name, Cause("resume", automatic=True))
 
     # -- dead letters ----------------------------------------------------------------------
 
@@ -368,6 +444,21 @@ class Deployer:
                 continue
             if flow["update"] == "auto" and not flow["enabled"]:
                 continue  # stopped flows are left alone
+            held = QuarantineStore(self.store).get(flow["name"], event.component, event.version)
+            if held is not None:
+                if not catch_up:  # a catch-up at every start would repeat it
+                    with self.store.tx():
+                        self.store.event(
+                            "deploy.skipped",
+                            f"{flow['name']}: {event.component} v{event.version} is quarantined"
+                            f" ({held['reason']}); not tried again (`deployd flow publish"
+                            f" {flow['name']} --version {event.component}@{event.version}`"
+                            " publishes it on purpose)",
+                            flow=flow["name"],
+                            component=event.component,
+                            sha=event.sha,
+                        )
+                continue
             if catch_up and self._handled(flow["name"], event):
                 continue
             self.publisher.spawn(self._redeploy(flow["name"], event), f"redeploy:{flow['name']}")
@@ -412,7 +503,14 @@ class Deployer:
                     )
                 return
             await self._publish_draft(
-                name, Cause("component version", event.component, event.version, event.sha)
+                name,
+                Cause(
+                    "component version",
+                    event.component,
+                    event.version,
+                    event.sha,
+                    automatic=True,
+                ),
             )
 
     # -- status ----------------------------------------------------------------------------
