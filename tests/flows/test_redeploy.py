@@ -34,6 +34,8 @@ FLOW_KEYS = {
     "needs_attention",
     "dead_letters",
     "quarantined",
+    "freeze",
+    "held",
     "runtime",
     "queues",
     "steps",

@@ -91,6 +91,17 @@ def check_config(config: ConfigOpt = None) -> None:
             markup=False,
             highlight=False,
         )
+    if cfg.freeze:
+        out.print(f"  freeze     {len(cfg.freeze)} window(s), time zone {d.timezone}")
+    for fz in cfg.freeze:
+        when = (
+            f"from {fz.from_.isoformat()} to {fz.to.isoformat()}"
+            if fz.from_ is not None
+            else f"{fz.schedule!r} for {format_duration(fz.duration or 0)}"
+        )
+        out.print(
+            f"    {', '.join(fz.flows):<24} {when} ({fz.reason})", markup=False, highlight=False
+        )
 
 
 # -- status / versions / builds -------------------------------------------------------------

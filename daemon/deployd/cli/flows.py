@@ -114,6 +114,10 @@ def flow_publish(
             " (also a quarantined version, on purpose) instead of the draft.",
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Publish even during a freeze window (recorded as forced)."),
+    ] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -127,6 +131,8 @@ def flow_publish(
         except FlowError as exc:
             raise typer.BadParameter(str(exc), param_hint="--version") from None
         body["version"] = version
+    if force:
+        body["force"] = True
     res = _call(load_config(config), "POST", _flow_path(name, "publish"), body or None)
     print_json(res) if as_json else _print_result(res)
 
@@ -247,6 +253,11 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
             markup=False,
             highlight=False,
         )
+    if data.get("held"):
+        out.print(data["held"], markup=False, highlight=False)
+    elif data.get("freeze"):
+        fz = data["freeze"]
+        out.print(f"frozen until {fz['until']} ({fz['reason']})", markup=False, highlight=False)
     for q in data.get("quarantined") or []:
         out.print(
             f"quarantined: {q['component']} v{q['version']} since {q['created_at'][:19]}:"

@@ -66,6 +66,11 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
         if f.get("dead_letters"):
             state += f", {f['dead_letters']} dead letter{'s' if f['dead_letters'] != 1 else ''}"
             style = style if style == "red" else "yellow"
+        if f.get("held"):
+            state += f", {f['held']}"
+            style = style if style == "red" else "yellow"
+        elif f.get("freeze"):
+            state += f", frozen until {f['freeze']['until']} ({f['freeze']['reason']})"
         if f.get("quarantined"):
             state += ", quarantined: " + ", ".join(
                 f"{q['component']} v{q['version']}" for q in f["quarantined"]

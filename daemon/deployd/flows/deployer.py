@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError
+from ..errors import FlowError, FlowFrozen
 from ..metrics import Metrics
 from ..pauses import Pauses
 from ..runtime.base import Runtime
@@ -33,6 +33,7 @@ from ..types import (
     VersionRegistered,
 )
 from .drafts import Drafts
+from .freeze import Clock, FreezeTimers, Hold, Sleep, utc_now
 from .letters import MAPPER, Letters
 from .metadata import Metadata
 from .model import Step
@@ -64,6 +65,8 @@ class Deployer:
         pauses: Pauses,
         metrics: Metrics,
         credentials: Credentials | None = None,
+        clock: Clock = utc_now,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.config = config
         self.store = store
@@ -76,6 +79,8 @@ class Deployer:
         self.credentials = credentials or Credentials(config, store)
         self.metadata = Metadata(config, store, runtime, self.credentials)
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
+        # Freeze windows: the clock and sleep are passed in, so tests can drive them.
+        self.freezes = FreezeTimers(config, self._freeze_ended, clock=clock, sleep=sleep)
 
     # -- service lifecycle -----------------------------------------------------------------
 
@@ -88,6 +93,7 @@ class Deployer:
         await asyncio.gather(*(self.publisher.start_run(f["name"], initial=False) for f in flows))
         self.publisher.resume_redrives()
         await self.catch_up()
+        self.arm_freezes()
 
     async def catch_up(self) -> None:
         """Redeploy what a killed daemon registered but never got to publish.
@@ -114,11 +120,14 @@ class Deployer:
         """SIGHUP: new settings apply to the next publish; running flows are not restarted."""
         self.config = self.drafts.config = self.publisher.config = config
         self.metadata.config = self.credentials.config = config
+        self.freezes.config = config
+        self.arm_freezes()  # windows may have been added, moved or removed
         nodetool.forget()  # node may have been installed or upgraded meanwhile
         self.runtime.reload(config.daemon)
 
     async def stop(self) -> None:
         """Daemon shutdown: stop every flow's processes (flows stay enabled for next start)."""
+        await self.freezes.close()
         await self.publisher.stop_all()
         await self.runtime.close()
 
@@ -192,18 +201,41 @@ class Deployer:
         extra = {} if timeout is None else {"timeout": timeout}
         return await self.metadata.verify(name, version, **extra)
 
-    async def publish(self, name: str, version: str | None = None) -> dict[str, Any]:
+    async def publish(
+        self, name: str, version: str | None = None, force: bool = False
+    ) -> dict[str, Any]:
         """`flow publish NAME`: publish the draft; with `version` ("COMPONENT@N"), publish the
         active version with every unpinned step of COMPONENT moved to vN instead — on purpose,
-        also a quarantined version, whose quarantine a live publish lifts."""
+        also a quarantined version, whose quarantine a live publish lifts. In a freeze window
+        it is refused unless `force` (then the event log says it was forced)."""
         self._known(name)
+        hold = self.freezes.hold(name)
+        if hold is not None and not force:
+            raise FlowFrozen(
+                f"flow {name} is {hold.text()}: an automatic publish waits for the end of the"
+                f" window; `deployd flow publish {name} --force` publishes now"
+            )
+        trigger = "flow publish --force" if hold is not None else "flow publish"
         if version is not None:
             component, number = parse_component_version(version)
-            return await self._publish_version(name, component, number)
-        async with self.publisher.lock(name):
-            return await self._publish_draft(name, Cause("flow publish"))
+            res = await self._publish_version(name, component, number, trigger)
+        else:
+            async with self.publisher.lock(name):
+                res = await self._publish_draft(name, Cause(trigger))
+        if hold is not None:
+            with self.store.tx():
+                self.store.event(
+                    "deploy.forced",
+                    f"{name}: v{res.get('version')} published with --force during a freeze"
+                    f" ({hold.text()}): {res.get('status')}",
+                    flow=name,
+                    detail={"freeze": hold.as_json(), "deployment": res.get("deployment")},
+                )
+        return res
 
-    async def _publish_version(self, name: str, component: str, number: int) -> dict[str, Any]:
+    async def _publish_version(
+        self, name: str, component: str, number: int, trigger: str = "flow publish"
+    ) -> dict[str, Any]:
         row = self.store.version(component, number) if self.config.component(component) else None
         if row is None:
             raise FlowError(
@@ -237,7 +269,7 @@ class Deployer:
                 fv["spec"],
                 [s.model_dump() for s in steps],
                 reason,
-                Cause("flow publish", component, number, row["sha"]),
+                Cause(trigger, component, number, row["sha"]),
             )
             quarantine = QuarantineStore(self.store)
             if res.status == DeploymentState.DONE and quarantine.get(name, component, number):
@@ -339,6 +371,10 @@ class Deployer:
                 or not flow["enabled"]
                 or draft["reason"] == "flow apply"
             ):
+                return None
+            hold = self.freezes.hold(name)
+            if hold is not None:
+                self._held(name, str(draft["reason"]), hold)
                 return None
             return await self._publish_draft(name, Cause("resume", automatic=True))
 
@@ -467,6 +503,12 @@ class Deployer:
         """True when this version was already drafted for a person, or deployed (not merely
         interrupted by a crash) to flow `name`."""
         drafted = self.fs.drafted_for_person(name, event.component, event.sha)
+        waiting = self.fs.waiting_draft(name)  # held by a freeze: `arm_freezes` has it
+        if waiting is not None and (waiting["cause_component"], waiting["cause_version"]) == (
+            event.component,
+            event.version,
+        ):
+            return True
         return drafted or self.fs.deployed_version(name, event.component, event.version)
 
     async def _redeploy(self, name: str, event: VersionRegistered) -> None:
@@ -502,6 +544,10 @@ class Deployer:
                         flow=name,
                     )
                 return
+            hold = self.freezes.hold(name)
+            if hold is not None:
+                self._held(name, reason, hold)
+                return
             await self._publish_draft(
                 name,
                 Cause(
@@ -509,6 +555,79 @@ class Deployer:
                     event.component,
                     event.version,
                     event.sha,
+                    automatic=True,
+                ),
+            )
+
+    # -- freeze windows --------------------------------------------------------------------
+
+    def _held(self, name: str, reason: str, hold: Hold) -> None:
+        """An automatic publish of `name` waits for the end of a freeze: say so, arm the timer."""
+        with self.store.tx():
+            self.store.event(
+                "deploy.frozen",
+                f"{name}: draft for {reason} kept, {hold.text()}; it is published when the"
+                f" window ends (`deployd flow publish {name} --force` publishes it now)",
+                flow=name,
+                detail=hold.as_json(),
+            )
+        self.freezes.arm(name, hold)
+
+    def _waiting(self, name: str) -> Row | None:
+        """The draft an automatic publish of `name` left waiting (see `FlowStore.waiting_draft`)
+        when it may still be published automatically: the flow runs, is updated
+        automatically, is not paused, and the draft brings in no quarantined version."""
+        flow = self.fs.flow(name)
+        draft = self.fs.waiting_draft(name)
+        if flow is None or draft is None or flow["update"] != "auto" or not flow["enabled"]:
+            return None
+        if self.pauses.flow(name):
+            return None
+        quarantine = QuarantineStore(self.store)
+        if any(quarantine.get(name, s["component"], s["version"]) for s in draft["steps"]):
+            return None
+        return draft
+
+    def arm_freezes(self) -> None:
+        """At start and after a reload: a timer for every waiting draft of a frozen flow; a
+        draft whose freeze ended while the daemon was down (or whose window was removed) is
+        published now. This is what makes a held publish survive a restart."""
+        for flow in self.fs.flows():
+            name = flow["name"]
+            if self._waiting(name) is None:
+                self.freezes.cancel(name)
+                continue
+            hold = self.freezes.hold(name)
+            if hold is not None:
+                self.freezes.arm(name, hold)
+            else:
+                self.freezes.cancel(name)
+                self.publisher.spawn(self._freeze_ended(name), f"freeze-end:{name}")
+
+    async def _freeze_ended(self, name: str) -> None:
+        """The timer of `name` ran out: publish its waiting draft, unless another window holds
+        it now (then the timer is armed again)."""
+        async with self.publisher.lock(name):
+            draft = self._waiting(name)
+            if draft is None:
+                return
+            hold = self.freezes.hold(name)
+            if hold is not None:
+                self.freezes.arm(name, hold)
+                return
+            with self.store.tx():
+                self.store.event(
+                    "freeze.ended",
+                    f"{name}: the freeze is over; publishing the draft for {draft['reason']}",
+                    flow=name,
+                )
+            await self._publish_draft(
+                name,
+                Cause(
+                    "freeze ended",
+                    draft["cause_component"],
+                    draft["cause_version"],
+                    draft["cause_sha"],
                     automatic=True,
                 ),
             )
