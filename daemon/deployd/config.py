@@ -297,6 +297,30 @@ class ComponentConfig(_Model):
     webhook_secret_file: Path | None = None
     poll_interval: Duration | None = None
     watch: bool = True
+    # Monorepos (issue 16): the folder of the repository holding component.json, where build
+    # and test run and whose contents become the version; and the globs a push must change
+    # something under to be built (None: every push builds).
+    path: str | None = None
+    paths: tuple[str, ...] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        clean = repo_relative(value, "path", glob=False)
+        return None if clean == "." else clean
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("is empty; leave it out to build on every push")
+        if len(value) > 100:
+            raise ValueError("has more than 100 globs")
+        return tuple(repo_relative(v, "glob", glob=True) for v in value)
 
     @field_validator("name")
     @classmethod
@@ -373,6 +397,48 @@ class ComponentConfig(_Model):
         if self.webhook_secret_file is not None:
             return self.webhook_secret_file.read_text().strip()
         return None
+
+
+def repo_relative(value: str, what: str, glob: bool) -> str:
+    """A path (or, with `glob`, a glob) inside a repository, checked and written the one way:
+    relative, with `/` between parts, no `..`, `.` or empty part (`a/./b`, `a//b`), no NUL,
+    backslash or control character; a glob's `[...]` closed, and no leading `:` (git's
+    pathspec magic) or `!`. ValueError naming what is wrong otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"a {what} is empty")
+    shown = repr(value[:80])
+    if len(value) > 500:
+        raise ValueError(f"{what} {shown}... is longer than 500 characters")
+    if not value.isprintable() or "\\" in value:
+        raise ValueError(f"{what} {shown} holds a control character or a backslash; use '/'")
+    if value.startswith("/"):
+        raise ValueError(
+            f"{what} {shown} is absolute; give it relative to the repository's root"
+            ' (e.g. "components/billing")'
+        )
+    parts = value.rstrip("/").split("/")
+    if value.rstrip("/") == ".":
+        return "."
+    if any(p == ".." for p in parts):
+        raise ValueError(f"{what} {shown} leaves the repository ('..'); name a folder inside it")
+    if any(p in ("", ".") for p in parts):
+        raise ValueError(f"{what} {shown} has an empty or '.' part; write it as a/b")
+    if glob:
+        if value[0] in ":!":
+            raise ValueError(f"glob {shown} starts with {value[0]!r}; start with a folder name")
+        depth = 0
+        for ch in value:
+            depth += ch == "["
+            depth -= ch == "]" and depth > 0
+            if depth > 1:
+                break
+        if depth != 0 or value.count("[") != value.count("]"):
+            raise ValueError(f"glob {shown} has an unclosed '['; write a class as [ab]")
+        if any("**" in p and p != "**" for p in parts):
+            raise ValueError(f"glob {shown}: '**' must be a whole part (a/**/b, a/**)")
+    elif any(ch in value for ch in "*?["):
+        raise ValueError(f"{what} {shown} is a glob; give the folder itself")
+    return "/".join(parts)
 
 
 _AMQP_URL_RE = re.compile(

@@ -78,8 +78,10 @@ def check_config(config: ConfigOpt = None) -> None:
         where = "hosted" if comp.hosted else redact_url(comp.url or "")
         secret = "secret set" if comp.secret_configured else "no secret"
         out.print(
-            f"    {comp.name:<24} branch {comp.branch:<12} {where}  "
-            f"(build_timeout {format_duration(comp.build_timeout)}, {secret})",
+            f"    {comp.name:<24} branch {comp.branch:<12} {where}"
+            + (f" path {comp.path}" if comp.path else "")
+            + (f" paths {', '.join(comp.paths)}" if comp.paths else "")
+            + f"  (build_timeout {format_duration(comp.build_timeout)}, {secret})",
             markup=False,
             highlight=False,
         )

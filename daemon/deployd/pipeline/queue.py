@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -73,7 +74,21 @@ class Pipeline:
         return self.resolver.repo_path(comp)
 
     def notify(self, notice: PushNotice) -> bool:
-        """Queue `notice` in its component's slot (replacing an older one). True if queued."""
+        """Queue `notice` in its component's slot (replacing an older one). True if queued.
+
+        A push announced by the repository (a webhook, the post-receive hook) is offered to
+        every other component with the same url too (a monorepo): one hook for the
+        repository is enough, and each component's branch and `paths` decide for itself."""
+        queued = self._notify_one(notice)
+        comp = self.config.component(notice.component)
+        if comp is not None and comp.url is not None and _from_repository(notice):
+            for other in self.config.components:
+                same_branch = notice.ref is None or notice.ref == f"refs/heads/{other.branch}"
+                if other.url == comp.url and other.name != comp.name and same_branch:
+                    self._notify_one(dataclasses.replace(notice, component=other.name))
+        return queued
+
+    def _notify_one(self, notice: PushNotice) -> bool:
         comp = self.config.component(notice.component)
         if comp is None:
             log.warning("push notice for unknown component %r ignored", notice.component)
@@ -201,7 +216,28 @@ class Pipeline:
             notice.force and not self.store.has_version(comp.name, sha)
         ):
             return
+        if not notice.force:
+            unchanged = await asyncio.to_thread(self.unchanged_paths, comp, repo, sha)
+            if unchanged is not None:
+                self.store.ignore_commit(comp.name, sha, unchanged)
+                return
         await self.build(comp, repo, sha, notice)
+
+    def unchanged_paths(self, comp: ComponentConfig, repo: Path, sha: str) -> str | None:
+        """Why commit `sha` builds nothing for `comp` — it changes none of `comp.paths`
+        since the recent version's commit — or None when it is to be built (no `paths`, no
+        version yet, or the difference cannot be told). Blocking (git): `plan` asks it too."""
+        if not comp.paths:
+            return None
+        recent = self.store.recent(comp.name)
+        if recent is None or recent["sha"] == sha:
+            return None
+        if gitops.changes_under(repo, recent["sha"], sha, comp.paths) is not False:
+            return None
+        return (
+            f"commit {sha[:12]} changes nothing under paths {', '.join(comp.paths)} since"
+            f" v{recent['version']} ({recent['sha'][:12]}): nothing built"
+        )
 
     async def build(self, comp: ComponentConfig, repo: Path, sha: str, notice: PushNotice) -> None:
         """Build commit `sha` of `comp` and register it, or record exactly why not."""
@@ -216,7 +252,8 @@ class Pipeline:
             shutil.rmtree(workdir, ignore_errors=True)
             with log_path.open("wb") as logf:
                 logf.write(f"[deployd: build {build_id} of {comp.name} at {sha}]\n".encode())
-                await asyncio.to_thread(gitops.export, repo, sha, src)
+                await asyncio.to_thread(gitops.export, repo, sha, workdir / "tree")
+                await asyncio.to_thread(_component_root, workdir / "tree", comp, sha, src)
                 desc = await asyncio.to_thread(descriptor.load, src)
                 self._check_semver(comp.name, desc)
                 deadline = started + comp.build_timeout
@@ -342,3 +379,24 @@ class Pipeline:
                 f"component.json version: {desc.version} is lower than {row['semver']} "
                 f"of {component} v{row['version']}; keep {row['semver']} or raise it"
             )
+
+
+def _from_repository(notice: PushNotice) -> bool:
+    """A notice the repository itself sent (webhook, post-receive hook), not one a component's
+    own watch or poll made (each component sharing the url has its own)."""
+    return notice.source == "hook" or notice.source.startswith("webhook")
+
+
+def _component_root(tree: Path, comp: ComponentConfig, sha: str, dest: Path) -> None:
+    """Move the component's folder of the exported `tree` (its `path`, or all of it) to
+    `dest`: what the build sees and what becomes the version. Blocking."""
+    root = tree
+    if comp.path is not None:
+        root = tree / comp.path
+        inside = root.resolve().is_relative_to(tree.resolve())
+        if not inside or root.is_symlink() or not root.is_dir():
+            raise ComponentError(
+                f"path {comp.path!r} of component {comp.name} is not a folder in commit"
+                f" {sha[:12]} (check `path` in the config, or the commit)"
+            )
+    os.replace(root, dest)

@@ -431,3 +431,15 @@ def m015_quarantine(db: Database) -> None:
         " version INTEGER NOT NULL, reason TEXT NOT NULL, deployment INTEGER,"
         " created_at TEXT NOT NULL, PRIMARY KEY (flow, component, version)) WITHOUT ROWID"
     )
+
+
+@migrations()
+def m016_ignored_commits(db: Database) -> None:
+    """Commits a component ignored because they change none of its `paths` (issue 16,
+    monorepos): like a final build, they are never looked at again by polls, restarts or
+    redelivered webhooks; `deployd redeploy COMPONENT --sha SHA` builds one on purpose.
+    `reason` is what `deployd history` said (the paths, and the version compared with)."""
+    db.execute(
+        "CREATE TABLE ignored_commits (component TEXT NOT NULL, sha TEXT NOT NULL,"
+        " reason TEXT NOT NULL, at TEXT NOT NULL, PRIMARY KEY (component, sha)) WITHOUT ROWID"
+    )
