@@ -204,6 +204,14 @@ class DaemonConfig(_Model):
     # emit('updateKeys') in the state database (a Fernet key: 32 url-safe base64 bytes).
     # Unset: such keys are refused (never stored in clear).
     secret_key: SecretStr | None = None
+    # The time zone of [[freeze]] schedules (an IANA name such as "Europe/Berlin").
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        check_timezone(value)
+        return value
 
     @field_validator("secret_key")
     @classmethod
@@ -289,6 +297,30 @@ class ComponentConfig(_Model):
     webhook_secret_file: Path | None = None
     poll_interval: Duration | None = None
     watch: bool = True
+    # Monorepos (issue 16): the folder of the repository holding component.json, where build
+    # and test run and whose contents become the version; and the globs a push must change
+    # something under to be built (None: every push builds).
+    path: str | None = None
+    paths: tuple[str, ...] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        clean = repo_relative(value, "path", glob=False)
+        return None if clean == "." else clean
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("is empty; leave it out to build on every push")
+        if len(value) > 100:
+            raise ValueError("has more than 100 globs")
+        return tuple(repo_relative(v, "glob", glob=True) for v in value)
 
     @field_validator("name")
     @classmethod
@@ -365,6 +397,48 @@ class ComponentConfig(_Model):
         if self.webhook_secret_file is not None:
             return self.webhook_secret_file.read_text().strip()
         return None
+
+
+def repo_relative(value: str, what: str, glob: bool) -> str:
+    """A path (or, with `glob`, a glob) inside a repository, checked and written the one way:
+    relative, with `/` between parts, no `..`, `.` or empty part (`a/./b`, `a//b`), no NUL,
+    backslash or control character; a glob's `[...]` closed, and no leading `:` (git's
+    pathspec magic) or `!`. ValueError naming what is wrong otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"a {what} is empty")
+    shown = repr(value[:80])
+    if len(value) > 500:
+        raise ValueError(f"{what} {shown}... is longer than 500 characters")
+    if not value.isprintable() or "\\" in value:
+        raise ValueError(f"{what} {shown} holds a control character or a backslash; use '/'")
+    if value.startswith("/"):
+        raise ValueError(
+            f"{what} {shown} is absolute; give it relative to the repository's root"
+            ' (e.g. "components/billing")'
+        )
+    parts = value.rstrip("/").split("/")
+    if value.rstrip("/") == ".":
+        return "."
+    if any(p == ".." for p in parts):
+        raise ValueError(f"{what} {shown} leaves the repository ('..'); name a folder inside it")
+    if any(p in ("", ".") for p in parts):
+        raise ValueError(f"{what} {shown} has an empty or '.' part; write it as a/b")
+    if glob:
+        if value[0] in ":!":
+            raise ValueError(f"glob {shown} starts with {value[0]!r}; start with a folder name")
+        depth = 0
+        for ch in value:
+            depth += ch == "["
+            depth -= ch == "]" and depth > 0
+            if depth > 1:
+                break
+        if depth != 0 or value.count("[") != value.count("]"):
+            raise ValueError(f"glob {shown} has an unclosed '['; write a class as [ab]")
+        if any("**" in p and p != "**" for p in parts):
+            raise ValueError(f"glob {shown}: '**' must be a whole part (a/**/b, a/**)")
+    elif any(ch in value for ch in "*?["):
+        raise ValueError(f"{what} {shown} is a glob; give the folder itself")
+    return "/".join(parts)
 
 
 _AMQP_URL_RE = re.compile(
@@ -456,11 +530,133 @@ class CredentialConfig(_Model):
         return value
 
 
+def check_timezone(value: str) -> Any:
+    """The `ZoneInfo` of an IANA time zone name; ValueError naming the form otherwise."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        if not value or value != value.strip() or "\x00" in value:
+            raise ValueError(value)
+        return ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(
+            f'{value[:80]!r} is not a time zone; give an IANA name such as "UTC" or '
+            '"Europe/Berlin" (see /usr/share/zoneinfo)'
+        ) from None
+
+
+# A flow-name glob: the characters of flow names and the wildcards * ? [...] (with ! for not).
+_FLOW_GLOB_RE = re.compile(r"^(?:[a-z0-9*?-]|\[!?[a-z0-9-]+\])+$")
+
+
+def check_cron(value: str) -> str:
+    """A five-field crontab line APScheduler's CronTrigger accepts; ValueError otherwise."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    if len(value) > 200 or not value.isprintable():
+        raise ValueError("is not a crontab line (at most 200 printable characters)")
+    try:
+        CronTrigger.from_crontab(value, timezone="UTC")
+    except ValueError as exc:
+        raise ValueError(
+            f"{value!r} is not a cron schedule ({exc}); write five fields: minute hour "
+            'day-of-month month day-of-week, e.g. "0 17 * * FRI"'
+        ) from None
+    return value
+
+
+def _instant(value: Any) -> Any:
+    """RFC 3339 with an offset (a TOML offset date-time or a string) → an aware datetime."""
+    from datetime import datetime
+
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(
+                f'{value[:80]!r} is not an RFC 3339 time; write e.g. "2026-12-20T00:00:00Z"'
+            ) from None
+    if not isinstance(value, datetime):
+        raise ValueError('expected an RFC 3339 time such as "2026-12-20T00:00:00Z"')
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"{value.isoformat()} has no time zone; add Z or an offset (e.g. "
+            '"2026-12-20T00:00:00Z" or "2026-12-20T00:00:00+01:00")'
+        )
+    return value
+
+
+class FreezeConfig(_Model):
+    """[[freeze]]: a window in which automatic publishes of the matching flows wait (issue
+    16): recurring (`schedule`, cron in daemon.timezone, and `duration`) or one-off (`from`,
+    `to`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    flows: tuple[str, ...] = ("*",)
+    schedule: str | None = None
+    duration: Duration | None = None
+    from_: Annotated[Any, BeforeValidator(_instant)] = Field(default=None, alias="from")
+    to: Annotated[Any, BeforeValidator(_instant)] = None
+    reason: str = Field(default="freeze window", min_length=1, max_length=200)
+
+    @field_validator("flows")
+    @classmethod
+    def _flows(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError('is empty; leave it out for every flow, or list globs ("billing-*")')
+        for pattern in value:
+            if not isinstance(pattern, str) or not _FLOW_GLOB_RE.match(pattern):
+                raise ValueError(
+                    f"{str(pattern)[:80]!r} is not a flow-name glob: use lowercase letters, "
+                    "digits, '-' and the wildcards *, ? and [...] (e.g. \"billing-*\")"
+                )
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return check_cron(value) if value is not None else None
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str) -> str:
+        if not value.isprintable() or not value.strip():
+            raise ValueError("must be one line of printable text")
+        return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> FreezeConfig:
+        recurring = self.schedule is not None or self.duration is not None
+        once = self.from_ is not None or self.to is not None
+        if recurring and once:
+            raise ValueError("give schedule and duration, or from and to, not both")
+        if recurring and (self.schedule is None or self.duration is None):
+            raise ValueError("a recurring window needs both schedule (cron) and duration")
+        if once and (self.from_ is None or self.to is None):
+            raise ValueError("a one-off window needs both from and to")
+        if not recurring and not once:
+            raise ValueError(
+                'give schedule = "0 17 * * FRI" with duration = "64h", or from and to '
+                "(RFC 3339 times)"
+            )
+        if self.duration is not None and self.duration <= 0:
+            raise ValueError('duration must be longer than 0 (e.g. "64h")')
+        if self.duration is not None and self.duration > 366 * 86400:
+            raise ValueError("duration is longer than a year; use a one-off window (from, to)")
+        if once and self.from_ >= self.to:
+            raise ValueError(
+                f"to ({self.to.isoformat()}) is not after from ({self.from_.isoformat()})"
+            )
+        return self
+
+
 class Config(_Model):
     daemon: DaemonConfig = DaemonConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     components: tuple[ComponentConfig, ...] = ()
     credentials: tuple[CredentialConfig, ...] = ()
+    freeze: tuple[FreezeConfig, ...] = ()
     path: Path | None = None
     # Every ${NAME} the config file mentions: deployd's own secrets, which flows cannot read.
     own_env: frozenset[str] = frozenset()

@@ -60,6 +60,10 @@ class FlowError(DeploydError):
     exit_code = 2
 
 
+class FlowFrozen(FlowError):
+    """A publish a person asked for falls in a freeze window (`--force` publishes anyway)."""
+
+
 class DaemonError(DeploydError):
     """The running daemon could not be reached or refused a request."""
 

@@ -16,6 +16,7 @@ from .config import Config, redact_url
 from .paths import Paths
 from .store import FlowStore, Store
 from .store.letters import DeadLetterStore
+from .store.quarantine import QuarantineStore
 
 if TYPE_CHECKING:
     from .flows.deployer import Deployer
@@ -96,7 +97,7 @@ def build_status(
         "components": components,
         "runtimes": runtimes(config),
         "broker": broker_status(config, deployer),
-        "flows": flows_status(store, deployer, config.runtime.default) if store else [],
+        "flows": flows_status(store, deployer, config.runtime.default, config) if store else [],
         **status_extras(store),
     }
     return status
@@ -172,15 +173,22 @@ def dead_letter_counts(store: Store) -> dict[tuple[str, str], int]:
 
 
 def flows_status(
-    store: Store, deployer: Deployer | None = None, default_runtime: str = "embedded"
+    store: Store,
+    deployer: Deployer | None = None,
+    default_runtime: str = "embedded",
+    config: Config | None = None,
 ) -> list[dict[str, Any]]:
     """The `flows` list of the status object; live step states when the daemon asks.
     `runtime`: what the flow's active version runs on (its flow file's or `flow move`'s
-    choice, else [runtime] default)."""
+    choice, else [runtime] default). `freeze`: the freeze window the flow is in now (by
+    `config`), `held`: what waits for its end."""
+    from .flows.freeze import frozen
+
     fs = FlowStore(store)
     recent = {name: row["version"] for name, row in store.recent_all().items()}
     last = fs.last_deployments()
     letters = dead_letter_counts(store)
+    quarantined = QuarantineStore(store).all()
     totals: dict[str, int] = {}
     for (flow_name, _step), n in letters.items():
         totals[flow_name] = totals.get(flow_name, 0) + n
@@ -228,6 +236,8 @@ def flows_status(
             for s in steps_db
         )
         state = deployer.flow_state(name, bool(flow["enabled"])) if deployer else "stopped"
+        hold = frozen(config, name) if config is not None else None
+        waiting = hold is not None and flow["update"] == "auto" and _waiting_draft(fs, name)
         dep = last.get(name)
         out.append(
             {
@@ -239,6 +249,12 @@ def flows_status(
                 "stale": stale,
                 "needs_attention": flow["needs_attention"],
                 "dead_letters": totals.get(name, 0),
+                "quarantined": [
+                    {k: q[k] for k in ("component", "version", "reason", "created_at")}
+                    for q in quarantined.get(name, [])
+                ],
+                "freeze": hold.as_json() if hold is not None else None,
+                "held": hold.text() if hold is not None and waiting else None,
                 "runtime": runtime,
                 "queues": queues,
                 "steps": steps,
@@ -254,6 +270,14 @@ def flows_status(
             }
         )
     return out
+
+
+def _waiting_draft(fs: FlowStore, name: str) -> bool:
+    """Whether `name` has a draft an automatic publish left waiting (none before m005)."""
+    try:
+        return fs.waiting_draft(name) is not None
+    except sqlite3.OperationalError:
+        return False
 
 
 ERROR_KINDS = {

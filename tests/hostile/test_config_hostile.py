@@ -19,6 +19,9 @@ from tests.conftest import DEPLOYD
 
 C = '[[components]]\nname = "a"\n'  # a valid component to hang a bad key on
 NOT_DURATION = "is not a duration; write a number and a unit"
+ONE_OFF = (
+    '\nfrom = "2026-12-20T00:00:00Z"\nto = "2027-01-02T00:00:00Z"'  # a valid [[freeze]] window
+)
 
 # (id, TOML, key path, expected words)
 CASES: list[tuple[str, str, str, str]] = [
@@ -196,6 +199,135 @@ CASES: list[tuple[str, str, str, str]] = [
         '[daemon]\nlisten = "0.0.0.0:8787"\n' + C,
         "components[0].webhook_secret",
         "not a loopback address",
+    ),
+    # monorepos (issue 16): path and paths of [[components]]
+    ("path-dotdot", C + 'path = "../secrets"', "components[0].path", "leaves the repository"),
+    ("path-inner-dotdot", C + 'path = "a/../../b"', "components[0].path", "leaves the repository"),
+    ("path-absolute", C + 'path = "/etc"', "components[0].path", "is absolute"),
+    ("path-empty", C + 'path = ""', "components[0].path", "is empty"),
+    ("path-double-slash", C + 'path = "a//b"', "components[0].path", "empty or '.' part"),
+    ("path-backslash", C + 'path = "a\\\\b"', "components[0].path", "backslash"),
+    ("path-newline", C + 'path = "a\\nb"', "components[0].path", "control character"),
+    ("path-glob", C + 'path = "components/*"', "components[0].path", "is a glob"),
+    ("path-int", C + "path = 3", "components[0].path", "valid string"),
+    ("paths-string", C + 'paths = "a/**"', "components[0].paths", "valid tuple"),
+    ("paths-empty", C + "paths = []", "components[0].paths", "is empty"),
+    ("paths-dotdot", C + 'paths = ["../**"]', "components[0].paths", "leaves the repository"),
+    ("paths-absolute", C + 'paths = ["/a/**"]', "components[0].paths", "is absolute"),
+    ("paths-magic", C + 'paths = [":(exclude)a"]', "components[0].paths", "starts with ':'"),
+    ("paths-bang", C + 'paths = ["!a/**"]', "components[0].paths", "starts with '!'"),
+    ("paths-unclosed", C + 'paths = ["a/[bc/**"]', "components[0].paths", "unclosed '['"),
+    ("paths-stars", C + 'paths = ["a/b**"]', "components[0].paths", "must be a whole part"),
+    ("paths-nul", C + 'paths = ["a\\u0000b"]', "components[0].paths", "control character"),
+    # [[freeze]] (issue 16) and daemon.timezone
+    ("timezone-unknown", '[daemon]\ntimezone = "Mars/Base"', "daemon.timezone", "not a time zone"),
+    ("timezone-path", '[daemon]\ntimezone = "../../etc/passwd"', "daemon.timezone", "IANA"),
+    ("timezone-int", "[daemon]\ntimezone = 1", "daemon.timezone", "valid string"),
+    ("freeze-not-array", "freeze = 3", "freeze", "valid tuple"),
+    ("freeze-empty", "[[freeze]]", "freeze[0]", "give schedule"),
+    ("freeze-unknown-key", '[[freeze]]\nuntil = "x"', "freeze[0].until", "unknown key"),
+    (
+        "freeze-bad-cron",
+        '[[freeze]]\nschedule = "0 17 * *"\nduration = "1h"',
+        "freeze[0].schedule",
+        "not a cron schedule",
+    ),
+    (
+        "freeze-bad-weekday",
+        '[[freeze]]\nschedule = "0 17 * * FRY"\nduration = "1h"',
+        "freeze[0].schedule",
+        "not a cron schedule",
+    ),
+    (
+        "freeze-cron-range",
+        '[[freeze]]\nschedule = "61 17 * * *"\nduration = "1h"',
+        "freeze[0].schedule",
+        "higher than the maximum",
+    ),
+    (
+        "freeze-bad-duration",
+        '[[freeze]]\nschedule = "0 17 * * FRI"\nduration = "a weekend"',
+        "freeze[0].duration",
+        NOT_DURATION,
+    ),
+    (
+        "freeze-zero-duration",
+        '[[freeze]]\nschedule = "0 17 * * FRI"\nduration = "0"',
+        "freeze[0]",
+        "longer than 0",
+    ),
+    (
+        "freeze-no-duration",
+        '[[freeze]]\nschedule = "0 17 * * FRI"',
+        "freeze[0]",
+        "needs both schedule",
+    ),
+    (
+        "freeze-both-forms",
+        '[[freeze]]\nschedule = "0 17 * * FRI"\nduration = "1h"\nfrom = "2026-12-20T00:00:00Z"'
+        '\nto = "2026-12-21T00:00:00Z"',
+        "freeze[0]",
+        "not both",
+    ),
+    (
+        "freeze-naive-from",
+        '[[freeze]]\nfrom = "2026-12-20T00:00:00"\nto = "2026-12-21T00:00:00Z"',
+        "freeze[0].from",
+        "no time zone",
+    ),
+    (
+        "freeze-toml-local-datetime",
+        "[[freeze]]\nfrom = 2026-12-20T00:00:00\nto = 2026-12-21T00:00:00Z",
+        "freeze[0].from",
+        "no time zone",
+    ),
+    (
+        "freeze-bad-to",
+        '[[freeze]]\nfrom = "2026-12-20T00:00:00Z"\nto = "next year"',
+        "freeze[0].to",
+        "not an RFC 3339 time",
+    ),
+    (
+        "freeze-to-before-from",
+        '[[freeze]]\nfrom = "2026-12-20T00:00:00Z"\nto = "2026-12-19T00:00:00Z"',
+        "freeze[0]",
+        "is not after from",
+    ),
+    (
+        "freeze-no-to",
+        '[[freeze]]\nfrom = "2026-12-20T00:00:00Z"',
+        "freeze[0]",
+        "needs both from and to",
+    ),
+    (
+        "freeze-glob-upper",
+        '[[freeze]]\nflows = ["Billing-*"]' + ONE_OFF,
+        "freeze[0].flows",
+        "not a flow-name glob",
+    ),
+    (
+        "freeze-glob-bracket",
+        '[[freeze]]\nflows = ["billing-[ab"]' + ONE_OFF,
+        "freeze[0].flows",
+        "not a flow-name glob",
+    ),
+    (
+        "freeze-glob-path",
+        '[[freeze]]\nflows = ["../x"]' + ONE_OFF,
+        "freeze[0].flows",
+        "not a flow-name glob",
+    ),
+    (
+        "freeze-glob-empty-list",
+        "[[freeze]]\nflows = []" + ONE_OFF,
+        "freeze[0].flows",
+        "is empty",
+    ),
+    (
+        "freeze-reason-newline",
+        '[[freeze]]\nreason = "a\\nb"' + ONE_OFF,
+        "freeze[0].reason",
+        "printable",
     ),
 ]
 

@@ -135,6 +135,9 @@ API_CASES: list[tuple[str, str, Any, int, str]] = [
         "nested",
     ),
     ("publish-unknown", "/api/v1/flows/nope/publish", None, 404, "unknown flow 'nope'"),
+    ("publish-force-a-word", "/api/v1/flows/nope/publish", {"force": "yes"}, 422, "force"),
+    ("publish-unknown-key", "/api/v1/flows/nope/publish", {"versoin": "a@1"}, 422, "versoin"),
+    ("publish-version-huge", "/api/v1/flows/nope/publish", {"version": "a" * 5000}, 422, "version"),
     ("rollback-to-a-word", "/api/v1/flows/nope/rollback", {"to": "one"}, 422, "to"),
     (
         "redeploy-bad-sha",

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..auth import check
-from ..errors import DeploydError
+from ..errors import DeploydError, FlowFrozen
 
 
 def token_required(token: Callable[[], str]) -> Callable[[Request], None]:
@@ -37,4 +37,6 @@ async def answer(accepting: Callable[[], bool], work: Awaitable[Any]) -> Any:
         return await work
     except DeploydError as exc:
         status = 404 if str(exc).startswith("unknown ") else 400
+        if isinstance(exc, FlowFrozen):
+            status = 409  # a freeze window: the same request succeeds after it (or --force)
         raise HTTPException(status_code=status, detail=str(exc)) from exc

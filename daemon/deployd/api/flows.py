@@ -25,6 +25,16 @@ class ApplyBody(BaseModel):
     draft: bool = False
 
 
+class PublishBody(BaseModel):
+    """`flow publish`: the draft (no body), or `version` "COMPONENT@N" on purpose; `force`
+    in a freeze window."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(default=None, min_length=3, max_length=100)
+    force: StrictBool = False  # publish even in a freeze window (recorded as forced)
+
+
 class RollbackBody(BaseModel):
     to: int | None = None
 
@@ -73,8 +83,9 @@ def router(
         return await run(deployer.apply(body.text, draft_only=body.draft))
 
     @api.post("/flows/{name}/publish")
-    async def publish(name: str) -> Any:
-        return await run(deployer.publish(name))
+    async def publish(name: str, body: PublishBody | None = None) -> Any:
+        body = body or PublishBody()
+        return await run(deployer.publish(name, version=body.version, force=body.force))
 
     @api.post("/flows/{name}/start")
     async def start(name: str) -> Any:

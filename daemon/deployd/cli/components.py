@@ -78,8 +78,10 @@ def check_config(config: ConfigOpt = None) -> None:
         where = "hosted" if comp.hosted else redact_url(comp.url or "")
         secret = "secret set" if comp.secret_configured else "no secret"
         out.print(
-            f"    {comp.name:<24} branch {comp.branch:<12} {where}  "
-            f"(build_timeout {format_duration(comp.build_timeout)}, {secret})",
+            f"    {comp.name:<24} branch {comp.branch:<12} {where}"
+            + (f" path {comp.path}" if comp.path else "")
+            + (f" paths {', '.join(comp.paths)}" if comp.paths else "")
+            + f"  (build_timeout {format_duration(comp.build_timeout)}, {secret})",
             markup=False,
             highlight=False,
         )
@@ -90,6 +92,17 @@ def check_config(config: ConfigOpt = None) -> None:
             f"    {cred.name:<24} component {cred.component:<16} fields {fields}",
             markup=False,
             highlight=False,
+        )
+    if cfg.freeze:
+        out.print(f"  freeze     {len(cfg.freeze)} window(s), time zone {d.timezone}")
+    for fz in cfg.freeze:
+        when = (
+            f"from {fz.from_.isoformat()} to {fz.to.isoformat()}"
+            if fz.from_ is not None
+            else f"{fz.schedule!r} for {format_duration(fz.duration or 0)}"
+        )
+        out.print(
+            f"    {', '.join(fz.flows):<24} {when} ({fz.reason})", markup=False, highlight=False
         )
 
 

@@ -104,9 +104,36 @@ def flow_apply(
 
 
 @flow_app.command("publish")
-def flow_publish(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def flow_publish(
+    name: NameArg,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            "--version",
+            help="COMPONENT@N: publish the active version with COMPONENT's steps moved to vN"
+            " (also a quarantined version, on purpose) instead of the draft.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Publish even during a freeze window (recorded as forced)."),
+    ] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Publish the flow's draft as its next version (zero-downtime if it runs)."""
-    res = _call(load_config(config), "POST", _flow_path(name, "publish"))
+    from ..flows.deployer import parse_component_version
+
+    body: dict[str, Any] = {}
+    if version is not None:
+        try:
+            parse_component_version(version)
+        except FlowError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--version") from None
+        body["version"] = version
+    if force:
+        body["force"] = True
+    res = _call(load_config(config), "POST", _flow_path(name, "publish"), body or None)
     print_json(res) if as_json else _print_result(res)
 
 
@@ -223,6 +250,19 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
             f"dead letters: {data['dead_letters']}"
             + (f" ({', '.join(failed)})" if failed else "")
             + f" — `deployd flow errors {name}`",
+            markup=False,
+            highlight=False,
+        )
+    if data.get("held"):
+        out.print(data["held"], markup=False, highlight=False)
+    elif data.get("freeze"):
+        fz = data["freeze"]
+        out.print(f"frozen until {fz['until']} ({fz['reason']})", markup=False, highlight=False)
+    for q in data.get("quarantined") or []:
+        out.print(
+            f"quarantined: {q['component']} v{q['version']} since {q['created_at'][:19]}:"
+            f" {q['reason']} (`deployd flow publish {name} --version"
+            f" {q['component']}@{q['version']}` publishes it on purpose)",
             markup=False,
             highlight=False,
         )

@@ -66,6 +66,16 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
         if f.get("dead_letters"):
             state += f", {f['dead_letters']} dead letter{'s' if f['dead_letters'] != 1 else ''}"
             style = style if style == "red" else "yellow"
+        if f.get("held"):
+            state += f", {f['held']}"
+            style = style if style == "red" else "yellow"
+        elif f.get("freeze"):
+            state += f", frozen until {f['freeze']['until']} ({f['freeze']['reason']})"
+        if f.get("quarantined"):
+            state += ", quarantined: " + ", ".join(
+                f"{q['component']} v{q['version']}" for q in f["quarantined"]
+            )
+            style = style if style == "red" else "yellow"
         if f.get("needs_attention"):
             state, style = f"{state} needs attention: {f['needs_attention']}", "red"
         elif f.get("stale"):
@@ -241,7 +251,11 @@ def print_plan(res: dict[str, Any]) -> None:
         print("no flow would be redeployed")
     for flow in res.get("flows") or []:
         colour = {"publish": "green", "needs attention": "red"}.get(flow["action"], "yellow")
-        action = paint(flow["action"], colour) + (f" ({flow['why']})" if flow.get("why") else "")
+        why = flow.get("why") or ""
+        if why and flow["action"] == "held by freeze":  # held by freeze until <time> (reason)
+            action = paint(f"{flow['action']} {why}", colour)
+        else:
+            action = paint(flow["action"], colour) + (f" ({why})" if why else "")
         print(f"\nflow {flow['flow']} (v{flow['version']}, update {flow['update']}): {action}")
         for ch in flow["changes"]:
             print(f"  {ch['step']}: {ch['component']} v{ch['from']} → (new)")

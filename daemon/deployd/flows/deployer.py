@@ -11,57 +11,90 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError
+from ..errors import FlowError, FlowFrozen
 from ..metrics import Metrics
 from ..pauses import Pauses
 from ..runtime.base import Runtime
 from ..runtime.credentials import Credentials
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
+from ..store.quarantine import QuarantineStore
 from ..toolchains import node as nodetool
-from ..types import RUNTIME_NAMES, FlowState, RetryResult, StepStatus, VersionRegistered
+from ..types import (
+    RUNTIME_NAMES,
+    DeploymentState,
+    FlowState,
+    RetryResult,
+    StepStatus,
+    VersionRegistered,
+)
 from . import schema
 from .drafts import Drafts
+from .freeze import Clock, FreezeTimers, Hold, Sleep, frozen, utc_now
 from .letters import MAPPER, Letters
 from .metadata import Metadata
 from .model import Step
 from .publish import Cause, Publisher
 
 log = logging.getLogger("deployd.deploy")
+_COMPONENT_VERSION_RE = re.compile(r"^([a-z0-9][a-z0-9-]{0,62})@v?([1-9][0-9]{0,17})$")
+
+
+def parse_component_version(text: str) -> tuple[str, int]:
+    """ "hello@5" (or "hello@v5") → ("hello", 5); FlowError naming the form otherwise."""
+    match = _COMPONENT_VERSION_RE.match(text)
+    if match is None:
+        raise FlowError(
+            f"--version {text[:80]!r} is not COMPONENT@N (e.g. hello@5; see `deployd versions"
+            " COMPONENT`)"
+        )
+    return match[1], int(match[2])
+
 
 # What an automatic redeploy does with the draft it made (`Deployer.redeploy_action`).
 PUBLISH = "publish"
 DRAFT_ONLY = "draft only"
 NEEDS_ATTENTION = "needs attention"
+HELD = "held by freeze"  # `why`: `until <time> (reason)`
 
 
 @dataclass(frozen=True)
 class Action:
     """What happens to a flow's draft for a new component version: `kind` is one of
-    PUBLISH, DRAFT_ONLY, NEEDS_ATTENTION (a freeze adds `held by freeze until …`), `why`
-    says why when it is not published."""
+    PUBLISH, DRAFT_ONLY, NEEDS_ATTENTION, HELD; `why` says why when it is not published
+    (with HELD, the hold itself: `held by freeze until … (reason)`)."""
 
     kind: str
     why: str = ""
+    hold: Hold | None = None
 
     def shown(self) -> str:
+        if self.kind == HELD:
+            return f"{self.kind} {self.why}"
         return self.kind + (f" ({self.why})" if self.why else "")
 
 
-def decide(config: Config, flow: Row, problems: list[str], paused: bool) -> Action:
+def decide(
+    config: Config, flow: Row, problems: list[str], paused: bool, now: datetime | None = None
+) -> Action:
     """What an automatic redeploy does with the draft it made for `flow` — the one place
-    that decides, for `Deployer._redeploy` and for `deployd plan` (which makes no draft)."""
+    that decides, for `Deployer._redeploy` and for `deployd plan` (which makes no draft).
+    `now` is the time the freeze windows are read at (default: the current time)."""
     if problems:
         return Action(NEEDS_ATTENTION, "; ".join(problems))
     if flow["update"] != "auto":
         return Action(DRAFT_ONLY, f'update = "manual": `deployd flow publish {flow["name"]}`')
     if paused:
         return Action(DRAFT_ONLY, f"paused: `deployd resume {flow['name']}` publishes it")
-    # Freeze windows (issue 16 §5) decide here: Action("held by freeze until …", reason).
+    hold = frozen(config, flow["name"], now)
+    if hold is not None:
+        return Action(HELD, hold.text().removeprefix(HELD + " "), hold)
     return Action(PUBLISH)
 
 
@@ -95,6 +128,8 @@ class Deployer:
         pauses: Pauses,
         metrics: Metrics,
         credentials: Credentials | None = None,
+        clock: Clock = utc_now,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.config = config
         self.store = store
@@ -107,6 +142,8 @@ class Deployer:
         self.credentials = credentials or Credentials(config, store)
         self.metadata = Metadata(config, store, runtime, self.credentials)
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
+        # Freeze windows: the clock and sleep are passed in, so tests can drive them.
+        self.freezes = FreezeTimers(config, self._freeze_ended, clock=clock, sleep=sleep)
 
     # -- service lifecycle -----------------------------------------------------------------
 
@@ -119,6 +156,7 @@ class Deployer:
         await asyncio.gather(*(self.publisher.start_run(f["name"], initial=False) for f in flows))
         self.publisher.resume_redrives()
         await self.catch_up()
+        self.arm_freezes()
 
     async def catch_up(self) -> None:
         """Redeploy what a killed daemon registered but never got to publish.
@@ -145,11 +183,14 @@ class Deployer:
         """SIGHUP: new settings apply to the next publish; running flows are not restarted."""
         self.config = self.drafts.config = self.publisher.config = config
         self.metadata.config = self.credentials.config = config
+        self.freezes.config = config
+        self.arm_freezes()  # windows may have been added, moved or removed
         nodetool.forget()  # node may have been installed or upgraded meanwhile
         self.runtime.reload(config.daemon)
 
     async def stop(self) -> None:
         """Daemon shutdown: stop every flow's processes (flows stay enabled for next start)."""
+        await self.freezes.close()
         await self.publisher.stop_all()
         await self.runtime.close()
 
@@ -209,7 +250,9 @@ class Deployer:
 
     def redeploy_action(self, flow: Row, problems: list[str]) -> Action:
         """What an automatic redeploy does with the draft it made for `flow` (`decide`)."""
-        return decide(self.config, flow, problems, self.pauses.flow(flow["name"]))
+        return decide(
+            self.config, flow, problems, self.pauses.flow(flow["name"]), self.freezes.clock()
+        )
 
     async def call_method(
         self,
@@ -236,10 +279,88 @@ class Deployer:
         extra = {} if timeout is None else {"timeout": timeout}
         return await self.metadata.verify(name, version, **extra)
 
-    async def publish(self, name: str) -> dict[str, Any]:
+    async def publish(
+        self, name: str, version: str | None = None, force: bool = False
+    ) -> dict[str, Any]:
+        """`flow publish NAME`: publish the draft; with `version` ("COMPONENT@N"), publish the
+        active version with every unpinned step of COMPONENT moved to vN instead — on purpose,
+        also a quarantined version, whose quarantine a live publish lifts. In a freeze window
+        it is refused unless `force` (then the event log says it was forced)."""
         self._known(name)
+        hold = self.freezes.hold(name)
+        if hold is not None and not force:
+            raise FlowFrozen(
+                f"flow {name} is {hold.text()}: an automatic publish waits for the end of the"
+                f" window; `deployd flow publish {name} --force` publishes now"
+            )
+        trigger = "flow publish --force" if hold is not None else "flow publish"
+        if version is not None:
+            component, number = parse_component_version(version)
+            res = await self._publish_version(name, component, number, trigger)
+        else:
+            async with self.publisher.lock(name):
+                res = await self._publish_draft(name, Cause(trigger))
+        if hold is not None:
+            with self.store.tx():
+                self.store.event(
+                    "deploy.forced",
+                    f"{name}: v{res.get('version')} published with --force during a freeze"
+                    f" ({hold.text()}): {res.get('status')}",
+                    flow=name,
+                    detail={"freeze": hold.as_json(), "deployment": res.get("deployment")},
+                )
+        return res
+
+    async def _publish_version(
+        self, name: str, component: str, number: int, trigger: str = "flow publish"
+    ) -> dict[str, Any]:
+        row = self.store.version(component, number) if self.config.component(component) else None
+        if row is None:
+            raise FlowError(
+                f"{component} has no version {number} (see `deployd versions {component}`)"
+                if self.config.component(component)
+                else f"unknown component {component!r} (see `deployd status`)"
+            )
+        if not row["artifact_dir"]:
+            raise FlowError(f"{component} v{number} was removed by retention; push it again")
         async with self.publisher.lock(name):
-            return await self._publish_draft(name, Cause("flow publish"))
+            flow = self._known(name)
+            if not flow["active_version"]:
+                raise FlowError(f"flow {name} has never been published (`deployd flow publish`)")
+            fv = self.fs.flow_version(name, flow["active_version"])
+            assert fv is not None
+            if not any(s["component"] == component and not s["pinned"] for s in fv["steps"]):
+                raise FlowError(
+                    f"flow {name} v{fv['version']} has no unpinned step of {component}; pin the"
+                    " version in the flow file and `deployd flow apply` it instead"
+                )
+            steps = self.drafts.with_version(fv["steps"], component, number)
+            problems = await self._validate(steps)
+            if problems:
+                raise FlowError(
+                    f"{component} v{number} cannot run in {name}, nothing was changed: "
+                    + "; ".join(problems)
+                )
+            reason = f"flow publish --version {component}@{number}"
+            res = await self.publisher.publish(
+                name,
+                fv["spec"],
+                [s.model_dump() for s in steps],
+                reason,
+                Cause(trigger, component, number, row["sha"]),
+            )
+            quarantine = QuarantineStore(self.store)
+            if res.status == DeploymentState.DONE and quarantine.get(name, component, number):
+                with self.store.tx():
+                    quarantine.lift(name, component, number)
+                    self.store.event(
+                        "quarantine.lifted",
+                        f"{name}: {component} v{number} published on purpose and live: no"
+                        " longer quarantined",
+                        flow=name,
+                        component=component,
+                    )
+            return res.as_json()
 
     async def rollback(self, name: str, to: int | None) -> dict[str, Any]:
         self._known(name)
@@ -329,7 +450,11 @@ class Deployer:
                 or draft["reason"] == "flow apply"
             ):
                 return None
-            return await self._publish_draft(name, Cause("resume"))
+            hold = self.freezes.hold(name)
+            if hold is not None:
+                self._held(name, str(draft["reason"]), hold)
+                return None
+            return await self._publish_draft(name, Cause("resume", automatic=True))
 
     # -- dead letters ----------------------------------------------------------------------
 
@@ -423,6 +548,21 @@ class Deployer:
         this version are left as they are: a failed deploy is not retried at every restart.
         """
         for flow, _fv in affected(self.fs, event.component, event.version):
+            held = QuarantineStore(self.store).get(flow["name"], event.component, event.version)
+            if held is not None:
+                if not catch_up:  # a catch-up at every start would repeat it
+                    with self.store.tx():
+                        self.store.event(
+                            "deploy.skipped",
+                            f"{flow['name']}: {event.component} v{event.version} is quarantined"
+                            f" ({held['reason']}); not tried again (`deployd flow publish"
+                            f" {flow['name']} --version {event.component}@{event.version}`"
+                            " publishes it on purpose)",
+                            flow=flow["name"],
+                            component=event.component,
+                            sha=event.sha,
+                        )
+                continue
             if catch_up and self._handled(flow["name"], event):
                 continue
             self.publisher.spawn(self._redeploy(flow["name"], event), f"redeploy:{flow['name']}")
@@ -431,6 +571,12 @@ class Deployer:
         """True when this version was already drafted for a person, or deployed (not merely
         interrupted by a crash) to flow `name`."""
         drafted = self.fs.drafted_for_person(name, event.component, event.sha)
+        waiting = self.fs.waiting_draft(name)  # held by a freeze: `arm_freezes` has it
+        if waiting is not None and (waiting["cause_component"], waiting["cause_version"]) == (
+            event.component,
+            event.version,
+        ):
+            return True
         return drafted or self.fs.deployed_version(name, event.component, event.version)
 
     async def _redeploy(self, name: str, event: VersionRegistered) -> None:
@@ -456,7 +602,7 @@ class Deployer:
                     sha=event.sha,
                 )
             action = self.redeploy_action(flow, problems)
-            if action.kind != PUBLISH:
+            if action.kind in (DRAFT_ONLY, NEEDS_ATTENTION):
                 if action.kind == DRAFT_ONLY and flow["update"] == "auto":  # paused
                     with self.store.tx():
                         self.store.event(
@@ -466,8 +612,92 @@ class Deployer:
                             flow=name,
                         )
                 return
+            if action.kind == HELD:
+                assert action.hold is not None
+                self._held(name, reason, action.hold)
+                return
             await self._publish_draft(
-                name, Cause("component version", event.component, event.version, event.sha)
+                name,
+                Cause(
+                    "component version",
+                    event.component,
+                    event.version,
+                    event.sha,
+                    automatic=True,
+                ),
+            )
+
+    # -- freeze windows --------------------------------------------------------------------
+
+    def _held(self, name: str, reason: str, hold: Hold) -> None:
+        """An automatic publish of `name` waits for the end of a freeze: say so, arm the timer."""
+        with self.store.tx():
+            self.store.event(
+                "deploy.frozen",
+                f"{name}: draft for {reason} kept, {hold.text()}; it is published when the"
+                f" window ends (`deployd flow publish {name} --force` publishes it now)",
+                flow=name,
+                detail=hold.as_json(),
+            )
+        self.freezes.arm(name, hold)
+
+    def _waiting(self, name: str) -> Row | None:
+        """The draft an automatic publish of `name` left waiting (see `FlowStore.waiting_draft`)
+        when it may still be published automatically: the flow runs, is updated
+        automatically, is not paused, and the draft brings in no quarantined version."""
+        flow = self.fs.flow(name)
+        draft = self.fs.waiting_draft(name)
+        if flow is None or draft is None or flow["update"] != "auto" or not flow["enabled"]:
+            return None
+        if self.pauses.flow(name):
+            return None
+        quarantine = QuarantineStore(self.store)
+        if any(quarantine.get(name, s["component"], s["version"]) for s in draft["steps"]):
+            return None
+        return draft
+
+    def arm_freezes(self) -> None:
+        """At start and after a reload: a timer for every waiting draft of a frozen flow; a
+        draft whose freeze ended while the daemon was down (or whose window was removed) is
+        published now. This is what makes a held publish survive a restart."""
+        for flow in self.fs.flows():
+            name = flow["name"]
+            if self._waiting(name) is None:
+                self.freezes.cancel(name)
+                continue
+            hold = self.freezes.hold(name)
+            if hold is not None:
+                self.freezes.arm(name, hold)
+            else:
+                self.freezes.cancel(name)
+                self.publisher.spawn(self._freeze_ended(name), f"freeze-end:{name}")
+
+    async def _freeze_ended(self, name: str) -> None:
+        """The timer of `name` ran out: publish its waiting draft, unless another window holds
+        it now (then the timer is armed again)."""
+        async with self.publisher.lock(name):
+            draft = self._waiting(name)
+            if draft is None:
+                return
+            hold = self.freezes.hold(name)
+            if hold is not None:
+                self.freezes.arm(name, hold)
+                return
+            with self.store.tx():
+                self.store.event(
+                    "freeze.ended",
+                    f"{name}: the freeze is over; publishing the draft for {draft['reason']}",
+                    flow=name,
+                )
+            await self._publish_draft(
+                name,
+                Cause(
+                    "freeze ended",
+                    draft["cause_component"],
+                    draft["cause_version"],
+                    draft["cause_sha"],
+                    automatic=True,
+                ),
             )
 
     # -- status ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 from ..config import ComponentConfig, Config
 from ..errors import BuildError, ComponentError, DeploydError, GitError
 from ..pipeline import build as builder
-from ..pipeline.tree import build_tree, semver_check
+from ..pipeline.tree import build_tree, component_root, semver_check, unchanged_paths
 from ..store import FlowStore, Row, Store
 from ..toolchains import git as gitops
 from ..toolchains.env import log_tail
@@ -114,6 +114,13 @@ class Planner:
             "flows": [],
             "notes": [],
         }
+        if tree is None:
+            assert repo is not None and sha is not None
+            ignored = await asyncio.to_thread(unchanged_paths, self.store, comp, repo, sha)
+            if ignored is not None:  # as a push of it would be: nothing built, nothing changes
+                out["notes"].append(ignored)
+                out["build"].update(ok=True, seconds=0.0)
+                return _finish(out, EXIT_OK, "nothing built")
         src = work / "src"
         log_path = work / "build.log"
         started = time.monotonic()
@@ -125,7 +132,8 @@ class Planner:
                     await asyncio.to_thread(gitops.copy_worktree, tree, src)
                 else:
                     assert repo is not None and sha is not None
-                    await asyncio.to_thread(gitops.export, repo, sha, src)
+                    await asyncio.to_thread(gitops.export, repo, sha, work / "tree")
+                    await asyncio.to_thread(component_root, work / "tree", comp, sha, src)
                 async with self.slots if self.slots is not None else contextlib.nullcontext():
                     desc, warnings = await build_tree(
                         self.config,

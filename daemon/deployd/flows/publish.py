@@ -36,6 +36,7 @@ from ..metrics import Metrics
 from ..runtime.base import FlowRun, Runtime, StepFailed
 from ..store import FlowStore, Store
 from ..store.letters import DeadLetterStore
+from ..store.quarantine import QuarantineStore
 from ..types import DeploymentResult, DeploymentState, FlowState, FlowVersionToRun, StepStatus
 from .drafts import Drafts
 
@@ -51,6 +52,9 @@ class Cause:
     component: str | None = None
     component_version: int | None = None
     sha: str | None = None
+    # An automatic publish (a new component version, `resume`, the end of a freeze): the
+    # component versions it brings in are quarantined for the flow when it fails.
+    automatic: bool = False
 
 
 class Publisher:
@@ -254,6 +258,8 @@ class Publisher:
                     )
                     self.fs.set_flow(name, needs_attention=msg)
                     self.store.event("deploy.failed", f"{name}: {msg}", flow=name)
+                    if cause.automatic:
+                        self._quarantine(name, from_version, steps, f"warm-up failed: {exc}", dep)
                 log.warning("flow %s: %s", name, msg)
                 self.metrics.deployment(name, DeploymentState.FAILED)
                 return result(DeploymentState.FAILED, reason=str(exc))
@@ -285,7 +291,7 @@ class Publisher:
                 )
             if from_version is not None:
                 self.spawn(
-                    self._watch_rollback(name, dep, new, from_version, switched_at),
+                    self._watch_rollback(name, dep, new, from_version, switched_at, cause),
                     f"rollback-watch:{name}",
                 )
             self.metrics.deployment(name, DeploymentState.DONE)
@@ -303,6 +309,37 @@ class Publisher:
         )
         if from_draft:
             self.fs.delete_draft(name)
+
+    # -- quarantine ------------------------------------------------------------------------
+
+    def _quarantine(
+        self,
+        name: str,
+        from_version: int | None,
+        steps: list[dict[str, Any]],
+        reason: str,
+        dep: int,
+    ) -> None:
+        """Quarantine for `name` every component version `steps` brings in that its version
+        `from_version` did not run (inside the caller's transaction), with an event."""
+        old = self.fs.flow_version(name, from_version) if from_version else None
+        before = {(s["component"], s["version"]) for s in (old or {}).get("steps", [])}
+        brought = sorted(
+            {(str(s["component"]), int(s["version"])) for s in steps if s.get("version")} - before
+        )
+        if not brought:
+            return
+        QuarantineStore(self.store).add(name, brought, reason, dep)
+        named = ", ".join(f"{c} v{v}" for c, v in brought)
+        self.store.event(
+            "version.quarantined",
+            f"{name}: {named} quarantined ({reason}); automatic redeploys will not try it"
+            f" again (`deployd flow publish {name} --version {brought[0][0]}@{brought[0][1]}`"
+            " publishes it on purpose)",
+            flow=name,
+            component=brought[0][0],
+            detail={"versions": [list(b) for b in brought], "deployment": dep},
+        )
 
     # -- rollback --------------------------------------------------------------------------
 
@@ -329,7 +366,13 @@ class Publisher:
                 return seen
 
     async def _watch_rollback(
-        self, name: str, dep: int, new: FlowRun, from_version: int, switched_at: float
+        self,
+        name: str,
+        dep: int,
+        new: FlowRun,
+        from_version: int,
+        switched_at: float,
+        cause: Cause,
     ) -> None:
         exits = await self._crash_loops(new, switched_at)
         if exits is None:
@@ -372,6 +415,15 @@ class Publisher:
                     f"{name}: v{version} rolled back to v{from_version}: {reason}",
                     flow=name,
                 )
+                if cause.automatic:
+                    fv_new = self.fs.flow_version(name, version)
+                    self._quarantine(
+                        name,
+                        from_version,
+                        fv_new["steps"] if fv_new else [],
+                        f"rolled back: {reason}",
+                        dep,
+                    )
             log.warning("flow %s: rolled back to v%s: %s", name, from_version, reason)
             self.metrics.deployment(name, DeploymentState.ROLLED_BACK)
             await self.runtime.switch(new, old, old_failing=True)

@@ -56,12 +56,16 @@ class MirrorResolver:
         self.paths = paths
         self.clock = clock
         self.sleep = sleep
+        self._locks: dict[Path, asyncio.Lock] = {}
 
     def repo_path(self, comp: ComponentConfig) -> Path:
         if comp.url is None:
             return self.paths.hosted_repo(comp.name)
         if comp.mirrored:
-            return self.paths.mirror(comp.name)
+            # One mirror per repository: components sharing a url (a monorepo) share the one
+            # named after the first of them in the config.
+            owner = next((c for c in self.pipeline.config.components if c.url == comp.url), comp)
+            return self.paths.mirror(owner.name)
         return local_path(comp.url)
 
     async def __call__(self, comp: ComponentConfig, notice: PushNotice) -> Path:
@@ -75,7 +79,9 @@ class MirrorResolver:
             error: GitError | None = None
             if comp.mirrored and comp.url is not None:
                 try:
-                    await gitops.fetch_mirror(comp.url, repo, comp.branch)
+                    # Components sharing a mirror fetch into it one at a time.
+                    async with self._locks.setdefault(repo, asyncio.Lock()):
+                        await gitops.fetch_mirror(comp.url, repo, comp.branch)
                 except GitError as exc:
                     error = exc
             if error is None and (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from ..toolchains.env import log_tail
 from ..types import BuildState, PushNotice, VersionRegistered
 from . import build as builder
 from .mirror import MirrorResolver
-from .tree import build_tree, semver_check
+from .tree import build_tree, component_root, semver_check, unchanged_paths
 
 log = logging.getLogger("deployd.pipeline")
 
@@ -69,7 +70,21 @@ class Pipeline:
         return self.resolver.repo_path(comp)
 
     def notify(self, notice: PushNotice) -> bool:
-        """Queue `notice` in its component's slot (replacing an older one). True if queued."""
+        """Queue `notice` in its component's slot (replacing an older one). True if queued.
+
+        A push announced by the repository (a webhook, the post-receive hook) is offered to
+        every other component with the same url too (a monorepo): one hook for the
+        repository is enough, and each component's branch and `paths` decide for itself."""
+        queued = self._notify_one(notice)
+        comp = self.config.component(notice.component)
+        if comp is not None and comp.url is not None and _from_repository(notice):
+            for other in self.config.components:
+                same_branch = notice.ref is None or notice.ref == f"refs/heads/{other.branch}"
+                if other.url == comp.url and other.name != comp.name and same_branch:
+                    self._notify_one(dataclasses.replace(notice, component=other.name))
+        return queued
+
+    def _notify_one(self, notice: PushNotice) -> bool:
         comp = self.config.component(notice.component)
         if comp is None:
             log.warning("push notice for unknown component %r ignored", notice.component)
@@ -197,7 +212,16 @@ class Pipeline:
             notice.force and not self.store.has_version(comp.name, sha)
         ):
             return
+        if not notice.force:
+            unchanged = await asyncio.to_thread(self.unchanged_paths, comp, repo, sha)
+            if unchanged is not None:
+                self.store.ignore_commit(comp.name, sha, unchanged)
+                return
         await self.build(comp, repo, sha, notice)
+
+    def unchanged_paths(self, comp: ComponentConfig, repo: Path, sha: str) -> str | None:
+        """`tree.unchanged_paths` on this pipeline's store. Blocking (git)."""
+        return unchanged_paths(self.store, comp, repo, sha)
 
     async def build(self, comp: ComponentConfig, repo: Path, sha: str, notice: PushNotice) -> None:
         """Build commit `sha` of `comp` and register it, or record exactly why not."""
@@ -212,7 +236,8 @@ class Pipeline:
             shutil.rmtree(workdir, ignore_errors=True)
             with log_path.open("wb") as logf:
                 logf.write(f"[deployd: build {build_id} of {comp.name} at {sha}]\n".encode())
-                await asyncio.to_thread(gitops.export, repo, sha, src)
+                await asyncio.to_thread(gitops.export, repo, sha, workdir / "tree")
+                await asyncio.to_thread(component_root, workdir / "tree", comp, sha, src)
                 desc, warnings = await build_tree(
                     self.config,
                     comp,
@@ -289,3 +314,9 @@ class Pipeline:
         if status == BuildState.FAILED and row and row.get("retryable"):
             status = "interrupted"
         self.metrics.build_finished(component, status, seconds)
+
+
+def _from_repository(notice: PushNotice) -> bool:
+    """A notice the repository itself sent (webhook, post-receive hook), not one a component's
+    own watch or poll made (each component sharing the url has its own)."""
+    return notice.source == "hook" or notice.source.startswith("webhook")

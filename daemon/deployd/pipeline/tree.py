@@ -16,6 +16,7 @@ from typing import BinaryIO
 from ..config import ComponentConfig, Config
 from ..errors import BuildError, ComponentError
 from ..store import Store
+from ..toolchains import git as gitops
 from ..toolchains import npm
 from ..toolchains.env import clean_env
 from ..toolchains.node import SHIM_DIR as NODE_SHIM_DIR
@@ -102,3 +103,35 @@ def semver_check(store: Store, component: str) -> Check:
             )
 
     return check
+
+
+def component_root(tree: Path, comp: ComponentConfig, sha: str, dest: Path) -> None:
+    """Move the component's folder of the exported `tree` (its `path`, or all of it) to
+    `dest`: what the build sees and what becomes the version. Blocking."""
+    root = tree
+    if comp.path is not None:
+        root = tree / comp.path
+        inside = root.resolve().is_relative_to(tree.resolve())
+        if not inside or root.is_symlink() or not root.is_dir():
+            raise ComponentError(
+                f"path {comp.path!r} of component {comp.name} is not a folder in commit"
+                f" {sha[:12]} (check `path` in the config, or the commit)"
+            )
+    os.replace(root, dest)
+
+
+def unchanged_paths(store: Store, comp: ComponentConfig, repo: Path, sha: str) -> str | None:
+    """Why commit `sha` builds nothing for `comp` — it changes none of `comp.paths` since the
+    recent version's commit — or None when it is to be built (no `paths`, no version yet, or
+    the difference cannot be told). Blocking (git): pushes and `plan` both ask it."""
+    if not comp.paths:
+        return None
+    recent = store.recent(comp.name)
+    if recent is None or recent["sha"] == sha:
+        return None
+    if gitops.changes_under(repo, recent["sha"], sha, comp.paths) is not False:
+        return None
+    return (
+        f"commit {sha[:12]} changes nothing under paths {', '.join(comp.paths)} since"
+        f" v{recent['version']} ({recent['sha'][:12]}): nothing built"
+    )

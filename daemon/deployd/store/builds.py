@@ -150,13 +150,26 @@ class Store(StoreCore):
         )
 
     def has_final_build(self, component: str, sha: str) -> bool:
-        """True when `sha` already has a version or a failed build that is not worth retrying."""
+        """True when `sha` already has a version or a failed build that is not worth retrying,
+        or was ignored because it changes none of the component's `paths`."""
         row = self.conn.execute(
             "SELECT 1 FROM builds WHERE component = ? AND sha = ? AND"
-            " (status = 'succeeded' OR (status = 'failed' AND retryable = 0)) LIMIT 1",
-            (component, sha),
+            " (status = 'succeeded' OR (status = 'failed' AND retryable = 0))"
+            " UNION ALL SELECT 1 FROM ignored_commits WHERE component = ? AND sha = ? LIMIT 1",
+            (component, sha, component, sha),
         ).fetchone()
         return row is not None
+
+    def ignore_commit(self, component: str, sha: str, reason: str) -> None:
+        """Record that `sha` builds nothing for `component` (no change under its `paths`),
+        with the `push.ignored` event saying why; one transaction."""
+        with self.tx():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO ignored_commits (component, sha, reason, at)"
+                " VALUES (?, ?, ?, ?)",
+                (component, sha, reason, utcnow()),
+            )
+            self.event("push.ignored", f"{component}: {reason}", component=component, sha=sha)
 
     def interrupt_unfinished_builds(self) -> list[Row]:
         """At start: builds left queued/building by a stopped daemon become retryable failures."""

@@ -142,6 +142,19 @@ class FlowStore(QueueStore):
         ).fetchone()
         return bool(row and row[0])
 
+    def waiting_draft(self, name: str) -> Row | None:
+        """The draft of `name` when a component version caused it, it is valid and no publish
+        was tried since it was made (it waits: for a freeze to end, or for `resume`); else
+        None."""
+        draft = self.draft(name)
+        if draft is None or draft["problems"] or draft["cause_component"] is None:
+            return None
+        tried = self.conn.execute(
+            "SELECT 1 FROM deployments WHERE flow = ? AND started_at >= ? LIMIT 1",
+            (name, draft["created_at"]),
+        ).fetchone()
+        return None if tried else draft
+
     def delete_draft(self, name: str) -> None:
         """Forget the draft of a flow (it was published)."""
         self.conn.execute("DELETE FROM drafts WHERE flow = ?", (name,))

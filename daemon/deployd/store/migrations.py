@@ -417,3 +417,29 @@ def m011_credential_keys(db: Database) -> None:
         "CREATE TABLE credential_keys (name TEXT NOT NULL PRIMARY KEY, component TEXT NOT NULL,"
         " token BLOB NOT NULL, fields TEXT NOT NULL, updated_at TEXT NOT NULL) WITHOUT ROWID"
     )
+
+
+@migrations()
+def m015_quarantine(db: Database) -> None:
+    """Quarantined component versions (issue 16): a version whose automatic publish to a flow
+    failed its warm-up or was rolled back is never tried again for that flow by an automatic
+    redeploy, a catch-up or `deployd redeploy`; `deployd flow publish NAME --version C@N`
+    publishes it on purpose and, live, lifts the quarantine (the row is deleted, an event
+    says so). `deployment` is the deployment that failed."""
+    db.execute(
+        "CREATE TABLE quarantine (flow TEXT NOT NULL, component TEXT NOT NULL,"
+        " version INTEGER NOT NULL, reason TEXT NOT NULL, deployment INTEGER,"
+        " created_at TEXT NOT NULL, PRIMARY KEY (flow, component, version)) WITHOUT ROWID"
+    )
+
+
+@migrations()
+def m016_ignored_commits(db: Database) -> None:
+    """Commits a component ignored because they change none of its `paths` (issue 16,
+    monorepos): like a final build, they are never looked at again by polls, restarts or
+    redelivered webhooks; `deployd redeploy COMPONENT --sha SHA` builds one on purpose.
+    `reason` is what `deployd history` said (the paths, and the version compared with)."""
+    db.execute(
+        "CREATE TABLE ignored_commits (component TEXT NOT NULL, sha TEXT NOT NULL,"
+        " reason TEXT NOT NULL, at TEXT NOT NULL, PRIMARY KEY (component, sha)) WITHOUT ROWID"
+    )

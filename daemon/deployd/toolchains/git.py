@@ -287,3 +287,41 @@ def on_branch(repo_path: Path, branch: str, sha: str) -> bool:
     except (subprocess.TimeoutExpired, OSError):
         return False
     return proc.returncode == 0
+
+
+def changes_under(repo_path: Path, base: str, sha: str, globs: tuple[str, ...]) -> bool | None:
+    """Whether the tree of `sha` differs from that of `base` in any file matching one of
+    `globs` (git glob pathspecs: `*` within a part, `**` across parts, `[...]`); None when it
+    cannot be told (`base` missing, say), which the caller takes as "changed".
+
+    The globs are checked by `config.repo_relative` and reach git as arguments with the
+    `:(glob)` magic — never through a shell."""
+    if not is_sha(base) or not is_sha(sha):
+        return None
+    pathspecs = [f":(glob){g}" for g in globs]
+    try:
+        proc = subprocess.run(
+            [
+                "git",
+                "diff",
+                "--quiet",
+                "--no-ext-diff",
+                "--no-textconv",
+                base,
+                sha,
+                "--",
+                *pathspecs,
+            ],
+            cwd=repo_path,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "GIT_LITERAL_PATHSPECS": "0", "LC_ALL": "C"},
+        )
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+    if proc.returncode == 0:
+        return False
+    if proc.returncode == 1:
+        return True
+    return None
