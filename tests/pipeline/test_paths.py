@@ -9,7 +9,7 @@ import pytest
 
 from deployd.config import ComponentConfig
 from deployd.errors import ComponentError
-from deployd.pipeline.queue import _component_root
+from deployd.pipeline.tree import component_root
 from deployd.toolchains import git as gitops
 from tests.conftest import Work, git
 
@@ -47,10 +47,10 @@ def test_the_component_folder_of_an_export_must_be_a_folder(tmp_path: Path) -> N
     (tree / "components" / "billing" / "component.json").write_text("{}")
     (tree / "file").write_text("x")
     dest = tmp_path / "src"
-    _component_root(
+    component_root(
         tree, ComponentConfig(name="billing", path="components/billing"), "a" * 40, dest
     )
     assert (dest / "component.json").exists()
     for bad in ("components/crm", "file"):
         with pytest.raises(ComponentError, match=f"path '{bad}' of component x is not a folder"):
-            _component_root(tree, ComponentConfig(name="x", path=bad), "a" * 40, tmp_path / "d")
+            component_root(tree, ComponentConfig(name="x", path=bad), "a" * 40, tmp_path / "d")
