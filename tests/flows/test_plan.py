@@ -226,3 +226,33 @@ def test_a_plan_through_the_daemon_asks_the_built_code_for_its_dynamic_metadata(
     # The edge into a dynamic function is left to that check, and says so.
     assert "dynamic" in plain["schema"][0]["note"]
     nothing_registered(env, sha)
+
+
+def test_plan_of_a_frozen_flow_says_held_by_freeze_until_the_window_ends(
+    make_env: Any,
+) -> None:
+    """A flow a freeze window holds now: the plan says `held by freeze until … (reason)`,
+    exits 0 (nothing needs attention), and the other flows still publish."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.flows.test_freeze import one_off
+
+    now = datetime.now(UTC)
+    end = (now + timedelta(hours=2)).replace(microsecond=0)
+    env = make_env(files(), extra_toml=one_off(now - timedelta(minutes=1), end, reason="audit"))
+    for name in ("billing", "plain"):
+        out = env.out(name)
+        env.apply(flow(name, out))
+        wait_until(lambda out=out: read_out(out), timeout=60)
+    sha = side_branch(env, "v2")
+    code, res = plan(env, "--sha", sha)
+    assert code == 0, res
+    flows = {f["flow"]: f for f in res["flows"]}
+    assert flows["plain"]["action"] == "publish"
+    held = flows["billing"]
+    assert held["action"] == "held by freeze", held
+    assert held["why"] == f"until {end.strftime('%Y-%m-%dT%H:%M:%SZ')} (audit)"
+    text = env.daemon.cli("plan", "hello", "--sha", sha, check=False)
+    assert text.returncode == 0, text.stderr
+    assert f"held by freeze until {end.strftime('%Y-%m-%dT%H:%M:%SZ')} (audit)" in text.stdout
+    nothing_registered(env, sha)

@@ -47,9 +47,7 @@ def test_the_component_folder_of_an_export_must_be_a_folder(tmp_path: Path) -> N
     (tree / "components" / "billing" / "component.json").write_text("{}")
     (tree / "file").write_text("x")
     dest = tmp_path / "src"
-    component_root(
-        tree, ComponentConfig(name="billing", path="components/billing"), "a" * 40, dest
-    )
+    component_root(tree, ComponentConfig(name="billing", path="components/billing"), "a" * 40, dest)
     assert (dest / "component.json").exists()
     for bad in ("components/crm", "file"):
         with pytest.raises(ComponentError, match=f"path '{bad}' of component x is not a folder"):
