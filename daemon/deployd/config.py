@@ -204,6 +204,23 @@ class DaemonConfig(_Model):
     # emit('updateKeys') in the state database (a Fernet key: 32 url-safe base64 bytes).
     # Unset: such keys are refused (never stored in clear).
     secret_key: SecretStr | None = None
+    # Ordinary (scheduled) flows (issue 14): the time zone their `schedule` (cron) is read in,
+    # an IANA name such as "Europe/Berlin".
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(
+                f"{value!r} is not a time zone this machine knows; give an IANA name such as "
+                '"UTC" or "Europe/Berlin" (the tz database, /usr/share/zoneinfo)'
+            ) from None
+        return value
 
     @field_validator("secret_key")
     @classmethod

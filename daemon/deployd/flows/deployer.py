@@ -17,7 +17,7 @@ from ..config import Config
 from ..errors import FlowError
 from ..metrics import Metrics
 from ..pauses import Pauses
-from ..runtime.base import Runtime
+from ..runtime.base import NO_RUNS, Runtime
 from ..runtime.credentials import Credentials
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
@@ -26,8 +26,9 @@ from ..types import RUNTIME_NAMES, FlowState, RetryResult, StepStatus, VersionRe
 from .drafts import Drafts
 from .letters import MAPPER, Letters
 from .metadata import Metadata
-from .model import Step
+from .model import FlowSpec, Step
 from .publish import Cause, Publisher
+from .runs import Runs
 
 log = logging.getLogger("deployd.deploy")
 
@@ -55,6 +56,7 @@ class Deployer:
         self.credentials = credentials or Credentials(config, store)
         self.metadata = Metadata(config, store, runtime, self.credentials)
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
+        self.runs = Runs(config, store, runtime, self.drafts, self._validate)
 
     # -- service lifecycle -----------------------------------------------------------------
 
@@ -63,10 +65,15 @@ class Deployer:
         re-drives of dead letters, then catch up on versions registered but not deployed."""
         await self.runtime.start()
         self.publisher.recover()
-        flows = [f for f in self.fs.flows() if f["enabled"] and f["active_version"]]
+        flows = [
+            f
+            for f in self.fs.flows()
+            if f["enabled"] and f["active_version"] and f["type"] != "ordinary"
+        ]
         await asyncio.gather(*(self.publisher.start_run(f["name"], initial=False) for f in flows))
         self.publisher.resume_redrives()
         await self.catch_up()
+        self.runs.start()  # ordinary flows: interrupted runs recorded, schedules (catch-up)
 
     async def catch_up(self) -> None:
         """Redeploy what a killed daemon registered but never got to publish.
@@ -93,11 +100,13 @@ class Deployer:
         """SIGHUP: new settings apply to the next publish; running flows are not restarted."""
         self.config = self.drafts.config = self.publisher.config = config
         self.metadata.config = self.credentials.config = config
+        self.runs.reload(config)
         nodetool.forget()  # node may have been installed or upgraded meanwhile
         self.runtime.reload(config.daemon)
 
     async def stop(self) -> None:
         """Daemon shutdown: stop every flow's processes (flows stay enabled for next start)."""
+        await self.runs.stop()
         await self.publisher.stop_all()
         await self.runtime.close()
 
@@ -106,8 +115,11 @@ class Deployer:
     async def apply(self, text: str, draft_only: bool = False) -> dict[str, Any]:
         """Create the flow or a new draft of it from flow-file text; publish unless draft_only."""
         spec = self.drafts.parse(text)
+        if spec.type == "ordinary":
+            return await self._apply_ordinary(spec, draft_only)
         async with self.publisher.lock(spec.name):
             existing = self.fs.flow(spec.name)
+            _same_type(spec.name, existing, spec.type)
             steps = self.drafts.resolve(spec)
             problems = await self._validate(steps)
             if problems and not draft_only:
@@ -137,6 +149,59 @@ class Deployer:
                 with self.store.tx():
                     self.fs.set_flow(spec.name, enabled=1)
             return await self._publish_draft(spec.name, Cause("flow apply"))
+
+    async def _apply_ordinary(self, spec: FlowSpec, draft_only: bool) -> dict[str, Any]:
+        """`flow apply` of an ordinary flow: create or update it, no draft and no publish
+        (every run resolves its versions itself); scheduled unless it is stopped."""
+        name = spec.name
+        if draft_only:
+            raise FlowError(
+                f"flow {name} is an ordinary (scheduled) flow: it has no drafts, each run takes "
+                "the newest valid component versions; apply it without --draft"
+            )
+        if (spec.runtime or self.config.runtime.default) == "rabbitmq":
+            raise FlowError(NO_RUNS.format(flow=name))
+        async with self.publisher.lock(name):
+            existing = self.fs.flow(name)
+            _same_type(name, existing, spec.type)
+            steps = [s.model_dump() for s in self.drafts.resolve(spec)]
+            resolved, attention, problems = await self.runs.resolve(steps)
+            if problems:
+                raise FlowError(
+                    f"flow {name} is not valid, nothing was changed: " + "; ".join(problems)
+                )
+            spec_json = spec.model_dump(mode="json")
+            with self.store.tx():
+                if existing is None:
+                    self.fs.create_flow(name, spec.type, spec.update)
+                    self.fs.set_flow(name, enabled=1)
+                version = self.fs.add_flow_version(
+                    name, spec_json, [s.model_dump() for s in resolved], "flow apply"
+                )
+                self.fs.set_flow(
+                    name, active_version=version, update=spec.update, needs_attention=attention
+                )
+                self.store.event(
+                    "flow.applied",
+                    f"ordinary flow {name} v{version} applied"
+                    + (f": needs attention: {attention}" if attention else ""),
+                    flow=name,
+                )
+            enabled = bool((self.fs.flow(name) or {}).get("enabled"))
+            next_run = self.runs.scheduled(name, spec_json) if enabled else None
+        return {
+            "flow": name,
+            "type": "ordinary",
+            "version": version,
+            "status": "scheduled" if enabled else "stopped",
+            "next_run_at": next_run,
+            "needs_attention": attention,
+        }
+
+    async def run_flow(self, name: str) -> dict[str, Any]:
+        """`flow run NAME`: a run of an ordinary flow now, whatever its schedule."""
+        self._known(name)
+        return self.runs.run_now(name)
 
     async def _validate(self, steps: list[Step]) -> list[str]:
         """Every reason `steps` cannot run: component.json's static checks, then what the
@@ -172,12 +237,12 @@ class Deployer:
         return await self.metadata.verify(name, version, **extra)
 
     async def publish(self, name: str) -> dict[str, Any]:
-        self._known(name)
+        self._real_time(name, "publish")
         async with self.publisher.lock(name):
             return await self._publish_draft(name, Cause("flow publish"))
 
     async def rollback(self, name: str, to: int | None) -> dict[str, Any]:
-        self._known(name)
+        self._real_time(name, "rollback")
         async with self.publisher.lock(name):
             flow = self._known(name)  # read under the lock: a redeploy may just have finished
             active = flow["active_version"]
@@ -206,7 +271,7 @@ class Deployer:
                 "the rabbitmq runtime is not configured: set [runtime.rabbitmq] url in the"
                 " daemon config (README: Queues in RabbitMQ)"
             )
-        self._known(name)
+        self._real_time(name, "move")
         async with self.publisher.lock(name):
             flow = self._known(name)
             active = flow["active_version"]
@@ -230,6 +295,8 @@ class Deployer:
 
     async def start_flow(self, name: str) -> dict[str, Any]:
         flow = self._known(name)
+        if flow["type"] == "ordinary":
+            return await self._resume_schedule(name)
         if not flow["active_version"]:
             raise FlowError(f"flow {name} has never been published (`deployd flow publish {name}`)")
         async with self.publisher.lock(name):
@@ -242,7 +309,8 @@ class Deployer:
         return {"flow": name, "state": "running", "version": flow["active_version"]}
 
     async def stop_flow(self, name: str) -> dict[str, Any]:
-        self._known(name)
+        if self._known(name)["type"] == "ordinary":
+            return await self._pause_schedule(name)
         async with self.publisher.lock(name):
             flow = self._known(name)  # read under the lock: a redeploy may just have finished
             await self.publisher.stop_run(name, flow["startup_data"])
@@ -255,6 +323,8 @@ class Deployer:
         """After `deployd resume`: publish the draft an automatic redeploy left, if valid."""
         async with self.publisher.lock(name):
             flow = self._known(name)
+            if flow["type"] == "ordinary":
+                return None  # its runs take new versions themselves
             draft = self.fs.draft(name)
             if (
                 draft is None
@@ -332,6 +402,44 @@ class Deployer:
                 )
         return {"flow": name, "discarded": gone}
 
+    async def _resume_schedule(self, name: str) -> dict[str, Any]:
+        """`flow start` of an ordinary flow: its schedule goes on (from now)."""
+        async with self.publisher.lock(name):
+            flow = self._known(name)
+            fv = self.fs.flow_version(name, flow["active_version"] or 0)
+            if fv is None:
+                raise FlowError(f"flow {name} has no version (`deployd flow apply FILE`)")
+            with self.store.tx():
+                self.fs.set_flow(name, enabled=1)
+                self.store.event("flow.started", f"flow {name}: schedule resumed", flow=name)
+            next_run = self.runs.scheduled(name, fv["spec"])
+        return {
+            "flow": name,
+            "state": "scheduled",
+            "version": flow["active_version"],
+            "next_run_at": next_run,
+        }
+
+    async def _pause_schedule(self, name: str) -> dict[str, Any]:
+        """`flow stop` of an ordinary flow: no more runs on its schedule; a run going
+        finishes (`flow run` still runs it)."""
+        async with self.publisher.lock(name):
+            self.runs.paused(name)
+            with self.store.tx():
+                self.fs.set_flow(name, enabled=0)
+                self.store.event("flow.stopped", f"flow {name}: schedule paused", flow=name)
+        return {"flow": name, "state": "stopped", "run_going": self.runs.running(name)}
+
+    def _real_time(self, name: str, verb: str) -> Row:
+        flow = self._known(name)
+        if flow["type"] == "ordinary":
+            raise FlowError(
+                f"flow {name} is an ordinary (scheduled) flow: there is nothing to {verb}, each "
+                f"run takes the newest valid component versions (`deployd flow apply FILE` "
+                f"changes it, `deployd flow run {name}` runs it now)"
+            )
+        return flow
+
     def _known(self, name: str) -> Row:
         flow = self.fs.flow(name)
         if flow is None:
@@ -358,8 +466,8 @@ class Deployer:
         this version are left as they are: a failed deploy is not retried at every restart.
         """
         for flow in self.fs.flows():
-            if not flow["active_version"]:
-                continue
+            if not flow["active_version"] or flow["type"] == "ordinary":
+                continue  # an ordinary flow's next run takes the new version by itself
             fv = self.fs.flow_version(flow["name"], flow["active_version"])
             if fv is None:
                 continue
@@ -417,12 +525,20 @@ class Deployer:
 
     # -- status ----------------------------------------------------------------------------
 
-    def flow_state(self, name: str, enabled: bool) -> FlowState:
+    def flow_state(self, name: str, enabled: bool, type_: str = "realtime") -> FlowState:
+        if type_ == "ordinary":
+            if self.runs.running(name):
+                return FlowState.RUNNING
+            return FlowState.SCHEDULED if enabled else FlowState.STOPPED
         return self.publisher.state(name, enabled)
 
     def step_status(self, name: str) -> list[StepStatus] | None:
-        """Live steps of a running flow (None when it does not run)."""
-        return self.publisher.step_status(name)
+        """Live steps of a running flow or run (None when it does not run)."""
+        return self.runs.step_status(name) or self.publisher.step_status(name)
+
+    def next_run_at(self, name: str) -> str | None:
+        """When an ordinary flow runs next (None: not scheduled)."""
+        return self.runs.next_run_at(name)
 
     def running_count(self) -> int:
         return len(self.publisher.runs)
@@ -439,6 +555,15 @@ class Deployer:
         self.metrics.set_dead_letters(self.runtime.dead_letter_counts())
         states: dict[str, int] = {}
         for flow in self.fs.flows():
-            state = self.flow_state(flow["name"], bool(flow["enabled"]))
+            state = self.flow_state(flow["name"], bool(flow["enabled"]), flow["type"])
             states[state] = states.get(state, 0) + 1
         self.metrics.set_flows(states)
+
+
+def _same_type(name: str, existing: Row | None, type_: str) -> None:
+    """A flow keeps its type: a real-time flow and a scheduled one are different things."""
+    if existing is not None and existing["type"] != type_:
+        raise FlowError(
+            f"flow {name} exists as a {existing['type']} flow; a flow's type cannot change "
+            f"(to {type_}): give the {type_} flow another name"
+        )
