@@ -160,8 +160,11 @@ def flow_run(
         from ..flows.runs import run_json
 
         res = run_json(row) if row is not None else res
+    failed = wait and res["status"] != "succeeded"
     if as_json:
         print_json(res)
+        if failed:
+            raise typer.Exit(1)
         return
     line = f"{name}: run {res.get('id', res.get('run'))} {res['status']}"
     if res.get("finished_at"):
@@ -169,7 +172,7 @@ def flow_run(
     typer.echo(line)
     for error in res.get("errors") or []:
         typer.echo(f"  {error}")
-    if wait and res["status"] != "succeeded":
+    if failed:
         raise typer.Exit(1)
 
 

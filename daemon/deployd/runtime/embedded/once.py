@@ -35,7 +35,7 @@ async def run_once(runner: FlowRunner, timeout: float) -> RunOutcome:
             errors = await _call(runner)
             await _drained(runner)
     except TimeoutError:
-        lettered = await _time_out(runner, timeout)
+        lettered = await _time_out(runner)
         return RunOutcome(tuple(errors), timed_out=True, lettered=lettered)
     return RunOutcome(tuple(errors))
 
@@ -84,7 +84,7 @@ async def _drained(runner: FlowRunner) -> None:
                 waiter.cancel()
 
 
-async def _time_out(runner: FlowRunner, timeout: float) -> int:
+async def _time_out(runner: FlowRunner) -> int:
     """Stop the steps at once (a step in the middle of a message gets KILL_AFTER), then turn
     every message still queued for the flow into a dead letter; how many."""
     runner.drain_timeout = min(runner.drain_timeout, KILL_AFTER)
@@ -96,7 +96,7 @@ async def _time_out(runner: FlowRunner, timeout: float) -> int:
     if not rows:
         return 0
     steps = {s.id: s for s in runner.steps}
-    error = f"the run passed its run_timeout ({timeout:g}s) before this message was handled"
+    error = "the run passed its run_timeout before this message was handled"
     batch = QueueBatch()
     for step_id, row in rows:
         step = steps.get(step_id)
