@@ -38,6 +38,7 @@ INTERRUPTED = (
     "interrupted: the daemon stopped during the run (its queued messages wait for the next run)"
 )
 MAX_ERRORS = 20  # error lines kept with a run (and how many more there were)
+KEEP_RUNS = 1000  # runs kept per flow (the newest)
 
 Validate = Callable[[list[Step]], Awaitable[list[str]]]
 
@@ -142,11 +143,9 @@ class Runs:
                 if overlap == "skip"
                 else f"run {going} was still going and another run already waits"
             )
-            with self.store.tx():
-                run_id = self.rs.skipped_run(name, cause, reason)
-                self.store.event(
-                    "run.skipped", f"run {run_id} of {name} skipped: {reason}", flow=name
-                )
+            with self.store.tx():  # recorded as a run, not an event: it may happen every second
+                self.rs.skipped_run(name, cause, reason)
+                self.rs.prune(name, KEEP_RUNS)
             return
         self.begin(name, cause)
 
@@ -157,7 +156,6 @@ class Runs:
             raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
         with self.store.tx():
             run_id = self.rs.start_run(name, cause, flow["active_version"], [])
-            self.store.event("run.started", f"run {run_id} of {name} started ({cause})", flow=name)
         self.run_ids[name] = run_id
         self.tasks[name] = self._spawn(self._run(name, run_id), f"run:{name}")
         return run_id
@@ -203,7 +201,10 @@ class Runs:
             self.run_ids.pop(name, None)
             if name in self.waiting and not self.stopping:
                 self.waiting.discard(name)
-                self.begin(name, "queued")
+                try:
+                    self.begin(name, "queued")
+                except FlowError as exc:  # the flow went meanwhile
+                    log.warning("flow %s: the queued run did not start: %s", name, exc)
 
     async def _execute(self, name: str, run_id: int) -> None:
         flow = self.fs.flow(name)
@@ -280,15 +281,16 @@ class Runs:
     ) -> None:
         with self.store.tx():
             self.rs.finish_run(run_id, status, handled, errors, reason)
-            self.store.event(
-                f"run.{status}",
-                f"run {run_id} of {name} {status}"
-                + (f": {handled} message(s) handled" if status == "succeeded" else "")
-                + (f": {reason}" if reason and status != "succeeded" else ""),
-                flow=name,
-                detail={"run": run_id, "handled": handled, "errors": len(errors)},
-            )
-        log.info("flow %s: run %d %s (%d handled)", name, run_id, status, handled)
+            self.rs.prune(name, KEEP_RUNS)
+            if status != "succeeded":  # the run is the record; the event log gets the trouble
+                self.store.event(
+                    f"run.{status}",
+                    f"run {run_id} of {name} {status}: {reason}",
+                    flow=name,
+                    detail={"run": run_id, "handled": handled, "errors": len(errors)},
+                )
+        level = logging.DEBUG if status == "succeeded" else logging.WARNING
+        log.log(level, "flow %s: run %d %s (%d handled): %s", name, run_id, status, handled, reason)
 
     # -- resolving versions ----------------------------------------------------------------
 
