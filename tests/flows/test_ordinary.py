@@ -133,6 +133,8 @@ def test_every_second_runs_repeatedly_and_a_push_is_the_next_runs_version(env: F
     assert flow["type"] == "ordinary" and flow["next_run_at"], flow
     assert set(flow["last_run"]) == {"id", "status", "finished_at"}, flow
     assert flow["state"] in ("scheduled", "running") and not flow["stale"], flow
+    assert env.show("sync")["next_run_at"]
+    assert "next run: " in env.daemon.cli("flow", "show", "sync").stdout
     table = env.daemon.cli("flow", "list").stdout
     assert "next " in table and "run " in table, table
 

@@ -275,6 +275,15 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
     state = data["state"] + (" (stale)" if data["stale"] else "")
     out.print(f"flow [bold]{name}[/] v{data['version']} — {state}, update={data['update']}")
     out.print(f"{data['step_count']} steps (mapper steps included)")
+    if data["type"] == "ordinary":
+        run = data.get("last_run")
+        out.print(
+            (f"last run: {run['id']} {run['status']}" if run else "no run yet")
+            + f"; next run: {data.get('next_run_at') or 'not scheduled'}"
+            + f" — `deployd flow runs {name}`",
+            markup=False,
+            highlight=False,
+        )
     if data["needs_attention"]:
         out.print(f"[red]needs attention:[/] {data['needs_attention']}")
     table = Table("step", "kind", "component", "function", "version", "state", "pid", "queued")
