@@ -51,6 +51,7 @@ PARSE_CASES: list[tuple[str, str, str]] = [
     ("every-word", flow(head=ORD + 'every = "often"\n'), f"every: 'often' {NOT_DURATION}"),
     ("every-zero", flow(head=ORD + 'every = "0"\n'), "every: must be longer than 0"),
     ("every-negative", flow(head=ORD + "every = -5\n"), "a duration cannot be negative"),
+    ("every-1ms", flow(head=ORD + 'every = "1ms"\n'), "every: must be at least 1s"),
     ("every-inf", flow(head=ORD + "every = inf\n"), "a duration must be a finite number"),
     ("run-timeout-word", flow(head=ORD1 + 'run_timeout = "long"\n'), NOT_DURATION),
     ("run-timeout-zero", flow(head=ORD1 + "run_timeout = 0\n"), "run_timeout: must be longer"),

@@ -177,6 +177,15 @@ class FlowSpec(BaseModel):
             raise ValueError('must be longer than 0 (e.g. "30s")')
         return value
 
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: float | None) -> float | None:
+        if value is not None and value < MIN_EVERY:
+            raise ValueError(
+                f'must be at least {MIN_EVERY:g}s: every run starts and stops the steps (e.g. "30s")'
+            )
+        return value
+
     @field_validator("variables")
     @classmethod
     def _variables(cls, value: dict[str, str]) -> dict[str, str]:
@@ -225,6 +234,7 @@ class FlowSpec(BaseModel):
         return self
 
 
+MIN_EVERY = 1.0  # seconds between runs at the least
 ORDINARY_KEYS = frozenset({"schedule", "every", "overlap", "catch_up", "run_timeout"})
 
 
