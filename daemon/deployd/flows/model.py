@@ -182,7 +182,8 @@ class FlowSpec(BaseModel):
     def _every(cls, value: float | None) -> float | None:
         if value is not None and value < MIN_EVERY:
             raise ValueError(
-                f'must be at least {MIN_EVERY:g}s: every run starts and stops the steps (e.g. "30s")'
+                f"must be at least {MIN_EVERY:g}s: every run starts and stops the steps "
+                '(e.g. "30s")'
             )
         return value
 
