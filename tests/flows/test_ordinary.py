@@ -181,6 +181,12 @@ def test_a_version_without_the_used_action_leaves_the_run_on_the_older_one(env: 
     # A real-time flow is not run by `flow run`; an ordinary one is not published.
     bad = env.daemon.cli("flow", "publish", "nightly", check=False)
     assert bad.returncode != 0 and "ordinary (scheduled) flow" in bad.stderr, bad.stderr
+    # Refused, nothing changed: a draft of an ordinary flow, a flow changing its type.
+    bad = env.apply(ordinary("nightly", out), "--draft", check=False)
+    assert bad.returncode != 0 and "it has no drafts" in bad.stderr, bad.stderr
+    bad = env.apply(flow_toml("nightly", out), check=False)
+    assert bad.returncode != 0 and "a flow's type cannot change" in bad.stderr, bad.stderr
+    assert env.flow("nightly")["type"] == "ordinary" and env.flow("nightly")["version"] == 1
 
 
 def test_overlap_skip_records_the_skipped_run(env: FlowEnv) -> None:

@@ -17,7 +17,7 @@ from ..config import Config
 from ..errors import FlowError
 from ..metrics import Metrics
 from ..pauses import Pauses
-from ..runtime.base import NO_RUNS, Runtime
+from ..runtime.base import Runtime
 from ..runtime.credentials import Credentials
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
@@ -26,7 +26,8 @@ from ..types import RUNTIME_NAMES, FlowState, RetryResult, StepStatus, VersionRe
 from .drafts import Drafts
 from .letters import MAPPER, Letters
 from .metadata import Metadata
-from .model import FlowSpec, Step
+from .model import Step
+from .ordinary import Ordinary, same_type
 from .publish import Cause, Publisher
 from .runs import Runs
 
@@ -57,6 +58,7 @@ class Deployer:
         self.metadata = Metadata(config, store, runtime, self.credentials)
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
         self.runs = Runs(config, store, runtime, self.drafts, self._validate)
+        self.ordinary = Ordinary(config, store, self.drafts, self.runs, self.publisher.lock)
 
     # -- service lifecycle -----------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class Deployer:
         self.config = self.drafts.config = self.publisher.config = config
         self.metadata.config = self.credentials.config = config
         self.runs.reload(config)
+        self.ordinary.config = config
         nodetool.forget()  # node may have been installed or upgraded meanwhile
         self.runtime.reload(config.daemon)
 
@@ -116,10 +119,10 @@ class Deployer:
         """Create the flow or a new draft of it from flow-file text; publish unless draft_only."""
         spec = self.drafts.parse(text)
         if spec.type == "ordinary":
-            return await self._apply_ordinary(spec, draft_only)
+            return await self.ordinary.apply(spec, draft_only)
         async with self.publisher.lock(spec.name):
             existing = self.fs.flow(spec.name)
-            _same_type(spec.name, existing, spec.type)
+            same_type(spec.name, existing, spec.type)
             steps = self.drafts.resolve(spec)
             problems = await self._validate(steps)
             if problems and not draft_only:
@@ -149,54 +152,6 @@ class Deployer:
                 with self.store.tx():
                     self.fs.set_flow(spec.name, enabled=1)
             return await self._publish_draft(spec.name, Cause("flow apply"))
-
-    async def _apply_ordinary(self, spec: FlowSpec, draft_only: bool) -> dict[str, Any]:
-        """`flow apply` of an ordinary flow: create or update it, no draft and no publish
-        (every run resolves its versions itself); scheduled unless it is stopped."""
-        name = spec.name
-        if draft_only:
-            raise FlowError(
-                f"flow {name} is an ordinary (scheduled) flow: it has no drafts, each run takes "
-                "the newest valid component versions; apply it without --draft"
-            )
-        if (spec.runtime or self.config.runtime.default) == "rabbitmq":
-            raise FlowError(NO_RUNS.format(flow=name))
-        async with self.publisher.lock(name):
-            existing = self.fs.flow(name)
-            _same_type(name, existing, spec.type)
-            steps = [s.model_dump() for s in self.drafts.resolve(spec)]
-            resolved, attention, problems = await self.runs.resolve(steps)
-            if problems:
-                raise FlowError(
-                    f"flow {name} is not valid, nothing was changed: " + "; ".join(problems)
-                )
-            spec_json = spec.model_dump(mode="json")
-            with self.store.tx():
-                if existing is None:
-                    self.fs.create_flow(name, spec.type, spec.update)
-                    self.fs.set_flow(name, enabled=1)
-                version = self.fs.add_flow_version(
-                    name, spec_json, [s.model_dump() for s in resolved], "flow apply"
-                )
-                self.fs.set_flow(
-                    name, active_version=version, update=spec.update, needs_attention=attention
-                )
-                self.store.event(
-                    "flow.applied",
-                    f"ordinary flow {name} v{version} applied"
-                    + (f": needs attention: {attention}" if attention else ""),
-                    flow=name,
-                )
-            enabled = bool((self.fs.flow(name) or {}).get("enabled"))
-            next_run = self.runs.scheduled(name, spec_json) if enabled else None
-        return {
-            "flow": name,
-            "type": "ordinary",
-            "version": version,
-            "status": "scheduled" if enabled else "stopped",
-            "next_run_at": next_run,
-            "needs_attention": attention,
-        }
 
     async def run_flow(self, name: str) -> dict[str, Any]:
         """`flow run NAME`: a run of an ordinary flow now, whatever its schedule."""
@@ -296,7 +251,7 @@ class Deployer:
     async def start_flow(self, name: str) -> dict[str, Any]:
         flow = self._known(name)
         if flow["type"] == "ordinary":
-            return await self._resume_schedule(name)
+            return await self.ordinary.resume(name)
         if not flow["active_version"]:
             raise FlowError(f"flow {name} has never been published (`deployd flow publish {name}`)")
         async with self.publisher.lock(name):
@@ -310,7 +265,7 @@ class Deployer:
 
     async def stop_flow(self, name: str) -> dict[str, Any]:
         if self._known(name)["type"] == "ordinary":
-            return await self._pause_schedule(name)
+            return await self.ordinary.pause(name)
         async with self.publisher.lock(name):
             flow = self._known(name)  # read under the lock: a redeploy may just have finished
             await self.publisher.stop_run(name, flow["startup_data"])
@@ -401,34 +356,6 @@ class Deployer:
                     detail={"step": step, "ids": ids, "discarded": gone},
                 )
         return {"flow": name, "discarded": gone}
-
-    async def _resume_schedule(self, name: str) -> dict[str, Any]:
-        """`flow start` of an ordinary flow: its schedule goes on (from now)."""
-        async with self.publisher.lock(name):
-            flow = self._known(name)
-            fv = self.fs.flow_version(name, flow["active_version"] or 0)
-            if fv is None:
-                raise FlowError(f"flow {name} has no version (`deployd flow apply FILE`)")
-            with self.store.tx():
-                self.fs.set_flow(name, enabled=1)
-                self.store.event("flow.started", f"flow {name}: schedule resumed", flow=name)
-            next_run = self.runs.scheduled(name, fv["spec"])
-        return {
-            "flow": name,
-            "state": "scheduled",
-            "version": flow["active_version"],
-            "next_run_at": next_run,
-        }
-
-    async def _pause_schedule(self, name: str) -> dict[str, Any]:
-        """`flow stop` of an ordinary flow: no more runs on its schedule; a run going
-        finishes (`flow run` still runs it)."""
-        async with self.publisher.lock(name):
-            self.runs.paused(name)
-            with self.store.tx():
-                self.fs.set_flow(name, enabled=0)
-                self.store.event("flow.stopped", f"flow {name}: schedule paused", flow=name)
-        return {"flow": name, "state": "stopped", "run_going": self.runs.running(name)}
 
     def _real_time(self, name: str, verb: str) -> Row:
         flow = self._known(name)
@@ -558,12 +485,3 @@ class Deployer:
             state = self.flow_state(flow["name"], bool(flow["enabled"]), flow["type"])
             states[state] = states.get(state, 0) + 1
         self.metrics.set_flows(states)
-
-
-def _same_type(name: str, existing: Row | None, type_: str) -> None:
-    """A flow keeps its type: a real-time flow and a scheduled one are different things."""
-    if existing is not None and existing["type"] != type_:
-        raise FlowError(
-            f"flow {name} exists as a {existing['type']} flow; a flow's type cannot change "
-            f"(to {type_}): give the {type_} flow another name"
-        )
