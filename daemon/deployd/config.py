@@ -204,7 +204,8 @@ class DaemonConfig(_Model):
     # emit('updateKeys') in the state database (a Fernet key: 32 url-safe base64 bytes).
     # Unset: such keys are refused (never stored in clear).
     secret_key: SecretStr | None = None
-    # The time zone of [[freeze]] schedules (an IANA name such as "Europe/Berlin").
+    # The time zone of ordinary flows' cron `schedule` and of [[freeze]] schedules (an IANA
+    # name such as "Europe/Berlin").
     timezone: str = "UTC"
 
     @field_validator("timezone")

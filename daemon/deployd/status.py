@@ -17,6 +17,7 @@ from .paths import Paths
 from .store import FlowStore, Store
 from .store.letters import DeadLetterStore
 from .store.quarantine import QuarantineStore
+from .store.runs import RunStore
 
 if TYPE_CHECKING:
     from .flows.deployer import Deployer
@@ -189,6 +190,9 @@ def flows_status(
     last = fs.last_deployments()
     letters = dead_letter_counts(store)
     quarantined = QuarantineStore(store).all()
+    runs = RunStore(store)
+    last_runs = runs.last_runs()
+    next_runs = runs.next_runs()
     totals: dict[str, int] = {}
     for (flow_name, _step), n in letters.items():
         totals[flow_name] = totals.get(flow_name, 0) + n
@@ -231,14 +235,33 @@ def flows_status(
                 )
         for step in steps:
             step["dead_letters"] = letters.get((name, step["id"]), 0)
-        stale = any(
+        ordinary = flow["type"] == "ordinary"
+        # An ordinary flow is never stale: each run takes the newest valid versions.
+        stale = not ordinary and any(
             s["version"] is not None and (recent.get(s["component"]) or 0) > s["version"]
             for s in steps_db
         )
-        state = deployer.flow_state(name, bool(flow["enabled"])) if deployer else "stopped"
+        state = (
+            deployer.flow_state(name, bool(flow["enabled"]), flow["type"])
+            if deployer
+            else "stopped"
+        )
         hold = frozen(config, name) if config is not None else None
         waiting = hold is not None and flow["update"] == "auto" and _waiting_draft(fs, name)
         dep = last.get(name)
+        extra: dict[str, Any] = {}
+        if ordinary:
+            run = last_runs.get(name)
+            extra["next_run_at"] = (
+                (deployer.next_run_at(name) if deployer else next_runs.get(name))
+                if flow["enabled"]
+                else None
+            )
+            extra["last_run"] = (
+                {"id": run["id"], "status": run["status"], "finished_at": run["finished_at"]}
+                if run
+                else None
+            )
         out.append(
             {
                 "name": name,
@@ -267,6 +290,7 @@ def flows_status(
                 }
                 if dep
                 else None,
+                **extra,
             }
         )
     return out

@@ -55,6 +55,7 @@ class FlowState(StrEnum):
     PUBLISHING = "publishing"
     FAILED = "failed"
     STOPPED = "stopped"
+    SCHEDULED = "scheduled"  # an ordinary flow between runs, its schedule on
 
 
 class StepState(StrEnum):

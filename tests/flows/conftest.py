@@ -92,14 +92,18 @@ def flow_toml(
     steps: list[dict[str, Any]] | None = None,
     component: str = "hello",
     retry_errors: str | None = None,
+    type_: str = "realtime",
+    keys: dict[str, str] | None = None,
 ) -> str:
-    """A flow file: tick (ticker) → write (write, out=`out`), unless `steps` is given."""
+    """A flow file: tick (ticker) → write (write, out=`out`), unless `steps` is given;
+    `keys`: more top-level keys (an ordinary flow's `every`, `overlap`, …), as strings."""
     if steps is None:
         steps = [
             {"id": "tick", "component": component, "function": "ticker", "interval": interval},
             {"id": "write", "component": component, "function": "write", "config": {"out": out}},
         ]
-    lines = [f'name = "{name}"', 'type = "realtime"', f'update = "{update}"']
+    lines = [f'name = "{name}"', f'type = "{type_}"', f'update = "{update}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in (keys or {}).items()]
     if retry_errors is not None:
         lines.append(f'retry_errors = "{retry_errors}"')
     for step in steps:

@@ -26,6 +26,8 @@ def flow(head: str = HEAD, tick: str = TICK, write: str = WRITE) -> str:
 
 
 NOT_DURATION = "is not a duration; write a number and a unit"
+ORD = HEAD + 'type = "ordinary"\n'
+ORD1 = ORD + 'every = "1s"\n'
 
 # (id, flow file text, expected words in the one-line error)
 PARSE_CASES: list[tuple[str, str, str]] = [
@@ -35,7 +37,31 @@ PARSE_CASES: list[tuple[str, str, str]] = [
     ("name-shell", flow(head='name = "x;reboot"\n'), "'x;reboot' is not a valid flow name"),
     ("name-int", flow(head="name = 5\n"), "name: Input should be a valid string"),
     ("type-batch", flow(head=HEAD + 'type = "batch"\n'), "type: Input should be 'realtime'"),
-    ("type-ordinary", flow(head=HEAD + 'type = "ordinary"\n'), '"ordinary" (scheduled flows)'),
+    ("ordinary-no-schedule", flow(head=ORD), "give exactly one of schedule (cron"),
+    ("ordinary-both", flow(head=ORD + 'every = "1s"\nschedule = "* * * * *"\n'), "not both"),
+    ("cron-4-fields", flow(head=ORD + 'schedule = "* * * *"\n'), "it needs 5 fields"),
+    ("cron-6-fields", flow(head=ORD + 'schedule = "0 * * * * *"\n'), "it has 6"),
+    ("cron-minute-61", flow(head=ORD + 'schedule = "61 * * * *"\n'), "schedule: '61 * * * *'"),
+    ("cron-hour-24", flow(head=ORD + 'schedule = "0 24 * * *"\n'), "is not a cron expression"),
+    ("cron-word", flow(head=ORD + 'schedule = "hourly please"\n'), "needs 5 fields"),
+    ("cron-weekday-9", flow(head=ORD + 'schedule = "0 9 * * 9"\n'), "0 and 7 are Sunday"),
+    ("cron-shell", flow(head=ORD + 'schedule = "$(reboot) * * * *"\n'), "not a cron expression"),
+    ("cron-empty", flow(head=ORD + 'schedule = ""\n'), "it needs 5 fields"),
+    ("cron-int", flow(head=ORD + "schedule = 5\n"), "schedule: Input should be a valid string"),
+    ("every-word", flow(head=ORD + 'every = "often"\n'), f"every: 'often' {NOT_DURATION}"),
+    ("every-zero", flow(head=ORD + 'every = "0"\n'), "every: must be longer than 0"),
+    ("every-negative", flow(head=ORD + "every = -5\n"), "a duration cannot be negative"),
+    ("every-1ms", flow(head=ORD + 'every = "1ms"\n'), "every: must be at least 1s"),
+    ("every-inf", flow(head=ORD + "every = inf\n"), "a duration must be a finite number"),
+    ("run-timeout-word", flow(head=ORD1 + 'run_timeout = "long"\n'), NOT_DURATION),
+    ("run-timeout-zero", flow(head=ORD1 + "run_timeout = 0\n"), "run_timeout: must be longer"),
+    ("overlap-wait", flow(head=ORD1 + 'overlap = "wait"\n'), "overlap: Input should be 'skip'"),
+    ("catch-up-all", flow(head=ORD1 + 'catch_up = "all"\n'), "catch_up: Input should be 'one'"),
+    (
+        "schedule-on-realtime",
+        flow(head=HEAD + 'every = "1s"\n'),
+        'every: only for ordinary (scheduled) flows; add type = "ordinary"',
+    ),
     ("update-sometimes", flow(head=HEAD + 'update = "sometimes"\n'), "update: Input should be"),
     ("unknown-top-key", flow(head=HEAD + "stesp = 1\n"), "stesp: unknown key"),
     ("no-steps", HEAD, "steps: Field required"),

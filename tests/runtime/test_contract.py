@@ -33,7 +33,7 @@ from pydantic import SecretStr
 from deployd.config import Config, DaemonConfig, RabbitConfig, RuntimeConfig
 from deployd.metrics import Metrics
 from deployd.paths import Paths
-from deployd.runtime.base import FlowRun, Runtime, StepFailed
+from deployd.runtime.base import FlowRun, RunNotSupported, RunOutcome, Runtime, StepFailed
 from deployd.runtime.factory import create_runtime
 from deployd.store import Store
 from deployd.types import FlowVersionToRun, RunStep, StepExit, StepKind, StepState
@@ -552,6 +552,52 @@ def test_stop_finishes_in_flight_work_and_keeps_the_queue(contract: Contract) ->
             assert_contiguous(rows)
             assert len(rows) == total
             assert [r["by"] for r in rows] == ["v1"] * len(done) + ["v2"] * left
+
+    scenario(main())
+
+
+def test_run_once_calls_the_trigger_once_and_drains_every_queue(contract: Contract) -> None:
+    """An ordinary flow's run: process() once, every queue drained, then the caller stops it;
+    the trigger's snapshot carries to the next run; past the timeout the steps are stopped
+    and what is still queued becomes dead letters. A runtime that cannot run ordinary flows
+    says so with RunNotSupported."""
+
+    async def main() -> None:
+        async with contract.session() as s:
+
+            def spec(version: int, **sink: Any) -> FlowVersionToRun:
+                return contract.spec(
+                    version,
+                    contract.trigger(f"v{version}"),
+                    contract.step("pass", StepKind.ACTION, PASS, f"v{version}"),
+                    contract.sink(f"v{version}", **sink),
+                )
+
+            first = await s.warm_up(spec(1, delay=0.05))
+            if contract.name == "rabbitmq":
+                with pytest.raises(RunNotSupported):
+                    await s.rt.run_once(first, WAIT)
+                return
+            outcome = await bounded(s.rt.run_once(first, WAIT), "the first run")
+            assert outcome == RunOutcome()
+            assert ns(contract.rows()) == [1], "one trigger call, its message handled"
+            assert s.depth("pass") == 0 and s.depth("sink") == 0
+            await first.stop()
+
+            second = await s.warm_up(spec(2))
+            assert await bounded(s.rt.run_once(second, WAIT), "the second run") == RunOutcome()
+            assert ns(contract.rows()) == [1, 2], "the trigger's snapshot carried over"
+            assert [r["by"] for r in contract.rows()] == ["v1", "v2"]
+            await second.stop()
+
+            contract.hold.write_text("")  # the sink holds its message: the run cannot finish
+            third = await s.warm_up(spec(3, hold=contract.hold))
+            outcome = await bounded(s.rt.run_once(third, 1.0), "the timed-out run")
+            assert outcome.timed_out and outcome.lettered == 1, outcome
+            assert s.depth("sink") == 0 and s.depth("pass") == 0
+            letters = dead_letters(contract)
+            assert [x["body"]["n"] for x in letters] == [3], letters
+            assert "run_timeout" in letters[0]["error"]
 
     scenario(main())
 

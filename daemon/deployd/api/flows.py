@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 
 from ..errors import DeploydError
 from ..flows.letters import MAX_IDS, Letters
+from ..flows.runs import run_json
+from ..store.runs import RunStore
 from .auth import answer, token_required
 
 if TYPE_CHECKING:
@@ -102,6 +104,18 @@ def router(
     @api.post("/flows/{name}/move")
     async def move(name: str, body: MoveBody) -> Any:
         return await run(deployer.move(name, body.runtime))
+
+    @api.post("/flows/{name}/run")
+    async def run_now(name: str) -> Any:
+        """A run of an ordinary flow now: `{"flow", "run", "status": "running"}`."""
+        return await run(deployer.run_flow(name))
+
+    @api.get("/flows/{name}/runs")
+    async def runs(name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Any:
+        """The runs of an ordinary flow, newest first."""
+        if deployer.fs.flow(name) is None:
+            raise HTTPException(status_code=404, detail=f"unknown flow {name!r}")
+        return [run_json(r) for r in RunStore(deployer.store).runs(name, limit)]
 
     @api.get("/flows/{name}/errors")
     async def errors(

@@ -23,10 +23,13 @@ from .render import (
     print_json,
     print_letter,
     print_letters,
+    print_runs,
 )
 
 commands = typer.Typer()  # `deploys` and `logs`; `deployd.cli` adds them to its app
-flow_app = typer.Typer(help="Real-time flows: apply, publish, start, stop, inspect, roll back.")
+flow_app = typer.Typer(
+    help="Flows: apply, publish, start, stop, inspect, roll back; run ordinary (scheduled) ones."
+)
 
 NameArg = Annotated[str, typer.Argument(help="Flow name.")]
 StepOpt = Annotated[
@@ -67,6 +70,14 @@ def _reader(cfg: Any) -> Any:
 
 
 def _print_result(res: dict[str, Any]) -> None:
+    if res.get("type") == "ordinary":
+        line = f"{res['flow']} v{res['version']}: {res['status']}"
+        if res.get("next_run_at"):
+            line += f", next run at {res['next_run_at']}"
+        typer.echo(line)
+        if res.get("needs_attention"):
+            typer.echo(f"  needs attention: {res['needs_attention']}")
+        return
     if res.get("draft"):
         probs = res.get("problems") or []
         typer.echo(
@@ -141,6 +152,9 @@ def flow_publish(
 def flow_start(name: NameArg, config: ConfigOpt = None) -> None:
     """Start a stopped flow at its active version."""
     res = _call(load_config(config), "POST", _flow_path(name, "start"))
+    if res["state"] == "scheduled":
+        typer.echo(f"{res['flow']}: scheduled, next run at {res['next_run_at']}")
+        return
     typer.echo(f"{res['flow']}: running v{res['version']}")
 
 
@@ -149,6 +163,68 @@ def flow_stop(name: NameArg, config: ConfigOpt = None) -> None:
     """Stop a flow (in-flight messages finish; queued ones wait for the next start)."""
     res = _call(load_config(config), "POST", _flow_path(name, "stop"))
     typer.echo(f"{res['flow']}: stopped")
+
+
+@flow_app.command("run")
+def flow_run(
+    name: NameArg,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Wait until the run finishes; exit 1 unless it succeeded."),
+    ] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run an ordinary (scheduled) flow now, whatever its schedule."""
+    cfg = load_config(config)
+    res = _call(cfg, "POST", _flow_path(name, "run"))
+    if wait:
+        from ..store.runs import RunStore
+
+        runs = RunStore(_reader(cfg))
+        while (row := runs.run(int(res["run"]))) is not None and row["status"] == "running":
+            time.sleep(0.1)
+        from ..flows.runs import run_json
+
+        res = run_json(row) if row is not None else res
+    failed = wait and res["status"] != "succeeded"
+    if as_json:
+        print_json(res)
+        if failed:
+            raise typer.Exit(1)
+        return
+    line = f"{name}: run {res.get('id', res.get('run'))} {res['status']}"
+    if res.get("finished_at"):
+        line += f" ({res['handled']} message(s) handled)"
+    typer.echo(line)
+    for error in res.get("errors") or []:
+        typer.echo(f"  {error}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@flow_app.command("runs")
+def flow_runs(
+    name: NameArg,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most N runs.")] = 50,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The runs of an ordinary (scheduled) flow, newest first."""
+    from ..flows.runs import run_json
+    from ..store import FlowStore
+    from ..store.runs import RunStore
+
+    store = _reader(load_config(config))
+    if FlowStore(store).flow(name) is None:
+        raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+    runs = [run_json(r) for r in RunStore(store).runs(name, limit)]
+    if as_json:
+        print_json(runs)
+    elif not runs:
+        typer.echo(f"{name} has no runs yet (`deployd flow run {name}` runs it now)")
+    else:
+        print_runs(runs)
 
 
 @flow_app.command("rollback")
@@ -226,6 +302,15 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
     state = data["state"] + (" (stale)" if data["stale"] else "")
     out.print(f"flow [bold]{name}[/] v{data['version']} — {state}, update={data['update']}")
     out.print(f"{data['step_count']} steps (mapper steps included)")
+    if data["type"] == "ordinary":
+        run = data.get("last_run")
+        out.print(
+            (f"last run: {run['id']} {run['status']}" if run else "no run yet")
+            + f"; next run: {data.get('next_run_at') or 'not scheduled'}"
+            + f" — `deployd flow runs {name}`",
+            markup=False,
+            highlight=False,
+        )
     if data["needs_attention"]:
         out.print(f"[red]needs attention:[/] {data['needs_attention']}")
     table = Table("step", "kind", "component", "function", "version", "state", "pid", "queued")

@@ -82,7 +82,9 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
             state, style = f"{state} (stale)", "yellow"
         last = f.get("last_deploy")
         last_s = "-"
-        if last:
+        if f.get("type") == "ordinary":
+            last_s = _runs_cell(f.get("last_run"), f.get("next_run_at"))
+        elif last:
             last_s = f"{last['status']} -> v{last['to_version']}"
             if last.get("gap_ms") is not None:
                 last_s += f" gap {last['gap_ms']:.1f} ms"
@@ -98,6 +100,35 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
         )
     sys.stdout.write(grid(["flow", "state", "version", "steps", "update", "last deploy"], rows))
     sys.stdout.write("\n")
+
+
+def _runs_cell(last: dict[str, Any] | None, next_at: str | None) -> str:
+    """An ordinary flow's last run and next due time, for the flows table."""
+    out = f"run {last['id']} {last['status']}" if last else "no run yet"
+    return out + (f", next {next_at[:19].replace('T', ' ')} UTC" if next_at else ", not scheduled")
+
+
+def print_runs(runs: list[dict[str, Any]]) -> None:
+    """The runs of an ordinary flow, newest first."""
+    from rich.table import Table
+
+    table = Table("id", "status", "cause", "started", "finished", "steps", "handled", "errors")
+    for r in runs:
+        steps = ", ".join(f"{s['id']}={s['component']} v{s['version']}" for s in r["steps"])
+        errors = r["errors"] or []
+        table.add_row(
+            str(r["id"]),
+            r["status"],
+            r["cause"],
+            (r["started_at"] or "")[:19],
+            (r["finished_at"] or "")[:19],
+            steps or "-",
+            str(r["handled"]),
+            (errors[0][:80] + (f" (+{len(errors) - 1})" if len(errors) > 1 else ""))
+            if errors
+            else "-",
+        )
+    console().print(table)
 
 
 def print_status(data: dict[str, Any]) -> None:

@@ -40,7 +40,9 @@ from .freeze import Clock, FreezeTimers, Hold, Sleep, frozen, utc_now
 from .letters import MAPPER, Letters
 from .metadata import Metadata
 from .model import Step
+from .ordinary import Ordinary, same_type
 from .publish import Cause, Publisher
+from .runs import Runs
 
 log = logging.getLogger("deployd.deploy")
 _COMPONENT_VERSION_RE = re.compile(r"^([a-z0-9][a-z0-9-]{0,62})@v?([1-9][0-9]{0,17})$")
@@ -103,8 +105,8 @@ def affected(fs: FlowStore, component: str, version: int) -> list[tuple[Row, Row
     published, with an unpinned step of it on an older version, running unless manual."""
     out = []
     for flow in fs.flows():
-        if not flow["active_version"]:
-            continue
+        if not flow["active_version"] or flow["type"] == "ordinary":
+            continue  # an ordinary flow's next run takes the new version by itself
         fv = fs.flow_version(flow["name"], flow["active_version"])
         if fv is None:
             continue
@@ -144,6 +146,8 @@ class Deployer:
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
         # Freeze windows: the clock and sleep are passed in, so tests can drive them.
         self.freezes = FreezeTimers(config, self._freeze_ended, clock=clock, sleep=sleep)
+        self.runs = Runs(config, store, runtime, self.drafts, self._validate)
+        self.ordinary = Ordinary(config, store, self.drafts, self.runs, self.publisher.lock)
 
     # -- service lifecycle -----------------------------------------------------------------
 
@@ -152,11 +156,16 @@ class Deployer:
         re-drives of dead letters, then catch up on versions registered but not deployed."""
         await self.runtime.start()
         self.publisher.recover()
-        flows = [f for f in self.fs.flows() if f["enabled"] and f["active_version"]]
+        flows = [
+            f
+            for f in self.fs.flows()
+            if f["enabled"] and f["active_version"] and f["type"] != "ordinary"
+        ]
         await asyncio.gather(*(self.publisher.start_run(f["name"], initial=False) for f in flows))
         self.publisher.resume_redrives()
         await self.catch_up()
         self.arm_freezes()
+        self.runs.start()  # ordinary flows: interrupted runs recorded, schedules (catch-up)
 
     async def catch_up(self) -> None:
         """Redeploy what a killed daemon registered but never got to publish.
@@ -185,12 +194,15 @@ class Deployer:
         self.metadata.config = self.credentials.config = config
         self.freezes.config = config
         self.arm_freezes()  # windows may have been added, moved or removed
+        self.runs.reload(config)
+        self.ordinary.config = config
         nodetool.forget()  # node may have been installed or upgraded meanwhile
         self.runtime.reload(config.daemon)
 
     async def stop(self) -> None:
         """Daemon shutdown: stop every flow's processes (flows stay enabled for next start)."""
         await self.freezes.close()
+        await self.runs.stop()
         await self.publisher.stop_all()
         await self.runtime.close()
 
@@ -199,8 +211,11 @@ class Deployer:
     async def apply(self, text: str, draft_only: bool = False) -> dict[str, Any]:
         """Create the flow or a new draft of it from flow-file text; publish unless draft_only."""
         spec = self.drafts.parse(text)
+        if spec.type == "ordinary":
+            return await self.ordinary.apply(spec, draft_only)
         async with self.publisher.lock(spec.name):
             existing = self.fs.flow(spec.name)
+            same_type(spec.name, existing, spec.type)
             steps = self.drafts.resolve(spec)
             problems = await self._validate(steps, self._active_steps(existing))
             if problems and not draft_only:
@@ -230,6 +245,11 @@ class Deployer:
                 with self.store.tx():
                     self.fs.set_flow(spec.name, enabled=1)
             return await self._publish_draft(spec.name, Cause("flow apply"))
+
+    async def run_flow(self, name: str) -> dict[str, Any]:
+        """`flow run NAME`: a run of an ordinary flow now, whatever its schedule."""
+        self._known(name)
+        return self.runs.run_now(name)
 
     async def _validate(self, steps: list[Step], before: list[Step] | None = None) -> list[str]:
         """Every reason `steps` cannot run: component.json's static checks, what the dynamic
@@ -286,7 +306,7 @@ class Deployer:
         active version with every unpinned step of COMPONENT moved to vN instead — on purpose,
         also a quarantined version, whose quarantine a live publish lifts. In a freeze window
         it is refused unless `force` (then the event log says it was forced)."""
-        self._known(name)
+        self._real_time(name, "publish")
         hold = self.freezes.hold(name)
         if hold is not None and not force:
             raise FlowFrozen(
@@ -363,7 +383,7 @@ class Deployer:
             return res.as_json()
 
     async def rollback(self, name: str, to: int | None) -> dict[str, Any]:
-        self._known(name)
+        self._real_time(name, "rollback")
         async with self.publisher.lock(name):
             flow = self._known(name)  # read under the lock: a redeploy may just have finished
             active = flow["active_version"]
@@ -392,7 +412,7 @@ class Deployer:
                 "the rabbitmq runtime is not configured: set [runtime.rabbitmq] url in the"
                 " daemon config (README: Queues in RabbitMQ)"
             )
-        self._known(name)
+        self._real_time(name, "move")
         async with self.publisher.lock(name):
             flow = self._known(name)
             active = flow["active_version"]
@@ -416,6 +436,8 @@ class Deployer:
 
     async def start_flow(self, name: str) -> dict[str, Any]:
         flow = self._known(name)
+        if flow["type"] == "ordinary":
+            return await self.ordinary.resume(name)
         if not flow["active_version"]:
             raise FlowError(f"flow {name} has never been published (`deployd flow publish {name}`)")
         async with self.publisher.lock(name):
@@ -428,7 +450,8 @@ class Deployer:
         return {"flow": name, "state": "running", "version": flow["active_version"]}
 
     async def stop_flow(self, name: str) -> dict[str, Any]:
-        self._known(name)
+        if self._known(name)["type"] == "ordinary":
+            return await self.ordinary.pause(name)
         async with self.publisher.lock(name):
             flow = self._known(name)  # read under the lock: a redeploy may just have finished
             await self.publisher.stop_run(name, flow["startup_data"])
@@ -441,6 +464,8 @@ class Deployer:
         """After `deployd resume`: publish the draft an automatic redeploy left, if valid."""
         async with self.publisher.lock(name):
             flow = self._known(name)
+            if flow["type"] == "ordinary":
+                return None  # its runs take new versions themselves
             draft = self.fs.draft(name)
             if (
                 draft is None
@@ -521,6 +546,16 @@ class Deployer:
                     detail={"step": step, "ids": ids, "discarded": gone},
                 )
         return {"flow": name, "discarded": gone}
+
+    def _real_time(self, name: str, verb: str) -> Row:
+        flow = self._known(name)
+        if flow["type"] == "ordinary":
+            raise FlowError(
+                f"flow {name} is an ordinary (scheduled) flow: there is nothing to {verb}, each "
+                f"run takes the newest valid component versions (`deployd flow apply FILE` "
+                f"changes it, `deployd flow run {name}` runs it now)"
+            )
+        return flow
 
     def _known(self, name: str) -> Row:
         flow = self.fs.flow(name)
@@ -702,12 +737,20 @@ class Deployer:
 
     # -- status ----------------------------------------------------------------------------
 
-    def flow_state(self, name: str, enabled: bool) -> FlowState:
+    def flow_state(self, name: str, enabled: bool, type_: str = "realtime") -> FlowState:
+        if type_ == "ordinary":
+            if self.runs.running(name):
+                return FlowState.RUNNING
+            return FlowState.SCHEDULED if enabled else FlowState.STOPPED
         return self.publisher.state(name, enabled)
 
     def step_status(self, name: str) -> list[StepStatus] | None:
-        """Live steps of a running flow (None when it does not run)."""
-        return self.publisher.step_status(name)
+        """Live steps of a running flow or run (None when it does not run)."""
+        return self.runs.step_status(name) or self.publisher.step_status(name)
+
+    def next_run_at(self, name: str) -> str | None:
+        """When an ordinary flow runs next (None: not scheduled)."""
+        return self.runs.next_run_at(name)
 
     def running_count(self) -> int:
         return len(self.publisher.runs)
@@ -724,6 +767,6 @@ class Deployer:
         self.metrics.set_dead_letters(self.runtime.dead_letter_counts())
         states: dict[str, int] = {}
         for flow in self.fs.flows():
-            state = self.flow_state(flow["name"], bool(flow["enabled"]))
+            state = self.flow_state(flow["name"], bool(flow["enabled"]), flow["type"])
             states[state] = states.get(state, 0) + 1
         self.metrics.set_flows(states)

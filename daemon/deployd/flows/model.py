@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import NAME_RE, Duration, component_name
@@ -154,7 +155,39 @@ class FlowSpec(BaseModel):
     # Flow variables: what this.getFlowVariables() / ctx.flow_variables return in every step
     # (values may be "${VAR}" secrets, expanded only when the steps start).
     variables: dict[str, str] = Field(default_factory=dict)
+    # Ordinary (scheduled) flows (issue 14): exactly one of `schedule` (cron, 5 fields, in
+    # daemon.timezone) and `every` (a duration); what a run due while one is going does; what
+    # runs missed while deployd was stopped become; how long a run may take.
+    schedule: str | None = None
+    every: Duration | None = None
+    overlap: Literal["skip", "queue"] = "skip"
+    catch_up: Literal["one", "none"] = "one"
+    run_timeout: Duration = 3600.0
     steps: list[StepSpec]
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            cron_trigger(value, "UTC")  # the daemon's time zone is checked by its config
+        return value
+
+    @field_validator("every", "run_timeout")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError('must be longer than 0 (e.g. "30s")')
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: float | None) -> float | None:
+        if value is not None and value < MIN_EVERY:
+            raise ValueError(
+                f"must be at least {MIN_EVERY:g}s: every run starts and stops the steps "
+                '(e.g. "30s")'
+            )
+        return value
 
     @field_validator("variables")
     @classmethod
@@ -179,9 +212,18 @@ class FlowSpec(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> FlowSpec:
+        scheduling = ORDINARY_KEYS & self.model_fields_set
         if self.type == "ordinary":
+            if (self.schedule is None) == (self.every is None):
+                raise ValueError(
+                    "an ordinary flow runs on a schedule: give exactly one of schedule (cron, "
+                    'e.g. "*/15 * * * *") and every (e.g. "30s")'
+                    + (", not both" if self.schedule is not None else "")
+                )
+        elif scheduling:
             raise ValueError(
-                'type "ordinary" (scheduled flows) is not supported yet; use "realtime"'
+                f"{', '.join(sorted(scheduling))}: only for ordinary (scheduled) flows; add "
+                'type = "ordinary" or remove them'
             )
         if len(self.steps) < 2:
             raise ValueError("a flow needs a trigger step and at least one action step")
@@ -193,6 +235,60 @@ class FlowSpec(BaseModel):
         if self.steps[0].mapping is not None:
             raise ValueError(f"step {self.steps[0].id}: the trigger step cannot have a mapping")
         return self
+
+
+MIN_EVERY = 1.0  # seconds between runs at the least
+ORDINARY_KEYS = frozenset({"schedule", "every", "overlap", "catch_up", "run_timeout"})
+
+
+def cron_trigger(expr: str, timezone: str) -> CronTrigger:
+    """A 5-field cron expression (minute hour day month weekday) as an APScheduler trigger
+    in `timezone`; ValueError says what is wrong with it."""
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"{expr!r} is not a cron expression: it needs 5 fields (minute hour day month "
+            f'weekday, e.g. "*/15 * * * *"), it has {len(fields)}'
+        )
+    try:
+        minute, hour, day, month, weekday = fields
+        return CronTrigger(
+            minute=minute,
+            hour=hour,
+            day=day,
+            month=month,
+            day_of_week=_cron_weekdays(weekday),
+            timezone=timezone,
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(
+            f"{expr!r} is not a cron expression: {exc} (minute hour day month weekday, e.g. "
+            '"*/15 * * * *")'
+        ) from None
+
+
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_weekdays(field: str) -> str:
+    """cron's weekday numbers (0 and 7 Sunday) as names: APScheduler 3 counts 0 as Monday."""
+    parts = []
+    for part in field.split(","):
+        head, slash, step = part.partition("/")
+        lo, dash, hi = head.partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())):
+            parts.append(part)  # names, "*" (APScheduler checks them)
+            continue
+        if int(lo) > 7 or (dash and int(hi) > 7):
+            raise ValueError(f"weekday {head!r} is out of range (0-7, 0 and 7 are Sunday)")
+        first, last = _WEEKDAYS[int(lo) % 7], _WEEKDAYS[int(hi) % 7] if dash else ""
+        if dash and first == "sun" and last != "sun":  # 0-5: Sunday, then Monday to Friday
+            if slash:
+                raise ValueError(f"write weekday steps from Sunday with names ({part!r})")
+            parts += ["sun", f"mon-{last}" if last != "mon" else "mon"]
+        else:
+            parts.append(first + (f"-{last}" if dash else "") + (f"/{step}" if slash else ""))
+    return ",".join(parts)
 
 
 def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:

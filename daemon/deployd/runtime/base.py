@@ -15,6 +15,8 @@ implementation (the embedded runtime today; RabbitMQ next).
                                 old actions finish their message; new ones take the queues
     FlowRun.next_exit()        unexpected exits while it runs (the runtime restarts them)
     FlowRun.stop()             finish in-flight work, then stop every process
+    run_once(run, timeout)     an ordinary flow's run: the trigger called once, every queue
+                               drained (or past `timeout`: stopped, the rest dead letters)
 """
 
 from __future__ import annotations
@@ -67,6 +69,30 @@ class MethodFailed(FlowError):
         self.timed_out = timed_out
         self.detail = detail  # the stack or traceback, or the log tail
         super().__init__(message)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run of an ordinary flow went (`Runtime.run_once`).
+
+    `errors`: what the trigger's `process()` threw (failed messages of the actions are dead
+    letters, which the caller reads from the state database). `timed_out`: the run passed its
+    timeout; its steps are stopped then and `lettered` queued messages became dead letters.
+    """
+
+    errors: tuple[str, ...] = ()
+    timed_out: bool = False
+    lettered: int = 0
+
+
+class RunNotSupported(FlowError):
+    """This runtime cannot run ordinary (scheduled) flows."""
+
+
+NO_RUNS = (
+    "flow {flow}: ordinary (scheduled) flows are not supported on the rabbitmq runtime yet; "
+    'run it on the embedded runtime (runtime = "embedded" in the flow file)'
+)
 
 
 class FlowRun(Protocol):
@@ -146,6 +172,15 @@ class Runtime(Protocol):
     def queue_depths(self) -> dict[tuple[str, str], int]:
         """Messages queued, by (flow, step id), the one being handled included (it leaves its
         queue when its result commits); an empty queue may be missing."""
+        ...
+
+    async def run_once(self, run: FlowRun, timeout: float) -> RunOutcome:
+        """One run of an ordinary flow on a warmed `run` (its trigger's startup() already
+        called by the caller): the actions take their queues (messages an interrupted run
+        left first), the trigger's process() is called once, and it returns once every queue
+        of the flow is empty with nothing in flight. Past `timeout` the steps are stopped at
+        once and what is still queued becomes dead letters (`timed_out`). Otherwise `run` is
+        left running for the caller's shutdown() and `stop()`. Raises `RunNotSupported`."""
         ...
 
     async def call_method(self, call: MethodCall, timeout: float) -> Any:

@@ -30,7 +30,7 @@ from .logs import config_secrets, set_redactions
 from .parts import Parts, assemble
 
 log = logging.getLogger("deployd")
-RESTART_KEYS = ("listen", "max_parallel_builds", "state_dir")  # bound at start
+RESTART_KEYS = ("listen", "max_parallel_builds", "state_dir", "timezone")  # bound at start
 
 
 class HttpServer(Protocol):

@@ -420,6 +420,43 @@ def m011_credential_keys(db: Database) -> None:
 
 
 @migrations()
+def m012_flow_runs(db: Database) -> None:
+    """Runs of ordinary (scheduled) flows (issue 14), and when each one is due next.
+
+    A run is recorded `running` before its steps start and finished with its status, so a
+    run a killed daemon left `running` is found at the next start (and recorded `failed`,
+    interrupted). `steps` is the JSON list of the component version each step ran
+    (`[{"id", "component", "version"}]`), `errors` a JSON list of sentences. `flow_schedules`
+    keeps the next due time of every scheduled flow: a due time that passed while deployd was
+    stopped is a missed run (`catch_up`).
+    """
+    db.execute(
+        """
+        CREATE TABLE flow_runs (
+            id INTEGER PRIMARY KEY,
+            flow TEXT NOT NULL,
+            cause TEXT NOT NULL,
+            status TEXT NOT NULL
+                CHECK (status IN ('running','succeeded','failed','timed_out','skipped')),
+            flow_version INTEGER,
+            steps TEXT NOT NULL DEFAULT '[]',
+            handled INTEGER NOT NULL DEFAULT 0,
+            errors TEXT NOT NULL DEFAULT '[]',
+            reason TEXT,
+            started_at TEXT NOT NULL,
+            finished_at TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX flow_runs_flow ON flow_runs (flow, id)")
+    db.execute("CREATE INDEX flow_runs_running ON flow_runs (status) WHERE status = 'running'")
+    db.execute(
+        "CREATE TABLE flow_schedules (flow TEXT NOT NULL PRIMARY KEY, next_run_at TEXT)"
+        " WITHOUT ROWID"
+    )
+
+
+@migrations()
 def m015_quarantine(db: Database) -> None:
     """Quarantined component versions (issue 16): a version whose automatic publish to a flow
     failed its warm-up or was rolled back is never tried again for that flow by an automatic

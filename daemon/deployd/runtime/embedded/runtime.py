@@ -28,10 +28,10 @@ from ...store.db import Row
 from ...store.queues import Queued
 from ...types import FlowVersionToRun, RetryResult
 from .. import mapper
-from ..base import FlowRun, MethodCall
+from ..base import FlowRun, MethodCall, RunOutcome
 from ..credentials import Credentials
 from ..stepenv import api_uri
-from . import oneoff
+from . import once, oneoff
 from .node_pool import NodeSettings
 from .process import Launcher
 from .router import Router
@@ -223,6 +223,12 @@ class EmbeddedRuntime:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("stopping a replaced flow version failed", exc_info=task.exception())
+
+    async def run_once(self, run: FlowRun, timeout: float) -> RunOutcome:
+        runner = _runner(run)
+        # Messages queued for steps this version does not have go to its first action.
+        await self.hand_queues(runner.flow, [s.id for s in runner.steps])
+        return await once.run_once(runner, timeout)
 
     async def call_method(self, call: MethodCall, timeout: float) -> Any:
         return await oneoff.call_method(self.launcher, self.log_dir, call, timeout)

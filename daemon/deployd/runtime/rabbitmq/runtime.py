@@ -28,7 +28,7 @@ from ...store import Store
 from ...store.db import Row
 from ...store.queues import Queued
 from ...types import FlowVersionToRun
-from ..base import FlowRun, StepFailed
+from ..base import NO_RUNS, FlowRun, RunNotSupported, RunOutcome, StepFailed
 from ..embedded.process import Launcher
 from ..embedded.runner import FlowRunner
 from ..embedded.runtime import EmbeddedRuntime
@@ -110,6 +110,9 @@ class RabbitRuntime(EmbeddedRuntime):
             self.settings.max_queue,
             self.config.prefetch,
         )
+
+    async def run_once(self, run: FlowRun, timeout: float) -> RunOutcome:
+        raise RunNotSupported(NO_RUNS.format(flow=run.spec.flow))
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
         loop = asyncio.get_running_loop()
