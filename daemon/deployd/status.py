@@ -96,7 +96,9 @@ def build_status(
         "components": components,
         "runtimes": runtimes(config),
         "broker": broker_status(config, deployer),
-        "flows": flows_status(store, deployer, config.runtime.default) if store else [],
+        "flows": flows_status(store, deployer, config.runtime.default, _api_base(config))
+        if store
+        else [],
         **status_extras(store),
     }
     return status
@@ -171,12 +173,22 @@ def dead_letter_counts(store: Store) -> dict[tuple[str, str], int]:
         return {}
 
 
+def _api_base(config: Config) -> str:
+    from .runtime.stepenv import api_uri
+
+    return api_uri(config.daemon.host, config.daemon.port)
+
+
 def flows_status(
-    store: Store, deployer: Deployer | None = None, default_runtime: str = "embedded"
+    store: Store,
+    deployer: Deployer | None = None,
+    default_runtime: str = "embedded",
+    api_base: str = "http://127.0.0.1:8787",
 ) -> list[dict[str, Any]]:
     """The `flows` list of the status object; live step states when the daemon asks.
     `runtime`: what the flow's active version runs on (its flow file's or `flow move`'s
-    choice, else [runtime] default)."""
+    choice, else [runtime] default). HTTP-fed flows (`builtin = "http"`) also have `url`
+    (where their requests go, on `api_base`) and `http` (`auth`, `reply`, `reply_timeout`)."""
     fs = FlowStore(store)
     recent = {name: row["version"] for name, row in store.recent_all().items()}
     last = fs.last_deployments()
@@ -229,6 +241,14 @@ def flows_status(
         )
         state = deployer.flow_state(name, bool(flow["enabled"])) if deployer else "stopped"
         dep = last.get(name)
+        first = steps_db[0] if steps_db else {}
+        http: dict[str, Any] = {}
+        if first.get("builtin") == "http":
+            settings = first.get("http") or {}
+            http = {
+                "url": f"{api_base}/flows/{name}/in",
+                "http": {k: settings.get(k) for k in ("auth", "reply", "reply_timeout")},
+            }
         out.append(
             {
                 "name": name,
@@ -251,6 +271,7 @@ def flows_status(
                 }
                 if dep
                 else None,
+                **http,
             }
         )
     return out

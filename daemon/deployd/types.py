@@ -108,6 +108,10 @@ class RunStep:
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # The [[credentials]] (by name) merged into its cfg at every start of its process.
     credential: str | None = None
+    # "http": deployd's own trigger, fed by `POST /flows/<flow>/in` (no process); `http` is
+    # its {"auth", "secret" (expanded: never in a repr or a log), "reply", "reply_timeout"}.
+    builtin: str | None = None
+    http: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 RUNTIME_NAMES = ("embedded", "rabbitmq")  # what `runtime =` and `flow move --runtime` take
@@ -131,6 +135,11 @@ class FlowVersionToRun:
     @property
     def actions(self) -> tuple[RunStep, ...]:
         return self.steps[1:]
+
+    @property
+    def http_fed(self) -> bool:
+        """Whether its trigger is deployd's HTTP intake (`builtin = "http"`)."""
+        return self.steps[0].builtin == "http"
 
 
 @dataclass(frozen=True)

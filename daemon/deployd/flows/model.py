@@ -58,11 +58,27 @@ def _check_values(table: dict[str, str], what: str) -> None:
             raise ValueError(f"{what} {key!r} is longer than {MAX_VALUE} characters")
 
 
+BUILTINS = ("http",)
+SECRET_REF_RE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+MAX_REPLY_TIMEOUT = 300.0
+# Keys of a step that a builtin trigger (`builtin = "http"`) has no use for.
+_NOT_FOR_BUILTIN = ("component", "function", "config", "mapping", "version", "env", "credential")
+_HTTP_ONLY = ("auth", "secret", "reply", "reply_timeout")
+
+
 class StepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str
-    component: str
-    function: str
+    # A component's function; or, for the trigger only, a trigger deployd provides itself:
+    # `builtin = "http"` (the flow is fed by `POST /flows/<flow>/in`).
+    component: str = ""
+    function: str = ""
+    builtin: Literal["http"] | None = None
+    # builtin = "http": how a request is authenticated, with what, and what it is answered.
+    auth: Literal["hmac", "token", "none"] = "hmac"
+    secret: str | None = None  # "${VAR}": deployd's environment (never stored in clear)
+    reply: Literal["async", "sync"] = "async"
+    reply_timeout: Duration = 30.0
     interval: Duration = 1.0
     config: dict[str, Any] = Field(default_factory=dict)
     mapping: str | None = None
@@ -106,17 +122,57 @@ class StepSpec(BaseModel):
     @field_validator("component")
     @classmethod
     def _component(cls, value: str) -> str:
-        return component_name(value)
+        return component_name(value) if value else value
 
     @field_validator("function")
     @classmethod
     def _function(cls, value: str) -> str:
-        if not FUNCTION_RE.match(value):
+        if value and not FUNCTION_RE.match(value):
             raise ValueError(
                 f"{value!r} is not a function name; give a trigger or action name from the "
                 "component's component.json"
             )
         return value
+
+    @model_validator(mode="after")
+    def _kind(self) -> StepSpec:
+        given = self.model_fields_set
+        if self.builtin is None:
+            missing = [k for k in ("component", "function") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f"{' and '.join(missing)} missing (a component's trigger or "
+                    'action; or builtin = "http" for a trigger fed by HTTP requests)'
+                )
+            extra = [k for k in _HTTP_ONLY if k in given]
+            if extra:
+                raise ValueError(f'{", ".join(extra)} belong(s) to builtin = "http" steps only')
+            return self
+        extra = [k for k in _NOT_FOR_BUILTIN if k in given]
+        if extra:
+            raise ValueError(
+                f"a builtin = {self.builtin!r} step takes no "
+                f"{', '.join(extra)} (it is deployd's own trigger: auth, secret, reply, "
+                "reply_timeout)"
+            )
+        if self.auth == "none":
+            if self.secret is not None:
+                raise ValueError('auth = "none" takes no secret; remove it')
+        elif self.secret is None:
+            raise ValueError(
+                f'auth = "{self.auth}" needs secret = "${{VAR}}" (an environment '
+                "variable of deployd holding a long random string, e.g. from `openssl rand "
+                '-hex 32`); or auth = "none" on a loopback listen address'
+            )
+        elif not SECRET_REF_RE.match(self.secret):
+            raise ValueError(
+                'secret must be a "${VAR}" reference to deployd\'s '
+                "environment, not the secret itself (flow files and the database keep it as "
+                'written); e.g. secret = "${ORDERS_IN_SECRET}"'
+            )
+        if not 0 < self.reply_timeout <= MAX_REPLY_TIMEOUT:
+            raise ValueError(f"reply_timeout must be above 0 and at most {MAX_REPLY_TIMEOUT:g}s")
+        return self
 
     @field_validator("config")
     @classmethod
@@ -190,7 +246,19 @@ class FlowSpec(BaseModel):
             seen.add(step.id)
         if self.steps[0].mapping is not None:
             raise ValueError(f"step {self.steps[0].id}: the trigger step cannot have a mapping")
+        for step in self.steps[1:]:
+            if step.builtin is not None:
+                raise ValueError(
+                    f"step {step.id}: builtin = {step.builtin!r} is a trigger: only the first "
+                    "step can be one"
+                )
         return self
+
+    @property
+    def http(self) -> StepSpec | None:
+        """The builtin HTTP trigger when the flow is fed by HTTP requests."""
+        first = self.steps[0] if self.steps else None
+        return first if first is not None and first.builtin == "http" else None
 
 
 def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
@@ -249,6 +317,9 @@ class Step(BaseModel):
     max_queue: int | None = None
     env: dict[str, str] = Field(default_factory=dict)  # "${VAR}" kept as written
     credential: str | None = None  # its name only: the values are never stored with a flow
+    builtin: str | None = None  # "http": deployd's own trigger (no component, no process)
+    # builtin "http": {"auth", "secret" ("${VAR}" as written), "reply", "reply_timeout"}
+    http: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +335,25 @@ def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
     """Pin each step: its own `version`, else the component's recent one."""
     steps = []
     for i, s in enumerate(spec.steps):
+        if s.builtin is not None:
+            steps.append(
+                Step(
+                    id=s.id,
+                    kind="trigger",
+                    component="",
+                    function=s.builtin,
+                    version=None,
+                    pinned=True,  # no component version: never moved by a redeploy
+                    builtin=s.builtin,
+                    http={
+                        "auth": s.auth,
+                        "secret": s.secret,
+                        "reply": s.reply,
+                        "reply_timeout": s.reply_timeout,
+                    },
+                )
+            )
+            continue
         version = s.version
         if version is None:
             version = recent.get(s.component)
@@ -301,6 +391,8 @@ def validate(
     problems = []
     for step in steps:
         where = f"step {step.id}"
+        if step.builtin is not None:
+            continue  # deployd's own trigger: checked when the flow file was read
         if step.version is None:
             problems.append(f"{where}: component {step.component!r} has no version yet (push it)")
             continue
