@@ -151,7 +151,7 @@ def test_auth_none_is_refused_off_loopback(tmp_path: Path) -> None:
         'name = "open"\n[[steps]]\nid = "in"\nbuiltin = "http"\nauth = "none"\n'
         '[[steps]]\nid = "rec"\ncomponent = "hello"\nfunction = "record"\n'
     )
-    with pytest.raises(FlowError, match='auth = "none" is allowed only while daemon.listen'):
+    with pytest.raises(FlowError, match=r'auth = "none" is allowed only while daemon\.listen'):
         drafts.parse(text)
     secret = text.replace('auth = "none"', 'auth = "token"\nsecret = "${SOME_SECRET}"')
     with pytest.raises(FlowError, match="SOME_SECRET is not set"):
