@@ -278,20 +278,31 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
 def _parse(raw: bytes) -> str:
-    """The body as the message's: compact JSON text of an object (another JSON value is
-    wrapped as {"value": …}, as a step's plain emitted value is)."""
+    """The body as the message's: JSON text of an object (another JSON value is wrapped as
+    {"value": …}, as a step's plain emitted value is). The text is kept as sent when it can
+    be spliced into the steps' JSON lines (no line breaks), else encoded again, compactly."""
     try:
-        value = json.loads(raw, parse_constant=_no_constants)
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_constant=_no_constants, parse_float=_finite)
     except RecursionError:
         raise _Refused(400, "malformed JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise _Refused(400, f"malformed JSON: {str(exc)[:200]}") from None
-    if not isinstance(value, dict):
-        value = {"value": value}
-    if json_depth(value) > MAX_DEPTH:
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and json_depth(value) > MAX_DEPTH:
         raise _Refused(400, f"malformed JSON: nested more than {MAX_DEPTH} levels deep")
-    return str(dumps(value))
+    if not isinstance(value, dict):
+        return str(dumps({"value": value}))
+    if "\n" in text or "\r" in text:
+        return str(dumps(value))
+    return text.strip(" \t")
 
 
 def _message_headers(headers: Headers) -> dict[str, str]:
