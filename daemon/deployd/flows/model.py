@@ -138,11 +138,19 @@ class StepSpec(BaseModel):
     def _kind(self) -> StepSpec:
         given = self.model_fields_set
         if self.builtin is None:
-            missing = [k for k in ("component", "function") if not getattr(self, k)]
-            if missing:
+            # "@key: what" is reported at the key's path (`parse`), as a field error would be
+            for key in ("component", "function"):
+                if key not in given:
+                    raise ValueError(
+                        f"@{key}: Field required (a component's trigger or action; or "
+                        'builtin = "http" for a trigger fed by HTTP requests)'
+                    )
+            if not self.component:
+                raise ValueError("@component: '' is not a valid component name")
+            if not self.function:
                 raise ValueError(
-                    f"{' and '.join(missing)} missing (a component's trigger or "
-                    'action; or builtin = "http" for a trigger fed by HTTP requests)'
+                    "@function: '' is not a function name; give a trigger or action name "
+                    "from the component's component.json"
                 )
             extra = [k for k in _HTTP_ONLY if k in given]
             if extra:
@@ -269,6 +277,10 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
         problems = []
         for err in exc.errors():
             msg = str(err["msg"]).removeprefix("Value error, ")
+            loc = tuple(err["loc"])
+            if msg.startswith("@"):  # a model check naming the key it is about
+                key, _, msg = msg[1:].partition(": ")
+                loc = (*loc, key)
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "model_type":  # not "... or instance of StepSpec"
@@ -277,7 +289,7 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
                 msg = 'must be a string (quote it, e.g. "3")'
             elif _in_table(err["loc"]) and err["type"] == "dict_type":
                 msg = 'must be a table of NAME = "value" (e.g. { REGION = "eu" })'
-            problems.append(f"{key_path(err['loc'])}: {msg}")
+            problems.append(f"{key_path(loc)}: {msg}")
         raise FlowError(f"{source} is invalid: " + "; ".join(problems)) from exc
 
 
