@@ -155,6 +155,7 @@ def test_a_full_first_queue_answers_429_then_recovers(web: FlowEnv) -> None:
     accepted: list[Any] = []
     refused: list[httpx.Response] = []
     client = httpx.Client(timeout=30)
+    began = time.monotonic()
     for i in range(30):
         resp = post(url, "busy", {"i": i}, client=client)
         if resp.status_code == 202:
@@ -166,8 +167,8 @@ def test_a_full_first_queue_answers_429_then_recovers(web: FlowEnv) -> None:
     assert refused[0].status_code == 429, refused[0].text
     assert refused[0].headers["retry-after"] == "1"
     assert "max_queue" in refused[0].json()["detail"]
-    # the limit, plus what the slow step finished meanwhile (one at most on a quick machine)
-    assert 3 <= len(accepted) <= 5
+    # the limit, plus the one in hand and what the slow step (1.5 s each) finished meanwhile
+    assert 3 <= len(accepted) <= 4 + int((time.monotonic() - began) / 1.5) + 1
     held = web.flow("busy")["steps"][0]
     assert held["backpressure"] is True
     # recovery: once the queue drained below its low-water mark, requests are taken again
