@@ -187,7 +187,7 @@ def test_a_full_first_queue_answers_429_then_recovers(web: FlowEnv) -> None:
 def test_sync_replies_from_python_and_the_504_path(web: FlowEnv) -> None:
     out = web.out("ask")
     step = {"id": "answer", "component": "hello", "function": "reply"}
-    web.apply(http_flow("ask", out, step, reply="sync", reply_timeout="2s"))
+    web.apply(http_flow("ask", out, step, reply="sync", reply_timeout="5s"))
     url = web.daemon.url
     resp = post(url, "ask", {"q": 1})
     assert resp.status_code == 201, resp.text
