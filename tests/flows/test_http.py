@@ -136,6 +136,11 @@ def test_every_refusal_with_its_status(web: FlowEnv) -> None:
     assert post(url, "orders", {"a": 1}, secret=None).status_code == 404
     web.daemon.cli("flow", "start", "orders")
     wait_until(lambda: post(url, "orders", {"again": 1}).status_code == 202, timeout=30)
+    # counted by flow and status (a name that is no HTTP-fed flow: "-")
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    assert 'deployd_flow_requests_total{flow="orders",status="401"}' in metrics
+    assert 'deployd_flow_requests_total{flow="-",status="404"}' in metrics
+    assert 'flow="nope"' not in metrics
     # nothing refused was queued: only the accepted bodies reached the sink
     wait_until(lambda: any(r["body"] == {"again": 1} for r in read_out(out)), timeout=30)
     assert [r["body"] for r in read_out(out)] == [{"a": 1}, {"again": 1}]

@@ -43,6 +43,7 @@ from ..runtime.stepenv import api_uri
 from . import secrets
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
     from ..store import Store
     from .publish import Publisher
 
@@ -130,6 +131,7 @@ class FlowIntake:
         store: Store,
         publisher: Publisher,
         runtime: Runtime,
+        metrics: Metrics,
         accepting: Callable[[], bool] = lambda: True,
     ) -> None:
         from ..store import FlowStore
@@ -139,6 +141,8 @@ class FlowIntake:
         self.publisher = publisher
         self.runtime = runtime
         self.accepting = accepting
+        self.metrics = metrics
+        self._known: set[str] = set()  # names that were HTTP-fed flows (metric labels)
         self._dummy_key = os.urandom(32)
         self._refusals_logged: dict[str, float] = {}
 
@@ -147,9 +151,12 @@ class FlowIntake:
     ) -> Answer:
         """Answer one request to flow `name` (see the module docstring)."""
         try:
-            return await self._handle(name, headers, body)
+            answer = await self._handle(name, headers, body)
         except _Refused as exc:
-            return exc.answer
+            answer = exc.answer
+        # labelled by flow only for names that were HTTP-fed flows: no label per guess
+        self.metrics.flow_request(name if name in self._known else "-", answer.status)
+        return answer
 
     async def _handle(
         self, name: str, headers: Headers, stream: bytes | AsyncIterable[bytes]
@@ -207,12 +214,16 @@ class FlowIntake:
         run = self.publisher.runs.get(name)
         if run is not None:
             spec = run.spec
-            return HttpSettings.of(spec.steps[0].http) if spec.http_fed else None
+            if not spec.http_fed:
+                return None
+            self._known.add(name)
+            return HttpSettings.of(spec.steps[0].http)
         flow = self.fs.flow(name) if len(name) <= 63 else None
         fv = self.fs.flow_version(name, flow["active_version"]) if flow else None
         first = fv["steps"][0] if fv and fv["steps"] else None
         if not first or first.get("builtin") != "http":
             return None
+        self._known.add(name)
         http = dict(first.get("http") or {})
         if http.get("secret"):
             try:

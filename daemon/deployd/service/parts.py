@@ -91,7 +91,12 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
         current_config, store, pipeline.notify, metrics, lambda: not stopping.is_set()
     )
     flow_intake = FlowIntake(
-        current_config, store, deployer.publisher, runtime, lambda: not stopping.is_set()
+        current_config,
+        store,
+        deployer.publisher,
+        runtime,
+        metrics,
+        lambda: not stopping.is_set(),
     )
     object_store = FileStore(paths.objects)
     operator = Operator(
