@@ -31,6 +31,7 @@ MODULES = [
     "bench_throughput",
     "bench_rabbitmq",
     "bench_ordinary",
+    "bench_http",
 ]
 
 

@@ -51,6 +51,13 @@ class Metrics:
             ["component"],
             registry=r,
         )
+        self._flow_requests = Counter(
+            "deployd_flow_requests",
+            "Requests to HTTP-fed flows (POST /flows/<flow>/in) by flow and HTTP status code "
+            '(flow "-": no HTTP-fed flow of that name).',
+            ["flow", "status"],
+            registry=r,
+        )
         self._webhooks = Counter(
             "deployd_webhook_requests",
             "Webhook requests by provider and HTTP status code.",
@@ -154,6 +161,10 @@ class Metrics:
     def webhook_request(self, provider: str, status: int) -> None:
         """One webhook request answered with HTTP `status` (provider: github, gitlab, …)."""
         self._webhooks.labels(provider, str(status)).inc()
+
+    def flow_request(self, flow: str, status: int) -> None:
+        """One request to an HTTP-fed flow answered with HTTP `status`."""
+        self._flow_requests.labels(flow, str(status)).inc()
 
     def poll_error(self, component: str) -> None:
         self._poll_errors.labels(component).inc()

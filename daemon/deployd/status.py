@@ -98,7 +98,9 @@ def build_status(
         "components": components,
         "runtimes": runtimes(config),
         "broker": broker_status(config, deployer),
-        "flows": flows_status(store, deployer, config.runtime.default, config) if store else [],
+        "flows": flows_status(store, deployer, config.runtime.default, config, _api_base(config))
+        if store
+        else [],
         **status_extras(store),
     }
     return status
@@ -173,16 +175,25 @@ def dead_letter_counts(store: Store) -> dict[tuple[str, str], int]:
         return {}
 
 
+def _api_base(config: Config) -> str:
+    from .runtime.stepenv import api_uri
+
+    return api_uri(config.daemon.host, config.daemon.port)
+
+
 def flows_status(
     store: Store,
     deployer: Deployer | None = None,
     default_runtime: str = "embedded",
     config: Config | None = None,
+    api_base: str = "http://127.0.0.1:8787",
 ) -> list[dict[str, Any]]:
     """The `flows` list of the status object; live step states when the daemon asks.
     `runtime`: what the flow's active version runs on (its flow file's or `flow move`'s
     choice, else [runtime] default). `freeze`: the freeze window the flow is in now (by
-    `config`), `held`: what waits for its end."""
+    `config`), `held`: what waits for its end. HTTP-fed flows (`builtin = "http"`) also have
+    `url` (where their requests go, on `api_base`) and `http` (`auth`, `reply`,
+    `reply_timeout`)."""
     from .flows.freeze import frozen
 
     fs = FlowStore(store)
@@ -262,6 +273,14 @@ def flows_status(
                 if run
                 else None
             )
+        first = steps_db[0] if steps_db else {}
+        http: dict[str, Any] = {}
+        if first.get("builtin") == "http":
+            settings = first.get("http") or {}
+            http = {
+                "url": f"{api_base}/flows/{name}/in",
+                "http": {k: settings.get(k) for k in ("auth", "reply", "reply_timeout")},
+            }
         out.append(
             {
                 "name": name,
@@ -291,6 +310,7 @@ def flows_status(
                 if dep
                 else None,
                 **extra,
+                **http,
             }
         )
     return out

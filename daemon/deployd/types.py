@@ -112,6 +112,10 @@ class RunStep:
     # `validate_input = true`: its function's metadata.in; each message is checked against
     # it before process() (a mismatch is a dead letter). None: messages go in unchecked.
     input_schema: Mapping[str, Any] | None = field(default=None, repr=False)
+    # "http": deployd's own trigger, fed by `POST /flows/<flow>/in` (no process); `http` is
+    # its {"auth", "secret" (expanded: never in a repr or a log), "reply", "reply_timeout"}.
+    builtin: str | None = None
+    http: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 RUNTIME_NAMES = ("embedded", "rabbitmq")  # what `runtime =` and `flow move --runtime` take
@@ -135,6 +139,11 @@ class FlowVersionToRun:
     @property
     def actions(self) -> tuple[RunStep, ...]:
         return self.steps[1:]
+
+    @property
+    def http_fed(self) -> bool:
+        """Whether its trigger is deployd's HTTP intake (`builtin = "http"`)."""
+        return self.steps[0].builtin == "http"
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,11 @@ PARSE_CASES: list[tuple[str, str, str]] = [
     ("overlap-wait", flow(head=ORD1 + 'overlap = "wait"\n'), "overlap: Input should be 'skip'"),
     ("catch-up-all", flow(head=ORD1 + 'catch_up = "all"\n'), "catch_up: Input should be 'one'"),
     (
+        "ordinary-http-trigger",
+        flow(head=ORD1, tick='[[steps]]\nid = "in"\nbuiltin = "http"\nsecret = "${S}"\n'),
+        "an ordinary flow's trigger is called once per run",
+    ),
+    (
         "schedule-on-realtime",
         flow(head=HEAD + 'every = "1s"\n'),
         'every: only for ordinary (scheduled) flows; add type = "ordinary"',

@@ -22,6 +22,7 @@ from . import components, credentials, flows, hooks, objects, ops, poll, status
 if TYPE_CHECKING:
     from ..config import Config
     from ..flows.deployer import Deployer
+    from ..flows.intake import FlowIntake
     from ..health import LagMonitor
     from ..metrics import Metrics
     from ..objects import ObjectStore
@@ -48,6 +49,7 @@ class ApiParts:
     operator: Operator
     poller: Poller | None
     intake: WebhookIntake
+    flow_intake: FlowIntake  # POST /flows/{name}/in
     object_store: ObjectStore  # attachments (the maester API at /objects)
     object_key: Callable[[], bytes]  # what the steps' object storage tokens derive from
 
@@ -94,10 +96,10 @@ def create_app(parts: ApiParts) -> hooks.FastPath:
     app.include_router(ops.router(parts.operator, parts.token, parts.accepting))
     app.include_router(components.router(parts.deployer, parts.token, parts.accepting))
     app.include_router(credentials.router(parts.deployer, parts.token, parts.accepting))
-    app.include_router(hooks.router(parts.intake))  # /hooks/{component}
+    app.include_router(hooks.router(parts.intake, parts.flow_intake))  # /hooks/…, /flows/…/in
     app.include_router(poll.router(parts.poller, parts.config, parts.token))  # /api/v1/poll
     app.include_router(objects.router(parts.object_store, parts.object_key, parts.config))
-    return hooks.FastPath(app, parts.intake)
+    return hooks.FastPath(app, parts.intake, parts.flow_intake)
 
 
 def create_server(parts: Parts, sock: socket.socket) -> Server:
@@ -114,6 +116,7 @@ def create_server(parts: Parts, sock: socket.socket) -> Server:
         operator=parts.operator,
         poller=parts.poller,
         intake=parts.intake,
+        flow_intake=parts.flow_intake,
         object_store=parts.object_store,
         object_key=lambda: parts.object_key,
     )

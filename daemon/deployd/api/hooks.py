@@ -1,7 +1,9 @@
-"""`POST /hooks/{component}` over HTTP: the raw-ASGI fast path and the same route in FastAPI.
+"""`POST /hooks/{component}` and `POST /flows/{name}/in` over HTTP: the raw-ASGI fast path
+and the same routes in FastAPI.
 
-Both hand the component name, the headers and the body stream to the (framework-free)
-`sources.webhook.WebhookIntake` and send its `Decision` as a JSON response.
+Both hand the name, the headers and the body stream to the (framework-free) intake —
+`sources.webhook.WebhookIntake` for push webhooks, `flows.intake.FlowIntake` for HTTP-fed
+flows — and send its answer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.routing import Route
 
 if TYPE_CHECKING:
+    from ..flows.intake import Answer, FlowIntake
     from ..sources.webhook import Decision, WebhookIntake
 
 
@@ -25,6 +28,10 @@ def _response(decision: Decision) -> Response:
     )
 
 
+def _answer(answer: Answer) -> Response:
+    return Response(answer.body, status_code=answer.status, headers=answer.headers)
+
+
 class FastPath:
     """POST /hooks/{component} straight to the intake, ahead of FastAPI's middleware stack.
 
@@ -34,9 +41,10 @@ class FastPath:
     goes to `app` unchanged (the same route is registered there too).
     """
 
-    def __init__(self, app: Any, intake: WebhookIntake) -> None:
+    def __init__(self, app: Any, intake: WebhookIntake, flows: FlowIntake | None = None) -> None:
         self.app = app
         self.intake = intake
+        self.flows = flows
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -47,12 +55,26 @@ class FastPath:
                 decision = await self.intake.handle(name, request.headers, request.stream())
                 await _response(decision)(scope, receive, send)
                 return
+            flow = path[7:-3] if path.startswith("/flows/") and path.endswith("/in") else ""
+            if flow and "/" not in flow and self.flows is not None:
+                request = Request(scope, receive)
+                answer = await self.flows.handle(flow, request.headers, request.stream())
+                await _answer(answer)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
-def router(intake: WebhookIntake) -> APIRouter:
-    """The webhook route for requests that did not take the fast path."""
+def router(intake: WebhookIntake, flows: FlowIntake | None = None) -> APIRouter:
+    """The webhook and flow-intake routes for requests that did not take the fast path."""
     api = APIRouter()
+
+    async def flow_in(request: Request) -> Response:
+        assert flows is not None
+        name = request.path_params["name"]
+        return _answer(await flows.handle(name, request.headers, request.stream()))
+
+    if flows is not None:
+        api.routes.append(Route("/flows/{name}/in", flow_in, methods=["POST"]))
 
     async def hook(request: Request) -> Response:
         name = request.path_params["component"]

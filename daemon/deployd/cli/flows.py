@@ -313,6 +313,13 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
         )
     if data["needs_attention"]:
         out.print(f"[red]needs attention:[/] {data['needs_attention']}")
+    if data.get("url"):
+        http = data.get("http") or {}
+        out.print(
+            f"url: POST {data['url']} (auth {http.get('auth')}, reply {http.get('reply')})",
+            markup=False,
+            highlight=False,
+        )
     table = Table("step", "kind", "component", "function", "version", "state", "pid", "queued")
     for s in data["steps"]:
         table.add_row(

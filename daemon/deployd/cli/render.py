@@ -100,6 +100,13 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
         )
     sys.stdout.write(grid(["flow", "state", "version", "steps", "update", "last deploy"], rows))
     sys.stdout.write("\n")
+    for f in flows:
+        if f.get("url"):
+            http = f.get("http") or {}
+            sys.stdout.write(
+                f"flow {f['name']} takes requests at POST {f['url']} "
+                f"(auth {http.get('auth')}, reply {http.get('reply')})\n"
+            )
 
 
 def _runs_cell(last: dict[str, Any] | None, next_at: str | None) -> str:

@@ -38,7 +38,10 @@ class Drafts:
         except RecursionError as exc:
             raise FlowError("flow file is nested too deeply to read; flatten it") from exc
         spec = model.parse(raw, "flow file")
+        self._check_http(spec)
         for step in spec.steps:
+            if step.builtin is not None:
+                continue
             if self.config.component(step.component) is None:
                 known = ", ".join(c.name for c in self.config.components) or "none"
                 raise FlowError(
@@ -48,6 +51,25 @@ class Drafts:
         if refs:
             raise FlowError("flow file is invalid: " + "; ".join(refs))
         return spec
+
+    def _check_http(self, spec: model.FlowSpec) -> None:
+        """What an HTTP-fed flow needs of the daemon: the embedded runtime, and a loopback
+        listen address when its requests are not authenticated."""
+        http = spec.http
+        if http is None:
+            return
+        runtime = spec.runtime or self.config.runtime.default
+        if runtime != "embedded":
+            raise FlowError(
+                f'step {http.id}: builtin = "http" flows run on the embedded runtime only '
+                f'(this one would run on {runtime}); set runtime = "embedded" in the flow file'
+            )
+        if http.auth == "none" and not self.config.daemon.listen_is_loopback:
+            raise FlowError(
+                f'step {http.id}: auth = "none" is allowed only while daemon.listen is a '
+                f'loopback address (it is {self.config.daemon.listen}); use auth = "hmac" '
+                'or "token" with secret = "${VAR}"'
+            )
 
     def resolve(self, spec: model.FlowSpec) -> list[model.Step]:
         """Pin every step to its own `version` or its component's recent one."""
@@ -131,6 +153,9 @@ class Drafts:
         fv = FlowStore(self.store).flow_version(flow, version)
         flow_spec = (fv["spec"] if fv else None) or {}
         for i, s in enumerate(steps):
+            if s.get("builtin") == "http":
+                out.append(self._http_step(s, i))
+                continue
             key = (s["component"], s["version"])
             if key not in rows:  # 30 steps of one component: one read, one JSON decode
                 rows[key] = self.store.version(*key)
@@ -171,4 +196,25 @@ class Drafts:
         variables = secrets.expand(flow_spec.get("variables") or {}, "variables", self.config)
         return FlowVersionToRun(
             flow, version, tuple(out), str(runtime) if runtime else None, variables
+        )
+
+    def _http_step(self, s: dict[str, Any], index: int) -> RunStep:
+        """The builtin HTTP trigger of a stored flow version, its secret expanded."""
+        http = dict(s.get("http") or {})
+        if http.get("secret"):
+            where = f"steps[{index}]"
+            http["secret"] = secrets.expand({"secret": http["secret"]}, where, self.config)[
+                "secret"
+            ]
+        return RunStep(
+            id=s["id"],
+            kind=StepKind.TRIGGER,
+            component="",
+            version=0,
+            function="http",
+            artifact_dir="",
+            main="",
+            runtime="builtin",
+            builtin="http",
+            http=http,
         )

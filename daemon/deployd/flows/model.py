@@ -59,11 +59,27 @@ def _check_values(table: dict[str, str], what: str) -> None:
             raise ValueError(f"{what} {key!r} is longer than {MAX_VALUE} characters")
 
 
+BUILTINS = ("http",)
+SECRET_REF_RE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+MAX_REPLY_TIMEOUT = 300.0
+# Keys of a step that a builtin trigger (`builtin = "http"`) has no use for.
+_NOT_FOR_BUILTIN = ("component", "function", "config", "mapping", "version", "env", "credential")
+_HTTP_ONLY = ("auth", "secret", "reply", "reply_timeout")
+
+
 class StepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str
-    component: str
-    function: str
+    # A component's function; or, for the trigger only, a trigger deployd provides itself:
+    # `builtin = "http"` (the flow is fed by `POST /flows/<flow>/in`).
+    component: str = ""
+    function: str = ""
+    builtin: Literal["http"] | None = None
+    # builtin = "http": how a request is authenticated, with what, and what it is answered.
+    auth: Literal["hmac", "token", "none"] = "hmac"
+    secret: str | None = None  # "${VAR}": deployd's environment (never stored in clear)
+    reply: Literal["async", "sync"] = "async"
+    reply_timeout: Duration = 30.0
     interval: Duration = 1.0
     config: dict[str, Any] = Field(default_factory=dict)
     mapping: str | None = None
@@ -109,17 +125,65 @@ class StepSpec(BaseModel):
     @field_validator("component")
     @classmethod
     def _component(cls, value: str) -> str:
-        return component_name(value)
+        return component_name(value) if value else value
 
     @field_validator("function")
     @classmethod
     def _function(cls, value: str) -> str:
-        if not FUNCTION_RE.match(value):
+        if value and not FUNCTION_RE.match(value):
             raise ValueError(
                 f"{value!r} is not a function name; give a trigger or action name from the "
                 "component's component.json"
             )
         return value
+
+    @model_validator(mode="after")
+    def _kind(self) -> StepSpec:
+        given = self.model_fields_set
+        if self.builtin is None:
+            # "@key: what" is reported at the key's path (`parse`), as a field error would be
+            for key in ("component", "function"):
+                if key not in given:
+                    raise ValueError(
+                        f"@{key}: Field required (a component's trigger or action; or "
+                        'builtin = "http" for a trigger fed by HTTP requests)'
+                    )
+            if not self.component:
+                raise ValueError("@component: '' is not a valid component name")
+            if not self.function:
+                raise ValueError(
+                    "@function: '' is not a function name; give a trigger or action name "
+                    "from the component's component.json"
+                )
+            extra = [k for k in _HTTP_ONLY if k in given]
+            if extra:
+                raise ValueError(f'{", ".join(extra)} belong(s) to builtin = "http" steps only')
+            return self
+        extra = [k for k in _NOT_FOR_BUILTIN if k in given]
+        if extra:
+            raise ValueError(
+                f"a builtin = {self.builtin!r} step takes no "
+                f"{', '.join(extra)} (it is deployd's own trigger: auth, secret, reply, "
+                "reply_timeout)"
+            )
+        if self.auth == "none":
+            if self.secret is not None:
+                raise ValueError('auth = "none" takes no secret; remove it')
+        elif self.secret is None:
+            raise ValueError(
+                f'auth = "{self.auth}" needs secret = "${{VAR}}" (an environment '
+                "variable of deployd holding a long random string, e.g. from `openssl rand "
+                '-hex 32`); or auth = "none" on a loopback listen address'
+            )
+        elif not SECRET_REF_RE.match(self.secret):
+            raise ValueError(
+                'secret must be a "${VAR}" reference to deployd\'s '
+                "environment, not the secret itself (flow files and the database keep it as "
+                'written); e.g. secret = "${ORDERS_IN_SECRET}"'
+            )
+        if not 0 < self.reply_timeout <= MAX_REPLY_TIMEOUT:
+            raise ValueError(f"reply_timeout must be above 0 and at most {MAX_REPLY_TIMEOUT:g}s")
+        return self
 
     @field_validator("config")
     @classmethod
@@ -220,6 +284,12 @@ class FlowSpec(BaseModel):
                     'e.g. "*/15 * * * *") and every (e.g. "30s")'
                     + (", not both" if self.schedule is not None else "")
                 )
+            if self.steps and self.steps[0].builtin is not None:
+                raise ValueError(
+                    f"step {self.steps[0].id}: builtin = {self.steps[0].builtin!r} feeds a"
+                    " real-time flow from requests; an ordinary flow's trigger is called once"
+                    ' per run: give it a component trigger, or remove type = "ordinary"'
+                )
         elif scheduling:
             raise ValueError(
                 f"{', '.join(sorted(scheduling))}: only for ordinary (scheduled) flows; add "
@@ -234,7 +304,19 @@ class FlowSpec(BaseModel):
             seen.add(step.id)
         if self.steps[0].mapping is not None:
             raise ValueError(f"step {self.steps[0].id}: the trigger step cannot have a mapping")
+        for step in self.steps[1:]:
+            if step.builtin is not None:
+                raise ValueError(
+                    f"step {step.id}: builtin = {step.builtin!r} is a trigger: only the first "
+                    "step can be one"
+                )
         return self
+
+    @property
+    def http(self) -> StepSpec | None:
+        """The builtin HTTP trigger when the flow is fed by HTTP requests."""
+        first = self.steps[0] if self.steps else None
+        return first if first is not None and first.builtin == "http" else None
 
 
 MIN_EVERY = 1.0  # seconds between runs at the least
@@ -299,6 +381,10 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
         problems = []
         for err in exc.errors():
             msg = str(err["msg"]).removeprefix("Value error, ")
+            loc = tuple(err["loc"])
+            if msg.startswith("@"):  # a model check naming the key it is about
+                key, _, msg = msg[1:].partition(": ")
+                loc = (*loc, key)
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "model_type":  # not "... or instance of StepSpec"
@@ -307,7 +393,7 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
                 msg = 'must be a string (quote it, e.g. "3")'
             elif _in_table(err["loc"]) and err["type"] == "dict_type":
                 msg = 'must be a table of NAME = "value" (e.g. { REGION = "eu" })'
-            problems.append(f"{key_path(err['loc'])}: {msg}")
+            problems.append(f"{key_path(loc)}: {msg}")
         raise FlowError(f"{source} is invalid: " + "; ".join(problems)) from exc
 
 
@@ -348,6 +434,9 @@ class Step(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)  # "${VAR}" kept as written
     credential: str | None = None  # its name only: the values are never stored with a flow
     validate_input: bool = False
+    builtin: str | None = None  # "http": deployd's own trigger (no component, no process)
+    # builtin "http": {"auth", "secret" ("${VAR}" as written), "reply", "reply_timeout"}
+    http: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -363,6 +452,25 @@ def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
     """Pin each step: its own `version`, else the component's recent one."""
     steps = []
     for i, s in enumerate(spec.steps):
+        if s.builtin is not None:
+            steps.append(
+                Step(
+                    id=s.id,
+                    kind="trigger",
+                    component="",
+                    function=s.builtin,
+                    version=None,
+                    pinned=True,  # no component version: never moved by a redeploy
+                    builtin=s.builtin,
+                    http={
+                        "auth": s.auth,
+                        "secret": s.secret,
+                        "reply": s.reply,
+                        "reply_timeout": s.reply_timeout,
+                    },
+                )
+            )
+            continue
         version = s.version
         if version is None:
             version = recent.get(s.component)
@@ -401,6 +509,8 @@ def validate(
     problems = []
     for step in steps:
         where = f"step {step.id}"
+        if step.builtin is not None:
+            continue  # deployd's own trigger: checked when the flow file was read
         if step.version is None:
             problems.append(f"{where}: component {step.component!r} has no version yet (push it)")
             continue

@@ -42,6 +42,7 @@ def problems(spec: FlowSpec, config: Config) -> list[str]:
     out = []
     tables: list[tuple[str, Mapping[str, str]]] = [("variables", spec.variables)]
     tables += [(f"steps[{i}].env", s.env) for i, s in enumerate(spec.steps)]
+    tables += [(f"steps[{i}]", {"secret": s.secret}) for i, s in enumerate(spec.steps) if s.secret]
     for where, table in tables:
         for key, value in table.items():
             for name in REF_RE.findall(value):

@@ -21,6 +21,8 @@ implementation (the embedded runtime today; RabbitMQ next).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -95,6 +97,31 @@ NO_RUNS = (
 )
 
 
+class InputClosed(FlowError):
+    """An HTTP-fed flow takes no request now: it is not running (stopped, failed, starting)."""
+
+
+class InputFull(FlowError):
+    """An HTTP-fed flow's first queue is at its `max_queue` (backpressure): retry later."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+@dataclass
+class Accepted:
+    """A request of an HTTP-fed flow, committed to its first action's queue as `msg_id`.
+
+    `reply` (sync flows): resolves with the first `httpReply` a step of the flow emits while
+    handling the message or what it led to; `forget()` once the answer is sent or given up
+    (a step's later reply is then dropped)."""
+
+    msg_id: str
+    reply: asyncio.Future[Any] | None = None
+    forget: Callable[[], None] = lambda: None
+
+
 class FlowRun(Protocol):
     """One version of one flow, warmed up by a runtime."""
 
@@ -167,6 +194,16 @@ class Runtime(Protocol):
         None when no gap could be measured (the new trigger made no call in time). `old` is
         stopped in the background.
         """
+        ...
+
+    async def accept(
+        self, flow: str, body: str, headers: dict[str, str], reply: bool = False
+    ) -> Accepted:
+        """A request to HTTP-fed `flow` (its trigger is `builtin = "http"`): `body` (compact
+        JSON text of an object) and `headers` become a message committed to the first action's
+        queue (through its mapping) of the version that runs, or is being switched to — the
+        intake belongs to the flow, not to a version. Durable when this returns. Raises
+        `InputClosed` (not running), `InputFull` (backpressure); `reply`: wait for httpReply."""
         ...
 
     def queue_depths(self) -> dict[tuple[str, str], int]:

@@ -17,7 +17,7 @@ from ..metrics import Metrics
 from ..paths import Paths
 from ..store import Store
 from ..types import FlowVersionToRun, RetryResult
-from .base import FlowRun, MethodCall, RunOutcome, Runtime
+from .base import Accepted, FlowRun, MethodCall, RunOutcome, Runtime
 from .credentials import Credentials
 from .embedded.runtime import EmbeddedRuntime
 from .rabbitmq.runtime import RabbitRuntime
@@ -85,6 +85,12 @@ class Runtimes:
 
     async def run_once(self, run: FlowRun, timeout: float) -> RunOutcome:
         return await self.of(run.spec).run_once(run, timeout)
+
+    async def accept(
+        self, flow: str, body: str, headers: dict[str, str], reply: bool = False
+    ) -> Accepted:
+        # HTTP-fed flows run on the embedded runtime only (RabbitRuntime.warm_up refuses them)
+        return await self.embedded.accept(flow, body, headers, reply)
 
     async def call_method(self, call: MethodCall, timeout: float) -> Any:
         return await self.embedded.call_method(call, timeout)  # one launcher for every runtime

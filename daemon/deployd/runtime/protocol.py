@@ -22,6 +22,9 @@ sailor → daemon
     {"t": "updateKeys", "data": dict}            refreshed keys of the step's credential
                                                  (stored encrypted; any time, not tied to a
                                                  call; never logged)
+    {"t": "httpReply", "data": dict}             {statusCode, body, headers}: the answer to
+                                                 the sync HTTP request the current message
+                                                 came from (HTTP-fed flows; first one wins)
     {"t": "done", "ref": int, "took": float}     the call/message `ref` is finished (took:
                                                  seconds of work, for the prefetch pace)
     {"t": "result", "ref": int, "data": any}     answer to startup/shutdown/method (after an

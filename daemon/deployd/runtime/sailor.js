@@ -279,9 +279,16 @@ class Sailor {
         this.send({ t: 'updateKeys', data: payload });
         break;
       case 'httpReply':
-        break; // a platform event with no meaning here
+        // {statusCode, body, headers}: answers the sync HTTP request this flow execution came
+        // from (builtin = "http", reply = "sync"), as the platform's sailor sends it to the
+        // message's reply_to; the first reply wins.
+        if (!isPlainObject(payload)) {
+          throw new TypeError("this.emit('httpReply', …) needs an object {statusCode, body, headers}");
+        }
+        this.event(owner, { t: 'httpReply', data: payload });
+        break;
       default:
-        throw new Error(`unknown event '${event}' (data, error, snapshot, updateSnapshot, end, rebound, updateKeys)`);
+        throw new Error(`unknown event '${event}' (data, error, snapshot, updateSnapshot, end, rebound, updateKeys, httpReply)`);
     }
   }
 

@@ -104,12 +104,18 @@ class Context:
             if not isinstance(payload, dict):
                 raise TypeError("ctx.emit('updateKeys', …) needs a dict of the credential's fields")
             self._sailor.send({"t": "updateKeys", "data": payload})
+        elif event == "httpReply":
+            # {statusCode, body, headers}: answers the sync HTTP request the flow execution
+            # came from (builtin = "http", reply = "sync"); the first reply wins.
+            if not isinstance(payload, dict):
+                raise TypeError("ctx.emit('httpReply', …) needs a dict {statusCode, body, headers}")
+            self._sailor.send({"t": "httpReply", "data": payload})
         elif event == "end":
             pass  # Python functions finish when process() returns
         else:
             raise ValueError(
                 f"unknown event {event!r} (data, snapshot, updateSnapshot, error, rebound, "
-                "updateKeys)"
+                "updateKeys, httpReply)"
             )
 
 

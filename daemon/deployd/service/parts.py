@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..auth import ensure_token
 from ..config import Config
 from ..flows.deployer import Deployer
+from ..flows.intake import FlowIntake
 from ..health import LagMonitor
 from ..metrics import Metrics
 from ..notify import Notifier
@@ -51,6 +52,7 @@ class Parts:
     repos: Repos
     poller: Poller
     intake: WebhookIntake
+    flow_intake: FlowIntake  # POST /flows/{name}/in (HTTP-fed flows)
     operator: Operator
     api_token: str
     object_store: ObjectStore
@@ -88,6 +90,14 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
     intake = WebhookIntake(
         current_config, store, pipeline.notify, metrics, lambda: not stopping.is_set()
     )
+    flow_intake = FlowIntake(
+        current_config,
+        store,
+        deployer.publisher,
+        runtime,
+        metrics,
+        lambda: not stopping.is_set(),
+    )
     object_store = FileStore(paths.objects)
     operator = Operator(
         config, store, paths, pauses, deployer, pipeline, repos.reconcile, metrics, object_store
@@ -112,6 +122,7 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
         repos=repos,
         poller=poller,
         intake=intake,
+        flow_intake=flow_intake,
         operator=operator,
         api_token=ensure_token(config),
         object_store=object_store,

@@ -32,6 +32,7 @@ from ..credentials import CredentialError, Credentials
 from ..protocol import MAX_LINE, decode, encode, encode_value
 from .node_pool import NodeRuntime, NodeSettings
 from .py_pool import PyPool
+from .replies import Replies
 
 log = logging.getLogger("deployd.runtime")
 DONE = b'{"t":"done","ref":'  # the sailors write "done" exactly so (protocol.py) …
@@ -64,6 +65,7 @@ class Result:
     data: Any = None
     ended: float = 0.0
     took: float = 0.0  # seconds the sailor spent on it (its own clock)
+    msg_id: str = ""  # the message handled ("" for a call): what an httpReply answers
 
 
 def step_env(home: Path) -> dict[str, str]:
@@ -203,6 +205,8 @@ class StepProcess:
             res.rebound = str(msg.get("error") or "rebound")
         elif kind == "updateKeys":
             self.launcher.keys_updated(self, msg.get("data"))
+        elif kind == "httpReply" and res is not None:
+            self.launcher.http_reply(self, res.msg_id, msg.get("data"))
         elif kind == "done":
             self._done(int(msg.get("ref", -1)), float(msg.get("took") or 0))
         elif kind == "result":
@@ -286,14 +290,14 @@ class StepProcess:
                 extra,
             )
         )
-        return self._send(line)
+        return self._send(line, row.msg_id)
 
-    def _send(self, line: bytes) -> Future[Result]:
+    def _send(self, line: bytes, msg_id: str = "") -> Future[Result]:
         if self._writer is None or self._writer.is_closing() or self.exited.is_set():
             raise StepDied(f"step {self.step_id} is not running")
         self._ref += 1
         fut: Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending[self._ref] = (fut, Result())
+        self._pending[self._ref] = (fut, Result(msg_id=msg_id))
         self._out.append(line)  # written by drain(): many requests, one write
         return fut
 
@@ -409,6 +413,8 @@ class Launcher:
         # The config's credentials and their refreshed keys (set by the runtime; None: no
         # credential can be used, and emit('updateKeys') is refused).
         self.credentials: Credentials | None = None
+        # Sync requests of HTTP-fed flows waiting for a step's httpReply (set by the runtime).
+        self.replies: Replies | None = None
         self.node = NodeRuntime(
             node or NodeSettings(), self.address, self.home, state_dir / "logs", step_env(self.home)
         )
@@ -517,6 +523,12 @@ class Launcher:
             return
         append_step_log(proc.log_path, "INFO", text)
         log.info("step %s: %s", where, text)
+
+    def http_reply(self, proc: StepProcess, msg_id: str, reply: Any) -> None:
+        """`emit('httpReply', reply)` of `proc` while it handled `msg_id`: the answer of the
+        sync request that message came from (the first reply wins; others are dropped)."""
+        if self.replies is None or not msg_id or not self.replies.answer(msg_id, reply):
+            log.debug("step %s: httpReply with no request waiting for it dropped", proc.step_id)
 
     def expect(self, step: StepProcess) -> None:
         self._expected[step.token] = step

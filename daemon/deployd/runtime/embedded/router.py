@@ -53,6 +53,7 @@ from ...store.queues import QueueBatch, Queued
 from ...types import FlowVersionToRun
 from .. import mapper
 from .process import Output, Result
+from .replies import Replies
 
 log = logging.getLogger("deployd.router")
 dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -97,6 +98,10 @@ class Router:
         self.max_passthrough = MAX_PASSTHROUGH
         self.log_dir: Path | None = None
         self._cut: dict[tuple[str, str], tuple[float, int]] = {}
+        # Sync requests of HTTP-fed flows: the messages made from a request's message answer
+        # it (`Replies.inherit` as each output is queued).
+        self.replies = Replies()
+        self._committed: list[asyncio.Future[None]] = []  # who waits for the pending group
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):012x}"
@@ -181,7 +186,12 @@ class Router:
             res.errors.append(f"gave up after {attempts} rebounds: {res.rebound}")
         if res.outputs and index + 1 < len(spec.steps):
             self._forward(
-                spec, index + 1, res.outputs, row.passthrough if row else "{}", res.attachments
+                spec,
+                index + 1,
+                res.outputs,
+                row.passthrough if row else "{}",
+                res.attachments,
+                row.msg_id if row is not None and self.replies else None,
             )
         if res.snapshot is not None:
             batch.snapshots[key] = res.snapshot
@@ -204,6 +214,7 @@ class Router:
         outputs: list[Output],
         passthrough: str = "{}",
         attachments: dict[int, str] | None = None,
+        parent: str | None = None,
     ) -> None:
         """Queue `outputs` for step `index`, through its mapping when it has one (a body the
         daemon only forwards stays the sailor's JSON text), each with its passthrough: the
@@ -221,6 +232,8 @@ class Router:
         for i, (body, headers) in enumerate(outputs):
             files = attachments.get(i, "{}") if attachments else "{}"
             msg_id = new_id()
+            if parent is not None:
+                self.replies.inherit(parent, msg_id)
             text = body if isinstance(body, str) else dumps(body)
             headers_text = dumps(headers) if headers else "{}"
             pt = "{}"
@@ -241,6 +254,23 @@ class Router:
             queued += 1
         if queued:
             self._added[(flow, step.id)] += queued
+
+    def accept(self, spec: FlowVersionToRun, body: str, headers: dict[str, Any]) -> str:
+        """A request of an HTTP-fed flow as the output of its trigger (`spec.steps[0]`, the
+        builtin): into the pending group, for the first action (through its mapping); the
+        message's id. `committed()` says when it is durable."""
+        queued, letters = len(self._batch.enqueue), len(self._batch.letters)
+        self.commit(spec, 0, Result(outputs=[(body, headers)]))
+        if len(self._batch.enqueue) > queued:
+            return self._batch.enqueue[queued][2]
+        return self._batch.letters[letters][2]  # its mapping failed: a dead letter
+
+    def committed(self) -> asyncio.Future[None]:
+        """Resolves once the pending group is written (its exception: the write failed)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._committed.append(fut)
+        self._schedule()
+        return fut
 
     def _refer(self, flow: str, files: str) -> None:
         """Record the objects of deployd's object store that `files` (an output's attachments,
@@ -383,7 +413,9 @@ class Router:
             batch.stats[key] = [processed.get(key, 0), failed.get(key, 0), None]
         for flow, step, error in errors:
             batch.stats[(flow, step)][2] = error
+        waiting, self._committed = self._committed, []
         if not batch:
+            _resolve_all(waiting, None)
             return
         try:
             if self.store.conn.in_transaction:  # called inside another write: join it
@@ -391,7 +423,8 @@ class Router:
             else:
                 with self.store.tx():
                     self.flows.commit_batch(batch)
-        except Exception:
+        except Exception as exc:
+            _resolve_all(waiting, exc)
             # Nothing of the batch was written: its messages are still queued. The loops that
             # sent them take their queues anew (so each is delivered again).
             self.generation += 1
@@ -403,6 +436,7 @@ class Router:
                 self._depth.pop(key, None)
                 self._wake[key].set()
             return
+        _resolve_all(waiting, None)
         self._snapshots.update(batch.snapshots)
         for key, n in added.items():
             if key in self._depth:
@@ -422,6 +456,16 @@ class Router:
             log.warning(
                 "… and %d more failed message(s) (see `deployd flow errors`)", len(errors) - 5
             )
+
+
+def _resolve_all(waiting: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    for fut in waiting:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(FlowError(f"the state database write failed: {exc}"))
 
 
 def _decoded(body: dict[str, Any] | str) -> dict[str, Any]:

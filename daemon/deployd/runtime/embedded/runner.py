@@ -194,8 +194,12 @@ class FlowRunner:
         return proc
 
     async def start(self, timeout: float) -> None:
-        """Start every step process in parallel and wait until all are ready."""
-        procs = [self._new_proc(step) for step in self.steps]
+        """Start every step process in parallel and wait until all are ready (a builtin
+        trigger has none: it is ready at once)."""
+        for builtin in self.steps:
+            if builtin.builtin is not None:
+                self.live[builtin.id].set()
+        procs = [self._new_proc(s) for s in self.steps if s.builtin is None]
         await asyncio.gather(*(p.spawn() for p in procs))
         try:
             async with asyncio.timeout(timeout):
@@ -292,8 +296,8 @@ class FlowRunner:
         for index, step in enumerate(self.steps):
             if step_ids is not None and step.id not in step_ids:
                 continue
-            if step.id in self.loops:
-                continue
+            if step.id in self.loops or step.builtin is not None:
+                continue  # a builtin trigger has no loop: the intake commits its requests
             proc = self.procs.get(step.id)
             if proc is not None and proc.exited.is_set() and proc.token not in self._handled:
                 # It died between its warm-up and now, while nobody supervised it.
@@ -370,6 +374,21 @@ class FlowRunner:
             # interval 0: the next call goes out at once (waiting one more turn of the loop,
             # behind every other step's batch and the group commit, halved the trigger's pace)
 
+    # -- the HTTP intake (builtin = "http") ------------------------------------------------
+
+    def input_full(self) -> bool:
+        """Whether the first action's queue is at its limit for new requests (as for a held
+        trigger: once full, requests are refused until it is below the low-water mark)."""
+        trigger = self.steps[0].id
+        if self._full(0, 0):
+            if self.held_since.get(trigger) is None:
+                self.held_since[trigger] = time.monotonic()
+            else:
+                self._account(trigger)
+            return True
+        self._release(trigger)
+        return False
+
     # -- backpressure ----------------------------------------------------------------------
 
     def max_queue(self, index: int) -> int:
@@ -438,6 +457,8 @@ class FlowRunner:
         """
         trigger = self.steps[0].id
         self.boundary_stop = True
+        if self.steps[0].builtin is not None:
+            return  # no call to wait for: the intake belongs to the flow
         due = self.sleeping_until
         if due is not None and due - time.monotonic() > max_wait:
             self.stop_flags[trigger].set()
@@ -600,6 +621,8 @@ class FlowRunner:
 
     async def trigger_hook(self, name: str, data: Any = None) -> Any:
         """Run the trigger's startup() or shutdown(); returns what it returned."""
+        if self.steps[0].builtin is not None:
+            return None
         proc = self.procs.get(self.steps[0].id)
         if proc is None or not self.live[proc.step_id].is_set():
             return None
@@ -638,7 +661,15 @@ class FlowRunner:
                         mapper_state or StepState.STOPPED,
                     )
                 )
-            if proc is None:
+            if step.builtin is not None:
+                state = (
+                    StepState.STOPPED
+                    if self.stopping
+                    else StepState.RUNNING
+                    if self.supervise
+                    else StepState.READY
+                )
+            elif proc is None:
                 state = StepState.STOPPED
             elif self.live[step.id].is_set():
                 state = StepState.RUNNING if self.supervise else StepState.READY
@@ -653,9 +684,9 @@ class FlowRunner:
                 StepStatus(
                     step.id,
                     step.kind,
-                    step.component,
+                    step.component or None,
                     step.function,
-                    step.version,
+                    step.version if step.builtin is None else None,
                     state,
                     pid,
                     backpressure=self.held_since.get(step.id) is not None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from ...config import DaemonConfig, redact_url
@@ -28,7 +29,7 @@ from ...store.db import Row
 from ...store.queues import Queued
 from ...types import FlowVersionToRun, RetryResult
 from .. import mapper
-from ..base import FlowRun, MethodCall, RunOutcome
+from ..base import Accepted, FlowRun, InputClosed, InputFull, MethodCall, RunOutcome
 from ..credentials import Credentials
 from ..stepenv import api_uri
 from . import once, oneoff
@@ -72,6 +73,11 @@ class EmbeddedRuntime:
         self.log_dir = paths.step_logs
         self.settings = settings
         self._background: set[asyncio.Task[None]] = set()
+        # HTTP-fed flows: the version whose first queue takes each flow's requests (the one
+        # running, or the one a switch goes to).
+        self.inputs: dict[str, FlowRunner] = {}
+        if self.owns_launcher:
+            self.launcher.replies = self.router.replies
 
     async def start(self) -> None:
         if self.owns_launcher:
@@ -111,7 +117,32 @@ class EmbeddedRuntime:
         )
 
     async def run(self, new: FlowRun) -> None:
-        _runner(new).start_loops()
+        runner = _runner(new)
+        if runner.spec.http_fed:
+            self.inputs[runner.flow] = runner
+        runner.start_loops()
+
+    async def accept(
+        self, flow: str, body: str, headers: dict[str, str], reply: bool = False
+    ) -> Accepted:
+        runner = self.inputs.get(flow)
+        if runner is None or runner.stopping:
+            raise InputClosed(f"flow {flow} is not running (deployd flow start {flow})")
+        if runner.input_full():
+            nxt = runner.steps[1]
+            raise InputFull(
+                f"flow {flow}: the queue of step {nxt.id} is full "
+                f"({runner.max_queue(1)} messages, max_queue); retry later"
+            )
+        msg_id = self.router.accept(runner.spec, body, headers)
+        replies = self.router.replies
+        waiter = replies.wait(msg_id) if reply else None
+        try:
+            await self.router.committed()
+        except BaseException:
+            replies.forget(msg_id)
+            raise
+        return Accepted(msg_id, waiter, lambda: replies.forget(msg_id))
 
     async def switch(
         self,
@@ -130,9 +161,17 @@ class EmbeddedRuntime:
         trigger_new = new_r.steps[0].id
         actions_old = [s.id for s in old_r.steps[1:]]
         flow = new_r.flow
+        http_fed = new_r.spec.http_fed
+        if http_fed:  # requests from now on go to the new version's first queue
+            self.inputs[flow] = new_r
+        else:
+            self.inputs.pop(flow, None)
+        idle: list[float] = []  # HTTP-fed: when the old actions stopped, the new ones started
 
         async def switch_trigger() -> float | None:
             await old_r.stop_trigger_at_boundary(BOUNDARY_WAIT)
+            if http_fed:
+                return None  # its gap is the actions' (below)
             end = old_r.last_call_end
             if source is not self:
                 # The new trigger starts from the snapshot the old one left: durable on the
@@ -151,6 +190,7 @@ class EmbeddedRuntime:
 
         async def switch_actions() -> None:
             await asyncio.gather(*(old_r.stop_loop(sid) for sid in actions_old))
+            idle.append(time.monotonic())
             new_ids = [s.id for s in new_r.steps[1:]]
             if source is not self:
                 # The trigger must have made its last call on `source` before its queues move.
@@ -178,12 +218,16 @@ class EmbeddedRuntime:
                     source.name,
                 )
             new_r.start_loops(new_ids)
+            idle.append(time.monotonic())
 
         if source is self:
             gap_ms, _ = await asyncio.gather(switch_trigger(), switch_actions())
         else:  # queues move once the old trigger is done, before the new trigger starts
             await switch_actions()
             gap_ms = await switch_trigger()
+        if http_fed and len(idle) == 2:
+            # No trigger to hand over: the gap is the time no action step was consuming.
+            gap_ms = (idle[1] - idle[0]) * 1000
         task = asyncio.get_running_loop().create_task(old_r.stop(), name=f"stop-old:{flow}")
         self._background.add(task)
         task.add_done_callback(self._stopped)

@@ -115,6 +115,12 @@ class RabbitRuntime(EmbeddedRuntime):
         raise RunNotSupported(NO_RUNS.format(flow=run.spec.flow))
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
+        if spec.http_fed:
+            raise StepFailed(
+                spec.steps[0].id,
+                'builtin = "http" flows run on the embedded runtime only; keep (or move) the '
+                "flow on embedded",
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
