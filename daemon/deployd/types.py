@@ -108,6 +108,11 @@ class RunStep:
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # The [[credentials]] (by name) merged into its cfg at every start of its process.
     credential: str | None = None
+    # On Kubernetes: pods of the step, and cpu/memory as {"request": …, "limit": …} (None:
+    # the default); the flow file's `replicas`, `cpu`, `memory`.
+    replicas: int = 1
+    cpu: Mapping[str, str] | None = None
+    memory: Mapping[str, str] | None = None
 
 
 RUNTIME_NAMES = ("embedded", "rabbitmq")  # what `runtime =` and `flow move --runtime` take
