@@ -12,7 +12,7 @@ from ..config import Config
 from ..errors import FlowError
 from ..paths import Paths
 from ..runtime.kubernetes import artifacts
-from ..runtime.kubernetes.manifests import render
+from ..runtime.kubernetes.manifests import PodSecrets, render
 from ..store import FlowStore, Store
 from .drafts import Drafts
 
@@ -31,9 +31,16 @@ def digests(paths: Paths, spec_steps: list[tuple[str, int, str]]) -> dict[tuple[
     return out
 
 
-def manifests(config: Config, store: Store, name: str, version: int | None) -> list[dict[str, Any]]:
+def manifests(
+    config: Config,
+    store: Store,
+    name: str,
+    version: int | None,
+    secrets: PodSecrets | None = None,
+) -> list[dict[str, Any]]:
     """The Secrets and Deployments of `name`'s `version` (default: the active one, else the
-    newest), in flow order. FlowError names an unknown flow or version."""
+    newest), in flow order. FlowError names an unknown flow or version. `secrets` None: the
+    Secrets' values are placeholders (for review); else they are filled, `${VAR}` expanded."""
     fs = FlowStore(store)
     flow = fs.flow(name)
     if flow is None:
@@ -47,7 +54,8 @@ def manifests(config: Config, store: Store, name: str, version: int | None) -> l
     if row is None:
         listed = ", ".join(str(v) for v in sorted(known)) or "none"
         raise FlowError(f"flow {name} has no version {version} (its versions: {listed})")
-    spec = Drafts(config, store).runnable(name, int(version), row["steps"], expand=False)
+    expand = secrets is not None
+    spec = Drafts(config, store).runnable(name, int(version), row["steps"], expand=expand)
     sums = digests(
         Paths(config.daemon.state_dir),
         [(s.component, s.version, s.artifact_dir) for s in spec.steps],
@@ -57,5 +65,5 @@ def manifests(config: Config, store: Store, name: str, version: int | None) -> l
         config.runtime.kubernetes,
         sums,
         stop_timeout=config.daemon.stop_timeout,
-        secrets=None,
+        secrets=secrets,
     )

@@ -103,7 +103,11 @@ def _resources(step: RunStep) -> dict[str, dict[str, str]]:
 
 def step_document(spec: FlowVersionToRun, step: RunStep, config: Mapping[str, Any]) -> str:
     """What the pod's sailor is told about its step (the Secret's `step.json`): its cfg, the
-    flow's variables and the step's env are secrets, so this is never in the Deployment."""
+    flow's variables and the step's env are secrets, so this is never in the Deployment.
+    `next`: the step its outputs go to, with that step's mapping (applied before they are
+    published to its queue, as the daemon's router does)."""
+    index = spec.steps.index(step)
+    after = spec.steps[index + 1] if index + 1 < len(spec.steps) else None
     return json.dumps(
         {
             "flow": spec.flow,
@@ -121,6 +125,7 @@ def step_document(spec: FlowVersionToRun, step: RunStep, config: Mapping[str, An
             "config": dict(config),
             "variables": dict(spec.variables),
             "env": dict(step.env),
+            "next": None if after is None else {"step": after.id, "mapping": after.mapping},
         },
         sort_keys=True,
         separators=(",", ":"),
