@@ -30,6 +30,7 @@ MODULES = [
     "bench_scale",
     "bench_throughput",
     "bench_rabbitmq",
+    "bench_kubernetes",
 ]
 
 

@@ -85,15 +85,21 @@ class Cluster:
         await self.client.close()
 
     async def apply(self, docs: Iterable[dict[str, Any]]) -> None:
-        """Apply every document (Secrets first: a Deployment's pods read them)."""
-        ordered = sorted(docs, key=lambda d: d["kind"] != "Secret")
-        try:
-            for doc in ordered:
-                await self.client.apply(from_dict(doc), force=True)
-        except (ApiError, httpx.HTTPError) as exc:
-            raise ClusterError(
-                f"applying {doc['kind']} {doc['metadata']['name']}: {_reason(exc)}"
-            ) from None
+        """Apply every document: the Secrets together, then the Deployments together (their
+        pods read the Secrets). One refusal fails the whole with its reason."""
+        docs = list(docs)
+        for kind in ("Secret", "Deployment"):
+            batch = [d for d in docs if d["kind"] == kind]
+            results = await asyncio.gather(
+                *(self.client.apply(from_dict(d), force=True) for d in batch),
+                return_exceptions=True,
+            )
+            for doc, result in zip(batch, results, strict=True):
+                if isinstance(result, ApiError | httpx.HTTPError):
+                    name = doc["metadata"]["name"]
+                    raise ClusterError(f"applying {kind} {name}: {_reason(result)}") from None
+                if isinstance(result, BaseException):
+                    raise result
 
     async def wait_available(self, flow: str, version: int, timeout: float) -> None:
         """Until every Deployment of the version is available (see the module docstring)."""
@@ -180,17 +186,27 @@ class Cluster:
         return await self._delete(_version_labels(flow, version))
 
     async def _delete(self, labels: Selector) -> int:
-        gone = 0
+        kinds: tuple[Any, ...] = (Deployment, Secret)
+        names: list[tuple[Any, str]] = []
         try:
-            kinds: tuple[Any, ...] = (Deployment, Secret)
             for res in kinds:
                 async for obj in self.client.list(res, labels=labels):
                     assert obj.metadata is not None and obj.metadata.name is not None
-                    with contextlib.suppress(ApiError):  # gone meanwhile: fine
-                        await self.client.delete(res, obj.metadata.name)
-                        gone += 1
+                    names.append((res, obj.metadata.name))
         except (ApiError, httpx.HTTPError) as exc:
             raise ClusterError(_reason(exc)) from None
+        results = await asyncio.gather(
+            *(self.client.delete(res, name) for res, name in names), return_exceptions=True
+        )
+        gone = 0
+        for result in results:
+            if isinstance(result, ApiError) and result.status.code == 404:
+                continue  # gone meanwhile: fine
+            if isinstance(result, ApiError | httpx.HTTPError):
+                raise ClusterError(_reason(result)) from None
+            if isinstance(result, BaseException):
+                raise result
+            gone += 1
         return gone
 
     async def owned(self) -> set[tuple[str, int]]:
