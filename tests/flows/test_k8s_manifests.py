@@ -61,3 +61,23 @@ def test_flow_manifests_prints_valid_yaml_without_secrets(make_env: object) -> N
     unknown = env.daemon.cli("flow", "manifests", "nope", check=False)
     assert unknown.returncode == 2
     assert "unknown flow 'nope'" in unknown.stderr
+
+
+def test_placement_kubernetes_fails_a_publish_clearly_until_it_drives_the_cluster(
+    make_env: object, amqp_url: str
+) -> None:
+    """Never silently local: a publish with placement = "kubernetes" is a failed deployment
+    that says why, and nothing of it runs."""
+    toml = (
+        f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
+        'placement = "kubernetes"\n' + KUBE
+    )
+    env: FlowEnv = make_env(extra_toml=toml)  # type: ignore[operator]
+    out = env.out()
+    res = env.apply(flow_toml("orders", out), check=False)
+    assert res.returncode == 1
+    assert 'placement = "kubernetes": publishing through the cluster' in res.stdout
+    deploy = env.wait_deploy("orders", 1)
+    assert deploy["status"] == "failed"
+    assert "Steps on Kubernetes" in deploy["reason"]
+    assert not out.exists()

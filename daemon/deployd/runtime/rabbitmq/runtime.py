@@ -112,6 +112,16 @@ class RabbitRuntime(EmbeddedRuntime):
         )
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
+        if self.config.placement == "kubernetes":
+            # Not started here instead of in the cluster: a publish fails with the reason and
+            # the running version stays (issue 13's orchestrator, runtime/kubernetes/cluster.py,
+            # is not driving publishes yet).
+            raise StepFailed(
+                spec.steps[0].id,
+                '[runtime.rabbitmq] placement = "kubernetes": publishing through the cluster '
+                "is not available in this version of deployd yet (README: Steps on "
+                'Kubernetes); nothing was started. Use placement = "local" meanwhile',
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
