@@ -63,11 +63,12 @@ def test_flow_manifests_prints_valid_yaml_without_secrets(make_env: object) -> N
     assert "unknown flow 'nope'" in unknown.stderr
 
 
-def test_placement_kubernetes_fails_a_publish_clearly_until_it_drives_the_cluster(
+def test_placement_kubernetes_without_a_cluster_fails_a_publish_clearly(
     make_env: object, amqp_url: str
 ) -> None:
-    """Never silently local: a publish with placement = "kubernetes" is a failed deployment
-    that says why, and nothing of it runs."""
+    """Never silently local: with placement = "kubernetes" and no cluster to reach (no
+    kubeconfig, not in a pod), a publish is a failed deployment that says why and what to do,
+    and nothing of it runs here."""
     toml = (
         f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
         'placement = "kubernetes"\n' + KUBE
@@ -76,8 +77,8 @@ def test_placement_kubernetes_fails_a_publish_clearly_until_it_drives_the_cluste
     out = env.out()
     res = env.apply(flow_toml("orders", out), check=False)
     assert res.returncode == 1
-    assert 'placement = "kubernetes": publishing through the cluster' in res.stdout
+    assert "cannot use the in-cluster service account" in res.stdout
     deploy = env.wait_deploy("orders", 1)
     assert deploy["status"] == "failed"
-    assert "Steps on Kubernetes" in deploy["reason"]
+    assert "set kubeconfig to a file" in deploy["reason"]
     assert not out.exists()

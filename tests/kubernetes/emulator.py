@@ -56,7 +56,8 @@ def _selector(text: str) -> dict[str, str]:
 
 
 def _matches(obj: dict[str, Any], selector: dict[str, str]) -> bool:
-    labels = obj.get("metadata", {}).get("labels") or {}
+    meta = obj.get("metadata", {})
+    labels = {**(meta.get("labels") or {}), "\0name": meta.get("name")}
     return all(labels.get(k) == v for k, v in selector.items())
 
 
@@ -276,6 +277,12 @@ class Emulator:
                         self._send(200, obj)
                     return
                 selector = _selector((query.get("labelSelector") or [""])[0])
+                fields = _selector((query.get("fieldSelector") or [""])[0])
+                if set(fields) - {"metadata.name"}:
+                    self._status(400, "BadRequest", f"field selector {fields} not supported")
+                    return
+                if "metadata.name" in fields:
+                    selector = {**selector, "\0name": fields["metadata.name"]}
                 if (query.get("watch") or [""])[0] in ("true", "1"):
                     self._watch(ns, plural, selector, query)
                     return

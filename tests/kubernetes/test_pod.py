@@ -23,7 +23,7 @@ from deployd import config as config_mod
 from deployd.flows.manifests import manifests
 from deployd.objects import flow_token
 from deployd.runtime.kubernetes.artifacts import artifact_token
-from deployd.runtime.kubernetes.manifests import ARTIFACT_DIR, PodSecrets
+from deployd.runtime.kubernetes.manifests import ARTIFACT_DIR, PodSecrets, gate_queue
 from deployd.store import Store
 from tests.broker import run_async
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
@@ -59,24 +59,7 @@ class Cluster:
         docs = self.docs()
         secret = next(d for d in docs if d["kind"] == "Secret" and _step(d) == step)
         deploy = next(d for d in docs if d["kind"] == "Deployment" and _step(d) == step)
-        (container,) = deploy["spec"]["template"]["spec"]["containers"]
-        data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(volume.parent)}
-        for var in container["env"]:
-            if "value" in var:
-                env[var["name"]] = var["value"]
-            else:
-                ref = var["valueFrom"]["secretKeyRef"]
-                assert ref["name"] == secret["metadata"]["name"]
-                env[var["name"]] = data[ref["key"]]
-        assert env["DEPLOYD_ARTIFACT_DIR"] == ARTIFACT_DIR
-        assert container["volumeMounts"][0]["mountPath"] == ARTIFACT_DIR
-        env["DEPLOYD_ARTIFACT_DIR"] = str(volume)  # the emptyDir
-        env["DEPLOYD_PROBE_PORT"] = str(port)
-        command = list(container["command"])
-        assert command[0] == "python3"
-        command[0] = sys.executable  # the image's python3, here the venv's
-        return command, env
+        return container_env(deploy, secret, volume, port)
 
     def pod(self, step: str) -> Pod:
         volume = self.tmp / f"volume-{step}-{len(self.procs)}"
@@ -94,6 +77,31 @@ class Cluster:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def container_env(
+    deploy: dict[str, Any], secret: dict[str, Any], volume: Path, port: int
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment a kubelet gives `deploy`'s container (secretKeyRefs read
+    from `secret`), with the artifact volume at `volume` and the probe on `port`."""
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(volume.parent)}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"]
+            env[var["name"]] = data[ref["key"]]
+    assert env["DEPLOYD_ARTIFACT_DIR"] == ARTIFACT_DIR
+    assert container["volumeMounts"][0]["mountPath"] == ARTIFACT_DIR
+    env["DEPLOYD_ARTIFACT_DIR"] = str(volume)  # the emptyDir
+    env["DEPLOYD_PROBE_PORT"] = str(port)
+    command = list(container["command"])
+    assert command[0] == "python3"
+    command[0] = sys.executable  # the image's python3, here the venv's
+    return command, env
 
 
 class Pod:
@@ -160,6 +168,8 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         assert write.probe("/healthz") in (0, 200)
         write.wait_ready()
         tick.wait_ready()
+        assert not read_out(cluster.out)[before:]  # the trigger waits at its start gate
+        open_gate(cluster.amqp_url, gate_queue("orders", "tick", 1))
         assert (write.volume / "code" / "component.json").exists()
         # The trigger pod's outputs went through the broker to the action pod, which wrote them.
         rows = wait_until(
@@ -187,6 +197,23 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         assert numbers == list(range(1, len(numbers) + 1))  # nothing lost, nothing twice
     finally:
         cluster.close()
+
+
+def open_gate(url: str, name: str) -> None:
+    """What deployd does when a version starts: one message into the trigger's gate."""
+
+    async def put() -> None:
+        import aio_pika
+
+        conn = await aio_pika.connect(url)
+        try:
+            channel = await conn.channel()
+            await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+            await channel.default_exchange.publish(aio_pika.Message(b'"go"'), routing_key=name)
+        finally:
+            await conn.close()
+
+    run_async(put)
 
 
 def _queue_empty(url: str) -> bool:

@@ -174,6 +174,28 @@ class Cluster:
         async for _kind, pod in self.client.watch(Pod, labels=labels, resource_version=version):
             _check_pod(pod)
 
+    async def wait_scaled_down(self, name: str, timeout: float) -> None:
+        """Until Deployment `name` has no pod left (watched); ClusterError after `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                d = await self.client.get(Deployment, name)
+                if _no_pods(d):
+                    return
+                version = d.metadata.resourceVersion if d.metadata else None
+                async for kind, d in self.client.watch(
+                    Deployment, fields={"metadata.name": name}, resource_version=version
+                ):
+                    if kind == "DELETED" or _no_pods(d):
+                        return
+        except TimeoutError:
+            raise ClusterError(f"Deployment {name} still has pods after {timeout:g}s") from None
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return
+            raise ClusterError(_reason(exc)) from None
+        except httpx.HTTPError as exc:
+            raise ClusterError(_reason(exc)) from None
+
     async def scale(self, name: str, replicas: int) -> None:
         try:
             patch = {"spec": {"replicas": replicas}}
@@ -263,6 +285,11 @@ def _available(d: Deployment) -> bool:
         return False
     available = any(c.type == "Available" and c.status == "True" for c in (status.conditions or []))
     return (available or want == 0) and (status.availableReplicas or 0) >= want
+
+
+def _no_pods(d: Deployment) -> bool:
+    status = d.status
+    return status is None or not (status.replicas or 0)
 
 
 def _failure(d: Deployment) -> str | None:

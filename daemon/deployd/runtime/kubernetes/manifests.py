@@ -73,6 +73,12 @@ def step_label(step: str) -> str:
     return f"{_slug(step, 50) or 'step'}-{_hash(step)}"
 
 
+def gate_queue(flow: str, step: str, version: int) -> str:
+    """The queue a trigger pod waits on before its first call: deployd opens it (one
+    message) when the version starts, so a switch hands over at a call boundary."""
+    return f"deployd.{flow}.{step}.v{version}.go"
+
+
 def labels(flow: str, step: str, version: int) -> dict[str, str]:
     return {
         MANAGED_BY: OWNER,

@@ -12,7 +12,9 @@
 3. Starts deployd's sailor on it (the same `sailor_py` as on one machine, over a private
    abstract socket, its `init(cfg)` run), connects to RabbitMQ (`DEPLOYD_AMQP_URL`); then
    it is ready.
-4. Works: a trigger calls `process()` every `interval`; an action consumes its quorum queue
+4. Works: a trigger waits at its start gate (`deployd.<flow>.<step>.v<N>.go`, opened by deployd
+   when this version starts: the old trigger has stopped by then), then calls `process()` every
+   `interval`; an action consumes its quorum queue
    `deployd.<flow>.<step>` one message at a time (so per-step order is kept with one replica).
    Each output — the next step's mapping applied, as the daemon's router does — is published
    with a confirm before the input is acked. A message whose handling fails goes, with its
@@ -53,6 +55,7 @@ from ..mapper import apply as apply_mapping
 from ..protocol import decode, encode
 from ..rabbitmq.broker import EXCHANGE, Broker, properties, queue_name, redact, routing_key
 from ..rabbitmq.router import envelope
+from .manifests import gate_queue
 
 MAX_ARCHIVE = 2 << 30  # bytes: larger is not a component version
 CHUNK = 1 << 16
@@ -371,9 +374,40 @@ class Agent:
         head = {"x-deployd-error": error[:2000], "stepId": self.step["step"]}
         await self.broker.publish("", name, json.dumps(message).encode(), properties("", head))
 
+    async def wait_gate(self) -> bool:
+        """Until deployd opens this version's start gate (True) or the pod stops (False)."""
+        assert self.broker.conn is not None
+        channel = await self.broker.conn.channel()
+        name = gate_queue(self.flow, self.step["step"], int(self.step["flow_version"]))
+        queue = await channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        opened = asyncio.Event()
+
+        async def got(message: Any) -> None:
+            await message.ack()
+            opened.set()
+
+        tag = await queue.consume(got)
+        try:
+            stop = asyncio.ensure_future(self.stopping.wait())
+            gate = asyncio.ensure_future(opened.wait())
+            await asyncio.wait({stop, gate}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            gate.cancel()
+            return opened.is_set()
+        finally:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+            with contextlib.suppress(Exception):
+                await channel.close()
+
     async def run_trigger(self) -> None:
         interval = float(self.step.get("interval") or 1.0)
         call = 0
+        if not await self.wait_gate():
+            return
+        print("deployd pod: started", file=sys.stderr, flush=True)
         while not self.stopping.is_set():
             call += 1
             outcome = await self.sailor.request({"t": "call"})

@@ -112,16 +112,6 @@ class RabbitRuntime(EmbeddedRuntime):
         )
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
-        if self.config.placement == "kubernetes":
-            # Not started here instead of in the cluster: a publish fails with the reason and
-            # the running version stays (issue 13's orchestrator, runtime/kubernetes/cluster.py,
-            # is not driving publishes yet).
-            raise StepFailed(
-                spec.steps[0].id,
-                '[runtime.rabbitmq] placement = "kubernetes": publishing through the cluster '
-                "is not available in this version of deployd yet (README: Steps on "
-                'Kubernetes); nothing was started. Use placement = "local" meanwhile',
-            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
@@ -133,7 +123,11 @@ class RabbitRuntime(EmbeddedRuntime):
             raise StepFailed(spec.steps[0].id, str(exc)) from None
         except Exception as exc:  # a channel error while declaring
             raise StepFailed(spec.steps[0].id, f"RabbitMQ: {redact(str(exc))}") from None
-        return await super().warm_up(spec, max(1.0, deadline - loop.time()))
+        return await self._place(spec, max(1.0, deadline - loop.time()))
+
+    async def _place(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
+        """Start the step processes (here: on this machine, by the shared launcher)."""
+        return await super().warm_up(spec, timeout)
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
         return {key: self.router.depth(*key) for key in self._steps}

@@ -1,0 +1,228 @@
+"""Placement "kubernetes" of the RabbitMQ runtime: a flow version's steps as Deployments.
+
+warm_up   render (secrets filled, credentials merged) → apply → watched until available;
+          a failure deletes what was applied and is a `StepFailed` with the cluster's
+          reason (the running version goes on). Trigger pods wait at their start gate.
+run       opens the new trigger's gate (`deployd.<flow>.<step>.v<N>.go`).
+switch    scales the old trigger to 0 (its pod stops at a call boundary on SIGTERM), waits
+          until it is gone, opens the new trigger's gate (gap_ms: from the old pod gone to
+          the gate confirmed); the old actions are scaled to 0 (they finish their message;
+          what they held goes back to the queue, which the new actions consume); the old
+          version is deleted once the rollback window has passed.
+rollback  `switch(new, old)`: the old version is applied again (its replicas back), warmed,
+          and the new one removed.
+reconcile every minute after the first warm-up: what deployd owns (by label) and no run
+          of this daemon holds is deleted; a run's Deployment gone missing is applied again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ...config import DaemonConfig, KubernetesConfig
+from ...objects import flow_token
+from ...paths import Paths
+from ...types import FlowVersionToRun, StepExit, StepKind, StepState, StepStatus
+from ..base import StepFailed
+from .artifacts import artifact_token, ensure_archive
+from .cluster import Cluster, ClusterError, client_for
+from .manifests import PodSecrets, gate_queue, object_name, render
+
+log = logging.getLogger("deployd.kubernetes")
+RECONCILE_EVERY = 60.0  # seconds
+
+
+class KubeRun:
+    """`runtime/base.py`'s `FlowRun` of a version placed on Kubernetes."""
+
+    def __init__(self, spec: FlowVersionToRun, placement: KubePlacement, docs: list[Any]) -> None:
+        self._spec = spec
+        self.placement = placement
+        self.docs = docs
+        self.state = StepState.READY
+        self.stopped = asyncio.Event()
+
+    @property
+    def spec(self) -> FlowVersionToRun:
+        return self._spec
+
+    @property
+    def last_error(self) -> str | None:
+        return None
+
+    def last_error_log(self) -> str:
+        return ""
+
+    def status(self) -> list[StepStatus]:
+        out = []
+        for step in self._spec.steps:
+            where = object_name(self._spec.flow, step.id, self._spec.version)
+            out.append(
+                StepStatus(
+                    id=step.id,
+                    kind=step.kind,
+                    component=step.component,
+                    function=step.function,
+                    version=step.version,
+                    state=self.state,
+                    location=f"kubernetes:{self.placement.kube.namespace}/{where}",
+                )
+            )
+        return out
+
+    async def next_exit(self) -> StepExit | None:
+        await self.stopped.wait()  # pods are restarted by their Deployment, not by deployd
+        return None
+
+    async def trigger_hook(self, name: str, data: Any = None) -> Any:
+        return None  # startup()/shutdown() hooks do not run in pods yet
+
+    async def stop(self) -> None:
+        self.state = StepState.STOPPED
+        self.stopped.set()
+        await self.placement.remove(self)
+
+
+class KubePlacement:
+    """What the RabbitMQ runtime asks of the cluster."""
+
+    def __init__(
+        self,
+        kube: KubernetesConfig,
+        settings: DaemonConfig,
+        paths: Paths,
+        amqp_url: str,
+        key: Callable[[], bytes | None],
+        configs: Callable[[FlowVersionToRun], dict[str, dict[str, Any]]],
+        open_gate: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.paths = paths
+        self.amqp_url = amqp_url
+        self.key = key
+        self.configs = configs
+        self.open_gate = open_gate  # publish "go" to a gate queue, confirmed
+        self._cluster: Cluster | None = None
+        self.runs: dict[tuple[str, int], KubeRun] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reconciler: asyncio.Task[None] | None = None
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            self._cluster = Cluster(client_for(self.kube), self.kube.namespace)
+        return self._cluster
+
+    async def close(self) -> None:
+        for task in [*self._retiring, *([self._reconciler] if self._reconciler else [])]:
+            task.cancel()
+        if self._cluster is not None:
+            await self._cluster.close()
+
+    def _docs(self, spec: FlowVersionToRun) -> list[dict[str, Any]]:
+        digests = {}
+        for step in spec.steps:
+            if step.kind != StepKind.MAPPER and (step.component, step.version) not in digests:
+                digests[(step.component, step.version)] = ensure_archive(
+                    self.paths.artifacts, step.component, step.version, Path(step.artifact_dir)
+                )[1]
+        key = self.key() or b""
+        secrets = PodSecrets(
+            self.amqp_url, artifact_token(key, spec.flow, spec.version), flow_token(key, spec.flow)
+        )
+        return render(
+            spec,
+            self.kube,
+            digests,
+            stop_timeout=self.settings.stop_timeout,
+            secrets=secrets,
+            configs=self.configs(spec),
+        )
+
+    async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> KubeRun:
+        deadline = time.monotonic() + timeout
+        try:
+            docs = await asyncio.to_thread(self._docs, spec)
+            await self.cluster.apply(docs)
+            await self.cluster.wait_available(
+                spec.flow, spec.version, max(0.1, deadline - time.monotonic())
+            )
+        except ClusterError as exc:
+            with contextlib.suppress(ClusterError):
+                await self.cluster.delete_version(spec.flow, spec.version)
+            raise StepFailed(spec.steps[0].id, f"Kubernetes: {exc}") from None
+        run = KubeRun(spec, self, docs)
+        self.runs[(spec.flow, spec.version)] = run
+        if self._reconciler is None:
+            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        return run
+
+    async def run(self, new: KubeRun) -> None:
+        await self.open_gate(gate_queue(new.spec.flow, new.spec.trigger.id, new.spec.version))
+        new.state = StepState.RUNNING
+
+    async def switch(self, old: KubeRun, new: KubeRun) -> float:
+        old_trigger = object_name(old.spec.flow, old.spec.trigger.id, old.spec.version)
+        try:
+            await self.cluster.scale(old_trigger, 0)
+            await self.cluster.wait_scaled_down(old_trigger, self.settings.stop_timeout + 10)
+        except ClusterError as exc:
+            log.warning("flow %s: stopping the old trigger: %s", old.spec.flow, exc)
+        gone = time.monotonic()
+        await self.run(new)
+        gap_ms = (time.monotonic() - gone) * 1000
+        old.state = StepState.STOPPING
+        for doc in old.docs:
+            if doc["kind"] == "Deployment" and doc["metadata"]["name"] != old_trigger:
+                with contextlib.suppress(ClusterError):
+                    await self.cluster.scale(doc["metadata"]["name"], 0)
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return gap_ms
+
+    async def rollback(self, new: KubeRun, old: KubeRun, timeout: float) -> float:
+        """Back to `old`: applied again with its replicas, warmed, then `new` removed."""
+        old.stopped.clear()
+        await self.cluster.apply(old.docs)
+        self.runs[(old.spec.flow, old.spec.version)] = old
+        with contextlib.suppress(ClusterError):
+            await self.cluster.wait_available(old.spec.flow, old.spec.version, timeout)
+        gap = await self.switch(new, old)
+        await new.stop()
+        return gap
+
+    async def _retire(self, old: KubeRun) -> None:
+        await asyncio.sleep(self.settings.rollback_window)
+        if old.state == StepState.STOPPING:  # not rolled back to meanwhile: final
+            await old.stop()
+
+    async def remove(self, run: KubeRun) -> None:
+        self.runs.pop((run.spec.flow, run.spec.version), None)
+        try:
+            await self.cluster.delete_version(run.spec.flow, run.spec.version)
+        except ClusterError as exc:
+            log.warning("flow %s v%s: %s", run.spec.flow, run.spec.version, exc)
+
+    async def reconcile(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        runs = dict(self.runs)
+        return await self.cluster.reconcile(set(runs), lambda f, v: runs[(f, v)].docs)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            # First after a while: at a start every active flow is warmed up again (which
+            # applies what is missing) before what is left over counts as an orphan.
+            await asyncio.sleep(RECONCILE_EVERY)
+            try:
+                recreated, deleted = await self.reconcile()
+                if recreated or deleted:
+                    log.warning("kubernetes: recreated %s, deleted orphans %s", recreated, deleted)
+            except ClusterError as exc:
+                log.warning("kubernetes: reconciliation failed: %s", exc)

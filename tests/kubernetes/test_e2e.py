@@ -1,0 +1,193 @@
+"""Publishes through the cluster, end to end on this machine: a real deployd with placement =
+"kubernetes" and a real RabbitMQ; the Kubernetes API is the loopback emulator, and a "kubelet"
+thread of the test runs each Deployment's pods as local processes with the Deployment's
+command and environment (`test_pod.container_env`), reports them available once their
+readiness probe passes, and stops them (SIGTERM) when a Deployment is scaled to 0 or deleted.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import signal
+import subprocess
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
+from tests.flows.conftest import FlowEnv, counter_files, flow_toml, read_out
+from tests.kubernetes.emulator import Emulator
+from tests.kubernetes.test_cluster import kubeconfig
+from tests.kubernetes.test_pod import container_env
+
+
+class Kubelet:
+    def __init__(self, emu: Emulator, tmp: Path) -> None:
+        self.emu, self.tmp = emu, tmp
+        self.pods: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        seen = 0
+        while not self.stop.is_set():
+            with self.emu.cond:
+                new = self.emu.events[seen:]
+                seen = len(self.emu.events)
+                if not new:
+                    self.emu.cond.wait(0.2)
+                    continue
+            for _rv, kind, _ns, plural, obj in new:
+                if plural != "deployments":
+                    continue
+                name = obj["metadata"]["name"]
+                want = 0 if kind == "DELETED" else obj["spec"].get("replicas", 1)
+                with self.lock:
+                    running = name in self.pods
+                if want and not running:
+                    self._start(name)
+                elif not want and running:
+                    threading.Thread(target=self._end, args=(name,), daemon=True).start()
+
+    def _start(self, name: str) -> None:
+        deploy, secret = self.emu.get("deployments", name), self.emu.get("secrets", name)
+        if deploy is None or secret is None:
+            return
+        volume = self.tmp / f"vol-{name}-{len(self.started)}"
+        volume.mkdir()
+        port = free_port()
+        command, env = container_env(deploy, secret, volume, port)
+        log = self.tmp / f"pod-{name}-{len(self.started)}.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(command, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        with self.lock:
+            self.pods[name] = proc
+            self.started.append(name)
+        threading.Thread(target=self._ready, args=(name, proc, port), daemon=True).start()
+
+    def _ready(self, name: str, proc: subprocess.Popen[bytes], port: int) -> None:
+        while proc.poll() is None and not self.stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                if HTTP.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    with contextlib.suppress(KeyError):
+                        self.emu.make_available(name)
+                    return
+            self.stop.wait(0.05)
+
+    def _end(self, name: str) -> None:
+        with self.lock:
+            proc = self.pods.pop(name, None)
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        with contextlib.suppress(KeyError):
+            self.emu.set_status(name, {"replicas": 0, "availableReplicas": 0})
+
+    def close(self) -> None:
+        self.stop.set()
+        with self.lock:
+            procs = list(self.pods.values())
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    e = Emulator().start()
+    yield e
+    e.close()
+
+
+def cluster_env(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+) -> FlowEnv:
+    work = component("hello")
+    work.commit("counter component", counter_files())
+    d = daemon_factory(rollback_window="2s")
+    d.extra_toml = (
+        f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
+        'placement = "kubernetes"\n[runtime.kubernetes]\n'
+        f'kubeconfig = "{kubeconfig(tmp_path, emu.url)}"\n'
+        'image = "registry.example.com/deployd-step:1"\n'
+        f'public_url = "{d.url}"\n'
+    )
+    d.start()
+    d.wait_recent("hello", work.push(d.hosted("hello")), timeout=30)
+    return FlowEnv(d, work, tmp_path)
+
+
+def by(rows: list[dict[str, Any]], tag: str) -> list[int]:
+    return [r["n"] for r in rows if r["by"] == tag]
+
+
+def test_publish_switch_and_cleanup_through_the_cluster(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    env = cluster_env(daemon_factory, component, emu, amqp_url, tmp_path)
+    kubelet = Kubelet(emu, tmp_path)
+    try:
+        out = env.out()
+        env.apply(flow_toml("orders", out, interval="100ms"))
+        first = env.wait_deploy("orders", 1, timeout=90)
+        assert first["status"] == "done", first
+        names = emu.names("deployments")
+        assert len(names) == 2 and all("-v1-" in n for n in names)
+        secret = emu.get("secrets", names[0])
+        assert secret is not None and amqp_url not in str(secret)  # base64 in data only
+        assert base64.b64decode(secret["data"]["amqp-url"]).decode() == amqp_url
+        wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
+        status = env.flow("orders")
+        assert any("kubernetes:deployd-flows/" in str(s.get("location")) for s in status["steps"])
+
+        env.push(counter_files("v2"))
+        second = env.wait_deploy("orders", 2, timeout=90)
+        assert second["status"] == "done", second
+        assert second["gap_ms"] is not None
+        wait_until(lambda: len(by(read_out(out), "v2")) >= 3, timeout=60)
+        # The old version goes once the rollback window (2 s) has passed.
+        wait_until(lambda: all("-v2-" in n for n in emu.names("deployments")), timeout=30)
+        wait_until(lambda: all("-v2-" in n for n in emu.names("secrets")), timeout=30)
+        # Nothing lost, nothing twice: each trigger counts its calls from 1 (a pod's snapshot
+        # starts empty) and a v1 output may be written by the v2 action after the switch, so
+        # every n up to the larger count appears once per trigger that reached it.
+        counts = Counter(r["n"] for r in read_out(out))
+        top = max(counts)
+        assert set(counts) == set(range(1, top + 1)), counts
+        assert all(counts[n] in (1, 2) for n in counts), counts
+        assert all(counts[n] >= counts[n + 1] for n in range(1, top)), counts
+
+        # The cluster refuses the next version: a failed deployment with its reason; v2 runs on.
+        emu.fail("PATCH", "deployments", 403, "Forbidden", "deployments.apps is forbidden: quota")
+        env.push(counter_files("v3"))
+        third = env.wait_deploy("orders", 3, timeout=90)
+        assert third["status"] == "failed"
+        assert "Forbidden (403): deployments.apps is forbidden: quota" in third["reason"]
+        have = len(by(read_out(out), "v2"))
+        wait_until(lambda: len(by(read_out(out), "v2")) >= have + 3, timeout=60)
+        assert all("-v2-" in n for n in emu.names("deployments"))
+    finally:
+        kubelet.close()
