@@ -33,6 +33,7 @@ class Kubelet:
         self.pods: dict[str, subprocess.Popen[bytes]] = {}
         self.started: list[str] = []
         self.stop = threading.Event()
+        self.paused = threading.Event()  # no new pod starts (an image that never comes up)
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -53,10 +54,20 @@ class Kubelet:
                 want = 0 if kind == "DELETED" else obj["spec"].get("replicas", 1)
                 with self.lock:
                     running = name in self.pods
-                if want and not running:
+                if want and not running and not self.paused.is_set():
                     self._start(name)
                 elif not want and running:
                     threading.Thread(target=self._end, args=(name,), daemon=True).start()
+
+    def resume(self) -> None:
+        """Start the pods every Deployment wants and has not (after a pause)."""
+        self.paused.clear()
+        for name in self.emu.names("deployments"):
+            deploy = self.emu.get("deployments", name)
+            with self.lock:
+                running = name in self.pods
+            if deploy is not None and deploy["spec"].get("replicas", 1) and not running:
+                self._start(name)
 
     def _start(self, name: str) -> None:
         deploy, secret = self.emu.get("deployments", name), self.emu.get("secrets", name)
@@ -123,7 +134,7 @@ def cluster_env(
 ) -> FlowEnv:
     work = component("hello")
     work.commit("counter component", counter_files())
-    d = daemon_factory(rollback_window="2s")
+    d = daemon_factory(rollback_window="2s", warmup_timeout="15s")
     d.extra_toml = (
         f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
         'placement = "kubernetes"\n[runtime.kubernetes]\n'
@@ -189,5 +200,49 @@ def test_publish_switch_and_cleanup_through_the_cluster(
         have = len(by(read_out(out), "v2"))
         wait_until(lambda: len(by(read_out(out), "v2")) >= have + 3, timeout=60)
         assert all("-v2-" in n for n in emu.names("deployments"))
+    finally:
+        kubelet.close()
+
+
+def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of deployd while v2 is warming up (its Deployments applied, not yet available):
+    at start the unfinished deployment is failed and the active version warmed up again (the
+    same objects applied again: nothing twice); the catch-up publishes the new code anew as
+    the daemon's crash-only rules say, and v2's objects, which no flow runs, are deleted by
+    the reconciliation: in the end the cluster holds exactly the active version's."""
+    env = cluster_env(daemon_factory, component, emu, amqp_url, tmp_path)
+    kubelet = Kubelet(emu, tmp_path)
+    try:
+        out = env.out()
+        env.apply(flow_toml("orders", out, interval="100ms"))
+        assert env.wait_deploy("orders", 1, timeout=90)["status"] == "done"
+        v1 = emu.names("deployments")
+        wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
+        kubelet.paused.set()  # no pod of v2 comes up: the publish stays in its warm-up
+        env.work.commit("v2", counter_files("v2"))
+        env.work.push(env.daemon.hosted("hello"))
+        wait_until(lambda: len(emu.names("deployments")) == 4, timeout=60)
+        env.daemon.kill()
+        env.daemon.start()
+        dep = env.wait_deploy("orders", 2, timeout=90)
+        assert dep["status"] == "failed"  # the crash-only rule: starting_new becomes failed
+        kubelet.resume()  # the pods of v1 went on meanwhile (cluster side)
+        have = len(read_out(out))
+        wait_until(lambda: len(read_out(out)) >= have + 3, timeout=60)
+
+        def converged() -> bool:
+            active = env.flow("orders")["version"]
+            names = emu.names("deployments")
+            return len(names) == 2 and all(f"-v{active}-" in n for n in names)
+
+        wait_until(converged, timeout=90)
+        assert not any("-v2-" in n for n in emu.names("secrets"))
+        assert v1
     finally:
         kubelet.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,6 +50,7 @@ class ClusterError(FlowError):
 
 def client_for(kube: KubernetesConfig) -> AsyncClient:
     """The client of `kube`: a kubeconfig file, else the pod's service account."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
     try:
         if kube.kubeconfig:
             config = KubeConfig.from_file(kube.kubeconfig)

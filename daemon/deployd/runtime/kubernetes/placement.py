@@ -216,10 +216,13 @@ class KubePlacement:
         return await self.cluster.reconcile(set(runs), lambda f, v: runs[(f, v)].docs)
 
     async def _reconcile_loop(self) -> None:
+        first = min(RECONCILE_EVERY, self.settings.warmup_timeout)
         while True:
-            # First after a while: at a start every active flow is warmed up again (which
-            # applies what is missing) before what is left over counts as an orphan.
-            await asyncio.sleep(RECONCILE_EVERY)
+            # First a warm-up's length after the first one: at a start every active flow is
+            # warmed up again (applying what is missing) before what is left counts as an
+            # orphan (a version a daemon killed mid-publish applied); then every minute.
+            await asyncio.sleep(first)
+            first = RECONCILE_EVERY
             try:
                 recreated, deleted = await self.reconcile()
                 if recreated or deleted:
