@@ -101,6 +101,7 @@ class KubePlacement:
         key: Callable[[], bytes | None],
         configs: Callable[[FlowVersionToRun], dict[str, dict[str, Any]]],
         open_gate: Callable[[str], Awaitable[None]],
+        close_gate: Callable[[str], Awaitable[None]],
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -109,6 +110,7 @@ class KubePlacement:
         self.key = key
         self.configs = configs
         self.open_gate = open_gate  # publish "go" to a gate queue, confirmed
+        self.close_gate = close_gate  # delete a gate queue
         self._cluster: Cluster | None = None
         self.runs: dict[tuple[str, int], KubeRun] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -175,6 +177,8 @@ class KubePlacement:
             await self.cluster.wait_scaled_down(old_trigger, self.settings.stop_timeout + 10)
         except ClusterError as exc:
             log.warning("flow %s: stopping the old trigger: %s", old.spec.flow, exc)
+        # Closed: an old trigger pod brought back (a rollback) waits for its gate again.
+        await self.close_gate(gate_queue(old.spec.flow, old.spec.trigger.id, old.spec.version))
         gone = time.monotonic()
         await self.run(new)
         gap_ms = (time.monotonic() - gone) * 1000

@@ -385,7 +385,9 @@ class Agent:
         opened = asyncio.Event()
 
         async def got(message: Any) -> None:
-            await message.ack()
+            # Given back, not taken: the gate stays open for this version's next pod (a
+            # restart, a rescheduling) until deployd deletes it at the next switch.
+            await message.nack(requeue=True)
             opened.set()
 
         tag = await queue.consume(got)

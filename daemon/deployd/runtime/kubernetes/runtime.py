@@ -45,6 +45,7 @@ class KubeRuntime(RabbitRuntime):
             lambda: self.launcher.object_key,
             self._step_configs,
             self._open_gate,
+            self._close_gate,
         )
 
     async def close(self) -> None:
@@ -97,3 +98,9 @@ class KubeRuntime(RabbitRuntime):
             name, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await self.broker.publish("", name, b'"go"', properties("go", {}))
+
+    async def _close_gate(self, name: str) -> None:
+        """Delete a trigger's start gate (an old version's, at its switch)."""
+        await self.broker.wait(self.settings.warmup_timeout)
+        assert self.broker.channel is not None
+        await self.broker.channel.queue_delete(name)
