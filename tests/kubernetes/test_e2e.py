@@ -31,6 +31,7 @@ class Kubelet:
     def __init__(self, emu: Emulator, tmp: Path) -> None:
         self.emu, self.tmp = emu, tmp
         self.pods: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, int] = {}
         self.started: list[str] = []
         self.stop = threading.Event()
         self.paused = threading.Event()  # no new pod starts (an image that never comes up)
@@ -86,13 +87,38 @@ class Kubelet:
         threading.Thread(target=self._ready, args=(name, proc, port), daemon=True).start()
 
     def _ready(self, name: str, proc: subprocess.Popen[bytes], port: int) -> None:
+        """Available once ready; a pod whose process ends by itself is restarted, with its
+        container's restartCount and last state in the Pod's status, as a kubelet does."""
         while proc.poll() is None and not self.stop.is_set():
             with contextlib.suppress(httpx.HTTPError):
                 if HTTP.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                     with contextlib.suppress(KeyError):
                         self.emu.make_available(name)
-                    return
+                    break
             self.stop.wait(0.05)
+        code = proc.wait()
+        with self.lock:
+            crashed = self.pods.get(name) is proc and not self.stop.is_set()
+            if crashed:
+                del self.pods[name]
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+        if not crashed:
+            return
+        status = {
+            "containerStatuses": [
+                {
+                    "name": "step",
+                    "image": "deployd-step",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": self.restarts[name],
+                    "lastState": {"terminated": {"exitCode": code, "reason": "Error"}},
+                }
+            ]
+        }
+        with contextlib.suppress(KeyError):
+            self.emu.set_pod(f"{name}-pod", name, status)
+        self._start(name)
 
     def _end(self, name: str) -> None:
         with self.lock:
@@ -131,10 +157,11 @@ def cluster_env(
     emu: Emulator,
     amqp_url: str,
     tmp_path: Path,
+    **daemon_keys: Any,
 ) -> FlowEnv:
     work = component("hello")
     work.commit("counter component", counter_files())
-    d = daemon_factory(rollback_window="2s", warmup_timeout="15s")
+    d = daemon_factory(**{"rollback_window": "2s", "warmup_timeout": "15s", **daemon_keys})
     d.extra_toml = (
         f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
         'placement = "kubernetes"\n[runtime.kubernetes]\n'
@@ -244,5 +271,53 @@ def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
         wait_until(converged, timeout=90)
         assert not any("-v2-" in n for n in emu.names("secrets"))
         assert v1
+    finally:
+        kubelet.close()
+
+
+CRASHING_TICKER = """\
+import os
+
+
+def process(msg, cfg, snapshot, ctx):
+    n = snapshot.get("n", 0) + 1
+    if n >= 2:
+        os._exit(3)  # the second call of every start kills the pod's sailor
+    ctx.emit("snapshot", {"n": n})
+    return {"text": f"hi {n}", "n": n}
+"""
+
+
+def test_a_version_whose_pods_crash_is_rolled_back(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    """v2's trigger pod crashes after it came up; Kubernetes restarts it; deployd sees the
+    restarts (the pods' restartCount, watched) and rolls back: v1 applied again (its replicas
+    back), warmed, switched to, and v2 removed."""
+    env = cluster_env(
+        daemon_factory, component, emu, amqp_url, tmp_path, rollback_window="30s", rollback_exits=2
+    )
+    kubelet = Kubelet(emu, tmp_path)
+    try:
+        out = env.out()
+        env.apply(flow_toml("orders", out, interval="100ms"))
+        assert env.wait_deploy("orders", 1, timeout=90)["status"] == "done"
+        wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
+        env.push(counter_files("v2", **{"lib/ticker.py": CRASHING_TICKER}))
+        dep = env.wait_deploys(
+            lambda ds: next(
+                (d for d in ds if d["to_version"] == 2 and d["status"] == "rolled_back"), None
+            ),
+            timeout=120,
+        )
+        assert "restarted (exit code 1" in dep["reason"], dep
+        assert env.flow("orders")["version"] == 1
+        wait_until(lambda: all("-v1-" in n for n in emu.names("deployments")), timeout=60)
+        have = len(by(read_out(out), "v1"))
+        wait_until(lambda: len(by(read_out(out), "v1")) >= have + 3, timeout=60)
     finally:
         kubelet.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
@@ -35,7 +35,7 @@ from lightkube.resources.core_v1 import Pod, Secret
 
 from ...config import KubernetesConfig
 from ...errors import FlowError
-from .manifests import FLOW_LABEL, MANAGED_BY, OWNER, VERSION_LABEL
+from .manifests import FLOW_LABEL, MANAGED_BY, OWNER, STEP_LABEL, VERSION_LABEL
 
 FIELD_MANAGER = "deployd"
 Selector = dict[str, Any]  # label = value (lightkube's selector type, values all strings)
@@ -198,6 +198,25 @@ class Cluster:
         except httpx.HTTPError as exc:
             raise ClusterError(_reason(exc)) from None
 
+    async def restarts(self, flow: str, version: int) -> AsyncIterator[tuple[str, str]]:
+        """(step label, reason) each time a container of the version's pods restarts."""
+        labels = _version_labels(flow, version)
+        counts: dict[str, int] = {}
+        listing = self.client.list(Pod, labels=labels)
+        async for pod in listing:
+            counts[_pod_name(pod)] = _restart_count(pod)
+        version_seen = None
+        with contextlib.suppress(Exception):
+            version_seen = listing.resourceVersion
+        async for _kind, pod in self.client.watch(
+            Pod, labels=labels, resource_version=version_seen
+        ):
+            name, count = _pod_name(pod), _restart_count(pod)
+            if count > counts.get(name, 0):
+                counts[name] = count
+                step = ((pod.metadata.labels if pod.metadata else None) or {}).get(STEP_LABEL, "")
+                yield step, f"pod {name} restarted ({_last_exit(pod)})"
+
     async def scale(self, name: str, replicas: int) -> None:
         try:
             patch = {"spec": {"replicas": replicas}}
@@ -287,6 +306,23 @@ def _available(d: Deployment) -> bool:
         return False
     available = any(c.type == "Available" and c.status == "True" for c in (status.conditions or []))
     return (available or want == 0) and (status.availableReplicas or 0) >= want
+
+
+def _pod_name(pod: Pod) -> str:
+    return str(pod.metadata.name) if pod.metadata else "?"
+
+
+def _restart_count(pod: Pod) -> int:
+    statuses = (pod.status.containerStatuses if pod.status else None) or []
+    return sum(int(cs.restartCount or 0) for cs in statuses)
+
+
+def _last_exit(pod: Pod) -> str:
+    for cs in (pod.status.containerStatuses if pod.status else None) or []:
+        done = cs.lastState.terminated if cs.lastState else None
+        if done is not None:
+            return f"exit code {done.exitCode}" + (f", {done.reason}" if done.reason else "")
+    return "exited"
 
 
 def _no_pods(d: Deployment) -> bool:

@@ -32,7 +32,7 @@ from ...types import FlowVersionToRun, StepExit, StepKind, StepState, StepStatus
 from ..base import StepFailed
 from .artifacts import artifact_token, ensure_archive
 from .cluster import Cluster, ClusterError, client_for
-from .manifests import PodSecrets, gate_queue, object_name, render
+from .manifests import PodSecrets, gate_queue, object_name, render, step_label
 
 log = logging.getLogger("deployd.kubernetes")
 RECONCILE_EVERY = 60.0  # seconds
@@ -47,6 +47,9 @@ class KubeRun:
         self.docs = docs
         self.state = StepState.READY
         self.stopped = asyncio.Event()
+        self.exits: asyncio.Queue[StepExit] = asyncio.Queue(maxsize=100)
+        self.watcher: asyncio.Task[None] | None = None
+        self._last_error: str | None = None
 
     @property
     def spec(self) -> FlowVersionToRun:
@@ -54,7 +57,7 @@ class KubeRun:
 
     @property
     def last_error(self) -> str | None:
-        return None
+        return self._last_error
 
     def last_error_log(self) -> str:
         return ""
@@ -77,8 +80,32 @@ class KubeRun:
         return out
 
     async def next_exit(self) -> StepExit | None:
-        await self.stopped.wait()  # pods are restarted by their Deployment, not by deployd
+        """A container restart of one of this version's pods (Kubernetes restarts it)."""
+        getter = asyncio.ensure_future(self.exits.get())
+        stop = asyncio.ensure_future(self.stopped.wait())
+        await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()
         return None
+
+    async def watch_exits(self) -> None:
+        steps = {step_label(s.id): s.id for s in self._spec.steps}
+        while not self.stopped.is_set():
+            try:
+                async for label, reason in self.placement.cluster.restarts(
+                    self._spec.flow, self._spec.version
+                ):
+                    self._last_error = f"step {steps.get(label, label)}: {reason}"
+                    if not self.exits.full():
+                        self.exits.put_nowait(
+                            StepExit(steps.get(label, label), time.monotonic(), reason)
+                        )
+            except Exception as exc:  # the watch ended or failed: watch again
+                log.info("flow %s: pod watch: %s", self._spec.flow, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopped.wait(), 1.0)
 
     async def trigger_hook(self, name: str, data: Any = None) -> Any:
         return None  # startup()/shutdown() hooks do not run in pods yet
@@ -86,6 +113,8 @@ class KubeRun:
     async def stop(self) -> None:
         self.state = StepState.STOPPED
         self.stopped.set()
+        if self.watcher is not None:
+            self.watcher.cancel()
         await self.placement.remove(self)
 
 
@@ -161,6 +190,7 @@ class KubePlacement:
                 await self.cluster.delete_version(spec.flow, spec.version)
             raise StepFailed(spec.steps[0].id, f"Kubernetes: {exc}") from None
         run = KubeRun(spec, self, docs)
+        run.watcher = asyncio.get_running_loop().create_task(run.watch_exits())
         self.runs[(spec.flow, spec.version)] = run
         if self._reconciler is None:
             self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
@@ -195,6 +225,8 @@ class KubePlacement:
     async def rollback(self, new: KubeRun, old: KubeRun, timeout: float) -> float:
         """Back to `old`: applied again with its replicas, warmed, then `new` removed."""
         old.stopped.clear()
+        if old.watcher is None or old.watcher.done():
+            old.watcher = asyncio.get_running_loop().create_task(old.watch_exits())
         await self.cluster.apply(old.docs)
         self.runs[(old.spec.flow, old.spec.version)] = old
         with contextlib.suppress(ClusterError):
