@@ -32,6 +32,7 @@ MODULES = [
     "bench_rabbitmq",
     "bench_ordinary",
     "bench_http",
+    "bench_kubernetes",
 ]
 
 

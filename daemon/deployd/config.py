@@ -452,8 +452,8 @@ class RabbitConfig(_Model):
 
     # amqp://user:password@host:5672/vhost (or amqps://); a secret: never logged or shown.
     url: SecretStr | None = None
-    # Where step processes run: "local" (this machine); "kubernetes" comes with issue 13.
-    placement: Literal["local"] = "local"
+    # Where step processes run: "local" (this machine) or "kubernetes" ([runtime.kubernetes]).
+    placement: Literal["local", "kubernetes"] = "local"
     # Unacked messages a step's consumer may hold (a step's own `prefetch` may lower it).
     prefetch: int = Field(default=16, ge=1, le=10000)
 
@@ -473,11 +473,71 @@ class RabbitConfig(_Model):
         return value
 
 
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# An image reference: [registry[:port]/]path[:tag][@sha256:digest], no spaces.
+_IMAGE_RE = re.compile(
+    r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?(:[0-9]{1,5})?(/[a-z0-9]([a-z0-9._/-]*[a-z0-9])?)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$"
+)
+
+
+class KubernetesConfig(_Model):
+    """[runtime.kubernetes]: step processes of RabbitMQ flows as Deployments (issue 13),
+    used when [runtime.rabbitmq] placement = "kubernetes"."""
+
+    namespace: str = "deployd-flows"  # where step Deployments (and their Secrets) go
+    # "": the in-cluster service account; else a kubeconfig file (relative to the config
+    # file; "${KUBECONFIG}" takes the environment's).
+    kubeconfig: str = ""
+    image: str = ""  # the step image built from deploy/step/Containerfile
+    public_url: str = ""  # how pods reach deployd's API (artifacts)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not DNS_LABEL_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a Kubernetes namespace name: 1-63 lowercase letters, "
+                "digits and '-', starting and ending with a letter or digit"
+            )
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if value and not _IMAGE_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not an image reference; write REGISTRY/NAME:TAG "
+                '(e.g. "registry.example.com/deployd-step:1")'
+            )
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises for a bad port)
+        except ValueError as exc:
+            raise ValueError(f"is not a valid url ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{value!r} is not an http(s) url; write how pods reach deployd's API, "
+                'e.g. "https://deployd.example.com"'
+            )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("must be scheme://host[:port][/path], with no user, query or #")
+        return value.rstrip("/")
+
+
 class RuntimeConfig(_Model):
     """[runtime]: what runs flows. `default` is the runtime of flows that name none."""
 
     default: Literal["embedded", "rabbitmq"] = "embedded"
     rabbitmq: RabbitConfig = RabbitConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
 
 MAX_CREDENTIAL_FIELDS = 256
@@ -781,7 +841,14 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
         rabbit = dict(runtime["rabbitmq"])
         if "url" in rabbit:
             rabbit["url"] = _expand_env(rabbit["url"], "runtime.rabbitmq.url", problems)
-        raw["runtime"] = {**runtime, "rabbitmq": rabbit}
+        raw["runtime"] = runtime = {**runtime, "rabbitmq": rabbit}
+    if isinstance(runtime, dict) and isinstance(runtime.get("kubernetes"), dict):
+        kube = dict(runtime["kubernetes"])
+        if isinstance(kube.get("kubeconfig"), str) and kube["kubeconfig"]:
+            where = "runtime.kubernetes.kubeconfig"
+            text = _expand_env(kube["kubeconfig"], where, problems)
+            kube["kubeconfig"] = str(base / text) if text else ""
+        raw["runtime"] = {**runtime, "kubernetes": kube}
     cfg: Config | None = None
     try:
         cfg = Config.model_validate(raw)
@@ -796,6 +863,8 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             'runtime.default: is "rabbitmq" but [runtime.rabbitmq] url is not set '
             '(e.g. url = "${DEPLOYD_AMQP_URL}")'
         )
+    if cfg is not None:
+        problems += _kubernetes_problems(cfg.runtime)
     _check_webhook_secrets(raw, problems)
     _check_credentials(raw, problems)
     if cfg is None or problems:
@@ -813,6 +882,30 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             "own_env": own_env,
         }
     )
+
+
+def _kubernetes_problems(runtime: RuntimeConfig) -> list[str]:
+    """What placement = "kubernetes" needs that [runtime.kubernetes] does not say."""
+    if runtime.rabbitmq.placement != "kubernetes":
+        return []
+    kube, out = runtime.kubernetes, []
+    if not kube.image:
+        out.append(
+            'runtime.kubernetes.image: placement is "kubernetes" but no step image is set; '
+            "build deploy/step/Containerfile, push it and name it here "
+            '(e.g. image = "registry.example.com/deployd-step:1")'
+        )
+    if not kube.public_url:
+        out.append(
+            'runtime.kubernetes.public_url: placement is "kubernetes" but pods are not told '
+            'how to reach deployd\'s API (e.g. public_url = "https://deployd.example.com")'
+        )
+    if runtime.rabbitmq.url is None:
+        out.append(
+            'runtime.rabbitmq.url: placement is "kubernetes" but no broker url is set '
+            '(e.g. url = "${DEPLOYD_AMQP_URL}")'
+        )
+    return out
 
 
 def _expand_credentials(own: set[str], creds: list[Any], problems: list[str]) -> list[Any]:

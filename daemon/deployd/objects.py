@@ -77,12 +77,30 @@ def _sign(key: bytes, signing_input: str) -> str:
     return _b64(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())
 
 
-def flow_token(key: bytes, flow: str) -> str:
-    """The object storage token of `flow`'s steps (the same for every start of them)."""
+def sign_token(key: bytes, payload: dict[str, object]) -> str:
+    """An HS256 JWT of `payload` signed with `key` (the object storage's, the artifacts')."""
     header = _b64(json.dumps(_HEADER, separators=(",", ":")).encode())
-    payload = {"flowId": flow, "iss": "deployd", "scope": SCOPE}
     body = _b64(json.dumps(payload, separators=(",", ":")).encode())
     return f"{header}.{body}.{_sign(key, f'{header}.{body}')}"
+
+
+def verified_claims(key: bytes, authorization: str | None) -> dict[str, object] | None:
+    """The payload of an `Authorization: Bearer <token>` header's token signed by deployd
+    with `key`; None when there is none or its signature is wrong. The signature is checked
+    (constant time) before anything of the token is parsed."""
+    scheme, _, token = (authorization or "").partition(" ")
+    parts = token.strip().split(".")
+    if scheme.lower() != "bearer" or len(parts) != 3 or len(token) > MAX_TOKEN_CHARS:
+        return None
+    if not hmac.compare_digest(parts[2].encode(), _sign(key, f"{parts[0]}.{parts[1]}").encode()):
+        return None
+    payload = _claims(parts)
+    return payload if payload is not None and payload.get("iss") == "deployd" else None
+
+
+def flow_token(key: bytes, flow: str) -> str:
+    """The object storage token of `flow`'s steps (the same for every start of them)."""
+    return sign_token(key, {"flowId": flow, "iss": "deployd", "scope": SCOPE})
 
 
 def token_flow(key: bytes, authorization: str | None) -> str | None:
@@ -99,8 +117,8 @@ def token_flow(key: bytes, authorization: str | None) -> str | None:
     signing_input = f"{parts[0]}.{parts[1]}"
     # A token deployd gave: its signature is checked before anything of it is parsed.
     if hmac.compare_digest(parts[2].encode(), _sign(key, signing_input).encode()):
-        payload = _claims(parts)
-        if payload is None or payload.get("scope") != SCOPE or payload.get("iss") != "deployd":
+        payload = verified_claims(key, authorization)
+        if payload is None or payload.get("scope") != SCOPE:
             return None
         flow = payload.get("flowId")
         return flow if isinstance(flow, str) and flow else None

@@ -75,6 +75,11 @@ class Paths:
         """The key the object store's per-flow tokens are derived from (0600)."""
         return self.root / "object-storage-key"
 
+    @property
+    def artifacts(self) -> Path:
+        """Component versions as pods download them: <component>-<version>.tar.gz, .sha256."""
+        return self.root / "artifacts"
+
     def hosted_repo(self, name: str) -> Path:
         return self.repos / f"{name}.git"
 

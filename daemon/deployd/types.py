@@ -116,6 +116,11 @@ class RunStep:
     # its {"auth", "secret" (expanded: never in a repr or a log), "reply", "reply_timeout"}.
     builtin: str | None = None
     http: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # On Kubernetes: pods of the step, and cpu/memory as {"request": …, "limit": …} (None:
+    # the default); the flow file's `replicas`, `cpu`, `memory`.
+    replicas: int = 1
+    cpu: Mapping[str, str] | None = None
+    memory: Mapping[str, str] | None = None
 
 
 RUNTIME_NAMES = ("embedded", "rabbitmq")  # what `runtime =` and `flow move --runtime` take

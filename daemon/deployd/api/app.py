@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
-from . import components, credentials, flows, hooks, objects, ops, poll, status
+from . import artifacts, components, credentials, flows, hooks, objects, ops, poll, status
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -99,6 +99,7 @@ def create_app(parts: ApiParts) -> hooks.FastPath:
     app.include_router(hooks.router(parts.intake, parts.flow_intake))  # /hooks/…, /flows/…/in
     app.include_router(poll.router(parts.poller, parts.config, parts.token))  # /api/v1/poll
     app.include_router(objects.router(parts.object_store, parts.object_key, parts.config))
+    app.include_router(artifacts.router(parts.store, parts.paths, parts.object_key))
     return hooks.FastPath(app, parts.intake, parts.flow_intake)
 
 

@@ -461,6 +461,25 @@ def flow_discard(
     typer.echo(f"{res['flow']}: {res['discarded']} dead letter(s) discarded")
 
 
+@flow_app.command("manifests")
+def flow_manifests(
+    name: NameArg,
+    version: Annotated[
+        int | None,
+        typer.Option("--version", min=1, help="Flow version (default: the active one)."),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print the Kubernetes YAML deployd applies for a flow version (Secret values hidden)."""
+    import yaml
+
+    from ..flows.manifests import manifests
+
+    cfg = load_config(config)
+    docs = manifests(cfg, _reader(cfg), name, version)
+    typer.echo(yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False), nl=False)
+
+
 @flow_app.command("list")
 def flow_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List the flows with their state and version."""

@@ -144,10 +144,15 @@ class Drafts:
         return nodetool.detect(self.config.daemon.node).error
 
     def runnable(
-        self, flow: str, version: int, steps: Sequence[dict[str, Any]]
+        self, flow: str, version: int, steps: Sequence[dict[str, Any]], expand: bool = True
     ) -> FlowVersionToRun:
         """Stored steps with their artifact folder, `main` file and language: what a runtime
-        starts. Raises FlowError when a version's code is gone."""
+        starts. Raises FlowError when a version's code is gone. `expand=False` keeps the
+        `${VAR}` references as written (to show, never to run)."""
+
+        def values(table: dict[str, str], where: str) -> dict[str, str]:
+            return secrets.expand(table, where, self.config) if expand else dict(table)
+
         out = []
         rows: dict[tuple[str, int], Any] = {}
         fv = FlowStore(self.store).flow_version(flow, version)
@@ -187,13 +192,16 @@ class Drafts:
                     interval=float(s.get("interval", 1.0)),
                     prefetch=int(s.get("prefetch") or DEFAULT_PREFETCH),
                     max_queue=s.get("max_queue"),
-                    env=secrets.expand(s.get("env") or {}, f"steps[{i}].env", self.config),
+                    env=values(s.get("env") or {}, f"steps[{i}].env"),
                     credential=s.get("credential"),
                     input_schema=schema.input_schema(func) if s.get("validate_input") else None,
+                    replicas=int(s.get("replicas") or 1),
+                    cpu=_resource(s.get("cpu")),
+                    memory=_resource(s.get("memory")),
                 )
             )
         runtime = flow_spec.get("runtime")
-        variables = secrets.expand(flow_spec.get("variables") or {}, "variables", self.config)
+        variables = values(flow_spec.get("variables") or {}, "variables")
         return FlowVersionToRun(
             flow, version, tuple(out), str(runtime) if runtime else None, variables
         )
@@ -218,3 +226,12 @@ class Drafts:
             builtin="http",
             http=http,
         )
+
+
+def _resource(value: Any) -> dict[str, str] | None:
+    """A stored step's cpu or memory as {request, limit} (a string means both)."""
+    if isinstance(value, str):
+        return {"request": value, "limit": value}
+    if isinstance(value, dict):
+        return {"request": str(value["request"]), "limit": str(value["limit"])}
+    return None

@@ -65,6 +65,63 @@ MAX_REPLY_TIMEOUT = 300.0
 # Keys of a step that a builtin trigger (`builtin = "http"`) has no use for.
 _NOT_FOR_BUILTIN = ("component", "function", "config", "mapping", "version", "env", "credential")
 _HTTP_ONLY = ("auth", "secret", "reply", "reply_timeout")
+# Kubernetes quantities (issue 13): cpu "500m", "1", "0.5"; memory "256Mi", "1Gi", "512M".
+_CPU_RE = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")
+_MEMORY_RE = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_MEMORY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+_MEMORY_UNITS |= {"E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_MEMORY_UNITS |= {"Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(kind: str, value: str) -> float:
+    """`value` as cores (cpu) or bytes (memory); ValueError naming the expected form."""
+    if kind == "cpu":
+        if not _CPU_RE.match(value):
+            raise ValueError(
+                f'{value!r} is not a cpu quantity; write cores ("1", "0.5") or millicores ("500m")'
+            )
+        return int(value[:-1]) / 1000 if value.endswith("m") else float(value)
+    match = _MEMORY_RE.match(value)
+    if not match:
+        raise ValueError(
+            f'{value!r} is not a memory quantity; write bytes with a unit, e.g. "256Mi", '
+            '"1Gi" or "512M"'
+        )
+    number = value[: len(value) - len(match.group(2) or "")]
+    return float(number) * _MEMORY_UNITS[match.group(2) or ""]
+
+
+class Resource(BaseModel):
+    """A step's cpu or memory as `{request, limit}` (a plain string: both the same)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    request: str
+    limit: str
+
+
+def _resource(kind: str, value: Any) -> str | Resource | None:
+    """A step's raw `cpu` or `memory`, checked: a quantity, or {request, limit} of two."""
+    if value is None or isinstance(value, Resource):
+        return value
+    if isinstance(value, str):
+        quantity(kind, value)
+        return value
+    example = '"500m"' if kind == "cpu" else '"256Mi"'
+    if not isinstance(value, dict) or set(value) != {"request", "limit"}:
+        raise ValueError(
+            f"must be a quantity (e.g. {kind} = {example}: request and limit alike) or "
+            f'{{ request = "…", limit = "…" }} with both keys'
+        )
+    for key in ("request", "limit"):
+        if not isinstance(value[key], str):
+            raise ValueError(f"{key} must be a string (e.g. {key} = {example})")
+        quantity(kind, value[key])
+    if quantity(kind, value["request"]) > quantity(kind, value["limit"]):
+        raise ValueError(
+            f"request {value['request']!r} is more than limit {value['limit']!r}; the request "
+            "must be at most the limit"
+        )
+    return Resource(request=value["request"], limit=value["limit"])
 
 
 class StepSpec(BaseModel):
@@ -94,6 +151,21 @@ class StepSpec(BaseModel):
     credential: str | None = None
     # Check each message against the function's metadata.in before process().
     validate_input: bool = False
+    # On Kubernetes (issue 13): pods of an action (> 1 share its queue: per-step order is then
+    # not kept), and the pod's cpu and memory (requests = limits, or {request, limit}).
+    replicas: int = Field(default=1, ge=1, le=100)
+    cpu: str | Resource | None = None
+    memory: str | Resource | None = None
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _cpu(cls, value: Any) -> str | Resource | None:
+        return _resource("cpu", value)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> str | Resource | None:
+        return _resource("memory", value)
 
     @field_validator("credential")
     @classmethod
@@ -310,6 +382,11 @@ class FlowSpec(BaseModel):
                     f"step {step.id}: builtin = {step.builtin!r} is a trigger: only the first "
                     "step can be one"
                 )
+        if self.steps[0].replicas != 1:
+            raise ValueError(
+                f"step {self.steps[0].id}: a trigger runs as one process (replicas = 1); "
+                "give replicas to action steps only"
+            )
         return self
 
     @property
@@ -437,6 +514,9 @@ class Step(BaseModel):
     builtin: str | None = None  # "http": deployd's own trigger (no component, no process)
     # builtin "http": {"auth", "secret" ("${VAR}" as written), "reply", "reply_timeout"}
     http: dict[str, Any] | None = None
+    replicas: int = 1
+    cpu: str | Resource | None = None
+    memory: str | Resource | None = None
 
 
 @dataclass(frozen=True)
@@ -490,6 +570,9 @@ def resolve(spec: FlowSpec, recent: dict[str, int | None]) -> list[Step]:
                 env=s.env,
                 credential=s.credential,
                 validate_input=s.validate_input,
+                replicas=s.replicas,
+                cpu=s.cpu,
+                memory=s.memory,
             )
         )
     return steps

@@ -20,6 +20,7 @@ from ..types import FlowVersionToRun, RetryResult
 from .base import Accepted, FlowRun, MethodCall, RunOutcome, Runtime
 from .credentials import Credentials
 from .embedded.runtime import EmbeddedRuntime
+from .kubernetes.runtime import KubeRuntime
 from .rabbitmq.runtime import RabbitRuntime
 
 
@@ -123,8 +124,21 @@ def create_runtime(
     embedded = EmbeddedRuntime(
         store, paths, config.daemon, metrics, credentials=credentials or Credentials(config, store)
     )
-    rabbit = None
-    if config.runtime.rabbitmq.url is not None:
+    rabbit: RabbitRuntime | None = None
+    if (
+        config.runtime.rabbitmq.url is not None
+        and config.runtime.rabbitmq.placement == "kubernetes"
+    ):
+        rabbit = KubeRuntime(
+            store,
+            paths,
+            config.daemon,
+            metrics,
+            config.runtime.rabbitmq,
+            config.runtime.kubernetes,
+            launcher=embedded.launcher,
+        )
+    elif config.runtime.rabbitmq.url is not None:
         rabbit = RabbitRuntime(
             store,
             paths,

@@ -132,7 +132,11 @@ class RabbitRuntime(EmbeddedRuntime):
             raise StepFailed(spec.steps[0].id, str(exc)) from None
         except Exception as exc:  # a channel error while declaring
             raise StepFailed(spec.steps[0].id, f"RabbitMQ: {redact(str(exc))}") from None
-        return await super().warm_up(spec, max(1.0, deadline - loop.time()))
+        return await self._place(spec, max(1.0, deadline - loop.time()))
+
+    async def _place(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
+        """Start the step processes (here: on this machine, by the shared launcher)."""
+        return await super().warm_up(spec, timeout)
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
         return {key: self.router.depth(*key) for key in self._steps}

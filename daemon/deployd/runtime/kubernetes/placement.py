@@ -1,0 +1,267 @@
+"""Placement "kubernetes" of the RabbitMQ runtime: a flow version's steps as Deployments.
+
+warm_up   render (secrets filled, credentials merged) → apply → watched until available;
+          a failure deletes what was applied and is a `StepFailed` with the cluster's
+          reason (the running version goes on). Trigger pods wait at their start gate.
+run       opens the new trigger's gate (`deployd.<flow>.<step>.v<N>.go`).
+switch    scales the old trigger to 0 (its pod stops at a call boundary on SIGTERM), waits
+          until it is gone, opens the new trigger's gate (gap_ms: from the old pod gone to
+          the gate confirmed); the old actions are scaled to 0 (they finish their message;
+          what they held goes back to the queue, which the new actions consume); the old
+          version is deleted once the rollback window has passed.
+rollback  `switch(new, old)`: the old version is applied again (its replicas back), warmed,
+          and the new one removed.
+reconcile every minute after the first warm-up: what deployd owns (by label) and no run
+          of this daemon holds is deleted; a run's Deployment gone missing is applied again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ...config import DaemonConfig, KubernetesConfig
+from ...objects import flow_token
+from ...paths import Paths
+from ...types import FlowVersionToRun, StepExit, StepKind, StepState, StepStatus
+from ..base import StepFailed
+from .artifacts import artifact_token, ensure_archive
+from .cluster import Cluster, ClusterError, client_for
+from .manifests import PodSecrets, gate_queue, object_name, render, step_label
+
+log = logging.getLogger("deployd.kubernetes")
+RECONCILE_EVERY = 60.0  # seconds
+
+
+class KubeRun:
+    """`runtime/base.py`'s `FlowRun` of a version placed on Kubernetes."""
+
+    def __init__(self, spec: FlowVersionToRun, placement: KubePlacement, docs: list[Any]) -> None:
+        self._spec = spec
+        self.placement = placement
+        self.docs = docs
+        self.state = StepState.READY
+        self.stopped = asyncio.Event()
+        self.exits: asyncio.Queue[StepExit] = asyncio.Queue(maxsize=100)
+        self.watcher: asyncio.Task[None] | None = None
+        self._last_error: str | None = None
+
+    @property
+    def spec(self) -> FlowVersionToRun:
+        return self._spec
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    def last_error_log(self) -> str:
+        return ""
+
+    def status(self) -> list[StepStatus]:
+        out = []
+        for step in self._spec.steps:
+            where = object_name(self._spec.flow, step.id, self._spec.version)
+            out.append(
+                StepStatus(
+                    id=step.id,
+                    kind=step.kind,
+                    component=step.component,
+                    function=step.function,
+                    version=step.version,
+                    state=self.state,
+                    location=f"kubernetes:{self.placement.kube.namespace}/{where}",
+                )
+            )
+        return out
+
+    async def next_exit(self) -> StepExit | None:
+        """A container restart of one of this version's pods (Kubernetes restarts it)."""
+        getter = asyncio.ensure_future(self.exits.get())
+        stop = asyncio.ensure_future(self.stopped.wait())
+        await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        return None
+
+    async def watch_exits(self) -> None:
+        steps = {step_label(s.id): s.id for s in self._spec.steps}
+        while not self.stopped.is_set():
+            try:
+                async for label, reason in self.placement.cluster.restarts(
+                    self._spec.flow, self._spec.version
+                ):
+                    self._last_error = f"step {steps.get(label, label)}: {reason}"
+                    if not self.exits.full():
+                        self.exits.put_nowait(
+                            StepExit(steps.get(label, label), time.monotonic(), reason)
+                        )
+            except Exception as exc:  # the watch ended or failed: watch again
+                log.info("flow %s: pod watch: %s", self._spec.flow, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopped.wait(), 1.0)
+
+    async def trigger_hook(self, name: str, data: Any = None) -> Any:
+        return None  # startup()/shutdown() hooks do not run in pods yet
+
+    async def stop(self) -> None:
+        self.state = StepState.STOPPED
+        self.stopped.set()
+        if self.watcher is not None:
+            self.watcher.cancel()
+        await self.placement.remove(self)
+
+
+class KubePlacement:
+    """What the RabbitMQ runtime asks of the cluster."""
+
+    def __init__(
+        self,
+        kube: KubernetesConfig,
+        settings: DaemonConfig,
+        paths: Paths,
+        amqp_url: str,
+        key: Callable[[], bytes | None],
+        configs: Callable[[FlowVersionToRun], dict[str, dict[str, Any]]],
+        open_gate: Callable[[str], Awaitable[None]],
+        close_gate: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.paths = paths
+        self.amqp_url = amqp_url
+        self.key = key
+        self.configs = configs
+        self.open_gate = open_gate  # publish "go" to a gate queue, confirmed
+        self.close_gate = close_gate  # delete a gate queue
+        self._cluster: Cluster | None = None
+        self.runs: dict[tuple[str, int], KubeRun] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reconciler: asyncio.Task[None] | None = None
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            self._cluster = Cluster(client_for(self.kube), self.kube.namespace)
+        return self._cluster
+
+    async def close(self) -> None:
+        for task in [*self._retiring, *([self._reconciler] if self._reconciler else [])]:
+            task.cancel()
+        if self._cluster is not None:
+            await self._cluster.close()
+
+    def _docs(self, spec: FlowVersionToRun) -> list[dict[str, Any]]:
+        digests = {}
+        for step in spec.steps:
+            if step.kind != StepKind.MAPPER and (step.component, step.version) not in digests:
+                digests[(step.component, step.version)] = ensure_archive(
+                    self.paths.artifacts, step.component, step.version, Path(step.artifact_dir)
+                )[1]
+        key = self.key() or b""
+        secrets = PodSecrets(
+            self.amqp_url, artifact_token(key, spec.flow, spec.version), flow_token(key, spec.flow)
+        )
+        return render(
+            spec,
+            self.kube,
+            digests,
+            stop_timeout=self.settings.stop_timeout,
+            secrets=secrets,
+            configs=self.configs(spec),
+        )
+
+    async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> KubeRun:
+        deadline = time.monotonic() + timeout
+        try:
+            docs = await asyncio.to_thread(self._docs, spec)
+            await self.cluster.apply(docs)
+            await self.cluster.wait_available(
+                spec.flow, spec.version, max(0.1, deadline - time.monotonic())
+            )
+        except ClusterError as exc:
+            with contextlib.suppress(ClusterError):
+                await self.cluster.delete_version(spec.flow, spec.version)
+            raise StepFailed(spec.steps[0].id, f"Kubernetes: {exc}") from None
+        run = KubeRun(spec, self, docs)
+        run.watcher = asyncio.get_running_loop().create_task(run.watch_exits())
+        self.runs[(spec.flow, spec.version)] = run
+        if self._reconciler is None:
+            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        return run
+
+    async def run(self, new: KubeRun) -> None:
+        await self.open_gate(gate_queue(new.spec.flow, new.spec.trigger.id, new.spec.version))
+        new.state = StepState.RUNNING
+
+    async def switch(self, old: KubeRun, new: KubeRun) -> float:
+        old_trigger = object_name(old.spec.flow, old.spec.trigger.id, old.spec.version)
+        try:
+            await self.cluster.scale(old_trigger, 0)
+            await self.cluster.wait_scaled_down(old_trigger, self.settings.stop_timeout + 10)
+        except ClusterError as exc:
+            log.warning("flow %s: stopping the old trigger: %s", old.spec.flow, exc)
+        # Closed: an old trigger pod brought back (a rollback) waits for its gate again.
+        await self.close_gate(gate_queue(old.spec.flow, old.spec.trigger.id, old.spec.version))
+        gone = time.monotonic()
+        await self.run(new)
+        gap_ms = (time.monotonic() - gone) * 1000
+        old.state = StepState.STOPPING
+        for doc in old.docs:
+            if doc["kind"] == "Deployment" and doc["metadata"]["name"] != old_trigger:
+                with contextlib.suppress(ClusterError):
+                    await self.cluster.scale(doc["metadata"]["name"], 0)
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return gap_ms
+
+    async def rollback(self, new: KubeRun, old: KubeRun, timeout: float) -> float:
+        """Back to `old`: applied again with its replicas, warmed, then `new` removed."""
+        old.stopped.clear()
+        if old.watcher is None or old.watcher.done():
+            old.watcher = asyncio.get_running_loop().create_task(old.watch_exits())
+        await self.cluster.apply(old.docs)
+        self.runs[(old.spec.flow, old.spec.version)] = old
+        with contextlib.suppress(ClusterError):
+            await self.cluster.wait_available(old.spec.flow, old.spec.version, timeout)
+        gap = await self.switch(new, old)
+        await new.stop()
+        return gap
+
+    async def _retire(self, old: KubeRun) -> None:
+        await asyncio.sleep(self.settings.rollback_window)
+        if old.state == StepState.STOPPING:  # not rolled back to meanwhile: final
+            await old.stop()
+
+    async def remove(self, run: KubeRun) -> None:
+        self.runs.pop((run.spec.flow, run.spec.version), None)
+        try:
+            await self.cluster.delete_version(run.spec.flow, run.spec.version)
+        except ClusterError as exc:
+            log.warning("flow %s v%s: %s", run.spec.flow, run.spec.version, exc)
+
+    async def reconcile(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        runs = dict(self.runs)
+        return await self.cluster.reconcile(set(runs), lambda f, v: runs[(f, v)].docs)
+
+    async def _reconcile_loop(self) -> None:
+        first = min(RECONCILE_EVERY, self.settings.warmup_timeout)
+        while True:
+            # First a warm-up's length after the first one: at a start every active flow is
+            # warmed up again (applying what is missing) before what is left counts as an
+            # orphan (a version a daemon killed mid-publish applied); then every minute.
+            await asyncio.sleep(first)
+            first = RECONCILE_EVERY
+            try:
+                recreated, deleted = await self.reconcile()
+                if recreated or deleted:
+                    log.warning("kubernetes: recreated %s, deleted orphans %s", recreated, deleted)
+            except ClusterError as exc:
+                log.warning("kubernetes: reconciliation failed: %s", exc)

@@ -1,0 +1,517 @@
+"""The step image's entrypoint: one step of one flow version, in a pod (issue 13).
+
+    python3 -m deployd.runtime.kubernetes.pod       (the Deployment's `command`)
+
+1. Serves the probes on `DEPLOYD_PROBE_PORT` at once: `/healthz` (200 while the process
+   lives), `/readyz` (200 only once the step can work, 503 before and while stopping).
+2. Downloads its component version's archive from deployd (`DEPLOYD_ARTIFACT_URL`, bearer
+   `DEPLOYD_ARTIFACT_TOKEN`) into the artifact volume, hashing it as it arrives; an archive
+   whose sha256 is not `DEPLOYD_ARTIFACT_SHA256` is refused (the pod exits 3, nothing of it
+   extracted). It is extracted with tarfile's "data" filter (no absolute paths, no `..`, no
+   links out, no devices). A container restarted in the same pod reuses a verified folder.
+3. Starts deployd's sailor on it (the same `sailor_py` as on one machine, over a private
+   abstract socket, its `init(cfg)` run), connects to RabbitMQ (`DEPLOYD_AMQP_URL`); then
+   it is ready.
+4. Works: a trigger waits at its start gate (`deployd.<flow>.<step>.v<N>.go`, opened by deployd
+   when this version starts: the old trigger has stopped by then), then calls `process()` every
+   `interval`; an action consumes its quorum queue
+   `deployd.<flow>.<step>` one message at a time (so per-step order is kept with one replica).
+   Each output — the next step's mapping applied, as the daemon's router does — is published
+   with a confirm before the input is acked. A message whose handling fails goes, with its
+   error, to `deployd.<flow>.<step>.dead` (then acked).
+5. SIGTERM: not ready any more; the current call or message finishes, nothing new starts, the
+   sailor is told to stop, exit 0 — within the pod's termination grace period.
+
+What this agent does not do (yet) that the daemon-side router does: snapshots live only in
+the pod's memory (not in deployd's database), handled message ids are not recorded (after a
+pod dies, an unacked message is delivered again: at-least-once), and dead letters stay in the
+`.dead` queue for now instead of `deployd flow errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import DeploydError
+from ..mapper import apply as apply_mapping
+from ..protocol import decode, encode
+from ..rabbitmq.broker import EXCHANGE, Broker, properties, queue_name, redact, routing_key
+from ..rabbitmq.router import envelope
+from .manifests import gate_queue
+
+MAX_ARCHIVE = 2 << 30  # bytes: larger is not a component version
+CHUNK = 1 << 16
+READY_TIMEOUT = 120.0  # seconds the sailor's init and the broker may take
+EXIT_REFUSED = 3  # the artifact's sha256 did not match: a restart will not help
+
+
+class PodError(Exception):
+    """Why this pod cannot run its step (printed as one line, then a non-zero exit)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    artifact_url: str
+    artifact_sha256: str
+    artifact_token: str
+    artifact_dir: Path
+    amqp_url: str
+    probe_port: int
+    step: dict[str, Any]
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str]) -> Settings:
+        names = (
+            "DEPLOYD_ARTIFACT_URL",
+            "DEPLOYD_ARTIFACT_SHA256",
+            "DEPLOYD_ARTIFACT_TOKEN",
+            "DEPLOYD_ARTIFACT_DIR",
+            "DEPLOYD_AMQP_URL",
+            "DEPLOYD_STEP",
+        )
+        missing = [n for n in names if not environ.get(n)]
+        if missing:
+            raise PodError(
+                f"{', '.join(missing)} not set: this entrypoint runs a step Deployment that "
+                "deployd rendered (see `deployd flow manifests`)"
+            )
+        try:
+            step = json.loads(environ["DEPLOYD_STEP"])
+        except ValueError as exc:
+            raise PodError(f"DEPLOYD_STEP is not JSON ({exc})") from None
+        if not environ["DEPLOYD_ARTIFACT_URL"].startswith(("http://", "https://")):
+            raise PodError("DEPLOYD_ARTIFACT_URL must be an http:// or https:// url")
+        sha = environ["DEPLOYD_ARTIFACT_SHA256"].lower()
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise PodError("DEPLOYD_ARTIFACT_SHA256 is not a sha256 (64 hex digits)")
+        return cls(
+            artifact_url=environ["DEPLOYD_ARTIFACT_URL"],
+            artifact_sha256=sha,
+            artifact_token=environ["DEPLOYD_ARTIFACT_TOKEN"],
+            artifact_dir=Path(environ["DEPLOYD_ARTIFACT_DIR"]),
+            amqp_url=environ["DEPLOYD_AMQP_URL"],
+            probe_port=int(environ.get("DEPLOYD_PROBE_PORT") or 8080),
+            step=step,
+        )
+
+
+# -- the artifact ----------------------------------------------------------------------------
+
+
+def fetch_artifact(s: Settings) -> Path:
+    """The verified, extracted code folder (downloaded unless a verified one is there)."""
+    code, marker = s.artifact_dir / "code", s.artifact_dir / ".verified-sha256"
+    with contextlib.suppress(OSError):
+        if marker.read_text().strip() == s.artifact_sha256 and code.is_dir():
+            return code
+    download = s.artifact_dir / ".download.tar.gz"
+    request = urllib.request.Request(  # noqa: S310 (http(s) only: Settings checked it)
+        s.artifact_url, headers={"Authorization": f"Bearer {s.artifact_token}"}
+    )
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer, download.open("wb") as fh:  # noqa: S310
+            while data := answer.read(CHUNK):
+                size += len(data)
+                if size > MAX_ARCHIVE:
+                    raise PodError(f"artifact at {s.artifact_url} is larger than {MAX_ARCHIVE}")
+                digest.update(data)
+                fh.write(data)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(2000).decode(errors="replace")
+        raise PodError(f"artifact download refused: HTTP {exc.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise PodError(f"artifact download from {s.artifact_url} failed: {exc}") from None
+    got = digest.hexdigest()
+    if not hmac.compare_digest(got, s.artifact_sha256):
+        download.unlink(missing_ok=True)
+        raise PodError(
+            f"artifact refused: its sha256 is {got}, the Deployment names "
+            f"{s.artifact_sha256} (a tampered or replaced archive); nothing of it was used"
+        )
+    staging = s.artifact_dir / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(download, "r:gz") as tar:
+            tar.extractall(staging, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise PodError(f"artifact cannot be extracted: {exc}") from None
+    shutil.rmtree(code, ignore_errors=True)
+    staging.rename(code)
+    download.unlink(missing_ok=True)
+    marker.write_text(s.artifact_sha256 + "\n")
+    return code
+
+
+# -- probes ----------------------------------------------------------------------------------
+
+
+class Probes:
+    """/healthz and /readyz over plain HTTP/1.0 (the kubelet's httpGet)."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self, port: int) -> None:
+        self.server = await asyncio.start_server(self._serve, "0.0.0.0", port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            path = line.split(b" ")[1] if line.count(b" ") >= 2 else b""
+            if path == b"/healthz":
+                status = b"200 OK"
+            elif path == b"/readyz":
+                status = b"200 OK" if self.ready else b"503 Service Unavailable"
+            else:
+                status = b"404 Not Found"
+            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+# -- the sailor ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    outputs: list[tuple[dict[str, Any], dict[str, Any], Any]]  # headers, attachments, body
+    error: str | None = None
+
+
+class SailorProcess:
+    """deployd's sailor for this step, connected over a private abstract socket."""
+
+    def __init__(self, spec: dict[str, Any], code: Path) -> None:
+        self.token = secrets.token_hex(16)
+        self.address = f"\0deployd-pod-{uuid.uuid4().hex}"
+        env = dict(spec.get("env") or {})
+        env.update({k: v for k, v in os.environ.items() if k.startswith("ELASTICIO_")})
+        env["ELASTICIO_EXEC_ID"] = uuid.uuid4().hex
+        self.spec = {
+            "flow": spec["flow"],
+            "step": spec["step"],
+            "kind": spec["kind"],
+            "component": spec["component"],
+            "version": spec["version"],
+            "function": spec["function"],
+            "config": spec.get("config") or {},
+            "credential": spec.get("credential"),
+            "artifact_dir": str(code),
+            "main": spec["main"],
+            "runtime": spec.get("runtime", "python"),
+            "env": env,
+            "variables": spec.get("variables") or {},
+            "token": self.token,
+            "socket": self.address,
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.ref = 0
+        self.snapshot: dict[str, Any] = {}
+        self.first = True
+
+    async def start(self) -> None:
+        if self.spec["runtime"] != "python":
+            raise PodError(f"runtime {self.spec['runtime']!r} steps are not run in pods yet")
+        connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+        connected = asyncio.get_running_loop().create_future()
+
+        def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            if not connected.done():
+                connected.set_result((r, w))
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.address)
+        server = await asyncio.start_unix_server(accept, sock=sock, limit=16 << 20)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "deployd.runtime.sailor_py", json.dumps(self.spec)
+        )
+        try:
+            reader, self.writer = await asyncio.wait_for(connected, READY_TIMEOUT)
+        finally:
+            server.close()
+        self.reader = reader
+        hello = decode(await reader.readline())
+        if hello.get("t") != "hello" or not hmac.compare_digest(
+            str(hello.get("token")), self.token
+        ):
+            raise PodError("the sailor did not say hello")
+        first = decode(await reader.readline())
+        if first.get("t") != "ready":
+            raise PodError(f"step {self.spec['step']} failed to start: {first.get('error')}")
+
+    async def request(self, line: dict[str, Any]) -> Outcome:
+        assert self.reader is not None and self.writer is not None
+        self.ref += 1
+        line = {**line, "ref": self.ref}
+        if self.first:
+            line["snapshot"] = self.snapshot
+            self.first = False
+        self.writer.write(encode(line))
+        await self.writer.drain()
+        out = Outcome([])
+        while True:
+            raw = await self.reader.readline()
+            if not raw:
+                raise PodError(f"step {self.spec['step']}'s sailor exited")
+            event = decode(raw)
+            kind = event["t"]
+            if kind == "data":
+                out.outputs.append(
+                    (event.get("headers") or {}, event.get("attachments") or {}, event["body"])
+                )
+            elif kind == "snapshot":
+                self.snapshot = dict(event.get("data") or {})
+            elif kind == "updateSnapshot":
+                self.snapshot = {**self.snapshot, **(event.get("data") or {})}
+            elif kind in ("error", "rebound"):
+                out.error = str(event.get("error"))
+            elif kind == "done":
+                return out
+
+    async def stop(self, timeout: float) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(OSError):
+                self.writer.write(encode({"t": "stop"}))
+                await self.writer.drain()
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+# -- the step --------------------------------------------------------------------------------
+
+
+class Agent:
+    """One step: its sailor, its queues, its outputs."""
+
+    def __init__(self, s: Settings, sailor: SailorProcess, broker: Broker) -> None:
+        self.s = s
+        self.step = s.step
+        self.flow: str = s.step["flow"]
+        self.sailor = sailor
+        self.broker = broker
+        self.stopping = asyncio.Event()
+        self.exec_id = uuid.uuid4().hex[:12]
+
+    async def publish_outputs(self, parent: dict[str, Any], outcome: Outcome) -> None:
+        """Each output to the next step's queue (its mapping applied), each confirmed."""
+        nxt = self.step.get("next")
+        if nxt is None:
+            return
+        passthrough = dict(parent.get("passthrough") or {})
+        pending = []
+        for i, (headers, attachments, body) in enumerate(outcome.outputs):
+            out_id = f"{parent['id']}.{i}"
+            entry: dict[str, Any] = {"id": out_id, "body": body, "headers": headers}
+            through = {**passthrough, self.step["step"]: entry}
+            value = body
+            if nxt.get("mapping"):
+                value = apply_mapping(
+                    nxt["mapping"], body, through, self.step.get("variables") or {}
+                )
+            data = envelope(
+                out_id,
+                json.dumps(value),
+                json.dumps(headers),
+                json.dumps(through),
+                json.dumps(attachments),
+            )
+            head = {
+                "messageId": out_id,
+                "parentMessageId": parent["id"],
+                "threadId": (parent.get("headers") or {}).get("threadId", parent["id"]),
+                "flowId": self.flow,
+                "stepId": nxt["step"],
+            }
+            pending.append(
+                self.broker.publish(
+                    EXCHANGE, routing_key(self.flow, nxt["step"]), data, properties(out_id, head)
+                )
+            )
+        await asyncio.gather(*pending)
+
+    async def dead_letter(self, message: dict[str, Any], error: str) -> None:
+        name = f"{queue_name(self.flow, self.step['step'])}.dead"
+        assert self.broker.channel is not None
+        await self.broker.channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        head = {"x-deployd-error": error[:2000], "stepId": self.step["step"]}
+        await self.broker.publish("", name, json.dumps(message).encode(), properties("", head))
+
+    async def wait_gate(self) -> bool:
+        """Until deployd opens this version's start gate (True) or the pod stops (False)."""
+        assert self.broker.conn is not None
+        channel = await self.broker.conn.channel()
+        name = gate_queue(self.flow, self.step["step"], int(self.step["flow_version"]))
+        queue = await channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        opened = asyncio.Event()
+
+        async def got(message: Any) -> None:
+            # Given back, not taken: the gate stays open for this version's next pod (a
+            # restart, a rescheduling) until deployd deletes it at the next switch.
+            await message.nack(requeue=True)
+            opened.set()
+
+        tag = await queue.consume(got)
+        try:
+            stop = asyncio.ensure_future(self.stopping.wait())
+            gate = asyncio.ensure_future(opened.wait())
+            await asyncio.wait({stop, gate}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            gate.cancel()
+            return opened.is_set()
+        finally:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def run_trigger(self) -> None:
+        interval = float(self.step.get("interval") or 1.0)
+        call = 0
+        if not await self.wait_gate():
+            return
+        print("deployd pod: started", file=sys.stderr, flush=True)
+        while not self.stopping.is_set():
+            call += 1
+            outcome = await self.sailor.request({"t": "call"})
+            parent = {"id": f"{self.flow}.{self.step['step']}.{self.exec_id}.{call}"}
+            if outcome.error is None:
+                await self.publish_outputs(parent, outcome)
+            else:
+                print(f"deployd pod: call {call} failed: {outcome.error}", file=sys.stderr)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)  # a call boundary
+
+    async def run_action(self) -> None:
+        assert self.broker.conn is not None
+        channel = await self.broker.conn.channel()
+        await channel.set_qos(prefetch_count=1)
+        queue = await self.broker.declare_step(self.flow, self.step["step"], channel)
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        tag = await queue.consume(inbox.put)
+        try:
+            while not self.stopping.is_set():
+                getter = asyncio.ensure_future(inbox.get())
+                stop = asyncio.ensure_future(self.stopping.wait())
+                await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not getter.done():
+                    getter.cancel()
+                    break
+                await self._handle(getter.result())
+        finally:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+            # What was delivered and not handled goes back by the close, first again.
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _handle(self, delivery: Any) -> None:
+        message = json.loads(delivery.body)
+        msg = {k: message.get(k) for k in ("id", "body", "headers", "passthrough", "attachments")}
+        outcome = await self.sailor.request({"t": "msg", "msg": msg})
+        try:
+            if outcome.error is None:
+                await self.publish_outputs(message, outcome)
+        except Exception as exc:  # a mapping that fails: the message is a dead letter
+            outcome.error = f"mapping for step {self.step['next']['step']} failed: {exc}"
+        if outcome.error is not None:
+            await self.dead_letter(message, outcome.error)
+        await delivery.ack()
+
+
+async def serve(environ: dict[str, str]) -> int:
+    """The whole pod; the exit code."""
+    probes = Probes()
+    s = Settings.from_environ(environ)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)  # Unix signal 15: the kubelet's stop
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    await probes.start(s.probe_port)
+    broker = Broker(s.amqp_url)
+    sailor: SailorProcess | None = None
+    try:
+        code = await asyncio.to_thread(fetch_artifact, s)
+        sailor = SailorProcess(s.step, code)
+        await sailor.start()
+        await broker.wait(READY_TIMEOUT)
+        agent = Agent(s, sailor, broker)
+        if s.step.get("next"):  # publishes are mandatory: its queue must be there
+            await broker.declare_step(agent.flow, s.step["next"]["step"])
+        if s.step["kind"] == "trigger":
+            work = loop.create_task(agent.run_trigger())
+        else:
+            work = loop.create_task(agent.run_action())
+        probes.ready = True
+        print(f"deployd pod: step {s.step['step']} ready", file=sys.stderr, flush=True)
+        waiter = loop.create_task(stopping.wait())
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        probes.ready = False
+        agent.stopping.set()
+        waiter.cancel()
+        started = time.monotonic()
+        await work  # the current call or message finishes first
+        print(
+            f"deployd pod: stopped at a call boundary in {time.monotonic() - started:.3f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 0
+    finally:
+        probes.ready = False
+        if sailor is not None:
+            await sailor.stop(10)
+        await broker.close()
+        await probes.close()
+
+
+def main() -> int:
+    try:
+        return asyncio.run(serve(dict(os.environ)))
+    except (PodError, DeploydError) as exc:  # BrokerUnreachable is a DeploydError
+        print(f"deployd pod: {redact(str(exc))}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED if "artifact refused" in str(exc) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Publishes through the cluster, end to end on this machine: a real deployd with placement =
+"kubernetes" and a real RabbitMQ; the Kubernetes API is the loopback emulator, and a "kubelet"
+thread of the test runs each Deployment's pods as local processes with the Deployment's
+command and environment (`test_pod.container_env`), reports them available once their
+readiness probe passes, and stops them (SIGTERM) when a Deployment is scaled to 0 or deleted.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import signal
+import subprocess
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
+from tests.flows.conftest import FlowEnv, counter_files, flow_toml, read_out
+from tests.kubernetes.emulator import Emulator
+from tests.kubernetes.test_cluster import kubeconfig
+from tests.kubernetes.test_pod import container_env
+
+
+class Kubelet:
+    def __init__(self, emu: Emulator, tmp: Path) -> None:
+        self.emu, self.tmp = emu, tmp
+        self.pods: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, int] = {}
+        self.started: list[str] = []
+        self.stop = threading.Event()
+        self.paused = threading.Event()  # no new pod starts (an image that never comes up)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        seen = 0
+        while not self.stop.is_set():
+            with self.emu.cond:
+                new = self.emu.events[seen:]
+                seen = len(self.emu.events)
+                if not new:
+                    self.emu.cond.wait(0.2)
+                    continue
+            for _rv, kind, _ns, plural, obj in new:
+                if plural != "deployments":
+                    continue
+                name = obj["metadata"]["name"]
+                want = 0 if kind == "DELETED" else obj["spec"].get("replicas", 1)
+                with self.lock:
+                    running = name in self.pods
+                if want and not running and not self.paused.is_set():
+                    self._start(name)
+                elif not want and running:
+                    threading.Thread(target=self._end, args=(name,), daemon=True).start()
+
+    def resume(self) -> None:
+        """Start the pods every Deployment wants and has not (after a pause)."""
+        self.paused.clear()
+        for name in self.emu.names("deployments"):
+            deploy = self.emu.get("deployments", name)
+            with self.lock:
+                running = name in self.pods
+            if deploy is not None and deploy["spec"].get("replicas", 1) and not running:
+                self._start(name)
+
+    def _start(self, name: str) -> None:
+        deploy, secret = self.emu.get("deployments", name), self.emu.get("secrets", name)
+        if deploy is None or secret is None:
+            return
+        volume = self.tmp / f"vol-{name}-{len(self.started)}"
+        volume.mkdir()
+        port = free_port()
+        command, env = container_env(deploy, secret, volume, port)
+        log = self.tmp / f"pod-{name}-{len(self.started)}.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(command, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        with self.lock:
+            self.pods[name] = proc
+            self.started.append(name)
+        threading.Thread(target=self._ready, args=(name, proc, port), daemon=True).start()
+
+    def _ready(self, name: str, proc: subprocess.Popen[bytes], port: int) -> None:
+        """Available once ready; a pod whose process ends by itself is restarted, with its
+        container's restartCount and last state in the Pod's status, as a kubelet does."""
+        while proc.poll() is None and not self.stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                if HTTP.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    with contextlib.suppress(KeyError):
+                        self.emu.make_available(name)
+                    break
+            self.stop.wait(0.05)
+        code = proc.wait()
+        with self.lock:
+            crashed = self.pods.get(name) is proc and not self.stop.is_set()
+            if crashed:
+                del self.pods[name]
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+        if not crashed:
+            return
+        status = {
+            "containerStatuses": [
+                {
+                    "name": "step",
+                    "image": "deployd-step",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": self.restarts[name],
+                    "lastState": {"terminated": {"exitCode": code, "reason": "Error"}},
+                }
+            ]
+        }
+        with contextlib.suppress(KeyError):
+            self.emu.set_pod(f"{name}-pod", name, status)
+        self._start(name)
+
+    def _end(self, name: str) -> None:
+        with self.lock:
+            proc = self.pods.pop(name, None)
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        with contextlib.suppress(KeyError):
+            self.emu.set_status(name, {"replicas": 0, "availableReplicas": 0})
+
+    def close(self) -> None:
+        self.stop.set()
+        with self.lock:
+            procs = list(self.pods.values())
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    e = Emulator().start()
+    yield e
+    e.close()
+
+
+def cluster_env(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+    **daemon_keys: Any,
+) -> FlowEnv:
+    work = component("hello")
+    work.commit("counter component", counter_files())
+    d = daemon_factory(**{"rollback_window": "2s", "warmup_timeout": "15s", **daemon_keys})
+    d.extra_toml = (
+        f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
+        'placement = "kubernetes"\n[runtime.kubernetes]\n'
+        f'kubeconfig = "{kubeconfig(tmp_path, emu.url)}"\n'
+        'image = "registry.example.com/deployd-step:1"\n'
+        f'public_url = "{d.url}"\n'
+    )
+    d.start()
+    d.wait_recent("hello", work.push(d.hosted("hello")), timeout=30)
+    return FlowEnv(d, work, tmp_path)
+
+
+def by(rows: list[dict[str, Any]], tag: str) -> list[int]:
+    return [r["n"] for r in rows if r["by"] == tag]
+
+
+def test_publish_switch_and_cleanup_through_the_cluster(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    env = cluster_env(daemon_factory, component, emu, amqp_url, tmp_path)
+    kubelet = Kubelet(emu, tmp_path)
+    try:
+        out = env.out()
+        env.apply(flow_toml("orders", out, interval="100ms"))
+        first = env.wait_deploy("orders", 1, timeout=90)
+        assert first["status"] == "done", first
+        names = emu.names("deployments")
+        assert len(names) == 2 and all("-v1-" in n for n in names)
+        secret = emu.get("secrets", names[0])
+        assert secret is not None and amqp_url not in str(secret)  # base64 in data only
+        assert base64.b64decode(secret["data"]["amqp-url"]).decode() == amqp_url
+        wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
+        status = env.flow("orders")
+        assert any("kubernetes:deployd-flows/" in str(s.get("location")) for s in status["steps"])
+
+        env.push(counter_files("v2"))
+        second = env.wait_deploy("orders", 2, timeout=90)
+        assert second["status"] == "done", second
+        assert second["gap_ms"] is not None
+        wait_until(lambda: len(by(read_out(out), "v2")) >= 3, timeout=60)
+        # The old version goes once the rollback window (2 s) has passed.
+        wait_until(lambda: all("-v2-" in n for n in emu.names("deployments")), timeout=30)
+        wait_until(lambda: all("-v2-" in n for n in emu.names("secrets")), timeout=30)
+        # Nothing lost, nothing twice: each trigger counts its calls from 1 (a pod's snapshot
+        # starts empty) and a v1 output may be written by the v2 action after the switch, so
+        # every n up to the larger count appears once per trigger that reached it.
+        counts = Counter(r["n"] for r in read_out(out))
+        top = max(counts)
+        assert set(counts) == set(range(1, top + 1)), counts
+        assert all(counts[n] in (1, 2) for n in counts), counts
+        assert all(counts[n] >= counts[n + 1] for n in range(1, top)), counts
+
+        # The cluster refuses the next version: a failed deployment with its reason; v2 runs on.
+        emu.fail("PATCH", "deployments", 403, "Forbidden", "deployments.apps is forbidden: quota")
+        env.push(counter_files("v3"))
+        third = env.wait_deploy("orders", 3, timeout=90)
+        assert third["status"] == "failed"
+        assert "Forbidden (403): deployments.apps is forbidden: quota" in third["reason"]
+        have = len(by(read_out(out), "v2"))
+        wait_until(lambda: len(by(read_out(out), "v2")) >= have + 3, timeout=60)
+        assert all("-v2-" in n for n in emu.names("deployments"))
+    finally:
+        kubelet.close()
+
+
+def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of deployd while v2 is warming up (its Deployments applied, not yet available):
+    at start the unfinished deployment is failed and the active version warmed up again (the
+    same objects applied again: nothing twice); the catch-up publishes the new code anew as
+    the daemon's crash-only rules say, and v2's objects, which no flow runs, are deleted by
+    the reconciliation: in the end the cluster holds exactly the active version's."""
+    env = cluster_env(daemon_factory, component, emu, amqp_url, tmp_path)
+    kubelet = Kubelet(emu, tmp_path)
+    try:
+        out = env.out()
+        env.apply(flow_toml("orders", out, interval="100ms"))
+        assert env.wait_deploy("orders", 1, timeout=90)["status"] == "done"
+        v1 = emu.names("deployments")
+        wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
+        kubelet.paused.set()  # no pod of v2 comes up: the publish stays in its warm-up
+        env.work.commit("v2", counter_files("v2"))
+        env.work.push(env.daemon.hosted("hello"))
+        wait_until(lambda: len(emu.names("deployments")) == 4, timeout=60)
+        env.daemon.kill()
+        env.daemon.start()
+        dep = env.wait_deploy("orders", 2, timeout=90)
+        assert dep["status"] == "failed"  # the crash-only rule: starting_new becomes failed
+        kubelet.resume()  # the pods of v1 went on meanwhile (cluster side)
+        have = len(read_out(out))
+        wait_until(lambda: len(read_out(out)) >= have + 3, timeout=60)
+
+        def converged() -> bool:
+            active = env.flow("orders")["version"]
+            names = emu.names("deployments")
+            return len(names) == 2 and all(f"-v{active}-" in n for n in names)
+
+        wait_until(converged, timeout=90)
+        assert not any("-v2-" in n for n in emu.names("secrets"))
+        assert v1
+    finally:
+        kubelet.close()
+
+
+CRASHING_TICKER = """\
+import os
+
+
+def process(msg, cfg, snapshot, ctx):
+    n = snapshot.get("n", 0) + 1
+    if n >= 2:
+        os._exit(3)  # the second call of every start kills the pod's sailor
+    ctx.emit("snapshot", {"n": n})
+    return {"text": f"hi {n}", "n": n}
+"""
+
+
+def test_a_version_whose_pods_crash_is_rolled_back(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    """v2's trigger pod crashes after it came up; Kubernetes restarts it; deployd sees the
+    restarts (the pods' restartCount, watched) and rolls back: v1 applied again (its replicas
+    back), warmed, switched to, and v2 removed."""
+    env = cluster_env(
+        daemon_factory, component, emu, amqp_url, tmp_path, rollback_window="30s", rollback_exits=2
+    )
+    kubelet = Kubelet(emu, tmp_path)
+    try:
+        out = env.out()
+        env.apply(flow_toml("orders", out, interval="100ms"))
+        assert env.wait_deploy("orders", 1, timeout=90)["status"] == "done"
+        wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
+        env.push(counter_files("v2", **{"lib/ticker.py": CRASHING_TICKER}))
+        dep = env.wait_deploys(
+            lambda ds: next(
+                (d for d in ds if d["to_version"] == 2 and d["status"] == "rolled_back"), None
+            ),
+            timeout=120,
+        )
+        assert "restarted (exit code 1" in dep["reason"], dep
+        assert env.flow("orders")["version"] == 1
+        wait_until(lambda: all("-v1-" in n for n in emu.names("deployments")), timeout=60)
+        have = len(by(read_out(out), "v1"))
+        wait_until(lambda: len(by(read_out(out), "v1")) >= have + 3, timeout=60)
+    finally:
+        kubelet.close()

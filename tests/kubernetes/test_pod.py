@@ -1,0 +1,288 @@
+"""The pod's side for real (issue 13): the step image's entrypoint run as a local process with
+the command and environment its Deployment gives it (values the Deployment takes from its
+Secret read from the rendered Secret), against a real deployd and the session's real RabbitMQ.
+
+Two things differ from a cluster, and only these: the artifact volume is a temporary folder
+(the Deployment mounts an emptyDir at DEPLOYD_ARTIFACT_DIR) and the probe port is a free one
+(every pod has its own 8080; tests share one machine)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from deployd import config as config_mod
+from deployd.flows.manifests import manifests
+from deployd.objects import flow_token
+from deployd.runtime.kubernetes.artifacts import artifact_token
+from deployd.runtime.kubernetes.manifests import ARTIFACT_DIR, PodSecrets, gate_queue
+from deployd.store import Store
+from tests.broker import run_async
+from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
+from tests.flows.conftest import counter_files, flow_toml, read_out
+
+
+class Cluster:
+    """A real daemon whose flow `orders` (tick → write) is stopped there, so only pods run it."""
+
+    def __init__(self, daemon: Daemon, amqp_url: str, tmp: Path) -> None:
+        self.daemon = daemon
+        self.amqp_url = amqp_url
+        self.tmp = tmp
+        self.out = tmp / "out.jsonl"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def key(self) -> bytes:
+        return bytes.fromhex((self.daemon.state_dir / "object-storage-key").read_text().strip())
+
+    def docs(self, version: int = 1) -> list[dict[str, Any]]:
+        cfg = config_mod.load(self.daemon.config_path)
+        store = Store.readonly(self.daemon.state_dir / "deployd.db")
+        secrets = PodSecrets(
+            self.amqp_url,
+            artifact_token(self.key, "orders", version),
+            flow_token(self.key, "orders"),
+        )
+        return manifests(cfg, store, "orders", version, secrets)
+
+    def pod_env(self, step: str, volume: Path, port: int) -> tuple[list[str], dict[str, str]]:
+        """The command and environment of `step`'s container, as the kubelet would give them."""
+        docs = self.docs()
+        secret = next(d for d in docs if d["kind"] == "Secret" and _step(d) == step)
+        deploy = next(d for d in docs if d["kind"] == "Deployment" and _step(d) == step)
+        return container_env(deploy, secret, volume, port)
+
+    def pod(self, step: str) -> Pod:
+        volume = self.tmp / f"volume-{step}-{len(self.procs)}"
+        volume.mkdir()
+        port = free_port()
+        command, env = self.pod_env(step, volume, port)
+        log = self.tmp / f"pod-{step}-{len(self.procs)}.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(command, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return Pod(proc, port, log, volume)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def container_env(
+    deploy: dict[str, Any], secret: dict[str, Any], volume: Path, port: int
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment a kubelet gives `deploy`'s container (secretKeyRefs read
+    from `secret`), with the artifact volume at `volume` and the probe on `port`."""
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(volume.parent)}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"]
+            env[var["name"]] = data[ref["key"]]
+    assert env["DEPLOYD_ARTIFACT_DIR"] == ARTIFACT_DIR
+    assert container["volumeMounts"][0]["mountPath"] == ARTIFACT_DIR
+    env["DEPLOYD_ARTIFACT_DIR"] = str(volume)  # the emptyDir
+    env["DEPLOYD_PROBE_PORT"] = str(port)
+    command = list(container["command"])
+    assert command[0] == "python3"
+    command[0] = sys.executable  # the image's python3, here the venv's
+    return command, env
+
+
+class Pod:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path, volume: Path):
+        self.proc, self.port, self.log_path, self.volume = proc, port, log, volume
+
+    def probe(self, path: str) -> int:
+        try:
+            return HTTP.get(f"http://127.0.0.1:{self.port}{path}", timeout=2).status_code
+        except httpx.HTTPError:
+            return 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"pod exited {self.proc.returncode}: {self.log()}"
+            return self.probe("/readyz") == 200
+
+        wait_until(ready, timeout=90)
+
+
+def _step(doc: dict[str, Any]) -> str:
+    return str(doc["metadata"]["annotations"]["deployd.io/step-id"])
+
+
+def make_cluster(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    amqp_url: str,
+    tmp_path: Path,
+) -> Cluster:
+    work = component("hello")
+    work.commit("counter component", counter_files())
+    d = daemon_factory()
+    d.extra_toml = (
+        "[runtime.kubernetes]\n"
+        'image = "registry.example.com/deployd-step:1"\n'
+        f'public_url = "{d.url}"\n'
+    )
+    d.start()
+    d.wait_recent("hello", work.push(d.hosted("hello")), timeout=30)
+    cluster = Cluster(d, amqp_url, tmp_path)
+    flow = flow_toml("orders", cluster.out, interval="100ms")
+    path = tmp_path / "orders.toml"
+    path.write_text(flow)
+    d.cli("flow", "apply", str(path))
+    d.cli("flow", "stop", "orders")  # only the pods run it from now on
+    return cluster
+
+
+def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    cluster = make_cluster(daemon_factory, component, amqp_url, tmp_path)
+    before = len(read_out(cluster.out))  # what the daemon wrote before the flow was stopped
+    try:
+        write = cluster.pod("write")
+        tick = cluster.pod("tick")
+        assert write.probe("/healthz") in (0, 200)
+        write.wait_ready()
+        tick.wait_ready()
+        assert not read_out(cluster.out)[before:]  # the trigger waits at its start gate
+        open_gate(cluster.amqp_url, gate_queue("orders", "tick", 1))
+        assert (write.volume / "code" / "component.json").exists()
+        # The trigger pod's outputs went through the broker to the action pod, which wrote them.
+        rows = wait_until(
+            lambda: len(read_out(cluster.out)) >= before + 3 and read_out(cluster.out)
+        )
+        assert all(r["by"] == "v1" for r in rows)
+        texts = [r["text"] for r in rows[before:]]
+        assert texts[:3] == ["hi 1", "hi 2", "hi 3"]  # one trigger: in order
+
+        tick.proc.send_signal(signal.SIGTERM)
+        assert tick.proc.wait(25) == 0  # within terminationGracePeriodSeconds (25)
+        assert "stopped at a call boundary" in tick.log()
+        # A trigger pod of the same version started again (a restart, a rescheduling) finds
+        # its gate still open: it works at once.
+        again = cluster.pod("tick")
+        again.wait_ready()
+        have = len(read_out(cluster.out))
+        wait_until(lambda: len(read_out(cluster.out)) >= have + 2)
+        again.proc.send_signal(signal.SIGTERM)
+        assert again.proc.wait(25) == 0
+        written = len(read_out(cluster.out))
+
+        def settled() -> bool:
+            return bool(_queue_empty(cluster.amqp_url))
+
+        wait_until(settled, timeout=30)  # everything the trigger published was handled
+        assert len(read_out(cluster.out)) >= written
+        write.proc.send_signal(signal.SIGTERM)
+        assert write.proc.wait(25) == 0
+        assert "stopped at a call boundary" in write.log()
+        # The pods' snapshot starts empty (it is not yet kept by deployd): each trigger pod
+        # counts from 1 again; within each, nothing lost, nothing twice.
+        numbers = [r["n"] for r in read_out(cluster.out)[before:]]
+        runs: list[list[int]] = []
+        for n in numbers:
+            if n == 1:
+                runs.append([])
+            runs[-1].append(n)
+        assert len(runs) == 2
+        assert all(run == list(range(1, len(run) + 1)) for run in runs)
+    finally:
+        cluster.close()
+
+
+def open_gate(url: str, name: str) -> None:
+    """What deployd does when a version starts: one message into the trigger's gate."""
+
+    async def put() -> None:
+        import aio_pika
+
+        conn = await aio_pika.connect(url)
+        try:
+            channel = await conn.channel()
+            await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+            await channel.default_exchange.publish(aio_pika.Message(b'"go"'), routing_key=name)
+        finally:
+            await conn.close()
+
+    run_async(put)
+
+
+def _queue_empty(url: str) -> bool:
+    async def check() -> bool:
+        import aio_pika
+
+        conn = await aio_pika.connect(url)
+        try:
+            channel = await conn.channel()
+            queue = await channel.declare_queue("deployd.orders.write", durable=True, passive=True)
+            return queue.declaration_result.message_count == 0
+        finally:
+            await conn.close()
+
+    return run_async(check)
+
+
+def test_a_tampered_archive_is_refused_and_tokens_are_scoped(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    cluster = make_cluster(daemon_factory, component, amqp_url, tmp_path)
+    try:
+        url = f"{cluster.daemon.url}/api/v1/artifacts/hello/1"
+        assert HTTP.get(url, timeout=10).status_code == 401
+        wrong = {"Authorization": "Bearer " + artifact_token(b"k" * 32, "orders", 1)}
+        assert HTTP.get(url, headers=wrong, timeout=10).status_code == 401
+        other = {"Authorization": "Bearer " + artifact_token(cluster.key, "orders", 2)}
+        assert HTTP.get(url, headers=other, timeout=10).status_code == 403
+        objects = {"Authorization": "Bearer " + flow_token(cluster.key, "orders")}
+        assert HTTP.get(url, headers=objects, timeout=10).status_code == 401  # another scope
+        good = {"Authorization": "Bearer " + artifact_token(cluster.key, "orders", 1)}
+        answer = HTTP.get(url, headers=good, timeout=10)
+        assert answer.status_code == 200
+        sha = answer.headers["x-deployd-sha256"]
+        deploy = next(d for d in cluster.docs() if d["kind"] == "Deployment")
+        env = {
+            e["name"]: e.get("value")
+            for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        assert env["DEPLOYD_ARTIFACT_SHA256"] == sha
+        unknown = HTTP.get(
+            f"{cluster.daemon.url}/api/v1/artifacts/hello/99", headers=good, timeout=10
+        )
+        assert unknown.status_code == 403
+
+        archive = cluster.daemon.state_dir / "artifacts" / "hello-1.tar.gz"
+        archive.write_bytes(archive.read_bytes() + b"tampered")  # the bytes served change
+        pod = cluster.pod("write")
+        assert pod.proc.wait(60) == 3
+        assert "artifact refused: its sha256 is" in pod.log()
+        assert not (pod.volume / "code").exists()  # nothing of it was used
+        assert json.dumps(cluster.amqp_url) not in pod.log()
+    finally:
+        cluster.close()
