@@ -318,7 +318,7 @@ class RabbitRunner(FlowRunner):
             ):
                 return False
             try:
-                fut = self.submit(proc, row, self.router.snapshot(self.flow, step_id))
+                fut = proc.submit_msg(row, self.router.snapshot(self.flow, step_id))
             except StepDied:
                 return False
             inflight.append((row, fut))
