@@ -16,9 +16,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import DeliveredMessage
@@ -98,17 +97,7 @@ class Consumer:
                 await _either(stop, stop, delay)
                 delay = min(delay * 2, 5.0)
 
-    def _on_message(self, message: DeliveredMessage) -> Coroutine[Any, Any, None]:
-        """aiormq calls this with each delivery, in its channel's reader, and runs what it
-        returns as a task of its own: the delivery is taken here, at once — one turn of the
-        event loop sooner than in that task, on every message."""
-        try:
-            self._take(message)
-        except Exception:  # raised here it would close the channel: logged, as aiormq does
-            log.exception("flow %s step %s: taking a delivery failed", self.flow, self.step)
-        return _nothing()
-
-    def _take(self, message: DeliveredMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         if self.closed:
             return  # not taken: it goes back with the channel
         row = self.router.row(self.flow, self.step, Inbound(message))
@@ -140,10 +129,6 @@ class Consumer:
         if self.channel is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.channel.close(), CLOSE_TIMEOUT)
-
-
-async def _nothing() -> None:
-    """What `Consumer._on_message` gives aiormq to run: the work is done already."""
 
 
 def _epoch(deliveries: dict[int, Delivery], row_id: int) -> int:
