@@ -305,25 +305,16 @@ class StepProcess:
         """Write what was submitted (one write for many requests: the sailor then reads them
         at once and answers them at once), and wait while the socket's send buffer is full.
         Raises StepDied when the connection is gone."""
-        self.write()
-        assert self._writer is not None
+        if self._writer is None:
+            raise StepDied(f"step {self.step_id} is not running")
         try:
+            if self._out:
+                data = b"".join(self._out)
+                self._out.clear()
+                self._writer.write(data)
             await self._writer.drain()
         except ConnectionError as exc:
             raise StepDied(f"step {self.step_id}: {exc}") from exc
-
-    def write(self) -> None:
-        """Write what was submitted, without waiting for the socket's buffer (`drain` does).
-        Raises StepDied when the connection is gone."""
-        if self._writer is None:
-            raise StepDied(f"step {self.step_id} is not running")
-        if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
-            try:
-                self._writer.write(data)
-            except ConnectionError as exc:
-                raise StepDied(f"step {self.step_id}: {exc}") from exc
 
     async def request(self, obj: dict[str, Any], snapshot: dict[str, Any] | None) -> Result:
         """Send one call/msg/startup/shutdown and wait until the process says it is done."""

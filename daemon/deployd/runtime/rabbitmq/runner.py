@@ -16,7 +16,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from aio_pika.abc import AbstractChannel
@@ -55,10 +54,6 @@ class Consumer:
         self.channel: AbstractChannel | None = None
         self.closed = False
         self.epoch = router.broker.reconnects  # the connection it consumes on
-        # Set while the loop waits idle with a ready step process: a delivery is handed to
-        # that process from here (True) instead of waking the loop to do it, one turn of
-        # the event loop sooner on every message of a quiet flow.
-        self.hand: Callable[[Queued], bool] | None = None
 
     async def start(self) -> None:
         broker = self.router.broker
@@ -102,9 +97,7 @@ class Consumer:
             return  # not taken: it goes back with the channel
         row = self.router.row(self.flow, self.step, Inbound(message))
         if row is not None:
-            hand, self.hand = self.hand, None
-            if hand is None or self.buffer or not hand(row):
-                self.buffer.append(row)
+            self.buffer.append(row)
             self.arrived.set()
 
     def drop_stale(self) -> None:
@@ -252,12 +245,7 @@ class RabbitRunner(FlowRunner):
                 else:
                     consumer.arrived.clear()
                     if not consumer.buffer:
-                        if proc is not None and proc is self.procs.get(step.id):
-                            consumer.hand = self._direct(index, proc, inflight, stop)
-                        try:
-                            await _either(consumer.arrived, stop, IDLE_POLL)
-                        finally:
-                            consumer.hand = None
+                        await _either(consumer.arrived, stop, IDLE_POLL)
                 continue
             try:
                 await inflight[0][1]
@@ -276,42 +264,6 @@ class RabbitRunner(FlowRunner):
                 continue
             if pace is not None:
                 ahead = max(1, min(prefetch, int(AHEAD_BUDGET / max(pace, 1e-6))))
-
-    def _direct(
-        self,
-        index: int,
-        proc: StepProcess,
-        inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]],
-        stop: asyncio.Event,
-    ) -> Callable[[Queued], bool]:
-        """What an idle loop's consumer calls with a new delivery: the message handed to
-        `proc` at once when the loop would do just that on waking (same process, nothing in
-        flight, room in the next queue, no failed group since); False leaves it to the loop."""
-        step_id = self.steps[index].id
-        generation = self.router.generation
-
-        def hand(row: Queued) -> bool:
-            if (
-                stop.is_set()
-                or inflight
-                or generation != self.router.generation
-                or proc is not self.procs.get(step_id)
-                or not self.live[step_id].is_set()
-                or not self.broker.connected.is_set()
-                or self.held_since.get(step_id) is not None
-                or self._space(index, 0) <= 0
-            ):
-                return False
-            try:
-                fut = proc.submit_msg(row, self.router.snapshot(self.flow, step_id))
-            except StepDied:
-                return False
-            inflight.append((row, fut))
-            with contextlib.suppress(StepDied):  # the loop then has it from the future
-                proc.write()
-            return True
-
-        return hand
 
     async def _hand_rows(
         self,
