@@ -40,6 +40,7 @@ from ..errors import FlowError
 from ..pipeline.descriptor import MAX_DEPTH, json_depth
 from ..runtime.base import InputClosed, InputFull, Runtime
 from ..runtime.stepenv import api_uri
+from ..sources.webhook import read_body
 from . import secrets
 
 if TYPE_CHECKING:
@@ -268,21 +269,7 @@ def _is_json(value: Any) -> bool:
 
 async def _read_body(headers: Headers, body: bytes | AsyncIterable[bytes], limit: int) -> bytes:
     too_big = _Refused(413, f"body larger than daemon.max_webhook_bytes ({limit} bytes)")
-    length = str(headers.get("content-length") or "")
-    if length.isdigit() and int(length) > limit:
-        raise too_big
-    if isinstance(body, bytes):
-        if len(body) > limit:
-            raise too_big
-        return body
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in body:
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_body(headers, body, limit, too_big)
 
 
 def _no_constants(name: str) -> Any:

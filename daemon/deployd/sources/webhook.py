@@ -227,21 +227,7 @@ class WebhookIntake:
     async def _read_body(self, headers: Headers, body: bytes | AsyncIterable[bytes]) -> bytes:
         limit = self.max_bytes
         too_big = WebhookError(413, f"body larger than daemon.max_webhook_bytes ({limit} bytes)")
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise too_big
-        if isinstance(body, bytes):
-            if len(body) > limit:
-                raise too_big
-            return body
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in body:
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(headers, body, limit, too_big)
 
     async def _handle(
         self, name: str, headers: Headers, stream: bytes | AsyncIterable[bytes], provider: Provider
@@ -329,3 +315,25 @@ class WebhookIntake:
         self._last_prune = now
         cutoff = (datetime.now(UTC) - DELIVERY_KEEP).isoformat(timespec="milliseconds")
         self.store.prune_deliveries(cutoff)
+
+
+async def read_body(
+    headers: Headers, body: bytes | AsyncIterable[bytes], limit: int, too_big: Exception
+) -> bytes:
+    """A request's body, at most `limit` bytes: `too_big` is raised as soon as the declared
+    length or what arrived passes it (nothing more is read). For webhooks and HTTP-fed flows."""
+    length = str(headers.get("content-length") or "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    if isinstance(body, bytes):
+        if len(body) > limit:
+            raise too_big
+        return body
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in body:
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
