@@ -29,10 +29,11 @@ TEST_PACKAGES := rabbitmq-server
 
 # Two workers (CI has 2 cores; most of a test is waiting on a daemon's processes), each taking
 # a whole file at a time, so a module's shared daemon is started once. PYTEST_XDIST= runs serially.
+# The 25 slowest tests are listed at the end: the suite is to stay well under 10 minutes.
 PYTEST_XDIST ?= -n 2 --dist loadfile
 test: $(STAMP) check
 	scripts/ensure-packages $(TEST_PACKAGES)
-	$(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
