@@ -264,12 +264,17 @@ def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
         wait_until(lambda: len(read_out(out)) >= have + 3, timeout=60)
 
         def converged() -> bool:
+            # A version's Deployments and Secrets are deleted concurrently: wait for both.
             active = env.flow("orders")["version"]
             names = emu.names("deployments")
-            return len(names) == 2 and all(f"-v{active}-" in n for n in names)
+            secrets = emu.names("secrets")
+            return (
+                len(names) == 2
+                and all(f"-v{active}-" in n for n in names)
+                and not any("-v2-" in n for n in secrets)
+            )
 
         wait_until(converged, timeout=90)
-        assert not any("-v2-" in n for n in emu.names("secrets"))
         assert v1
     finally:
         kubelet.close()
