@@ -107,8 +107,11 @@ def ensure_archive(cache: Path, component: str, version: int, folder: Path) -> t
             os.fsync(fh.fileno())
         sha = h.h.hexdigest()
         os.replace(tmp, path)
-        sha_tmp = sha_path.with_name(f".tmp-{sha_path.name}")
-        sha_tmp.write_text(sha + "\n")
+        # A temporary file of its own (not a fixed name): two pods asking at once both build
+        # the same reproducible archive, and each renames only what it wrote.
+        sha_fd, sha_tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".sha256")
+        with os.fdopen(sha_fd, "w") as sh:
+            sh.write(sha + "\n")
         os.replace(sha_tmp, sha_path)  # after the archive: a sha file names a whole one
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
