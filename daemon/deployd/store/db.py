@@ -18,7 +18,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cached_property
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from sqlite_utils import Database
 
 Row = dict[str, Any]
+EventListener = Callable[[Row], None]
 log = logging.getLogger("deployd.store")
 CHECKPOINT_EVERY = 0.25  # seconds between the checkpointer's passive checkpoints
 BACKSTOP_PAGES = 20_000  # SQLite's own checkpoint, on the writer, only past this (~80 MB)
@@ -53,6 +54,7 @@ class StoreCore:
         self.path = path
         self.writable = writable
         self.checkpointer: Checkpointer | None = None
+        self.event_listeners: list[EventListener] = []
 
     @cached_property
     def db(self) -> Database:
@@ -168,12 +170,36 @@ class StoreCore:
         sha: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        """Record that something happened (the `history` of the daemon)."""
-        self.conn.execute(
+        """Record that something happened (the `history` of the daemon).
+
+        Then every listener of `add_event_listener` sees the new row, on this connection and
+        inside the caller's transaction when there is one: a listener that writes (the outbox)
+        commits or rolls back together with the event itself.
+        """
+        row: Row = {
+            "ts": utcnow(),
+            "kind": kind,
+            "component": component,
+            "flow": flow,
+            "sha": sha,
+            "message": message,
+            "detail": json.dumps(detail) if detail else None,
+        }
+        cur = self.conn.execute(
             "INSERT INTO events (ts, kind, component, flow, sha, message, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (utcnow(), kind, component, flow, sha, message, json.dumps(detail) if detail else None),
+            " VALUES (:ts, :kind, :component, :flow, :sha, :message, :detail)",
+            row,
         )
+        row["id"] = cur.lastrowid
+        for listener in self.event_listeners:
+            try:
+                listener(row)
+            except Exception:  # a listener's bug must not lose the event nor the caller's work
+                log.exception("event listener %r failed on %s", listener, kind)
+
+    def add_event_listener(self, listener: EventListener) -> None:
+        """Call `listener(row)` after each `event()` (the dashboard's stream, the outbox)."""
+        self.event_listeners.append(listener)
 
     def events(
         self, component: str | None = None, flow: str | None = None, limit: int = 200
