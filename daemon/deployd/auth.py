@@ -5,12 +5,12 @@ Mutating API calls require it; the CLI reads the same file (or config) to call t
 
 from __future__ import annotations
 
-import hmac
 import os
 import secrets
 from pathlib import Path
 
 from .config import Config
+from .digests import bearer, same_secret
 from .errors import DaemonError
 from .paths import Paths
 
@@ -50,7 +50,4 @@ def read_token(config: Config) -> str:
 
 def check(expected: str, header: str | None) -> bool:
     """Constant-time check of an `Authorization: Bearer <token>` header."""
-    scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not expected:  # the scheme is case-insensitive (RFC 7235)
-        return False
-    return hmac.compare_digest(token.strip().encode(), expected.encode())
+    return same_secret(bearer(header), expected)

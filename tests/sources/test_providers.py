@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from deployd import digests
 from deployd.errors import WebhookError
 from deployd.sources import providers
 from deployd.sources.providers import RefUpdate
@@ -161,7 +162,7 @@ def test_gitlab_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPat
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(providers.hmac, "compare_digest", spy)
+    monkeypatch.setattr(digests.hmac, "compare_digest", spy)
     headers, body = hooks.gitlab("tok3n", {"object_kind": "push"})
     h = lower(headers)
     gl = providers.detect(h)

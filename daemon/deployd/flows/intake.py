@@ -25,8 +25,6 @@ of the version that runs or that a publish is switching to, so a publish refuses
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -36,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
+from ..digests import bearer, hmac_sha256_hex, same_secret, same_signature
 from ..errors import FlowError
 from ..pipeline.descriptor import MAX_DEPTH, json_depth
 from ..runtime.base import InputClosed, InputFull, Runtime
@@ -238,13 +237,9 @@ class FlowIntake:
     @staticmethod
     def _verify(secret: bytes, auth: str, headers: Headers, raw: bytes) -> bool:
         if auth == "token":
-            given = str(headers.get("authorization") or "")
-            scheme, _, token = given.partition(" ")
-            ok = hmac.compare_digest(token.strip().encode(), secret)
-            return ok and scheme.lower() == "bearer" and bool(secret)
-        given = str(headers.get(SIGNATURE) or "").strip()
-        expected = "sha256=" + hmac.new(secret, raw, hashlib.sha256).hexdigest()
-        return hmac.compare_digest(given.lower().encode(), expected.encode()) and bool(secret)
+            return same_secret(bearer(headers.get("authorization")), secret)
+        expected = "sha256=" + hmac_sha256_hex(secret, raw)
+        return same_signature(headers.get(SIGNATURE), expected) and bool(secret)
 
     @staticmethod
     def _unauthenticated(headers: Headers) -> _Refused:

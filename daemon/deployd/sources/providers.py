@@ -15,8 +15,6 @@ follows any url found in a payload.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 from collections.abc import Mapping
@@ -24,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from ..digests import hmac_sha256_hex, same_secret, same_signature
 from ..errors import WebhookError
 
 # Header names are looked up in lower case (Starlette's Headers does so for any case).
@@ -53,26 +52,6 @@ class Hook:
     event: str  # the provider's own name of the event, for messages
     delivery_id: str | None
     updates: tuple[RefUpdate, ...] = ()
-
-
-def hmac_hex(secret: str, body: bytes) -> str:
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def _same(given: str | None, expected: str) -> bool:
-    """Constant-time comparison of a header value with the expected one."""
-    if not given:
-        return False
-    return hmac.compare_digest(given.strip().lower().encode(), expected.encode())
-
-
-def _same_token(given: str | None, secret: str) -> bool:
-    """Constant-time token comparison that does not even leak the secret's length."""
-    if not given:
-        return False
-    a = hashlib.sha256(given.encode()).digest()
-    b = hashlib.sha256(secret.encode()).digest()
-    return hmac.compare_digest(a, b)
 
 
 def _delivery(value: str | None) -> str | None:
@@ -151,7 +130,9 @@ class Provider:
         return any(headers.get(h) for h in self.signature_headers)
 
     def verify(self, headers: Headers, body: bytes, secret: str) -> bool:
-        return _same(headers.get(self.signature_headers[0]), "sha256=" + hmac_hex(secret, body))
+        return same_signature(
+            headers.get(self.signature_headers[0]), "sha256=" + hmac_sha256_hex(secret, body)
+        )
 
     def accepts(self, content_type: str) -> tuple[bool, bool]:
         """(acceptable, form-encoded) for a request's media type."""
@@ -194,11 +175,13 @@ class Gitea(GitHub):
     signature_headers = ("x-forgejo-signature", "x-gitea-signature", "x-hub-signature-256")
 
     def verify(self, headers: Headers, body: bytes, secret: str) -> bool:
-        digest = hmac_hex(secret, body)
+        digest = hmac_sha256_hex(secret, body)
         for h in self.signature_headers:
             value = headers.get(h)
             if value:
-                return _same(value, ("sha256=" if h == "x-hub-signature-256" else "") + digest)
+                return same_signature(
+                    value, ("sha256=" if h == "x-hub-signature-256" else "") + digest
+                )
         return False
 
 
@@ -210,7 +193,7 @@ class GitLab(Provider):
     signature_headers = ("x-gitlab-token",)
 
     def verify(self, headers: Headers, body: bytes, secret: str) -> bool:
-        return _same_token(headers.get("x-gitlab-token"), secret)
+        return same_secret(headers.get("x-gitlab-token"), secret)
 
     def parse(self, headers: Headers, body: bytes, form: bool) -> Hook:
         event = self.event(headers)
