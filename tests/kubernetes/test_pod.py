@@ -162,6 +162,8 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
 ) -> None:
     cluster = make_cluster(daemon_factory, component, amqp_url, tmp_path)
     before = len(read_out(cluster.out))  # what the daemon wrote before the flow was stopped
+    # The step's snapshot is deployd's: the trigger pod goes on from the daemon's last call.
+    n0 = max((r["n"] for r in read_out(cluster.out)), default=0)
     try:
         write = cluster.pod("write")
         tick = cluster.pod("tick")
@@ -177,7 +179,7 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         )
         assert all(r["by"] == "v1" for r in rows)
         texts = [r["text"] for r in rows[before:]]
-        assert texts[:3] == ["hi 1", "hi 2", "hi 3"]  # one trigger: in order
+        assert texts[:3] == [f"hi {n0 + i}" for i in (1, 2, 3)]  # one trigger: in order
 
         tick.proc.send_signal(signal.SIGTERM)
         assert tick.proc.wait(25) == 0  # within terminationGracePeriodSeconds (25)
@@ -200,16 +202,19 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         write.proc.send_signal(signal.SIGTERM)
         assert write.proc.wait(25) == 0
         assert "stopped at a call boundary" in write.log()
-        # The pods' snapshot starts empty (it is not yet kept by deployd): each trigger pod
-        # counts from 1 again; within each, nothing lost, nothing twice.
+        # Each call's snapshot went to the flow's records queue (no daemon follows it here:
+        # this daemon runs the embedded runtime; tests/kubernetes/test_e2e.py covers the loop),
+        # so the restarted pod read the same stored snapshot again and counted from n0 + 1
+        # anew; within each pod, nothing lost, nothing twice.
+        assert _queue_count(cluster.amqp_url, "deployd.orders.records") >= 5
         numbers = [r["n"] for r in read_out(cluster.out)[before:]]
         runs: list[list[int]] = []
         for n in numbers:
-            if n == 1:
+            if n == n0 + 1:
                 runs.append([])
             runs[-1].append(n)
         assert len(runs) == 2
-        assert all(run == list(range(1, len(run) + 1)) for run in runs)
+        assert all(run == list(range(n0 + 1, n0 + 1 + len(run))) for run in runs)
     finally:
         cluster.close()
 
@@ -232,14 +237,18 @@ def open_gate(url: str, name: str) -> None:
 
 
 def _queue_empty(url: str) -> bool:
-    async def check() -> bool:
+    return _queue_count(url, "deployd.orders.write") == 0
+
+
+def _queue_count(url: str, name: str) -> int:
+    async def check() -> int:
         import aio_pika
 
         conn = await aio_pika.connect(url)
         try:
             channel = await conn.channel()
-            queue = await channel.declare_queue("deployd.orders.write", durable=True, passive=True)
-            return queue.declaration_result.message_count == 0
+            queue = await channel.declare_queue(name, durable=True, passive=True)
+            return int(queue.declaration_result.message_count or 0)
         finally:
             await conn.close()
 
@@ -276,6 +285,16 @@ def test_a_tampered_archive_is_refused_and_tokens_are_scoped(
             f"{cluster.daemon.url}/api/v1/artifacts/hello/99", headers=good, timeout=10
         )
         assert unknown.status_code == 403
+
+        # A step's snapshot, with the same token: its own flow version's steps only.
+        snap = f"{cluster.daemon.url}/api/v1/snapshots/orders/tick"
+        assert HTTP.get(snap, timeout=10).status_code == 401
+        assert HTTP.get(snap, headers=objects, timeout=10).status_code == 401
+        got = HTTP.get(snap, headers=good, timeout=10)
+        assert got.status_code == 200 and isinstance(got.json()["snapshot"], dict), got.text
+        for path in ("orders/nosuch", "other/tick"):
+            far = HTTP.get(f"{cluster.daemon.url}/api/v1/snapshots/{path}", headers=good)
+            assert far.status_code == 403, far.text
 
         archive = cluster.daemon.state_dir / "artifacts" / "hello-1.tar.gz"
         archive.write_bytes(archive.read_bytes() + b"tampered")  # the bytes served change

@@ -17,15 +17,16 @@
    `interval`; an action consumes its quorum queue
    `deployd.<flow>.<step>` one message at a time (so per-step order is kept with one replica).
    Each output — the next step's mapping applied, as the daemon's router does — is published
-   with a confirm before the input is acked. A message whose handling fails goes, with its
-   error, to `deployd.<flow>.<step>.dead` (then acked).
+   with a confirm before the input is acked. A message whose handling fails is a dead letter
+   and the step's snapshot, when a call changed it, is kept: both go to the flow's records
+   queue (`records.py`; deployd writes them to its database), confirmed before the input is
+   acked. The snapshot is read from deployd (`GET /api/v1/snapshots/{flow}/{step}`) once,
+   before the first call or message.
 5. SIGTERM: not ready any more; the current call or message finishes, nothing new starts, the
    sailor is told to stop, exit 0 — within the pod's termination grace period.
 
-What this agent does not do (yet) that the daemon-side router does: snapshots live only in
-the pod's memory (not in deployd's database), handled message ids are not recorded (after a
-pod dies, an unacked message is delivered again: at-least-once), and dead letters stay in the
-`.dead` queue for now instead of `deployd flow errors`.
+What this agent does not do (yet) that the daemon-side router does: handled message ids are
+not recorded (after a pod dies, an unacked message is delivered again: at-least-once).
 """
 
 from __future__ import annotations
@@ -49,15 +50,18 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ...errors import DeploydError
 from ..mapper import apply as apply_mapping
 from ..protocol import decode, encode
-from ..rabbitmq.broker import EXCHANGE, Broker, properties, queue_name, redact, routing_key
+from ..rabbitmq.broker import EXCHANGE, Broker, properties, redact, routing_key
 from ..rabbitmq.router import envelope
 from .manifests import gate_queue
+from .records import KIND_HEADER, records_queue
 
 MAX_ARCHIVE = 2 << 30  # bytes: larger is not a component version
+MAX_SNAPSHOT = 16 << 20  # bytes of a snapshot answer
 CHUNK = 1 << 16
 READY_TIMEOUT = 120.0  # seconds the sailor's init and the broker may take
 EXIT_REFUSED = 3  # the artifact's sha256 did not match: a restart will not help
@@ -76,6 +80,7 @@ class Settings:
     amqp_url: str
     probe_port: int
     step: dict[str, Any]
+    api_url: str = ""  # deployd's API (the step's snapshot); "": start with an empty one
 
     @classmethod
     def from_environ(cls, environ: dict[str, str]) -> Settings:
@@ -110,10 +115,42 @@ class Settings:
             amqp_url=environ["DEPLOYD_AMQP_URL"],
             probe_port=int(environ.get("DEPLOYD_PROBE_PORT") or 8080),
             step=step,
+            api_url=environ.get("DEPLOYD_URL", "").rstrip("/"),
         )
 
 
 # -- the artifact ----------------------------------------------------------------------------
+
+
+def fetch_snapshot(s: Settings) -> dict[str, Any]:
+    """The step's snapshot as deployd keeps it (`GET /api/v1/snapshots/{flow}/{step}`, the
+    artifact token), retried for a while: a pod that cannot read it does not start from an
+    empty one."""
+    if not s.api_url.startswith(("http://", "https://")):
+        return {}
+    flow, step = quote(str(s.step["flow"]), safe=""), quote(str(s.step["step"]), safe="")
+    url = f"{s.api_url}/api/v1/snapshots/{flow}/{step}"
+    request = urllib.request.Request(  # noqa: S310 (http(s) only: checked above)
+        url, headers={"Authorization": f"Bearer {s.artifact_token}"}
+    )
+    deadline = time.monotonic() + READY_TIMEOUT
+    delay = 0.2
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+                data = json.loads(answer.read(MAX_SNAPSHOT + 1)[:MAX_SNAPSHOT])
+            return dict(data.get("snapshot") or {})
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                detail = exc.read(2000).decode(errors="replace")
+                raise PodError(f"snapshot refused: HTTP {exc.code} {detail}") from None
+            why = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            why = str(exc)
+        if time.monotonic() > deadline:
+            raise PodError(f"the step's snapshot could not be read from {url}: {why}")
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def fetch_artifact(s: Settings) -> Path:
@@ -327,6 +364,8 @@ class Agent:
         self.broker = broker
         self.stopping = asyncio.Event()
         self.exec_id = uuid.uuid4().hex[:12]
+        self.snapshot_loaded = False
+        self.records = 0
 
     async def publish_outputs(self, parent: dict[str, Any], outcome: Outcome) -> None:
         """Each output to the next step's queue (its mapping applied), each confirmed."""
@@ -365,14 +404,32 @@ class Agent:
             )
         await asyncio.gather(*pending)
 
-    async def dead_letter(self, message: dict[str, Any], error: str) -> None:
-        name = f"{queue_name(self.flow, self.step['step'])}.dead"
-        assert self.broker.channel is not None
-        await self.broker.channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        head = {"x-deployd-error": error[:2000], "stepId": self.step["step"]}
-        await self.broker.publish("", name, json.dumps(message).encode(), properties("", head))
+    async def record(self, kind: str, body: dict[str, Any], failures: int = 0) -> None:
+        """A snapshot or a dead letter to the flow's records queue, confirmed (deployd writes
+        it to its database: `records.py`)."""
+        self.records += 1
+        head = {
+            KIND_HEADER: kind,
+            "stepId": self.step["step"],
+            "flowVersion": int(self.step["flow_version"]),
+            "x-deployd-failures": failures,
+        }
+        msg_id = f"{self.flow}.{self.step['step']}.{self.exec_id}.r{self.records}"
+        data = json.dumps(body).encode()
+        await self.broker.publish("", records_queue(self.flow), data, properties(msg_id, head))
+
+    async def dead_letter(self, message: dict[str, Any], error: str, failures: int = 0) -> None:
+        await self.record("dead", {"message": message, "error": error[:20000]}, failures)
+
+    async def load_snapshot(self) -> None:
+        """The step's snapshot from deployd, once, before its first call or message."""
+        if not self.snapshot_loaded:
+            self.sailor.snapshot = await asyncio.to_thread(fetch_snapshot, self.s)
+            self.snapshot_loaded = True
+
+    async def keep_snapshot(self, before: dict[str, Any]) -> None:
+        if self.sailor.snapshot != before:
+            await self.record("snapshot", {"data": self.sailor.snapshot})
 
     async def wait_gate(self) -> bool:
         """Until deployd opens this version's start gate (True) or the pod stops (False)."""
@@ -409,15 +466,18 @@ class Agent:
         call = 0
         if not await self.wait_gate():
             return
+        await self.load_snapshot()  # after the gate: the old trigger's last one is written
         print("deployd pod: started", file=sys.stderr, flush=True)
         while not self.stopping.is_set():
             call += 1
+            before = self.sailor.snapshot
             outcome = await self.sailor.request({"t": "call"})
             parent = {"id": f"{self.flow}.{self.step['step']}.{self.exec_id}.{call}"}
             if outcome.error is None:
                 await self.publish_outputs(parent, outcome)
             else:
                 print(f"deployd pod: call {call} failed: {outcome.error}", file=sys.stderr)
+            await self.keep_snapshot(before)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)  # a call boundary
 
@@ -446,8 +506,10 @@ class Agent:
                 await channel.close()
 
     async def _handle(self, delivery: Any) -> None:
+        await self.load_snapshot()
         message = json.loads(delivery.body)
         msg = {k: message.get(k) for k in ("id", "body", "headers", "passthrough", "attachments")}
+        before = self.sailor.snapshot
         outcome = await self.sailor.request({"t": "msg", "msg": msg})
         try:
             if outcome.error is None:
@@ -455,8 +517,10 @@ class Agent:
         except Exception as exc:  # a mapping that fails: the message is a dead letter
             outcome.error = f"mapping for step {self.step['next']['step']} failed: {exc}"
         if outcome.error is not None:
-            await self.dead_letter(message, outcome.error)
-        await delivery.ack()
+            failures = int((delivery.headers or {}).get("x-deployd-failures") or 0)
+            await self.dead_letter(msg, outcome.error, failures)
+        await self.keep_snapshot(before)
+        await delivery.ack()  # after its outputs, its letter and its snapshot are confirmed
 
 
 async def serve(environ: dict[str, str]) -> int:
@@ -478,6 +542,10 @@ async def serve(environ: dict[str, str]) -> int:
         agent = Agent(s, sailor, broker)
         if s.step.get("next"):  # publishes are mandatory: its queue must be there
             await broker.declare_step(agent.flow, s.step["next"]["step"])
+        assert broker.channel is not None
+        await broker.channel.declare_queue(
+            records_queue(agent.flow), durable=True, arguments={"x-queue-type": "quorum"}
+        )
         if s.step["kind"] == "trigger":
             work = loop.create_task(agent.run_trigger())
         else:

@@ -15,11 +15,13 @@ from ...types import FlowVersionToRun
 from ..base import FlowRun
 from ..embedded.process import Launcher
 from ..embedded.runtime import EmbeddedRuntime
-from ..rabbitmq.broker import properties
+from ..rabbitmq.broker import properties, redact
 from ..rabbitmq.runtime import RabbitRuntime
 from .placement import KubePlacement, KubeRun
+from .records import Records
 
 log = logging.getLogger("deployd.kubernetes")
+DRAIN_TIMEOUT = 10.0  # seconds a switch waits for the records of the old trigger
 
 
 class KubeRuntime(RabbitRuntime):
@@ -47,15 +49,24 @@ class KubeRuntime(RabbitRuntime):
             self._open_gate,
             self._close_gate,
         )
+        self.records = Records(store, self.broker)
 
     async def close(self) -> None:
         try:
+            await self.records.close()
             await self.kube.close()
         finally:
             await super().close()
 
     async def _place(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
-        return await self.kube.warm_up(spec, timeout)
+        run = await self.kube.warm_up(spec, timeout)
+        for step in spec.steps:
+            self.records.know(spec.flow, spec.version, step.id, step.component, step.version)
+        try:
+            await self.records.follow(spec.flow)  # its pods' snapshots and dead letters
+        except Exception as exc:  # the records queue stays; it is followed at the next try
+            log.warning("flow %s: following its records queue: %s", spec.flow, redact(str(exc)))
+        return run
 
     async def run(self, new: FlowRun) -> None:
         if isinstance(new, KubeRun):
@@ -90,9 +101,17 @@ class KubeRuntime(RabbitRuntime):
             out[step.id] = config
         return out
 
-    async def _open_gate(self, name: str) -> None:
-        """One message into a trigger pod's start gate, confirmed."""
+    async def _open_gate(self, flow: str, name: str) -> None:
+        """One message into a trigger pod's start gate, confirmed — once what the flow's pods
+        reported is written (the old trigger's last snapshot: the new one starts from it)."""
         await self.broker.wait(self.settings.warmup_timeout)
+        if not await self.records.drained(flow, DRAIN_TIMEOUT):
+            log.warning(
+                "flow %s: its records queue was not drained in %.0f s; the new trigger may "
+                "start from an older snapshot",
+                flow,
+                DRAIN_TIMEOUT,
+            )
         assert self.broker.channel is not None
         await self.broker.channel.declare_queue(
             name, durable=True, arguments={"x-queue-type": "quorum"}
