@@ -303,3 +303,30 @@ def test_no_kubeconfig_says_what_to_do(tmp_path: Path) -> None:
         client_for(KubernetesConfig())
     with pytest.raises(ClusterError, match="set kubeconfig to a file"):
         client_for(KubernetesConfig(kubeconfig=str(tmp_path / "missing")))
+
+
+def test_reconcile_never_deletes_a_version_being_warmed_or_brought_back(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    """A warm-up (v8 half applied, busy) and a rollback (v6 runs again from the moment the
+    cluster was listed on) race the reconciliation: neither is taken for an orphan."""
+
+    async def body(cluster: Cluster) -> Any:
+        await cluster.apply(docs(6))
+        await cluster.apply(docs(7))
+        await cluster.apply(docs(8)[:2])
+        runs = {("orders", 7)}
+
+        def wanted() -> set[tuple[str, int]]:
+            now = set(runs)
+            runs.add(("orders", 6))  # the rollback to v6 began while the listing was read
+            return now
+
+        return await cluster.reconcile(
+            wanted, lambda f, v: docs(v, flow=f), lambda: {("orders", 8)}
+        )
+
+    recreated, deleted = run(emu, tmp_path, body)
+    assert (recreated, deleted) == ([], [])
+    names = set(emu.names("deployments"))
+    assert set(deployments(6)) | set(deployments(7)) <= names

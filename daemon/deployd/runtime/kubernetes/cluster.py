@@ -277,21 +277,31 @@ class Cluster:
 
     async def reconcile(
         self,
-        wanted: set[tuple[str, int]],
+        wanted: set[tuple[str, int]] | Callable[[], set[tuple[str, int]]],
         render: Callable[[str, int], list[dict[str, Any]]],
+        busy: Callable[[], set[tuple[str, int]]] = set,
     ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         """Make the cluster match deployd's records: (recreated, deleted) versions.
 
-        `wanted`: the (flow, version)s that should run; `render`: their documents."""
+        `wanted`: the (flow, version)s that should run (a callable: asked after the cluster
+        was listed and again before each deletion, so a version that starts to run meanwhile
+        is never taken for an orphan); `render`: their documents; `busy`: the versions being
+        applied, warmed or brought back right now (a warm-up, a rollback) — neither recreated
+        nor deleted: what the listing found of them may be half of what is being applied."""
+        want = wanted if callable(wanted) else (lambda: set(wanted))
         have = await self.owned()
         recreated, deleted = [], []
-        for flow, version in sorted(wanted):
+        for flow, version in sorted(want() - busy()):
+            if (flow, version) not in want() or (flow, version) in busy():  # ended meanwhile
+                continue
             docs = render(flow, version)
             names = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
             if (flow, version) not in have or names - await self.deployment_names(flow, version):
                 await self.apply(docs)
                 recreated.append((flow, version))
-        for flow, version in sorted(have - wanted):
+        for flow, version in sorted(have - want() - busy()):
+            if (flow, version) in want() | busy():  # started meanwhile
+                continue
             await self.delete_version(flow, version)
             deleted.append((flow, version))
         return recreated, deleted

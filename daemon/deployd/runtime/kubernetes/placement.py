@@ -49,6 +49,7 @@ class KubeRun:
         self.stopped = asyncio.Event()
         self.exits: asyncio.Queue[StepExit] = asyncio.Queue(maxsize=100)
         self.watcher: asyncio.Task[None] | None = None
+        self.retire: asyncio.Task[None] | None = None  # its deletion after a switch from it
         self._last_error: str | None = None
 
     @property
@@ -129,7 +130,7 @@ class KubePlacement:
         amqp_url: str,
         key: Callable[[], bytes | None],
         configs: Callable[[FlowVersionToRun], dict[str, dict[str, Any]]],
-        open_gate: Callable[[str], Awaitable[None]],
+        open_gate: Callable[[str, str], Awaitable[None]],
         close_gate: Callable[[str], Awaitable[None]],
     ) -> None:
         self.kube = kube
@@ -138,10 +139,13 @@ class KubePlacement:
         self.amqp_url = amqp_url
         self.key = key
         self.configs = configs
-        self.open_gate = open_gate  # publish "go" to a gate queue, confirmed
+        self.open_gate = open_gate  # (flow, gate queue): its records drained, then "go"
         self.close_gate = close_gate  # delete a gate queue
         self._cluster: Cluster | None = None
         self.runs: dict[tuple[str, int], KubeRun] = {}
+        # Versions being applied and warmed (a warm-up, a rollback): not orphans, whatever the
+        # reconciliation finds of them meanwhile.
+        self.busy: set[tuple[str, int]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._reconciler: asyncio.Task[None] | None = None
 
@@ -179,6 +183,8 @@ class KubePlacement:
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> KubeRun:
         deadline = time.monotonic() + timeout
+        key = (spec.flow, spec.version)
+        self.busy.add(key)
         try:
             docs = await asyncio.to_thread(self._docs, spec)
             await self.cluster.apply(docs)
@@ -189,15 +195,19 @@ class KubePlacement:
             with contextlib.suppress(ClusterError):
                 await self.cluster.delete_version(spec.flow, spec.version)
             raise StepFailed(spec.steps[0].id, f"Kubernetes: {exc}") from None
+        finally:
+            self.busy.discard(key)
         run = KubeRun(spec, self, docs)
         run.watcher = asyncio.get_running_loop().create_task(run.watch_exits())
-        self.runs[(spec.flow, spec.version)] = run
+        self.runs[key] = run
         if self._reconciler is None:
             self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
         return run
 
     async def run(self, new: KubeRun) -> None:
-        await self.open_gate(gate_queue(new.spec.flow, new.spec.trigger.id, new.spec.version))
+        await self.open_gate(
+            new.spec.flow, gate_queue(new.spec.flow, new.spec.trigger.id, new.spec.version)
+        )
         new.state = StepState.RUNNING
 
     async def switch(self, old: KubeRun, new: KubeRun) -> float:
@@ -218,19 +228,31 @@ class KubePlacement:
                 with contextlib.suppress(ClusterError):
                     await self.cluster.scale(doc["metadata"]["name"], 0)
         task = asyncio.get_running_loop().create_task(self._retire(old))
+        old.retire = task
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return gap_ms
 
     async def rollback(self, new: KubeRun, old: KubeRun, timeout: float) -> float:
         """Back to `old`: applied again with its replicas, warmed, then `new` removed."""
+        # Not retired any more: its rollback window may end while it is applied and warmed
+        # again (a slow cluster), and that must not delete what is being brought back.
+        if old.retire is not None:
+            old.retire.cancel()
+            old.retire = None
+        old.state = StepState.READY
         old.stopped.clear()
         if old.watcher is None or old.watcher.done():
             old.watcher = asyncio.get_running_loop().create_task(old.watch_exits())
-        await self.cluster.apply(old.docs)
-        self.runs[(old.spec.flow, old.spec.version)] = old
-        with contextlib.suppress(ClusterError):
-            await self.cluster.wait_available(old.spec.flow, old.spec.version, timeout)
+        key = (old.spec.flow, old.spec.version)
+        self.runs[key] = old  # before the apply: never an orphan meanwhile
+        self.busy.add(key)
+        try:
+            await self.cluster.apply(old.docs)
+            with contextlib.suppress(ClusterError):
+                await self.cluster.wait_available(old.spec.flow, old.spec.version, timeout)
+        finally:
+            self.busy.discard(key)
         gap = await self.switch(new, old)
         await new.stop()
         return gap
@@ -241,15 +263,21 @@ class KubePlacement:
             await old.stop()
 
     async def remove(self, run: KubeRun) -> None:
-        self.runs.pop((run.spec.flow, run.spec.version), None)
+        key = (run.spec.flow, run.spec.version)
+        if key in self.busy or self.runs.get(key, run) is not run:
+            # The same version runs again as another run (a rollback warmed it up anew while
+            # this one's rollback window ran out): its objects are that run's now.
+            return
+        self.runs.pop(key, None)
         try:
             await self.cluster.delete_version(run.spec.flow, run.spec.version)
         except ClusterError as exc:
             log.warning("flow %s v%s: %s", run.spec.flow, run.spec.version, exc)
 
     async def reconcile(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-        runs = dict(self.runs)
-        return await self.cluster.reconcile(set(runs), lambda f, v: runs[(f, v)].docs)
+        return await self.cluster.reconcile(
+            lambda: set(self.runs), lambda f, v: self.runs[(f, v)].docs, lambda: set(self.busy)
+        )
 
     async def _reconcile_loop(self) -> None:
         first = min(RECONCILE_EVERY, self.settings.warmup_timeout)
