@@ -359,8 +359,10 @@ class Emulator:
                     if obj is None:
                         self._status(404, "NotFound", f'{plural} "{name}" not found')
                         return
+                    spec_before = copy.deepcopy(obj.get("spec"))
                     _merge(obj, body)
-                    obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+                    if obj.get("spec") != spec_before:  # as the API server: a spec change only
+                        obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
                     if plural == "deployments" and emu.auto_available:
                         emu._available(obj)
                     emu._changed("MODIFIED", ns, plural, obj)
@@ -399,7 +401,10 @@ class Emulator:
                     obj = copy.deepcopy(body)
                     obj["metadata"].setdefault("namespace", ns)
                     generation = (old or {}).get("metadata", {}).get("generation", 0)
-                    obj["metadata"]["generation"] = generation + 1
+                    same = old is not None and old.get("spec") == obj.get("spec")
+                    # The API server counts a generation per change of the spec: an apply of
+                    # the same documents again leaves it (and so the availability) as it was.
+                    obj["metadata"]["generation"] = generation if same else generation + 1
                     if old is not None and "status" in old:
                         obj["status"] = old["status"]
                     if plural == "deployments" and emu.auto_available:

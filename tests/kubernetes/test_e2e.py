@@ -161,7 +161,7 @@ def cluster_env(
 ) -> FlowEnv:
     work = component("hello")
     work.commit("counter component", counter_files())
-    d = daemon_factory(**{"rollback_window": "2s", "warmup_timeout": "15s", **daemon_keys})
+    d = daemon_factory(**{"rollback_window": "2s", "warmup_timeout": "60s", **daemon_keys})
     d.extra_toml = (
         f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
         'placement = "kubernetes"\n[runtime.kubernetes]\n'
@@ -201,22 +201,27 @@ def test_publish_switch_and_cleanup_through_the_cluster(
         status = env.flow("orders")
         assert any("kubernetes:deployd-flows/" in str(s.get("location")) for s in status["steps"])
 
-        env.push(counter_files("v2"))
+        # v2's action fails on every fourth n: those messages are dead letters, kept by deployd.
+        env.push(counter_files("v2", **{"lib/write.py": FAILING_WRITER}))
         second = env.wait_deploy("orders", 2, timeout=90)
         assert second["status"] == "done", second
         assert second["gap_ms"] is not None
-        wait_until(lambda: len(by(read_out(out), "v2")) >= 3, timeout=60)
+        wait_until(lambda: len(by(read_out(out), "v2")) >= 6, timeout=60)
         # The old version goes once the rollback window (2 s) has passed.
         wait_until(lambda: all("-v2-" in n for n in emu.names("deployments")), timeout=30)
         wait_until(lambda: all("-v2-" in n for n in emu.names("secrets")), timeout=30)
-        # Nothing lost, nothing twice: each trigger counts its calls from 1 (a pod's snapshot
-        # starts empty) and a v1 output may be written by the v2 action after the switch, so
-        # every n up to the larger count appears once per trigger that reached it.
+        letters = wait_until(lambda: errors(env, "orders") or None, timeout=30)
+        assert all(x["step"] == "write" and "n is a multiple of 4" in x["error"] for x in letters)
+        # Nothing lost, nothing twice, the snapshot kept across the switch: the v2 trigger went
+        # on counting from the v1 trigger's last call, so every n up to the highest was either
+        # written once or is a dead letter once (a multiple of 4, failed in v2).
         counts = Counter(r["n"] for r in read_out(out))
         top = max(counts)
-        assert set(counts) == set(range(1, top + 1)), counts
-        assert all(counts[n] in (1, 2) for n in counts), counts
-        assert all(counts[n] >= counts[n + 1] for n in range(1, top)), counts
+        failed = {int(errors(env, "orders", x["id"])["body"]["n"]) for x in errors(env, "orders")}
+        assert all(n % 4 == 0 for n in failed), failed
+        assert all(c == 1 for c in counts.values()), counts
+        assert not set(counts) & failed
+        assert set(range(1, top + 1)) <= set(counts) | failed, (counts, failed)
 
         # The cluster refuses the next version: a failed deployment with its reason; v2 runs on.
         emu.fail("PATCH", "deployments", 403, "Forbidden", "deployments.apps is forbidden: quota")
@@ -278,6 +283,34 @@ def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
         assert v1
     finally:
         kubelet.close()
+
+
+FAILING_WRITER = """\
+import json
+
+
+def process(msg, cfg):
+    body = msg["body"]
+    if body["n"] % 4 == 0:
+        raise ValueError(f"n is a multiple of 4: {body['n']}")
+    line = {**body, "by": "v2"}
+    with open(cfg["out"], "a") as fh:
+        fh.write(json.dumps(line) + "\\n")
+    return line
+"""
+
+
+def errors(env: FlowEnv, flow: str, letter: int | None = None) -> Any:
+    """The flow's dead letters as the API lists them (with `letter`: that one whole)."""
+    query = "" if letter is None else f"?id={letter}"
+    token = (env.daemon.state_dir / "api-token").read_text().strip()
+    answer = HTTP.get(
+        f"{env.daemon.url}/api/v1/flows/{flow}/errors{query}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()
 
 
 CRASHING_TICKER = """\
