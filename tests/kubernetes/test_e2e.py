@@ -26,6 +26,10 @@ from tests.kubernetes.emulator import Emulator
 from tests.kubernetes.test_cluster import kubeconfig
 from tests.kubernetes.test_pod import container_env
 
+# Each test publishes two or three versions through pods of real processes (~30-40 s on a quiet
+# 2-core machine, several times that under load); the bound is the suite's guard, not a goal.
+SLOW = pytest.mark.timeout(360)
+
 
 class Kubelet:
     def __init__(self, emu: Emulator, tmp: Path) -> None:
@@ -178,6 +182,7 @@ def by(rows: list[dict[str, Any]], tag: str) -> list[int]:
     return [r["n"] for r in rows if r["by"] == tag]
 
 
+@SLOW
 def test_publish_switch_and_cleanup_through_the_cluster(
     daemon_factory: Callable[..., Daemon],
     component: Callable[..., Work],
@@ -236,6 +241,7 @@ def test_publish_switch_and_cleanup_through_the_cluster(
         kubelet.close()
 
 
+@SLOW
 def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
     daemon_factory: Callable[..., Daemon],
     component: Callable[..., Work],
@@ -326,6 +332,7 @@ def process(msg, cfg, snapshot, ctx):
 """
 
 
+@SLOW
 def test_a_version_whose_pods_crash_is_rolled_back(
     daemon_factory: Callable[..., Daemon],
     component: Callable[..., Work],
