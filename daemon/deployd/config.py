@@ -150,6 +150,113 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_http_url(value: str, example: str) -> str:
+    """`value` when it is an http(s) url with a host (and no credentials); else ValueError."""
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid url ({exc}); e.g. {example!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// url; e.g. {example!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user or password (it would end up in logs)")
+    if any(ch.isspace() for ch in value):
+        raise ValueError("must not contain spaces")
+    return value
+
+
+_REPO_PART_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,99}$")
+
+
+def repo_path_of(url: str | None) -> str | None:
+    """The repository's path on its hosting service from a remote `url` ("acme/billing" from
+    https://github.com/acme/billing.git or git@github.com:acme/billing.git); None for a local
+    or unusable url."""
+    if url is None or is_local_url(url):
+        return None
+    if "://" in url:
+        try:
+            path = urlsplit(url).path
+        except ValueError:
+            return None
+    else:  # scp-like ssh: [user@]host:path
+        path = url.split(":", 1)[1]
+    path = path.strip("/")
+    if path.endswith(".git"):
+        path = path[: -len(".git")]
+    parts = path.split("/")
+    if len(parts) < 2 or not all(_REPO_PART_RE.match(p) for p in parts):
+        return None
+    return path
+
+
+def repo_host_of(url: str | None) -> str | None:
+    """The host name of a remote `url` (https, ssh:// or scp-like); None for a local one."""
+    if url is None or is_local_url(url):
+        return None
+    if "://" in url:
+        try:
+            return urlsplit(url).hostname
+        except ValueError:
+            return None
+    return url.split(":", 1)[0].rsplit("@", 1)[-1] or None
+
+
+# The public names of deployd's events, for [[notify]] events (and the json format's "event").
+NOTIFY_EVENTS = (
+    "build.started",
+    "build.succeeded",
+    "build.failed",
+    "push.ignored",
+    "deploy.started",
+    "deploy.done",
+    "deploy.failed",
+    "deploy.rolled_back",
+    "flow.needs_attention",
+    "dead_letters.added",
+)
+
+
+class NotifyConfig(_Model):
+    """One [[notify]] target: a webhook that gets the events named in `events`."""
+
+    url: SecretStr
+    format: Literal["slack", "json"] = "slack"
+    events: tuple[str, ...] = ("build.failed", "deploy.failed", "deploy.rolled_back")
+    secret: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        check_http_url(value.get_secret_value(), "https://hooks.slack.com/services/…")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import difflib
+
+        if not value:
+            raise ValueError('is empty; name the events to send, e.g. ["deploy.failed"]')
+        for name in value:
+            if name not in NOTIFY_EVENTS:
+                near = difflib.get_close_matches(name, NOTIFY_EVENTS, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ValueError(f"unknown event {name!r}; {hint}known: {', '.join(NOTIFY_EVENTS)}")
+        return tuple(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _signed(self) -> NotifyConfig:
+        if self.format == "json" and (
+            self.secret is None or not self.secret.get_secret_value().strip()
+        ):
+            raise ValueError(
+                'format = "json" needs secret (the key of the X-Deployd-Signature HMAC the '
+                'receiver checks), e.g. secret = "${NOTIFY_SECRET}"'
+            )
+        return self
+
+
 class DaemonConfig(_Model):
     state_dir: Path = Path("var")
     listen: str = "127.0.0.1:8787"
@@ -207,6 +314,18 @@ class DaemonConfig(_Model):
     # The time zone of ordinary flows' cron `schedule` and of [[freeze]] schedules (an IANA
     # name such as "Europe/Berlin").
     timezone: str = "UTC"
+    # Where people reach deployd's dashboard (e.g. "https://deployd.example.com"): commit
+    # statuses and notifications link to its pages ({public_url}/ui/flows/NAME). Empty: no link.
+    public_url: str = ""
+    # The outbox (commit statuses, notifications): the first retry's delay (doubling, with
+    # jitter, up to 10 minutes) and how long an undelivered one is tried before it is given up.
+    outbox_retry: Duration = 2.0
+    outbox_max_age: Duration = 86400.0
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        return check_http_url(value, "https://deployd.example.com") if value else value
 
     @field_validator("timezone")
     @classmethod
@@ -226,7 +345,7 @@ class DaemonConfig(_Model):
             )
         return value
 
-    @field_validator("warmup_timeout", "rollback_window", "stop_timeout")
+    @field_validator("warmup_timeout", "rollback_window", "stop_timeout", "outbox_retry")
     @classmethod
     def _positive(cls, value: float) -> float:
         return positive(value)
@@ -303,6 +422,66 @@ class ComponentConfig(_Model):
     # something under to be built (None: every push builds).
     path: str | None = None
     paths: tuple[str, ...] | None = None
+    # Commit statuses (issue 15): which hosting service's commit-status API to report each
+    # pushed commit's build and deploys to, with which token; `report_api` for a self-hosted
+    # instance; `report_repo` ("owner/name", GitLab "group/sub/project") when `url` does not
+    # name the repository on that service (a hosted or local repository mirrored there).
+    report: Literal["github", "gitlab", "gitea", "bitbucket", "none"] = "none"
+    report_token: SecretStr | None = None
+    report_api: str | None = None
+    report_repo: str | None = None
+
+    @field_validator("report_api")
+    @classmethod
+    def _report_api(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_http_url(value, "https://git.example.com/api/v3").rstrip("/")
+
+    @field_validator("report_repo")
+    @classmethod
+    def _report_repo(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        clean = value.strip().strip("/")
+        if clean.endswith(".git"):
+            clean = clean[: -len(".git")]
+        parts = clean.split("/")
+        if len(parts) < 2 or not all(_REPO_PART_RE.match(p) for p in parts):
+            raise ValueError(
+                f"{value!r} is not a repository path on the hosting service; write it as "
+                '"owner/name" (GitLab: "group/subgroup/project")'
+            )
+        return clean
+
+    @model_validator(mode="after")
+    def _report(self) -> ComponentConfig:
+        if self.report == "none":
+            return self
+        if self.report_token is None or not self.report_token.get_secret_value().strip():
+            raise ValueError(
+                f'report = "{self.report}" needs report_token: a token allowed to set commit '
+                'statuses, from the environment (report_token = "${BILLING_STATUS_TOKEN}")'
+            )
+        if self.report_repo is None and repo_path_of(self.url) is None:
+            raise ValueError(
+                f'report = "{self.report}" needs the repository on {self.report}: url '
+                f"{'is not set' if self.url is None else 'does not name one'}; set report_repo "
+                '= "owner/name" (or a url such as "https://github.com/acme/billing.git")'
+            )
+        if self.report == "bitbucket" and len(self.reported_repo.split("/")) != 2:
+            raise ValueError(
+                f"report_repo: Bitbucket repositories are workspace/name, not "
+                f"{self.reported_repo!r}"
+            )
+        return self
+
+    @property
+    def reported_repo(self) -> str:
+        """The repository's path on the hosting service commit statuses go to."""
+        repo = self.report_repo or repo_path_of(self.url)
+        assert repo is not None
+        return repo
 
     @field_validator("path")
     @classmethod
@@ -718,6 +897,7 @@ class Config(_Model):
     components: tuple[ComponentConfig, ...] = ()
     credentials: tuple[CredentialConfig, ...] = ()
     freeze: tuple[FreezeConfig, ...] = ()
+    notify: tuple[NotifyConfig, ...] = ()
     path: Path | None = None
     # Every ${NAME} the config file mentions: deployd's own secrets, which flows cannot read.
     own_env: frozenset[str] = frozenset()
@@ -814,11 +994,10 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     elif comps:
         expanded = []
         for i, comp in enumerate(comps):
-            if isinstance(comp, dict) and "webhook_secret" in comp:
-                comp = dict(comp)
-                comp["webhook_secret"] = _expand_env(
-                    comp["webhook_secret"], f"components[{i}].webhook_secret", problems
-                )
+            for key in ("webhook_secret", "report_token"):
+                if isinstance(comp, dict) and key in comp:
+                    comp = dict(comp)
+                    comp[key] = _expand_env(comp[key], f"components[{i}].{key}", problems)
             expanded.append(comp)
         raw["components"] = expanded
     daemon_raw = raw.get("daemon")
@@ -827,6 +1006,20 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             **daemon_raw,
             "secret_key": _expand_env(daemon_raw["secret_key"], "daemon.secret_key", problems),
         }
+    notify = raw.get("notify")
+    if notify is not None and not isinstance(notify, list):
+        problems.append("notify: must be an array of tables ([[notify]] with url and events)")
+        raw.pop("notify")
+    elif notify:
+        raw["notify"] = [
+            {
+                k: _expand_env(v, f"notify[{i}].{k}", problems) if k in ("url", "secret") else v
+                for k, v in target.items()
+            }
+            if isinstance(target, dict)
+            else target
+            for i, target in enumerate(notify)
+        ]
     creds = raw.get("credentials")
     if creds is not None and not isinstance(creds, list):
         problems.append(
