@@ -635,6 +635,7 @@ class Deployer:
                     flow=name,
                     component=event.component,
                     sha=event.sha,
+                    detail={"version": event.version, "problems": problems},
                 )
             action = self.redeploy_action(flow, problems)
             if action.kind in (DRAFT_ONLY, NEEDS_ATTENTION):

@@ -257,7 +257,14 @@ class Publisher:
                         dep, status=DeploymentState.FAILED, reason=str(exc), log_tail=tail
                     )
                     self.fs.set_flow(name, needs_attention=msg)
-                    self.store.event("deploy.failed", f"{name}: {msg}", flow=name)
+                    self.store.event(
+                        "deploy.failed",
+                        f"{name}: {msg}",
+                        flow=name,
+                        component=cause.component,
+                        sha=cause.sha,
+                        detail={"deployment": dep, "version": version, "reason": str(exc)},
+                    )
                     if cause.automatic:
                         self._quarantine(name, from_version, steps, f"warm-up failed: {exc}", dep)
                 log.warning("flow %s: %s", name, msg)
@@ -288,6 +295,13 @@ class Publisher:
                     flow=name,
                     component=cause.component,
                     sha=cause.sha,
+                    detail={
+                        "deployment": dep,
+                        "version": version,
+                        "from_version": from_version,
+                        "warmup_ms": round(warmup_ms, 1),
+                        "gap_ms": None if gap_ms is None else round(gap_ms, 3),
+                    },
                 )
             if from_version is not None:
                 self.spawn(
@@ -398,7 +412,14 @@ class Publisher:
                 with self.store.tx():
                     self.fs.set_flow(name, needs_attention=msg)
                     self.fs.set_deployment(dep, reason=msg, log_tail=tail)
-                    self.store.event("deploy.rollback_failed", f"{name}: {msg}", flow=name)
+                    self.store.event(
+                        "deploy.rollback_failed",
+                        f"{name}: {msg}",
+                        flow=name,
+                        component=cause.component,
+                        sha=cause.sha,
+                        detail={"deployment": dep, "version": version, "reason": msg},
+                    )
                 log.error("flow %s: %s", name, msg)
                 return
             with self.store.tx():
@@ -414,6 +435,14 @@ class Publisher:
                     "deploy.rolled_back",
                     f"{name}: v{version} rolled back to v{from_version}: {reason}",
                     flow=name,
+                    component=cause.component,
+                    sha=cause.sha,
+                    detail={
+                        "deployment": dep,
+                        "version": version,
+                        "to_version": from_version,
+                        "reason": reason,
+                    },
                 )
                 if cause.automatic:
                     fv_new = self.fs.flow_version(name, version)
