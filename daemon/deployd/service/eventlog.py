@@ -16,18 +16,18 @@ from ..store import Row
 log = logging.getLogger("deployd.events")
 
 _INFO = {
-    "build.started": "build started: {}",
-    "version.registered": "build succeeded: {}",
-    "push.ignored": "push ignored: {}",
-    "deploy.done": "deploy done: {}",
-    "deploy.paused": "deploy held: {}",
-    "deploy.frozen": "deploy held: {}",
-    "deploy.skipped": "deploy skipped: {}",
+    "build.started": "build started: %s",
+    "version.registered": "build succeeded: %s",
+    "push.ignored": "push ignored: %s",
+    "deploy.done": "deploy done: %s",
+    "deploy.paused": "deploy held: %s",
+    "deploy.frozen": "deploy held: %s",
+    "deploy.skipped": "deploy skipped: %s",
 }
 _WARNING = {
-    "build.failed": "build failed: {}",
-    "push.failed": "push failed: {}",
-    "version.quarantined": "version quarantined: {}",
+    "build.failed": "build failed: %s",
+    "push.failed": "push failed: %s",
+    "version.quarantined": "version quarantined: %s",
 }
 
 
