@@ -298,7 +298,7 @@ def test_status_counts_and_a_refused_status_is_given_up(env: Env) -> None:
     assert sha
 
 
-def test_read_only_commands_need_no_secret_and_nothing_secret_anywhere(env: Env) -> None:
+def test_nothing_secret_in_the_log_the_database_or_status(env: Env) -> None:
     log = env.daemon.log()
     for secret in SECRETS:
         assert secret not in log, f"{secret} in the daemon's log"

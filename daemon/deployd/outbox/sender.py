@@ -32,6 +32,8 @@ log = logging.getLogger("deployd.outbox")
 MAX_BACKOFF = 600.0
 IDLE_WAKE = 5.0  # seconds between looks at the table when nothing is due (a backstop)
 TIMEOUT = 10.0  # per request
+PRUNE_EVERY = 3600.0  # seconds between removals of finished rows ...
+KEEP_FINISHED = 7 * 86400.0  # ... older than this (delivered, given up, superseded)
 
 
 class GiveUp(Exception):
@@ -90,9 +92,13 @@ class OutboxSender:
         async with httpx.AsyncClient(
             timeout=TIMEOUT, transport=self.transport, follow_redirects=False, trust_env=False
         ) as client:
+            pruned_at = 0.0
             while True:
                 try:
                     await self.drain(client)
+                    if time.time() - pruned_at > PRUNE_EVERY:
+                        pruned_at = time.time()
+                        self.outbox.prune(pruned_at - KEEP_FINISHED)
                 except Exception:  # a bug here must not end deliveries for the daemon's life
                     log.exception("outbox: sending failed; trying again shortly")
                 await self._sleep()

@@ -83,13 +83,27 @@ class OutboxStore:
             )
 
     def retry(self, row_id: int, at: float, error: str) -> None:
-        """Try again at `at` (epoch seconds); `error` says why the attempt failed."""
+        """Try again at `at` (epoch seconds); `error` says why the attempt failed. The other
+        pending rows of the same target wait as long: its service is down for them too."""
         with self.store.tx() as conn:
             conn.execute(
                 "UPDATE outbox SET attempts = attempts + 1, next_at = ?, last_error = ?"
                 " WHERE id = ? AND state = ?",
                 (at, error[:500], row_id, PENDING),
             )
+            conn.execute(
+                "UPDATE outbox SET next_at = ? WHERE state = ? AND next_at < ? AND target ="
+                " (SELECT target FROM outbox WHERE id = ?)",
+                (at, PENDING, at, row_id),
+            )
+
+    def prune(self, before: float) -> int:
+        """Delete finished rows (delivered, failed, superseded) queued before `before`."""
+        with self.store.tx() as conn:
+            cur = conn.execute(
+                "DELETE FROM outbox WHERE state != ? AND created < ?", (PENDING, before)
+            )
+        return cur.rowcount
 
     def give_up(self, row_id: int, error: str) -> None:
         """Never tried again: the service refused it, or it is older than the maximum age."""
