@@ -41,6 +41,7 @@ def component_name(value: str) -> str:
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_ONLY_RE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 # A branch name git would accept and that is safe to show; refs are never given to a shell anyway.
 _BRANCH_RE = re.compile(
     r"^(?!/)(?!.*//)(?!.*\.\.)(?!.*@\{)[A-Za-z0-9._/-]{1,200}(?<!/)(?<!\.lock)$"
@@ -228,7 +229,8 @@ class NotifyConfig(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: SecretStr) -> SecretStr:
-        check_http_url(value.get_secret_value(), "https://hooks.slack.com/services/…")
+        if not _ENV_ONLY_RE.match(value.get_secret_value()):  # unset: see Config.missing_secrets
+            check_http_url(value.get_secret_value(), "https://hooks.slack.com/services/…")
         return value
 
     @field_validator("events")
@@ -901,6 +903,9 @@ class Config(_Model):
     path: Path | None = None
     # Every ${NAME} the config file mentions: deployd's own secrets, which flows cannot read.
     own_env: frozenset[str] = frozenset()
+    # Unset ${NAME}s of DAEMON_ONLY_SECRETS, when loaded without require_secrets (those values
+    # are then still written ${NAME}: nothing may send with them).
+    missing_secrets: tuple[str, ...] = ()
 
     def component(self, name: str) -> ComponentConfig | None:
         for comp in self.components:
@@ -932,14 +937,17 @@ def resolve_path(explicit: Path | None) -> Path:
     return Path("/etc/deployd/config.toml")
 
 
-def _expand_env(value: Any, where: str, problems: list[str]) -> Any:
+def _expand_env(value: Any, where: str, problems: list[str], keep_unset: bool = False) -> Any:
+    """`value` with each ``${NAME}`` replaced by the environment's value; a name that is not
+    set is a problem, and becomes "" (or, with `keep_unset`, stays ``${NAME}``: a secret only
+    the daemon needs, which read-only commands run without; see `parse`)."""
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
                 problems.append(f"{where}: environment variable {name} is not set")
-                return ""
+                return match.group(0) if keep_unset else ""
             return os.environ[name]
 
         return _ENV_RE.sub(sub, value)
@@ -960,8 +968,11 @@ def _message(err: Any) -> str:
     return msg
 
 
-def load(path: Path) -> Config:
-    """Read and validate the config file at `path`; raise `ConfigError` listing every problem."""
+def load(path: Path, require_secrets: bool = True) -> Config:
+    """Read and validate the config file at `path`; raise `ConfigError` listing every problem.
+
+    `require_secrets`: the secrets only the daemon uses (see `parse`) must be set too — for
+    `serve`, `check-config` and a reload; read-only commands run without them."""
     try:
         raw_bytes = path.read_bytes()
     except FileNotFoundError as exc:
@@ -977,12 +988,25 @@ def load(path: Path) -> Config:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     except RecursionError as exc:
         raise ConfigError(f"{path} is nested too deeply to read; flatten its tables") from exc
-    return parse(raw, base=path.resolve().parent, path=path.resolve())
+    return parse(
+        raw, base=path.resolve().parent, path=path.resolve(), require_secrets=require_secrets
+    )
 
 
-def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
-    """Validate an already-parsed TOML document; relative paths are taken from `base`."""
+# Secrets only the daemon's outbox sends with: a `${NAME}` of theirs that is not set is a
+# problem for `serve` and `check-config` (require_secrets), not for `status` or `history`.
+DAEMON_ONLY_SECRETS = ("components[].report_token", "notify[].url", "notify[].secret")
+
+
+def parse(
+    raw: dict[str, Any], base: Path, path: Path | None = None, require_secrets: bool = True
+) -> Config:
+    """Validate an already-parsed TOML document; relative paths are taken from `base`.
+
+    Without `require_secrets`, an unset ``${NAME}`` in one of DAEMON_ONLY_SECRETS is left as
+    written and listed in `Config.missing_secrets` instead of failing the load."""
     problems: list[str] = []
+    deferred: list[str] = []  # unset ${NAME}s of DAEMON_ONLY_SECRETS
     raw = dict(raw)
     own_env = frozenset(_env_names(raw))
     # deployd's own secrets, which a credential (given to steps) may not name
@@ -994,10 +1018,14 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     elif comps:
         expanded = []
         for i, comp in enumerate(comps):
-            for key in ("webhook_secret", "report_token"):
-                if isinstance(comp, dict) and key in comp:
-                    comp = dict(comp)
-                    comp[key] = _expand_env(comp[key], f"components[{i}].{key}", problems)
+            if isinstance(comp, dict) and "webhook_secret" in comp:
+                comp = dict(comp)
+                where = f"components[{i}].webhook_secret"
+                comp["webhook_secret"] = _expand_env(comp["webhook_secret"], where, problems)
+            if isinstance(comp, dict) and "report_token" in comp:
+                comp = dict(comp)
+                where = f"components[{i}].report_token"
+                comp["report_token"] = _expand_env(comp["report_token"], where, deferred, True)
             expanded.append(comp)
         raw["components"] = expanded
     daemon_raw = raw.get("daemon")
@@ -1013,7 +1041,9 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     elif notify:
         raw["notify"] = [
             {
-                k: _expand_env(v, f"notify[{i}].{k}", problems) if k in ("url", "secret") else v
+                k: _expand_env(v, f"notify[{i}].{k}", deferred, True)
+                if k in ("url", "secret")
+                else v
                 for k, v in target.items()
             }
             if isinstance(target, dict)
@@ -1060,6 +1090,8 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
         problems += _kubernetes_problems(cfg.runtime)
     _check_webhook_secrets(raw, problems)
     _check_credentials(raw, problems)
+    if require_secrets:
+        problems += deferred
     if cfg is None or problems:
         raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
     comps_out = [
@@ -1073,6 +1105,7 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             "components": tuple(comps_out),
             "path": path,
             "own_env": own_env,
+            "missing_secrets": () if require_secrets else tuple(deferred),
         }
     )
 

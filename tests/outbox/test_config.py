@@ -119,3 +119,35 @@ def test_check_config_names_the_problems(tmp_path: Path) -> None:
     assert "components[0].report" in text
     assert "notify[0].url: environment variable HOOK_NOT_SET_ANYWHERE is not set" in text
     assert "did you mean 'deploy.failed'" in text
+
+
+def test_read_only_commands_run_without_the_daemons_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "var"}"\n'
+        '[[components]]\nname = "billing"\nurl = "https://github.com/acme/billing.git"\n'
+        'report = "github"\nreport_token = "${UNSET_STATUS_TOKEN}"\n'
+        '[[notify]]\nurl = "${UNSET_CHAT_HOOK}"\nformat = "json"\n'
+        'secret = "${UNSET_NOTIFY_SECRET}"\nevents = ["deploy.failed"]\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNSET_")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*DEPLOYD, *args, "-c", str(path)], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    for args in (("status",), ("history",)):
+        proc = run(*args)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    proc = run("check-config")
+    assert proc.returncode == 2
+    for name in ("UNSET_STATUS_TOKEN", "UNSET_CHAT_HOOK", "UNSET_NOTIFY_SECRET"):
+        assert f"environment variable {name} is not set" in proc.stdout + proc.stderr
+    proc = run("serve")
+    assert proc.returncode == 2
+    assert "UNSET_STATUS_TOKEN" in proc.stdout + proc.stderr
+    cfg = cfgmod.load(path, require_secrets=False)
+    assert len(cfg.missing_secrets) == 3
+    with pytest.raises(ConfigError):
+        cfgmod.load(path)

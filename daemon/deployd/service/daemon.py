@@ -123,7 +123,7 @@ class Daemon:
             return False
         parts.notifier.reloading()
         try:
-            new = cfgmod.load(old.path)
+            new = cfgmod.load(old.path, require_secrets=True)
         except ConfigError as exc:
             log.error(
                 "reload rejected, the old config keeps running: %s",
