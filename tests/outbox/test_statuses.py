@@ -137,7 +137,8 @@ def test_github_build_statuses_pending_then_success(env: Env) -> None:
     sha = env.push("gh", msg="first for github")
     wait_until(lambda: build_states(env, "gh", sha)[-1:] == ["success"], timeout=90)
     reqs = [r for r in env.statuses("gh", sha) if r.json()["context"] == "deployd/build"]
-    assert [r.json()["state"] for r in reqs] == ["pending", "success"]
+    # pending, then success; a pending one not sent yet when the build ends is superseded.
+    assert [r.json()["state"] for r in reqs] in (["pending", "success"], ["success"])
     for req in reqs:
         assert req.method == "POST"
         assert req.path == f"/gh/repos/acme/gh/statuses/{sha}"
@@ -156,7 +157,7 @@ def test_gitlab_request_shape(env: Env) -> None:
     sha = env.push("gl", msg="first for gitlab")
     wait_until(lambda: build_states(env, "gl", sha)[-1:] == ["success"], timeout=90)
     reqs = env.statuses("gl", sha)
-    assert [r.json()["state"] for r in reqs] == ["running", "success"]
+    assert [r.json()["state"] for r in reqs] in (["running", "success"], ["success"])
     for req in reqs:
         # The project id is the URL-encoded path of the project.
         assert req.path == f"/gl/projects/acme%2Fsub%2Fgl/statuses/{sha}"
@@ -184,7 +185,14 @@ def test_gitea_request_shape_and_retries_after_500s(env: Env) -> None:
         assert req.path == f"/gitea/repos/acme/gitea/statuses/{sha}"
         assert req.headers["authorization"] == f"token {TOKENS['gitea']}"
         assert set(req.json()) == {"state", "context", "description", "target_url"}
-    rows = [r for r in env.outbox() if r["target"] == "component:gitea"]
+    # The server answered; the daemon records it a moment later.
+    rows = wait_until(
+        lambda: (
+            (rows := [r for r in env.outbox() if r["target"] == "component:gitea"])
+            and all(r["state"] != "pending" for r in rows)
+            and rows
+        )
+    )
     assert {r["state"] for r in rows} <= {"delivered", "superseded"}
     assert any(r["attempts"] > 1 and r["state"] == "delivered" for r in rows)
     assert re.search(
@@ -258,7 +266,7 @@ def test_flow_status_success_with_the_gap(env: Env) -> None:
         timeout=90,
     )
     reqs = env.statuses("gh", sha, context=ctx)
-    assert [r.json()["state"] for r in reqs] == ["pending", "success"]
+    assert [r.json()["state"] for r in reqs] in (["pending", "success"], ["success"])
     done = reqs[-1].json()
     assert done["target_url"] == f"{PUBLIC}/ui/flows/counter"
     assert re.search(r"counter v\d+ published, gap \d+\.\d ms", done["description"]), done
