@@ -10,6 +10,7 @@ machine); the restart test runs last.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import json
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, Work, db_rows, free_port, make_component, wait_until
-from tests.flows.conftest import counter_files, flow_toml, read_out
+from tests.flows.conftest import COUNTER_DESC, counter_files, flow_toml, read_out
 from tests.outbox.receiver import Receiver
 
 pytestmark = pytest.mark.timeout(180)
@@ -279,6 +280,31 @@ def test_flow_status_success_with_the_gap(env: Env) -> None:
     assert isinstance(sent[0].json()["detail"]["gap_ms"], float)
     assert sent[0].json()["url"] == f"{PUBLIC}/ui/flows/counter"
     wait_until(lambda: "deploy done: counter v" in env.daemon.log())
+
+
+def test_needs_attention_sets_the_flow_status_to_failure_and_notifies(env: Env) -> None:
+    # A version without the `write` action the flow uses: its draft needs attention.
+    desc = copy.deepcopy(COUNTER_DESC)
+    del desc["actions"]["write"]
+    sha = env.push("gh", counter_files("v3", **{"component.json": desc}), msg="drop write")
+    ctx = "deployd/flow/counter"
+    wait_until(
+        lambda: [r for r in env.statuses("gh", sha, context=ctx) if r.json()["state"] == "failure"],
+        timeout=90,
+    )
+    failure = env.statuses("gh", sha, context=ctx)[-1].json()
+    assert failure["description"].startswith("counter needs attention: ")
+    assert len(failure["description"]) <= 140
+    assert failure["target_url"] == f"{PUBLIC}/ui/flows/counter"
+    slack = wait_until(
+        lambda: [
+            r
+            for r in env.receiver.received(SLACK_PATH)
+            if "flow.needs_attention" in r.json()["text"] and sha[:12] in r.json()["text"]
+        ]
+    )
+    assert slack[0].json()["text"].startswith(":warning: deployd flow.needs_attention: ")
+    wait_until(lambda: "needs attention: draft of counter for gh v" in env.daemon.log())
 
 
 def test_status_counts_and_a_refused_status_is_given_up(env: Env) -> None:
