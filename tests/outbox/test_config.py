@@ -11,7 +11,7 @@ import pytest
 
 from deployd import config as cfgmod
 from deployd.errors import ConfigError
-from deployd.outbox.providers import api_base, shorten, status_request
+from deployd.outbox.providers import api_base, bitbucket_key, shorten, status_request
 from tests.conftest import DEPLOYD
 
 pytestmark = pytest.mark.timeout(60)
@@ -151,3 +151,11 @@ def test_read_only_commands_run_without_the_daemons_secrets(tmp_path: Path) -> N
     assert len(cfg.missing_secrets) == 3
     with pytest.raises(ConfigError):
         cfgmod.load(path)
+
+
+def test_bitbucket_keys_fit_40_characters() -> None:
+    assert bitbucket_key("deployd/build") == "deployd/build"
+    long = "deployd/flow/" + "a-very-long-flow-name" * 2
+    key = bitbucket_key(long)
+    assert len(key) == 40 and key == bitbucket_key(long) and key.startswith("deployd/flow/")
+    assert key != bitbucket_key(long + "x")

@@ -21,7 +21,10 @@ Sources (each provider's own reference, looked up for this module):
   ``POST /2.0/repositories/{workspace}/{repo_slug}/commit/{commit}/statuses/build`` with
   ``key`` (the context; a status of the same key is overwritten), ``state`` (INPROGRESS |
   SUCCESSFUL | FAILED | STOPPED), ``url``, ``name``, ``description``; ``Authorization: Bearer
-  TOKEN`` (a repository or workspace access token).
+  TOKEN`` (a repository or workspace access token). A ``key`` over 40 characters is refused
+  with 400 ("key: Ensure this value has at most 40 characters"), as several CI integrations
+  report (buildbot#7049, fluxcd/notification-controller#173): a longer context is cut and
+  given a hash suffix, the same for every status of it, and sent whole as ``name``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,20 @@ def shorten(text: str, limit: int = DESCRIPTION_MAX) -> str:
     return cut.rstrip(" ,;:") + "…"
 
 
+BITBUCKET_KEY_MAX = 40
+
+
+def bitbucket_key(context: str) -> str:
+    """`context` as a Bitbucket status key: itself up to 40 characters, else cut with a stable
+    8-character hash of the whole (so one flow's statuses keep overwriting one key)."""
+    import hashlib
+
+    if len(context) <= BITBUCKET_KEY_MAX:
+        return context
+    digest = hashlib.sha256(context.encode()).hexdigest()[:8]
+    return f"{context[: BITBUCKET_KEY_MAX - 9]}-{digest}"
+
+
 def status_request(comp: ComponentConfig, payload: dict[str, Any]) -> Request:
     """The request that sets `payload` (sha, context, state, description, target_url) as a
     commit status on `comp`'s hosting service."""
@@ -128,7 +145,7 @@ def status_request(comp: ComponentConfig, payload: dict[str, Any]) -> Request:
         )
         headers |= {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         body = {
-            "key": payload["context"],
+            "key": bitbucket_key(payload["context"]),
             "state": state,
             "name": payload["context"],
             "description": description,
