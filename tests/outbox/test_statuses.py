@@ -332,6 +332,16 @@ def test_status_counts_and_a_refused_status_is_given_up(env: Env) -> None:
     assert sha
 
 
+def test_the_log_says_which_push_was_ignored_and_which_branch_deploys(env: Env) -> None:
+    env.works["gl"].push(env.daemon.hosted("gl"), "HEAD:refs/heads/feature-x")
+    wait_until(
+        lambda: (
+            "push ignored: push to 'refs/heads/feature-x' ignored: gl deploys branch 'main'"
+            in env.daemon.log()
+        )
+    )
+
+
 def test_nothing_secret_in_the_log_the_database_or_status(env: Env) -> None:
     log = env.daemon.log()
     for secret in SECRETS:
