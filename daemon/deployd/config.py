@@ -41,6 +41,7 @@ def component_name(value: str) -> str:
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_ONLY_RE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 # A branch name git would accept and that is safe to show; refs are never given to a shell anyway.
 _BRANCH_RE = re.compile(
     r"^(?!/)(?!.*//)(?!.*\.\.)(?!.*@\{)[A-Za-z0-9._/-]{1,200}(?<!/)(?<!\.lock)$"
@@ -150,6 +151,114 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_http_url(value: str, example: str) -> str:
+    """`value` when it is an http(s) url with a host (and no credentials); else ValueError."""
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid url ({exc}); e.g. {example!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// url; e.g. {example!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user or password (it would end up in logs)")
+    if any(ch.isspace() for ch in value):
+        raise ValueError("must not contain spaces")
+    return value
+
+
+_REPO_PART_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,99}$")
+
+
+def repo_path_of(url: str | None) -> str | None:
+    """The repository's path on its hosting service from a remote `url` ("acme/billing" from
+    https://github.com/acme/billing.git or git@github.com:acme/billing.git); None for a local
+    or unusable url."""
+    if url is None or is_local_url(url):
+        return None
+    if "://" in url:
+        try:
+            path = urlsplit(url).path
+        except ValueError:
+            return None
+    else:  # scp-like ssh: [user@]host:path
+        path = url.split(":", 1)[1]
+    path = path.strip("/")
+    if path.endswith(".git"):
+        path = path[: -len(".git")]
+    parts = path.split("/")
+    if len(parts) < 2 or not all(_REPO_PART_RE.match(p) for p in parts):
+        return None
+    return path
+
+
+def repo_host_of(url: str | None) -> str | None:
+    """The host name of a remote `url` (https, ssh:// or scp-like); None for a local one."""
+    if url is None or is_local_url(url):
+        return None
+    if "://" in url:
+        try:
+            return urlsplit(url).hostname
+        except ValueError:
+            return None
+    return url.split(":", 1)[0].rsplit("@", 1)[-1] or None
+
+
+# The public names of deployd's events, for [[notify]] events (and the json format's "event").
+NOTIFY_EVENTS = (
+    "build.started",
+    "build.succeeded",
+    "build.failed",
+    "push.ignored",
+    "deploy.started",
+    "deploy.done",
+    "deploy.failed",
+    "deploy.rolled_back",
+    "flow.needs_attention",
+    "dead_letters.added",
+)
+
+
+class NotifyConfig(_Model):
+    """One [[notify]] target: a webhook that gets the events named in `events`."""
+
+    url: SecretStr
+    format: Literal["slack", "json"] = "slack"
+    events: tuple[str, ...] = ("build.failed", "deploy.failed", "deploy.rolled_back")
+    secret: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        if not _ENV_ONLY_RE.match(value.get_secret_value()):  # unset: see Config.missing_secrets
+            check_http_url(value.get_secret_value(), "https://hooks.slack.com/services/…")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import difflib
+
+        if not value:
+            raise ValueError('is empty; name the events to send, e.g. ["deploy.failed"]')
+        for name in value:
+            if name not in NOTIFY_EVENTS:
+                near = difflib.get_close_matches(name, NOTIFY_EVENTS, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ValueError(f"unknown event {name!r}; {hint}known: {', '.join(NOTIFY_EVENTS)}")
+        return tuple(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _signed(self) -> NotifyConfig:
+        if self.format == "json" and (
+            self.secret is None or not self.secret.get_secret_value().strip()
+        ):
+            raise ValueError(
+                'format = "json" needs secret (the key of the X-Deployd-Signature HMAC the '
+                'receiver checks), e.g. secret = "${NOTIFY_SECRET}"'
+            )
+        return self
+
+
 class DaemonConfig(_Model):
     state_dir: Path = Path("var")
     listen: str = "127.0.0.1:8787"
@@ -207,6 +316,18 @@ class DaemonConfig(_Model):
     # The time zone of ordinary flows' cron `schedule` and of [[freeze]] schedules (an IANA
     # name such as "Europe/Berlin").
     timezone: str = "UTC"
+    # Where people reach deployd's dashboard (e.g. "https://deployd.example.com"): commit
+    # statuses and notifications link to its pages ({public_url}/ui/flows/NAME). Empty: no link.
+    public_url: str = ""
+    # The outbox (commit statuses, notifications): the first retry's delay (doubling, with
+    # jitter, up to 10 minutes) and how long an undelivered one is tried before it is given up.
+    outbox_retry: Duration = 2.0
+    outbox_max_age: Duration = 86400.0
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        return check_http_url(value, "https://deployd.example.com") if value else value
 
     @field_validator("timezone")
     @classmethod
@@ -226,7 +347,7 @@ class DaemonConfig(_Model):
             )
         return value
 
-    @field_validator("warmup_timeout", "rollback_window", "stop_timeout")
+    @field_validator("warmup_timeout", "rollback_window", "stop_timeout", "outbox_retry")
     @classmethod
     def _positive(cls, value: float) -> float:
         return positive(value)
@@ -303,6 +424,66 @@ class ComponentConfig(_Model):
     # something under to be built (None: every push builds).
     path: str | None = None
     paths: tuple[str, ...] | None = None
+    # Commit statuses (issue 15): which hosting service's commit-status API to report each
+    # pushed commit's build and deploys to, with which token; `report_api` for a self-hosted
+    # instance; `report_repo` ("owner/name", GitLab "group/sub/project") when `url` does not
+    # name the repository on that service (a hosted or local repository mirrored there).
+    report: Literal["github", "gitlab", "gitea", "bitbucket", "none"] = "none"
+    report_token: SecretStr | None = None
+    report_api: str | None = None
+    report_repo: str | None = None
+
+    @field_validator("report_api")
+    @classmethod
+    def _report_api(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_http_url(value, "https://git.example.com/api/v3").rstrip("/")
+
+    @field_validator("report_repo")
+    @classmethod
+    def _report_repo(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        clean = value.strip().strip("/")
+        if clean.endswith(".git"):
+            clean = clean[: -len(".git")]
+        parts = clean.split("/")
+        if len(parts) < 2 or not all(_REPO_PART_RE.match(p) for p in parts):
+            raise ValueError(
+                f"{value!r} is not a repository path on the hosting service; write it as "
+                '"owner/name" (GitLab: "group/subgroup/project")'
+            )
+        return clean
+
+    @model_validator(mode="after")
+    def _report(self) -> ComponentConfig:
+        if self.report == "none":
+            return self
+        if self.report_token is None or not self.report_token.get_secret_value().strip():
+            raise ValueError(
+                f'report = "{self.report}" needs report_token: a token allowed to set commit '
+                'statuses, from the environment (report_token = "${BILLING_STATUS_TOKEN}")'
+            )
+        if self.report_repo is None and repo_path_of(self.url) is None:
+            raise ValueError(
+                f'report = "{self.report}" needs the repository on {self.report}: url '
+                f"{'is not set' if self.url is None else 'does not name one'}; set report_repo "
+                '= "owner/name" (or a url such as "https://github.com/acme/billing.git")'
+            )
+        if self.report == "bitbucket" and len(self.reported_repo.split("/")) != 2:
+            raise ValueError(
+                f"report_repo: Bitbucket repositories are workspace/name, not "
+                f"{self.reported_repo!r}"
+            )
+        return self
+
+    @property
+    def reported_repo(self) -> str:
+        """The repository's path on the hosting service commit statuses go to."""
+        repo = self.report_repo or repo_path_of(self.url)
+        assert repo is not None
+        return repo
 
     @field_validator("path")
     @classmethod
@@ -718,9 +899,13 @@ class Config(_Model):
     components: tuple[ComponentConfig, ...] = ()
     credentials: tuple[CredentialConfig, ...] = ()
     freeze: tuple[FreezeConfig, ...] = ()
+    notify: tuple[NotifyConfig, ...] = ()
     path: Path | None = None
     # Every ${NAME} the config file mentions: deployd's own secrets, which flows cannot read.
     own_env: frozenset[str] = frozenset()
+    # Unset ${NAME}s of DAEMON_ONLY_SECRETS, when loaded without require_secrets (those values
+    # are then still written ${NAME}: nothing may send with them).
+    missing_secrets: tuple[str, ...] = ()
 
     def component(self, name: str) -> ComponentConfig | None:
         for comp in self.components:
@@ -752,14 +937,17 @@ def resolve_path(explicit: Path | None) -> Path:
     return Path("/etc/deployd/config.toml")
 
 
-def _expand_env(value: Any, where: str, problems: list[str]) -> Any:
+def _expand_env(value: Any, where: str, problems: list[str], keep_unset: bool = False) -> Any:
+    """`value` with each ``${NAME}`` replaced by the environment's value; a name that is not
+    set is a problem, and becomes "" (or, with `keep_unset`, stays ``${NAME}``: a secret only
+    the daemon needs, which read-only commands run without; see `parse`)."""
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
                 problems.append(f"{where}: environment variable {name} is not set")
-                return ""
+                return match.group(0) if keep_unset else ""
             return os.environ[name]
 
         return _ENV_RE.sub(sub, value)
@@ -780,8 +968,11 @@ def _message(err: Any) -> str:
     return msg
 
 
-def load(path: Path) -> Config:
-    """Read and validate the config file at `path`; raise `ConfigError` listing every problem."""
+def load(path: Path, require_secrets: bool = True) -> Config:
+    """Read and validate the config file at `path`; raise `ConfigError` listing every problem.
+
+    `require_secrets`: the secrets only the daemon uses (see `parse`) must be set too — for
+    `serve`, `check-config` and a reload; read-only commands run without them."""
     try:
         raw_bytes = path.read_bytes()
     except FileNotFoundError as exc:
@@ -797,12 +988,25 @@ def load(path: Path) -> Config:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     except RecursionError as exc:
         raise ConfigError(f"{path} is nested too deeply to read; flatten its tables") from exc
-    return parse(raw, base=path.resolve().parent, path=path.resolve())
+    return parse(
+        raw, base=path.resolve().parent, path=path.resolve(), require_secrets=require_secrets
+    )
 
 
-def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
-    """Validate an already-parsed TOML document; relative paths are taken from `base`."""
+# Secrets only the daemon's outbox sends with: a `${NAME}` of theirs that is not set is a
+# problem for `serve` and `check-config` (require_secrets), not for `status` or `history`.
+DAEMON_ONLY_SECRETS = ("components[].report_token", "notify[].url", "notify[].secret")
+
+
+def parse(
+    raw: dict[str, Any], base: Path, path: Path | None = None, require_secrets: bool = True
+) -> Config:
+    """Validate an already-parsed TOML document; relative paths are taken from `base`.
+
+    Without `require_secrets`, an unset ``${NAME}`` in one of DAEMON_ONLY_SECRETS is left as
+    written and listed in `Config.missing_secrets` instead of failing the load."""
     problems: list[str] = []
+    deferred: list[str] = []  # unset ${NAME}s of DAEMON_ONLY_SECRETS
     raw = dict(raw)
     own_env = frozenset(_env_names(raw))
     # deployd's own secrets, which a credential (given to steps) may not name
@@ -816,9 +1020,12 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
         for i, comp in enumerate(comps):
             if isinstance(comp, dict) and "webhook_secret" in comp:
                 comp = dict(comp)
-                comp["webhook_secret"] = _expand_env(
-                    comp["webhook_secret"], f"components[{i}].webhook_secret", problems
-                )
+                where = f"components[{i}].webhook_secret"
+                comp["webhook_secret"] = _expand_env(comp["webhook_secret"], where, problems)
+            if isinstance(comp, dict) and "report_token" in comp:
+                comp = dict(comp)
+                where = f"components[{i}].report_token"
+                comp["report_token"] = _expand_env(comp["report_token"], where, deferred, True)
             expanded.append(comp)
         raw["components"] = expanded
     daemon_raw = raw.get("daemon")
@@ -827,6 +1034,22 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             **daemon_raw,
             "secret_key": _expand_env(daemon_raw["secret_key"], "daemon.secret_key", problems),
         }
+    notify = raw.get("notify")
+    if notify is not None and not isinstance(notify, list):
+        problems.append("notify: must be an array of tables ([[notify]] with url and events)")
+        raw.pop("notify")
+    elif notify:
+        raw["notify"] = [
+            {
+                k: _expand_env(v, f"notify[{i}].{k}", deferred, True)
+                if k in ("url", "secret")
+                else v
+                for k, v in target.items()
+            }
+            if isinstance(target, dict)
+            else target
+            for i, target in enumerate(notify)
+        ]
     creds = raw.get("credentials")
     if creds is not None and not isinstance(creds, list):
         problems.append(
@@ -867,6 +1090,8 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
         problems += _kubernetes_problems(cfg.runtime)
     _check_webhook_secrets(raw, problems)
     _check_credentials(raw, problems)
+    if require_secrets:
+        problems += deferred
     if cfg is None or problems:
         raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
     comps_out = [
@@ -880,6 +1105,7 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             "components": tuple(comps_out),
             "path": path,
             "own_env": own_env,
+            "missing_secrets": () if require_secrets else tuple(deferred),
         }
     )
 

@@ -16,6 +16,7 @@ from .config import Config, redact_url
 from .paths import Paths
 from .store import FlowStore, Store
 from .store.letters import DeadLetterStore
+from .store.outbox import OutboxStore
 from .store.quarantine import QuarantineStore
 from .store.runs import RunStore
 
@@ -343,9 +344,33 @@ def status_extras(store: Any) -> dict[str, Any]:
         errors[part] = {"at": row["ts"], "message": row["message"]} if row else None
     return {
         "last_errors": errors,
+        "outbox": outbox_status(store),
         "paused": store.paused() if store else {"flow": [], "component": []},
         "disk": {
             "state_dir_bytes": int(disk) if disk else None,
             "measured_at": store.meta("disk_measured_at") if store else None,
         },
     }
+
+
+def outbox_status(store: Any) -> dict[str, Any]:
+    """Commit statuses and notifications: how many wait to be sent, how many were given up,
+    and the newest given up (its target and why; never a url or a token)."""
+    out: dict[str, Any] = {"pending": 0, "failed": 0, "last_failure": None}
+    if store is None:
+        return out
+    outbox = OutboxStore(store)
+    try:
+        counts = outbox.counts()
+        last = outbox.last_failure()
+    except sqlite3.OperationalError:  # a database the daemon has not migrated yet
+        return out
+    out["pending"], out["failed"] = counts["pending"], counts["failed"]
+    if last:
+        out["last_failure"] = {
+            "at": last["finished_at"],
+            "target": last["target"],
+            "kind": last["kind"],
+            "message": last["last_error"],
+        }
+    return out

@@ -22,8 +22,11 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def load_config(config: Path | None) -> Any:
-    """The validated config from `--config` (or the default places); ConfigError if invalid."""
+def load_config(config: Path | None, require_secrets: bool = False) -> Any:
+    """The validated config from `--config` (or the default places); ConfigError if invalid.
+
+    `require_secrets` for `serve` and `check-config`: the daemon's own secrets (report tokens,
+    notify urls) must then be set in the environment; other commands never use them."""
     from .. import config as cfgmod
 
-    return cfgmod.load(cfgmod.resolve_path(config))
+    return cfgmod.load(cfgmod.resolve_path(config), require_secrets=require_secrets)

@@ -28,7 +28,7 @@ component_app = typer.Typer(help="Run a component's service verbs (dynamic metad
 @commands.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)."""
-    cfg = load_config(config)
+    cfg = load_config(config, require_secrets=True)
     from ..api.app import create_server
     from ..service import serve as run
 
@@ -41,7 +41,7 @@ def check_config(config: ConfigOpt = None) -> None:
     from ..config import format_duration, redact_url
     from ..toolchains.node import detect as detect_node
 
-    cfg = load_config(config)
+    cfg = load_config(config, require_secrets=True)
     d = cfg.daemon
     out = console()
     out.print(f"config {cfg.path}: OK")
@@ -82,6 +82,25 @@ def check_config(config: ConfigOpt = None) -> None:
             + (f" path {comp.path}" if comp.path else "")
             + (f" paths {', '.join(comp.paths)}" if comp.paths else "")
             + f"  (build_timeout {format_duration(comp.build_timeout)}, {secret})",
+            markup=False,
+            highlight=False,
+        )
+    for comp in cfg.components:  # where commit statuses go; never the token
+        if comp.report != "none":
+            from ..outbox.providers import api_base
+
+            out.print(
+                f"    {comp.name:<24} reports to {comp.report} {comp.reported_repo}"
+                f" at {api_base(comp)}",
+                markup=False,
+                highlight=False,
+            )
+    if cfg.notify:
+        out.print(f"  notify     {len(cfg.notify)} target(s)")
+    for i, target in enumerate(cfg.notify):  # not the url: it is a secret
+        signed = ", signed" if target.secret is not None else ""
+        out.print(
+            f"    [[notify]] {i + 1}: {target.format}{signed}: {', '.join(target.events)}",
             markup=False,
             highlight=False,
         )

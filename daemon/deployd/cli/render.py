@@ -184,6 +184,13 @@ def print_status(data: dict[str, Any]) -> None:
     ]
     if names:
         say(paint("paused: ", "yellow") + ", ".join(names) + "\n")
+    outbox = data.get("outbox") or {}
+    if outbox.get("pending") or outbox.get("failed"):
+        line = f"outbox: {outbox.get('pending', 0)} pending, {outbox.get('failed', 0)} failed"
+        failure = outbox.get("last_failure")
+        if failure:
+            line += f" (last: {failure['target']}: {str(failure['message'])[:100]})"
+        say(line + "\n")
     disk = (data.get("disk") or {}).get("state_dir_bytes")
     if disk is not None:
         say(f"state_dir uses {disk / 1e6:.1f} MB\n")

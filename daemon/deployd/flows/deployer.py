@@ -569,8 +569,19 @@ class Deployer:
             raise FlowError(f"flow {name} has no draft to publish (`deployd flow apply FILE`)")
         if draft["problems"]:
             raise FlowError(f"draft of {name} is not valid: " + "; ".join(draft["problems"]))
+        origin = (
+            (draft["cause_component"], draft["cause_sha"])
+            if draft.get("cause_component") and draft.get("cause_sha")
+            else None
+        )
         res = await self.publisher.publish(
-            name, draft["spec"], draft["steps"], draft["reason"], cause, from_draft=True
+            name,
+            draft["spec"],
+            draft["steps"],
+            draft["reason"],
+            cause,
+            from_draft=True,
+            origin=origin,
         )
         return res.as_json()
 
@@ -635,6 +646,7 @@ class Deployer:
                     flow=name,
                     component=event.component,
                     sha=event.sha,
+                    detail={"version": event.version, "problems": problems},
                 )
             action = self.redeploy_action(flow, problems)
             if action.kind in (DRAFT_ONLY, NEEDS_ATTENTION):

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -206,8 +206,17 @@ class Publisher:
         reason: str | None,
         cause: Cause,
         from_draft: bool = False,
+        origin: tuple[str, str] | None = None,
     ) -> DeploymentResult:
-        """The publish state machine (see the module docstring). Holds the flow's lock."""
+        """The publish state machine (see the module docstring). Holds the flow's lock.
+
+        `origin`: the (component, sha) whose new version the published draft was made for,
+        when a person publishes it (`cause` then names no commit): the deploy events name it,
+        so its commit gets the flow's status."""
+        # What the events name (the deployment's record keeps `cause` as it was).
+        ev = cause
+        if cause.sha is None and origin is not None:
+            ev = replace(cause, component=origin[0], sha=origin[1])
         flow = self.fs.flow(name)
         if flow is None:
             raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
@@ -229,8 +238,8 @@ class Publisher:
                 f"publishing {name} v{version}"
                 + (f" (was v{from_version})" if from_version else ""),
                 flow=name,
-                component=cause.component,
-                sha=cause.sha,
+                component=ev.component,
+                sha=ev.sha,
                 detail={"deployment": dep, "trigger": cause.trigger},
             )
 
@@ -257,7 +266,14 @@ class Publisher:
                         dep, status=DeploymentState.FAILED, reason=str(exc), log_tail=tail
                     )
                     self.fs.set_flow(name, needs_attention=msg)
-                    self.store.event("deploy.failed", f"{name}: {msg}", flow=name)
+                    self.store.event(
+                        "deploy.failed",
+                        f"{name}: {msg}",
+                        flow=name,
+                        component=ev.component,
+                        sha=ev.sha,
+                        detail={"deployment": dep, "version": version, "reason": str(exc)},
+                    )
                     if cause.automatic:
                         self._quarantine(name, from_version, steps, f"warm-up failed: {exc}", dep)
                 log.warning("flow %s: %s", name, msg)
@@ -286,12 +302,19 @@ class Publisher:
                     f"{name} v{version} live (warm-up {warmup_ms:.0f} ms"
                     + (f", gap {gap_ms:.1f} ms)" if gap_ms is not None else ")"),
                     flow=name,
-                    component=cause.component,
-                    sha=cause.sha,
+                    component=ev.component,
+                    sha=ev.sha,
+                    detail={
+                        "deployment": dep,
+                        "version": version,
+                        "from_version": from_version,
+                        "warmup_ms": round(warmup_ms, 1),
+                        "gap_ms": None if gap_ms is None else round(gap_ms, 3),
+                    },
                 )
             if from_version is not None:
                 self.spawn(
-                    self._watch_rollback(name, dep, new, from_version, switched_at, cause),
+                    self._watch_rollback(name, dep, new, from_version, switched_at, ev),
                     f"rollback-watch:{name}",
                 )
             self.metrics.deployment(name, DeploymentState.DONE)
@@ -398,7 +421,14 @@ class Publisher:
                 with self.store.tx():
                     self.fs.set_flow(name, needs_attention=msg)
                     self.fs.set_deployment(dep, reason=msg, log_tail=tail)
-                    self.store.event("deploy.rollback_failed", f"{name}: {msg}", flow=name)
+                    self.store.event(
+                        "deploy.rollback_failed",
+                        f"{name}: {msg}",
+                        flow=name,
+                        component=cause.component,
+                        sha=cause.sha,
+                        detail={"deployment": dep, "version": version, "reason": msg},
+                    )
                 log.error("flow %s: %s", name, msg)
                 return
             with self.store.tx():
@@ -414,6 +444,14 @@ class Publisher:
                     "deploy.rolled_back",
                     f"{name}: v{version} rolled back to v{from_version}: {reason}",
                     flow=name,
+                    component=cause.component,
+                    sha=cause.sha,
+                    detail={
+                        "deployment": dep,
+                        "version": version,
+                        "to_version": from_version,
+                        "reason": reason,
+                    },
                 )
                 if cause.automatic:
                     fv_new = self.fs.flow_version(name, version)

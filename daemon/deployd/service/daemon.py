@@ -123,7 +123,7 @@ class Daemon:
             return False
         parts.notifier.reloading()
         try:
-            new = cfgmod.load(old.path)
+            new = cfgmod.load(old.path, require_secrets=True)
         except ConfigError as exc:
             log.error(
                 "reload rejected, the old config keeps running: %s",
@@ -202,7 +202,8 @@ class Daemon:
         self, loop: asyncio.AbstractEventLoop, parts: Parts, sock: socket.socket | None
     ) -> None:
         # Started in this order, stopped in the reverse one (the pipeline first of all).
-        services: list[Service] = [parts.deployer, parts.operator, parts.poller]
+        # The outbox first: it only sends what the others record, and it is stopped last.
+        services: list[Service] = [parts.outbox, parts.deployer, parts.operator, parts.poller]
         self._tasks.append(loop.create_task(parts.lag.run(), name="loop-lag"))
         self._tasks.append(loop.create_task(watchdog_pinger(parts.notifier), name="watchdog"))
         parts.repos.setup()

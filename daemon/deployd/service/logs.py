@@ -37,6 +37,12 @@ def config_secrets(config: Config) -> list[str]:
     for comp in config.components:
         with contextlib.suppress(OSError):
             out.append(comp.secret())
+        if comp.report_token is not None:
+            out.append(comp.report_token.get_secret_value())
+    for target in config.notify:  # a webhook url is a secret: whoever has it can post
+        out.append(target.url.get_secret_value())
+        if target.secret is not None:
+            out.append(target.secret.get_secret_value())
     if config.daemon.secret_key is not None:
         out.append(config.daemon.secret_key.get_secret_value())
     for cred in config.credentials:  # their longer strings: keys, tokens, passwords

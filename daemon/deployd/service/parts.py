@@ -19,6 +19,8 @@ from ..metrics import Metrics
 from ..notify import Notifier
 from ..objects import FileStore, ObjectStore, ensure_key
 from ..ops import Operator
+from ..outbox.sender import OutboxSender
+from ..outbox.writer import OutboxWriter
 from ..paths import Paths
 from ..pauses import Pauses
 from ..pipeline.queue import Pipeline
@@ -30,6 +32,7 @@ from ..sources.poll import Poller
 from ..sources.watch import Watcher
 from ..sources.webhook import WebhookIntake
 from ..store import Store
+from .eventlog import log_event
 from .repos import Repos
 
 
@@ -57,6 +60,7 @@ class Parts:
     api_token: str
     object_store: ObjectStore
     object_key: bytes
+    outbox: OutboxSender  # commit statuses and notifications (issue 15)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -68,6 +72,17 @@ class Parts:
 def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractEventLoop) -> Parts:
     """Build every part of the daemon, on `loop`, from a validated config and an open store."""
     metrics = Metrics()
+    live: Parts | None = None
+
+    def current_config() -> Config:
+        # Webhook secrets, report tokens and notify targets apply at once after a reload,
+        # which replaces `Parts.config`.
+        return live.config if live is not None else config
+
+    # First of all, so that every event from here on is logged and reaches the outbox.
+    outbox = OutboxSender(current_config, store, loop)
+    store.add_event_listener(log_event)
+    store.add_event_listener(OutboxWriter(current_config, store, outbox.wake).on_event)
     pauses = Pauses(store)
     pauses.load()
     credentials = Credentials(config, store)  # one for the runtime and the deployer
@@ -81,12 +96,6 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
     inbox = Inbox(paths.inbox, pipeline.notify)
     poller = Poller(config, store, pipeline.pending, pipeline.notify, metrics)
     stopping = asyncio.Event()
-    live: Parts | None = None
-
-    def current_config() -> Config:
-        # Webhook secrets apply at once after a reload, which replaces `Parts.config`.
-        return live.config if live is not None else config
-
     intake = WebhookIntake(
         current_config, store, pipeline.notify, metrics, lambda: not stopping.is_set()
     )
@@ -127,6 +136,7 @@ def assemble(config: Config, store: Store, paths: Paths, loop: asyncio.AbstractE
         api_token=ensure_token(config),
         object_store=object_store,
         object_key=ensure_key(paths),
+        outbox=outbox,
         stopping=stopping,
     )
     return live

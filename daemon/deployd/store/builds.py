@@ -57,7 +57,7 @@ class Store(StoreCore):
                     f"build {build_id} of {row[0]} {row[1][:12]} failed: {error}",
                     component=row[0],
                     sha=row[1],
-                    detail={"build": build_id},
+                    detail={"build": build_id, "error": error, "retryable": retryable},
                 )
 
     def register_version(

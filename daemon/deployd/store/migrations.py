@@ -480,3 +480,36 @@ def m016_ignored_commits(db: Database) -> None:
         "CREATE TABLE ignored_commits (component TEXT NOT NULL, sha TEXT NOT NULL,"
         " reason TEXT NOT NULL, at TEXT NOT NULL, PRIMARY KEY (component, sha)) WITHOUT ROWID"
     )
+
+
+@migrations()
+def m018_outbox(db: Database) -> None:
+    """The outbox (issue 15): commit statuses and notifications waiting to be sent, written in
+    the same transaction as the event that caused them, so none is lost and none is sent for
+    work that rolled back. `target` names where it goes ("component:NAME" for the component's
+    `report` service, "notify:N" for the N-th [[notify]]); the url and the token are resolved
+    from the config when it is sent, never stored. `key` groups deliveries of which only the
+    newest matters (one commit's status in one context): a newer one supersedes an older one
+    still pending. `next_at` and `created` are epoch seconds (backoff and the maximum age)."""
+    db.execute(
+        """
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            event_id INTEGER,
+            target TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('status', 'notify')),
+            key TEXT,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('pending', 'delivered', 'failed', 'superseded')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            created REAL NOT NULL,
+            created_at TEXT NOT NULL,
+            last_error TEXT,
+            finished_at TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX outbox_due ON outbox (state, next_at)")
+    db.execute("CREATE INDEX outbox_key ON outbox (key, id)")

@@ -94,6 +94,22 @@ class QueueStore:
         ).fetchall()
         return [Queued(*r) for r in rows]
 
+    def _letters_event(self, letters: list[Any]) -> None:
+        """One `dead_letters.added` event per step of a group commit that dead-lettered
+        messages (the notifications' source; rare next to the messages themselves)."""
+        steps: dict[tuple[str, str], list[Any]] = {}
+        for row in letters:
+            steps.setdefault((row[0], row[1]), []).append(row)
+        for (flow, step), rows in steps.items():
+            error = str(rows[-1][8]).split("\n", 1)[0][:300]
+            self.store.event(
+                "dead_letters.added",
+                f"flow {flow} step {step}: {len(rows)} message(s) dead-lettered: {error}",
+                flow=flow,
+                component=rows[-1][6],
+                detail={"step": step, "count": len(rows), "error": error},
+            )
+
     def commit_batch(self, batch: QueueBatch) -> None:
         """Write one group commit (call inside a transaction)."""
         now = utcnow()
@@ -116,6 +132,7 @@ class QueueStore:
                 " attachments, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*row, now) for row in batch.letters],
             )
+            self._letters_event(batch.letters)
         if batch.refs:
             conn.executemany(
                 "INSERT OR REPLACE INTO object_refs (object_id, flow, last_seen) VALUES (?, ?, ?)",
