@@ -156,11 +156,13 @@ class Records:
                 _json(msg.get("passthrough") or {}),
                 _json(msg.get("attachments") or {}),
             )
+            first = error.split("\n", 1)[0][:300]
             self.store.event(
                 "dead_letters.added",
-                f"flow {flow} step {step}: message {msg_id} failed in its pod: {error[:200]}",
+                f"flow {flow} step {step}: 1 message(s) dead-lettered in its pod: {first}",
                 flow=flow,
-                detail={"step": step, "msg_id": msg_id},
+                component=component,
+                detail={"step": step, "count": 1, "error": first, "msg_id": msg_id},
             )
 
     async def drained(self, flow: str, timeout: float) -> bool:
