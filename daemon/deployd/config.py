@@ -207,6 +207,11 @@ class DaemonConfig(_Model):
     # The time zone of ordinary flows' cron `schedule` and of [[freeze]] schedules (an IANA
     # name such as "Europe/Berlin").
     timezone: str = "UTC"
+    # The dashboard (GET /ui): "loopback" — read-only without a login for a client on
+    # 127.0.0.1/::1 while the daemon listens on loopback, the API token asked of everyone
+    # else; "always" — the token asked of everyone (behind a reverse proxy on this machine,
+    # every client would look local).
+    ui_auth: Literal["loopback", "always"] = "loopback"
 
     @field_validator("timezone")
     @classmethod
