@@ -33,10 +33,11 @@ def browser_unavailable() -> str | None:
         import selenium  # noqa: F401
     except ImportError:
         return "no selenium (pip install -e '.[dev]')"
+    hint = f"Debian: apt-get install {PACKAGES}; `make test` does it as root"
     if _which(BROWSERS) is None:
-        return f"no chromium here (Debian: apt-get install {PACKAGES}; `make test` does it as root)"
+        return f"no chromium here ({hint})"
     if _which(DRIVERS) is None:
-        return f"no chromedriver here (Debian: apt-get install {PACKAGES}; `make test` does it as root)"
+        return f"no chromedriver here ({hint})"
     return None
 
 

@@ -9,8 +9,9 @@ tested directly below for the remote case, proxies included).
 from __future__ import annotations
 
 import json
-from contextlib import closing
 from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -267,3 +268,16 @@ def test_the_stream_wakes_on_a_new_event(local: Daemon) -> None:
         assert "hello" in events[0]["data"]["message"]
     local.cli("resume", "hello")
     wait_until(lambda: "hello" not in local.status()["paused"]["component"])
+
+
+def test_ui_auth_takes_only_its_two_values(tmp_path: Path) -> None:
+    from deployd import config as cfgmod
+    from deployd.errors import ConfigError
+
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon]\nui_auth = "sometimes"\n')
+    with pytest.raises(ConfigError) as info:
+        cfgmod.load(path)
+    assert any("daemon.ui_auth" in p and "'always'" in p for p in info.value.problems)
+    path.write_text('[daemon]\nui_auth = "always"\n')
+    assert cfgmod.load(path).daemon.ui_auth == "always"

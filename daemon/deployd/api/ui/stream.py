@@ -62,14 +62,6 @@ class EventHub:
         for waiter in self.waiters:
             waiter.set()
 
-    def close(self) -> None:
-        """End every stream (the daemon is stopping)."""
-        self.stopping.set()
-        self._wake()
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
     def reader(self) -> Store | None:
         """A read-only connection to the state database: only committed rows are seen."""
         if self._reader is None:
