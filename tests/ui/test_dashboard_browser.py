@@ -196,3 +196,46 @@ def test_logged_in_buttons_ask_for_confirmation(browser: Any, demo: Demo) -> Non
     assert "counter paused" in flash
     assert text(browser, 'form[action="/ui/flows/counter/resume"] button') == "resume"
     assert severe(browser) == []
+
+
+def test_flow_buttons_call_the_deployer(demo: Demo) -> None:
+    """Roll back and the dead-letter buttons, over HTTP with a login: the same operations as
+    `POST /api/v1/flows/NAME/rollback` and `…/errors/retry`, their result or error shown."""
+    import httpx
+
+    def version() -> int:
+        return int(
+            next(f for f in demo.daemon.status()["flows"] if f["name"] == "counter")["version"]
+        )
+
+    first = version()  # a new component version: the flow gets a version to roll back from
+    demo.work.commit("a version to roll back from", counter_files("v3"))
+    demo.work.push(demo.daemon.hosted("hello"))
+    wait_until(lambda: version() > first, timeout=60)
+    token = (demo.daemon.state_dir / "api-token").read_text().strip()
+    with httpx.Client(base_url=demo.daemon.url, timeout=30) as c:
+        r = c.post("/ui/login", data={"token": token, "next": "/ui/flows/counter"})
+        assert r.status_code == 303
+        page = wait_until(  # once the publish is done, it has a version to go back to
+            lambda: (
+                (p := c.get("/ui/flows/counter").text)
+                and 'action="/ui/flows/counter/rollback"' in p
+                and p
+            ),
+            timeout=60,
+            interval=0.1,
+        )
+        marker = 'name="csrf" value="'
+        csrf = page[page.index(marker) + len(marker) :].split('"', 1)[0]
+        before = version()
+        r = c.post("/ui/flows/counter/rollback", data={"csrf": csrf}, follow_redirects=True)
+        assert r.status_code == 200
+        assert f"counter v{before + 1}: done" in r.text
+        assert version() == before + 1
+        r = c.post("/ui/flows/counter/retry", data={"csrf": csrf}, follow_redirects=True)
+        assert "counter: 0 dead letter(s) put back" in r.text
+        r = c.post(
+            "/ui/flows/counter/discard", data={"csrf": csrf, "step": "nope"}, follow_redirects=True
+        )
+        assert "failed: " in r.text  # the deployer's own message, shown on the page
+        assert c.post("/ui/flows/counter/nope", data={"csrf": csrf}).status_code == 404
