@@ -199,39 +199,42 @@ def test_logged_in_buttons_ask_for_confirmation(browser: Any, demo: Demo) -> Non
 
 
 def test_flow_buttons_call_the_deployer(demo: Demo) -> None:
-    """Roll back and the dead-letter buttons, over HTTP with a login: the same operations as
-    `POST /api/v1/flows/NAME/rollback` and `…/errors/retry`, their result or error shown."""
+    """Pause, publish the draft, roll back, retry and discard dead letters, resume — over
+    HTTP with a login: the same operations as the API routes, their result or error shown."""
     import httpx
 
     def version() -> int:
-        return int(
-            next(f for f in demo.daemon.status()["flows"] if f["name"] == "counter")["version"]
-        )
+        flow = next(f for f in demo.daemon.status()["flows"] if f["name"] == "counter")
+        return int(flow["version"])
 
-    first = version()  # a new component version: the flow gets a version to roll back from
-    demo.work.commit("a version to roll back from", counter_files("v3"))
-    demo.work.push(demo.daemon.hosted("hello"))
-    wait_until(lambda: version() > first, timeout=60)
+    def csrf_of(page: str) -> str:
+        marker = 'name="csrf" value="'
+        return page[page.index(marker) + len(marker) :].split('"', 1)[0]
+
     token = (demo.daemon.state_dir / "api-token").read_text().strip()
     with httpx.Client(base_url=demo.daemon.url, timeout=30) as c:
         r = c.post("/ui/login", data={"token": token, "next": "/ui/flows/counter"})
         assert r.status_code == 303
-        page = wait_until(  # once the publish is done, it has a version to go back to
-            lambda: (
-                (p := c.get("/ui/flows/counter").text)
-                and 'action="/ui/flows/counter/rollback"' in p
-                and p
-            ),
-            timeout=60,
-            interval=0.1,
-        )
-        marker = 'name="csrf" value="'
-        csrf = page[page.index(marker) + len(marker) :].split('"', 1)[0]
-        before = version()
+        csrf = csrf_of(c.get("/ui/flows/counter").text)
+        c.post("/ui/flows/counter/pause", data={"csrf": csrf})  # (it may be paused already)
+        assert "counter" in demo.daemon.status()["paused"]["flow"]
+        first = version()
+        # Paused, a new component version only gets a draft: the page offers to publish it.
+        demo.work.commit("a version for a draft", counter_files("v3"))
+        demo.work.push(demo.daemon.hosted("hello"))
+
+        def page_with(action: str) -> str:
+            text = c.get("/ui/flows/counter").text
+            return text if f'action="/ui/flows/counter/{action}"' in text else ""
+
+        wait_until(lambda: page_with("publish"), timeout=60, interval=0.1)
+        r = c.post("/ui/flows/counter/publish", data={"csrf": csrf}, follow_redirects=True)
+        assert f"counter v{first + 1}: done" in r.text
+        assert version() == first + 1
+        wait_until(lambda: page_with("rollback"), timeout=60, interval=0.1)
         r = c.post("/ui/flows/counter/rollback", data={"csrf": csrf}, follow_redirects=True)
-        assert r.status_code == 200
-        assert f"counter v{before + 1}: done" in r.text
-        assert version() == before + 1
+        assert f"counter v{first + 2}: done" in r.text
+        assert version() == first + 2
         r = c.post("/ui/flows/counter/retry", data={"csrf": csrf}, follow_redirects=True)
         assert "counter: 0 dead letter(s) put back" in r.text
         r = c.post(
@@ -239,3 +242,6 @@ def test_flow_buttons_call_the_deployer(demo: Demo) -> None:
         )
         assert "failed: " in r.text  # the deployer's own message, shown on the page
         assert c.post("/ui/flows/counter/nope", data={"csrf": csrf}).status_code == 404
+        r = c.post("/ui/flows/counter/resume", data={"csrf": csrf}, follow_redirects=True)
+        assert "counter resumed" in r.text
+        assert "counter" not in demo.daemon.status()["paused"]["flow"]
