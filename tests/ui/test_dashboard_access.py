@@ -281,3 +281,22 @@ def test_ui_auth_takes_only_its_two_values(tmp_path: Path) -> None:
     assert any("daemon.ui_auth" in p and "'always'" in p for p in info.value.problems)
     path.write_text('[daemon]\nui_auth = "always"\n')
     assert cfgmod.load(path).daemon.ui_auth == "always"
+
+
+def test_the_event_log_is_filtered(locked: Daemon) -> None:
+    with closing(login(locked)) as c:
+        csrf = csrf_of(c.get("/ui/components/hello").text)
+        c.post("/ui/components/hello/pause", data={"csrf": csrf})
+        c.post("/ui/components/hello/resume", data={"csrf": csrf})
+        every = c.get("/ui/events").text
+        assert "repo.created" in every
+        assert "component hello paused" in every
+        only = c.get("/ui/events?kind=component").text
+        assert "component hello paused" in only
+        assert "component hello resumed" in only
+        assert "repo.created" not in only
+        exact = c.get("/ui/events?kind=component.resumed&component=hello").text
+        assert "component hello resumed" in exact
+        assert "component hello paused" not in exact
+        none = c.get("/ui/events?flow=nope").text
+        assert "no events match" in none

@@ -245,3 +245,19 @@ def test_flow_buttons_call_the_deployer(demo: Demo) -> None:
         r = c.post("/ui/flows/counter/resume", data={"csrf": csrf}, follow_redirects=True)
         assert "counter resumed" in r.text
         assert "counter" not in demo.daemon.status()["paused"]["flow"]
+
+
+def test_the_component_page_says_why_a_push_was_ignored(demo: Demo) -> None:
+    import httpx
+
+    demo.work.push(demo.daemon.hosted("hello"), "HEAD:refs/heads/feature")
+
+    def ignored() -> str:
+        page = httpx.get(demo.url("/ui/components/hello?fragment=1"), timeout=30).text
+        table = page[page.index('id="ignored"') :]
+        return table if "feature" in table else ""
+
+    table = wait_until(ignored, timeout=60, interval=0.1)
+    assert (
+        "push to &#39;refs/heads/feature&#39; ignored: hello deploys branch &#39;main&#39;" in table
+    )
