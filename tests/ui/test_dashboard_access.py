@@ -3,34 +3,28 @@
 Away from loopback the dashboard asks for the API token. A test client is always on
 loopback, so the daemon under test sets `daemon.ui_auth = "always"`, which makes it ask
 everyone — the same code path as a remote client (`reads_without_login` decides, and is
-tested directly below for the remote case, proxies included).
+tested directly below for the remote case, proxies included). What loopback clients get
+(open, read-only) is tested on the default daemon of test_dashboard_browser.py.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from deployd.api.ui.access import COOKIE, Sessions, reads_without_login
-from tests.conftest import Daemon, wait_until
+from tests.conftest import Daemon
+from tests.ui.sse import read_events
 
 
 @pytest.fixture(scope="module")
 def locked(module_daemon: Callable[..., Daemon]) -> Daemon:
     """A daemon asking everyone for the token (as for a remote client)."""
     return module_daemon(ui_auth="always")
-
-
-@pytest.fixture(scope="module")
-def local(module_daemon: Callable[..., Daemon]) -> Daemon:
-    """A daemon with the default: open, read-only, on loopback."""
-    return module_daemon()
 
 
 def token(d: Daemon) -> str:
@@ -191,23 +185,6 @@ def test_actions_need_the_csrf_token(locked: Daemon) -> None:
         assert r.status_code == 401
 
 
-def read_events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
-    """The first `count` events of a stream (id and decoded data)."""
-    out: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    for line in response.iter_lines():
-        if line.startswith("id: "):
-            current["id"] = int(line[4:])
-        elif line.startswith("data: "):
-            current["data"] = json.loads(line[6:])
-        elif line == "" and current:
-            out.append(current)
-            current = {}
-            if len(out) >= count:
-                break
-    return out
-
-
 def test_the_stream_takes_the_token_and_resumes_from_last_event_id(locked: Daemon) -> None:
     with closing(login(locked)) as c:
         csrf = csrf_of(c.get("/ui/components/hello").text)
@@ -223,51 +200,6 @@ def test_the_stream_takes_the_token_and_resumes_from_last_event_id(locked: Daemo
         assert all(set(e["data"]) >= {"id", "ts", "kind", "message"} for e in events)
         bad = {"Authorization": "Bearer nope"}
         assert c.get("/api/v1/events/stream", headers=bad).status_code == 401
-
-
-# -- on loopback: open, read-only ----------------------------------------------------------
-
-
-def test_loopback_reads_without_login_but_changes_nothing(local: Daemon) -> None:
-    with client(local) as c:
-        r = c.get("/")
-        assert r.status_code == 307
-        assert r.headers["location"] == "/ui"
-        for path in ("/ui", "/ui/components/hello", "/ui/events", "/ui/events?kind=config"):
-            r = c.get(path)
-            assert r.status_code == 200, path
-            assert "read-only (loopback)" in r.text
-            assert 'name="csrf"' not in r.text  # no buttons
-            csp = r.headers["content-security-policy"]
-            assert "script-src 'self'" in csp
-            assert "unsafe-inline" not in csp
-            assert r.headers["x-frame-options"] == "DENY"
-        assert c.get("/ui/flows/nope").status_code == 404
-        assert c.get("/ui/components/nope").status_code == 404
-        assert c.get("/ui/builds/999").status_code == 404
-        assert (
-            c.get("/ui/static/dashboard.js").headers["content-type"].startswith("text/javascript")
-        )
-        assert c.get("/ui/static/../app.py").status_code == 404
-        assert c.post("/ui/components/hello/pause", data={}).status_code == 401
-        # Behind a proxy on this machine every client would look local: not trusted.
-        r = c.get("/ui", headers={"X-Forwarded-For": "192.0.2.7"})
-        assert r.status_code == 303
-        with c.stream("GET", "/api/v1/events/stream?after=0") as r:
-            assert r.status_code == 200
-            first = read_events(r, 1)
-        assert first[0]["id"] == 1
-
-
-def test_the_stream_wakes_on_a_new_event(local: Daemon) -> None:
-    with client(local) as c, c.stream("GET", "/api/v1/events/stream") as r:
-        assert r.status_code == 200
-        local.cli("pause", "hello")  # an event, recorded by the daemon
-        events = read_events(r, 1)
-        assert events[0]["data"]["kind"].startswith("component.")
-        assert "hello" in events[0]["data"]["message"]
-    local.cli("resume", "hello")
-    wait_until(lambda: "hello" not in local.status()["paused"]["component"])
 
 
 def test_ui_auth_takes_only_its_two_values(tmp_path: Path) -> None:

@@ -3,8 +3,10 @@ error (CSP violations included), a push appears on the open overview within a se
 without a reload, the flow page shows its mapper steps, hostile text is shown as text, and
 a logged-in person's button asks before it acts.
 
-One daemon for the module: component `hello` (the counter of tests/flows) pushed with a
-hostile commit message, and flow `counter`: tick → write with a mapping (a mapper step).
+One daemon for the module (the default config: open, read-only on loopback): component
+`hello` (the counter of tests/flows) pushed with a hostile commit message, and flow
+`counter`: tick → write with a mapping (a mapper step). It also answers the HTTP checks of
+loopback access, the event stream and the flow buttons.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.browser import severe
 from tests.conftest import Daemon, Work, db_rows, make_component, wait_until
 from tests.flows.conftest import counter_files, flow_toml
+from tests.ui.sse import read_events
 
 HOSTILE = 'add counter <script>alert("x")</script> & <img src=x onerror=alert(1)>'
 TIMEOUT = 20  # a page that does not show what it should within this is broken
@@ -261,3 +265,50 @@ def test_the_component_page_says_why_a_push_was_ignored(demo: Demo) -> None:
     assert (
         "push to &#39;refs/heads/feature&#39; ignored: hello deploys branch &#39;main&#39;" in table
     )
+
+
+# -- on loopback: open, read-only ----------------------------------------------------------
+
+
+def test_loopback_reads_without_login_but_changes_nothing(demo: Demo) -> None:
+    with httpx.Client(base_url=demo.daemon.url, timeout=10) as c:
+        r = c.get("/")
+        assert r.status_code == 307
+        assert r.headers["location"] == "/ui"
+        for path in ("/ui", "/ui/components/hello", "/ui/events", "/ui/events?kind=config"):
+            r = c.get(path)
+            assert r.status_code == 200, path
+            assert "read-only (loopback)" in r.text
+            assert 'name="csrf"' not in r.text  # no buttons
+            csp = r.headers["content-security-policy"]
+            assert "script-src 'self'" in csp
+            assert "unsafe-inline" not in csp
+            assert r.headers["x-frame-options"] == "DENY"
+        assert c.get("/ui/flows/nope").status_code == 404
+        assert c.get("/ui/components/nope").status_code == 404
+        assert c.get("/ui/builds/999").status_code == 404
+        assert (
+            c.get("/ui/static/dashboard.js").headers["content-type"].startswith("text/javascript")
+        )
+        assert c.get("/ui/static/../app.py").status_code == 404
+        assert c.post("/ui/components/hello/pause", data={}).status_code == 401
+        # Behind a proxy on this machine every client would look local: not trusted.
+        r = c.get("/ui", headers={"X-Forwarded-For": "192.0.2.7"})
+        assert r.status_code == 303
+        with c.stream("GET", "/api/v1/events/stream?after=0") as r:
+            assert r.status_code == 200
+            first = read_events(r, 1)
+        assert first[0]["id"] == 1
+
+
+def test_the_stream_wakes_on_a_new_event(demo: Demo) -> None:
+    token = (demo.daemon.state_dir / "api-token").read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=demo.daemon.url, timeout=10) as c:
+        with c.stream("GET", "/api/v1/events/stream") as r:
+            assert r.status_code == 200
+            assert c.post("/api/v1/pause", json={"name": "hello"}, headers=auth).status_code == 200
+            events = read_events(r, 1)
+        assert c.post("/api/v1/resume", json={"name": "hello"}, headers=auth).status_code == 200
+    assert events[0]["data"]["kind"] == "component.paused"
+    assert events[0]["data"]["message"] == "component hello paused"
