@@ -24,8 +24,9 @@ check: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# Debian packages some tests need (installed as root when missing; see scripts/ensure-packages).
-TEST_PACKAGES := rabbitmq-server
+# Debian packages some tests need (installed as root when missing; see scripts/ensure-packages):
+# RabbitMQ for the broker tests, Chromium and its driver for the dashboard's browser tests.
+TEST_PACKAGES := rabbitmq-server chromium chromium-driver
 
 # Two workers (CI has 2 cores; most of a test is waiting on a daemon's processes), each taking
 # a whole file at a time, so a module's shared daemon is started once. PYTEST_XDIST= runs serially.

@@ -323,6 +323,11 @@ class DaemonConfig(_Model):
     # jitter, up to 10 minutes) and how long an undelivered one is tried before it is given up.
     outbox_retry: Duration = 2.0
     outbox_max_age: Duration = 86400.0
+    # The dashboard (GET /ui): "loopback" — read-only without a login for a client on
+    # 127.0.0.1/::1 while the daemon listens on loopback, the API token asked of everyone
+    # else; "always" — the token asked of everyone (behind a reverse proxy on this machine,
+    # every client would look local).
+    ui_auth: Literal["loopback", "always"] = "loopback"
 
     @field_validator("public_url")
     @classmethod

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
-from . import artifacts, components, credentials, flows, hooks, objects, ops, poll, status
+from . import artifacts, components, credentials, flows, hooks, objects, ops, poll, status, ui
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -52,6 +52,7 @@ class ApiParts:
     flow_intake: FlowIntake  # POST /flows/{name}/in
     object_store: ObjectStore  # attachments (the maester API at /objects)
     object_key: Callable[[], bytes]  # what the steps' object storage tokens derive from
+    hub: ui.EventHub  # wakes the dashboard's event streams (the store's event listener)
 
 
 class Server(uvicorn.Server):
@@ -100,11 +101,28 @@ def create_app(parts: ApiParts) -> hooks.FastPath:
     app.include_router(poll.router(parts.poller, parts.config, parts.token))  # /api/v1/poll
     app.include_router(objects.router(parts.object_store, parts.object_key, parts.config))
     app.include_router(artifacts.router(parts.store, parts.paths, parts.object_key))
+    app.include_router(
+        ui.router(
+            ui.UiParts(
+                config=parts.config,
+                token=parts.token,
+                accepting=parts.accepting,
+                store=parts.store,
+                paths=parts.paths,
+                deployer=parts.deployer,
+                operator=parts.operator,
+                hub=parts.hub,
+            )
+        )
+    )  # GET /ui (the dashboard), GET /api/v1/events/stream
     return hooks.FastPath(app, parts.intake, parts.flow_intake)
 
 
 def create_server(parts: Parts, sock: socket.socket) -> Server:
     """The daemon's HTTP server on `sock`, its routes built from the daemon's parts."""
+    hub = ui.EventHub(parts.paths.db, parts.stopping)
+    hub.bind(asyncio.get_running_loop())
+    parts.store.add_event_listener(hub.notify)
     api = ApiParts(
         config=lambda: parts.config,
         token=lambda: parts.api_token,
@@ -120,5 +138,6 @@ def create_server(parts: Parts, sock: socket.socket) -> Server:
         flow_intake=parts.flow_intake,
         object_store=parts.object_store,
         object_key=lambda: parts.object_key,
+        hub=hub,
     )
     return Server(create_app(api), sock)

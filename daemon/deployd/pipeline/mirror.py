@@ -31,6 +31,19 @@ FIRST_DELAY = 0.25
 MAX_DELAY = 8.0
 
 
+def component_repo(config: Config, paths: Paths, comp: ComponentConfig) -> Path:
+    """The git repository a component's commits are read from: its hosted repository, its
+    mirror, or the local repository its `url` names."""
+    if comp.url is None:
+        return paths.hosted_repo(comp.name)
+    if comp.mirrored:
+        # One mirror per repository: components sharing a url (a monorepo) share the one
+        # named after the first of them in the config.
+        owner = next((c for c in config.components if c.url == comp.url), comp)
+        return paths.mirror(owner.name)
+    return local_path(comp.url)
+
+
 class _Pipeline(Protocol):
     """What the resolver reads of the pipeline that owns it."""
 
@@ -59,14 +72,7 @@ class MirrorResolver:
         self._locks: dict[Path, asyncio.Lock] = {}
 
     def repo_path(self, comp: ComponentConfig) -> Path:
-        if comp.url is None:
-            return self.paths.hosted_repo(comp.name)
-        if comp.mirrored:
-            # One mirror per repository: components sharing a url (a monorepo) share the one
-            # named after the first of them in the config.
-            owner = next((c for c in self.pipeline.config.components if c.url == comp.url), comp)
-            return self.paths.mirror(owner.name)
-        return local_path(comp.url)
+        return component_repo(self.pipeline.config, self.paths, comp)
 
     async def __call__(self, comp: ComponentConfig, notice: PushNotice) -> Path:
         repo = self.repo_path(comp)

@@ -217,6 +217,18 @@ class StoreCore:
             sql += " WHERE " + " AND ".join(where)
         return self.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
 
+    def events_after(self, after_id: int, limit: int = 500) -> list[Row]:
+        """The events after id `after_id`, oldest first (the dashboard's stream resumes from
+        its `Last-Event-ID`)."""
+        return self.query(
+            "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        )
+
+    def last_event_id(self) -> int:
+        """The id of the newest event (0: none yet)."""
+        row = self.conn.execute("SELECT MAX(id) FROM events").fetchone()
+        return int(row[0] or 0)
+
     def last_event(self, kind: str) -> Row | None:
         """The newest event of `kind` (its `ts` and `message`), or None."""
         return self.one(

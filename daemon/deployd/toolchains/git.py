@@ -121,6 +121,20 @@ def export(repo_path: Path, sha: str, dest: Path) -> None:
         raise GitError(f"cannot unpack commit {sha[:12]}: {exc}") from exc
 
 
+def commit_info(repo_path: Path, sha: str) -> dict[str, str] | None:
+    """The subject, author and author date (ISO 8601) of commit `sha` in `repo_path` (for the
+    dashboard); None when it cannot be read there (not a sha, no such commit or repository)."""
+    if not is_sha(sha):
+        return None
+    try:
+        out = _repo(repo_path).git.show("-s", "--format=%s%x00%an%x00%aI", sha, "--")
+    except (GitError, GitCommandError, ValueError):
+        return None
+    subject, _, rest = out.partition("\0")
+    author, _, at = rest.partition("\0")
+    return {"subject": subject, "author": author, "at": at.strip()}
+
+
 ABBREV_RE = re.compile(r"^[0-9a-f]{7,64}$")
 
 
