@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from ...digests import same_secret
+
 COOKIE = "deployd_session"
 SESSION_TTL = 12 * 3600  # seconds a login lasts
 # A reverse proxy on this machine connects from loopback on behalf of anyone: a request that
@@ -86,8 +88,7 @@ class Sessions:
 
     def check_token(self, given: str) -> bool:
         """Whether `given` is the API token (constant-time)."""
-        expected = self.token()
-        return bool(expected) and hmac.compare_digest(given.strip().encode(), expected.encode())
+        return same_secret(given.strip(), self.token())
 
     def issue(self) -> str:
         """A new session cookie value: `v1.<expires>.<nonce>.<signature>`."""
