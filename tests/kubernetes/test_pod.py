@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from deployd import config as config_mod
 from deployd.flows.manifests import manifests
@@ -28,6 +29,7 @@ from deployd.store import Store
 from tests.broker import run_async
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
 from tests.flows.conftest import counter_files, flow_toml, read_out
+from tests.node.conftest import platform_files
 
 
 class Cluster:
@@ -134,19 +136,22 @@ def make_cluster(
     component: Callable[..., Work],
     amqp_url: str,
     tmp_path: Path,
+    name: str = "hello",
+    files: dict[str, Any] | None = None,
+    steps: list[dict[str, Any]] | None = None,
 ) -> Cluster:
-    work = component("hello")
-    work.commit("counter component", counter_files())
-    d = daemon_factory()
+    work = component(name)
+    work.commit("counter component", files or counter_files())
+    d = daemon_factory(components=[{"name": name}])
     d.extra_toml = (
         "[runtime.kubernetes]\n"
         'image = "registry.example.com/deployd-step:1"\n'
         f'public_url = "{d.url}"\n'
     )
     d.start()
-    d.wait_recent("hello", work.push(d.hosted("hello")), timeout=30)
+    d.wait_recent(name, work.push(d.hosted(name)), timeout=60)
     cluster = Cluster(d, amqp_url, tmp_path)
-    flow = flow_toml("orders", cluster.out, interval="100ms")
+    flow = flow_toml("orders", cluster.out, interval="100ms", steps=steps)
     path = tmp_path / "orders.toml"
     path.write_text(flow)
     d.cli("flow", "apply", str(path))
@@ -303,5 +308,60 @@ def test_a_tampered_archive_is_refused_and_tokens_are_scoped(
         assert "artifact refused: its sha256 is" in pod.log()
         assert not (pod.volume / "code").exists()  # nothing of it was used
         assert json.dumps(cluster.amqp_url) not in pod.log()
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(300)  # a daemon, an npm build and two pods: ~30 s on a quiet machine
+def test_a_node_component_runs_in_pods_with_nothing_of_the_pod_in_its_environment(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    """runtime = "node" steps run in pods through the same Node sailor as on one machine; the
+    component sees its ELASTICIO_* environment, not the pod's broker url or tokens."""
+    out = tmp_path / "out.jsonl"
+    env_js = """\
+'use strict';
+const fs = require('fs');
+const { messages } = require('elasticio-node');
+
+exports.process = async function processAction(msg, cfg) {
+  const leaked = Object.keys(process.env).filter((k) => k.startsWith('DEPLOYD_'));
+  const flow = process.env.ELASTICIO_FLOW_ID;
+  const line = Object.assign({}, msg.body, { by: 'node', leaked, flow });
+  fs.appendFileSync(cfg.out, JSON.stringify(line) + '\\n');
+  return messages.newMessageWithBody(line);
+};
+"""
+    steps = [
+        {"id": "tick", "component": "platform", "function": "counter", "interval": "100ms"},
+        {"id": "write", "component": "platform", "function": "write", "config": {"out": out}},
+    ]
+    cluster = make_cluster(
+        daemon_factory,
+        component,
+        amqp_url,
+        tmp_path,
+        name="platform",
+        files=platform_files(**{"lib/actions/write.js": env_js}),
+        steps=steps,
+    )
+    cluster.out = out
+    before = len(read_out(out))
+    try:
+        write, tick = cluster.pod("write"), cluster.pod("tick")
+        write.wait_ready()
+        tick.wait_ready()
+        open_gate(cluster.amqp_url, gate_queue("orders", "tick", 1))
+        rows = wait_until(lambda: len(read_out(out)) >= before + 3 and read_out(out))[before:]
+        assert all(r["by"] == "node" and r["flow"] == "orders" for r in rows), rows
+        assert all(r["leaked"] == [] for r in rows), rows  # no DEPLOYD_* (broker url, tokens)
+        numbers = [r["n"] for r in rows]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        for pod in (tick, write):
+            pod.proc.send_signal(signal.SIGTERM)
+            assert pod.proc.wait(25) == 0, pod.log()
     finally:
         cluster.close()

@@ -457,4 +457,6 @@ def run(spec: dict[str, Any]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(json.loads(sys.argv[1])))
+    # The spec (its token, the step's config) in the environment — which only this user can
+    # read — rather than on the command line, which every user can (`ps`).
+    sys.exit(run(json.loads(os.environ.pop("DEPLOYD_SPEC", "") or sys.argv[1])))

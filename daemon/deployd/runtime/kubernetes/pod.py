@@ -53,6 +53,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ...errors import DeploydError
+from ...toolchains.env import clean_env
 from ..mapper import apply as apply_mapping
 from ..protocol import decode, encode
 from ..rabbitmq.broker import EXCHANGE, Broker, properties, redact, routing_key
@@ -61,6 +62,8 @@ from .manifests import gate_queue
 from .records import KIND_HEADER, records_queue
 
 MAX_ARCHIVE = 2 << 30  # bytes: larger is not a component version
+SAILOR_JS = Path(__file__).resolve().parent.parent / "sailor.js"
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # where `deployd` is imported from
 MAX_SNAPSHOT = 16 << 20  # bytes of a snapshot answer
 CHUNK = 1 << 16
 READY_TIMEOUT = 120.0  # seconds the sailor's init and the broker may take
@@ -250,7 +253,9 @@ class SailorProcess:
 
     def __init__(self, spec: dict[str, Any], code: Path) -> None:
         self.token = secrets.token_hex(16)
-        self.address = f"\0deployd-pod-{uuid.uuid4().hex}"
+        # Padded with NULs to the whole sun_path (108 bytes): node (libuv) connects to an
+        # abstract address with that full length, so only a padded name matches it.
+        self.address = f"\0deployd-pod-{uuid.uuid4().hex}".ljust(108, "\0")
         env = dict(spec.get("env") or {})
         env.update({k: v for k, v in os.environ.items() if k.startswith("ELASTICIO_")})
         env["ELASTICIO_EXEC_ID"] = uuid.uuid4().hex
@@ -278,9 +283,33 @@ class SailorProcess:
         self.snapshot: dict[str, Any] = {}
         self.first = True
 
+    def command(self) -> list[str]:
+        """The sailor of the step's runtime (the same ones as on one machine)."""
+        runtime = self.spec["runtime"]
+        if runtime == "python":
+            return [sys.executable, "-m", "deployd.runtime.sailor_py"]
+        if runtime == "node":
+            node = shutil.which("node")
+            if node is None:
+                raise PodError(
+                    'a runtime = "node" step, and this image has no `node` on PATH: use '
+                    "the step image built from deploy/step/Containerfile"
+                )
+            return [node, str(SAILOR_JS)]
+        raise PodError(f"runtime {runtime!r} is not a runtime deployd's step image runs")
+
+    def environment(self) -> dict[str, str]:
+        """Nothing of the pod's own environment (its broker url, its tokens): the sailor sets
+        the step's `ELASTICIO_*` and `env` from the spec, as on one machine."""
+        home = Path(self.spec["artifact_dir"]).parent / "home"
+        home.mkdir(exist_ok=True)
+        env = clean_env(home, {"PYTHONUNBUFFERED": "1", "PYTHONPATH": PACKAGE_ROOT})
+        env.pop("CI", None)
+        env["DEPLOYD_SPEC"] = json.dumps(self.spec)  # not argv: `ps` shows argv to everyone
+        return env
+
     async def start(self) -> None:
-        if self.spec["runtime"] != "python":
-            raise PodError(f"runtime {self.spec['runtime']!r} steps are not run in pods yet")
+        command = self.command()
         connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
         connected = asyncio.get_running_loop().create_future()
 
@@ -292,7 +321,7 @@ class SailorProcess:
         sock.bind(self.address)
         server = await asyncio.start_unix_server(accept, sock=sock, limit=16 << 20)
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "deployd.runtime.sailor_py", json.dumps(self.spec)
+            *command, env=self.environment(), cwd=self.spec["artifact_dir"]
         )
         try:
             reader, self.writer = await asyncio.wait_for(connected, READY_TIMEOUT)
