@@ -164,6 +164,9 @@ class DaemonConfig(_Model):
     # How long a webhook's commit may take to appear on the branch at the configured url
     # before the branch head is built instead (hosting services replicate with a delay).
     webhook_wait: Duration = 60.0
+    # How long the post-receive hook of a hosted repository follows a push and prints what the
+    # daemon does with it (`remote:` lines of `git push`); "0" turns that off.
+    push_feedback_wait: Duration = Field(default=60.0, ge=0, le=3600)
     # Node.js for runtime = "node": the binary (a name on PATH or a path), how many idle Node
     # sailors may be kept pre-started (0: none), and how long a process() that neither emits
     # 'end' nor returns a promise may take before its message is finished anyway.

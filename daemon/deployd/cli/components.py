@@ -333,8 +333,20 @@ def hook_install(
             f"set url = {str(repo)!r} for it in the config first"
         )
     paths.inbox.mkdir(parents=True, exist_ok=True)
-    gitops.install_hook(repo, component, paths.inbox)
+    gitops.install_hook(repo, component, paths.inbox, cfg.daemon.push_feedback_wait)
     typer.echo(f"installed deployd post-receive hook in {bare_repo} for component {component}")
+
+
+@hook_app.command("feedback")
+def hook_feedback(
+    push: Annotated[str, typer.Argument(help="The push's record in the inbox (push.<stamp>).")],
+    inbox: Annotated[Path, typer.Option("--inbox", help="The daemon's inbox folder.")],
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to follow it at most.")] = 60.0,
+) -> None:
+    """Print what the daemon does with PUSH (run by the post-receive hook; always exits 0)."""
+    from .feedback import follow
+
+    follow(inbox, push, wait)
 
 
 # -- component call -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ..runtime.base import Runtime
 from ..runtime.credentials import Credentials
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
+from ..store.pushes import PushStore
 from ..store.quarantine import QuarantineStore
 from ..toolchains import node as nodetool
 from ..types import (
@@ -100,6 +101,24 @@ def decide(
     return Action(PUBLISH)
 
 
+def published_line(res: dict[str, Any]) -> tuple[str, str]:
+    """A publish's result as one line for `git push` (and its level)."""
+    name, version = res["flow"], res["version"]
+    if res["status"] == DeploymentState.DONE:
+        gap, warmup = res.get("gap_ms"), res.get("warmup_ms")
+        text = f"{name} v{version} published"
+        if gap is not None:
+            text += f", gap {gap:.1f} ms"
+        if warmup is not None:
+            text += f" (warm-up {warmup:.0f} ms)"
+        return text, "info"
+    return (
+        f"{name} v{version} was not published: {res.get('reason') or res['status']};"
+        f" {name} needs attention (`deployd status`)",
+        "error",
+    )
+
+
 def affected(fs: FlowStore, component: str, version: int) -> list[tuple[Row, Row]]:
     """(flow, its active version) of every flow a new `version` of `component` redeploys:
     published, with an unpinned step of it on an older version, running unless manual."""
@@ -136,6 +155,7 @@ class Deployer:
         self.config = config
         self.store = store
         self.fs = FlowStore(store)
+        self.pushes = PushStore(store)
         self.runtime = runtime
         self.pauses = pauses
         self.metrics = metrics
@@ -582,9 +602,18 @@ class Deployer:
         With `catch_up` (at start-up), flows that already have a draft or a deployment for
         this version are left as they are: a failed deploy is not retried at every restart.
         """
-        for flow, _fv in affected(self.fs, event.component, event.version):
+        flows = affected(self.fs, event.component, event.version)
+        if not flows and event.push_id is not None:
+            self.pushes.note(event.push_id, self._unused(event.component, event.version))
+        for flow, _fv in flows:
             held = QuarantineStore(self.store).get(flow["name"], event.component, event.version)
             if held is not None:
+                self.pushes.note(
+                    event.push_id,
+                    f"{flow['name']}: {event.component} v{event.version} is quarantined"
+                    f" ({held['reason']}); not published",
+                    level="error",
+                )
                 if not catch_up:  # a catch-up at every start would repeat it
                     with self.store.tx():
                         self.store.event(
@@ -600,7 +629,36 @@ class Deployer:
                 continue
             if catch_up and self._handled(flow["name"], event):
                 continue
-            self.publisher.spawn(self._redeploy(flow["name"], event), f"redeploy:{flow['name']}")
+            self.pushes.note(event.push_id, opened=1)
+            self.publisher.spawn(self._reported(flow["name"], event), f"redeploy:{flow['name']}")
+
+    def _unused(self, component: str, version: int) -> str:
+        """Why no flow takes `component` v`version` automatically, for the push's feedback."""
+        users = []
+        for flow in self.fs.flows():
+            fv = self.fs.flow_version(flow["name"], flow["active_version"] or 0)
+            if fv is not None and any(s["component"] == component for s in fv["steps"]):
+                users.append(flow["name"])
+        if not users:
+            return (
+                f"nothing uses {component} yet (a flow whose steps name it deploys it:"
+                " `deployd flow apply FILE`)"
+            )
+        return (
+            f"no flow redeploys {component} v{version} by itself ({', '.join(users)}: its"
+            " steps are pinned, the flow is stopped, or it takes the newest version at each run)"
+        )
+
+    async def _reported(self, name: str, event: VersionRegistered) -> None:
+        """`_redeploy`, then one line for the push that brought `event` (if any)."""
+        text, level = f"{name}: redeploy interrupted (deployd stopped)", "error"
+        try:
+            text, level = await self._redeploy(name, event)
+        except Exception as exc:
+            text = f"{name}: redeploy of {event.component} v{event.version} failed: {exc}"
+            raise
+        finally:
+            self.pushes.note(event.push_id, text, level=level, closed=1)
 
     def _handled(self, name: str, event: VersionRegistered) -> bool:
         """True when this version was already drafted for a person, or deployed (not merely
@@ -614,7 +672,9 @@ class Deployer:
             return True
         return drafted or self.fs.deployed_version(name, event.component, event.version)
 
-    async def _redeploy(self, name: str, event: VersionRegistered) -> None:
+    async def _redeploy(self, name: str, event: VersionRegistered) -> tuple[str, str]:
+        """Draft, validate and (by `redeploy_action`) publish `name` with the new version;
+        what happened, as a line for the push's feedback and its level."""
         async with self.publisher.lock(name):
             flow = self._known(name)
             fv = self.fs.flow_version(name, flow["active_version"])
@@ -637,8 +697,10 @@ class Deployer:
                     sha=event.sha,
                 )
             action = self.redeploy_action(flow, problems)
-            if action.kind in (DRAFT_ONLY, NEEDS_ATTENTION):
-                if action.kind == DRAFT_ONLY and flow["update"] == "auto":  # paused
+            if action.kind == NEEDS_ATTENTION:
+                return f"{name} needs attention: {action.why}", "error"
+            if action.kind == DRAFT_ONLY:
+                if flow["update"] == "auto":  # paused
                     with self.store.tx():
                         self.store.event(
                             "deploy.paused",
@@ -646,12 +708,12 @@ class Deployer:
                             f"(`deployd resume {name}` publishes it)",
                             flow=name,
                         )
-                return
+                return f"{name}: draft for {reason} kept, not published ({action.why})", "info"
             if action.kind == HELD:
                 assert action.hold is not None
                 self._held(name, reason, action.hold)
-                return
-            await self._publish_draft(
+                return f"{name}: draft for {reason} kept: {action.why}", "info"
+            res = await self._publish_draft(
                 name,
                 Cause(
                     "component version",
@@ -661,6 +723,7 @@ class Deployer:
                     automatic=True,
                 ),
             )
+            return published_line(res)
 
     # -- freeze windows --------------------------------------------------------------------
 

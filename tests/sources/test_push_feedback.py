@@ -1,0 +1,123 @@
+"""`git push` to a hosted repository reports back (issue 15): the post-receive hook records
+the push, then prints what the daemon does with it as `remote:` lines, through real pushes
+to a real daemon."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon, Work, git
+from tests.flows.conftest import COUNTER_DESC, counter_files, flow_toml
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def push(work: Work, daemon: Daemon, timeout: float = 90) -> tuple[str, list[str]]:
+    """`git push` to the hosted repository: (the pushed sha, its `remote:` lines)."""
+    proc = subprocess.run(
+        ["git", "push", str(daemon.hosted("hello")), "HEAD:refs/heads/main"],
+        cwd=work.path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr
+    remote = [
+        line.removeprefix("remote:").strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("remote:")
+    ]
+    return git("rev-parse", "HEAD", cwd=work.path), remote
+
+
+def started(daemon_factory: Callable[..., Daemon], **keys: Any) -> Daemon:
+    return daemon_factory(push_feedback_wait=keys.pop("push_feedback_wait", "60s"), **keys).start()
+
+
+def test_a_push_reports_its_build_and_each_flows_publish(
+    daemon_factory: Callable[..., Daemon], component: Callable[..., Work], tmp_path: Path
+) -> None:
+    d = started(daemon_factory)
+    work = component("hello")
+    work.commit("counter component", counter_files())
+    _sha, lines = push(work, d)
+    text = "\n".join(lines)
+    assert re.search(r"deployd: hello: build \d+ started \([0-9a-f]{12}\)", text), text
+    assert re.search(r"deployd: hello: build \d+ succeeded: v1 in \d+\.\d s", text), text
+    assert "deployd: nothing uses hello yet" in text, text
+
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "counter.toml").write_text(flow_toml("counter", out))
+    d.cli("flow", "apply", str(tmp_path / "counter.toml"))
+    work.commit("v2 of the writer", counter_files("v2"))
+    sha, lines = push(work, d)
+    text = "\n".join(lines)
+    # The build, then the flow's publish with its gap: the push waited for it.
+    assert re.search(r"hello: build \d+ succeeded: v2 in ", text), text
+    assert re.search(r"deployd: counter v2 published, gap \d+\.\d ms \(warm-up \d+ ms\)", text)
+    assert d.recent_sha("hello") == sha
+
+    # A failing build: the error and the last lines of its log.
+    desc = {**COUNTER_DESC, "build": "echo compiling the thing; echo 'oops: it broke'; exit 3"}
+    work.commit("broken build", {"component.json": desc})
+    _sha, lines = push(work, d)
+    text = "\n".join(lines)
+    assert re.search(r"hello: build (\d+) failed: build command .* exited with code 3", text), text
+    assert "deployd: last lines of the build log (`deployd build-log" in text, text
+    assert "deployd:   | oops: it broke" in text, text
+    assert "published" not in text
+
+    # A version the flow cannot take: it needs attention, with the reason.
+    desc = {**COUNTER_DESC, "actions": {"upper": COUNTER_DESC["actions"]["upper"]}}
+    work.commit("the write action is gone", {"component.json": desc})
+    _sha, lines = push(work, d)
+    text = "\n".join(lines)
+    assert re.search(r"hello: build \d+ succeeded: v3", text), text
+    assert re.search(r"deployd: counter needs attention: .*write", text), text
+    assert "published" not in text
+
+
+def test_a_push_while_the_daemon_is_down_says_so_and_is_deployed_at_start(
+    daemon_factory: Callable[..., Daemon], component: Callable[..., Work]
+) -> None:
+    d = started(daemon_factory)  # creates the hosted repository and installs its hook
+    assert d.stop() == 0
+    work = component("hello")
+    begun = time.monotonic()
+    sha, lines = push(work, d)
+    assert lines == ["deployd: deployd is not running; this push will be deployed when it starts"]
+    assert time.monotonic() - begun < 20  # it did not wait for the daemon
+    d.start()
+    d.wait_recent("hello", sha)
+
+
+def test_with_push_feedback_wait_0_a_push_prints_nothing(
+    daemon_factory: Callable[..., Daemon], component: Callable[..., Work]
+) -> None:
+    d = started(daemon_factory, push_feedback_wait="0")
+    work = component("hello")
+    sha, lines = push(work, d)
+    assert lines == []
+    d.wait_recent("hello", sha)
+    assert git("config", "--get", "deployd.feedbackwait", cwd=d.hosted("hello")) == "0"
+
+
+def test_the_follower_stops_at_its_wait(
+    daemon_factory: Callable[..., Daemon], component: Callable[..., Work]
+) -> None:
+    """A build longer than `push_feedback_wait`: the push ends after the wait, and says so."""
+    d = started(daemon_factory, push_feedback_wait="2s")
+    work = component("hello", descriptor={**COUNTER_DESC, "build": "sleep 30"})
+    work.commit("counter", {k: v for k, v in counter_files().items() if k != "component.json"})
+    begun = time.monotonic()
+    _sha, lines = push(work, d)
+    took = time.monotonic() - begun
+    assert took < 15, took
+    assert lines[-1].startswith("deployd: still under way after 2 s"), lines
