@@ -724,6 +724,9 @@ class Config(_Model):
     path: Path | None = None
     # Every ${NAME} the config file mentions: deployd's own secrets, which flows cannot read.
     own_env: frozenset[str] = frozenset()
+    # The ${NAME}s not set in this process's environment, when loaded with secrets=False (a
+    # read-only CLI command): the keys using them are left out.
+    unset_env: frozenset[str] = frozenset()
 
     def component(self, name: str) -> ComponentConfig | None:
         for comp in self.components:
@@ -755,24 +758,72 @@ def resolve_path(explicit: Path | None) -> Path:
     return Path("/etc/deployd/config.toml")
 
 
-def _expand_env(value: Any, where: str, problems: list[str]) -> Any:
+def _expand_env(value: Any, where: str, problems: list[str], unset: set[str] | None = None) -> Any:
+    """`value` with its `${NAME}` expanded. An unset NAME is a problem, unless `unset` is
+    given (a read-only command, which never needs the secret): then NAME is added to it and
+    None is returned, so the key is left out as if it were not configured."""
     if isinstance(value, str):
+        missing = [name for name in _ENV_RE.findall(value) if name not in os.environ]
+        if missing and unset is not None:
+            unset.update(missing)
+            return None
+        for name in missing:
+            problems.append(f"{where}: environment variable {name} is not set")
 
         def sub(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in os.environ:
-                problems.append(f"{where}: environment variable {name} is not set")
-                return ""
-            return os.environ[name]
+            return os.environ.get(match.group(1), "")
 
         return _ENV_RE.sub(sub, value)
     return value
+
+
+def _set_or_drop(table: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """`table` with `key` set to `value`, or without `key` when `value` is None."""
+    out = {k: v for k, v in table.items() if k != key}
+    if value is not None:
+        out[key] = value
+    return out
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table at `loc[:-1]` of the config takes (empty when not a known table)."""
+    import typing
+
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        kinds = [field.annotation]
+        model = None
+        while kinds:
+            kind = kinds.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                model = kind
+                break
+            kinds += [a for a in typing.get_args(kind) if a is not Ellipsis]
+        if model is None:
+            return []
+    fields = getattr(model, "model_fields", {})
+    return [
+        f.alias or name
+        for name, f in fields.items()
+        if name not in ("path", "own_env", "unset_env")
+    ]
 
 
 def _message(err: Any) -> str:
     kind = err.get("type", "")
     msg = str(err.get("msg", ""))
     if kind == "extra_forbidden":
+        import difflib
+
+        loc = tuple(err.get("loc") or ())
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1) if loc else []
+        if close:
+            return f"unknown key; did you mean {close[0]!r}? (config.example.toml lists every key)"
         return "unknown key (check the spelling; config.example.toml lists every key)"
     if kind == "model_type":  # not "... or instance of DaemonConfig"
         return "must be a table of keys (e.g. [daemon] or [[components]])"
@@ -783,8 +834,12 @@ def _message(err: Any) -> str:
     return msg
 
 
-def load(path: Path) -> Config:
-    """Read and validate the config file at `path`; raise `ConfigError` listing every problem."""
+def load(path: Path, secrets: bool = True) -> Config:
+    """Read and validate the config file at `path`; raise `ConfigError` listing every problem.
+
+    `secrets=False`: for a command that never uses deployd's secrets (the CLI, whose commands
+    read the state or ask the daemon, which has them): a `${NAME}` not set here is no problem,
+    the key using it is left out (`Config.unset_env` names them)."""
     try:
         raw_bytes = path.read_bytes()
     except FileNotFoundError as exc:
@@ -800,12 +855,16 @@ def load(path: Path) -> Config:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     except RecursionError as exc:
         raise ConfigError(f"{path} is nested too deeply to read; flatten its tables") from exc
-    return parse(raw, base=path.resolve().parent, path=path.resolve())
+    return parse(raw, base=path.resolve().parent, path=path.resolve(), secrets=secrets)
 
 
-def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
+def parse(
+    raw: dict[str, Any], base: Path, path: Path | None = None, secrets: bool = True
+) -> Config:
     """Validate an already-parsed TOML document; relative paths are taken from `base`."""
     problems: list[str] = []
+    unset: set[str] | None = None if secrets else set()
+    rabbit_unset = False
     raw = dict(raw)
     own_env = frozenset(_env_names(raw))
     # deployd's own secrets, which a credential (given to steps) may not name
@@ -818,18 +877,16 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
         expanded = []
         for i, comp in enumerate(comps):
             if isinstance(comp, dict) and "webhook_secret" in comp:
-                comp = dict(comp)
-                comp["webhook_secret"] = _expand_env(
-                    comp["webhook_secret"], f"components[{i}].webhook_secret", problems
+                value = _expand_env(
+                    comp["webhook_secret"], f"components[{i}].webhook_secret", problems, unset
                 )
+                comp = _set_or_drop(comp, "webhook_secret", value)
             expanded.append(comp)
         raw["components"] = expanded
     daemon_raw = raw.get("daemon")
     if isinstance(daemon_raw, dict) and "secret_key" in daemon_raw:
-        raw["daemon"] = {
-            **daemon_raw,
-            "secret_key": _expand_env(daemon_raw["secret_key"], "daemon.secret_key", problems),
-        }
+        value = _expand_env(daemon_raw["secret_key"], "daemon.secret_key", problems, unset)
+        raw["daemon"] = _set_or_drop(daemon_raw, "secret_key", value)
     creds = raw.get("credentials")
     if creds is not None and not isinstance(creds, list):
         problems.append(
@@ -838,18 +895,20 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
         )
         raw.pop("credentials")
     elif creds:
-        raw["credentials"] = _expand_credentials(own_outside, creds, problems)
+        raw["credentials"] = _expand_credentials(own_outside, creds, problems, unset)
     runtime = raw.get("runtime")
     if isinstance(runtime, dict) and isinstance(runtime.get("rabbitmq"), dict):
         rabbit = dict(runtime["rabbitmq"])
         if "url" in rabbit:
-            rabbit["url"] = _expand_env(rabbit["url"], "runtime.rabbitmq.url", problems)
+            value = _expand_env(rabbit["url"], "runtime.rabbitmq.url", problems, unset)
+            rabbit = _set_or_drop(rabbit, "url", value)
+            rabbit_unset = value is None  # not set here (the daemon has it): nothing to check
         raw["runtime"] = runtime = {**runtime, "rabbitmq": rabbit}
     if isinstance(runtime, dict) and isinstance(runtime.get("kubernetes"), dict):
         kube = dict(runtime["kubernetes"])
         if isinstance(kube.get("kubeconfig"), str) and kube["kubeconfig"]:
             where = "runtime.kubernetes.kubeconfig"
-            text = _expand_env(kube["kubeconfig"], where, problems)
+            text = _expand_env(kube["kubeconfig"], where, problems, unset)
             kube["kubeconfig"] = str(base / text) if text else ""
         raw["runtime"] = {**runtime, "kubernetes": kube}
     cfg: Config | None = None
@@ -861,12 +920,17 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
     # The checks below read the raw values, so they run (and are listed) even when the models
     # failed: one check-config run shows every problem.
     state_dir, comp_updates = _check_places(raw, base, problems)
-    if cfg is not None and cfg.runtime.default == "rabbitmq" and cfg.runtime.rabbitmq.url is None:
+    if (
+        cfg is not None
+        and cfg.runtime.default == "rabbitmq"
+        and cfg.runtime.rabbitmq.url is None
+        and not rabbit_unset
+    ):
         problems.append(
             'runtime.default: is "rabbitmq" but [runtime.rabbitmq] url is not set '
             '(e.g. url = "${DEPLOYD_AMQP_URL}")'
         )
-    if cfg is not None:
+    if cfg is not None and not rabbit_unset:
         problems += _kubernetes_problems(cfg.runtime)
     _check_webhook_secrets(raw, problems)
     _check_credentials(raw, problems)
@@ -883,6 +947,7 @@ def parse(raw: dict[str, Any], base: Path, path: Path | None = None) -> Config:
             "components": tuple(comps_out),
             "path": path,
             "own_env": own_env,
+            "unset_env": frozenset(unset or ()),
         }
     )
 
@@ -911,7 +976,9 @@ def _kubernetes_problems(runtime: RuntimeConfig) -> list[str]:
     return out
 
 
-def _expand_credentials(own: set[str], creds: list[Any], problems: list[str]) -> list[Any]:
+def _expand_credentials(
+    own: set[str], creds: list[Any], problems: list[str], unset: set[str] | None = None
+) -> list[Any]:
     """[[credentials]] with the `${VAR}` in their fields' strings (at any depth) expanded.
 
     A credential goes to step processes, so it cannot read deployd's own secrets: `DEPLOYD_*`
@@ -932,7 +999,8 @@ def _expand_credentials(own: set[str], creds: list[Any], problems: list[str]) ->
                         "never get; export the credential's secret under another name"
                     )
                     return ""
-            return _expand_env(value, where, problems)
+            expanded = _expand_env(value, where, problems, unset)
+            return "" if expanded is None else expanded
         return value
 
     out = []

@@ -28,7 +28,7 @@ component_app = typer.Typer(help="Run a component's service verbs (dynamic metad
 @commands.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)."""
-    cfg = load_config(config)
+    cfg = load_config(config, secrets=True)
     from ..api.app import create_server
     from ..service import serve as run
 
@@ -41,7 +41,7 @@ def check_config(config: ConfigOpt = None) -> None:
     from ..config import format_duration, redact_url
     from ..toolchains.node import detect as detect_node
 
-    cfg = load_config(config)
+    cfg = load_config(config, secrets=True)
     d = cfg.daemon
     out = console()
     out.print(f"config {cfg.path}: OK")

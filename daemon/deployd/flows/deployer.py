@@ -166,7 +166,9 @@ class Deployer:
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
         # Freeze windows: the clock and sleep are passed in, so tests can drive them.
         self.freezes = FreezeTimers(config, self._freeze_ended, clock=clock, sleep=sleep)
-        self.runs = Runs(config, store, runtime, self.drafts, self._validate)
+        self.runs = Runs(
+            config, store, runtime, self.drafts, lambda steps, ran: self._validate(steps, ran=ran)
+        )
         self.ordinary = Ordinary(config, store, self.drafts, self.runs, self.publisher.lock)
 
     # -- service lifecycle -----------------------------------------------------------------
@@ -271,11 +273,14 @@ class Deployer:
         self._known(name)
         return self.runs.run_now(name)
 
-    async def _validate(self, steps: list[Step], before: list[Step] | None = None) -> list[str]:
+    async def _validate(
+        self, steps: list[Step], before: list[Step] | None = None, ran: list[Step] | None = None
+    ) -> list[str]:
         """Every reason `steps` cannot run: component.json's static checks, what the dynamic
         metadata (getMetaModel) of functions that declare it says, and the schema check of
-        the edges whose steps changed version against `before` (the steps running now)."""
-        static = self.drafts.validate(steps)
+        the edges whose steps changed version against `before` (the steps running now).
+        `ran`: the steps that ran before, when not `before` (an ordinary flow's runs)."""
+        static = self.drafts.validate(steps, before=before if ran is None else ran)
         # A step already refused (no such version, node missing) is not asked for more.
         refused = {s.id for s in steps if any(p.startswith(f"step {s.id}: ") for p in static)}
         dynamic = await self.metadata.problems(steps, skip=refused)
@@ -375,7 +380,9 @@ class Deployer:
                     " version in the flow file and `deployd flow apply` it instead"
                 )
             steps = self.drafts.with_version(fv["steps"], component, number)
-            problems = await self._validate(steps)
+            problems = await self._validate(
+                steps, ran=[Step.model_validate(s) for s in fv["steps"]]
+            )
             if problems:
                 raise FlowError(
                     f"{component} v{number} cannot run in {name}, nothing was changed: "

@@ -40,7 +40,8 @@ INTERRUPTED = (
 MAX_ERRORS = 20  # error lines kept with a run (and how many more there were)
 KEEP_RUNS = 1000  # runs kept per flow (the newest)
 
-Validate = Callable[[list[Step]], Awaitable[list[str]]]
+# (steps, the steps that ran before: a function of theirs missing now "no longer exists")
+Validate = Callable[[list[Step], list[Step]], Awaitable[list[str]]]
 
 
 class Runs:
@@ -309,7 +310,7 @@ class Runs:
             pick = None
             for version in candidates:
                 trial = self.drafts.with_version([s.model_dump() for s in steps], comp, version)
-                problems = [p for p in await self.validate(trial) if _about(p, ids)]
+                problems = [p for p in await self.validate(trial, steps) if _about(p, ids)]
                 if not problems:
                     pick = version
                     break
@@ -327,7 +328,7 @@ class Runs:
             if pick != candidates[0]:
                 attention.append("; ".join(first_problems or []) + f" (runs use {comp} v{pick})")
             steps = self.drafts.with_version([s.model_dump() for s in steps], comp, pick)
-        problems = await self.validate(steps)  # pinned steps, and the whole once more
+        problems = await self.validate(steps, steps)  # pinned steps, and the whole once more
         return steps, ("; ".join(attention) or None), problems
 
 

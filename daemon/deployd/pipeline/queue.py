@@ -297,6 +297,9 @@ class Pipeline:
             shutil.rmtree(workdir, ignore_errors=True)
             with log_path.open("wb") as logf:
                 logf.write(f"[deployd: build {build_id} of {comp.name} at {sha}]\n".encode())
+                info = await asyncio.to_thread(gitops.commit_info, repo, sha)
+                if info is not None:
+                    self.store.set_build_commit(build_id, *info)
                 await asyncio.to_thread(gitops.export, repo, sha, workdir / "tree")
                 await asyncio.to_thread(component_root, workdir / "tree", comp, sha, src)
                 desc, warnings = await build_tree(

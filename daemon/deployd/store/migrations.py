@@ -485,7 +485,8 @@ def m016_ignored_commits(db: Database) -> None:
 @migrations()
 def m019_push_feedback(db: Database) -> None:
     """What the daemon did with each push the post-receive hook recorded (issue 15: `git push`
-    reports back). `pushes.id` is the name of the inbox file; `open` counts the things still
+    reports back), and the commit subject and author of each build (for `status`).
+    `pushes.id` is the name of the inbox file; `open` counts the things still
     under way for it (a queued build, each affected flow's publish), `finished_at` is set when
     it drops to 0. `push_lines` are the lines the hook's follower prints, in order. Kept a day."""
     db.execute(
@@ -498,3 +499,6 @@ def m019_push_feedback(db: Database) -> None:
         " text TEXT NOT NULL)"
     )
     db.execute("CREATE INDEX push_lines_push ON push_lines (push, id)")
+    # `deployd status` shows the recent version's commit: its subject and author line.
+    db.execute("ALTER TABLE builds ADD COLUMN subject TEXT")
+    db.execute("ALTER TABLE builds ADD COLUMN author TEXT")

@@ -111,6 +111,18 @@ def has_commit(repo_path: Path, sha: str) -> bool:
     return True
 
 
+def commit_info(repo_path: Path, sha: str) -> tuple[str, str] | None:
+    """(subject, author name) of commit `sha`, or None when it cannot be read."""
+    if not is_sha(sha):
+        return None
+    try:
+        out = _repo(repo_path).git.log("-1", "--no-show-signature", "--format=%s%x00%an", sha)
+    except (GitCommandError, GitError):
+        return None
+    subject, _, author = out.strip().partition("\0")
+    return subject[:300], author[:200]
+
+
 def export(repo_path: Path, sha: str, dest: Path) -> None:
     """Write the tree of commit `sha` (exactly that commit) into the empty folder `dest`."""
     if not is_sha(sha):
