@@ -7,7 +7,6 @@ works the same whether or not the daemon runs.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import sqlite3
 from typing import TYPE_CHECKING, Any
@@ -40,13 +39,7 @@ def daemon_state(paths: Paths) -> tuple[bool, int | None]:
         running = False
     finally:
         os.close(fd)
-    pid = None
-    if running:
-        try:
-            pid = int(json.loads(paths.pidfile.read_text())["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pid = None
-    return running, pid
+    return running, paths.read_pid() if running else None
 
 
 def build_status(

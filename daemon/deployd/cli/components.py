@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import DeploydError
+from ..errors import DeploydError, UnknownComponent
 from .common import ConfigOpt, JsonOpt, load_config, state
 from .render import console, grid, print_json, print_status
 
@@ -190,7 +190,7 @@ def versions(
 def _known_component(cfg: Any, name: str) -> None:
     if cfg.component(name) is None:
         known = ", ".join(c.name for c in cfg.components) or "none configured"
-        raise DeploydError(f"unknown component {name!r} (known: {known})")
+        raise UnknownComponent(f"unknown component {name!r} (known: {known})")
 
 
 @commands.command()

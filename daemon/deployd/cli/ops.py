@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import DeploydError
+from ..errors import UnknownComponent
 from .common import ConfigOpt, JsonOpt, load_config
 from .render import console, print_json
 
@@ -92,7 +92,7 @@ def redeploy(
     """Rebuild a commit (even one whose build failed) or redeploy its version to the flows."""
     cfg = load_config(config)
     if cfg.component(component) is None:
-        raise DeploydError(f"unknown component {component!r}")
+        raise UnknownComponent(f"unknown component {component!r}")
     res = _call(cfg, f"/api/v1/components/{component}/redeploy", {"sha": sha})
     if res.get("version"):
         typer.echo(f"{component} v{res['version']} ({res['sha'][:12]}): redeploying to its flows")

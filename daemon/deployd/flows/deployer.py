@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError, FlowFrozen
+from ..errors import FlowError, FlowFrozen, UnknownFlow
 from ..metrics import Metrics
 from ..pauses import Pauses
 from ..runtime.base import Runtime
@@ -587,7 +587,7 @@ class Deployer:
     def _known(self, name: str) -> Row:
         flow = self.fs.flow(name)
         if flow is None:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         return flow
 
     async def _publish_draft(self, name: str, cause: Cause) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError
+from ..errors import FlowError, UnknownFlow
 from ..runtime.base import FlowRun, RunOutcome, Runtime, StepFailed
 from ..store import FlowStore, Row, Store
 from ..store.runs import RunStore
@@ -154,7 +154,7 @@ class Runs:
         """Record a run of `name` as running and start it; its id."""
         flow = self.fs.flow(name)
         if flow is None or not flow["active_version"]:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         with self.store.tx():
             run_id = self.rs.start_run(name, cause, flow["active_version"], [])
         self.run_ids[name] = run_id
@@ -165,7 +165,7 @@ class Runs:
         """`flow run NAME`: a run now, whatever the schedule (also of a stopped flow)."""
         flow = self.fs.flow(name)
         if flow is None:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         if flow["type"] != "ordinary":
             raise FlowError(
                 f"flow {name} is a real-time flow: it runs all the time; `deployd flow run` "
