@@ -121,3 +121,69 @@ def test_the_follower_stops_at_its_wait(
     took = time.monotonic() - begun
     assert took < 15, took
     assert lines[-1].startswith("deployd: still under way after 2 s"), lines
+
+
+# -- the follower on its own (a state dir made here; the lock held by this test) -----------
+
+
+def _state(tmp_path: Path) -> tuple[Path, Any]:
+    import fcntl
+    import os
+
+    from deployd.paths import Paths
+
+    paths = Paths(tmp_path / "var")
+    for folder in paths.dirs():
+        folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "the daemon runs"
+    return paths.inbox, fd
+
+
+def test_the_follower_prints_the_noted_lines_until_the_push_is_finished(tmp_path: Path) -> None:
+    import io
+    import os
+
+    from deployd.cli.feedback import follow
+    from deployd.store import Store
+    from deployd.store.pushes import PushStore
+
+    inbox, fd = _state(tmp_path)
+    store = Store.open(inbox.parent / "deployd.db")
+    try:
+        pushes = PushStore(store)
+        pushes.note("push.1", opened=1)
+        pushes.note("push.1", "hello: build 1 started (abc)")
+        pushes.note("push.1", "line one\nline two", level="error", closed=1)
+        pushes.note("push.2", "someone else's", opened=1)
+        out = io.StringIO()
+        follow(inbox, "push.1", 30, out)
+        assert out.getvalue().splitlines() == [
+            "deployd: hello: build 1 started (abc)",
+            "deployd: line one",
+            "deployd: line two",
+        ]
+        # Not finished: it stops at its wait, and says so (with a clock that runs fast).
+        ticks = iter(range(0, 1000, 5))
+        out = io.StringIO()
+        follow(inbox, "push.2", 12, out, clock=lambda: float(next(ticks)), sleep=lambda _s: None)
+        assert out.getvalue().splitlines()[-1].startswith("deployd: still under way after 12 s")
+        # A record the daemon has not taken yet (kept in the inbox): that is what it says.
+        (inbox / "push.3").write_text("component hello\n")
+        ticks = iter(range(0, 1000, 5))
+        out = io.StringIO()
+        follow(inbox, "push.3", 12, out, clock=lambda: float(next(ticks)), sleep=lambda _s: None)
+        assert "has not picked this push up within 12 s" in out.getvalue()
+        # Names that are not a record of the inbox are not looked at; wait 0 prints nothing.
+        for name, wait in (("../deployd.db", 30.0), ("push.1", 0.0), ("other", 30.0)):
+            out = io.StringIO()
+            follow(inbox, name, wait, out)
+            assert out.getvalue() == ""
+    finally:
+        store.close()
+        os.close(fd)
+    out = io.StringIO()
+    follow(inbox, "push.1", 30, out)  # the lock is free: the daemon is not running
+    assert out.getvalue() == (
+        "deployd: deployd is not running; this push will be deployed when it starts\n"
+    )

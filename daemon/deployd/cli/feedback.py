@@ -106,8 +106,11 @@ def _follow(
             now = clock()
             if now >= deadline:
                 say(
-                    f"still under way after {wait:g} s; stopped following (the deploy goes on:"
-                    " `deployd status` shows how it ends)"
+                    f"deployd has not picked this push up within {wait:g} s; it is kept in"
+                    f" {record.parent} and deployed when deployd reads it"
+                    if record.exists()
+                    else f"still under way after {wait:g} s; stopped following (the deploy goes"
+                    " on: `deployd status` shows how it ends)"
                 )
                 return
             if now - checked >= ALIVE_EVERY:
