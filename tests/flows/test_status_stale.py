@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -22,3 +23,27 @@ def test_stale_is_explained(make_env: Callable[..., FlowEnv]) -> None:
     assert "(stale): a component the flow uses has a newer version" in text, text
     for line in text.splitlines():
         assert len(line) <= 80, line
+
+
+def test_tables_cut_no_cell(env: FlowEnv) -> None:
+    """`flow show`, `deploys`, `builds`, `history`: whole headers and cells, rows in 80."""
+    env.counter("counter")
+    env.push(counter_files("v2"), "v2")
+    env.wait_deploy("counter", 2)
+    for args, header in (
+        (("flow", "show", "counter"), "step"),
+        (("deploys",), "id"),
+        (("builds",), "id"),
+        (("history",), "time (UTC)"),
+    ):
+        text = env.daemon.cli(*args).stdout
+        assert "…" not in text, text
+        lines = text.splitlines()
+        [head] = [line for line in lines if line.startswith(header + " ")]
+        start = lines.index(head)
+        for line in lines[start:]:  # a path longer than 80 alone on its line is no cut
+            assert len(line) <= 80 or " " not in line.strip(), (args, line)
+    shown = env.daemon.cli("flow", "show", "counter").stdout
+    assert re.search(
+        r"^step\s+kind\s+component\s+function\s+version\s+state\s+pid\s+queued$", shown, re.M
+    )

@@ -228,20 +228,26 @@ def builds(
     if as_json:
         print_json(data)
         return
-    from rich.table import Table
+    if not data:
+        typer.echo("no builds yet")
+        return
+    from .render import ago, clip
 
-    table = Table("id", "component", "sha", "status", "version", "source", "finished", box=None)
-    for r in data:
-        table.add_row(
-            str(r["id"]),
-            r["component"],
-            r["sha"][:12],
-            r["status"] + (f": {r['error'][:70]}" if r["error"] else ""),
-            f"v{r['version']}" if r["version"] else "-",
-            r["source"],
-            (r["finished_at"] or "")[:19].replace("T", " "),
-        )
-    console().print(table if data else "no builds yet")
+    cells = [
+        [
+            (str(r["id"]), ""),
+            (r["component"], ""),
+            (r["sha"][:12], ""),
+            (r["status"], {"succeeded": "green", "failed": "red"}.get(r["status"], "yellow")),
+            (f"v{r['version']}" if r["version"] else "-", ""),
+            (r["source"], ""),
+            (ago(r["finished_at"]) if r["finished_at"] else "-", ""),
+        ]
+        for r in data
+    ]
+    notes = [f"error: {clip(r['error'], 300)}" if r["error"] else None for r in data]
+    headers = ["id", "component", "sha", "status", "version", "source", "finished"]
+    sys.stdout.write(grid(headers, cells, notes) + "\n")
 
 
 @commands.command("build-log")

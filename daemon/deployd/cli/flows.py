@@ -18,6 +18,7 @@ from ..errors import DeploydError, FlowError, UnknownFlow
 from .common import ConfigOpt, JsonOpt, load_config
 from .render import (
     console,
+    grid,
     print_deploys,
     print_flows_table,
     print_json,
@@ -297,7 +298,6 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
     if as_json:
         print_json(data)
         return
-    from rich.table import Table
 
     out = console()
     state = data["state"] + (" (stale)" if data["stale"] else "")
@@ -321,19 +321,21 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
             markup=False,
             highlight=False,
         )
-    table = Table("step", "kind", "component", "function", "version", "state", "pid", "queued")
-    for s in data["steps"]:
-        table.add_row(
-            s["id"],
-            s["kind"],
-            s["component"] or "-",
-            s["function"] or "-",
-            f"v{s['version']}" if s["version"] else "-",
-            s["state"],
-            str(s["pid"] or "-"),
-            str(data["queues"].get(s["id"], 0)),
-        )
-    out.print(table)
+    rows = [
+        [
+            (s["id"], ""),
+            (s["kind"], ""),
+            (s["component"] or "-", ""),
+            (s["function"] or "-", ""),
+            (f"v{s['version']}" if s["version"] else "-", ""),
+            (s["state"], ""),
+            (str(s["pid"] or "-"), ""),
+            (str(data["queues"].get(s["id"], 0)), ""),
+        ]
+        for s in data["steps"]
+    ]
+    headers = ["step", "kind", "component", "function", "version", "state", "pid", "queued"]
+    out.print(grid(headers, rows), markup=False, highlight=False)
     held = [s["id"] for s in data["steps"] if s.get("backpressure")]
     if held:
         out.print(f"held back (the next step's queue is full): {', '.join(held)}", markup=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -36,11 +37,17 @@ def paint(text: str, style: str) -> str:
     return f"\033[{_ANSI[style]}m{text}\033[0m"
 
 
-def grid(headers: list[str], rows: list[list[tuple[str, str]]]) -> str:
+def grid(
+    headers: list[str],
+    rows: list[list[tuple[str, str]]],
+    notes: Sequence[str | None] | None = None,
+) -> str:
     """(text, style) cells as aligned columns: a table without rich.
 
     rich's layout and markup passes cost ~150 ms for a few hundred rows, and `deployd status`
-    has a 300 ms budget. Cell text is printed as written (no markup to escape).
+    has a 300 ms budget; and rich cuts cells to fit (`compone…`), a grid never does. Cell text
+    is printed as written (no markup to escape). `notes`: per row, a longer text (an error)
+    printed wrapped under it, so the columns stay narrow.
     """
     widths = [max([len(h)] + [len(row[i][0]) for row in rows]) for i, h in enumerate(headers)]
 
@@ -51,7 +58,13 @@ def grid(headers: list[str], rows: list[list[tuple[str, str]]]) -> str:
             parts.append(paint(text, style) + pad)
         return "  ".join(parts).rstrip()
 
-    return "\n".join([line([(h, "bold") for h in headers]), *(line(row) for row in rows)])
+    out = [line([(h, "bold") for h in headers])]
+    for i, row in enumerate(rows):
+        out.append(line(row))
+        note = notes[i] if notes is not None and i < len(notes) else None
+        if note:
+            out.append(wrapped(note, "    "))
+    return "\n".join(out)
 
 
 WIDTH = 80  # `status` and `flow list` fit a terminal of this many columns
@@ -194,26 +207,28 @@ def _runs_cell(last: dict[str, Any] | None, next_at: str | None) -> str:
 
 
 def print_runs(runs: list[dict[str, Any]]) -> None:
-    """The runs of an ordinary flow, newest first."""
-    from rich.table import Table
-
-    table = Table("id", "status", "cause", "started", "finished", "steps", "handled", "errors")
+    """The runs of an ordinary flow, newest first (steps and errors under each run)."""
+    rows, notes = [], []
     for r in runs:
         steps = ", ".join(f"{s['id']}={s['component']} v{s['version']}" for s in r["steps"])
         errors = r["errors"] or []
-        table.add_row(
-            str(r["id"]),
-            r["status"],
-            r["cause"],
-            (r["started_at"] or "")[:19],
-            (r["finished_at"] or "")[:19],
-            steps or "-",
-            str(r["handled"]),
-            (errors[0][:80] + (f" (+{len(errors) - 1})" if len(errors) > 1 else ""))
-            if errors
-            else "-",
+        rows.append(
+            [
+                (str(r["id"]), ""),
+                (r["status"], {"succeeded": "green", "failed": "red"}.get(r["status"], "")),
+                (r["cause"], ""),
+                (ago(r["started_at"]), ""),
+                (ago(r["finished_at"]) if r["finished_at"] else "-", ""),
+                (str(r["handled"]), ""),
+                (str(len(errors)), ""),
+            ]
         )
-    console().print(table)
+        note = f"steps: {steps or '-'}"
+        if errors:
+            note += f"; first error: {clip(errors[0], 200)}"
+        notes.append(note)
+    headers = ["id", "status", "cause", "started", "finished", "handled", "errors"]
+    sys.stdout.write(grid(headers, rows, notes) + "\n")
 
 
 ERROR_LABELS = {
@@ -355,27 +370,32 @@ def _indent(data: Any) -> str:
 
 def print_deploys(deps: list[dict[str, Any]]) -> None:
     """Deployments (publishes) as a table, with warm-up and switch-over gap."""
-    from rich.table import Table
-
-    table = Table("id", "flow", "from", "to", "status", "trigger", "warm-up", "gap", "finished")
+    rows, notes = [], []
     for d in deps:
+        rows.append(
+            [
+                (str(d["id"]), ""),
+                (d["flow"], ""),
+                (
+                    (f"v{d['from_version']}" if d["from_version"] else "-")
+                    + f"->v{d['to_version']}",
+                    "",
+                ),
+                (
+                    d["status"] + (f", {d['redriven']} re-driven" if d.get("redriven") else ""),
+                    {"done": "green", "failed": "red", "rolled_back": "red"}.get(d["status"], ""),
+                ),
+                (f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-", ""),
+                (f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-", ""),
+                (ago(d["finished_at"]) if d["finished_at"] else "-", ""),
+            ]
+        )
         trig = d["trigger"] or ""
         if d["component"]:
             trig += f" ({d['component']} v{d['component_version']})"
-        table.add_row(
-            str(d["id"]),
-            d["flow"],
-            f"v{d['from_version']}" if d["from_version"] else "-",
-            f"v{d['to_version']}",
-            d["status"]
-            + (f": {d['reason'][:60]}" if d["reason"] else "")
-            + (f", {d['redriven']} re-driven" if d.get("redriven") else ""),
-            trig,
-            f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-",
-            f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-",
-            (d["finished_at"] or "")[:19],
-        )
-    console().print(table)
+        notes.append(trig + (f"; {clip(d['reason'], 300)}" if d["reason"] else ""))
+    headers = ["id", "flow", "versions", "status", "warm-up", "gap", "finished"]
+    sys.stdout.write(grid(headers, rows, notes) + "\n")
 
 
 def print_plan(res: dict[str, Any]) -> None:
