@@ -19,10 +19,12 @@ from tests.flows.conftest import COUNTER_DESC, counter_files, flow_toml
 pytestmark = pytest.mark.timeout(240)
 
 
-def push(work: Work, daemon: Daemon, timeout: float = 90) -> tuple[str, list[str]]:
+def push(
+    work: Work, daemon: Daemon, timeout: float = 90, ref: str = "refs/heads/main"
+) -> tuple[str, list[str]]:
     """`git push` to the hosted repository: (the pushed sha, its `remote:` lines)."""
     proc = subprocess.run(
-        ["git", "push", str(daemon.hosted("hello")), "HEAD:refs/heads/main"],
+        ["git", "push", str(daemon.hosted("hello")), f"HEAD:{ref}"],
         cwd=work.path,
         capture_output=True,
         text=True,
@@ -96,6 +98,12 @@ def test_a_push_while_the_daemon_is_down_says_so_and_is_deployed_at_start(
     assert time.monotonic() - begun < 20  # it did not wait for the daemon
     d.start()
     d.wait_recent("hello", sha)
+
+    # Running again: a push to another branch says which one deploys.
+    _sha, lines = push(work, d, ref="refs/heads/feature")
+    assert lines == ["deployd: refs/heads/feature is not deployed: hello deploys branch 'main'"], (
+        lines
+    )
 
 
 def test_with_push_feedback_wait_0_a_push_prints_nothing(

@@ -168,8 +168,9 @@ class Pipeline:
         ):
             self._say(
                 notice,
-                f"{comp.name}: commit {notice.sha[:12]} was built before; nothing new to deploy"
-                f" (`deployd builds {comp.name}`)",
+                f"{comp.name}: commit {notice.sha[:12]} was handled before (built, failed or"
+                f" ignored): nothing new to deploy (`deployd builds {comp.name}`; `deployd"
+                f" redeploy {comp.name} --sha SHA` builds it again)",
                 done=False,
             )
             return False
@@ -269,7 +270,7 @@ class Pipeline:
         if self.store.has_final_build(comp.name, sha) and not (
             notice.force and not self.store.has_version(comp.name, sha)
         ):
-            self._say(notice, f"{comp.name}: commit {sha[:12]} was built before")
+            self._say(notice, f"{comp.name}: commit {sha[:12]} was handled before")
             return
         if not notice.force:
             unchanged = await asyncio.to_thread(self.unchanged_paths, comp, repo, sha)
