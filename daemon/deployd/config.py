@@ -785,11 +785,22 @@ def _set_or_drop(table: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def _known_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys the table at `loc[:-1]` of the config takes (empty when not a known table)."""
+def nearest_key(root: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The known key of the table at `loc[:-1]` of a `root` document closest to the unknown
+    key `loc[-1]` (difflib), for "unknown key; did you mean …?"; None when none is close."""
+    import difflib
+
+    if not loc:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(root, loc), n=1)
+    return close[0] if close else None
+
+
+def _known_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table at `loc[:-1]` of a `root` document takes (empty: not a known table)."""
     import typing
 
-    model: Any = Config
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -818,12 +829,9 @@ def _message(err: Any) -> str:
     kind = err.get("type", "")
     msg = str(err.get("msg", ""))
     if kind == "extra_forbidden":
-        import difflib
-
-        loc = tuple(err.get("loc") or ())
-        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1) if loc else []
+        close = nearest_key(Config, tuple(err.get("loc") or ()))
         if close:
-            return f"unknown key; did you mean {close[0]!r}? (config.example.toml lists every key)"
+            return f"unknown key; did you mean {close!r}? (config.example.toml lists every key)"
         return "unknown key (check the spelling; config.example.toml lists every key)"
     if kind == "model_type":  # not "... or instance of DaemonConfig"
         return "must be a table of keys (e.g. [daemon] or [[components]])"

@@ -205,6 +205,17 @@ def test_unknown_config_keys_name_the_nearest_known_one(tmp_path: Path) -> None:
     )
     assert "components[0].brnach: unknown key; did you mean 'branch'?" in proc.stderr
 
+    # Flow files too.
+    from deployd.errors import FlowError
+    from deployd.flows import model
+
+    with pytest.raises(FlowError) as err:
+        model.parse(
+            {"name": "f", "updte": "auto", "steps": [{"id": "t", "component": "c", "functon": "x"}]}
+        )
+    assert "steps[0].functon: unknown key; did you mean 'function'?" in str(err.value)
+    assert "updte: unknown key; did you mean 'update'?" in str(err.value)
+
 
 def test_clip_and_wrap_keep_words_whole() -> None:
     text = "the build command exited " + "abcdefghij " * 30

@@ -284,7 +284,7 @@ def print_status(data: dict[str, Any]) -> None:
                 line += f" in {r['build_seconds']:.1f} s"
             details.append(clip(line, 400))
         if b and b["status"] == "failed" and b["error"]:
-            details.append(f"{c['name']} build #{b['id']} failed: {clip(b['error'], 300)}")
+            details.append(f"{c['name']} build #{b['id']} failed: {clip(b['error'], 200)}")
     say(grid(["component", "branch", "recent", "sha", "built", "last build"], rows) + "\n")
     for line in details:
         say(wrapped(line) + "\n")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import NAME_RE, Duration, component_name
+from ..config import NAME_RE, Duration, component_name, nearest_key
 from ..errors import FlowError, key_path
 from ..types import DEFAULT_PREFETCH
 
@@ -464,7 +464,8 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
                 key, _, msg = msg[1:].partition(": ")
                 loc = (*loc, key)
             if err["type"] == "extra_forbidden":
-                msg = "unknown key"
+                close = nearest_key(FlowSpec, loc)
+                msg = "unknown key" + (f"; did you mean {close!r}?" if close else "")
             elif err["type"] == "model_type":  # not "... or instance of StepSpec"
                 msg = "must be a table ([[steps]] with id, component and function)"
             elif _in_table(err["loc"]) and err["type"] == "string_type":
