@@ -200,7 +200,10 @@ class Daemon:
 
     def write_config(self) -> None:
         lines = ["[daemon]", f'state_dir = "{self.state_dir}"', f'listen = "127.0.0.1:{self.port}"']
-        for key, value in self.daemon_extra.items():
+        # A `git push` to a hosted repository waits for the deploy to report back (issue 15):
+        # off here, or tests pushing twice in a row (latest wins) would build each push.
+        extra = {"push_feedback_wait": "0", **self.daemon_extra}
+        for key, value in extra.items():
             lines.append(f"{key} = {json.dumps(value)}")
         lines.append(self.extra_toml)
         for comp in self.components:

@@ -229,7 +229,7 @@ class NotifyConfig(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: SecretStr) -> SecretStr:
-        if not _ENV_ONLY_RE.match(value.get_secret_value()):  # unset: see Config.missing_secrets
+        if not _ENV_ONLY_RE.match(value.get_secret_value()):  # unset: see Config.unset_env
             check_http_url(value.get_secret_value(), "https://hooks.slack.com/services/…")
         return value
 
@@ -273,6 +273,9 @@ class DaemonConfig(_Model):
     # How long a webhook's commit may take to appear on the branch at the configured url
     # before the branch head is built instead (hosting services replicate with a delay).
     webhook_wait: Duration = 60.0
+    # How long the post-receive hook of a hosted repository follows a push and prints what the
+    # daemon does with it (`remote:` lines of `git push`); "0" turns that off.
+    push_feedback_wait: Duration = Field(default=60.0, ge=0, le=3600)
     # Node.js for runtime = "node": the binary (a name on PATH or a path), how many idle Node
     # sailors may be kept pre-started (0: none), and how long a process() that neither emits
     # 'end' nor returns a promise may take before its message is finished anyway.
@@ -908,9 +911,9 @@ class Config(_Model):
     path: Path | None = None
     # Every ${NAME} the config file mentions: deployd's own secrets, which flows cannot read.
     own_env: frozenset[str] = frozenset()
-    # Unset ${NAME}s of DAEMON_ONLY_SECRETS, when loaded without require_secrets (those values
-    # are then still written ${NAME}: nothing may send with them).
-    missing_secrets: tuple[str, ...] = ()
+    # The ${NAME}s not set in this process's environment, when loaded with secrets=False (a
+    # read-only CLI command): the keys using them are left out.
+    unset_env: frozenset[str] = frozenset()
 
     def component(self, name: str) -> ComponentConfig | None:
         for comp in self.components:
@@ -942,27 +945,84 @@ def resolve_path(explicit: Path | None) -> Path:
     return Path("/etc/deployd/config.toml")
 
 
-def _expand_env(value: Any, where: str, problems: list[str], keep_unset: bool = False) -> Any:
-    """`value` with each ``${NAME}`` replaced by the environment's value; a name that is not
-    set is a problem, and becomes "" (or, with `keep_unset`, stays ``${NAME}``: a secret only
-    the daemon needs, which read-only commands run without; see `parse`)."""
+def _expand_env(
+    value: Any, where: str, problems: list[str], unset: set[str] | None = None, keep: bool = False
+) -> Any:
+    """`value` with its `${NAME}` expanded. An unset NAME is a problem, unless `unset` is
+    given (a read-only command, which never needs the secret): then NAME is added to it and
+    None is returned, so the key is left out as if it were not configured — or, with `keep`,
+    the value stays as written (`${NAME}`: a key other keys require, such as `report_token`;
+    nothing sends with it in a read-only command)."""
     if isinstance(value, str):
+        missing = [name for name in _ENV_RE.findall(value) if name not in os.environ]
+        if missing and unset is not None:
+            unset.update(missing)
+            return value if keep else None
+        for name in missing:
+            problems.append(f"{where}: environment variable {name} is not set")
 
         def sub(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in os.environ:
-                problems.append(f"{where}: environment variable {name} is not set")
-                return match.group(0) if keep_unset else ""
-            return os.environ[name]
+            return os.environ.get(match.group(1), "")
 
         return _ENV_RE.sub(sub, value)
     return value
+
+
+def _set_or_drop(table: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """`table` with `key` set to `value`, or without `key` when `value` is None."""
+    out = {k: v for k, v in table.items() if k != key}
+    if value is not None:
+        out[key] = value
+    return out
+
+
+def nearest_key(root: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The known key of the table at `loc[:-1]` of a `root` document closest to the unknown
+    key `loc[-1]` (difflib), for "unknown key; did you mean …?"; None when none is close."""
+    import difflib
+
+    if not loc:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(root, loc), n=1)
+    return close[0] if close else None
+
+
+def _known_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table at `loc[:-1]` of a `root` document takes (empty: not a known table)."""
+    import typing
+
+    model: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        kinds = [field.annotation]
+        model = None
+        while kinds:
+            kind = kinds.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                model = kind
+                break
+            kinds += [a for a in typing.get_args(kind) if a is not Ellipsis]
+        if model is None:
+            return []
+    fields = getattr(model, "model_fields", {})
+    return [
+        f.alias or name
+        for name, f in fields.items()
+        if name not in ("path", "own_env", "unset_env")
+    ]
 
 
 def _message(err: Any) -> str:
     kind = err.get("type", "")
     msg = str(err.get("msg", ""))
     if kind == "extra_forbidden":
+        close = nearest_key(Config, tuple(err.get("loc") or ()))
+        if close:
+            return f"unknown key; did you mean {close!r}? (config.example.toml lists every key)"
         return "unknown key (check the spelling; config.example.toml lists every key)"
     if kind == "model_type":  # not "... or instance of DaemonConfig"
         return "must be a table of keys (e.g. [daemon] or [[components]])"
@@ -973,11 +1033,12 @@ def _message(err: Any) -> str:
     return msg
 
 
-def load(path: Path, require_secrets: bool = True) -> Config:
+def load(path: Path, secrets: bool = True) -> Config:
     """Read and validate the config file at `path`; raise `ConfigError` listing every problem.
 
-    `require_secrets`: the secrets only the daemon uses (see `parse`) must be set too — for
-    `serve`, `check-config` and a reload; read-only commands run without them."""
+    `secrets=False`: for a command that never uses deployd's secrets (the CLI, whose commands
+    read the state or ask the daemon, which has them): a `${NAME}` not set here is no problem,
+    the key using it is left out (`Config.unset_env` names them)."""
     try:
         raw_bytes = path.read_bytes()
     except FileNotFoundError as exc:
@@ -993,25 +1054,16 @@ def load(path: Path, require_secrets: bool = True) -> Config:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     except RecursionError as exc:
         raise ConfigError(f"{path} is nested too deeply to read; flatten its tables") from exc
-    return parse(
-        raw, base=path.resolve().parent, path=path.resolve(), require_secrets=require_secrets
-    )
-
-
-# Secrets only the daemon's outbox sends with: a `${NAME}` of theirs that is not set is a
-# problem for `serve` and `check-config` (require_secrets), not for `status` or `history`.
-DAEMON_ONLY_SECRETS = ("components[].report_token", "notify[].url", "notify[].secret")
+    return parse(raw, base=path.resolve().parent, path=path.resolve(), secrets=secrets)
 
 
 def parse(
-    raw: dict[str, Any], base: Path, path: Path | None = None, require_secrets: bool = True
+    raw: dict[str, Any], base: Path, path: Path | None = None, secrets: bool = True
 ) -> Config:
-    """Validate an already-parsed TOML document; relative paths are taken from `base`.
-
-    Without `require_secrets`, an unset ``${NAME}`` in one of DAEMON_ONLY_SECRETS is left as
-    written and listed in `Config.missing_secrets` instead of failing the load."""
+    """Validate an already-parsed TOML document; relative paths are taken from `base`."""
     problems: list[str] = []
-    deferred: list[str] = []  # unset ${NAME}s of DAEMON_ONLY_SECRETS
+    unset: set[str] | None = None if secrets else set()
+    rabbit_unset = False
     raw = dict(raw)
     own_env = frozenset(_env_names(raw))
     # deployd's own secrets, which a credential (given to steps) may not name
@@ -1024,21 +1076,20 @@ def parse(
         expanded = []
         for i, comp in enumerate(comps):
             if isinstance(comp, dict) and "webhook_secret" in comp:
-                comp = dict(comp)
-                where = f"components[{i}].webhook_secret"
-                comp["webhook_secret"] = _expand_env(comp["webhook_secret"], where, problems)
+                value = _expand_env(
+                    comp["webhook_secret"], f"components[{i}].webhook_secret", problems, unset
+                )
+                comp = _set_or_drop(comp, "webhook_secret", value)
             if isinstance(comp, dict) and "report_token" in comp:
-                comp = dict(comp)
                 where = f"components[{i}].report_token"
-                comp["report_token"] = _expand_env(comp["report_token"], where, deferred, True)
+                value = _expand_env(comp["report_token"], where, problems, unset, keep=True)
+                comp = {**comp, "report_token": value}
             expanded.append(comp)
         raw["components"] = expanded
     daemon_raw = raw.get("daemon")
     if isinstance(daemon_raw, dict) and "secret_key" in daemon_raw:
-        raw["daemon"] = {
-            **daemon_raw,
-            "secret_key": _expand_env(daemon_raw["secret_key"], "daemon.secret_key", problems),
-        }
+        value = _expand_env(daemon_raw["secret_key"], "daemon.secret_key", problems, unset)
+        raw["daemon"] = _set_or_drop(daemon_raw, "secret_key", value)
     notify = raw.get("notify")
     if notify is not None and not isinstance(notify, list):
         problems.append("notify: must be an array of tables ([[notify]] with url and events)")
@@ -1046,7 +1097,7 @@ def parse(
     elif notify:
         raw["notify"] = [
             {
-                k: _expand_env(v, f"notify[{i}].{k}", deferred, True)
+                k: _expand_env(v, f"notify[{i}].{k}", problems, unset, keep=True)
                 if k in ("url", "secret")
                 else v
                 for k, v in target.items()
@@ -1063,18 +1114,20 @@ def parse(
         )
         raw.pop("credentials")
     elif creds:
-        raw["credentials"] = _expand_credentials(own_outside, creds, problems)
+        raw["credentials"] = _expand_credentials(own_outside, creds, problems, unset)
     runtime = raw.get("runtime")
     if isinstance(runtime, dict) and isinstance(runtime.get("rabbitmq"), dict):
         rabbit = dict(runtime["rabbitmq"])
         if "url" in rabbit:
-            rabbit["url"] = _expand_env(rabbit["url"], "runtime.rabbitmq.url", problems)
+            value = _expand_env(rabbit["url"], "runtime.rabbitmq.url", problems, unset)
+            rabbit = _set_or_drop(rabbit, "url", value)
+            rabbit_unset = value is None  # not set here (the daemon has it): nothing to check
         raw["runtime"] = runtime = {**runtime, "rabbitmq": rabbit}
     if isinstance(runtime, dict) and isinstance(runtime.get("kubernetes"), dict):
         kube = dict(runtime["kubernetes"])
         if isinstance(kube.get("kubeconfig"), str) and kube["kubeconfig"]:
             where = "runtime.kubernetes.kubeconfig"
-            text = _expand_env(kube["kubeconfig"], where, problems)
+            text = _expand_env(kube["kubeconfig"], where, problems, unset)
             kube["kubeconfig"] = str(base / text) if text else ""
         raw["runtime"] = {**runtime, "kubernetes": kube}
     cfg: Config | None = None
@@ -1086,17 +1139,20 @@ def parse(
     # The checks below read the raw values, so they run (and are listed) even when the models
     # failed: one check-config run shows every problem.
     state_dir, comp_updates = _check_places(raw, base, problems)
-    if cfg is not None and cfg.runtime.default == "rabbitmq" and cfg.runtime.rabbitmq.url is None:
+    if (
+        cfg is not None
+        and cfg.runtime.default == "rabbitmq"
+        and cfg.runtime.rabbitmq.url is None
+        and not rabbit_unset
+    ):
         problems.append(
             'runtime.default: is "rabbitmq" but [runtime.rabbitmq] url is not set '
             '(e.g. url = "${DEPLOYD_AMQP_URL}")'
         )
-    if cfg is not None:
+    if cfg is not None and not rabbit_unset:
         problems += _kubernetes_problems(cfg.runtime)
     _check_webhook_secrets(raw, problems)
     _check_credentials(raw, problems)
-    if require_secrets:
-        problems += deferred
     if cfg is None or problems:
         raise ConfigError(f"{path or 'config'} has {len(problems)} problem(s):", problems)
     comps_out = [
@@ -1110,7 +1166,7 @@ def parse(
             "components": tuple(comps_out),
             "path": path,
             "own_env": own_env,
-            "missing_secrets": () if require_secrets else tuple(deferred),
+            "unset_env": frozenset(unset or ()),
         }
     )
 
@@ -1139,7 +1195,9 @@ def _kubernetes_problems(runtime: RuntimeConfig) -> list[str]:
     return out
 
 
-def _expand_credentials(own: set[str], creds: list[Any], problems: list[str]) -> list[Any]:
+def _expand_credentials(
+    own: set[str], creds: list[Any], problems: list[str], unset: set[str] | None = None
+) -> list[Any]:
     """[[credentials]] with the `${VAR}` in their fields' strings (at any depth) expanded.
 
     A credential goes to step processes, so it cannot read deployd's own secrets: `DEPLOYD_*`
@@ -1160,7 +1218,8 @@ def _expand_credentials(own: set[str], creds: list[Any], problems: list[str]) ->
                         "never get; export the credential's secret under another name"
                     )
                     return ""
-            return _expand_env(value, where, problems)
+            expanded = _expand_env(value, where, problems, unset)
+            return "" if expanded is None else expanded
         return value
 
     out = []

@@ -7,6 +7,8 @@
     ├── BuildError         a build or test command failed or timed out
     ├── GitError           a git operation failed (bad ref, missing commit, unreadable repo)
     ├── FlowError          a flow file, draft or publish is invalid
+    │   └── UnknownFlow    no flow of that name (exit 1, as every "no such …")
+    ├── UnknownComponent   no component of that name in the config (exit 1)
     ├── DaemonError        the CLI could not reach, or was refused by, the running daemon
     └── WebhookError       a webhook request is not acceptable (carries an HTTP status)
 
@@ -58,6 +60,21 @@ class FlowError(DeploydError):
     """A flow file, draft or publish request is invalid."""
 
     exit_code = 2
+
+
+class UnknownFlow(FlowError):
+    """No flow has this name. Every command exits 1 for a name that does not exist (a flow,
+    a component, a build: something missing), 2 only for a usage or config problem."""
+
+    exit_code = 1
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        self.name = name
+        super().__init__(message or f"unknown flow {name!r} (see `deployd flow list`)")
+
+
+class UnknownComponent(DeploydError):
+    """No component of this name is configured (exit 1, as `UnknownFlow`)."""
 
 
 class FlowFrozen(FlowError):

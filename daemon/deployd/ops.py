@@ -18,7 +18,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from . import retention
 from .config import ComponentConfig, Config
-from .errors import DeploydError, GitError
+from .errors import DeploydError, GitError, UnknownComponent
 from .flows.deployer import Deployer
 from .flows.plan import PlanError, Planner
 from .metrics import Metrics
@@ -231,7 +231,7 @@ class Operator:
         """Rebuild `sha` (default: the branch head), or redeploy its version if it has one."""
         comp = self.config.component(component)
         if comp is None:
-            raise DeploydError(f"unknown component {component!r}")
+            raise UnknownComponent(f"unknown component {component!r}")
         if sha is not None and not gitops.is_sha(sha):
             raise DeploydError(f"{sha!r} is not a full commit sha (40 hex digits)")
         if sha is None:

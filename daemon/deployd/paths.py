@@ -55,7 +55,23 @@ class Paths:
 
     @property
     def pidfile(self) -> Path:
+        """The daemon's pid, alone on one line: `kill -HUP $(cat <state_dir>/deployd.pid)`."""
         return self.root / "deployd.pid"
+
+    def read_pid(self) -> int | None:
+        """The pid in the pid file (also the JSON one of older daemons), or None."""
+        import json
+
+        try:
+            text = self.pidfile.read_text().strip()
+        except OSError:
+            return None
+        if text.isdigit():
+            return int(text)
+        try:
+            return int(json.loads(text)["pid"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     @property
     def lockfile(self) -> Path:

@@ -7,7 +7,6 @@ works the same whether or not the daemon runs.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import sqlite3
 from typing import TYPE_CHECKING, Any
@@ -41,13 +40,7 @@ def daemon_state(paths: Paths) -> tuple[bool, int | None]:
         running = False
     finally:
         os.close(fd)
-    pid = None
-    if running:
-        try:
-            pid = int(json.loads(paths.pidfile.read_text())["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pid = None
-    return running, pid
+    return running, paths.read_pid() if running else None
 
 
 def build_status(
@@ -60,6 +53,7 @@ def build_status(
     paths = paths or Paths(config.state_dir)
     running, pid = daemon_state(paths)
     recent = store.recent_all() if store else {}
+    commits = store.recent_commits() if store else {}
     last = store.last_builds_all() if store else {}
     polls = store.poll_states() if store else {}
     components = []
@@ -78,6 +72,7 @@ def build_status(
                     "sha": r["sha"],
                     "semver": r["semver"],
                     "built_at": r["built_at"],
+                    **_commit(commits.get(comp.name)),
                 }
                 if r
                 else None,
@@ -86,6 +81,9 @@ def build_status(
                     "sha": b["sha"],
                     "status": b["status"],
                     "error": b["error"],
+                    "started_at": b["started_at"],
+                    "finished_at": b["finished_at"],
+                    "seconds": _seconds(b["started_at"], b["finished_at"]),
                 }
                 if b
                 else None,
@@ -105,6 +103,29 @@ def build_status(
         **status_extras(store),
     }
     return status
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    """Seconds from ISO time `start` to `end` (None when either is missing)."""
+    from datetime import datetime
+
+    if not start or not end:
+        return None
+    try:
+        delta = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    except ValueError:
+        return None
+    return round(delta.total_seconds(), 3)
+
+
+def _commit(row: dict[str, Any] | None) -> dict[str, Any]:
+    """The recent version's `subject`, `author` and `build_seconds` (None when unknown)."""
+    row = row or {}
+    return {
+        "subject": row.get("subject"),
+        "author": row.get("author"),
+        "build_seconds": _seconds(row.get("started_at"), row.get("finished_at")),
+    }
 
 
 def runtimes(config: Config) -> dict[str, str | None]:
@@ -333,6 +354,15 @@ ERROR_KINDS = {
     "flows": "flow.failed",
     "config": "config.rejected",
 }
+# What shows that the part has worked since its last error (for the same component or flow).
+CLEARED_BY = {
+    "builds": ("version.registered",),
+    "pushes": ("version.registered",),
+    "deploys": ("deploy.done",),
+    "rollbacks": ("deploy.done",),
+    "flows": ("flow.started", "deploy.done"),
+    "config": ("config.reloaded",),
+}
 
 
 def status_extras(store: Any) -> dict[str, Any]:
@@ -340,8 +370,12 @@ def status_extras(store: Any) -> dict[str, Any]:
     disk = store.meta("disk_bytes") if store else None
     errors: dict[str, Any] = {}
     for part, kind in ERROR_KINDS.items():
-        row = store.last_event(kind) if store else None
-        errors[part] = {"at": row["ts"], "message": row["message"]} if row else None
+        row = store.last_error(kind, CLEARED_BY[part]) if store else None
+        errors[part] = (
+            {"at": row["ts"], "message": row["message"], "cleared_at": row["cleared_at"]}
+            if row
+            else None
+        )
     return {
         "last_errors": errors,
         "outbox": outbox_status(store),

@@ -21,6 +21,9 @@ class PushNotice:
     source: str
     delivery_id: str | None = None
     force: bool = False  # `deployd redeploy`: build again even if the commit already failed
+    # The post-receive hook's record (its inbox file's name): what happens to this notice is
+    # noted for the hook to print (`store/pushes.py`). None: nobody follows it.
+    push_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class VersionRegistered:
     version: int
     sha: str
     semver: str | None
+    push_id: str | None = None  # the hook's push that brought it (see PushNotice)
 
 
 class BuildState(StrEnum):

@@ -59,7 +59,7 @@ def test_flow_manifests_prints_valid_yaml_without_secrets(make_env: object) -> N
     assert missing.returncode == 2  # a usage error: FlowError
     assert "flow orders has no version 9 (its versions: 1)" in missing.stderr
     unknown = env.daemon.cli("flow", "manifests", "nope", check=False)
-    assert unknown.returncode == 2
+    assert unknown.returncode == 1  # no such flow: exit 1 in every command
     assert "unknown flow 'nope'" in unknown.stderr
 
 

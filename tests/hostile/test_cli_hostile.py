@@ -63,7 +63,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("versions-unicode", ["versions", "héllo", "-c", "{cfg}"], 1, "(known: hello)"),
     ("versions-empty", ["versions", "", "-c", "{cfg}"], 1, "unknown component ''"),
     ("builds-unknown", ["builds", "nope", "-c", "{cfg}"], 1, "unknown component 'nope'"),
-    ("logs-unknown", ["logs", "nope", "-c", "{cfg}"], 2, "no logs for flow 'nope'"),
+    ("logs-unknown", ["logs", "nope", "-c", "{cfg}"], 1, "no logs for flow 'nope'"),
     ("apply-missing", ["flow", "apply", "{missing}", "-c", "{cfg}"], 2, "does not exist"),
     ("apply-a-folder", ["flow", "apply", "{folder}", "-c", "{cfg}"], 2, "cannot be read"),
     ("apply-binary", ["flow", "apply", "{binary}", "-c", "{cfg}"], 2, "cannot be read"),

@@ -241,13 +241,13 @@ VALIDATE_CASES: list[tuple[str, str, dict[str, int | None], str]] = [
         "unknown-action",
         flow(write=WRITE.replace('"upper"', '"lower"')),
         {"hello": 1},
-        'step write: action "lower" no longer exists in hello v1',
+        'step write: action "lower" does not exist in hello v1 (its actions: upper)',
     ),
     (
         "unknown-trigger",
         flow(tick=TICK.replace('"ticker"', '"tock"')),
         {"hello": 1},
-        'step tick: trigger "tock" no longer exists in hello v1',
+        'step tick: trigger "tock" does not exist in hello v1 (its triggers: ticker)',
     ),
     (
         "action-as-trigger",

@@ -116,7 +116,7 @@ def test_flow_files_naming_what_a_version_lacks_create_nothing(
     cases = [
         (
             tick + '[[steps]]\nid = "w"\ncomponent = "hello"\nfunction = "lower"\n',
-            'step w: action "lower" no longer exists in hello v1',
+            'step w: action "lower" does not exist in hello v1 (its actions: upper)',
         ),
         (
             '[[steps]]\nid = "t"\ncomponent = "hello"\nfunction = "upper"\n'

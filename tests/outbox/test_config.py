@@ -147,8 +147,8 @@ def test_read_only_commands_run_without_the_daemons_secrets(tmp_path: Path) -> N
     proc = run("serve")
     assert proc.returncode == 2
     assert "UNSET_STATUS_TOKEN" in proc.stdout + proc.stderr
-    cfg = cfgmod.load(path, require_secrets=False)
-    assert len(cfg.missing_secrets) == 3
+    cfg = cfgmod.load(path, secrets=False)
+    assert cfg.unset_env == {"UNSET_STATUS_TOKEN", "UNSET_CHAT_HOOK", "UNSET_NOTIFY_SECRET"}
     with pytest.raises(ConfigError):
         cfgmod.load(path)
 

@@ -22,11 +22,12 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def load_config(config: Path | None, require_secrets: bool = False) -> Any:
+def load_config(config: Path | None, secrets: bool = False) -> Any:
     """The validated config from `--config` (or the default places); ConfigError if invalid.
 
-    `require_secrets` for `serve` and `check-config`: the daemon's own secrets (report tokens,
-    notify urls) must then be set in the environment; other commands never use them."""
+    The CLI's commands read the state or ask the daemon (which has its own environment), so
+    a `${VAR}` secret not set in the caller's shell is no error for them (`secrets=False`:
+    the key is left out); `serve` and `check-config`, which need or check it, pass True."""
     from .. import config as cfgmod
 
-    return cfgmod.load(cfgmod.resolve_path(config), require_secrets=require_secrets)
+    return cfgmod.load(cfgmod.resolve_path(config), secrets=secrets)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import DeploydError
+from ..errors import DeploydError, UnknownComponent
 from .common import ConfigOpt, JsonOpt, load_config, state
 from .render import console, grid, print_json, print_status
 
@@ -28,7 +28,7 @@ component_app = typer.Typer(help="Run a component's service verbs (dynamic metad
 @commands.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the daemon in the foreground (SIGINT/SIGTERM stop it cleanly)."""
-    cfg = load_config(config, require_secrets=True)
+    cfg = load_config(config, secrets=True)
     from ..api.app import create_server
     from ..service import serve as run
 
@@ -41,7 +41,7 @@ def check_config(config: ConfigOpt = None) -> None:
     from ..config import format_duration, redact_url
     from ..toolchains.node import detect as detect_node
 
-    cfg = load_config(config, require_secrets=True)
+    cfg = load_config(config, secrets=True)
     d = cfg.daemon
     out = console()
     out.print(f"config {cfg.path}: OK")
@@ -209,7 +209,7 @@ def versions(
 def _known_component(cfg: Any, name: str) -> None:
     if cfg.component(name) is None:
         known = ", ".join(c.name for c in cfg.components) or "none configured"
-        raise DeploydError(f"unknown component {name!r} (known: {known})")
+        raise UnknownComponent(f"unknown component {name!r} (known: {known})")
 
 
 @commands.command()
@@ -247,20 +247,26 @@ def builds(
     if as_json:
         print_json(data)
         return
-    from rich.table import Table
+    if not data:
+        typer.echo("no builds yet")
+        return
+    from .render import ago, clip
 
-    table = Table("id", "component", "sha", "status", "version", "source", "finished", box=None)
-    for r in data:
-        table.add_row(
-            str(r["id"]),
-            r["component"],
-            r["sha"][:12],
-            r["status"] + (f": {r['error'][:70]}" if r["error"] else ""),
-            f"v{r['version']}" if r["version"] else "-",
-            r["source"],
-            (r["finished_at"] or "")[:19].replace("T", " "),
-        )
-    console().print(table if data else "no builds yet")
+    cells = [
+        [
+            (str(r["id"]), ""),
+            (r["component"], ""),
+            (r["sha"][:12], ""),
+            (r["status"], {"succeeded": "green", "failed": "red"}.get(r["status"], "yellow")),
+            (f"v{r['version']}" if r["version"] else "-", ""),
+            (r["source"], ""),
+            (ago(r["finished_at"]) if r["finished_at"] else "-", ""),
+        ]
+        for r in data
+    ]
+    notes = [f"error: {clip(r['error'], 300)}" if r["error"] else None for r in data]
+    headers = ["id", "component", "sha", "status", "version", "source", "finished"]
+    sys.stdout.write(grid(headers, cells, notes) + "\n")
 
 
 @commands.command("build-log")
@@ -352,8 +358,20 @@ def hook_install(
             f"set url = {str(repo)!r} for it in the config first"
         )
     paths.inbox.mkdir(parents=True, exist_ok=True)
-    gitops.install_hook(repo, component, paths.inbox)
+    gitops.install_hook(repo, component, paths.inbox, cfg.daemon.push_feedback_wait)
     typer.echo(f"installed deployd post-receive hook in {bare_repo} for component {component}")
+
+
+@hook_app.command("feedback")
+def hook_feedback(
+    push: Annotated[str, typer.Argument(help="The push's record in the inbox (push.<stamp>).")],
+    inbox: Annotated[Path, typer.Option("--inbox", help="The daemon's inbox folder.")],
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to follow it at most.")] = 60.0,
+) -> None:
+    """Print what the daemon does with PUSH (run by the post-receive hook; always exits 0)."""
+    from .feedback import follow
+
+    follow(inbox, push, wait)
 
 
 # -- component call -------------------------------------------------------------------------

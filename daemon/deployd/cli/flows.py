@@ -14,10 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import DeploydError, FlowError
+from ..errors import DeploydError, FlowError, UnknownFlow
 from .common import ConfigOpt, JsonOpt, load_config
 from .render import (
     console,
+    grid,
     print_deploys,
     print_flows_table,
     print_json,
@@ -53,9 +54,10 @@ def _flow_path(name: str, action: str) -> str:
     from ..config import NAME_RE
 
     if not NAME_RE.match(name):
-        raise FlowError(
+        raise UnknownFlow(
+            name,
             f"unknown flow {name!r}: flow names are 1-63 lowercase letters, digits and '-' "
-            "(see `deployd flow list`)"
+            "(see `deployd flow list`)",
         )
     return f"/api/v1/flows/{name}/{action}"
 
@@ -217,7 +219,7 @@ def flow_runs(
 
     store = _reader(load_config(config))
     if FlowStore(store).flow(name) is None:
-        raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+        raise UnknownFlow(name)
     runs = [run_json(r) for r in RunStore(store).runs(name, limit)]
     if as_json:
         print_json(runs)
@@ -266,7 +268,7 @@ def _flow_data(cfg: Any, name: str) -> dict[str, Any]:
     fs = FlowStore(store)
     flow = fs.flow(name)
     if flow is None:
-        raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+        raise UnknownFlow(name)
     data = live_status(cfg) or build_status(cfg, store)
     summary = next(f for f in data["flows"] if f["name"] == name)
     draft = fs.draft(name)
@@ -296,7 +298,6 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
     if as_json:
         print_json(data)
         return
-    from rich.table import Table
 
     out = console()
     state = data["state"] + (" (stale)" if data["stale"] else "")
@@ -320,19 +321,21 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
             markup=False,
             highlight=False,
         )
-    table = Table("step", "kind", "component", "function", "version", "state", "pid", "queued")
-    for s in data["steps"]:
-        table.add_row(
-            s["id"],
-            s["kind"],
-            s["component"] or "-",
-            s["function"] or "-",
-            f"v{s['version']}" if s["version"] else "-",
-            s["state"],
-            str(s["pid"] or "-"),
-            str(data["queues"].get(s["id"], 0)),
-        )
-    out.print(table)
+    rows = [
+        [
+            (s["id"], ""),
+            (s["kind"], ""),
+            (s["component"] or "-", ""),
+            (s["function"] or "-", ""),
+            (f"v{s['version']}" if s["version"] else "-", ""),
+            (s["state"], ""),
+            (str(s["pid"] or "-"), ""),
+            (str(data["queues"].get(s["id"], 0)), ""),
+        ]
+        for s in data["steps"]
+    ]
+    headers = ["step", "kind", "component", "function", "version", "state", "pid", "queued"]
+    out.print(grid(headers, rows), markup=False, highlight=False)
     held = [s["id"] for s in data["steps"] if s.get("backpressure")]
     if held:
         out.print(f"held back (the next step's queue is full): {', '.join(held)}", markup=False)
@@ -504,7 +507,7 @@ def flow_history(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = Fal
 
     fs = FlowStore(_reader(load_config(config)))
     if fs.flow(name) is None:
-        raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+        raise UnknownFlow(name)
     versions = [
         {
             "version": v["version"],
@@ -558,7 +561,7 @@ def logs(
     cfg = load_config(config)
     folder = Paths(cfg.state_dir).step_logs / flow
     if not folder.is_dir():
-        raise FlowError(f"no logs for flow {flow!r} (unknown flow, or it never ran)")
+        raise UnknownFlow(flow, f"no logs for flow {flow!r} (unknown flow, or it never ran)")
     files = sorted(folder.glob("*.log"))
     if step:
         files = [f for f in files if f.stem == step]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
 
-from ..errors import DeploydError
+from ..errors import UnknownComponent
 from .common import ConfigOpt, JsonOpt, load_config
-from .render import console, print_json
+from .render import print_json
 
 commands = typer.Typer()  # the commands below; `deployd.cli` adds them to its app
 
@@ -42,18 +43,21 @@ def history(
     if as_json:
         print_json(rows)
         return
-    from rich.table import Table
+    if not rows:
+        typer.echo("no events yet")
+        return
+    from .render import grid
 
-    table = Table("time", "event", "component", "flow", "what", box=None)
-    for r in rows:
-        table.add_row(
-            r["ts"][:19].replace("T", " "),
-            r["kind"],
-            r["component"] or "",
-            r["flow"] or "",
-            r["message"],
-        )
-    console().print(table if rows else "no events yet")
+    cells = [
+        [
+            (r["ts"][5:19].replace("T", " "), ""),
+            (r["kind"], ""),
+            (" ".join(x for x in (r["component"], r["flow"]) if x) or "-", ""),
+        ]
+        for r in rows
+    ]
+    notes = [r["message"] for r in rows]
+    sys.stdout.write(grid(["time (UTC)", "event", "of"], cells, notes) + "\n")
 
 
 @commands.command("pause")
@@ -92,7 +96,7 @@ def redeploy(
     """Rebuild a commit (even one whose build failed) or redeploy its version to the flows."""
     cfg = load_config(config)
     if cfg.component(component) is None:
-        raise DeploydError(f"unknown component {component!r}")
+        raise UnknownComponent(f"unknown component {component!r}")
     res = _call(cfg, f"/api/v1/components/{component}/redeploy", {"sha": sha})
     if res.get("version"):
         typer.echo(f"{component} v{res['version']} ({res['sha'][:12]}): redeploying to its flows")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import DeploydError
+from ..errors import DeploydError, UnknownComponent
 from .common import ConfigOpt, JsonOpt, load_config
 from .render import print_json, print_plan
 
@@ -40,7 +40,7 @@ def plan(
     cfg = load_config(config)
     if cfg.component(component) is None:
         known = ", ".join(c.name for c in cfg.components) or "none"
-        raise PlanError(f"unknown component {component!r} (known: {known})")
+        raise UnknownComponent(f"unknown component {component!r} (known: {known})")
     if sha is not None and tree is not None:
         raise PlanError("give --sha or --dir, not both")
     if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{7,64}", sha.strip()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -36,11 +37,17 @@ def paint(text: str, style: str) -> str:
     return f"\033[{_ANSI[style]}m{text}\033[0m"
 
 
-def grid(headers: list[str], rows: list[list[tuple[str, str]]]) -> str:
+def grid(
+    headers: list[str],
+    rows: list[list[tuple[str, str]]],
+    notes: Sequence[str | None] | None = None,
+) -> str:
     """(text, style) cells as aligned columns: a table without rich.
 
     rich's layout and markup passes cost ~150 ms for a few hundred rows, and `deployd status`
-    has a 300 ms budget. Cell text is printed as written (no markup to escape).
+    has a 300 ms budget; and rich cuts cells to fit (`compone…`), a grid never does. Cell text
+    is printed as written (no markup to escape). `notes`: per row, a longer text (an error)
+    printed wrapped under it, so the columns stay narrow.
     """
     widths = [max([len(h)] + [len(row[i][0]) for row in rows]) for i, h in enumerate(headers)]
 
@@ -51,15 +58,88 @@ def grid(headers: list[str], rows: list[list[tuple[str, str]]]) -> str:
             parts.append(paint(text, style) + pad)
         return "  ".join(parts).rstrip()
 
-    return "\n".join([line([(h, "bold") for h in headers]), *(line(row) for row in rows)])
+    out = [line([(h, "bold") for h in headers])]
+    for i, row in enumerate(rows):
+        out.append(line(row))
+        note = notes[i] if notes is not None and i < len(notes) else None
+        if note:
+            out.append(wrapped(note, "    "))
+    return "\n".join(out)
+
+
+WIDTH = 80  # `status` and `flow list` fit a terminal of this many columns
+STALE_NOTE = (
+    "(stale): a component the flow uses has a newer version than the one the flow runs, and"
+    ' no automatic redeploy took it (update = "manual", a pinned step, a paused flow or one'
+    " that needs attention); `deployd plan COMPONENT` shows what a publish would do,"
+    " `deployd flow publish NAME` publishes the draft"
+)
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` on one line, at most `limit` characters, cut at a word boundary (with …)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
+
+
+def wrapped(text: str, indent: str = "  ", width: int = WIDTH) -> str:
+    """`text` wrapped to `width` columns under `indent`, words kept whole."""
+    import textwrap
+
+    return "\n".join(
+        textwrap.wrap(
+            " ".join(text.split()),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent + "  ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    )
+
+
+def ago(iso: str | None, now: float | None = None) -> str:
+    """How long ago ISO time `iso` was, short ("12 s ago", "5 min ago", "3 h ago", "2 d ago")."""
+    import time
+    from datetime import datetime
+
+    if not iso:
+        return "-"
+    try:
+        then = datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return iso
+    secs = max(0.0, (time.time() if now is None else now) - then)
+    if secs < 1:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if secs >= size:
+            return f"{int(secs // size)} {unit} ago"
+    return f"{int(secs)} s ago"
+
+
+def when(iso: str | None) -> str:
+    """ISO time `iso` (UTC) as "2026-12-02 03:10:05 UTC (5 min ago)"."""
+    if not iso:
+        return "-"
+    return f"{iso[:19].replace('T', ' ')} UTC ({ago(iso)})"
 
 
 def print_flows_table(flows: list[dict[str, Any]]) -> None:
-    """The flows of a status object as aligned columns."""
+    """The flows of a status object as aligned columns (within 80), what needs words below."""
     if not flows:
         return
     rows: list[list[tuple[str, str]]] = []
+    notes: list[str] = []
+    stale = False
     for f in flows:
+        name = f["name"]
         state, style = f["state"], {"running": "green", "failed": "red"}.get(f["state"], "")
         if f.get("runtime") not in (None, "embedded"):
             state += f" on {f['runtime']}"
@@ -67,19 +147,24 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
             state += f", {f['dead_letters']} dead letter{'s' if f['dead_letters'] != 1 else ''}"
             style = style if style == "red" else "yellow"
         if f.get("held"):
-            state += f", {f['held']}"
+            notes.append(f"{name}: {f['held']}")
+            state += ", held"
             style = style if style == "red" else "yellow"
         elif f.get("freeze"):
-            state += f", frozen until {f['freeze']['until']} ({f['freeze']['reason']})"
+            notes.append(f"{name}: frozen until {f['freeze']['until']} ({f['freeze']['reason']})")
+            state += ", frozen"
         if f.get("quarantined"):
-            state += ", quarantined: " + ", ".join(
-                f"{q['component']} v{q['version']}" for q in f["quarantined"]
+            notes.append(
+                f"{name}: quarantined: "
+                + ", ".join(f"{q['component']} v{q['version']}" for q in f["quarantined"])
             )
             style = style if style == "red" else "yellow"
         if f.get("needs_attention"):
-            state, style = f"{state} needs attention: {f['needs_attention']}", "red"
+            notes.append(f"{name} needs attention: {clip(f['needs_attention'], 300)}")
+            state, style = f"{state}, needs attention", "red"
         elif f.get("stale"):
             state, style = f"{state} (stale)", "yellow"
+            stale = True
         last = f.get("last_deploy")
         last_s = "-"
         if f.get("type") == "ordinary":
@@ -88,9 +173,11 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
             last_s = f"{last['status']} -> v{last['to_version']}"
             if last.get("gap_ms") is not None:
                 last_s += f" gap {last['gap_ms']:.1f} ms"
+            if last.get("finished_at"):
+                last_s += f", {ago(last['finished_at'])}"
         rows.append(
             [
-                (f["name"], ""),
+                (name, ""),
                 (state, style),
                 (f"v{f['version']}" if f["version"] else "-", ""),
                 (str(len(f["steps"])), ""),
@@ -100,6 +187,8 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
         )
     sys.stdout.write(grid(["flow", "state", "version", "steps", "update", "last deploy"], rows))
     sys.stdout.write("\n")
+    for note in notes:
+        sys.stdout.write(wrapped(note) + "\n")
     for f in flows:
         if f.get("url"):
             http = f.get("http") or {}
@@ -107,6 +196,8 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
                 f"flow {f['name']} takes requests at POST {f['url']} "
                 f"(auth {http.get('auth')}, reply {http.get('reply')})\n"
             )
+    if stale:
+        sys.stdout.write(wrapped(STALE_NOTE, "") + "\n")
 
 
 def _runs_cell(last: dict[str, Any] | None, next_at: str | None) -> str:
@@ -116,30 +207,44 @@ def _runs_cell(last: dict[str, Any] | None, next_at: str | None) -> str:
 
 
 def print_runs(runs: list[dict[str, Any]]) -> None:
-    """The runs of an ordinary flow, newest first."""
-    from rich.table import Table
-
-    table = Table("id", "status", "cause", "started", "finished", "steps", "handled", "errors")
+    """The runs of an ordinary flow, newest first (steps and errors under each run)."""
+    rows, notes = [], []
     for r in runs:
         steps = ", ".join(f"{s['id']}={s['component']} v{s['version']}" for s in r["steps"])
         errors = r["errors"] or []
-        table.add_row(
-            str(r["id"]),
-            r["status"],
-            r["cause"],
-            (r["started_at"] or "")[:19],
-            (r["finished_at"] or "")[:19],
-            steps or "-",
-            str(r["handled"]),
-            (errors[0][:80] + (f" (+{len(errors) - 1})" if len(errors) > 1 else ""))
-            if errors
-            else "-",
+        rows.append(
+            [
+                (str(r["id"]), ""),
+                (r["status"], {"succeeded": "green", "failed": "red"}.get(r["status"], "")),
+                (r["cause"], ""),
+                (ago(r["started_at"]), ""),
+                (ago(r["finished_at"]) if r["finished_at"] else "-", ""),
+                (str(r["handled"]), ""),
+                (str(len(errors)), ""),
+            ]
         )
-    console().print(table)
+        note = f"steps: {steps or '-'}"
+        if errors:
+            note += f"; first error: {clip(errors[0], 200)}"
+        notes.append(note)
+    headers = ["id", "status", "cause", "started", "finished", "handled", "errors"]
+    sys.stdout.write(grid(headers, rows, notes) + "\n")
+
+
+ERROR_LABELS = {
+    "builds": "build",
+    "pushes": "push",
+    "deploys": "deploy",
+    "rollbacks": "rollback",
+    "flows": "flow",
+    "config": "config",
+}
 
 
 def print_status(data: dict[str, Any]) -> None:
-    """A status object (`deployd status --json`) as the human-readable summary."""
+    """A status object (`deployd status --json`) as the human-readable summary: tables that
+    fit 80 columns, with what needs words (commits, errors) on indented lines below them.
+    Times are UTC, and said how long ago."""
     say = sys.stdout.write
     d = data["daemon"]
     if d["running"]:
@@ -147,14 +252,15 @@ def print_status(data: dict[str, Any]) -> None:
     else:
         say(f"{paint('daemon not running', 'yellow')} (would listen on {d['listen']})\n")
     rows: list[list[tuple[str, str]]] = []
+    details: list[str] = []
     for c in data["components"]:
         r, b = c["recent"], c["last_build"]
         last = ("-", "")
         if b:
             color = {"succeeded": "green", "failed": "red"}.get(b["status"], "yellow")
             text = f"#{b['id']} {b['status']}"
-            if b["status"] == "failed" and b["error"]:
-                text += f": {b['error'][:80]}"
+            if b.get("seconds") is not None and b["status"] in ("succeeded", "failed"):
+                text += f" in {b['seconds']:.1f} s"
             last = (text, color)
         rows.append(
             [
@@ -165,11 +271,23 @@ def print_status(data: dict[str, Any]) -> None:
                     "",
                 ),
                 (r["sha"][:12] if r else "-", ""),
-                (r["built_at"][:19].replace("T", " ") if r else "-", ""),
+                (ago(r["built_at"]) if r else "-", ""),
                 last,
             ]
         )
+        if r and (r.get("subject") or r.get("author")):
+            line = f'{c["name"]} v{r["version"]}: "{r.get("subject") or ""}"'
+            if r.get("author"):
+                line += f" by {r['author']}"
+            line += f", built {when(r['built_at'])}"
+            if r.get("build_seconds") is not None:
+                line += f" in {r['build_seconds']:.1f} s"
+            details.append(clip(line, 400))
+        if b and b["status"] == "failed" and b["error"]:
+            details.append(f"{c['name']} build #{b['id']} failed: {clip(b['error'], 200)}")
     say(grid(["component", "branch", "recent", "sha", "built", "last build"], rows) + "\n")
+    for line in details:
+        say(wrapped(line) + "\n")
     rts = data.get("runtimes") or {}
     node = rts.get("node") or "not available (see `deployd check-config`)"
     say(f"runtimes: python {rts.get('python')}, node {node}\n")
@@ -195,8 +313,13 @@ def print_status(data: dict[str, Any]) -> None:
     if disk is not None:
         say(f"state_dir uses {disk / 1e6:.1f} MB\n")
     for part, err in (data.get("last_errors") or {}).items():
-        if err:
-            say(f"last {part[:-1]} error ({err['at'][:19]}): {err['message'][:150]}\n")
+        if not err or err.get("cleared_at"):
+            continue  # none, or the part has worked since (`--json` still has it)
+        label = ERROR_LABELS.get(part, part)
+        say(
+            wrapped(f"last {label} error, {when(err['at'])}: {clip(err['message'], 150)}", "")
+            + "\n"
+        )
 
 
 def _when(iso: str) -> str:
@@ -254,27 +377,32 @@ def _indent(data: Any) -> str:
 
 def print_deploys(deps: list[dict[str, Any]]) -> None:
     """Deployments (publishes) as a table, with warm-up and switch-over gap."""
-    from rich.table import Table
-
-    table = Table("id", "flow", "from", "to", "status", "trigger", "warm-up", "gap", "finished")
+    rows, notes = [], []
     for d in deps:
+        rows.append(
+            [
+                (str(d["id"]), ""),
+                (d["flow"], ""),
+                (
+                    (f"v{d['from_version']}" if d["from_version"] else "-")
+                    + f"->v{d['to_version']}",
+                    "",
+                ),
+                (
+                    d["status"] + (f", {d['redriven']} re-driven" if d.get("redriven") else ""),
+                    {"done": "green", "failed": "red", "rolled_back": "red"}.get(d["status"], ""),
+                ),
+                (f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-", ""),
+                (f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-", ""),
+                (ago(d["finished_at"]) if d["finished_at"] else "-", ""),
+            ]
+        )
         trig = d["trigger"] or ""
         if d["component"]:
             trig += f" ({d['component']} v{d['component_version']})"
-        table.add_row(
-            str(d["id"]),
-            d["flow"],
-            f"v{d['from_version']}" if d["from_version"] else "-",
-            f"v{d['to_version']}",
-            d["status"]
-            + (f": {d['reason'][:60]}" if d["reason"] else "")
-            + (f", {d['redriven']} re-driven" if d.get("redriven") else ""),
-            trig,
-            f"{d['warmup_ms']:.0f} ms" if d["warmup_ms"] is not None else "-",
-            f"{d['gap_ms']:.1f} ms" if d["gap_ms"] is not None else "-",
-            (d["finished_at"] or "")[:19],
-        )
-    console().print(table)
+        notes.append(trig + (f"; {clip(d['reason'], 300)}" if d["reason"] else ""))
+    headers = ["id", "flow", "versions", "status", "warm-up", "gap", "finished"]
+    sys.stdout.write(grid(headers, rows, notes) + "\n")
 
 
 def print_plan(res: dict[str, Any]) -> None:

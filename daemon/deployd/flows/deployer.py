@@ -17,13 +17,14 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError, FlowFrozen
+from ..errors import FlowError, FlowFrozen, UnknownFlow
 from ..metrics import Metrics
 from ..pauses import Pauses
 from ..runtime.base import Runtime
 from ..runtime.credentials import Credentials
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
+from ..store.pushes import PushStore
 from ..store.quarantine import QuarantineStore
 from ..toolchains import node as nodetool
 from ..types import (
@@ -100,6 +101,24 @@ def decide(
     return Action(PUBLISH)
 
 
+def published_line(res: dict[str, Any]) -> tuple[str, str]:
+    """A publish's result as one line for `git push` (and its level)."""
+    name, version = res["flow"], res["version"]
+    if res["status"] == DeploymentState.DONE:
+        gap, warmup = res.get("gap_ms"), res.get("warmup_ms")
+        text = f"{name} v{version} published"
+        if gap is not None:
+            text += f", gap {gap:.1f} ms"
+        if warmup is not None:
+            text += f" (warm-up {warmup:.0f} ms)"
+        return text, "info"
+    return (
+        f"{name} v{version} was not published: {res.get('reason') or res['status']};"
+        f" {name} needs attention (`deployd status`)",
+        "error",
+    )
+
+
 def affected(fs: FlowStore, component: str, version: int) -> list[tuple[Row, Row]]:
     """(flow, its active version) of every flow a new `version` of `component` redeploys:
     published, with an unpinned step of it on an older version, running unless manual."""
@@ -136,6 +155,7 @@ class Deployer:
         self.config = config
         self.store = store
         self.fs = FlowStore(store)
+        self.pushes = PushStore(store)
         self.runtime = runtime
         self.pauses = pauses
         self.metrics = metrics
@@ -146,7 +166,9 @@ class Deployer:
         self.publisher = Publisher(config, store, runtime, self.drafts, metrics)
         # Freeze windows: the clock and sleep are passed in, so tests can drive them.
         self.freezes = FreezeTimers(config, self._freeze_ended, clock=clock, sleep=sleep)
-        self.runs = Runs(config, store, runtime, self.drafts, self._validate)
+        self.runs = Runs(
+            config, store, runtime, self.drafts, lambda steps, ran: self._validate(steps, ran=ran)
+        )
         self.ordinary = Ordinary(config, store, self.drafts, self.runs, self.publisher.lock)
 
     # -- service lifecycle -----------------------------------------------------------------
@@ -251,11 +273,14 @@ class Deployer:
         self._known(name)
         return self.runs.run_now(name)
 
-    async def _validate(self, steps: list[Step], before: list[Step] | None = None) -> list[str]:
+    async def _validate(
+        self, steps: list[Step], before: list[Step] | None = None, ran: list[Step] | None = None
+    ) -> list[str]:
         """Every reason `steps` cannot run: component.json's static checks, what the dynamic
         metadata (getMetaModel) of functions that declare it says, and the schema check of
-        the edges whose steps changed version against `before` (the steps running now)."""
-        static = self.drafts.validate(steps)
+        the edges whose steps changed version against `before` (the steps running now).
+        `ran`: the steps that ran before, when not `before` (an ordinary flow's runs)."""
+        static = self.drafts.validate(steps, before=before if ran is None else ran)
         # A step already refused (no such version, node missing) is not asked for more.
         refused = {s.id for s in steps if any(p.startswith(f"step {s.id}: ") for p in static)}
         dynamic = await self.metadata.problems(steps, skip=refused)
@@ -355,7 +380,9 @@ class Deployer:
                     " version in the flow file and `deployd flow apply` it instead"
                 )
             steps = self.drafts.with_version(fv["steps"], component, number)
-            problems = await self._validate(steps)
+            problems = await self._validate(
+                steps, ran=[Step.model_validate(s) for s in fv["steps"]]
+            )
             if problems:
                 raise FlowError(
                     f"{component} v{number} cannot run in {name}, nothing was changed: "
@@ -560,7 +587,7 @@ class Deployer:
     def _known(self, name: str) -> Row:
         flow = self.fs.flow(name)
         if flow is None:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         return flow
 
     async def _publish_draft(self, name: str, cause: Cause) -> dict[str, Any]:
@@ -593,9 +620,18 @@ class Deployer:
         With `catch_up` (at start-up), flows that already have a draft or a deployment for
         this version are left as they are: a failed deploy is not retried at every restart.
         """
-        for flow, _fv in affected(self.fs, event.component, event.version):
+        flows = affected(self.fs, event.component, event.version)
+        if not flows and event.push_id is not None:
+            self.pushes.note(event.push_id, self._unused(event.component, event.version))
+        for flow, _fv in flows:
             held = QuarantineStore(self.store).get(flow["name"], event.component, event.version)
             if held is not None:
+                self.pushes.note(
+                    event.push_id,
+                    f"{flow['name']}: {event.component} v{event.version} is quarantined"
+                    f" ({held['reason']}); not published",
+                    level="error",
+                )
                 if not catch_up:  # a catch-up at every start would repeat it
                     with self.store.tx():
                         self.store.event(
@@ -611,7 +647,36 @@ class Deployer:
                 continue
             if catch_up and self._handled(flow["name"], event):
                 continue
-            self.publisher.spawn(self._redeploy(flow["name"], event), f"redeploy:{flow['name']}")
+            self.pushes.note(event.push_id, opened=1)
+            self.publisher.spawn(self._reported(flow["name"], event), f"redeploy:{flow['name']}")
+
+    def _unused(self, component: str, version: int) -> str:
+        """Why no flow takes `component` v`version` automatically, for the push's feedback."""
+        users = []
+        for flow in self.fs.flows():
+            fv = self.fs.flow_version(flow["name"], flow["active_version"] or 0)
+            if fv is not None and any(s["component"] == component for s in fv["steps"]):
+                users.append(flow["name"])
+        if not users:
+            return (
+                f"nothing uses {component} yet (a flow whose steps name it deploys it:"
+                " `deployd flow apply FILE`)"
+            )
+        return (
+            f"no flow redeploys {component} v{version} by itself ({', '.join(users)}: its"
+            " steps are pinned, the flow is stopped, or it takes the newest version at each run)"
+        )
+
+    async def _reported(self, name: str, event: VersionRegistered) -> None:
+        """`_redeploy`, then one line for the push that brought `event` (if any)."""
+        text, level = f"{name}: redeploy interrupted (deployd stopped)", "error"
+        try:
+            text, level = await self._redeploy(name, event)
+        except Exception as exc:
+            text = f"{name}: redeploy of {event.component} v{event.version} failed: {exc}"
+            raise
+        finally:
+            self.pushes.note(event.push_id, text, level=level, closed=1)
 
     def _handled(self, name: str, event: VersionRegistered) -> bool:
         """True when this version was already drafted for a person, or deployed (not merely
@@ -625,7 +690,9 @@ class Deployer:
             return True
         return drafted or self.fs.deployed_version(name, event.component, event.version)
 
-    async def _redeploy(self, name: str, event: VersionRegistered) -> None:
+    async def _redeploy(self, name: str, event: VersionRegistered) -> tuple[str, str]:
+        """Draft, validate and (by `redeploy_action`) publish `name` with the new version;
+        what happened, as a line for the push's feedback and its level."""
         async with self.publisher.lock(name):
             flow = self._known(name)
             fv = self.fs.flow_version(name, flow["active_version"])
@@ -649,8 +716,10 @@ class Deployer:
                     detail={"version": event.version, "problems": problems},
                 )
             action = self.redeploy_action(flow, problems)
-            if action.kind in (DRAFT_ONLY, NEEDS_ATTENTION):
-                if action.kind == DRAFT_ONLY and flow["update"] == "auto":  # paused
+            if action.kind == NEEDS_ATTENTION:
+                return f"{name} needs attention: {action.why}", "error"
+            if action.kind == DRAFT_ONLY:
+                if flow["update"] == "auto":  # paused
                     with self.store.tx():
                         self.store.event(
                             "deploy.paused",
@@ -658,12 +727,12 @@ class Deployer:
                             f"(`deployd resume {name}` publishes it)",
                             flow=name,
                         )
-                return
+                return f"{name}: draft for {reason} kept, not published ({action.why})", "info"
             if action.kind == HELD:
                 assert action.hold is not None
                 self._held(name, reason, action.hold)
-                return
-            await self._publish_draft(
+                return f"{name}: draft for {reason} kept: {action.why}", "info"
+            res = await self._publish_draft(
                 name,
                 Cause(
                     "component version",
@@ -673,6 +742,7 @@ class Deployer:
                     automatic=True,
                 ),
             )
+            return published_line(res)
 
     # -- freeze windows --------------------------------------------------------------------
 

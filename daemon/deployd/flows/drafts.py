@@ -91,13 +91,21 @@ class Drafts:
             for s in steps
         ]
 
-    def validate(self, steps: list[model.Step], extra: Descriptors | None = None) -> list[str]:
+    def validate(
+        self,
+        steps: list[model.Step],
+        extra: Descriptors | None = None,
+        before: list[model.Step] | None = None,
+    ) -> list[str]:
         """Every reason `steps` cannot run (empty: valid), as `step ID: what` lines.
 
         `extra`: descriptors of versions not registered (a `plan`'s build), by (component,
-        version)."""
+        version); `before`: the steps running now (a function they ran that the new version
+        lacks "no longer exists")."""
         descriptors = {**self._descriptors(steps), **(extra or {})}
-        problems = model.validate(steps, descriptors, self._node_error(), self.credential_info())
+        problems = model.validate(
+            steps, descriptors, self._node_error(), self.credential_info(), before
+        )
         refused = {s.id for s in steps if any(p.startswith(f"step {s.id}: ") for p in problems)}
         return problems + schema.input_problems(
             [s for s in steps if s.id not in refused], descriptors

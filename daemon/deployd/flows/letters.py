@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import FlowError
+from ..errors import FlowError, UnknownFlow
 from ..store import FlowStore, Row, Store
 from ..store.letters import DeadLetterStore
 
@@ -35,7 +35,7 @@ class Letters:
     def known_flow(self, name: str) -> Row:
         flow = self.fs.flow(name)
         if flow is None:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         return flow
 
     def steps(self, flow: Row) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError
+from ..errors import FlowError, UnknownFlow
 from ..paths import Paths
 from ..runtime.kubernetes import artifacts
 from ..runtime.kubernetes.manifests import PodSecrets, render
@@ -44,7 +44,7 @@ def manifests(
     fs = FlowStore(store)
     flow = fs.flow(name)
     if flow is None:
-        raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+        raise UnknownFlow(name)
     known = [int(v["version"]) for v in fs.flow_versions(name)]
     if version is None:
         version = flow["active_version"] or (known[0] if known else None)

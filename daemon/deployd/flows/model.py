@@ -7,6 +7,7 @@ content of a flow version or draft. `validate` says, per step, what stops it fro
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from typing import Any, Literal
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import NAME_RE, Duration, component_name
+from ..config import NAME_RE, Duration, component_name, nearest_key
 from ..errors import FlowError, key_path
 from ..types import DEFAULT_PREFETCH
 
@@ -463,7 +464,8 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
                 key, _, msg = msg[1:].partition(": ")
                 loc = (*loc, key)
             if err["type"] == "extra_forbidden":
-                msg = "unknown key"
+                close = nearest_key(FlowSpec, loc)
+                msg = "unknown key" + (f"; did you mean {close!r}?" if close else "")
             elif err["type"] == "model_type":  # not "... or instance of StepSpec"
                 msg = "must be a table ([[steps]] with id, component and function)"
             elif _in_table(err["loc"]) and err["type"] == "string_type":
@@ -583,12 +585,16 @@ def validate(
     descriptors: dict[tuple[str, int], dict[str, Any]],
     node_error: str | None = None,
     credentials: Mapping[str, CredentialInfo] | None = None,
+    before: list[Step] | None = None,
 ) -> list[str]:
     """Every reason these steps cannot run, as `step ID: what is wrong` lines (empty: valid).
 
     `node_error`: why node cannot run here (None: it can); refuses `runtime = "node"` steps.
     `credentials`: the daemon config's, by name (a step naming another one is refused).
+    `before`: the steps running now; a function one of them ran on an older version of the
+    same component "no longer exists" in the new one, any other missing one "does not exist".
     """
+    ran = {(s.id, s.component, s.function) for s in before or ()}
     problems = []
     for step in steps:
         where = f"step {step.id}"
@@ -614,8 +620,16 @@ def validate(
                     f"{where}: {step.function!r} is not {article} {noun} of {ref} "
                     f"(it is one of its {other}; {rule} must be a trigger)"
                 )
-            else:
+            elif (step.id, step.component, step.function) in ran:
                 problems.append(f'{where}: {noun} "{step.function}" no longer exists in {ref}')
+            else:
+                names = ", ".join(sorted(funcs)) or "none"
+                close = difflib.get_close_matches(step.function, list(funcs), n=1)
+                hint = f'; did you mean "{close[0]}"?' if close else ""
+                problems.append(
+                    f'{where}: {noun} "{step.function}" does not exist in {ref} (its {group}:'
+                    f" {names}){hint}"
+                )
             continue
         fields = (funcs[step.function] or {}).get("fields") or {}
         for fname, fspec in fields.items():

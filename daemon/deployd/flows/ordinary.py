@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError
+from ..errors import FlowError, UnknownFlow
 from ..runtime.base import NO_RUNS
 from ..store import FlowStore, Row, Store
 from .drafts import Drafts
@@ -117,7 +117,7 @@ class Ordinary:
     def _known(self, name: str) -> Row:
         flow = self.fs.flow(name)
         if flow is None:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         return flow
 
 

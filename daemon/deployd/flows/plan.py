@@ -171,7 +171,7 @@ class Planner:
         for flow, fv in affected(fs, comp.name, version):
             before = [Step.model_validate(s) for s in fv["steps"]]
             after = self.drafts.with_version(fv["steps"], comp.name, version)
-            problems = self.drafts.validate(after, extra)
+            problems = self.drafts.validate(after, extra, before)
             refused = {s.id for s in after if any(p.startswith(f"step {s.id}: ") for p in problems)}
             if self.metadata is not None:
                 problems += await self.metadata.problems(

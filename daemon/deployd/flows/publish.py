@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError
+from ..errors import FlowError, UnknownFlow
 from ..metrics import Metrics
 from ..runtime.base import FlowRun, Runtime, StepFailed
 from ..store import FlowStore, Store
@@ -219,7 +219,7 @@ class Publisher:
             ev = replace(cause, component=origin[0], sha=origin[1])
         flow = self.fs.flow(name)
         if flow is None:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         old = self.runs.get(name)
         from_version = flow["active_version"]
         with self.store.tx():

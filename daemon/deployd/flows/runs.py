@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError
+from ..errors import FlowError, UnknownFlow
 from ..runtime.base import FlowRun, RunOutcome, Runtime, StepFailed
 from ..store import FlowStore, Row, Store
 from ..store.runs import RunStore
@@ -40,7 +40,8 @@ INTERRUPTED = (
 MAX_ERRORS = 20  # error lines kept with a run (and how many more there were)
 KEEP_RUNS = 1000  # runs kept per flow (the newest)
 
-Validate = Callable[[list[Step]], Awaitable[list[str]]]
+# (steps, the steps that ran before: a function of theirs missing now "no longer exists")
+Validate = Callable[[list[Step], list[Step]], Awaitable[list[str]]]
 
 
 class Runs:
@@ -153,7 +154,7 @@ class Runs:
         """Record a run of `name` as running and start it; its id."""
         flow = self.fs.flow(name)
         if flow is None or not flow["active_version"]:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         with self.store.tx():
             run_id = self.rs.start_run(name, cause, flow["active_version"], [])
         self.run_ids[name] = run_id
@@ -164,7 +165,7 @@ class Runs:
         """`flow run NAME`: a run now, whatever the schedule (also of a stopped flow)."""
         flow = self.fs.flow(name)
         if flow is None:
-            raise FlowError(f"unknown flow {name!r} (see `deployd flow list`)")
+            raise UnknownFlow(name)
         if flow["type"] != "ordinary":
             raise FlowError(
                 f"flow {name} is a real-time flow: it runs all the time; `deployd flow run` "
@@ -309,7 +310,7 @@ class Runs:
             pick = None
             for version in candidates:
                 trial = self.drafts.with_version([s.model_dump() for s in steps], comp, version)
-                problems = [p for p in await self.validate(trial) if _about(p, ids)]
+                problems = [p for p in await self.validate(trial, steps) if _about(p, ids)]
                 if not problems:
                     pick = version
                     break
@@ -327,7 +328,7 @@ class Runs:
             if pick != candidates[0]:
                 attention.append("; ".join(first_problems or []) + f" (runs use {comp} v{pick})")
             steps = self.drafts.with_version([s.model_dump() for s in steps], comp, pick)
-        problems = await self.validate(steps)  # pinned steps, and the whole once more
+        problems = await self.validate(steps, steps)  # pinned steps, and the whole once more
         return steps, ("; ".join(attention) or None), problems
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -123,7 +122,7 @@ class Daemon:
             return False
         parts.notifier.reloading()
         try:
-            new = cfgmod.load(old.path, require_secrets=True)
+            new = cfgmod.load(old.path, secrets=True)
         except ConfigError as exc:
             log.error(
                 "reload rejected, the old config keeps running: %s",
@@ -187,9 +186,8 @@ class Daemon:
     async def run(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         with state_lock(self.paths):
-            self.paths.pidfile.write_text(
-                json.dumps({"pid": os.getpid(), "listen": self.config.daemon.listen})
-            )
+            # Only the pid, so that `kill -HUP $(cat deployd.pid)` works.
+            self.paths.pidfile.write_text(f"{os.getpid()}\n")
             store = Store.open(self.paths.db)
             try:
                 self._recover(store)

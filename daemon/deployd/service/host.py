@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import socket
 from collections.abc import Iterator
@@ -30,9 +29,7 @@ def state_lock(paths: Paths) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         os.close(fd)
-        pid = "?"
-        with contextlib.suppress(Exception):
-            pid = str(json.loads(paths.pidfile.read_text())["pid"])
+        pid = str(paths.read_pid() or "?")
         raise StateError(
             f"another deployd (pid {pid}) is already running on state_dir {paths.root}"
         ) from exc

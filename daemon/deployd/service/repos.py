@@ -59,7 +59,11 @@ class Repos:
     def _setup_one(self, comp: ComponentConfig) -> None:
         if comp.hosted:
             created = gitops.ensure_hosted(
-                self.paths.hosted_repo(comp.name), comp.branch, comp.name, self.paths.inbox
+                self.paths.hosted_repo(comp.name),
+                comp.branch,
+                comp.name,
+                self.paths.inbox,
+                self.config.daemon.push_feedback_wait,
             )
             if created:
                 self.store.event(
@@ -92,6 +96,17 @@ class Repos:
             self.watcher.remove(f"repo:{name}")
         self.config = new
         self.setup([after[n] for n in added + moved])
+        for comp in new.components:  # the others' hooks: a changed daemon.push_feedback_wait
+            if comp.hosted and comp.name not in added + moved:
+                try:
+                    gitops.install_hook(
+                        self.paths.hosted_repo(comp.name),
+                        comp.name,
+                        self.paths.inbox,
+                        new.daemon.push_feedback_wait,
+                    )
+                except (DeploydError, OSError) as exc:
+                    log.warning("component %s: hook not updated: %s", comp.name, exc)
         return added, removed, moved
 
     def reconcile(self) -> int:

@@ -18,8 +18,9 @@ log = logging.getLogger("deployd.inbox")
 MAX_RECORD_BYTES = 1024 * 1024
 
 
-def parse_record(text: str) -> list[PushNotice]:
-    """Parse one inbox file; malformed lines are skipped (and logged), never fatal."""
+def parse_record(text: str, push_id: str | None = None) -> list[PushNotice]:
+    """Parse one inbox file; malformed lines are skipped (and logged), never fatal. The
+    notices carry `push_id` (the file's name), which the hook's follower asks about."""
     lines = text.splitlines()
     if not lines or not lines[0].startswith("component "):
         return []
@@ -31,7 +32,9 @@ def parse_record(text: str) -> list[PushNotice]:
             log.warning("inbox: malformed line %r skipped", line[:200])
             continue
         _old, new, ref = parts
-        notices.append(PushNotice(component=component, ref=ref, sha=new, source="hook"))
+        notices.append(
+            PushNotice(component=component, ref=ref, sha=new, source="hook", push_id=push_id)
+        )
     return notices
 
 
@@ -58,7 +61,7 @@ class Inbox:
             except OSError as exc:
                 log.error("inbox record %s unreadable: %s", file.name, exc)
                 continue
-            for notice in parse_record(data.decode("utf-8", "replace")):
+            for notice in parse_record(data.decode("utf-8", "replace"), file.name):
                 self.notify(notice)
                 count += 1
             file.unlink(missing_ok=True)

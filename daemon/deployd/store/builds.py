@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -226,10 +227,33 @@ class Store(StoreCore):
         )
         return {r["component"]: r for r in rows}
 
+    def recent_commits(self) -> dict[str, Row]:
+        """The commit subject and author, and the build's start and end, of every component's
+        recent version (for `status`; none in a database before m019)."""
+        try:
+            rows = self.query(
+                "SELECT v.component, b.subject, b.author, b.started_at, b.finished_at"
+                " FROM versions v JOIN builds b ON b.id = v.build_id"
+                " JOIN (SELECT component, MAX(version) AS version FROM versions"
+                " GROUP BY component) m ON v.component = m.component AND v.version = m.version"
+            )
+        except sqlite3.OperationalError:
+            return {}
+        return {r["component"]: r for r in rows}
+
+    def set_build_commit(self, build_id: int, subject: str, author: str) -> None:
+        """Record the commit subject and author of a build."""
+        with self.tx() as conn:
+            conn.execute(
+                "UPDATE builds SET subject = ?, author = ? WHERE id = ?",
+                (subject, author, build_id),
+            )
+
     def last_builds_all(self) -> dict[str, Row]:
         """The newest build of every component, in one query (for `status`)."""
         rows = self.query(
-            "SELECT b.id, b.component, b.sha, b.status, b.error FROM builds b"
+            "SELECT b.id, b.component, b.sha, b.status, b.error, b.started_at, b.finished_at"
+            " FROM builds b"
             " JOIN (SELECT component, MAX(id) AS id FROM builds GROUP BY component) m"
             " ON b.id = m.id"
         )

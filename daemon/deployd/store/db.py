@@ -235,6 +235,30 @@ class StoreCore:
             "SELECT ts, message FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1", (kind,)
         )
 
+    def last_error(self, kind: str, cleared_by: tuple[str, ...]) -> Row | None:
+        """The newest event of `kind` (`ts`, `message`, `component`, `flow`) with `cleared_at`:
+        when an event of a `cleared_by` kind about the same flow (else component) followed it
+        (e.g. a build failure, then a registered version of that component); None if none."""
+        row = self.one(
+            "SELECT id, ts, message, component, flow FROM events WHERE kind = ?"
+            " ORDER BY id DESC LIMIT 1",
+            (kind,),
+        )
+        if row is None:
+            return None
+        marks = ", ".join("?" for _ in cleared_by)
+        sql = f"SELECT ts FROM events WHERE kind IN ({marks}) AND id > ?"  # noqa: S608 (only ?s)
+        params: list[Any] = [*cleared_by, row["id"]]
+        if row["flow"] is not None:
+            sql += " AND flow = ?"
+            params.append(row["flow"])
+        elif row["component"] is not None:
+            sql += " AND component = ?"
+            params.append(row["component"])
+        later = self.one(sql + " ORDER BY id LIMIT 1", params) if cleared_by else None
+        row["cleared_at"] = later["ts"] if later else None
+        return row
+
     # -- small daemon facts ----------------------------------------------------------------
 
     def meta(self, key: str) -> str | None:

@@ -513,3 +513,25 @@ def m018_outbox(db: Database) -> None:
     )
     db.execute("CREATE INDEX outbox_due ON outbox (state, next_at)")
     db.execute("CREATE INDEX outbox_key ON outbox (key, id)")
+
+
+@migrations()
+def m019_push_feedback(db: Database) -> None:
+    """What the daemon did with each push the post-receive hook recorded (issue 15: `git push`
+    reports back), and the commit subject and author of each build (for `status`).
+    `pushes.id` is the name of the inbox file; `open` counts the things still
+    under way for it (a queued build, each affected flow's publish), `finished_at` is set when
+    it drops to 0. `push_lines` are the lines the hook's follower prints, in order. Kept a day."""
+    db.execute(
+        "CREATE TABLE pushes (id TEXT PRIMARY KEY, received_at TEXT NOT NULL,"
+        " open INTEGER NOT NULL DEFAULT 0, finished_at TEXT)"
+    )
+    db.execute(
+        "CREATE TABLE push_lines (id INTEGER PRIMARY KEY AUTOINCREMENT, push TEXT NOT NULL"
+        " REFERENCES pushes(id) ON DELETE CASCADE, ts TEXT NOT NULL, level TEXT NOT NULL,"
+        " text TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX push_lines_push ON push_lines (push, id)")
+    # `deployd status` shows the recent version's commit: its subject and author line.
+    db.execute("ALTER TABLE builds ADD COLUMN subject TEXT")
+    db.execute("ALTER TABLE builds ADD COLUMN author TEXT")

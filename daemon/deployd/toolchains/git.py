@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from importlib import resources
 from pathlib import Path
@@ -44,14 +45,22 @@ def _repo(path: Path) -> git.Repo:
         raise GitError(f"{path} is not a git repository") from exc
 
 
-def install_hook(repo_path: Path, component: str, inbox: Path) -> None:
-    """Install deployd's post-receive hook into a bare repository, for `component`."""
+def install_hook(repo_path: Path, component: str, inbox: Path, feedback_wait: float = 0.0) -> None:
+    """Install deployd's post-receive hook into a bare repository, for `component`.
+
+    With `feedback_wait` > 0 the hook then follows the push for up to that many seconds
+    (`deployd hook feedback`, run by this very interpreter on this very package, whatever
+    the pusher's environment is: both are written into the repository's config)."""
     repo = _repo(repo_path)
     if not repo.bare:
         raise GitError(f"{repo_path} is not a bare repository (hooks go into the server side)")
+    package_root = Path(__file__).resolve().parents[2]  # the folder holding `deployd/`
     with repo.config_writer() as cw:
         cw.set_value("deployd", "component", component)
         cw.set_value("deployd", "inbox", str(inbox))
+        cw.set_value("deployd", "feedbackwait", f"{feedback_wait:g}")
+        cw.set_value("deployd", "python", sys.executable)
+        cw.set_value("deployd", "pythonpath", str(package_root))
     hooks = repo_path / "hooks"
     hooks.mkdir(exist_ok=True)
     target = hooks / "post-receive"
@@ -65,7 +74,9 @@ def install_hook(repo_path: Path, component: str, inbox: Path) -> None:
     os.replace(tmp, target)
 
 
-def ensure_hosted(repo_path: Path, branch: str, component: str, inbox: Path) -> bool:
+def ensure_hosted(
+    repo_path: Path, branch: str, component: str, inbox: Path, feedback_wait: float = 0.0
+) -> bool:
     """Create the hosted bare repository if missing and (re)install its hook. True if created."""
     created = False
     if not (repo_path / "HEAD").exists():
@@ -75,7 +86,7 @@ def ensure_hosted(repo_path: Path, branch: str, component: str, inbox: Path) -> 
         except GitCommandError as exc:
             raise GitError(f"cannot create {repo_path}: {exc.stderr.strip()}") from exc
         created = True
-    install_hook(repo_path, component, inbox)
+    install_hook(repo_path, component, inbox, feedback_wait)
     return created
 
 
@@ -123,7 +134,8 @@ def export(repo_path: Path, sha: str, dest: Path) -> None:
 
 def commit_info(repo_path: Path, sha: str) -> dict[str, str] | None:
     """The subject, author and author date (ISO 8601) of commit `sha` in `repo_path` (for the
-    dashboard); None when it cannot be read there (not a sha, no such commit or repository)."""
+    dashboard and `status`); None when it cannot be read there (not a sha, no such commit or
+    repository)."""
     if not is_sha(sha):
         return None
     try:
@@ -132,7 +144,7 @@ def commit_info(repo_path: Path, sha: str) -> dict[str, str] | None:
         return None
     subject, _, rest = out.partition("\0")
     author, _, at = rest.partition("\0")
-    return {"subject": subject, "author": author, "at": at.strip()}
+    return {"subject": subject[:300], "author": author[:200], "at": at.strip()}
 
 
 ABBREV_RE = re.compile(r"^[0-9a-f]{7,64}$")
