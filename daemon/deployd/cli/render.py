@@ -76,6 +76,10 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
                 f"{q['component']} v{q['version']}" for q in f["quarantined"]
             )
             style = style if style == "red" else "yellow"
+        if f.get("canary"):
+            c = f["canary"]
+            state += f", canary v{c['version']} ({c['share'] * 100:.4g}%)"
+            style = style if style == "red" else "yellow"
         if f.get("needs_attention"):
             state, style = f"{state} needs attention: {f['needs_attention']}", "red"
         elif f.get("stale"):
@@ -101,6 +105,10 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
     sys.stdout.write(grid(["flow", "state", "version", "steps", "update", "last deploy"], rows))
     sys.stdout.write("\n")
     for f in flows:
+        if f.get("canary"):
+            from ..flows.canary import describe
+
+            sys.stdout.write(f"flow {f['name']}: {describe(f['canary'])}\n")
         if f.get("url"):
             http = f.get("http") or {}
             sys.stdout.write(
