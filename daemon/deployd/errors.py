@@ -81,6 +81,10 @@ class FlowFrozen(FlowError):
     """A publish a person asked for falls in a freeze window (`--force` publishes anyway)."""
 
 
+class NoCanary(FlowError):
+    """`flow promote` (or ending a canary by hand) on a flow with no canary in progress."""
+
+
 class DaemonError(DeploydError):
     """The running daemon could not be reached or refused a request."""
 

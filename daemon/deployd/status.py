@@ -17,6 +17,7 @@ from .store import FlowStore, Store
 from .store.letters import DeadLetterStore
 from .store.outbox import OutboxStore
 from .store.quarantine import QuarantineStore
+from .store.queues import fold_canary
 from .store.runs import RunStore
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def flows_status(
         totals[flow_name] = totals.get(flow_name, 0) + n
     out = []
     live_depths = deployer.runtime.queue_depths() if deployer else None
-    stored_depths = fs.queue_depths() if live_depths is None else {}
+    stored_depths = fold_canary(fs.queue_depths()) if live_depths is None else {}
     for flow in fs.flows():
         name = flow["name"]
         fv = fs.flow_version(name, flow["active_version"]) if flow["active_version"] else None
@@ -283,6 +284,8 @@ def flows_status(
         waiting = hold is not None and flow["update"] == "auto" and _waiting_draft(fs, name)
         dep = last.get(name)
         extra: dict[str, Any] = {}
+        if not ordinary:
+            extra["canary"] = _canary(deployer, name, dep)
         if ordinary:
             run = last_runs.get(name)
             extra["next_run_at"] = (
@@ -336,6 +339,24 @@ def flows_status(
             }
         )
     return out
+
+
+def _canary(deployer: Deployer | None, name: str, dep: dict[str, Any] | None) -> Any:
+    """A flow's canary in progress (issue 16): the daemon's, live (share, steps, messages and
+    error rates of both versions, time left); read without the daemon, what its deployment
+    row says (`running`: false — a stopped daemon's canary is rolled back at its next
+    start). None: no canary in progress."""
+    if deployer is not None:
+        return deployer.canary_status(name)
+    if dep is None or dep["status"] != "canary":
+        return None
+    return {
+        "deployment": dep["id"],
+        "version": dep["to_version"],
+        "from_version": dep["from_version"],
+        **(dep.get("canary") or {}),
+        "running": False,
+    }
 
 
 def _waiting_draft(fs: FlowStore, name: str) -> bool:

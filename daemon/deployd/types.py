@@ -45,13 +45,16 @@ class BuildState(StrEnum):
 
 
 class DeploymentState(StrEnum):
-    """A publish, crash-only: starting_new → switching → done | failed | rolled_back."""
+    """A publish, crash-only: starting_new → switching → done | failed | rolled_back; a
+    canary publish (issue 16): starting_new → canary → promoted | rolled_back."""
 
     STARTING_NEW = "starting_new"
     SWITCHING = "switching"
     DONE = "done"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
+    CANARY = "canary"  # the new version handles a share of its changed steps' messages
+    PROMOTED = "promoted"  # a canary that ended with the switch to the new version
 
 
 class FlowState(StrEnum):
@@ -202,6 +205,34 @@ class RetryResult:
 
 
 @dataclass(frozen=True)
+class CanaryCount:
+    """Messages one version of a canary's changed steps handled since it started, and how
+    many of them failed (became dead letters, or failed their mapping into the step)."""
+
+    messages: int = 0
+    errors: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.errors / self.messages if self.messages else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"messages": self.messages, "errors": self.errors, "error_rate": self.rate}
+
+
+@dataclass(frozen=True)
+class CanaryTally:
+    """What a runtime counted of a canary in progress: the new and the old version over every
+    changed step (and `steps`: the same by step id), and how many messages wait in the new
+    version's share of the queues."""
+
+    new: CanaryCount = CanaryCount()
+    old: CanaryCount = CanaryCount()
+    queued: int = 0
+    steps: Mapping[str, tuple[CanaryCount, CanaryCount]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class StepExit:
     """A step process of a running flow version ended unexpectedly (the runtime restarts it)."""
 
@@ -222,6 +253,8 @@ class DeploymentResult:
     reason: str | None = None
     warmup_ms: float | None = None
     gap_ms: float | None = None
+    # A canary publish: its settings, steps and (once ended) the counts it was judged on.
+    canary: Mapping[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -236,4 +269,12 @@ class DeploymentResult:
         elif self.status == DeploymentState.DONE and self.warmup_ms is not None:
             out["warmup_ms"] = self.warmup_ms
             out["gap_ms"] = self.gap_ms
+        elif self.status == DeploymentState.CANARY:
+            out["warmup_ms"] = self.warmup_ms
+        elif self.status in (DeploymentState.PROMOTED, DeploymentState.ROLLED_BACK):
+            out["reason"] = self.reason
+            if self.gap_ms is not None:
+                out["gap_ms"] = self.gap_ms
+        if self.canary is not None:
+            out["canary"] = dict(self.canary)
         return out

@@ -36,6 +36,7 @@ FLOW_KEYS = {
     "quarantined",
     "freeze",
     "held",
+    "canary",  # a canary publish in progress (issue 16), else null
     "runtime",
     "queues",
     "steps",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 from sqlite_utils import Database
 
 from deployd.store import FlowStore, Store
@@ -156,5 +157,52 @@ def test_m005_backfills_m004_rows(tmp_path: Path) -> None:
         assert fs.deployed_version("b", "web", 2)
         rows = store.query("SELECT flow, interrupted FROM deployments ORDER BY id")
         assert rows == [{"flow": "a", "interrupted": 1}, {"flow": "b", "interrupted": 0}]
+    finally:
+        store.close()
+
+
+def test_m017_widens_the_deployment_statuses_and_keeps_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "deployd.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrations.apply(Database(conn), stop_before="m017_canary")
+    ts = "2024-01-01T00:00:00.000+00:00"
+    conn.executescript(
+        f"""
+        INSERT INTO deployments (id, flow, from_version, to_version, trigger, status, reason,
+                                 started_at, finished_at, interrupted, redriven) VALUES
+            (7, 'a', NULL, 1, 'flow apply', 'done', NULL, '{ts}', '{ts}', 0, NULL),
+            (9, 'a', 1, 2, 'component version', 'failed', 'interrupted: x', '{ts}', '{ts}', 1, 3);
+        """
+    )
+    conn.close()
+
+    store = Store.open(path)  # applies m017
+    try:
+        fs = FlowStore(store)
+        rows = fs.deployments("a")
+        assert [(r["id"], r["status"], r["canary"]) for r in rows] == [
+            (9, "failed", None),
+            (7, "done", None),
+        ]
+        assert rows[0]["redriven"] == 3 and rows[0]["reason"] == "interrupted: x"
+        assert not fs.deployed_version("a", "web", 2)  # `interrupted` kept
+        with store.tx():
+            dep = fs.start_deployment("a", 2, 3, "component version", "web", 3, SHA1)
+            fs.set_deployment(dep, status="canary", canary='{"share": 0.1}')
+        assert [r["id"] for r in fs.unfinished_deployments()] == [dep]
+        with store.tx():
+            fs.set_deployment(dep, status="promoted", finished_at=None)
+        assert [r["id"] for r in fs.unfinished_deployments()] == [dep]  # its switch is owed
+        with store.tx():
+            fs.set_deployment(dep, finished_at=ts)
+        assert fs.unfinished_deployments() == []
+        assert fs.deployment(dep)["canary"] == {"share": 0.1}  # type: ignore[index]
+        assert fs.rollback_source("a", 3) == 2  # a promoted canary counts as a publish
+        with pytest.raises(sqlite3.IntegrityError), store.tx():
+            fs.set_deployment(dep, status="bogus")
+        indexes = store.query(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deployments'"
+        )
+        assert {"deployments_flow"} <= {r["name"] for r in indexes}
     finally:
         store.close()

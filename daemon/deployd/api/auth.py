@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 
 from ..auth import check
-from ..errors import DeploydError, FlowFrozen
+from ..errors import DeploydError, FlowFrozen, NoCanary
 
 
 def token_required(token: Callable[[], str]) -> Callable[[Request], None]:
@@ -39,4 +39,6 @@ async def answer(accepting: Callable[[], bool], work: Awaitable[Any]) -> Any:
         status = 404 if str(exc).startswith("unknown ") else 400
         if isinstance(exc, FlowFrozen):
             status = 409  # a freeze window: the same request succeeds after it (or --force)
+        elif isinstance(exc, NoCanary):
+            status = 409  # nothing in progress to end: the flow's state, not the request
         raise HTTPException(status_code=status, detail=str(exc)) from exc

@@ -73,8 +73,8 @@ class ErrorsBody(BaseModel):
 def router(
     deployer: Deployer, token: Callable[[], str], accepting: Callable[[], bool]
 ) -> APIRouter:
-    """apply / publish / start / stop / rollback / move and the dead letters (list, retry, discard),
-    each one call of the deployer."""
+    """apply / publish / start / stop / rollback / move, a canary's promote / rollback, and the
+    dead letters (list, retry, discard), each one call of the deployer."""
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(token_required(token))])
 
     def run(coro: Any) -> Any:
@@ -100,6 +100,25 @@ def router(
     @api.post("/flows/{name}/rollback")
     async def rollback(name: str, body: RollbackBody) -> Any:
         return await run(deployer.rollback(name, body.to))
+
+    @api.post("/flows/{name}/canary/promote")
+    async def canary_promote(name: str) -> Any:
+        """End the flow's canary in progress now: its new version takes over (`promoted`);
+        409 when no canary is in progress."""
+        return await run(deployer.promote(name))
+
+    @api.post("/flows/{name}/canary/rollback")
+    async def canary_rollback(name: str) -> Any:
+        """End the flow's canary in progress now: its new version stops, the old one keeps
+        running (`rolled_back`); 409 when no canary is in progress."""
+        return await run(deployer.rollback_canary(name))
+
+    @api.get("/flows/{name}/canary")
+    async def canary(name: str) -> Any:
+        """The flow's canary in progress (as in the status), or null."""
+        if deployer.fs.flow(name) is None:
+            raise HTTPException(status_code=404, detail=f"unknown flow {name!r}")
+        return deployer.canary_status(name)
 
     @api.post("/flows/{name}/move")
     async def move(name: str, body: MoveBody) -> Any:

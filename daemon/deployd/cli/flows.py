@@ -90,9 +90,26 @@ def _print_result(res: dict[str, Any]) -> None:
         return
     status = res.get("status")
     line = f"{res['flow']} v{res.get('version')}: {status}"
+    if status == "canary":
+        from ..flows.canary import Plan, Settings
+
+        c = res["canary"]
+        plan = Plan(
+            Settings(c["share"], c["duration"], c["min_messages"], c["max_error_rate"]),
+            tuple(c["steps"]),
+        )
+        line += f" beside v{res['from_version']} (warm-up {res['warmup_ms']:.0f} ms), {plan.text()}"
+        typer.echo(line)
+        typer.echo(
+            f"  `deployd flow show {res['flow']}` follows it; `deployd flow promote {res['flow']}`"
+            f" or `deployd flow rollback {res['flow']}` ends it now"
+        )
+        return
     if res.get("warmup_ms") is not None:
         line += f" (warm-up {res['warmup_ms']:.0f} ms"
         line += f", gap {res['gap_ms']:.1f} ms)" if res.get("gap_ms") is not None else ")"
+    if status == "promoted" and res.get("gap_ms") is not None:
+        line += f" (gap {res['gap_ms']:.1f} ms)"
     if res.get("reason"):
         line += f": {res['reason']}"
     typer.echo(line)
@@ -236,8 +253,17 @@ def flow_rollback(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Publish an earlier flow version's steps as a new version (default: the previous one)."""
+    """Publish an earlier flow version's steps as a new version (default: the previous one);
+    during a canary, end it instead (the new version stops, the old one keeps running)."""
     res = _call(load_config(config), "POST", _flow_path(name, "rollback"), {"to": to})
+    print_json(res) if as_json else _print_result(res)
+
+
+@flow_app.command("promote")
+def flow_promote(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """End a canary in progress now: its new version takes over (recorded as promoted); fails
+    when the flow has no canary in progress."""
+    res = _call(load_config(config), "POST", _flow_path(name, "canary/promote"))
     print_json(res) if as_json else _print_result(res)
 
 
@@ -314,6 +340,10 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
         )
     if data["needs_attention"]:
         out.print(f"[red]needs attention:[/] {data['needs_attention']}")
+    if data.get("canary"):
+        from ..flows.canary import describe
+
+        out.print(describe(data["canary"]), markup=False, highlight=False)
     if data.get("url"):
         http = data.get("http") or {}
         out.print(
@@ -366,7 +396,8 @@ def flow_show(name: NameArg, config: ConfigOpt = None, as_json: JsonOpt = False)
         out.print(f"draft ({d['reason']}): " + ("; ".join(d["problems"]) or "valid"))
     last = data["last_deploy"]
     if last:
-        out.print(f"last deploy: {last['status']} → v{last['to_version']} at {last['finished_at']}")
+        when = f"at {last['finished_at']}" if last["finished_at"] else "in progress"
+        out.print(f"last deploy: {last['status']} → v{last['to_version']} {when}")
 
 
 @flow_app.command("errors")

@@ -159,6 +159,10 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
                 + ", ".join(f"{q['component']} v{q['version']}" for q in f["quarantined"])
             )
             style = style if style == "red" else "yellow"
+        if f.get("canary"):
+            c = f["canary"]
+            state += f", canary v{c['version']} ({c['share'] * 100:.4g}%)"
+            style = style if style == "red" else "yellow"
         if f.get("needs_attention"):
             notes.append(f"{name} needs attention: {clip(f['needs_attention'], 300)}")
             state, style = f"{state}, needs attention", "red"
@@ -190,6 +194,10 @@ def print_flows_table(flows: list[dict[str, Any]]) -> None:
     for note in notes:
         sys.stdout.write(wrapped(note) + "\n")
     for f in flows:
+        if f.get("canary"):
+            from ..flows.canary import describe
+
+            sys.stdout.write(f"flow {f['name']}: {describe(f['canary'])}\n")
         if f.get("url"):
             http = f.get("http") or {}
             sys.stdout.write(

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Config
-from ..errors import FlowError, FlowFrozen, UnknownFlow
+from ..errors import FlowError, FlowFrozen, NoCanary, UnknownFlow
 from ..metrics import Metrics
 from ..pauses import Pauses
 from ..runtime.base import Runtime
@@ -35,7 +35,7 @@ from ..types import (
     StepStatus,
     VersionRegistered,
 )
-from . import schema
+from . import canary, schema
 from .drafts import Drafts
 from .freeze import Clock, FreezeTimers, Hold, Sleep, frozen, utc_now
 from .letters import MAPPER, Letters
@@ -47,6 +47,15 @@ from .runs import Runs
 
 log = logging.getLogger("deployd.deploy")
 _COMPONENT_VERSION_RE = re.compile(r"^([a-z0-9][a-z0-9-]{0,62})@v?([1-9][0-9]{0,17})$")
+
+
+def _by_hand(what: str, c: canary.Canary) -> str:
+    tally = c.run.tally()
+    return (
+        f"{what} by hand after {tally.new.messages} message(s) of the new version"
+        f" ({tally.new.errors} error(s)) and {tally.old.messages} of the old"
+        f" ({tally.old.errors} error(s))"
+    )
 
 
 def parse_component_version(text: str) -> tuple[str, int]:
@@ -112,6 +121,12 @@ def published_line(res: dict[str, Any]) -> tuple[str, str]:
         if warmup is not None:
             text += f" (warm-up {warmup:.0f} ms)"
         return text, "info"
+    if res["status"] == DeploymentState.CANARY:
+        return (
+            f"{name} v{version} started as a canary (`deployd status` shows how it does; it is "
+            "promoted or rolled back by itself)",
+            "info",
+        )
     return (
         f"{name} v{version} was not published: {res.get('reason') or res['status']};"
         f" {name} needs attention (`deployd status`)",
@@ -410,9 +425,24 @@ class Deployer:
             return res.as_json()
 
     async def rollback(self, name: str, to: int | None) -> dict[str, Any]:
+        """`flow rollback NAME`: during a canary, end it (rolled back: the old version, still
+        the active one, keeps running); else publish an earlier version's steps anew (`to`,
+        default the version the active one replaced), switching at once."""
         self._real_time(name, "rollback")
         async with self.publisher.lock(name):
             flow = self._known(name)  # read under the lock: a redeploy may just have finished
+            c = self.publisher.canaries.get(name)
+            if c is not None:
+                if to is not None:
+                    raise FlowError(
+                        f"flow {name} has a canary of v{c.version} in progress: `deployd flow"
+                        f" rollback {name}` (without --to) ends it first, keeping"
+                        f" v{c.from_version}"
+                    )
+                res = await self.publisher.end_canary(
+                    c, False, _by_hand("rolled back", c), canary.MANUAL
+                )
+                return res.as_json()
             active = flow["active_version"]
             if to is None:
                 to = self.fs.rollback_source(name, active)
@@ -424,9 +454,47 @@ class Deployer:
             if to == active:
                 raise FlowError(f"flow {name} already runs version {to}")
             res = await self.publisher.publish(
-                name, target["spec"], target["steps"], f"rollback to v{to}", Cause("flow rollback")
+                name,
+                target["spec"],
+                target["steps"],
+                f"rollback to v{to}",
+                Cause("flow rollback"),
+                no_canary="a rollback to an earlier version switches at once",
             )
             return res.as_json()
+
+    async def promote(self, name: str) -> dict[str, Any]:
+        """`flow promote NAME`: end the canary in progress now, switching to its version."""
+        self._real_time(name, "promote")
+        async with self.publisher.lock(name):
+            c = self._canary(name, "promote")
+            res = await self.publisher.end_canary(c, True, _by_hand("promoted", c), canary.MANUAL)
+            return res.as_json()
+
+    async def rollback_canary(self, name: str) -> dict[str, Any]:
+        """End the canary in progress by rolling it back (refused when none is)."""
+        self._real_time(name, "roll back")
+        async with self.publisher.lock(name):
+            c = self._canary(name, "roll back")
+            res = await self.publisher.end_canary(
+                c, False, _by_hand("rolled back", c), canary.MANUAL
+            )
+            return res.as_json()
+
+    def _canary(self, name: str, verb: str) -> canary.Canary:
+        self._known(name)
+        c = self.publisher.canaries.get(name)
+        if c is None:
+            raise NoCanary(
+                f"flow {name} has no canary in progress: there is nothing to {verb} (a publish"
+                " of a flow with [canary] that changes only action steps starts one; see"
+                f" `deployd flow show {name}`)"
+            )
+        return c
+
+    def canary_status(self, name: str) -> dict[str, Any] | None:
+        """The canary in progress of `name`, as `status --json` shows it (None: none)."""
+        return self.publisher.canary_status(name)
 
     async def move(self, name: str, runtime: str) -> dict[str, Any]:
         """`flow move`: publish the active version onto another runtime (warm-up there,
@@ -447,6 +515,12 @@ class Deployer:
                 raise FlowError(f"flow {name} has never been published (`deployd flow publish`)")
             fv = self.fs.flow_version(name, active)
             assert fv is not None
+            if runtime != "embedded" and canary.Settings.of(fv["spec"]) is not None:
+                raise FlowError(
+                    f"flow {name} has [canary]: canary publishes run on the embedded runtime"
+                    f" only so far; remove [canary] from its flow file (`deployd flow apply`)"
+                    f" before moving it to {runtime}"
+                )
             current = fv["spec"].get("runtime") or self.config.runtime.default
             if current == runtime:
                 raise FlowError(f"flow {name} already runs on {runtime}")
@@ -457,7 +531,12 @@ class Deployer:
                 )
             spec = {**fv["spec"], "runtime": runtime}
             res = await self.publisher.publish(
-                name, spec, fv["steps"], f"moved from {current} to {runtime}", Cause("flow move")
+                name,
+                spec,
+                fv["steps"],
+                f"moved from {current} to {runtime}",
+                Cause("flow move"),
+                no_canary="a move to another runtime switches at once",
             )
             return res.as_json()
 

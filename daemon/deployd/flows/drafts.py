@@ -39,6 +39,7 @@ class Drafts:
             raise FlowError("flow file is nested too deeply to read; flatten it") from exc
         spec = model.parse(raw, "flow file")
         self._check_http(spec)
+        self._check_canary(spec)
         for step in spec.steps:
             if step.builtin is not None:
                 continue
@@ -69,6 +70,20 @@ class Drafts:
                 f'step {http.id}: auth = "none" is allowed only while daemon.listen is a '
                 f'loopback address (it is {self.config.daemon.listen}); use auth = "hmac" '
                 'or "token" with secret = "${VAR}"'
+            )
+
+    def _check_canary(self, spec: model.FlowSpec) -> None:
+        """A [canary] table needs a runtime that can run two versions of a step on one queue:
+        the embedded one (the others refuse it here rather than publish at once silently)."""
+        if spec.canary is None:
+            return
+        runtime = spec.runtime or self.config.runtime.default
+        if runtime != "embedded":
+            where = "kubernetes" if self.config.runtime.rabbitmq.placement == "kubernetes" else ""
+            raise FlowError(
+                f"canary: canary publishes run on the embedded runtime only so far; this flow "
+                f"would run on {runtime}" + (f" (placed on {where})" if where else "") + "; set "
+                'runtime = "embedded" in the flow file, or remove [canary]'
             )
 
     def resolve(self, spec: model.FlowSpec) -> list[model.Step]:

@@ -278,6 +278,72 @@ class StepSpec(BaseModel):
         return value
 
 
+def _number(value: Any) -> Any:
+    """A TOML number as given (an integer or a float), never a string or a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number (e.g. 0.1)")
+    return value
+
+
+class CanarySpec(BaseModel):
+    """A flow's [canary] table (issue 16): how a publish that changes only action steps is
+    tried on a share of their messages first (see `flows/canary.py`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # The share of each changed action step's messages its new version handles.
+    share: float = 0.1
+    # How long the canary lasts at the least, and how many messages its new version must
+    # have handled by then; it is judged on the new version's error rate (errors ÷ messages).
+    duration: Duration = 300.0
+    min_messages: int = 100
+    max_error_rate: float = 0.01
+
+    @field_validator("share", "max_error_rate", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any) -> Any:
+        return _number(value)
+
+    @field_validator("min_messages", mode="before")
+    @classmethod
+    def _min_messages(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**12:
+            raise ValueError(
+                f"{repr(value)[:40]} is not a number of messages: it must be a whole number, "
+                "0 or more (e.g. 100)"
+            )
+        return value
+
+    @field_validator("share")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(
+                f"{value:g} is not a share: it must be above 0 and below 1 (e.g. 0.1: the new "
+                "version handles a tenth of the messages)"
+            )
+        return float(value)
+
+    @field_validator("max_error_rate")
+    @classmethod
+    def _rate(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError(
+                f"{value:g} is not an error rate: it must be from 0 to 1 (e.g. 0.01: one "
+                "failed message in a hundred)"
+            )
+        return float(value)
+
+    @field_validator("duration")
+    @classmethod
+    def _duration(cls, value: float) -> float:
+        if value > MAX_CANARY:
+            raise ValueError(f'must be at most {MAX_CANARY / 86400:g} days (e.g. "5m")')
+        return value
+
+
+MAX_CANARY = 30 * 86400.0  # seconds: a canary is a publish in progress, not a way of running
+
+
 class FlowSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -300,6 +366,8 @@ class FlowSpec(BaseModel):
     overlap: Literal["skip", "queue"] = "skip"
     catch_up: Literal["one", "none"] = "one"
     run_timeout: Duration = 3600.0
+    # [canary]: a publish changing only action steps goes to a share of their messages first.
+    canary: CanarySpec | None = None
     steps: list[StepSpec]
 
     @field_validator("schedule")
@@ -367,6 +435,11 @@ class FlowSpec(BaseModel):
             raise ValueError(
                 f"{', '.join(sorted(scheduling))}: only for ordinary (scheduled) flows; add "
                 'type = "ordinary" or remove them'
+            )
+        if self.type == "ordinary" and self.canary is not None:
+            raise ValueError(
+                "@canary: only for real-time flows (each run of an ordinary flow takes the "
+                "newest valid versions of its steps); remove [canary]"
             )
         if len(self.steps) < 2:
             raise ValueError("a flow needs a trigger step and at least one action step")
@@ -466,6 +539,10 @@ def parse(raw: dict[str, Any], source: str = "flow") -> FlowSpec:
             if err["type"] == "extra_forbidden":
                 close = nearest_key(FlowSpec, loc)
                 msg = "unknown key" + (f"; did you mean {close!r}?" if close else "")
+            elif err["type"] == "model_type" and loc[:1] == ("canary",):
+                msg = (
+                    "must be a table ([canary] with share, duration, min_messages, max_error_rate)"
+                )
             elif err["type"] == "model_type":  # not "... or instance of StepSpec"
                 msg = "must be a table ([[steps]] with id, component and function)"
             elif _in_table(err["loc"]) and err["type"] == "string_type":

@@ -28,6 +28,7 @@ from ..pipeline.tree import build_tree, component_root, semver_check, unchanged_
 from ..store import FlowStore, Row, Store
 from ..toolchains import git as gitops
 from ..toolchains.env import log_tail
+from . import canary
 from .deployer import NEEDS_ATTENTION, PUBLISH, affected, decide
 from .drafts import Drafts
 from .metadata import Metadata
@@ -183,6 +184,16 @@ class Planner:
             problems += [p for e in edges for p in e.problems]
             problems = [label.sub(p) for p in problems]
             action = decide(self.config, flow, problems, self.paused(flow["name"]))
+            # A publish of a flow with [canary]: tried on a share of the messages first, or
+            # switched at once (and why) — as `Publisher.publish` would do it.
+            trial, at_once = canary.plan(
+                fv["spec"], fv["spec"], fv["steps"], [s.model_dump() for s in after]
+            )
+            why = action.why
+            if action.kind == PUBLISH and trial is not None:
+                why = trial.text()
+            elif action.kind == PUBLISH and at_once:
+                why = f"at once, no canary: {at_once}"
             out["flows"].append(
                 {
                     "flow": flow["name"],
@@ -203,7 +214,10 @@ class Planner:
                     "problems": problems,
                     "schema": [e.as_json() for e in edges],
                     "action": action.kind,
-                    "why": "" if action.kind == NEEDS_ATTENTION else action.why,
+                    "why": "" if action.kind == NEEDS_ATTENTION else why,
+                    "canary": trial.as_json()
+                    if trial is not None and action.kind == PUBLISH
+                    else None,
                 }
             )
         if dynamic_skipped:

@@ -17,6 +17,10 @@ implementation (the embedded runtime today; RabbitMQ next).
     FlowRun.stop()             finish in-flight work, then stop every process
     run_once(run, timeout)     an ordinary flow's run: the trigger called once, every queue
                                drained (or past `timeout`: stopped, the rest dead letters)
+    canary(old, new, steps, share)   issue 16: `new`'s changed action `steps` take `share` of
+                               their messages beside `old` (which keeps running whole) →
+        ├── CanaryRun.promote()   the split ends, then the switch as above (gap_ms)
+        └── CanaryRun.rollback()  the split ends, `new` stops, `old` handles what it left
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Protocol
 
 from ..config import DaemonConfig
 from ..errors import FlowError
-from ..types import FlowVersionToRun, RetryResult, StepExit, StepStatus
+from ..types import CanaryTally, FlowVersionToRun, RetryResult, StepExit, StepStatus
 
 
 class StepFailed(FlowError):
@@ -122,6 +126,32 @@ class Accepted:
     forget: Callable[[], None] = lambda: None
 
 
+class CanaryRun(Protocol):
+    """A canary in progress (`Runtime.canary`): two versions of a flow's changed action steps
+    consuming the same input, each message handled by exactly one of them."""
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The changed action steps whose messages are split."""
+        ...
+
+    def tally(self) -> CanaryTally:
+        """Messages and errors of each version on those steps since the canary started."""
+        ...
+
+    async def promote(self) -> float | None:
+        """End the split and switch the flow to the new version (as `Runtime.switch`: the
+        trigger at a call boundary, what the new version's share left is handled by it); the
+        trigger gap in ms (None: not measured)."""
+        ...
+
+    async def rollback(self, *, failing: bool = False) -> None:
+        """End the split and stop the new version after its in-flight messages; what its
+        share left queued goes back to the old version, which ran all along. `failing`: the
+        new version crash-loops (its steps are not restarted meanwhile)."""
+        ...
+
+
 class FlowRun(Protocol):
     """One version of one flow, warmed up by a runtime."""
 
@@ -209,6 +239,21 @@ class Runtime(Protocol):
     def queue_depths(self) -> dict[tuple[str, str], int]:
         """Messages queued, by (flow, step id), the one being handled included (it leaves its
         queue when its result commits); an empty queue may be missing."""
+        ...
+
+    def canary_refusal(self, spec: FlowVersionToRun) -> str | None:
+        """Why `spec` cannot be published as a canary here (None: it can). A runtime that
+        cannot run two versions of a step on one queue says so, and the publish fails with
+        that reason rather than switching at once."""
+        ...
+
+    async def canary(
+        self, old: FlowRun, new: FlowRun, steps: tuple[str, ...], share: float
+    ) -> CanaryRun:
+        """Start a canary: `old` runs on (all of it, its trigger included) while `new`'s
+        `steps` (changed action steps; `new` warmed up) take about `share` of each one's
+        messages — a deterministic split by message count, each message handled once.
+        Raises FlowError when this runtime cannot (see `canary_refusal`)."""
         ...
 
     async def run_once(self, run: FlowRun, timeout: float) -> RunOutcome:

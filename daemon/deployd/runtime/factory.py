@@ -17,7 +17,7 @@ from ..metrics import Metrics
 from ..paths import Paths
 from ..store import Store
 from ..types import FlowVersionToRun, RetryResult
-from .base import Accepted, FlowRun, MethodCall, RunOutcome, Runtime
+from .base import Accepted, CanaryRun, FlowRun, MethodCall, RunOutcome, Runtime
 from .credentials import Credentials
 from .embedded.runtime import EmbeddedRuntime
 from .kubernetes.runtime import KubeRuntime
@@ -86,6 +86,23 @@ class Runtimes:
 
     async def run_once(self, run: FlowRun, timeout: float) -> RunOutcome:
         return await self.of(run.spec).run_once(run, timeout)
+
+    def canary_refusal(self, spec: FlowVersionToRun) -> str | None:
+        try:
+            return self.of(spec).canary_refusal(spec)
+        except FlowError as exc:
+            return str(exc)
+
+    async def canary(
+        self, old: FlowRun, new: FlowRun, steps: tuple[str, ...], share: float
+    ) -> CanaryRun:
+        target, source = self.of(new.spec), self.of(old.spec)
+        if target is not source:
+            raise FlowError(
+                f"flow {new.spec.flow} moves from {source.name} to {target.name}: a move "
+                "switches at once, it is no canary"
+            )
+        return await target.canary(old, new, steps, share)
 
     async def accept(
         self, flow: str, body: str, headers: dict[str, str], reply: bool = False

@@ -15,11 +15,12 @@ from .queues import QueueStore
 # What a deployment row shows (`flow history --json`, `deploys --json`): the columns of m002,
 # and `redriven` (m006: dead letters re-driven into the new version after its rollback window,
 # with `retry_errors = "on_publish"`; null when none were tried). `interrupted` (m005) is read
-# only by `deployed_version`.
+# only by `deployed_version`. `canary` (m017): a canary publish's record, JSON (null: none).
 _DEPLOYMENT = (
     "id, flow, from_version, to_version, trigger, component, component_version, sha, status,"
-    " reason, log_tail, warmup_ms, gap_ms, started_at, finished_at, redriven"
+    " reason, log_tail, warmup_ms, gap_ms, started_at, finished_at, redriven, canary"
 )
+FINAL = ("done", "failed", "rolled_back", "promoted")  # a deployment's statuses once it ended
 
 
 class FlowStore(QueueStore):
@@ -181,8 +182,9 @@ class FlowStore(QueueStore):
         return int(cur.lastrowid or 0)
 
     def set_deployment(self, dep_id: int, **fields: Any) -> None:
-        """Update columns of a deployment; a final status also sets finished_at."""
-        if fields.get("status") in ("done", "failed", "rolled_back"):
+        """Update columns of a deployment; a final status also sets finished_at (unless it
+        is given: None keeps it open, as a promoted canary's until its switch is made)."""
+        if fields.get("status") in FINAL:
             fields.setdefault("finished_at", utcnow())
         cols = ", ".join(f"{k} = ?" for k in fields)
         self.conn.execute(
@@ -193,14 +195,28 @@ class FlowStore(QueueStore):
     def deployments(self, flow: str | None = None, limit: int = 50) -> list[Row]:
         """The newest deployments, of one flow or of all."""
         if flow:
-            return self.store.query(
-                f"SELECT {_DEPLOYMENT} FROM deployments WHERE flow = ?"  # noqa: S608 - constant
-                " ORDER BY id DESC LIMIT ?",
-                (flow, limit),
+            return _canary_decoded(
+                self.store.query(
+                    f"SELECT {_DEPLOYMENT} FROM deployments WHERE flow = ?"  # noqa: S608
+                    " ORDER BY id DESC LIMIT ?",
+                    (flow, limit),
+                )
             )
-        return self.store.query(
-            f"SELECT {_DEPLOYMENT} FROM deployments ORDER BY id DESC LIMIT ?",  # noqa: S608
-            (limit,),
+        return _canary_decoded(
+            self.store.query(
+                f"SELECT {_DEPLOYMENT} FROM deployments ORDER BY id DESC LIMIT ?",  # noqa: S608
+                (limit,),
+            )
+        )
+
+    def deployment(self, dep_id: int) -> Row | None:
+        """One deployment, or None."""
+        return decode_json(
+            self.store.one(
+                f"SELECT {_DEPLOYMENT} FROM deployments WHERE id = ?",  # noqa: S608 - constant
+                (dep_id,),
+            ),
+            "canary",
         )
 
     def last_deployments(self) -> dict[str, Row]:
@@ -209,12 +225,15 @@ class FlowStore(QueueStore):
             f"SELECT {_DEPLOYMENT} FROM deployments WHERE id IN"  # noqa: S608 - constant
             " (SELECT MAX(id) FROM deployments GROUP BY flow)"
         )
-        return {r["flow"]: r for r in rows}
+        return {r["flow"]: r for r in _canary_decoded(rows)}
 
     def last_deployment(self) -> Row | None:
         """The newest deployment of any flow, or None."""
-        return self.store.one(
-            f"SELECT {_DEPLOYMENT} FROM deployments ORDER BY id DESC LIMIT 1"  # noqa: S608
+        return decode_json(
+            self.store.one(
+                f"SELECT {_DEPLOYMENT} FROM deployments ORDER BY id DESC LIMIT 1"  # noqa: S608
+            ),
+            "canary",
         )
 
     def rollback_source(self, flow: str, active_version: int) -> int | None:
@@ -222,16 +241,21 @@ class FlowStore(QueueStore):
         rollback` without --to goes back to), or None."""
         row = self.conn.execute(
             "SELECT from_version FROM deployments WHERE flow = ? AND to_version = ?"
-            " AND status = 'done' AND from_version IS NOT NULL ORDER BY id DESC LIMIT 1",
+            " AND status IN ('done', 'promoted') AND from_version IS NOT NULL"
+            " ORDER BY id DESC LIMIT 1",
             (flow, active_version),
         ).fetchone()
         return int(row[0]) if row else None
 
     def unfinished_deployments(self) -> list[Row]:
-        """Deployments a stopped daemon left starting_new or switching."""
-        return self.store.query(
-            f"SELECT {_DEPLOYMENT} FROM deployments"  # noqa: S608 - constant
-            " WHERE status IN ('starting_new', 'switching')"
+        """Deployments a stopped daemon left starting_new, switching or canary, or promoted
+        before the switch to the new version was made."""
+        return _canary_decoded(
+            self.store.query(
+                f"SELECT {_DEPLOYMENT} FROM deployments"  # noqa: S608 - constant
+                " WHERE status IN ('starting_new', 'switching', 'canary')"
+                " OR (status = 'promoted' AND finished_at IS NULL)"
+            )
         )
 
     def deployed_version(self, flow: str, component: str, version: int) -> bool:
@@ -243,3 +267,9 @@ class FlowStore(QueueStore):
             (flow, component, version),
         ).fetchone()
         return row is not None
+
+
+def _canary_decoded(rows: list[Row]) -> list[Row]:
+    for row in rows:
+        decode_json(row, "canary")
+    return rows

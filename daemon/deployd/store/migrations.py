@@ -482,6 +482,47 @@ def m016_ignored_commits(db: Database) -> None:
     )
 
 
+_DEPLOYMENT_STATUSES = "('starting_new','switching','done','failed','rolled_back')"
+
+
+@migrations()
+def m017_canary(db: Database) -> None:
+    """Canary publishes (issue 16, section 3): a deployment can be `canary` (the new version
+    handles a share of its changed steps' messages) and end `promoted`; `canary` is its JSON
+    record (settings, changed steps, and the messages and errors of both versions it was
+    judged on). SQLite cannot change a CHECK constraint, so the table is rebuilt from its own
+    stored definition (whatever columns migrations added to it are kept), rows and ids
+    included, with its indexes."""
+    (sql,) = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'deployments'"
+    ).fetchone()
+    compact = re.sub(r"\s+", "", sql)
+    if _DEPLOYMENT_STATUSES not in compact:
+        raise RuntimeError("m017: the deployments table has an unexpected status constraint")
+    statuses = re.compile(r"\(\s*'starting_new'\s*,[^)]*'rolled_back'\s*\)")
+    wider = "('starting_new','switching','done','failed','rolled_back','canary','promoted')"
+    new_sql, count = statuses.subn(wider, sql, count=1)
+    new_sql, renamed = re.subn(
+        r"^CREATE TABLE\s+\"?deployments\"?", "CREATE TABLE m017_new", new_sql
+    )
+    if count != 1 or renamed != 1:
+        raise RuntimeError("m017: could not rewrite the deployments table's definition")
+    indexes = [
+        row[0]
+        for row in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deployments'"
+            " AND sql IS NOT NULL"
+        ).fetchall()
+    ]
+    db.execute(new_sql)
+    db.execute("INSERT INTO m017_new SELECT * FROM deployments")
+    db.execute("DROP TABLE deployments")
+    db.execute("ALTER TABLE m017_new RENAME TO deployments")
+    for index in indexes:
+        db.execute(index)
+    db.execute("ALTER TABLE deployments ADD COLUMN canary TEXT")
+
+
 @migrations()
 def m018_outbox(db: Database) -> None:
     """The outbox (issue 15): commit statuses and notifications waiting to be sent, written in

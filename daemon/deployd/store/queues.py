@@ -14,6 +14,27 @@ from typing import Any, NamedTuple
 from .builds import Store
 from .db import Row, decode_json, utcnow
 
+# A canary publish (issue 16): the share of a changed step's messages that its new version
+# handles waits in a queue of its own, "<step>:canary" (no step id holds a ':'); when the
+# canary ends, what is left there goes back into the step's queue (`merge_canary_queues`).
+CANARY = ":canary"
+
+
+def canary_queue(step: str) -> str:
+    """The queue the new version of `step` reads during a canary."""
+    return step + CANARY
+
+
+def fold_canary(depths: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """Queue depths with each canary queue counted in its step's."""
+    if not any(step.endswith(CANARY) for _flow, step in depths):
+        return depths
+    out: dict[tuple[str, str], int] = {}
+    for (flow, step), n in depths.items():
+        key = (flow, step.removesuffix(CANARY))
+        out[key] = out.get(key, 0) + n
+    return out
+
 
 class Queued(NamedTuple):
     """A message as an action loop takes it: its JSON columns as stored (never decoded by the
@@ -239,6 +260,16 @@ class QueueStore:
                 for step, q in rows
             ],
         )
+
+    def merge_canary_queues(self, flow: str | None = None) -> int:
+        """Messages waiting in canary queues (of `flow`, or of every flow) go back to their
+        step's queue, keeping their row ids (so their order among its messages)."""
+        sql = "UPDATE messages SET step = substr(step, 1, length(step) - ?) WHERE step LIKE ?"
+        params: tuple[Any, ...] = (len(CANARY), "%" + CANARY)
+        if flow is not None:
+            sql += " AND flow = ?"
+            params = (*params, flow)
+        return self.conn.execute(sql, params).rowcount
 
     def requeue_orphans(self, flow: str, step_ids: list[str], fallback: str) -> int:
         """Messages queued for steps that no longer exist go to `fallback`."""

@@ -29,6 +29,15 @@ deployd's object store an output references are recorded (`object_refs`) for ret
 **Queue depths** are counted here (the router is the queues' only writer while flows run),
 so backpressure (`runner.py`) costs no query per message; code that changes queues in other
 ways calls `forget_depths`.
+
+**Canary splits** (issue 16). While a canary of a changed action step runs, the outputs
+queued for it are split by count: of every message n = 1, 2, … queued for the step since the
+canary started, message n goes to the step's canary queue (`<step>:canary`, read by the new
+version) exactly when ⌊n·share⌋ > ⌊(n-1)·share⌋ (share as a fraction), else to its own queue
+(read by the old version) — deterministic, every 1/share-th message for share 1/k. Each is
+mapped with the mapping of the version that will handle it. Both versions' results commit
+here as always; the split counts each version's messages and errors (a dead letter, or a
+failed mapping into the step). A step's depth includes its canary queue, for backpressure.
 """
 
 from __future__ import annotations
@@ -40,7 +49,10 @@ import logging
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +61,8 @@ from ...metrics import Metrics
 from ...objects import OBJECT_URL
 from ...store import FlowStore, Store
 from ...store.letters import DeadLetterStore
-from ...store.queues import QueueBatch, Queued
-from ...types import FlowVersionToRun
+from ...store.queues import CANARY, QueueBatch, Queued, canary_queue
+from ...types import CanaryCount, FlowVersionToRun, RunStep
 from .. import mapper
 from .process import Output, Result
 from .replies import Replies
@@ -65,6 +77,50 @@ REBOUND_DELAY_MAX = 60.0
 MAX_EMITTED_KEPT = 100  # outputs of a failed message recorded with its dead letter
 MAX_PASSTHROUGH = 1024 * 1024  # bytes of an output's passthrough (daemon.max_passthrough_bytes)
 PASSTHROUGH_WARN_EVERY = 60.0  # seconds between two warnings of one step's cut passthrough
+
+
+@dataclass
+class Split:
+    """The canary of one action step: which version gets each message queued for it, and
+    what each version handled (see the module docstring)."""
+
+    flow: str
+    step: str
+    old: RunStep  # the step as the old version runs it (its mapping)
+    new: RunStep  # and as the new one does
+    old_version: int  # flow versions
+    new_version: int
+    share: Fraction
+    # the flow variables a mapping sees (the same in both versions: a canary needs that)
+    variables: Mapping[str, str] = field(default_factory=dict, repr=False)
+    routing: bool = True  # False once the canary ends: every output goes to the step's queue
+    sent: int = 0  # messages queued for the step since the canary started
+    counts: dict[bool, list[int]] = field(default_factory=lambda: {True: [0, 0], False: [0, 0]})
+
+    @property
+    def queue(self) -> str:
+        return canary_queue(self.step)
+
+    def take(self) -> bool:
+        """Whether the next message queued for the step is the new version's."""
+        n = self.sent = self.sent + 1
+        p, q = self.share.numerator, self.share.denominator
+        return (n * p) // q > ((n - 1) * p) // q
+
+    def count(self, new: bool, failed: bool) -> None:
+        tally = self.counts[new]
+        tally[0] += 1
+        if failed:
+            tally[1] += 1
+
+    def tally(self, new: bool) -> CanaryCount:
+        messages, errors = self.counts[new]
+        return CanaryCount(messages, errors)
+
+
+def share_fraction(share: float) -> Fraction:
+    """`share` as the fraction the split counts with (0.1 → 1/10, 0.333 → 333/1000)."""
+    return Fraction(share).limit_denominator(10_000)
 
 
 class Router:
@@ -102,6 +158,8 @@ class Router:
         # it (`Replies.inherit` as each output is queued).
         self.replies = Replies()
         self._committed: list[asyncio.Future[None]] = []  # who waits for the pending group
+        # Canary splits by (flow, step) (see the module docstring); empty: none runs.
+        self.splits: dict[tuple[str, str], Split] = {}
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):012x}"
@@ -132,7 +190,51 @@ class Router:
         if depth is None:
             depth = self._depth[key] = self.flows.queue_depths(flow).get(key, 0)
         # with what the pending group commit adds and removes
-        return depth + self._added.get(key, 0) - self._removed.get(key, 0)
+        depth += self._added.get(key, 0) - self._removed.get(key, 0)
+        if self.splits and key in self.splits:  # and what waits for the canary
+            depth += self.depth(flow, canary_queue(step))
+        return depth
+
+    # -- canary splits ---------------------------------------------------------------------
+
+    def split(
+        self,
+        old: FlowVersionToRun,
+        new: FlowVersionToRun,
+        step: str,
+        share: float,
+    ) -> Split:
+        """Start splitting the messages queued for `step` of `old`'s flow between `old` and
+        `new` (`share` of them for `new`, in its canary queue)."""
+        self.flush()  # what is pending was meant for the step's own queue
+        by_id_old = {s.id: s for s in old.steps}
+        by_id_new = {s.id: s for s in new.steps}
+        split = Split(
+            old.flow,
+            step,
+            by_id_old[step],
+            by_id_new[step],
+            old.version,
+            new.version,
+            share_fraction(share),
+            new.variables,
+        )
+        self.splits[(old.flow, step)] = split
+        return split
+
+    def stop_routing(self, flow: str) -> None:
+        """Every output for the split steps of `flow` goes to their own queues from now on
+        (the canary ends); results are still told apart until `end_splits`."""
+        self.flush()
+        for split in self.splits.values():
+            if split.flow == flow:
+                split.routing = False
+
+    def end_splits(self, flow: str) -> None:
+        """Forget `flow`'s splits (their canary queues have been merged back)."""
+        self.flush()
+        for key in [k for k in self.splits if k[0] == flow]:
+            del self.splits[key]
 
     async def settle(self) -> bool:
         """Every result so far made durable (here: the pending group written now)."""
@@ -198,7 +300,13 @@ class Router:
         self._processed[key] += 1
         if row is not None:
             batch.delete.append(row.id)
-            self._removed[key] += 1
+            split = self.splits.get(key) if self.splits else None
+            if split is None:
+                self._removed[key] += 1
+            else:
+                new = spec.version == split.new_version
+                split.count(new, bool(res.errors))
+                self._removed[(flow, split.queue) if new else key] += 1
         if res.errors:
             error = res.errors[-1]
             if row is not None:
@@ -226,6 +334,7 @@ class Router:
         enqueue, new_id = self._batch.enqueue.append, self._new_id
         limit = self.max_passthrough
         emitter = spec.steps[index - 1].id
+        split = self.splits.get((flow, step.id)) if self.splits else None
         # `{…earlier steps…, "<emitter>": ` — what every output's passthrough starts with
         head = ("{" if passthrough == "{}" else passthrough[:-1] + ",") + dumps(emitter) + ":"
         queued = 0
@@ -244,6 +353,9 @@ class Router:
                     pt = self._cut_passthrough(flow, emitter, step.id, pt, limit)
             if files != "{}":
                 self._refer(flow, files)
+            if split is not None:  # a canary: this message's version maps and handles it
+                self._forward_split(split, msg_id, body, text, headers, headers_text, pt, files)
+                continue
             if mapping:
                 try:
                     text = dumps(mapper.apply(mapping, _decoded(body), pt, spec.variables))
@@ -254,6 +366,39 @@ class Router:
             queued += 1
         if queued:
             self._added[(flow, step.id)] += queued
+
+    def _forward_split(
+        self,
+        split: Split,
+        msg_id: str,
+        body: dict[str, Any] | str,
+        text: str,
+        headers: dict[str, Any],
+        headers_text: str,
+        passthrough: str,
+        files: str,
+    ) -> None:
+        """Queue one output for a split step: into the canary queue when it is the new
+        version's turn, else the step's own, mapped by that version's mapping."""
+        new = split.routing and split.take()
+        step = split.new if new else split.old
+        version = split.new_version if new else split.old_version
+        flow = split.flow
+        if step.mapping:
+            try:
+                text = dumps(
+                    mapper.apply(step.mapping, _decoded(body), passthrough, split.variables)
+                )
+            except FlowError as exc:
+                self._letter_mapping(
+                    flow, step, version, msg_id, text, headers, passthrough, str(exc), files
+                )
+                if split.routing:
+                    split.count(new, True)
+                return
+        queue = split.queue if new else split.step
+        self._batch.enqueue.append((flow, queue, msg_id, text, headers_text, 0, passthrough, files))
+        self._added[(flow, queue)] += 1
 
     def accept(self, spec: FlowVersionToRun, body: str, headers: dict[str, Any]) -> str:
         """A request of an HTTP-fed flow as the output of its trigger (`spec.steps[0]`, the
@@ -368,16 +513,39 @@ class Router:
         """An output failed the mapping of the step it was for: a dead letter of that step's
         mapper, holding the output as it was before the mapping, with its passthrough and
         attachments."""
-        step = spec.steps[index]
+        self._letter_mapping(
+            spec.flow,
+            spec.steps[index],
+            spec.version,
+            msg_id,
+            body,
+            headers,
+            passthrough,
+            error,
+            attachments,
+        )
+
+    def _letter_mapping(
+        self,
+        flow: str,
+        step: RunStep,
+        version: int,
+        msg_id: str,
+        body: str,
+        headers: dict[str, Any],
+        passthrough: str,
+        error: str,
+        attachments: str,
+    ) -> None:
         mapper_id = f"{step.id}:mapper"
         self._batch.letters.append(
             (
-                spec.flow,
+                flow,
                 mapper_id,
                 msg_id,
                 body,
                 json.dumps(headers),
-                spec.version,
+                version,
                 step.component,
                 step.version,
                 error,
@@ -387,8 +555,8 @@ class Router:
                 attachments,
             )
         )
-        self._failed[(spec.flow, mapper_id)] += 1
-        self._errors.append((spec.flow, mapper_id, error))
+        self._failed[(flow, mapper_id)] += 1
+        self._errors.append((flow, mapper_id, error))
 
     def _schedule(self) -> None:
         if self._handle is None:
@@ -446,6 +614,8 @@ class Router:
             if key in self._depth:
                 self._depth[key] = max(0, self._depth[key] - n)
             self._room[key].set()
+            if key[1].endswith(CANARY):  # its producer waits on the step's own queue
+                self._room[(key[0], key[1].removesuffix(CANARY))].set()
         for (flow, step), n in processed.items():
             self.metrics.message_processed(flow, step, n)
         for (flow, step), n in failed.items():

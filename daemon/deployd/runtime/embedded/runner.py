@@ -128,6 +128,9 @@ class FlowRunner:
         self.default_max_queue = max_queue  # daemon.max_queue: steps without their own
         self.held_since: dict[str, float | None] = {}  # held back by a full queue, since
         self._by_id = {s.id: s for s in spec.steps}
+        # The queue an action loop reads, when it is not its step's own: a canary's new
+        # version reads `<step>:canary` (issue 16). Read as the loop starts.
+        self.queues: dict[str, str] = {}
 
     # -- FlowRun (runtime/base.py) ---------------------------------------------------------
 
@@ -491,7 +494,8 @@ class FlowRunner:
         inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]],
     ) -> None:
         step = self.steps[index]
-        wake = self.router.waker(self.flow, step.id)
+        queue = self.queues.get(step.id, step.id)
+        wake = self.router.waker(self.flow, queue)
         prefetch = max(1, step.prefetch)
         # Messages handed ahead: what the step handles in AHEAD_BUDGET at the pace its sailor
         # reports (up to `prefetch`). A fast step gets many per write; a slow one gets one at
@@ -501,7 +505,7 @@ class FlowRunner:
         cursor = 0  # row id of the newest message read (0: read from the start)
         fetched: collections.deque[Queued] = collections.deque()  # read, not handed yet
         # When the earliest message deferred by a rebound is due (None: there is none).
-        due = self.flows.next_due(self.flow, step.id, after=time.time())
+        due = self.flows.next_due(self.flow, queue, after=time.time())
         generation = self.router.generation
         proc: StepProcess | None = None
         while True:
@@ -518,7 +522,7 @@ class FlowRunner:
                 fetched.clear()
                 if draining:
                     generation = self.router.generation
-                    due = self.flows.next_due(self.flow, step.id, after=time.time())
+                    due = self.flows.next_due(self.flow, queue, after=time.time())
                     draining = False
             if (
                 not stop.is_set()
@@ -530,10 +534,10 @@ class FlowRunner:
                     proc = await self._live_proc(step.id, stop)
                 if proc is not None and proc is self.procs.get(step.id):
                     room = min(ahead, len(inflight) + self._space(index, len(inflight)))
-                    cursor = await self._hand(proc, step.id, cursor, room, inflight, fetched)
+                    cursor = await self._hand(proc, step.id, cursor, room, inflight, fetched, queue)
             if not inflight:
                 if not stop.is_set() and self.held_since.get(step.id) is None:
-                    await self._wait_for_work(wake, stop, step.id)
+                    await self._wait_for_work(wake, stop, queue)
                 continue
             try:
                 await inflight[0][1]  # the oldest; then every one done with it, in order
@@ -562,14 +566,16 @@ class FlowRunner:
         target: int,
         inflight: collections.deque[tuple[Queued, asyncio.Future[Result]]],
         fetched: collections.deque[Queued],
+        queue: str | None = None,
     ) -> int:
-        """Send `proc` the next messages until `target` are in flight, reading the queue after
-        row `cursor` in chunks (`fetched` keeps what was read ahead); the new cursor."""
+        """Send `proc` the next messages until `target` are in flight, reading the queue
+        (`queue`, else the step's own) after row `cursor` in chunks (`fetched` keeps what was
+        read ahead); the new cursor."""
         want = target - len(inflight)
         if want <= 0:
             return cursor
         if len(fetched) < want:
-            rows = self.flows.fetch(self.flow, step_id, cursor, max(want, FETCH_CHUNK))
+            rows = self.flows.fetch(self.flow, queue or step_id, cursor, max(want, FETCH_CHUNK))
             if rows:
                 fetched.extend(rows)
                 cursor = rows[-1].id
@@ -601,18 +607,18 @@ class FlowRunner:
         fut.set_result(Result(errors=[error], ended=time.monotonic()))
         return fut
 
-    async def _wait_for_work(self, wake: asyncio.Event, stop: asyncio.Event, step_id: str) -> None:
+    async def _wait_for_work(self, wake: asyncio.Event, stop: asyncio.Event, queue: str) -> None:
         wake.clear()
-        if self.flows.fetch(self.flow, step_id, 0, 1):
+        if self.flows.fetch(self.flow, queue, 0, 1):
             return  # arrived between the last read and now
         # The router wakes this loop when it commits a message for the step; the timeout is
         # when a message deferred by a rebound is due (a fixed 0.5 s poll of every idle
         # action step was most of an idle daemon's CPU).
-        await _either(wake, stop, self._idle_wait(step_id))
+        await _either(wake, stop, self._idle_wait(queue))
 
-    def _idle_wait(self, step_id: str) -> float:
+    def _idle_wait(self, queue: str) -> float:
         """Seconds an idle action loop may sleep: until its next deferred message is due."""
-        due = self.flows.next_due(self.flow, step_id)
+        due = self.flows.next_due(self.flow, queue)
         if due is None:
             return IDLE_POLL
         return min(IDLE_POLL, max(0.01, due - time.time()))

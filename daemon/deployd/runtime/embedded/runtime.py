@@ -9,6 +9,14 @@ next happens here, so the deployer only ever sees `runtime/base.py`:
     old trigger ends right after a call ─┐                 ┌─ new trigger's first call (gap)
     old actions finish their message ────┼─ queues handed ─┼─ new actions take the queues
                                          └─ (orphans → first action)
+
+A canary (issue 16, `canary`): the old version keeps running whole, and the new version's
+loops of the changed action steps read their canary queues, which the `Router` fills with the
+new version's share of those steps' messages. Promoting ends the split, stops those loops,
+puts what is left in the canary queues back into the steps' own queues, then switches as
+above; rolling back does the same but stops the new version instead (the old one handles the
+rest). A daemon killed meanwhile leaves canary queues behind: `merge_canary_queues` at the
+next start puts their messages back, so nothing waits in a queue nobody reads.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ...config import DaemonConfig, redact_url
@@ -26,16 +35,24 @@ from ...objects import ensure_key
 from ...paths import Paths
 from ...store import Store
 from ...store.db import Row
-from ...store.queues import Queued
-from ...types import FlowVersionToRun, RetryResult
+from ...store.queues import Queued, canary_queue, fold_canary
+from ...types import CanaryCount, CanaryTally, FlowVersionToRun, RetryResult
 from .. import mapper
-from ..base import Accepted, FlowRun, InputClosed, InputFull, MethodCall, RunOutcome
+from ..base import (
+    Accepted,
+    CanaryRun,
+    FlowRun,
+    InputClosed,
+    InputFull,
+    MethodCall,
+    RunOutcome,
+)
 from ..credentials import Credentials
 from ..stepenv import api_uri
 from . import once, oneoff
 from .node_pool import NodeSettings
 from .process import Launcher
-from .router import Router
+from .router import Router, Split
 from .runner import FlowRunner
 
 log = logging.getLogger("deployd.runtime")
@@ -278,7 +295,29 @@ class EmbeddedRuntime:
         return await oneoff.call_method(self.launcher, self.log_dir, call, timeout)
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
-        return self.flows.queue_depths()
+        return fold_canary(self.flows.queue_depths())
+
+    # -- canary publishes (issue 16) -------------------------------------------------------
+
+    def canary_refusal(self, spec: FlowVersionToRun) -> str | None:
+        return None
+
+    async def canary(
+        self, old: FlowRun, new: FlowRun, steps: tuple[str, ...], share: float
+    ) -> CanaryRun:
+        old_r, new_r = _runner(old), _runner(new)
+        refusal = self.canary_refusal(new_r.spec)
+        if refusal is not None:
+            raise FlowError(refusal)
+        actions = {s.id for s in new_r.steps[1:]}
+        if not steps or not set(steps) <= actions or old_r.flow != new_r.flow:
+            raise FlowError(f"flow {new_r.flow}: a canary splits action steps of one flow only")
+        splits = [self.router.split(old_r.spec, new_r.spec, step, share) for step in steps]
+        for step in steps:
+            new_r.queues[step] = canary_queue(step)
+        self.router.forget_depths(new_r.flow)
+        new_r.start_loops(list(steps))
+        return EmbeddedCanary(self, old_r, new_r, tuple(steps), splits)
 
     def dead_letter_counts(self) -> dict[tuple[str, str], int]:
         return self.router.letters.counts()
@@ -327,6 +366,91 @@ class EmbeddedRuntime:
             self.router.letters.failed_again(again)
         if letters:
             self.router.forget_depths(flow)
+
+
+class EmbeddedCanary:
+    """A canary on the embedded runtime (`runtime/base.py`'s `CanaryRun`)."""
+
+    def __init__(
+        self,
+        runtime: EmbeddedRuntime,
+        old: FlowRunner,
+        new: FlowRunner,
+        steps: tuple[str, ...],
+        splits: list[Split],
+    ) -> None:
+        self.runtime = runtime
+        self.old = old
+        self.new = new
+        self._steps = steps
+        self.splits = splits
+        self.ended = False
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        return self._steps
+
+    def tally(self) -> CanaryTally:
+        router, flow = self.runtime.router, self.new.flow
+        queued = 0 if self.ended else sum(router.depth(flow, canary_queue(s)) for s in self._steps)
+        by_step = {s.step: (s.tally(True), s.tally(False)) for s in self.splits}
+        return CanaryTally(
+            new=_sum(c[0] for c in by_step.values()),
+            old=_sum(c[1] for c in by_step.values()),
+            queued=queued,
+            steps=by_step,
+        )
+
+    async def _end(self, promoting: bool) -> None:
+        """Outputs stop going to the canary queues; the new version's loops of the split
+        steps finish their messages; what is left in the canary queues goes back into the
+        steps' own queues (keeping its order). Promoting, the old version's loops of those
+        steps are stopped too, so what is left goes to the new version (the switch starts
+        its loops); rolling back, the old version's loops handle it."""
+        if self.ended:
+            raise FlowError(f"flow {self.new.flow}: its canary has already ended")
+        self.ended = True
+        router = self.runtime.router
+        router.stop_routing(self.new.flow)
+        stopping = [self.new.stop_loop(step) for step in self._steps]
+        if promoting:
+            stopping += [self.old.stop_loop(step) for step in self._steps]
+        await asyncio.gather(*stopping)
+        router.flush()
+        with self.runtime.store.tx():
+            moved = self.runtime.flows.merge_canary_queues(self.new.flow)
+        for step in self._steps:
+            self.new.queues.pop(step, None)
+        router.end_splits(self.new.flow)
+        router.forget_depths(self.new.flow)
+        if moved:
+            log.info(
+                "flow %s: %d message(s) of the canary's share went back to the steps' queues",
+                self.new.flow,
+                moved,
+            )
+
+    async def promote(self) -> float | None:
+        await self._end(promoting=True)
+        return await self.runtime.switch(self.old, self.new)
+
+    async def rollback(self, *, failing: bool = False) -> None:
+        if failing:
+            self.new.supervise = False  # a crash-looping version is not restarted as it goes
+        await self._end(promoting=False)
+        task = asyncio.get_running_loop().create_task(
+            self.new.stop(), name=f"stop-canary:{self.new.flow}"
+        )
+        self.runtime._background.add(task)
+        task.add_done_callback(self.runtime._stopped)
+
+
+def _sum(counts: Iterable[CanaryCount]) -> CanaryCount:
+    messages = errors = 0
+    for count in counts:
+        messages += count.messages
+        errors += count.errors
+    return CanaryCount(messages, errors)
 
 
 def _reason(exc: BaseException) -> str:

@@ -114,6 +114,17 @@ class RabbitRuntime(EmbeddedRuntime):
     async def run_once(self, run: FlowRun, timeout: float) -> RunOutcome:
         raise RunNotSupported(NO_RUNS.format(flow=run.spec.flow))
 
+    def canary_refusal(self, spec: FlowVersionToRun) -> str | None:
+        """Two versions of a step on one broker queue need a split of its deliveries this
+        runtime does not make yet: a [canary] flow is refused (at `flow apply`, and by a
+        publish if the flow came here otherwise), never published at once silently."""
+        where = "kubernetes" if self.config.placement == "kubernetes" else "rabbitmq"
+        return (
+            f"flow {spec.flow}: canary publishes ([canary]) run on the embedded runtime only "
+            f"so far, and this flow runs on {where}; remove [canary] from the flow file, or "
+            'run it on embedded (runtime = "embedded")'
+        )
+
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
         if spec.http_fed:
             raise StepFailed(
