@@ -195,6 +195,16 @@ class FlowEnv:
     def show(self, name: str) -> dict[str, Any]:
         return dict(json.loads(self.daemon.cli("flow", "show", name, "--json").stdout))
 
+    def wait_draft(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        """The draft of flow `name` (from `flow show --json`), once it has one.
+
+        Polled on the state database (read-only), then the CLI is asked: a `flow show` per
+        poll round is a Python start, ~0.5 s of CPU taken from the daemon under test.
+        """
+        sql = "SELECT 1 FROM drafts WHERE flow = ?"
+        wait_until(lambda: db_rows(self.daemon.state_dir, sql, name), timeout=timeout)
+        return dict(wait_until(lambda: self.show(name)["draft"], timeout=timeout))
+
     def deploys(self) -> list[dict[str, Any]]:
         return list(json.loads(self.daemon.cli("deploys", "--json").stdout))
 

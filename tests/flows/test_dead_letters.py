@@ -317,6 +317,9 @@ def test_a_held_step_shows_backpressure_in_flow_show(make_env: Any) -> None:
     env: FlowEnv = make_env(files("v1", fail="none"))
     slow = {"config": {"out": env.out("counter"), "sleep": "0.2"}, "max_queue": 2}
     env.apply(limited_flow(env, 1000, write=slow, interval="5ms"))
+    # Waited for on the HTTP status first (a `flow show` per poll round is a Python start,
+    # ~0.5 s of CPU taken from the daemon), then read through `flow show --json` as before.
+    wait_until(lambda: steps_by_id(env.flow("counter"))["tick"]["backpressure"])
     shown = wait_until(
         lambda: (f := env.show("counter")) and steps_by_id(f)["tick"]["backpressure"] and f
     )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import HTTP, wait_until
+from tests.conftest import HTTP, db_rows, wait_until
 from tests.flows.conftest import FlowEnv, counter_files, flow_toml, read_out, writer
 
 
@@ -24,7 +24,7 @@ def test_paused_flow_gets_a_draft_only_and_resume_publishes_it(
     assert _status(env)["paused"] == {"flow": ["counter"], "component": []}
     env.push(counter_files("v2", **{"lib/write.py": writer("v2")}))
     # The new version is drafted, not published: the flow keeps running v1.
-    wait_until(lambda: env.show("counter")["draft"] is not None, timeout=30)
+    env.wait_draft("counter")
     env.wait_more(out, 5)
     assert {r["by"] for r in read_out(out)} == {"v1"}
     assert env.flow("counter")["stale"] is True
@@ -46,13 +46,12 @@ def test_paused_component_records_pushes_and_resume_builds_the_head(
         "while paused", {"lib/upper.py": "def process(msg, cfg):\n    return {}\n"}
     )
     env.work.push(env.daemon.hosted("hello"))
-    wait_until(
-        lambda: any(
-            e["kind"] == "push.paused" and e["sha"] == sha
-            for e in json.loads(env.daemon.cli("history", "--component", "hello", "--json").stdout)
-        ),
-        timeout=30,
-    )
+    # Waited for on the state database (a CLI call per poll round starves the daemon), then
+    # read through the CLI's history, as before.
+    sql = "SELECT 1 FROM events WHERE kind = 'push.paused' AND sha = ?"
+    wait_until(lambda: db_rows(env.daemon.state_dir, sql, sha), timeout=30)
+    history = json.loads(env.daemon.cli("history", "--component", "hello", "--json").stdout)
+    assert any(e["kind"] == "push.paused" and e["sha"] == sha for e in history)
     assert env.daemon.recent_sha("hello") != sha
     assert _status(env)["paused"]["component"] == ["hello"]
     line = env.daemon.cli("resume", "hello").stdout

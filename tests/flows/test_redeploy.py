@@ -230,7 +230,7 @@ def test_a_manual_flow_gets_a_validated_draft_only(env: FlowEnv) -> None:
     flow = wait_until(lambda: (f := env.flow("counter"))["stale"] and f, timeout=30)
     assert flow["version"] == 1 and flow["needs_attention"] is None
     assert flow["update"] == "manual"
-    draft = wait_until(lambda: env.show("counter")["draft"], timeout=30)
+    draft = env.wait_draft("counter")
     assert draft["problems"] == [] and [s["version"] for s in draft["steps"]] == [2, 2]
     rows = env.wait_more(out, 3)
     assert {r["by"] for r in rows} == {"v1"}

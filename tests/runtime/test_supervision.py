@@ -133,7 +133,8 @@ def test_a_restarted_daemon_resumes_its_flows_with_queues_and_snapshots_intact(
     wait_until(lambda: len(read_out(out)) >= 3, timeout=30)
     flow = env.flow("counter")
     assert flow["version"] == 1 and [s["version"] for s in flow["steps"]] == [2, 2]
-    wait_until(lambda: env.show("counter")["queues"].get("write", 0) >= 5, timeout=30)
+    # The HTTP status holds the same "queues" that `flow show` prints (it reads it from there).
+    wait_until(lambda: env.flow("counter")["queues"].get("write", 0) >= 5, timeout=30)
     pids = [s["pid"] for s in env.flow("counter")["steps"]]
     assert env.daemon.proc is not None
     # The fork server and everything it forked: step processes and idle pooled sailors.
