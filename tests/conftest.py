@@ -226,6 +226,11 @@ class Daemon:
             wait_until(self._healthy, timeout=60)  # a cold start on a loaded machine
         return self
 
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the daemon finished its start (services up, pushes made while it was stopped
+        queued): /healthz answers before that, while the services start."""
+        wait_until(lambda: "deployd ready on" in self.log(), timeout=timeout)
+
     def _healthy(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:

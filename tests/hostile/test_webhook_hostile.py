@@ -374,6 +374,7 @@ def hooked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, d
     )
     d.components[0]["webhook_secret"] = SECRET
     d.start()
+    d.wait_ready()  # its start-up reconciliation done: the commits below are pushed after it
     shas = {}
     for name, bare in bares.items():
         work = make_component(root / "work" / name)
