@@ -19,13 +19,12 @@ retry: receivers drop repeats), ``X-Deployd-Timestamp`` (= ``timestamp``) and
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 from typing import Any
 
 from ..config import NotifyConfig
+from ..digests import hmac_sha256_hex, same_signature
 from .providers import Request
 
 EMOJI = {
@@ -86,13 +85,11 @@ def notify_request(
     if target.secret is not None:
         key = target.secret.get_secret_value()
         secrets.append(key)
-        mac = hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
-        headers["X-Deployd-Signature"] = f"sha256={mac}"
+        headers["X-Deployd-Signature"] = f"sha256={hmac_sha256_hex(key, body)}"
     return Request("POST", url, headers, body, tuple(secrets))
 
 
 def verify(secret: str, body: bytes, signature: str) -> bool:
     """Whether `signature` (``sha256=<hex>``) is `body`'s HMAC under `secret` (constant time):
     what a receiver of the json format does; tests use it."""
-    mac = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(f"sha256={mac}", signature)
+    return same_signature(signature, f"sha256={hmac_sha256_hex(secret, body)}")

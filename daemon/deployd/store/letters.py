@@ -46,32 +46,6 @@ class DeadLetterStore:
             params.append(limit)
         return self.store.query(sql, params)
 
-    def add(self, *row: Any) -> None:
-        """One letter: (flow, step, msg_id, body, headers, flow_version, component,
-        component_version, error, attempts, passthrough, attachments) — a step pod's, which
-        reports no emitted outputs."""
-        flow, step, msg_id, body, headers, fv, comp, cv, error, attempts, through, att = row
-        self.conn.execute(
-            "INSERT INTO dead_letters (flow, step, msg_id, body, headers, flow_version,"
-            " component, component_version, error, attempts, emitted, passthrough,"
-            " attachments, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', ?, ?, ?)",
-            (
-                flow,
-                step,
-                msg_id,
-                body,
-                headers,
-                fv,
-                comp,
-                cv,
-                error,
-                attempts,
-                through,
-                att,
-                utcnow(),
-            ),
-        )
-
     def letter(self, flow: str, letter_id: int) -> Row | None:
         """One whole letter (body, headers, passthrough and emitted outputs decoded), or None."""
         row = self.store.one(

@@ -32,8 +32,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ...store import Store
-from ...store.letters import DeadLetterStore
-from ...store.queues import QueueStore
+from ...store.queues import QueueBatch, QueueStore
 from ..rabbitmq.broker import Broker
 
 if TYPE_CHECKING:
@@ -57,7 +56,6 @@ class Records:
         self.store = store
         self.broker = broker
         self.queues = QueueStore(store)
-        self.letters = DeadLetterStore(store)
         self.flows: dict[str, tuple[AbstractChannel, AbstractQueue]] = {}
         self.versions: dict[tuple[str, int, str], tuple[str, int]] = {}  # → component, version
         self.busy: dict[str, int] = {}  # records being written, per flow
@@ -142,27 +140,28 @@ class Records:
                 (flow, step, msg_id, error),
             ):
                 return  # delivered again after it was written: once is enough
-            self.letters.add(
-                flow,
-                step,
-                msg_id,
-                _json(msg.get("body")),
-                _json(msg.get("headers") or {}),
-                version or None,
-                component,
-                number,
-                error,
-                1 + _int(headers.get("x-deployd-failures")),
-                _json(msg.get("passthrough") or {}),
-                _json(msg.get("attachments") or {}),
-            )
-            first = error.split("\n", 1)[0][:300]
-            self.store.event(
-                "dead_letters.added",
-                f"flow {flow} step {step}: 1 message(s) dead-lettered in its pod: {first}",
-                flow=flow,
-                component=component,
-                detail={"step": step, "count": 1, "error": first, "msg_id": msg_id},
+            # The one write path of dead letters (the INSERT and its dead_letters.added
+            # event), as for the steps on this machine.
+            self.queues.commit_batch(
+                QueueBatch(
+                    letters=[
+                        (
+                            flow,
+                            step,
+                            msg_id,
+                            json.dumps(msg.get("body")),
+                            json.dumps(msg.get("headers") or {}),
+                            version or None,
+                            component,
+                            number,
+                            error,
+                            1 + _int(headers.get("x-deployd-failures")),
+                            "[]",  # a pod reports no emitted outputs
+                            json.dumps(msg.get("passthrough") or {}),
+                            json.dumps(msg.get("attachments") or {}),
+                        )
+                    ]
+                )
             )
 
     async def drained(self, flow: str, timeout: float) -> bool:
@@ -201,7 +200,3 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value)
