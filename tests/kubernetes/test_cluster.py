@@ -189,13 +189,20 @@ def test_replicas_and_generation_count_for_available(emu: Emulator, tmp_path: Pa
     ],
     ids=["quota", "image-pull", "unschedulable", "deadline"],
 )
+@pytest.mark.parametrize("before", [False, True], ids=["while-waiting", "before-the-wait"])
 def test_cluster_failures_carry_the_cluster_reason(
-    emu: Emulator, tmp_path: Path, setup: Any, words: str
+    emu: Emulator, tmp_path: Path, setup: Any, words: str, before: bool
 ) -> None:
+    """Whether the cluster records the failure while deployd watches or before it lists (no
+    further event comes then), the wait ends with the cluster's reason, not a timeout."""
+
     async def body(cluster: Cluster) -> str:
         await cluster.apply(docs())
+        if before:
+            await asyncio.to_thread(setup, emu, deployments()[1])
         waiter = asyncio.ensure_future(cluster.wait_available("orders", 7, 20))
-        await later(emu, setup, emu, deployments()[1])
+        if not before:
+            await later(emu, setup, emu, deployments()[1])
         with pytest.raises(ClusterError) as exc:
             await waiter
         return str(exc.value)

@@ -134,6 +134,10 @@ class Cluster:
             state[str(d.metadata.name)] = d
         if not state:
             raise ClusterError("no Deployment of this version exists in the cluster")
+        for name, d in state.items():  # a failure already recorded gets no further event
+            problem = _failure(d)
+            if problem is not None:
+                raise ClusterError(f"Deployment {name}: {problem}")
         if all(_available(d) for d in state.values()):
             return
         deployments = asyncio.ensure_future(
@@ -341,7 +345,14 @@ def _no_pods(d: Deployment) -> bool:
 
 
 def _failure(d: Deployment) -> str | None:
-    for c in (d.status.conditions if d.status else None) or []:
+    """The cluster's reason why the Deployment's current generation cannot come up, if any
+    (conditions of an older generation are stale: a re-apply or scale-up starts afresh)."""
+    status = d.status
+    if status is None:
+        return None
+    if (status.observedGeneration or 0) < ((d.metadata.generation if d.metadata else 0) or 0):
+        return None
+    for c in status.conditions or []:
         if c.type == "ReplicaFailure" and c.status == "True":
             return f"{c.reason}: {c.message}"
         if c.type == "Progressing" and c.status == "False":
