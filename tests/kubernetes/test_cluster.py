@@ -7,6 +7,7 @@ restart (missing recreated, orphans deleted)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,3 +338,27 @@ def test_reconcile_never_deletes_a_version_being_warmed_or_brought_back(
     assert (recreated, deleted) == ([], [])
     names = set(emu.names("deployments"))
     assert set(deployments(6)) | set(deployments(7)) <= names
+
+
+def test_an_unreachable_api_server_is_a_clear_cluster_error(tmp_path: Path) -> None:
+    """Nothing listens where the kubeconfig points: a ClusterError that says so (the publish
+    fails with it and the running version goes on), not the HTTP client's own exception."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    kube = KubernetesConfig(namespace=NS, kubeconfig=str(kubeconfig(tmp_path, url)))
+
+    async def main() -> tuple[str, str]:
+        cluster = Cluster(client_for(kube), NS)
+        try:
+            with pytest.raises(ClusterError) as applying:
+                await cluster.apply(docs())
+            with pytest.raises(ClusterError) as waiting:
+                await cluster.wait_available("orders", 7, 5)
+            return str(applying.value), str(waiting.value)
+        finally:
+            await cluster.close()
+
+    applying, waiting = asyncio.run(main())
+    assert applying and waiting
+    assert "connect" in (applying + waiting).lower(), (applying, waiting)

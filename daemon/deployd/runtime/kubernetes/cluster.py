@@ -26,7 +26,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-import httpx
+import httpx2 as httpx  # lightkube's own transport (lightkube 1.x): its errors are these
 from lightkube import AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.core.exceptions import ApiError, ConfigError
@@ -50,7 +50,7 @@ class ClusterError(FlowError):
 
 def client_for(kube: KubernetesConfig) -> AsyncClient:
     """The client of `kube`: a kubeconfig file, else the pod's service account."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a log line per request
     try:
         if kube.kubeconfig:
             config = KubeConfig.from_file(kube.kubeconfig)
