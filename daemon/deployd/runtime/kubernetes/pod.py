@@ -516,7 +516,7 @@ class Agent:
         await channel.set_qos(prefetch_count=1)
         queue = await self.broker.declare_step(self.flow, self.step["step"], channel)
         inbox: asyncio.Queue[Any] = asyncio.Queue()
-        tag = await queue.consume(inbox.put)
+        await queue.consume(inbox.put)
         try:
             while not self.stopping.is_set():
                 getter = asyncio.ensure_future(inbox.get())
@@ -528,9 +528,11 @@ class Agent:
                     break
                 await self._handle(getter.result())
         finally:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-            # What was delivered and not handled goes back by the close, first again.
+            # What was delivered and not handled goes back by the close, first again — and
+            # in the same step as this consumer goes (no basic.cancel first: the queue would
+            # count no consumer while it still holds the message, and deployd, which waits
+            # for no consumer before it takes a moving flow's queue, would take later ones
+            # before it).
             with contextlib.suppress(Exception):
                 await channel.close()
 
