@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import signal
 import subprocess
 import threading
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
-from tests.flows.conftest import FlowEnv, counter_files, flow_toml, read_out
+from tests.flows.conftest import FlowEnv, assert_contiguous, counter_files, flow_toml, read_out
 from tests.kubernetes.emulator import Emulator
 from tests.kubernetes.test_cluster import kubeconfig
 from tests.kubernetes.test_pod import container_env
@@ -366,3 +367,62 @@ def test_a_version_whose_pods_crash_is_rolled_back(
         wait_until(lambda: len(by(read_out(out), "v1")) >= have + 3, timeout=60)
     finally:
         kubelet.close()
+
+
+@SLOW
+def test_flow_move_onto_kubernetes_and_back_carries_queue_and_snapshot(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    emu: Emulator,
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    """The path of a user who outgrows one machine: a flow on the embedded runtime is moved
+    onto Kubernetes (`flow move --runtime rabbitmq`, placement "kubernetes") and back while
+    messages flow and its action is behind (a queue builds up). Each move is a deployment with
+    a gap: the old version stops wholly (its trigger at a call boundary), its queued messages
+    are carried to the other side, then the new version starts — from the trigger's last
+    snapshot. Nothing lost, nothing handled twice, in order; the pods go once it is back."""
+    env = cluster_env(daemon_factory, component, emu, amqp_url, tmp_path)
+    kubelet = Kubelet(emu, tmp_path)
+    slow = counter_files("v1", **{"lib/write.py": SLOW_WRITER})
+    env.push(slow)
+    try:
+        out = env.out()
+        env.apply(flow_toml("orders", out, interval="20ms", keys={"runtime": "embedded"}))
+        assert env.wait_deploy("orders", 1, timeout=60)["status"] == "done"
+        wait_until(lambda: len(read_out(out)) >= 5, timeout=60)
+        assert not emu.names("deployments")
+        for target, version in (("rabbitmq", 2), ("embedded", 3)):
+            wait_until(lambda: env.queued("write") >= 5, timeout=60)
+            have = len(read_out(out))
+            res = env.daemon.cli("flow", "move", "orders", "--runtime", target, "--json")
+            assert json.loads(res.stdout)["status"] == "done", res.stdout
+            dep = env.wait_deploy("orders", version, timeout=90)
+            assert dep["trigger"] == "flow move" and dep["status"] == "done", dep
+            assert dep["gap_ms"] is not None
+            assert env.flow("orders")["runtime"] == target
+            if target == "rabbitmq":
+                names = emu.names("deployments")
+                assert len(names) == 2 and all("-v2-" in n for n in names), names
+            wait_until(lambda h=have: len(read_out(out)) >= h + 10, timeout=90)
+        # Back on this machine: the pods go (no rollback window for a move's old side).
+        wait_until(lambda: not emu.names("deployments"), timeout=60)
+        wait_until(lambda: env.queued("write") == 0 or len(read_out(out)) >= 60, timeout=60)
+        assert_contiguous(read_out(out))
+    finally:
+        kubelet.close()
+
+
+SLOW_WRITER = """\
+import json
+import time
+
+
+def process(msg, cfg):
+    time.sleep(0.03)  # slower than the trigger: the queue of write builds up
+    line = {**msg["body"], "by": "v1"}
+    with open(cfg["out"], "a") as fh:
+        fh.write(json.dumps(line) + "\\n")
+    return line
+"""

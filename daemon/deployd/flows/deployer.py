@@ -199,6 +199,7 @@ class Deployer:
             if f["enabled"] and f["active_version"] and f["type"] != "ordinary"
         ]
         await asyncio.gather(*(self.publisher.start_run(f["name"], initial=False) for f in flows))
+        await self.runtime.resumed()  # every run this daemon owns is known now
         self.publisher.resume_redrives()
         await self.catch_up()
         self.arm_freezes()

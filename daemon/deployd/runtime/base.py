@@ -195,6 +195,12 @@ class Runtime(Protocol):
         """Bring up what every flow shares (sockets, fork server, pools, connections)."""
         ...
 
+    async def resumed(self) -> None:
+        """Every enabled flow was started again after a daemon start (the crash-only
+        convergence): a runtime that owns things outside this machine (Kubernetes objects)
+        reconciles them now, not at its next periodic look."""
+        ...
+
     async def close(self) -> None:
         """Stop what `start` brought up (flows are stopped by the deployer first); versions
         replaced by a switch get `stop_timeout` to finish their work before that."""

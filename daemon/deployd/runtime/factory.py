@@ -61,6 +61,10 @@ class Runtimes:
         if self.rabbit is not None:
             await self.rabbit.start()
 
+    async def resumed(self) -> None:
+        if self.rabbit is not None:
+            await self.rabbit.resumed()
+
     async def close(self) -> None:
         try:
             if self.rabbit is not None:

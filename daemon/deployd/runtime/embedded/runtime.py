@@ -100,6 +100,9 @@ class EmbeddedRuntime:
         if self.owns_launcher:
             await self.launcher.start()
 
+    async def resumed(self) -> None:
+        return None  # everything it runs is this daemon's processes: nothing left outside
+
     async def close(self) -> None:
         """Give replaced versions still draining `stop_timeout` to finish, then stop the
         socket, the fork server and the pools (whatever still runs is killed with them)."""
@@ -172,6 +175,10 @@ class EmbeddedRuntime:
         """`Runtime.switch`; `source`: the runtime `old` runs on when it is another one (a
         flow moving between runtimes: its queues are carried across)."""
         source = source or self
+        if not (isinstance(old, FlowRunner) and isinstance(new, FlowRunner)):
+            # One side's steps are not this daemon's processes (pods on Kubernetes): no
+            # overlap of the two versions' loops, see `switch_across`.
+            return await self.switch_across(old, new, source, old_failing=old_failing)
         old_r, new_r = _runner(old), _runner(new)
         if old_failing:
             old_r.supervise = False  # a crash-looping version is not restarted while it goes
@@ -245,10 +252,68 @@ class EmbeddedRuntime:
         if http_fed and len(idle) == 2:
             # No trigger to hand over: the gap is the time no action step was consuming.
             gap_ms = (idle[1] - idle[0]) * 1000
-        task = asyncio.get_running_loop().create_task(old_r.stop(), name=f"stop-old:{flow}")
+        self.retire(old_r)
+        return gap_ms
+
+    async def switch_across(
+        self, old: FlowRun, new: FlowRun, source: EmbeddedRuntime, *, old_failing: bool = False
+    ) -> float | None:
+        """A flow moving between runtimes where one side's steps are not this daemon's
+        processes (pods on Kubernetes), so the two versions' loops cannot overlap: the old
+        version stops wholly — its trigger at a call boundary, its actions after their current
+        message, everything it produced durable (`quiesce`) — its queued messages are carried
+        here, and then the new version starts, its trigger from the old one's last snapshot
+        (`start_moved`). The gap: from the old trigger's last call to the new one's start."""
+        flow = new.spec.flow
+        end = await source.quiesce(old, failing=old_failing)
+        try:
+            moved = await source.move_queues_to(self, flow)
+            log.info(
+                "flow %s: %d queued message(s) carried from %s to %s",
+                flow,
+                moved,
+                source.name,
+                self.name,
+            )
+            await self.hand_queues(flow, [s.id for s in new.spec.steps])
+        except Exception as exc:  # as in `switch`: the new version runs all the same
+            log.error(
+                "flow %s: moving its queued messages failed (%s); they stay queued on %s",
+                flow,
+                _reason(exc),
+                source.name,
+            )
+        started = await self.start_moved(new)
+        source.retire(old)
+        return None if started is None else max(0.0, (started - end) * 1000)
+
+    async def quiesce(self, run: FlowRun, *, failing: bool = False) -> float:
+        """Stop `run` for a move (see `switch_across`); when its trigger's last call ended."""
+        runner = _runner(run)
+        if failing:
+            runner.supervise = False  # a crash-looping version is not restarted while it goes
+        await runner.stop_trigger_at_boundary(BOUNDARY_WAIT)
+        await asyncio.gather(*(runner.stop_loop(s.id) for s in runner.steps[1:]))
+        await self.router.settle()  # its last results and snapshots are durable
+        return runner.last_call_end or time.monotonic()
+
+    async def start_moved(self, new: FlowRun) -> float | None:
+        """Start `new` after a move (see `switch_across`); when its trigger's first call
+        began (None: not within the warm-up timeout)."""
+        runner = _runner(new)
+        self.router.forget_snapshots(runner.flow)  # written by the other runtime meanwhile
+        await self.run(new)
+        try:
+            await asyncio.wait_for(runner.first_call.wait(), self.settings.warmup_timeout)
+        except TimeoutError:
+            return None
+        return runner.first_call_at
+
+    def retire(self, old: FlowRun) -> None:
+        """Stop a version that was switched away from, in the background."""
+        task = asyncio.get_running_loop().create_task(old.stop(), name=f"stop-old:{old.spec.flow}")
         self._background.add(task)
         task.add_done_callback(self._stopped)
-        return gap_ms
 
     async def hand_queues(self, flow: str, steps: list[str]) -> None:
         """Between the old actions stopping and the new ones starting: messages queued for

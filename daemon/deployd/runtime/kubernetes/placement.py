@@ -11,8 +11,9 @@ switch    scales the old trigger to 0 (its pod stops at a call boundary on SIGTE
           version is deleted once the rollback window has passed.
 rollback  `switch(new, old)`: the old version is applied again (its replicas back), warmed,
           and the new one removed.
-reconcile every minute after the first warm-up: what deployd owns (by label) and no run
-          of this daemon holds is deleted; a run's Deployment gone missing is applied again.
+reconcile once every active flow was started again at a daemon start, then every minute:
+          what deployd owns (by label) and no run of this daemon holds is deleted; a run's
+          Deployment gone missing is applied again.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class KubePlacement:
         self.busy: set[tuple[str, int]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._reconciler: asyncio.Task[None] | None = None
+        self._reconcile_now = asyncio.Event()
 
     @property
     def cluster(self) -> Cluster:
@@ -200,8 +202,7 @@ class KubePlacement:
         run = KubeRun(spec, self, docs)
         run.watcher = asyncio.get_running_loop().create_task(run.watch_exits())
         self.runs[key] = run
-        if self._reconciler is None:
-            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        self._start_reconciler()
         return run
 
     async def run(self, new: KubeRun) -> None:
@@ -232,6 +233,44 @@ class KubePlacement:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return gap_ms
+
+    async def quiesce(self, run: KubeRun) -> float:
+        """Every Deployment of `run` scaled to 0 and its pods gone, all at once: the trigger's
+        pod stops at a call boundary (its gate is closed then), each action's after its
+        message (what it held goes back to its queue; what the trigger published meanwhile
+        waits there). When the trigger was gone."""
+        trigger = object_name(run.spec.flow, run.spec.trigger.id, run.spec.version)
+        names = [d["metadata"]["name"] for d in run.docs if d["kind"] == "Deployment"]
+        wait = self.settings.stop_timeout + 10
+        run.state = StepState.STOPPING
+
+        async def stop_trigger() -> float:
+            await self._scale_down(run, [trigger], wait)
+            end = time.monotonic()
+            await self.close_gate(gate_queue(run.spec.flow, run.spec.trigger.id, run.spec.version))
+            return end
+
+        end, _ = await asyncio.gather(
+            stop_trigger(), self._scale_down(run, [n for n in names if n != trigger], wait)
+        )
+        return end
+
+    async def _scale_down(self, run: KubeRun, names: list[str], timeout: float) -> None:
+        async def one(name: str) -> None:
+            try:
+                await self.cluster.scale(name, 0)
+                await self.cluster.wait_scaled_down(name, timeout)
+            except ClusterError as exc:
+                log.warning("flow %s: stopping %s: %s", run.spec.flow, name, exc)
+
+        await asyncio.gather(*(one(name) for name in names))
+
+    def retire_now(self, old: KubeRun) -> None:
+        """Delete `old`'s objects in the background (a move's old side: a rollback warms its
+        version up anew)."""
+        task = asyncio.get_running_loop().create_task(old.stop())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def rollback(self, new: KubeRun, old: KubeRun, timeout: float) -> float:
         """Back to `old`: applied again with its replicas, warmed, then `new` removed."""
@@ -279,13 +318,25 @@ class KubePlacement:
             lambda: set(self.runs), lambda f, v: self.runs[(f, v)].docs, lambda: set(self.busy)
         )
 
+    def reconcile_soon(self) -> None:
+        """Reconcile now (every active flow was started again after a daemon start: what is
+        left of a version no run holds is an orphan, say one a killed daemon applied)."""
+        self._reconcile_now.set()
+        self._start_reconciler()
+
+    def _start_reconciler(self) -> None:
+        if self._reconciler is None:
+            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+
     async def _reconcile_loop(self) -> None:
         first = min(RECONCILE_EVERY, self.settings.warmup_timeout)
         while True:
-            # First a warm-up's length after the first one: at a start every active flow is
-            # warmed up again (applying what is missing) before what is left counts as an
-            # orphan (a version a daemon killed mid-publish applied); then every minute.
-            await asyncio.sleep(first)
+            # At a daemon start, once every active flow was warmed up again (applying what is
+            # missing: `reconcile_soon`), or else a warm-up's length after the first one;
+            # then every minute.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reconcile_now.wait(), first)
+            self._reconcile_now.clear()
             first = RECONCILE_EVERY
             try:
                 recreated, deleted = await self.reconcile()

@@ -4,7 +4,9 @@ switch, rollback and reconciliation)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 from ...config import DaemonConfig, KubernetesConfig, RabbitConfig
@@ -22,6 +24,7 @@ from .records import Records
 
 log = logging.getLogger("deployd.kubernetes")
 DRAIN_TIMEOUT = 10.0  # seconds a switch waits for the records of the old trigger
+CONSUMER_POLL = 0.02  # seconds between looks at a queue's consumers after its pods went
 
 
 class KubeRuntime(RabbitRuntime):
@@ -50,6 +53,9 @@ class KubeRuntime(RabbitRuntime):
             self._close_gate,
         )
         self.records = Records(store, self.broker)
+
+    async def resumed(self) -> None:
+        self.kube.reconcile_soon()
 
     async def close(self) -> None:
         try:
@@ -87,6 +93,52 @@ class KubeRuntime(RabbitRuntime):
                 return await self.kube.rollback(old, new, self.settings.warmup_timeout)
             return await self.kube.switch(old, new)
         return await super().switch(old, new, old_failing=old_failing, source=source)
+
+    async def quiesce(self, run: FlowRun, *, failing: bool = False) -> float:
+        """A version on Kubernetes stops for a move: every Deployment scaled to 0 and its
+        pods gone (the trigger first, at a call boundary; the actions after their current
+        message, what they held back in their queues), then its pods' records written."""
+        if not isinstance(run, KubeRun):
+            return await super().quiesce(run, failing=failing)
+        end = await self.kube.quiesce(run)
+        await self._unconsumed(run)
+        if not await self.records.drained(run.spec.flow, DRAIN_TIMEOUT):
+            log.warning(
+                "flow %s: its records queue was not drained in %.0f s; the new version may "
+                "start from an older snapshot",
+                run.spec.flow,
+                DRAIN_TIMEOUT,
+            )
+        return end
+
+    async def _unconsumed(self, run: KubeRun) -> None:
+        """Until no consumer of the old pods is left on the flow's queues: the broker gives
+        back what a pod held when it handles that pod's going (after the pod is gone), and
+        messages taken from a queue before that would go ahead of them."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        for step in run.spec.steps[1:]:
+            while await self.broker.consumers(run.spec.flow, step.id):
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "flow %s: step %s's queue still has a consumer after its pods went;"
+                        " its messages may come out of order",
+                        run.spec.flow,
+                        step.id,
+                    )
+                    return
+                await asyncio.sleep(CONSUMER_POLL)
+
+    async def start_moved(self, new: FlowRun) -> float | None:
+        if not isinstance(new, KubeRun):
+            return await super().start_moved(new)
+        await self.kube.run(new)  # the trigger's gate: its pod starts from the last snapshot
+        return time.monotonic()
+
+    def retire(self, old: FlowRun) -> None:
+        if not isinstance(old, KubeRun):
+            super().retire(old)
+            return
+        self.kube.retire_now(old)
 
     def _step_configs(self, spec: FlowVersionToRun) -> dict[str, dict[str, Any]]:
         """Each step's cfg as its pod gets it: its credential merged, as at a local start."""

@@ -270,6 +270,13 @@ class Broker:
         result = queue.declaration_result
         return int(result.message_count or 0)
 
+    async def consumers(self, flow: str, step: str) -> int:
+        """Consumers of the input queue of `step` (0 when it does not exist)."""
+        if self.channel is None or not self.connected.is_set():
+            return 0
+        queue = await self.declare_step(flow, step)
+        return int(queue.declaration_result.consumer_count or 0)
+
     async def close(self) -> None:
         self._closing = True
         if self._task is not None:
