@@ -145,6 +145,13 @@ class Emulator:
             self._store("deployd-flows", "pods", pod)
             self._changed(kind, "deployd-flows", "pods", pod)
 
+    def remove_pod(self, name: str) -> None:
+        """Pod `name` is gone (its containers ended and the kubelet removed it)."""
+        with self.cond:
+            pod = self.objects.pop(("deployd-flows", "pods", name), None)
+            if pod is not None:
+                self._changed("DELETED", "deployd-flows", "pods", pod)
+
     # -- internals -----------------------------------------------------------------------
 
     def _available(self, obj: dict[str, Any]) -> None:

@@ -279,6 +279,29 @@ def test_scale_back_and_delete_a_version(emu: Emulator, tmp_path: Path) -> None:
     assert old is not None and old["spec"]["replicas"] == 3
 
 
+def test_scaled_down_means_the_pods_are_gone(emu: Emulator, tmp_path: Path) -> None:
+    """`status.replicas` counts no terminating pod: it is 0 while the last pod still finishes
+    its call; a switch must wait for the pod itself (the new trigger would overlap it)."""
+    name, other = deployments(7)[:2]
+
+    async def body(cluster: Cluster) -> None:
+        await cluster.apply(docs(7))
+        emu.set_pod(f"{name}-pod", name, {"phase": "Running"})
+        emu.set_pod(f"{other}-pod", other, {"phase": "Succeeded"})  # ended: not waited for
+        await cluster.scale(name, 0)
+        await cluster.scale(other, 0)
+        emu.set_status(name, {"replicas": 0, "availableReplicas": 0})  # its pod terminating
+        emu.set_status(other, {"replicas": 0, "availableReplicas": 0})
+        with pytest.raises(ClusterError, match="still has pods"):
+            await cluster.wait_scaled_down(name, 0.5)
+        await cluster.wait_scaled_down(other, 10)
+        await asyncio.gather(
+            cluster.wait_scaled_down(name, 10), later(emu, emu.remove_pod, f"{name}-pod")
+        )
+
+    run(emu, tmp_path, body)
+
+
 def test_reconcile_after_a_restart(emu: Emulator, tmp_path: Path) -> None:
     """What a daemon killed mid-publish left: v7 half applied, v6 (no flow runs it) whole, and
     another flow's objects. A new client (the restarted daemon) makes it match the records."""

@@ -181,18 +181,23 @@ class Cluster:
             _check_pod(pod)
 
     async def wait_scaled_down(self, name: str, timeout: float) -> None:
-        """Until Deployment `name` has no pod left (watched); ClusterError after `timeout`."""
+        """Until Deployment `name` has no pod left, the pods themselves gone (watched);
+        ClusterError after `timeout`. The Deployment's `status.replicas` counts no pod that is
+        terminating, so it drops to 0 while the last one still finishes its call or message:
+        a switch waits for the Pods (by the Deployment's selector), not for that figure."""
         try:
             async with asyncio.timeout(timeout):
                 d = await self.client.get(Deployment, name)
-                if _no_pods(d):
-                    return
-                version = d.metadata.resourceVersion if d.metadata else None
-                async for kind, d in self.client.watch(
-                    Deployment, fields={"metadata.name": name}, resource_version=version
-                ):
-                    if kind == "DELETED" or _no_pods(d):
-                        return
+                selector = _selector(d)
+                if not _no_pods(d):
+                    version = d.metadata.resourceVersion if d.metadata else None
+                    async for kind, d in self.client.watch(
+                        Deployment, fields={"metadata.name": name}, resource_version=version
+                    ):
+                        if kind == "DELETED" or _no_pods(d):
+                            break
+                if selector:
+                    await self._pods_gone(selector)
         except TimeoutError:
             raise ClusterError(f"Deployment {name} still has pods after {timeout:g}s") from None
         except ApiError as exc:
@@ -201,6 +206,23 @@ class Cluster:
             raise ClusterError(_reason(exc)) from None
         except httpx.HTTPError as exc:
             raise ClusterError(_reason(exc)) from None
+
+    async def _pods_gone(self, labels: Selector) -> None:
+        """Until no pod with `labels` is left that still runs (listed, then watched)."""
+        listing = self.client.list(Pod, labels=labels)
+        left = {_pod_name(pod) async for pod in listing if not _finished(pod)}
+        if not left:
+            return
+        version = None
+        with contextlib.suppress(Exception):  # an empty list may carry no version
+            version = listing.resourceVersion
+        async for kind, pod in self.client.watch(Pod, labels=labels, resource_version=version):
+            if kind == "DELETED" or _finished(pod):
+                left.discard(_pod_name(pod))
+            else:
+                left.add(_pod_name(pod))
+            if not left:
+                return
 
     async def restarts(self, flow: str, version: int) -> AsyncIterator[tuple[str, str]]:
         """(step label, reason) each time a container of the version's pods restarts."""
@@ -337,6 +359,16 @@ def _last_exit(pod: Pod) -> str:
         if done is not None:
             return f"exit code {done.exitCode}" + (f", {done.reason}" if done.reason else "")
     return "exited"
+
+
+def _selector(d: Deployment) -> Selector:
+    selector = d.spec.selector if d.spec is not None else None
+    return dict((selector.matchLabels if selector is not None else None) or {})
+
+
+def _finished(pod: Pod) -> bool:
+    """A pod whose containers ended (it runs nothing any more)."""
+    return pod.status is not None and pod.status.phase in ("Succeeded", "Failed")
 
 
 def _no_pods(d: Deployment) -> bool:
