@@ -89,6 +89,13 @@ class Kubelet:
         with self.lock:
             self.pods[name] = proc
             self.started.append(name)
+            restarts = self.restarts.get(name, 0)
+        running = {"name": "step", "image": "deployd-step", "imageID": "", "ready": False}
+        running |= {"restartCount": restarts, "state": {"running": {}}}
+        with contextlib.suppress(KeyError):  # its Pod, as the API server lists it
+            self.emu.set_pod(
+                f"{name}-pod", name, {"phase": "Running", "containerStatuses": [running]}
+            )
         threading.Thread(target=self._ready, args=(name, proc, port), daemon=True).start()
 
     def _ready(self, name: str, proc: subprocess.Popen[bytes], port: int) -> None:
@@ -130,14 +137,17 @@ class Kubelet:
             proc = self.pods.pop(name, None)
         if proc is None:
             return
+        # As the Deployment controller does: its pod is terminating, which `status.replicas`
+        # no longer counts — deployd must wait for the Pod itself to go.
+        with contextlib.suppress(KeyError):
+            self.emu.set_status(name, {"replicas": 0, "availableReplicas": 0})
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-        with contextlib.suppress(KeyError):
-            self.emu.set_status(name, {"replicas": 0, "availableReplicas": 0})
+        self.emu.remove_pod(f"{name}-pod")
 
     def close(self) -> None:
         self.stop.set()
@@ -228,6 +238,9 @@ def test_publish_switch_and_cleanup_through_the_cluster(
         assert all(c == 1 for c in counts.values()), counts
         assert not set(counts) & failed
         assert set(range(1, top + 1)) <= set(counts) | failed, (counts, failed)
+        # In order across the switch: v2's action consumed only once v1's had left the queue.
+        written = [r["n"] for r in read_out(out)]
+        assert written == sorted(written), written
 
         # The cluster refuses the next version: a failed deployment with its reason; v2 runs on.
         emu.fail("PATCH", "deployments", 403, "Forbidden", "deployments.apps is forbidden: quota")

@@ -177,6 +177,11 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         tick.wait_ready()
         assert not read_out(cluster.out)[before:]  # the trigger waits at its start gate
         open_gate(cluster.amqp_url, gate_queue("orders", "tick", 1))
+        # So does the action, consuming nothing meanwhile (at a switch, deployd opens it once
+        # the old version's pods of the step are gone: one consumer at a time).
+        wait_until(lambda: _queue_count(cluster.amqp_url, "deployd.orders.write") >= 2)
+        assert not read_out(cluster.out)[before:]
+        open_gate(cluster.amqp_url, gate_queue("orders", "write", 1))
         assert (write.volume / "code" / "component.json").exists()
         # The trigger pod's outputs went through the broker to the action pod, which wrote them.
         rows = wait_until(
@@ -225,7 +230,7 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
 
 
 def open_gate(url: str, name: str) -> None:
-    """What deployd does when a version starts: one message into the trigger's gate."""
+    """What deployd does when a version starts: one message into a step's gate."""
 
     async def put() -> None:
         import aio_pika
@@ -354,7 +359,8 @@ exports.process = async function processAction(msg, cfg) {
         write, tick = cluster.pod("write"), cluster.pod("tick")
         write.wait_ready()
         tick.wait_ready()
-        open_gate(cluster.amqp_url, gate_queue("orders", "tick", 1))
+        for step in ("tick", "write"):
+            open_gate(cluster.amqp_url, gate_queue("orders", step, 1))
         rows = wait_until(lambda: len(read_out(out)) >= before + 3 and read_out(out))[before:]
         assert all(r["by"] == "node" and r["flow"] == "orders" for r in rows), rows
         assert all(r["leaked"] == [] for r in rows), rows  # no DEPLOYD_* (broker url, tokens)

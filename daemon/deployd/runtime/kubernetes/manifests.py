@@ -74,8 +74,10 @@ def step_label(step: str) -> str:
 
 
 def gate_queue(flow: str, step: str, version: int) -> str:
-    """The queue a trigger pod waits on before its first call: deployd opens it (one
-    message) when the version starts, so a switch hands over at a call boundary."""
+    """The queue a step's pods wait on before their first call or message: deployd opens it
+    (one message) when the version starts — at a switch, once the old version's pods of that
+    step are gone, so a trigger hands over at a call boundary and an action's queue has one
+    consumer at a time (its order kept)."""
     return f"deployd.{flow}.{step}.v{version}.go"
 
 

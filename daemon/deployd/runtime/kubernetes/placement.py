@@ -37,6 +37,12 @@ from .manifests import PodSecrets, gate_queue, object_name, render, step_label
 
 log = logging.getLogger("deployd.kubernetes")
 RECONCILE_EVERY = 60.0  # seconds
+GATE_WAIT = 5.0  # seconds a removed version's gate deletion may take (the broker away)
+
+
+def _pod_steps(run: KubeRun) -> list[str]:
+    """The ids of `run`'s steps that are pods (its trigger first, then its actions)."""
+    return [s.id for s in run.spec.steps if s.kind != StepKind.MAPPER]
 
 
 class KubeRun:
@@ -133,6 +139,7 @@ class KubePlacement:
         configs: Callable[[FlowVersionToRun], dict[str, dict[str, Any]]],
         open_gate: Callable[[str, str], Awaitable[None]],
         close_gate: Callable[[str], Awaitable[None]],
+        unconsumed: Callable[[str, str], Awaitable[None]],
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -142,6 +149,7 @@ class KubePlacement:
         self.configs = configs
         self.open_gate = open_gate  # (flow, gate queue): its records drained, then "go"
         self.close_gate = close_gate  # delete a gate queue
+        self.unconsumed = unconsumed  # (flow, step): until no consumer is left on its queue
         self._cluster: Cluster | None = None
         self.runs: dict[tuple[str, int], KubeRun] = {}
         # Versions being applied and warmed (a warm-up, a rollback): not orphans, whatever the
@@ -206,28 +214,44 @@ class KubePlacement:
         return run
 
     async def run(self, new: KubeRun) -> None:
-        await self.open_gate(
-            new.spec.flow, gate_queue(new.spec.flow, new.spec.trigger.id, new.spec.version)
+        """Open every step's gate of `new` (its first start: no other version runs)."""
+        flow, version = new.spec.flow, new.spec.version
+        await asyncio.gather(
+            *(self.open_gate(flow, gate_queue(flow, s, version)) for s in _pod_steps(new))
         )
         new.state = StepState.RUNNING
 
     async def switch(self, old: KubeRun, new: KubeRun) -> float:
-        old_trigger = object_name(old.spec.flow, old.spec.trigger.id, old.spec.version)
-        try:
-            await self.cluster.scale(old_trigger, 0)
-            await self.cluster.wait_scaled_down(old_trigger, self.settings.stop_timeout + 10)
-        except ClusterError as exc:
-            log.warning("flow %s: stopping the old trigger: %s", old.spec.flow, exc)
-        # Closed: an old trigger pod brought back (a rollback) waits for its gate again.
-        await self.close_gate(gate_queue(old.spec.flow, old.spec.trigger.id, old.spec.version))
-        gone = time.monotonic()
-        await self.run(new)
-        gap_ms = (time.monotonic() - gone) * 1000
+        """From `old` to `new`, each step on its own and all at once: the trigger at a call
+        boundary (the gap), each action once the old version's pods of it are gone and left
+        its queue (one consumer at a time: the step's order is kept)."""
+        flow = new.spec.flow
         old.state = StepState.STOPPING
-        for doc in old.docs:
-            if doc["kind"] == "Deployment" and doc["metadata"]["name"] != old_trigger:
-                with contextlib.suppress(ClusterError):
-                    await self.cluster.scale(doc["metadata"]["name"], 0)
+        wait = self.settings.stop_timeout + 10
+
+        async def trigger() -> float:
+            old_trigger = object_name(flow, old.spec.trigger.id, old.spec.version)
+            await self._scale_down(old, [old_trigger], wait)
+            # Closed: an old trigger pod brought back (a rollback) waits for its gate again.
+            await self.close_gate(gate_queue(flow, old.spec.trigger.id, old.spec.version))
+            gone = time.monotonic()
+            await self.open_gate(flow, gate_queue(flow, new.spec.trigger.id, new.spec.version))
+            return (time.monotonic() - gone) * 1000
+
+        async def action(step: str) -> None:
+            if step in old_actions:
+                await self.close_gate(gate_queue(flow, step, old.spec.version))
+                await self._scale_down(old, [object_name(flow, step, old.spec.version)], wait)
+                await self.unconsumed(flow, step)  # what the old pod held is back, first
+            if step in new_actions:
+                await self.open_gate(flow, gate_queue(flow, step, new.spec.version))
+
+        old_actions = set(_pod_steps(old)[1:])
+        new_actions = set(_pod_steps(new)[1:])
+        gap_ms, _ = await asyncio.gather(
+            trigger(), asyncio.gather(*(action(s) for s in sorted(old_actions | new_actions)))
+        )
+        new.state = StepState.RUNNING
         task = asyncio.get_running_loop().create_task(self._retire(old))
         old.retire = task
         self._retiring.add(task)
@@ -236,24 +260,23 @@ class KubePlacement:
 
     async def quiesce(self, run: KubeRun) -> float:
         """Every Deployment of `run` scaled to 0 and its pods gone, all at once: the trigger's
-        pod stops at a call boundary (its gate is closed then), each action's after its
-        message (what it held goes back to its queue; what the trigger published meanwhile
-        waits there). When the trigger was gone."""
-        trigger = object_name(run.spec.flow, run.spec.trigger.id, run.spec.version)
-        names = [d["metadata"]["name"] for d in run.docs if d["kind"] == "Deployment"]
+        pod stops at a call boundary, each action's after its message (what it held goes back
+        to its queue, first; what the trigger published meanwhile waits there); every gate
+        closed. When the trigger was gone."""
+        flow, version = run.spec.flow, run.spec.version
         wait = self.settings.stop_timeout + 10
         run.state = StepState.STOPPING
 
-        async def stop_trigger() -> float:
-            await self._scale_down(run, [trigger], wait)
+        async def stop(step: str) -> float:
+            await self._scale_down(run, [object_name(flow, step, version)], wait)
             end = time.monotonic()
-            await self.close_gate(gate_queue(run.spec.flow, run.spec.trigger.id, run.spec.version))
+            await self.close_gate(gate_queue(flow, step, version))
+            if step != run.spec.trigger.id:
+                await self.unconsumed(flow, step)
             return end
 
-        end, _ = await asyncio.gather(
-            stop_trigger(), self._scale_down(run, [n for n in names if n != trigger], wait)
-        )
-        return end
+        ends = await asyncio.gather(*(stop(s) for s in _pod_steps(run)))
+        return ends[0]  # the trigger's
 
     async def _scale_down(self, run: KubeRun, names: list[str], timeout: float) -> None:
         async def one(name: str) -> None:
@@ -312,6 +335,13 @@ class KubePlacement:
             await self.cluster.delete_version(run.spec.flow, run.spec.version)
         except ClusterError as exc:
             log.warning("flow %s v%s: %s", run.spec.flow, run.spec.version, exc)
+        for step in _pod_steps(run):  # its gates (a switch closed them; a stop did not)
+            try:
+                await asyncio.wait_for(
+                    self.close_gate(gate_queue(run.spec.flow, step, run.spec.version)), GATE_WAIT
+                )
+            except Exception as exc:  # the broker is away: a few empty queues stay
+                log.info("flow %s v%s: gate of %s: %s", run.spec.flow, run.spec.version, step, exc)
 
     async def reconcile(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         return await self.cluster.reconcile(

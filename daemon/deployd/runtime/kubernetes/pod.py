@@ -12,9 +12,9 @@
 3. Starts deployd's sailor on it (the same `sailor_py` as on one machine, over a private
    abstract socket, its `init(cfg)` run), connects to RabbitMQ (`DEPLOYD_AMQP_URL`); then
    it is ready.
-4. Works: a trigger waits at its start gate (`deployd.<flow>.<step>.v<N>.go`, opened by deployd
-   when this version starts: the old trigger has stopped by then), then calls `process()` every
-   `interval`; an action consumes its quorum queue
+4. Works: each step waits at its start gate (`deployd.<flow>.<step>.v<N>.go`, opened by deployd
+   when this version starts: the old version's pods of that step are gone by then); then a
+   trigger calls `process()` every `interval`; an action consumes its quorum queue
    `deployd.<flow>.<step>` one message at a time (so per-step order is kept with one replica).
    Each output — the next step's mapping applied, as the daemon's router does — is published
    with a confirm before the input is acked. A message whose handling fails is a dead letter
@@ -461,7 +461,8 @@ class Agent:
             await self.record("snapshot", {"data": self.sailor.snapshot})
 
     async def wait_gate(self) -> bool:
-        """Until deployd opens this version's start gate (True) or the pod stops (False)."""
+        """Until deployd opens this step's start gate of this version (True) or the pod stops
+        (False)."""
         assert self.broker.conn is not None
         channel = await self.broker.conn.channel()
         name = gate_queue(self.flow, self.step["step"], int(self.step["flow_version"]))
@@ -511,6 +512,10 @@ class Agent:
                 await asyncio.wait_for(self.stopping.wait(), interval)  # a call boundary
 
     async def run_action(self) -> None:
+        # At its gate until the old version's pods of this step are gone (a switch): the two
+        # versions never consume the step's queue at once, so its order is kept.
+        if not await self.wait_gate():
+            return
         assert self.broker.conn is not None
         channel = await self.broker.conn.channel()
         await channel.set_qos(prefetch_count=1)

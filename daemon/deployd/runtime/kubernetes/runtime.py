@@ -51,6 +51,7 @@ class KubeRuntime(RabbitRuntime):
             self._step_configs,
             self._open_gate,
             self._close_gate,
+            self._unconsumed,
         )
         self.records = Records(store, self.broker)
 
@@ -96,12 +97,11 @@ class KubeRuntime(RabbitRuntime):
 
     async def quiesce(self, run: FlowRun, *, failing: bool = False) -> float:
         """A version on Kubernetes stops for a move: every Deployment scaled to 0 and its
-        pods gone (the trigger first, at a call boundary; the actions after their current
-        message, what they held back in their queues), then its pods' records written."""
+        pods gone (the trigger at a call boundary; the actions after their current message,
+        what they held back in their queues, first), then its pods' records written."""
         if not isinstance(run, KubeRun):
             return await super().quiesce(run, failing=failing)
         end = await self.kube.quiesce(run)
-        await self._unconsumed(run)
         if not await self.records.drained(run.spec.flow, DRAIN_TIMEOUT):
             log.warning(
                 "flow %s: its records queue was not drained in %.0f s; the new version may "
@@ -111,22 +111,21 @@ class KubeRuntime(RabbitRuntime):
             )
         return end
 
-    async def _unconsumed(self, run: KubeRun) -> None:
-        """Until no consumer of the old pods is left on the flow's queues: the broker gives
-        back what a pod held when it handles that pod's going (after the pod is gone), and
-        messages taken from a queue before that would go ahead of them."""
+    async def _unconsumed(self, flow: str, step: str) -> None:
+        """Until no consumer of a stopped pod is left on `step`'s queue: the broker gives back
+        what the pod held when it handles the pod's going (after the pod is gone), and
+        messages taken from the queue before that would go ahead of them."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        for step in run.spec.steps[1:]:
-            while await self.broker.consumers(run.spec.flow, step.id):
-                if time.monotonic() > deadline:
-                    log.warning(
-                        "flow %s: step %s's queue still has a consumer after its pods went;"
-                        " its messages may come out of order",
-                        run.spec.flow,
-                        step.id,
-                    )
-                    return
-                await asyncio.sleep(CONSUMER_POLL)
+        while await self.broker.consumers(flow, step):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "flow %s: step %s's queue still has a consumer after its pods went; its "
+                    "messages may come out of order",
+                    flow,
+                    step,
+                )
+                return
+            await asyncio.sleep(CONSUMER_POLL)
 
     async def start_moved(self, new: FlowRun) -> float | None:
         if not isinstance(new, KubeRun):
@@ -154,8 +153,8 @@ class KubeRuntime(RabbitRuntime):
         return out
 
     async def _open_gate(self, flow: str, name: str) -> None:
-        """One message into a trigger pod's start gate, confirmed — once what the flow's pods
-        reported is written (the old trigger's last snapshot: the new one starts from it)."""
+        """One message into a step's start gate, confirmed — once what the flow's pods reported
+        is written (the old version's last snapshots: the new one starts from them)."""
         await self.broker.wait(self.settings.warmup_timeout)
         if not await self.records.drained(flow, DRAIN_TIMEOUT):
             log.warning(
@@ -171,7 +170,7 @@ class KubeRuntime(RabbitRuntime):
         await self.broker.publish("", name, b'"go"', properties("go", {}))
 
     async def _close_gate(self, name: str) -> None:
-        """Delete a trigger's start gate (an old version's, at its switch)."""
+        """Delete a step's start gate (an old version's, at its switch)."""
         await self.broker.wait(self.settings.warmup_timeout)
         assert self.broker.channel is not None
         await self.broker.channel.queue_delete(name)
