@@ -180,22 +180,15 @@ class Cluster:
         async for _kind, pod in self.client.watch(Pod, labels=labels, resource_version=version):
             _check_pod(pod)
 
-    async def wait_scaled_down(self, name: str, timeout: float) -> None:
-        """Until Deployment `name` has no pod left, the pods themselves gone (watched);
-        ClusterError after `timeout`. The Deployment's `status.replicas` counts no pod that is
-        terminating, so it drops to 0 while the last one still finishes its call or message:
-        a switch waits for the Pods (by the Deployment's selector), not for that figure."""
+    async def scale_down(self, name: str, timeout: float) -> None:
+        """Deployment `name` scaled to 0, then until its Pods are gone (listed by its
+        selector, then watched); ClusterError after `timeout`. Not `status.replicas`: that
+        counts no terminating pod, so it is 0 while the last one still finishes its call or
+        message. A pod the controller has not marked yet is listed, and waited for, too."""
         try:
             async with asyncio.timeout(timeout):
-                d = await self.client.get(Deployment, name)
-                selector = _selector(d)
-                if not _no_pods(d):
-                    version = d.metadata.resourceVersion if d.metadata else None
-                    async for kind, d in self.client.watch(
-                        Deployment, fields={"metadata.name": name}, resource_version=version
-                    ):
-                        if kind == "DELETED" or _no_pods(d):
-                            break
+                patched = await self.client.patch(Deployment, name, {"spec": {"replicas": 0}})
+                selector = _selector(patched)
                 if selector:
                     await self._pods_gone(selector)
         except TimeoutError:
@@ -203,9 +196,9 @@ class Cluster:
         except ApiError as exc:
             if exc.status.code == 404:
                 return
-            raise ClusterError(_reason(exc)) from None
+            raise ClusterError(f"scaling {name}: {_reason(exc)}") from None
         except httpx.HTTPError as exc:
-            raise ClusterError(_reason(exc)) from None
+            raise ClusterError(f"scaling {name}: {_reason(exc)}") from None
 
     async def _pods_gone(self, labels: Selector) -> None:
         """Until no pod with `labels` is left that still runs (listed, then watched)."""
@@ -369,11 +362,6 @@ def _selector(d: Deployment) -> Selector:
 def _finished(pod: Pod) -> bool:
     """A pod whose containers ended (it runs nothing any more)."""
     return pod.status is not None and pod.status.phase in ("Succeeded", "Failed")
-
-
-def _no_pods(d: Deployment) -> bool:
-    status = d.status
-    return status is None or not (status.replicas or 0)
 
 
 def _failure(d: Deployment) -> str | None:

@@ -57,6 +57,7 @@ class KubeRun:
         self.exits: asyncio.Queue[StepExit] = asyncio.Queue(maxsize=100)
         self.watcher: asyncio.Task[None] | None = None
         self.retire: asyncio.Task[None] | None = None  # its deletion after a switch from it
+        self.closing: asyncio.Task[None] | None = None  # its gates' closing after that switch
         self._last_error: str | None = None
 
     @property
@@ -232,15 +233,12 @@ class KubePlacement:
         async def trigger() -> float:
             old_trigger = object_name(flow, old.spec.trigger.id, old.spec.version)
             await self._scale_down(old, [old_trigger], wait)
-            # Closed: an old trigger pod brought back (a rollback) waits for its gate again.
-            await self.close_gate(gate_queue(flow, old.spec.trigger.id, old.spec.version))
             gone = time.monotonic()
             await self.open_gate(flow, gate_queue(flow, new.spec.trigger.id, new.spec.version))
             return (time.monotonic() - gone) * 1000
 
         async def action(step: str) -> None:
             if step in old_actions:
-                await self.close_gate(gate_queue(flow, step, old.spec.version))
                 await self._scale_down(old, [object_name(flow, step, old.spec.version)], wait)
                 await self.unconsumed(flow, step)  # what the old pod held is back, first
             if step in new_actions:
@@ -252,11 +250,27 @@ class KubePlacement:
             trigger(), asyncio.gather(*(action(s) for s in sorted(old_actions | new_actions)))
         )
         new.state = StepState.RUNNING
+        # The old gates are closed after the switch (its pods are gone, its Deployments at 0),
+        # so that an old pod brought back by a rollback waits at its gate again: a rollback
+        # waits for this first.
+        old.closing = asyncio.get_running_loop().create_task(self._close_gates(old))
+        self._retiring.add(old.closing)
+        old.closing.add_done_callback(self._retiring.discard)
         task = asyncio.get_running_loop().create_task(self._retire(old))
         old.retire = task
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return gap_ms
+
+    async def _close_gates(self, run: KubeRun) -> None:
+        flow, version = run.spec.flow, run.spec.version
+        results = await asyncio.gather(
+            *(self.close_gate(gate_queue(flow, s, version)) for s in _pod_steps(run)),
+            return_exceptions=True,
+        )
+        for step, result in zip(_pod_steps(run), results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("flow %s v%s: closing the gate of %s: %s", flow, version, step, result)
 
     async def quiesce(self, run: KubeRun) -> float:
         """Every Deployment of `run` scaled to 0 and its pods gone, all at once: the trigger's
@@ -281,8 +295,7 @@ class KubePlacement:
     async def _scale_down(self, run: KubeRun, names: list[str], timeout: float) -> None:
         async def one(name: str) -> None:
             try:
-                await self.cluster.scale(name, 0)
-                await self.cluster.wait_scaled_down(name, timeout)
+                await self.cluster.scale_down(name, timeout)
             except ClusterError as exc:
                 log.warning("flow %s: stopping %s: %s", run.spec.flow, name, exc)
 
@@ -302,6 +315,8 @@ class KubePlacement:
         if old.retire is not None:
             old.retire.cancel()
             old.retire = None
+        if old.closing is not None:
+            await old.closing  # its pods must wait at their gates when they come back
         old.state = StepState.READY
         old.stopped.clear()
         if old.watcher is None or old.watcher.done():
