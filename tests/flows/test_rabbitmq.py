@@ -160,10 +160,12 @@ def test_a_daemon_killed_while_a_flow_runs_on_rabbitmq_converges_at_start(
     wait_until(lambda: len(read_out(out)) >= before + 20, timeout=60)
     rows = read_out(out)
     ns = [r["n"] for r in rows]
-    # What a killed daemon had in flight may be handled again (README: delivery guarantees);
-    # nothing is lost, and a message is not handled twice once its result was recorded.
+    # What a killed daemon had in flight may be handled again (README: delivery guarantees):
+    # at most the step's prefetch (16) of inputs in hand and a trigger call whose snapshot was
+    # not recorded yet. It was <= 2 on a quiet machine and 6 with the step behind under load.
+    # Nothing is lost, and a message is not handled twice once its result was recorded.
     assert sorted(set(ns)) == list(range(1, max(ns) + 1)), "a message was lost"
-    assert len(ns) - len(set(ns)) <= 2, f"handled twice: {len(ns) - len(set(ns))}"
+    assert len(ns) - len(set(ns)) <= 16 + 1, f"handled twice: {len(ns) - len(set(ns))}"
 
 
 def test_failed_messages_on_rabbitmq_are_dead_letters_retried_into_a_fixed_version(

@@ -402,7 +402,12 @@ def test_flow_move_onto_kubernetes_and_back_carries_queue_and_snapshot(
     env.push(slow)
     try:
         out = env.out()
-        env.apply(flow_toml("orders", out, interval="20ms", keys={"runtime": "embedded"}))
+        steps: list[dict[str, Any]] = [
+            {"id": "tick", "component": "hello", "function": "ticker", "interval": "20ms"},
+            {"id": "write", "component": "hello", "function": "write", "config": {"out": out}},
+        ]
+        steps[1]["max_queue"] = 8  # the trigger is held back at 8 queued, on either side
+        env.apply(flow_toml("orders", out, steps=steps, keys={"runtime": "embedded"}))
         assert env.wait_deploy("orders", 1, timeout=60)["status"] == "done"
         wait_until(lambda: len(read_out(out)) >= 5, timeout=60)
         assert not emu.names("deployments")
@@ -418,6 +423,15 @@ def test_flow_move_onto_kubernetes_and_back_carries_queue_and_snapshot(
             if target == "rabbitmq":
                 names = emu.names("deployments")
                 assert len(names) == 2 and all("-v2-" in n for n in names), names
+                # Backpressure in pods: the trigger pod holds while write's queue is full;
+                # status shows it, with the depth the broker counts.
+                wait_until(
+                    lambda: any(
+                        s["id"] == "tick" and s["backpressure"] for s in env.flow("orders")["steps"]
+                    ),
+                    timeout=60,
+                )
+                assert env.queued("write") <= 9  # its limit and one call's output
             wait_until(lambda h=have: len(read_out(out)) >= h + 10, timeout=90)
         # Back on this machine: the pods go (no rollback window for a move's old side).
         wait_until(lambda: not emu.names("deployments"), timeout=60)

@@ -165,7 +165,13 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
     amqp_url: str,
     tmp_path: Path,
 ) -> None:
-    cluster = make_cluster(daemon_factory, component, amqp_url, tmp_path)
+    out = tmp_path / "out.jsonl"  # the Cluster's out
+    steps = [
+        {"id": "tick", "component": "hello", "function": "ticker", "interval": "100ms"},
+        {"id": "write", "component": "hello", "function": "write", "config": {"out": out}},
+    ]
+    steps[1]["max_queue"] = 3
+    cluster = make_cluster(daemon_factory, component, amqp_url, tmp_path, steps=steps)
     before = len(read_out(cluster.out))  # what the daemon wrote before the flow was stopped
     # The step's snapshot is deployd's: the trigger pod goes on from the daemon's last call.
     n0 = max((r["n"] for r in read_out(cluster.out)), default=0)
@@ -179,9 +185,12 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         open_gate(cluster.amqp_url, gate_queue("orders", "tick", 1))
         # So does the action, consuming nothing meanwhile (at a switch, deployd opens it once
         # the old version's pods of the step are gone: one consumer at a time).
-        wait_until(lambda: _queue_count(cluster.amqp_url, "deployd.orders.write") >= 2)
+        # Backpressure: at write's max_queue (3) the trigger pod holds, nothing dropped.
+        wait_until(lambda: "held: the queue of step write is full (3 >= 3)" in tick.log())
+        assert _queue_count(cluster.amqp_url, "deployd.orders.write") == 3
         assert not read_out(cluster.out)[before:]
         open_gate(cluster.amqp_url, gate_queue("orders", "write", 1))
+        wait_until(lambda: "deployd pod: resumed" in tick.log())
         assert (write.volume / "code" / "component.json").exists()
         # The trigger pod's outputs went through the broker to the action pod, which wrote them.
         rows = wait_until(

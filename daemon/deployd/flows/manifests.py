@@ -66,4 +66,5 @@ def manifests(
         sums,
         stop_timeout=config.daemon.stop_timeout,
         secrets=secrets,
+        max_queue=config.daemon.max_queue,
     )

@@ -109,11 +109,14 @@ def _resources(step: RunStep) -> dict[str, dict[str, str]]:
     }
 
 
-def step_document(spec: FlowVersionToRun, step: RunStep, config: Mapping[str, Any]) -> str:
+def step_document(
+    spec: FlowVersionToRun, step: RunStep, config: Mapping[str, Any], max_queue: int = 10000
+) -> str:
     """What the pod's sailor is told about its step (the Secret's `step.json`): its cfg, the
     flow's variables and the step's env are secrets, so this is never in the Deployment.
     `next`: the step its outputs go to, with that step's mapping (applied before they are
-    published to its queue, as the daemon's router does)."""
+    published to its queue, as the daemon's router does) and its queue's limit (`max_queue`,
+    the daemon's default where the step names none): the pod holds back while it is full."""
     index = spec.steps.index(step)
     after = spec.steps[index + 1] if index + 1 < len(spec.steps) else None
     return json.dumps(
@@ -133,7 +136,13 @@ def step_document(spec: FlowVersionToRun, step: RunStep, config: Mapping[str, An
             "config": dict(config),
             "variables": dict(spec.variables),
             "env": dict(step.env),
-            "next": None if after is None else {"step": after.id, "mapping": after.mapping},
+            "next": None
+            if after is None
+            else {
+                "step": after.id,
+                "mapping": after.mapping,
+                "max_queue": after.max_queue or max_queue,
+            },
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -148,12 +157,14 @@ def render(
     stop_timeout: float,
     secrets: PodSecrets | None,
     configs: Mapping[str, Mapping[str, Any]] | None = None,
+    max_queue: int = 10000,
 ) -> list[dict[str, Any]]:
     """A Secret and a Deployment for every trigger and action step of `spec`, in flow order.
 
     `digests`: the sha256 of each (component, version)'s archive (`artifacts.py`).
     `secrets`: None renders for review, every Secret value a placeholder. `configs`: a step's
     cfg as its process gets it (its credential merged), by step id; else the flow file's.
+    `max_queue`: `daemon.max_queue`, the limit of a step's queue that names none.
     """
     out: list[dict[str, Any]] = []
     for step in spec.steps:
@@ -161,7 +172,7 @@ def render(
             continue
         config = (configs or {}).get(step.id, step.config)
         name = object_name(spec.flow, step.id, spec.version)
-        values = {"step.json": step_document(spec, step, config)}
+        values = {"step.json": step_document(spec, step, config, max_queue)}
         values |= {f"env.{key}": value for key, value in step.env.items()}
         if secrets is not None:
             values |= {

@@ -73,8 +73,13 @@ class KubeRun:
 
     def status(self) -> list[StepStatus]:
         out = []
-        for step in self._spec.steps:
+        steps = self._spec.steps
+        for i, step in enumerate(steps):
             where = object_name(self._spec.flow, step.id, self._spec.version)
+            after = steps[i + 1] if i + 1 < len(steps) else None
+            held = after is not None and self.placement.depths.get(
+                (self._spec.flow, after.id), 0
+            ) >= (after.max_queue or self.placement.settings.max_queue)
             out.append(
                 StepStatus(
                     id=step.id,
@@ -84,6 +89,7 @@ class KubeRun:
                     version=step.version,
                     state=self.state,
                     location=f"kubernetes:{self.placement.kube.namespace}/{where}",
+                    backpressure=held and self.state == StepState.RUNNING,
                 )
             )
         return out
@@ -153,6 +159,7 @@ class KubePlacement:
         self.unconsumed = unconsumed  # (flow, step): until no consumer is left on its queue
         self._cluster: Cluster | None = None
         self.runs: dict[tuple[str, int], KubeRun] = {}
+        self.depths: dict[tuple[str, str], int] = {}  # (flow, step): as the broker last counted
         # Versions being applied and warmed (a warm-up, a rollback): not orphans, whatever the
         # reconciliation finds of them meanwhile.
         self.busy: set[tuple[str, int]] = set()
@@ -190,6 +197,7 @@ class KubePlacement:
             stop_timeout=self.settings.stop_timeout,
             secrets=secrets,
             configs=self.configs(spec),
+            max_queue=self.settings.max_queue,
         )
 
     async def warm_up(self, spec: FlowVersionToRun, timeout: float) -> KubeRun:

@@ -67,6 +67,7 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # where `deployd` is im
 MAX_SNAPSHOT = 16 << 20  # bytes of a snapshot answer
 CHUNK = 1 << 16
 READY_TIMEOUT = 120.0  # seconds the sailor's init and the broker may take
+HOLD_POLL = 0.1  # seconds between looks at a full next queue (backpressure)
 EXIT_REFUSED = 3  # the artifact's sha256 did not match: a restart will not help
 
 
@@ -395,6 +396,12 @@ class Agent:
         self.exec_id = uuid.uuid4().hex[:12]
         self.snapshot_loaded = False
         self.records = 0
+        # Backpressure: the next step's queue depth as last counted, plus what was published
+        # to it since — an upper bound (its consumers only lower it), so the broker is asked
+        # only when that bound reaches the queue's limit.
+        self.next_counted = 0
+        self.next_published = 0
+        self.held = False
 
     async def publish_outputs(self, parent: dict[str, Any], outcome: Outcome) -> None:
         """Each output to the next step's queue (its mapping applied), each confirmed."""
@@ -432,6 +439,32 @@ class Agent:
                 )
             )
         await asyncio.gather(*pending)
+        self.next_published += len(pending)
+
+    async def hold(self) -> None:
+        """Before a call (a trigger) or a message (an action): while the next step's queue is
+        at its `max_queue`, wait until it is below 90% of it (backpressure, as on one
+        machine; nothing is dropped). Returns at once while the bound allows."""
+        nxt: dict[str, Any] = self.step.get("next") or {}
+        limit = int(nxt.get("max_queue") or 0)
+        if not limit or self.next_counted + self.next_published < limit:
+            return
+        depth = await self.broker.depth(self.flow, nxt["step"])
+        self.next_counted, self.next_published = depth, 0
+        if depth < limit:
+            return
+        self.held = True
+        print(
+            f"deployd pod: held: the queue of step {nxt['step']} is full ({depth} >= {limit})",
+            file=sys.stderr,
+            flush=True,
+        )
+        while depth >= limit * 0.9 and not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), HOLD_POLL)
+            depth = await self.broker.depth(self.flow, nxt["step"])
+        self.next_counted, self.held = depth, False
+        print(f"deployd pod: resumed ({depth} queued)", file=sys.stderr, flush=True)
 
     async def record(self, kind: str, body: dict[str, Any], failures: int = 0) -> None:
         """A snapshot or a dead letter to the flow's records queue, confirmed (deployd writes
@@ -499,6 +532,9 @@ class Agent:
         await self.load_snapshot()  # after the gate: the old trigger's last one is written
         print("deployd pod: started", file=sys.stderr, flush=True)
         while not self.stopping.is_set():
+            await self.hold()
+            if self.stopping.is_set():
+                break
             call += 1
             before = self.sailor.snapshot
             outcome = await self.sailor.request({"t": "call"})
@@ -542,6 +578,9 @@ class Agent:
                 await channel.close()
 
     async def _handle(self, delivery: Any) -> None:
+        await self.hold()  # held, this message waits unacked (back to its queue on a stop)
+        if self.stopping.is_set():
+            return
         await self.load_snapshot()
         message = json.loads(delivery.body)
         msg = {k: message.get(k) for k in ("id", "body", "headers", "passthrough", "attachments")}

@@ -25,6 +25,7 @@ from .records import Records
 log = logging.getLogger("deployd.kubernetes")
 DRAIN_TIMEOUT = 10.0  # seconds a switch waits for the records of the old trigger
 CONSUMER_POLL = 0.02  # seconds between looks at a queue's consumers after its pods went
+DEPTH_EVERY = 1.0  # seconds between counts of the queues of flows on Kubernetes
 
 
 class KubeRuntime(RabbitRuntime):
@@ -54,18 +55,39 @@ class KubeRuntime(RabbitRuntime):
             self._unconsumed,
         )
         self.records = Records(store, self.broker)
+        self._counter: asyncio.Task[None] | None = None
 
     async def resumed(self) -> None:
         self.kube.reconcile_soon()
 
     async def close(self) -> None:
+        if self._counter is not None:
+            self._counter.cancel()
         try:
             await self.records.close()
             await self.kube.close()
         finally:
             await super().close()
 
+    async def _count(self) -> None:
+        """The depths of the queues pods consume (this daemon does not see them go): counted
+        by the broker every second, for `status`, metrics and each step's backpressure."""
+        while True:
+            await asyncio.sleep(DEPTH_EVERY)
+            if not self.broker.connected.is_set():
+                continue
+            try:
+                for run in list(self.kube.runs.values()):
+                    for step in run.spec.steps[1:]:
+                        depth = await self.broker.depth(run.spec.flow, step.id)
+                        self.kube.depths[(run.spec.flow, step.id)] = depth
+                        self.router.set_depth(run.spec.flow, step.id, depth)
+            except Exception as exc:  # the connection went meanwhile: counted again later
+                log.debug("kubernetes: counting queues: %s", exc)
+
     async def _place(self, spec: FlowVersionToRun, timeout: float) -> FlowRun:
+        if self._counter is None:
+            self._counter = asyncio.get_running_loop().create_task(self._count())
         run = await self.kube.warm_up(spec, timeout)
         for step in spec.steps:
             self.records.know(spec.flow, spec.version, step.id, step.component, step.version)
