@@ -25,6 +25,7 @@ from deployd.flows.manifests import manifests
 from deployd.objects import flow_token
 from deployd.runtime.kubernetes.artifacts import artifact_token
 from deployd.runtime.kubernetes.manifests import ARTIFACT_DIR, PodSecrets, gate_queue
+from deployd.runtime.rabbitmq.router import envelope
 from deployd.store import Store
 from tests.broker import run_async
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
@@ -200,6 +201,13 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         texts = [r["text"] for r in rows[before:]]
         assert texts[:3] == [f"hi {n0 + i}" for i in (1, 2, 3)]  # one trigger: in order
 
+        # A message delivered again to the pod that handled it (its upstream pod died after
+        # publishing it and published it anew) is acked, not processed a second time.
+        again_msg = envelope("orders.tick.x.1.0", json.dumps({"n": -1, "text": "again"}), "{}")
+        put(cluster.amqp_url, "deployd.orders.write", again_msg, again_msg)
+        wait_until(lambda: "message orders.tick.x.1.0 was handled before" in write.log())
+        assert [r["n"] for r in read_out(cluster.out)].count(-1) == 1
+
         tick.proc.send_signal(signal.SIGTERM)
         assert tick.proc.wait(25) == 0  # within terminationGracePeriodSeconds (25)
         assert "stopped at a call boundary" in tick.log()
@@ -226,7 +234,7 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         # so the restarted pod read the same stored snapshot again and counted from n0 + 1
         # anew; within each pod, nothing lost, nothing twice.
         assert _queue_count(cluster.amqp_url, "deployd.orders.records") >= 5
-        numbers = [r["n"] for r in read_out(cluster.out)[before:]]
+        numbers = [r["n"] for r in read_out(cluster.out)[before:] if r["n"] != -1]
         runs: list[list[int]] = []
         for n in numbers:
             if n == n0 + 1:
@@ -240,19 +248,25 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
 
 def open_gate(url: str, name: str) -> None:
     """What deployd does when a version starts: one message into a step's gate."""
+    put(url, name, b'"go"')
 
-    async def put() -> None:
+
+def put(url: str, name: str, *bodies: bytes) -> None:
+    """Each of `bodies` into queue `name` (declared a quorum queue when missing)."""
+
+    async def main() -> None:
         import aio_pika
 
         conn = await aio_pika.connect(url)
         try:
             channel = await conn.channel()
             await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-            await channel.default_exchange.publish(aio_pika.Message(b'"go"'), routing_key=name)
+            for body in bodies:
+                await channel.default_exchange.publish(aio_pika.Message(body), routing_key=name)
         finally:
             await conn.close()
 
-    run_async(put)
+    run_async(main)
 
 
 def _queue_empty(url: str) -> bool:

@@ -25,8 +25,10 @@
 5. SIGTERM: not ready any more; the current call or message finishes, nothing new starts, the
    sailor is told to stop, exit 0 — within the pod's termination grace period.
 
-What this agent does not do (yet) that the daemon-side router does: handled message ids are
-not recorded (after a pod dies, an unacked message is delivered again: at-least-once).
+What this agent does not do that the daemon-side router does: handled message ids are kept in
+the pod's memory only (the newest HANDLED_MEMORY), not in a database — so a message that comes
+again to a pod that handled it is acked without a second call, but after a pod itself dies its
+unacked message is handled again by the next pod (at-least-once; README).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,7 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # where `deployd` is im
 MAX_SNAPSHOT = 16 << 20  # bytes of a snapshot answer
 CHUNK = 1 << 16
 READY_TIMEOUT = 120.0  # seconds the sailor's init and the broker may take
+HANDLED_MEMORY = 50_000  # message ids a pod remembers having handled
 HOLD_POLL = 0.1  # seconds between looks at a full next queue (backpressure)
 EXIT_REFUSED = 3  # the artifact's sha256 did not match: a restart will not help
 
@@ -402,6 +406,10 @@ class Agent:
         self.next_counted = 0
         self.next_published = 0
         self.held = False
+        # The ids of the messages this pod handled (outputs confirmed, input acked), newest
+        # last: one delivered again — its upstream pod died after publishing it and published
+        # it anew, or the connection went before its ack — is acked without a second call.
+        self.handled: OrderedDict[str, None] = OrderedDict()
 
     async def publish_outputs(self, parent: dict[str, Any], outcome: Outcome) -> None:
         """Each output to the next step's queue (its mapping applied), each confirmed."""
@@ -584,6 +592,15 @@ class Agent:
         await self.load_snapshot()
         message = json.loads(delivery.body)
         msg = {k: message.get(k) for k in ("id", "body", "headers", "passthrough", "attachments")}
+        msg_id = str(msg.get("id") or "")
+        if msg_id and msg_id in self.handled:
+            print(
+                f"deployd pod: message {msg_id} was handled before: acked, not processed again",
+                file=sys.stderr,
+                flush=True,
+            )
+            await delivery.ack()
+            return
         before = self.sailor.snapshot
         outcome = await self.sailor.request({"t": "msg", "msg": msg})
         try:
@@ -596,6 +613,10 @@ class Agent:
             await self.dead_letter(msg, outcome.error, failures)
         await self.keep_snapshot(before)
         await delivery.ack()  # after its outputs, its letter and its snapshot are confirmed
+        if msg_id and outcome.error is None:  # a dead letter may be retried: not remembered
+            self.handled[msg_id] = None
+            if len(self.handled) > HANDLED_MEMORY:
+                self.handled.popitem(last=False)
 
 
 async def serve(environ: dict[str, str]) -> int:
