@@ -213,6 +213,7 @@ class KubePlacement:
         except ClusterError as exc:
             with contextlib.suppress(ClusterError):
                 await self.cluster.delete_version(spec.flow, spec.version)
+            await self._delete_gates(spec)
             raise StepFailed(spec.steps[0].id, f"Kubernetes: {exc}") from None
         finally:
             self.busy.discard(key)
@@ -358,13 +359,17 @@ class KubePlacement:
             await self.cluster.delete_version(run.spec.flow, run.spec.version)
         except ClusterError as exc:
             log.warning("flow %s v%s: %s", run.spec.flow, run.spec.version, exc)
-        for step in _pod_steps(run):  # its gates (a switch closed them; a stop did not)
+        await self._delete_gates(run.spec)  # a switch closed them; a stop did not
+
+    async def _delete_gates(self, spec: FlowVersionToRun) -> None:
+        """The gates of a version whose objects were deleted (what its pods declared)."""
+        for step in (s.id for s in spec.steps if s.kind != StepKind.MAPPER):
             try:
                 await asyncio.wait_for(
-                    self.close_gate(gate_queue(run.spec.flow, step, run.spec.version)), GATE_WAIT
+                    self.close_gate(gate_queue(spec.flow, step, spec.version)), GATE_WAIT
                 )
             except Exception as exc:  # the broker is away: a few empty queues stay
-                log.info("flow %s v%s: gate of %s: %s", run.spec.flow, run.spec.version, step, exc)
+                log.info("flow %s v%s: gate of %s: %s", spec.flow, spec.version, step, exc)
 
     async def reconcile(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         return await self.cluster.reconcile(
