@@ -178,6 +178,7 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     extra_toml: str = ""  # more tables for the config file (e.g. [runtime.rabbitmq])
+    listen: str = ""  # HOST:PORT to listen on instead of 127.0.0.1:port (port: its port)
 
     @property
     def config_path(self) -> Path:
@@ -189,7 +190,10 @@ class Daemon:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = self.listen.rpartition(":")[0].strip("[]") if self.listen else "127.0.0.1"
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"  # every address: the tests speak to it on loopback
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -199,7 +203,8 @@ class Daemon:
         return self.state_dir / "repos" / f"{name}.git"
 
     def write_config(self) -> None:
-        lines = ["[daemon]", f'state_dir = "{self.state_dir}"', f'listen = "127.0.0.1:{self.port}"']
+        listen = self.listen or f"127.0.0.1:{self.port}"
+        lines = ["[daemon]", f'state_dir = "{self.state_dir}"', f'listen = "{listen}"']
         # A `git push` to a hosted repository waits for the deploy to report back (issue 15):
         # off here, or tests pushing twice in a row (latest wins) would build each push.
         extra = {"push_feedback_wait": "0", **self.daemon_extra}

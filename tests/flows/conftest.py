@@ -85,7 +85,7 @@ def counter_files(tag: str = "v1", **overrides: Any) -> dict[str, Any]:
 
 def flow_toml(
     name: str,
-    out: Path,
+    out: Path | str,
     *,
     interval: str = "50ms",
     update: str = "auto",

@@ -140,15 +140,12 @@ def make_cluster(
     name: str = "hello",
     files: dict[str, Any] | None = None,
     steps: list[dict[str, Any]] | None = None,
+    image: str = "registry.example.com/deployd-step:1",
 ) -> Cluster:
     work = component(name)
     work.commit("counter component", files or counter_files())
     d = daemon_factory(components=[{"name": name}])
-    d.extra_toml = (
-        "[runtime.kubernetes]\n"
-        'image = "registry.example.com/deployd-step:1"\n'
-        f'public_url = "{d.url}"\n'
-    )
+    d.extra_toml = f'[runtime.kubernetes]\nimage = "{image}"\npublic_url = "{d.url}"\n'
     d.start()
     d.wait_recent(name, work.push(d.hosted(name)), timeout=60)
     cluster = Cluster(d, amqp_url, tmp_path)
