@@ -21,8 +21,17 @@ from typing import Any
 import httpx
 import pytest
 
+from deployd.runtime.kubernetes.manifests import gate_queue, hooks_queue
+from tests.broker import run_async
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
-from tests.flows.conftest import FlowEnv, assert_contiguous, counter_files, flow_toml, read_out
+from tests.flows.conftest import (
+    TICKER,
+    FlowEnv,
+    assert_contiguous,
+    counter_files,
+    flow_toml,
+    read_out,
+)
 from tests.kubernetes.emulator import Emulator
 from tests.kubernetes.test_cluster import kubeconfig
 from tests.kubernetes.test_pod import container_env
@@ -162,10 +171,11 @@ def cluster_env(
     emu: Emulator,
     amqp_url: str,
     tmp_path: Path,
+    files: dict[str, Any] | None = None,
     **daemon_keys: Any,
 ) -> FlowEnv:
     work = component("hello")
-    work.commit("counter component", counter_files())
+    work.commit("counter component", files or counter_files())
     d = daemon_factory(**{"rollback_window": "2s", "warmup_timeout": "60s", **daemon_keys})
     d.extra_toml = (
         f'[runtime]\ndefault = "rabbitmq"\n[runtime.rabbitmq]\nurl = "{amqp_url}"\n'
@@ -183,6 +193,55 @@ def by(rows: list[dict[str, Any]], tag: str) -> list[int]:
     return [r["n"] for r in rows if r["by"] == tag]
 
 
+def hooked_ticker(result: str = "{'token': TOKEN}") -> str:
+    """The counter's ticker with hooks, each writing a line to cfg["hooks"]: startup() sets
+    module state (its calls put it in their output) and returns `result`; shutdown() writes
+    what it was given."""
+    return (
+        "import json\n\nTOKEN = None\n\n\n"
+        + TICKER.replace('"n": n}\n', '"n": n, "token": TOKEN}\n')
+        + f"""
+
+def startup(cfg):
+    global TOKEN
+    TOKEN = "from-startup"
+    with open(cfg["hooks"], "a") as fh:
+        fh.write(json.dumps({{"hook": "startup"}}) + "\\n")
+    return {result}
+
+
+def shutdown(cfg, data):
+    with open(cfg["hooks"], "a") as fh:
+        fh.write(json.dumps({{"hook": "shutdown", "data": data}}) + "\\n")
+"""
+    )
+
+
+def hooked_flow(out: Path, hooks: Path) -> str:
+    tick = {"id": "tick", "component": "hello", "function": "ticker", "interval": "100ms"}
+    write = {"id": "write", "component": "hello", "function": "write", "config": {"out": out}}
+    return flow_toml("orders", out, steps=[{**tick, "config": {"hooks": hooks}}, write])
+
+
+def queue_exists(url: str, name: str) -> bool:
+    async def check() -> bool:
+        import aio_pika
+        import aiormq
+
+        conn = await aio_pika.connect(url)
+        try:
+            channel = await conn.channel()
+            try:
+                await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            return True
+        finally:
+            await conn.close()
+
+    return bool(run_async(check))
+
+
 @SLOW
 def test_publish_switch_and_cleanup_through_the_cluster(
     daemon_factory: Callable[..., Daemon],
@@ -191,11 +250,14 @@ def test_publish_switch_and_cleanup_through_the_cluster(
     amqp_url: str,
     tmp_path: Path,
 ) -> None:
-    env = cluster_env(daemon_factory, component, emu, amqp_url, tmp_path)
+    ticker = {"lib/ticker.py": hooked_ticker()}
+    env = cluster_env(
+        daemon_factory, component, emu, amqp_url, tmp_path, files=counter_files(**ticker)
+    )
     kubelet = Kubelet(emu, tmp_path)
     try:
-        out = env.out()
-        env.apply(flow_toml("orders", out, interval="100ms"))
+        out, hooks = env.out(), tmp_path / "hooks.jsonl"
+        env.apply(hooked_flow(out, hooks))
         first = env.wait_deploy("orders", 1, timeout=90)
         assert first["status"] == "done", first
         names = emu.names("deployments")
@@ -206,9 +268,12 @@ def test_publish_switch_and_cleanup_through_the_cluster(
         wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
         status = env.flow("orders")
         assert any("kubernetes:deployd-flows/" in str(s.get("location")) for s in status["steps"])
+        # The flow's first start ran startup() in the trigger pod, before its first call.
+        assert read_out(hooks) == [{"hook": "startup"}]
+        assert {r["token"] for r in read_out(out)} == {"from-startup"}
 
         # v2's action fails on every fourth n: those messages are dead letters, kept by deployd.
-        env.push(counter_files("v2", **{"lib/write.py": FAILING_WRITER}))
+        env.push(counter_files("v2", **{"lib/write.py": FAILING_WRITER, **ticker}))
         second = env.wait_deploy("orders", 2, timeout=90)
         assert second["status"] == "done", second
         assert second["gap_ms"] is not None
@@ -216,6 +281,10 @@ def test_publish_switch_and_cleanup_through_the_cluster(
         # The old version goes once the rollback window (2 s) has passed.
         wait_until(lambda: all("-v2-" in n for n in emu.names("deployments")), timeout=30)
         wait_until(lambda: all("-v2-" in n for n in emu.names("secrets")), timeout=30)
+        wait_until(lambda: not queue_exists(amqp_url, hooks_queue("orders", "tick", 1)))
+        # A publish is no flow start (as on one machine): no startup() in v2's trigger pod.
+        assert read_out(hooks) == [{"hook": "startup"}]
+        assert {r["token"] for r in read_out(out) if r["by"] == "v2"} == {None}
         letters = wait_until(lambda: errors(env, "orders") or None, timeout=30)
         assert all(x["step"] == "write" and "n is a multiple of 4" in x["error"] for x in letters)
         # Nothing lost, nothing twice, the snapshot kept across the switch: the v2 trigger went
@@ -231,13 +300,22 @@ def test_publish_switch_and_cleanup_through_the_cluster(
 
         # The cluster refuses the next version: a failed deployment with its reason; v2 runs on.
         emu.fail("PATCH", "deployments", 403, "Forbidden", "deployments.apps is forbidden: quota")
-        env.push(counter_files("v3"))
+        env.push(counter_files("v3", **ticker))
         third = env.wait_deploy("orders", 3, timeout=90)
         assert third["status"] == "failed"
         assert "Forbidden (403): deployments.apps is forbidden: quota" in third["reason"]
         have = len(by(read_out(out), "v2"))
         wait_until(lambda: len(by(read_out(out), "v2")) >= have + 3, timeout=60)
         assert all("-v2-" in n for n in emu.names("deployments"))
+        assert queue_exists(amqp_url, hooks_queue("orders", "tick", 2))
+
+        # `flow stop`: shutdown() runs in the running trigger pod with what startup() returned
+        # at the flow's start; then the version's objects and queues go.
+        env.daemon.cli("flow", "stop", "orders")
+        assert read_out(hooks)[-1] == {"hook": "shutdown", "data": {"token": "from-startup"}}
+        wait_until(lambda: not emu.names("deployments"), timeout=30)
+        for name in (hooks_queue("orders", "tick", 2), gate_queue("orders", "tick", 2)):
+            assert not queue_exists(amqp_url, name), name
     finally:
         kubelet.close()
 
@@ -254,17 +332,21 @@ def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
     at start the unfinished deployment is failed and the active version warmed up again (the
     same objects applied again: nothing twice); the catch-up publishes the new code anew as
     the daemon's crash-only rules say, and v2's objects, which no flow runs, are deleted by
-    the reconciliation: in the end the cluster holds exactly the active version's."""
-    env = cluster_env(daemon_factory, component, emu, amqp_url, tmp_path)
+    the reconciliation: in the end the cluster holds exactly the active version's. The
+    trigger's startup() returned nothing and is not run again at the daemon's start."""
+    ticker = {"lib/ticker.py": hooked_ticker("None")}
+    env = cluster_env(
+        daemon_factory, component, emu, amqp_url, tmp_path, files=counter_files(**ticker)
+    )
     kubelet = Kubelet(emu, tmp_path)
     try:
-        out = env.out()
-        env.apply(flow_toml("orders", out, interval="100ms"))
+        out, hooks = env.out(), tmp_path / "hooks.jsonl"
+        env.apply(hooked_flow(out, hooks))
         assert env.wait_deploy("orders", 1, timeout=90)["status"] == "done"
         v1 = emu.names("deployments")
         wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
         kubelet.paused.set()  # no pod of v2 comes up: the publish stays in its warm-up
-        env.work.commit("v2", counter_files("v2"))
+        env.work.commit("v2", counter_files("v2", **ticker))
         env.work.push(env.daemon.hosted("hello"))
         wait_until(lambda: len(emu.names("deployments")) == 4, timeout=60)
         env.daemon.kill()
@@ -288,6 +370,7 @@ def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
 
         wait_until(converged, timeout=90)
         assert v1
+        assert read_out(hooks) == [{"hook": "startup"}]  # it ran (returning None): not again
     finally:
         kubelet.close()
 
