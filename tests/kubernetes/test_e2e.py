@@ -43,7 +43,13 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Secret
 
 from deployd.config import split_listen
-from deployd.runtime.kubernetes.manifests import FLOW_LABEL, MANAGED_BY, OWNER, gate_queue
+from deployd.runtime.kubernetes.manifests import (
+    FLOW_LABEL,
+    MANAGED_BY,
+    OWNER,
+    gate_queue,
+    hooks_queue,
+)
 from deployd.runtime.kubernetes.records import records_queue
 from deployd.runtime.rabbitmq.broker import queue_name
 from tests.broker import run_async
@@ -495,10 +501,11 @@ def cluster_env(
     daemon_factory: Callable[..., Daemon],
     component: Callable[..., Work],
     tmp_path: Path,
+    component_files: dict[str, Any] | None = None,
     **daemon_keys: Any,
 ) -> FlowEnv:
     work = component("hello")
-    work.commit("counter component", files())
+    work.commit("counter component", component_files or files())
     d = daemon_factory(**{"rollback_window": "2s", "warmup_timeout": "60s", **daemon_keys})
     d.extra_toml = backend.config(d)
     d.start()
@@ -582,6 +589,59 @@ def by(rows: list[dict[str, Any]], tag: str) -> list[int]:
     return [r["n"] for r in rows if r["by"] == tag]
 
 
+def hooked_ticker(result: str = "{'token': TOKEN}") -> str:
+    """The counter's ticker with hooks, each writing a line to cfg["hooks"]: startup() sets
+    module state (its calls put it in their output) and returns `result`; shutdown() writes
+    what it was given."""
+    return (
+        "import json\n\nTOKEN = None\n\n\n"
+        + TICKER.replace('"n": n}\n', '"n": n, "token": TOKEN}\n')
+        + f"""
+
+def startup(cfg):
+    global TOKEN
+    TOKEN = "from-startup"
+    with open(cfg["hooks"], "a") as fh:
+        fh.write(json.dumps({{"hook": "startup"}}) + "\\n")
+    return {result}
+
+
+def shutdown(cfg, data):
+    with open(cfg["hooks"], "a") as fh:
+        fh.write(json.dumps({{"hook": "shutdown", "data": data}}) + "\\n")
+"""
+    )
+
+
+def hooked_flow(backend: Backend, out: Path, hooks: Path) -> str:
+    """tick (with cfg["hooks"]) → write. The hooks write a file of this machine, so their
+    checks run on the emulator only (a real cluster's pods cannot write here)."""
+    tick = {"id": "tick", "component": "hello", "function": "ticker", "interval": "100ms"}
+    write = {"id": "write", "component": "hello", "function": "write"}
+    write["config"] = {"out": backend.out(out)}
+    tick["config"] = {"hooks": hooks}
+    return flow_toml(backend.flow, backend.out(out), steps=[tick, write])
+
+
+def queue_exists(url: str, name: str) -> bool:
+    async def check() -> bool:
+        import aio_pika
+        import aiormq
+
+        conn = await aio_pika.connect(url)
+        try:
+            channel = await conn.channel()
+            try:
+                await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            return True
+        finally:
+            await conn.close()
+
+    return bool(run_async(check))
+
+
 @SLOW
 @BOTH
 def test_publish_switch_and_cleanup_through_the_cluster(
@@ -590,10 +650,15 @@ def test_publish_switch_and_cleanup_through_the_cluster(
     component: Callable[..., Work],
     tmp_path: Path,
 ) -> None:
-    env = cluster_env(backend, daemon_factory, component, tmp_path)
+    hooked = backend.emu is not None  # the hooks write a file of this machine
+    ticker = {"lib/ticker.py": hooked_ticker()} if hooked else {}
+    env = cluster_env(backend, daemon_factory, component, tmp_path, component_files=files(**ticker))
     flow = backend.flow
-    out = env.out()
-    env.apply(counter_flow(backend, out, interval="100ms"))
+    out, hooks = env.out(), tmp_path / "hooks.jsonl"
+    if hooked:
+        env.apply(hooked_flow(backend, out, hooks))
+    else:
+        env.apply(counter_flow(backend, out, interval="100ms"))
     first = env.wait_deploy(flow, 1, timeout=90)
     assert first["status"] == "done", first
     names = backend.deployments()
@@ -605,9 +670,12 @@ def test_publish_switch_and_cleanup_through_the_cluster(
     status = env.flow(flow)
     where = f"kubernetes:{backend.namespace}/"
     assert any(where in str(s.get("location")) for s in status["steps"])
+    if hooked:  # the flow's first start ran startup() in the trigger pod, before its first call
+        assert read_out(hooks) == [{"hook": "startup"}]
+        assert {r["token"] for r in read_out(out)} == {"from-startup"}
 
     # v2's action fails on every fourth n: those messages are dead letters, kept by deployd.
-    env.push(files("v2", **{"lib/write.py": FAILING_WRITER}))
+    env.push(files("v2", **{"lib/write.py": FAILING_WRITER, **ticker}))
     second = env.wait_deploy(flow, 2, timeout=90)
     assert second["status"] == "done", second
     assert second["gap_ms"] is not None
@@ -615,6 +683,11 @@ def test_publish_switch_and_cleanup_through_the_cluster(
     # The old version goes once the rollback window (2 s) has passed.
     wait_until(lambda: all("-v2-" in n for n in backend.deployments()), timeout=30, interval=0.2)
     wait_until(lambda: all("-v2-" in n for n in backend.secrets()), timeout=30, interval=0.2)
+    v1_hooks = hooks_queue(flow, "tick", 1)
+    wait_until(lambda: not queue_exists(backend.amqp_url, v1_hooks), timeout=30)
+    if hooked:  # a publish is no flow start (as on one machine): no startup() in v2's pod
+        assert read_out(hooks) == [{"hook": "startup"}]
+        assert {r["token"] for r in read_out(out) if r["by"] == "v2"} == {None}
     letters = wait_until(lambda: errors(env, flow) or None, timeout=30)
     assert all(x["step"] == "write" and "n is a multiple of 4" in x["error"] for x in letters)
     # Nothing lost, nothing twice, the snapshot kept across the switch: the v2 trigger went
@@ -638,13 +711,22 @@ def test_publish_switch_and_cleanup_through_the_cluster(
     backend.emu.fail(
         "PATCH", "deployments", 403, "Forbidden", "deployments.apps is forbidden: quota"
     )
-    env.push(files("v3"))
+    env.push(files("v3", **ticker))
     third = env.wait_deploy(flow, 3, timeout=90)
     assert third["status"] == "failed"
     assert "Forbidden (403): deployments.apps is forbidden: quota" in third["reason"]
     have = len(by(read_out(out), "v2"))
     wait_until(lambda: len(by(read_out(out), "v2")) >= have + 3, timeout=60)
     assert all("-v2-" in n for n in backend.deployments())
+    assert queue_exists(backend.amqp_url, hooks_queue(flow, "tick", 2))
+
+    # `flow stop`: shutdown() runs in the running trigger pod with what startup() returned at
+    # the flow's start; then the version's objects and queues go.
+    env.daemon.cli("flow", "stop", flow)
+    assert read_out(hooks)[-1] == {"hook": "shutdown", "data": {"token": "from-startup"}}
+    wait_until(lambda: not backend.deployments(), timeout=30)
+    for name in (hooks_queue(flow, "tick", 2), gate_queue(flow, "tick", 2)):
+        assert not queue_exists(backend.amqp_url, name), name
 
 
 @SLOW
@@ -659,16 +741,22 @@ def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
     at start the unfinished deployment is failed and the active version warmed up again (the
     same objects applied again: nothing twice); the catch-up publishes the new code anew as
     the daemon's crash-only rules say, and v2's objects, which no flow runs, are deleted by
-    the reconciliation: in the end the cluster holds exactly the active version's."""
-    env = cluster_env(backend, daemon_factory, component, tmp_path)
+    the reconciliation: in the end the cluster holds exactly the active version's. The
+    trigger's startup() returned nothing and is not run again at the daemon's start."""
+    hooked = backend.emu is not None  # the hooks write a file of this machine
+    ticker = {"lib/ticker.py": hooked_ticker("None")} if hooked else {}
+    env = cluster_env(backend, daemon_factory, component, tmp_path, component_files=files(**ticker))
     flow = backend.flow
-    out = env.out()
-    env.apply(counter_flow(backend, out, interval="100ms"))
+    out, hooks = env.out(), tmp_path / "hooks.jsonl"
+    if hooked:
+        env.apply(hooked_flow(backend, out, hooks))
+    else:
+        env.apply(counter_flow(backend, out, interval="100ms"))
     assert env.wait_deploy(flow, 1, timeout=90)["status"] == "done"
     v1 = backend.deployments()
     wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)
     held = backend.hold_new_pods()  # no pod of v2 becomes ready: the publish stays in warm-up
-    env.work.commit("v2", files("v2", **held))
+    env.work.commit("v2", files("v2", **{**ticker, **held}))
     env.work.push(env.daemon.hosted("hello"))
     wait_until(lambda: len(backend.deployments()) == 4, timeout=60, interval=0.1)
     env.daemon.kill()
@@ -691,6 +779,8 @@ def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
 
     wait_until(converged, timeout=90, interval=0.2)
     assert v1
+    if hooked:
+        assert read_out(hooks) == [{"hook": "startup"}]  # it ran (returning None): not again
 
 
 FAILING_WRITER = writer(

@@ -24,13 +24,14 @@ from deployd import config as config_mod
 from deployd.flows.manifests import manifests
 from deployd.objects import flow_token
 from deployd.runtime.kubernetes.artifacts import artifact_token
-from deployd.runtime.kubernetes.manifests import ARTIFACT_DIR, PodSecrets, gate_queue
+from deployd.runtime.kubernetes.hooks import HookFailed, HookUnanswered, ask
+from deployd.runtime.kubernetes.manifests import ARTIFACT_DIR, PodSecrets, gate_queue, hooks_queue
 from deployd.runtime.rabbitmq.router import envelope
 from deployd.store import Store
 from tests.broker import run_async
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
-from tests.flows.conftest import counter_files, flow_toml, read_out
-from tests.node.conftest import platform_files
+from tests.flows.conftest import TICKER, counter_files, flow_toml, read_out
+from tests.node.conftest import COUNTER_JS, platform_files
 
 
 class Cluster:
@@ -157,6 +158,25 @@ def make_cluster(
     return cluster
 
 
+# The counter's ticker with hooks: startup() sets module state that its calls put in their
+# output; shutdown() fails, naming what it was given.
+HOOKED_TICKER = (
+    "TOKEN = None\n\n\n"
+    + TICKER.replace('"n": n}\n', '"n": n, "token": TOKEN}\n')
+    + """
+
+def startup(cfg):
+    global TOKEN
+    TOKEN = "from-startup"
+    return {"token": TOKEN}
+
+
+def shutdown(cfg, data):
+    raise ValueError(f"shutdown refused {data}")
+"""
+)
+
+
 def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
     daemon_factory: Callable[..., Daemon],
     component: Callable[..., Work],
@@ -169,7 +189,14 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         {"id": "write", "component": "hello", "function": "write", "config": {"out": out}},
     ]
     steps[1]["max_queue"] = 3
-    cluster = make_cluster(daemon_factory, component, amqp_url, tmp_path, steps=steps)
+    cluster = make_cluster(
+        daemon_factory,
+        component,
+        amqp_url,
+        tmp_path,
+        files=counter_files(**{"lib/ticker.py": HOOKED_TICKER}),
+        steps=steps,
+    )
     before = len(read_out(cluster.out))  # what the daemon wrote before the flow was stopped
     # The step's snapshot is deployd's: the trigger pod goes on from the daemon's last call.
     n0 = max((r["n"] for r in read_out(cluster.out)), default=0)
@@ -180,6 +207,10 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         write.wait_ready()
         tick.wait_ready()
         assert not read_out(cluster.out)[before:]  # the trigger waits at its start gate
+        # Ready means hooks are served (deployd asks startup() before the gate opens): the
+        # hook runs in the pod's sailor, whose calls then see what it set.
+        hooks = hooks_queue("orders", "tick", 1)
+        assert hook(cluster.amqp_url, hooks, "startup") == {"token": "from-startup"}
         open_gate(cluster.amqp_url, gate_queue("orders", "tick", 1))
         # So does the action, consuming nothing meanwhile (at a switch, deployd opens it once
         # the old version's pods of the step are gone: one consumer at a time).
@@ -197,6 +228,13 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         assert all(r["by"] == "v1" for r in rows)
         texts = [r["text"] for r in rows[before:]]
         assert texts[:3] == [f"hi {n0 + i}" for i in (1, 2, 3)]  # one trigger: in order
+        assert {r["token"] for r in rows[before:]} == {"from-startup"}
+        # A failing hook: its error is the answer (between two calls of the running trigger).
+        with pytest.raises(HookFailed, match=r"shutdown\(\): ValueError: shutdown refused"):
+            hook(cluster.amqp_url, hooks, "shutdown", {"token": "t"})
+        assert "{'token': 't'}" in tick.log() and "shutdown() failed" in tick.log()
+        with pytest.raises(HookUnanswered, match="no trigger pod declared"):
+            hook(cluster.amqp_url, hooks_queue("orders", "tick", 9), "startup")
 
         # A message delivered again to the pod that handled it (its upstream pod died after
         # publishing it and published it anew) is acked, not processed a second time.
@@ -210,10 +248,15 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         assert "stopped at a call boundary" in tick.log()
         # A trigger pod of the same version started again (a restart, a rescheduling) finds
         # its gate still open: it works at once.
+        # Its hooks queue has no consumer meanwhile: a request waits a short bound only.
+        with pytest.raises(HookUnanswered, match="no trigger pod consumes"):
+            hook(cluster.amqp_url, hooks, "startup", idle_wait=0.3)
         again = cluster.pod("tick")
         again.wait_ready()
         have = len(read_out(cluster.out))
         wait_until(lambda: len(read_out(cluster.out)) >= have + 2)
+        # A restarted pod does not run startup() by itself (deployd asks once per flow start).
+        assert {r["token"] for r in read_out(cluster.out)[have:]} == {None}
         again.proc.send_signal(signal.SIGTERM)
         assert again.proc.wait(25) == 0
         written = len(read_out(cluster.out))
@@ -241,6 +284,21 @@ def test_pods_download_verify_connect_handle_and_stop_at_a_call_boundary(
         assert all(run == list(range(n0 + 1, n0 + 1 + len(run))) for run in runs)
     finally:
         cluster.close()
+
+
+def hook(url: str, queue: str, name: str, data: Any = None, idle_wait: float = 5.0) -> Any:
+    """What deployd does to run a trigger pod's hook (`hooks.ask`)."""
+
+    async def go() -> Any:
+        import aio_pika
+
+        conn = await aio_pika.connect(url)
+        try:
+            return await ask(conn, queue, name, data, 20, idle_wait=idle_wait)
+        finally:
+            await conn.close()
+
+    return run_async(go)
 
 
 def open_gate(url: str, name: str) -> None:
@@ -337,6 +395,13 @@ def test_a_tampered_archive_is_refused_and_tokens_are_scoped(
         cluster.close()
 
 
+STARTUP_JS = """
+exports.startup = async function startup(cfg) {
+  return { by: 'node', flow: process.env.ELASTICIO_FLOW_ID };
+};
+"""
+
+
 @pytest.mark.timeout(300)  # a daemon, an npm build and two pods: ~30 s on a quiet machine
 def test_a_node_component_runs_in_pods_with_nothing_of_the_pod_in_its_environment(
     daemon_factory: Callable[..., Daemon],
@@ -370,7 +435,9 @@ exports.process = async function processAction(msg, cfg) {
         amqp_url,
         tmp_path,
         name="platform",
-        files=platform_files(**{"lib/actions/write.js": env_js}),
+        files=platform_files(
+            **{"lib/actions/write.js": env_js, "lib/triggers/counter.js": COUNTER_JS + STARTUP_JS}
+        ),
         steps=steps,
     )
     cluster.out = out
@@ -379,6 +446,9 @@ exports.process = async function processAction(msg, cfg) {
         write, tick = cluster.pod("write"), cluster.pod("tick")
         write.wait_ready()
         tick.wait_ready()
+        # The Node sailor runs the trigger's hooks in a pod as the Python one does.
+        got = hook(cluster.amqp_url, hooks_queue("orders", "tick", 1), "startup")
+        assert got == {"by": "node", "flow": "orders"}, got
         for step in ("tick", "write"):
             open_gate(cluster.amqp_url, gate_queue("orders", step, 1))
         rows = wait_until(lambda: len(read_out(out)) >= before + 3 and read_out(out))[before:]

@@ -233,7 +233,7 @@ class Publisher:
         if initial or flow["startup_data"] is None:
             data = await run.trigger_hook("startup")  # before the first process() call
             with self.store.tx():
-                self.fs.set_flow(name, startup_data=_json_dump(data))
+                self.fs.set_flow(name, startup_data=_ran(data))
         await self.runtime.run(run)
         self.runs[name] = run
         with self.store.tx():
@@ -391,7 +391,7 @@ class Publisher:
             if old is None and flow["startup_data"] is None:
                 data = await new.trigger_hook("startup")  # before the first process() call
                 with self.store.tx():
-                    self.fs.set_flow(name, startup_data=_json_dump(data))
+                    self.fs.set_flow(name, startup_data=_ran(data))
             switched_at = time.monotonic()
             if old is None:
                 await self.runtime.run(new)
@@ -864,8 +864,11 @@ class Publisher:
             log.info("flow %s: %d dead letter(s) re-driven into v%s", name, total, version)
 
 
-def _json_dump(data: Any) -> str | None:
-    return None if data is None else json.dumps(data)
+def _ran(data: Any) -> str:
+    """What `flows.startup_data` keeps once startup() ran: its result as JSON — "null" when it
+    returned nothing, so that it is not run again at every daemon start (NULL: not run since
+    the flow was last stopped)."""
+    return json.dumps(data)
 
 
 def _json_load(text: str | None) -> Any:

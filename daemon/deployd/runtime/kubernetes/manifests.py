@@ -81,6 +81,12 @@ def gate_queue(flow: str, step: str, version: int) -> str:
     return f"deployd.{flow}.{step}.v{version}.go"
 
 
+def hooks_queue(flow: str, step: str, version: int) -> str:
+    """The queue a trigger pod takes its `startup()`/`shutdown()` requests from (`hooks.py`):
+    declared by the pod only, deleted by deployd with the version's objects."""
+    return f"deployd.{flow}.{step}.v{version}.hooks"
+
+
 def labels(flow: str, step: str, version: int) -> dict[str, str]:
     return {
         MANAGED_BY: OWNER,

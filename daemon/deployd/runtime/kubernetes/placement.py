@@ -14,6 +14,9 @@ rollback  `switch(new, old)`: the old version is applied again (its replicas bac
 reconcile once every active flow was started again at a daemon start, then every minute:
           what deployd owns (by label) and no run of this daemon holds is deleted; a run's
           Deployment gone missing is applied again.
+hooks     `trigger_hook`: the trigger pod runs startup()/shutdown() when deployd asks
+          (`hooks.py`), within `warmup_timeout`; unanswered, a warning and None. A version's
+          gate and hooks queues are deleted with its objects.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from ...types import FlowVersionToRun, StepExit, StepKind, StepState, StepStatus
 from ..base import StepFailed
 from .artifacts import artifact_token, ensure_archive
 from .cluster import Cluster, ClusterError, client_for
-from .manifests import PodSecrets, gate_queue, object_name, render, step_label
+from .hooks import HookFailed, HookUnanswered
+from .manifests import PodSecrets, gate_queue, hooks_queue, object_name, render, step_label
 
 log = logging.getLogger("deployd.kubernetes")
 RECONCILE_EVERY = 60.0  # seconds
-GATE_WAIT = 5.0  # seconds a removed version's gate deletion may take (the broker away)
+QUEUE_DELETE_WAIT = 5.0  # seconds the deletion of a version's gate or hooks queue may take
 
 
 def _pod_steps(run: KubeRun) -> list[str]:
@@ -123,7 +127,9 @@ class KubeRun:
                 await asyncio.wait_for(self.stopped.wait(), 1.0)
 
     async def trigger_hook(self, name: str, data: Any = None) -> Any:
-        return None  # startup()/shutdown() hooks do not run in pods yet
+        """The trigger pod's `startup()` or `shutdown(data)`, asked over the broker; None (a
+        warning in the log) when it failed or no pod answered within `warmup_timeout`."""
+        return await self.placement.trigger_hook(self, name, data)
 
     async def stop(self) -> None:
         self.state = StepState.STOPPED
@@ -147,6 +153,7 @@ class KubePlacement:
         open_gate: Callable[[str, str], Awaitable[None]],
         close_gate: Callable[[str], Awaitable[None]],
         unconsumed: Callable[[str, str], Awaitable[None]],
+        ask_hook: Callable[[str, str, Any, float], Awaitable[Any]] | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -157,6 +164,7 @@ class KubePlacement:
         self.open_gate = open_gate  # (flow, gate queue): its records drained, then "go"
         self.close_gate = close_gate  # delete a gate queue
         self.unconsumed = unconsumed  # (flow, step): until no consumer is left on its queue
+        self.ask_hook = ask_hook  # (hooks queue, hook, data, timeout): `hooks.ask`
         self._cluster: Cluster | None = None
         self.runs: dict[tuple[str, int], KubeRun] = {}
         self.depths: dict[tuple[str, str], int] = {}  # (flow, step): as the broker last counted
@@ -213,7 +221,7 @@ class KubePlacement:
         except ClusterError as exc:
             with contextlib.suppress(ClusterError):
                 await self.cluster.delete_version(spec.flow, spec.version)
-            await self._delete_gates(spec)
+            await self._delete_queues(spec)
             raise StepFailed(spec.steps[0].id, f"Kubernetes: {exc}") from None
         finally:
             self.busy.discard(key)
@@ -222,6 +230,26 @@ class KubePlacement:
         self.runs[key] = run
         self._start_reconciler()
         return run
+
+    async def trigger_hook(self, run: KubeRun, name: str, data: Any) -> Any:
+        spec = run.spec
+        if self.ask_hook is None:
+            return None
+        queue = hooks_queue(spec.flow, spec.trigger.id, spec.version)
+        try:
+            return await self.ask_hook(queue, name, data, self.settings.warmup_timeout)
+        except HookFailed as exc:  # as on one machine: its error in the log, no data
+            log.warning("flow %s: %s", spec.flow, exc)
+        except HookUnanswered as exc:
+            log.warning(
+                "flow %s v%s: step %s: %s() did not run in its pod: %s",
+                spec.flow,
+                spec.version,
+                spec.trigger.id,
+                name,
+                exc,
+            )
+        return None
 
     async def run(self, new: KubeRun) -> None:
         """Open every step's gate of `new` (its first start: no other version runs)."""
@@ -359,17 +387,24 @@ class KubePlacement:
             await self.cluster.delete_version(run.spec.flow, run.spec.version)
         except ClusterError as exc:
             log.warning("flow %s v%s: %s", run.spec.flow, run.spec.version, exc)
-        await self._delete_gates(run.spec)  # a switch closed them; a stop did not
+        await self._delete_queues(run.spec)  # a switch closed its gates; a stop did not
 
-    async def _delete_gates(self, spec: FlowVersionToRun) -> None:
-        """The gates of a version whose objects were deleted (what its pods declared)."""
-        for step in (s.id for s in spec.steps if s.kind != StepKind.MAPPER):
+    async def _delete_queues(self, spec: FlowVersionToRun) -> None:
+        """The version's start gates (each pod declared its own) and its hooks queue (its
+        trigger pod's), deleted with its objects: nothing of a stopped flow, a replaced
+        version or a failed warm-up is left in the broker (a killed daemon's leftover hooks
+        queue expires by itself)."""
+        names = [
+            gate_queue(spec.flow, s.id, spec.version)
+            for s in spec.steps
+            if s.kind != StepKind.MAPPER
+        ]
+        names.append(hooks_queue(spec.flow, spec.trigger.id, spec.version))
+        for name in names:
             try:
-                await asyncio.wait_for(
-                    self.close_gate(gate_queue(spec.flow, step, spec.version)), GATE_WAIT
-                )
-            except Exception as exc:  # the broker is away: a few empty queues stay
-                log.info("flow %s v%s: gate of %s: %s", spec.flow, spec.version, step, exc)
+                await asyncio.wait_for(self.close_gate(name), QUEUE_DELETE_WAIT)
+            except Exception as exc:  # a broker that is down: it is not worth a stop's wait
+                log.warning("flow %s: queue %s not deleted: %s", spec.flow, name, exc)
 
     async def reconcile(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         return await self.cluster.reconcile(

@@ -21,7 +21,10 @@
    and the step's snapshot, when a call changed it, is kept: both go to the flow's records
    queue (`records.py`; deployd writes them to its database), confirmed before the input is
    acked. The snapshot is read from deployd (`GET /api/v1/snapshots/{flow}/{step}`) once,
-   before the first call or message.
+   before the first call or message. A trigger also takes deployd's `startup()`/`shutdown()`
+   requests from `deployd.<flow>.<step>.v<N>.hooks` (declared before it is ready, served
+   whether its gate is open or not: `hooks.py`), each run on the sailor between two calls and
+   answered with what the hook returned or its error; it never runs one by itself.
 5. SIGTERM: not ready any more; the current call or message finishes, nothing new starts, the
    sailor is told to stop, exit 0 — within the pod's termination grace period.
 
@@ -61,7 +64,8 @@ from ..mapper import apply as apply_mapping
 from ..protocol import decode, encode
 from ..rabbitmq.broker import EXCHANGE, Broker, properties, redact, routing_key
 from ..rabbitmq.router import envelope
-from .manifests import gate_queue
+from . import hooks
+from .manifests import gate_queue, hooks_queue
 from .records import KIND_HEADER, records_queue
 
 MAX_ARCHIVE = 2 << 30  # bytes: larger is not a component version
@@ -287,6 +291,8 @@ class SailorProcess:
         self.ref = 0
         self.snapshot: dict[str, Any] = {}
         self.first = True
+        # One request at a time: a hook asked by deployd waits for the current call to end.
+        self.lock = asyncio.Lock()
 
     def command(self) -> list[str]:
         """The sailor of the step's runtime (the same ones as on one machine)."""
@@ -343,6 +349,10 @@ class SailorProcess:
             raise PodError(f"step {self.spec['step']} failed to start: {first.get('error')}")
 
     async def request(self, line: dict[str, Any]) -> Outcome:
+        async with self.lock:
+            return await self._request(line)
+
+    async def _request(self, line: dict[str, Any]) -> Outcome:
         assert self.reader is not None and self.writer is not None
         self.ref += 1
         line = {**line, "ref": self.ref}
@@ -370,6 +380,28 @@ class SailorProcess:
                 out.error = str(event.get("error"))
             elif kind == "done":
                 return out
+
+    async def hook(self, name: str, data: Any = None) -> tuple[Any, str | None]:
+        """The trigger's `startup()` or `shutdown(data)`, between two calls: what it returned
+        and its error (None: it did not fail)."""
+        async with self.lock:
+            assert self.reader is not None and self.writer is not None
+            self.ref += 1
+            line: dict[str, Any] = {"t": name, "ref": self.ref}
+            if name == "shutdown":
+                line["data"] = data
+            self.writer.write(encode(line))
+            await self.writer.drain()
+            error = None
+            while True:
+                raw = await self.reader.readline()
+                if not raw:
+                    raise PodError(f"step {self.spec['step']}'s sailor exited")
+                event = decode(raw)
+                if event["t"] == "error":
+                    error = str(event.get("error"))
+                elif event["t"] == "result":
+                    return event.get("data"), error
 
     async def stop(self, timeout: float) -> None:
         if self.writer is not None:
@@ -410,6 +442,8 @@ class Agent:
         # last: one delivered again — its upstream pod died after publishing it and published
         # it anew, or the connection went before its ack — is acked without a second call.
         self.handled: OrderedDict[str, None] = OrderedDict()
+        self.hooks_consumer: tuple[Any, str] | None = None  # (queue, consumer tag)
+        self.hooks_running: set[asyncio.Task[Any]] = set()
 
     async def publish_outputs(self, parent: dict[str, Any], outcome: Outcome) -> None:
         """Each output to the next step's queue (its mapping applied), each confirmed."""
@@ -532,6 +566,61 @@ class Agent:
             with contextlib.suppress(Exception):
                 await channel.close()
 
+    async def serve_hooks(self) -> None:
+        """Take deployd's startup()/shutdown() requests (`hooks.py`) from this version's hooks
+        queue, declared here before the pod is ready; from then on, gate open or not."""
+        assert self.broker.conn is not None
+        channel = await self.broker.conn.channel()
+        await channel.set_qos(prefetch_count=1)
+        name = hooks_queue(self.flow, self.step["step"], int(self.step["flow_version"]))
+        queue = await hooks.declare(channel, name)
+        self.hooks_consumer = (queue, await queue.consume(self._hook))
+
+    async def _hook(self, message: Any) -> None:
+        await message.ack()  # taken: a pod that dies in the hook does not run it again
+        task = asyncio.current_task()
+        if task is not None:
+            self.hooks_running.add(task)
+        try:
+            try:
+                request = json.loads(message.body)
+                name = request.get("hook")
+                if name not in hooks.HOOKS:
+                    raise PodError(f"not a trigger hook: {name!r}")
+                data, error = await self.sailor.hook(name, request.get("data"))
+            except (PodError, ValueError, AttributeError) as exc:
+                name, data, error = "hook", None, f"the pod could not run it: {exc}"
+            print(
+                f"deployd pod: {name}() " + ("ran" if error is None else f"failed: {error}"),
+                file=sys.stderr,
+                flush=True,
+            )
+            if message.reply_to:
+                try:
+                    await self.broker.publish(
+                        "",
+                        message.reply_to,
+                        hooks.reply(data, error),
+                        hooks.reply_properties(message.correlation_id),
+                    )
+                except Exception as exc:  # deployd stopped waiting (its reply-to is gone)
+                    print(f"deployd pod: {name}() answer not sent: {exc}", file=sys.stderr)
+        finally:
+            if task is not None:
+                self.hooks_running.discard(task)
+
+    async def stop_hooks(self, timeout: float) -> None:
+        """No more requests; the one being run finishes (and is answered) first."""
+        if self.hooks_consumer is None:
+            return
+        queue, tag = self.hooks_consumer
+        with contextlib.suppress(Exception):
+            await queue.cancel(tag)  # a close now would cancel the hook being run
+        if self.hooks_running:
+            await asyncio.wait(set(self.hooks_running), timeout=timeout)
+        with contextlib.suppress(Exception):
+            await queue.channel.close()
+
     async def run_trigger(self) -> None:
         interval = float(self.step.get("interval") or 1.0)
         call = 0
@@ -643,6 +732,7 @@ async def serve(environ: dict[str, str]) -> int:
             records_queue(agent.flow), durable=True, arguments={"x-queue-type": "quorum"}
         )
         if s.step["kind"] == "trigger":
+            await agent.serve_hooks()  # before ready: a warmed version takes hook requests
             work = loop.create_task(agent.run_trigger())
         else:
             work = loop.create_task(agent.run_action())
@@ -655,6 +745,7 @@ async def serve(environ: dict[str, str]) -> int:
         waiter.cancel()
         started = time.monotonic()
         await work  # the current call or message finishes first
+        await agent.stop_hooks(10)
         print(
             f"deployd pod: stopped at a call boundary in {time.monotonic() - started:.3f}s",
             file=sys.stderr,

@@ -17,8 +17,9 @@ from ...types import FlowVersionToRun
 from ..base import FlowRun
 from ..embedded.process import Launcher
 from ..embedded.runtime import EmbeddedRuntime
-from ..rabbitmq.broker import properties, redact
+from ..rabbitmq.broker import BrokerUnreachable, properties, redact
 from ..rabbitmq.runtime import RabbitRuntime
+from . import hooks
 from .placement import KubePlacement, KubeRun
 from .records import Records
 
@@ -53,6 +54,7 @@ class KubeRuntime(RabbitRuntime):
             self._open_gate,
             self._close_gate,
             self._unconsumed,
+            ask_hook=self._ask_hook,
         )
         self.records = Records(store, self.broker)
         self._counter: asyncio.Task[None] | None = None
@@ -191,8 +193,20 @@ class KubeRuntime(RabbitRuntime):
         )
         await self.broker.publish("", name, b'"go"', properties("go", {}))
 
+    async def _ask_hook(self, queue: str, hook: str, data: Any, timeout: float) -> Any:
+        """A trigger pod's hook, asked through its hooks queue (`hooks.ask`)."""
+        deadline = time.monotonic() + timeout
+        try:
+            await self.broker.wait(timeout)
+        except BrokerUnreachable as exc:
+            raise hooks.HookUnanswered(str(exc)) from None
+        assert self.broker.conn is not None
+        wait = max(0.1, deadline - time.monotonic())
+        return await hooks.ask(self.broker.conn, queue, hook, data, wait)
+
     async def _close_gate(self, name: str) -> None:
-        """Delete a step's start gate (an old version's, at its switch)."""
+        """Delete a trigger pod's queue: an old version's start gate at its switch; a
+        version's gate and hooks queue with its objects."""
         await self.broker.wait(self.settings.warmup_timeout)
         assert self.broker.channel is not None
         await self.broker.channel.queue_delete(name)
