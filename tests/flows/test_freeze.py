@@ -256,3 +256,38 @@ def test_a_freeze_window_holds_automatic_publishes_until_it_ends_and_force_publi
     assert env.deploys()[0]["trigger"] == "flow publish --force"
     env.wait_by(billing, "v3")
     assert {r["by"] for r in read_out(other)} >= {"v1", "v2", "v3"}
+
+
+def test_scheduled_runs_during_a_freeze_keep_the_versions_registered_before_it(
+    make_env: Any,
+) -> None:
+    """An ordinary flow has no publish to hold: its runs take the newest valid version each
+    time. During a freeze they take only versions registered before it began — a push during
+    a release freeze does not reach a scheduled run either — and after it the newest again."""
+    from tests.flows.test_ordinary import files as ordinary_files
+    from tests.flows.test_ordinary import ordinary
+
+    env: FlowEnv = make_env(ordinary_files())
+    out = env.out("billing-nightly")
+    env.apply(ordinary("billing-nightly", out))  # every 1h: the runs here are `flow run`s
+    # The window opens at the next whole second (its `from` has seconds), after v1 was built.
+    start = (datetime.now(UTC) + timedelta(seconds=1)).replace(microsecond=0)
+    reload(env, one_off(start, start + timedelta(hours=1)))
+    wait_until(lambda: env.flow("billing-nightly")["freeze"], timeout=30)
+    env.push(ordinary_files("v2"), message="v2")  # registered during the freeze
+
+    def run() -> dict[str, Any]:
+        done = env.daemon.cli("flow", "run", "billing-nightly", "--wait", "--json")
+        return dict(json.loads(done.stdout))
+
+    held = run()
+    assert held["status"] == "succeeded", held
+    assert [s["version"] for s in held["steps"]] == [1, 1], held
+    assert {r["by"] for r in read_out(out)} == {"v1"}
+    assert "hello v2 not used by runs (registered during the freeze)" in env.daemon.log()
+    assert env.flow("billing-nightly")["needs_attention"] is None  # a freeze is no problem
+
+    reload(env, "")  # the freeze is over: the next run takes v2
+    after = run()
+    assert [s["version"] for s in after["steps"]] == [2, 2], after
+    assert "v2" in {r["by"] for r in read_out(out)}

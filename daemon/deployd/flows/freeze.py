@@ -19,7 +19,7 @@ import contextlib
 import fnmatch
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,6 +49,9 @@ class Hold:
 
     until: datetime
     reason: str
+    # When the window holding the flow now began (the earliest of those covering now): what
+    # was registered after it is held back (scheduled runs). Not part of a Hold's identity.
+    since: datetime | None = field(default=None, compare=False)
 
     def text(self) -> str:
         """What the flow shows: `held by freeze until 2026-12-07T09:00:00Z (weekend freeze)`."""
@@ -101,6 +104,7 @@ def frozen(config: Config, flow: str, now: datetime | None = None) -> Hold | Non
         return None
     tz = check_timezone(config.daemon.timezone)
     until: datetime | None = None
+    since: datetime | None = None
     reasons: list[str] = []
     at = now
     for _ in range(_MAX_CHAIN):
@@ -109,6 +113,9 @@ def frozen(config: Config, flow: str, now: datetime | None = None) -> Hold | Non
             span = _span(window, at, tz)
             if span is None:
                 continue
+            if at == now:
+                start = span[0].astimezone(UTC)
+                since = start if since is None else min(since, start)
             end = span[1].astimezone(UTC)
             if until is None or end > until:
                 until, extended = end, True
@@ -119,7 +126,7 @@ def frozen(config: Config, flow: str, now: datetime | None = None) -> Hold | Non
         at = until  # does another window cover the moment this one ends?
     if until is None:
         return None
-    return Hold(until, "; ".join(reasons))
+    return Hold(until, "; ".join(reasons), since)
 
 
 class FreezeTimers:

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
 from typing import Any
 
 from ..config import Config
@@ -30,6 +31,7 @@ from ..store import FlowStore, Row, Store
 from ..store.runs import RunStore
 from ..types import StepStatus
 from .drafts import Drafts
+from .freeze import Hold, frozen
 from .model import Step
 from .schedule import Schedule
 
@@ -216,7 +218,8 @@ class Runs:
         spec = fv["spec"]
         started = time.monotonic()
         timeout = float(spec.get("run_timeout") or 3600.0)
-        steps, attention, problems = await self.resolve(fv["steps"])
+        hold = frozen(self.config, name)  # a freeze holds new versions back from runs too
+        steps, attention, problems = await self.resolve(fv["steps"], hold)
         with self.store.tx():
             self.rs.set_run_steps(run_id, _versions(steps))
             if flow is not None and attention != flow["needs_attention"]:
@@ -296,16 +299,36 @@ class Runs:
     # -- resolving versions ----------------------------------------------------------------
 
     async def resolve(
-        self, stored: list[dict[str, Any]]
+        self, stored: list[dict[str, Any]], hold: Hold | None = None
     ) -> tuple[list[Step], str | None, list[str]]:
         """Every unpinned step on its component's newest registered version that validates
         against the flow; (steps, needs-attention reason or None, problems that stop the run).
+        `hold`: the freeze the flow is in — only versions registered before it began count
+        (a freeze holds back what would be an automatic publish on a real-time flow).
         """
         steps = [Step.model_validate(s) for s in stored]
         attention: list[str] = []
         for comp in dict.fromkeys(s.component for s in steps if not s.pinned):
             ids = {s.id for s in steps if s.component == comp and not s.pinned}
-            candidates = [r["version"] for r in self.store.versions(comp) if r["artifact_dir"]]
+            rows = [r for r in self.store.versions(comp) if r["artifact_dir"]]
+            candidates = [r["version"] for r in rows if _before(r, hold)]
+            if hold is not None and len(candidates) < len(rows):
+                held = [r["version"] for r in rows if not _before(r, hold)]
+                log.info(
+                    "%s: %s v%s not used by runs (registered during the freeze)",
+                    hold.text(),
+                    comp,
+                    ", v".join(str(v) for v in held),
+                )
+                if not candidates:
+                    return (
+                        steps,
+                        None,
+                        [
+                            f"{hold.text()}: no version of {comp} was registered before it "
+                            "began, and runs take none registered during it"
+                        ],
+                    )
             first_problems: list[str] | None = None
             pick = None
             for version in candidates:
@@ -330,6 +353,13 @@ class Runs:
             steps = self.drafts.with_version([s.model_dump() for s in steps], comp, pick)
         problems = await self.validate(steps, steps)  # pinned steps, and the whole once more
         return steps, ("; ".join(attention) or None), problems
+
+
+def _before(row: Row, hold: Hold | None) -> bool:
+    """Whether version `row` was registered before `hold` began (always, without a hold)."""
+    if hold is None or hold.since is None:
+        return True
+    return datetime.fromisoformat(str(row["built_at"])) < hold.since
 
 
 def _about(problem: str, step_ids: set[str]) -> bool:
