@@ -623,6 +623,27 @@ def hooked_flow(backend: Backend, out: Path, hooks: Path) -> str:
     return flow_toml(backend.flow, backend.out(out), steps=[tick, write])
 
 
+def hooked_env(
+    backend: Backend,
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    tmp_path: Path,
+    startup_returns: str = "{'token': TOKEN}",
+) -> tuple[FlowEnv, dict[str, Any], Path, Path]:
+    """A daemon with the counter flow applied; on the emulator its ticker has hooks writing
+    to `hooks` (a file of this machine: a real cluster's pods cannot, so there no hooks).
+    (env, the ticker's file overrides for later pushes — empty without hooks —, out, hooks)."""
+    hooked = backend.emu is not None
+    ticker = {"lib/ticker.py": hooked_ticker(startup_returns)} if hooked else {}
+    env = cluster_env(backend, daemon_factory, component, tmp_path, component_files=files(**ticker))
+    out, hooks = env.out(), tmp_path / "hooks.jsonl"
+    if hooked:
+        env.apply(hooked_flow(backend, out, hooks))
+    else:
+        env.apply(counter_flow(backend, out, interval="100ms"))
+    return env, ticker, out, hooks
+
+
 def queue_exists(url: str, name: str) -> bool:
     async def check() -> bool:
         import aio_pika
@@ -650,15 +671,8 @@ def test_publish_switch_and_cleanup_through_the_cluster(
     component: Callable[..., Work],
     tmp_path: Path,
 ) -> None:
-    hooked = backend.emu is not None  # the hooks write a file of this machine
-    ticker = {"lib/ticker.py": hooked_ticker()} if hooked else {}
-    env = cluster_env(backend, daemon_factory, component, tmp_path, component_files=files(**ticker))
-    flow = backend.flow
-    out, hooks = env.out(), tmp_path / "hooks.jsonl"
-    if hooked:
-        env.apply(hooked_flow(backend, out, hooks))
-    else:
-        env.apply(counter_flow(backend, out, interval="100ms"))
+    env, ticker, out, hooks = hooked_env(backend, daemon_factory, component, tmp_path)
+    hooked, flow = bool(ticker), backend.flow
     first = env.wait_deploy(flow, 1, timeout=90)
     assert first["status"] == "done", first
     names = backend.deployments()
@@ -743,15 +757,10 @@ def test_a_daemon_killed_mid_publish_leaves_nothing_twice(
     the daemon's crash-only rules say, and v2's objects, which no flow runs, are deleted by
     the reconciliation: in the end the cluster holds exactly the active version's. The
     trigger's startup() returned nothing and is not run again at the daemon's start."""
-    hooked = backend.emu is not None  # the hooks write a file of this machine
-    ticker = {"lib/ticker.py": hooked_ticker("None")} if hooked else {}
-    env = cluster_env(backend, daemon_factory, component, tmp_path, component_files=files(**ticker))
-    flow = backend.flow
-    out, hooks = env.out(), tmp_path / "hooks.jsonl"
-    if hooked:
-        env.apply(hooked_flow(backend, out, hooks))
-    else:
-        env.apply(counter_flow(backend, out, interval="100ms"))
+    env, ticker, out, hooks = hooked_env(
+        backend, daemon_factory, component, tmp_path, startup_returns="None"
+    )
+    hooked, flow = bool(ticker), backend.flow
     assert env.wait_deploy(flow, 1, timeout=90)["status"] == "done"
     v1 = backend.deployments()
     wait_until(lambda: len(by(read_out(out), "v1")) >= 3, timeout=60)

@@ -219,28 +219,7 @@ class EmbeddedRuntime:
             if source is not self:
                 # The trigger must have made its last call on `source` before its queues move.
                 await old_r.stop_trigger_at_boundary(BOUNDARY_WAIT)
-            # Moving messages can fail (a broker that went away meanwhile): the new version
-            # runs all the same, and what was not moved stays queued where it was (a later
-            # switch or move takes it), rather than leaving the flow with nothing running.
-            try:
-                if source is not self:
-                    moved = await source.move_queues_to(self, flow)
-                    self.router.forget_snapshots(flow)  # the actions' too (see above)
-                    log.info(
-                        "flow %s: %d queued message(s) carried from %s to %s",
-                        flow,
-                        moved,
-                        source.name,
-                        self.name,
-                    )
-                await self.hand_queues(flow, [s.id for s in new_r.steps])
-            except Exception as exc:
-                log.error(
-                    "flow %s: moving its queued messages failed (%s); they stay queued on %s",
-                    flow,
-                    _reason(exc),
-                    source.name,
-                )
+            await self._carry(source, flow, [s.id for s in new_r.steps])
             new_r.start_loops(new_ids)
             idle.append(time.monotonic())
 
@@ -266,26 +245,37 @@ class EmbeddedRuntime:
         (`start_moved`). The gap: from the old trigger's last call to the new one's start."""
         flow = new.spec.flow
         end = await source.quiesce(old, failing=old_failing)
+        await self._carry(source, flow, [s.id for s in new.spec.steps])
+        started = await self.start_moved(new)
+        source.retire(old)
+        return None if started is None else max(0.0, (started - end) * 1000)
+
+    async def _carry(self, source: EmbeddedRuntime, flow: str, steps: list[str]) -> None:
+        """A switch's queue hand-over: from `source` when the flow moves here from another
+        runtime (what this router remembers of the flow's snapshots is forgotten: the other
+        one wrote them meanwhile), then to the new version's steps. Moving messages can fail
+        (a broker that went away meanwhile): the new version runs all the same, and what was
+        not moved stays queued where it was (a later switch or move takes it), rather than
+        leaving the flow with nothing running."""
         try:
-            moved = await source.move_queues_to(self, flow)
-            log.info(
-                "flow %s: %d queued message(s) carried from %s to %s",
-                flow,
-                moved,
-                source.name,
-                self.name,
-            )
-            await self.hand_queues(flow, [s.id for s in new.spec.steps])
-        except Exception as exc:  # as in `switch`: the new version runs all the same
+            if source is not self:
+                moved = await source.move_queues_to(self, flow)
+                self.router.forget_snapshots(flow)
+                log.info(
+                    "flow %s: %d queued message(s) carried from %s to %s",
+                    flow,
+                    moved,
+                    source.name,
+                    self.name,
+                )
+            await self.hand_queues(flow, steps)
+        except Exception as exc:
             log.error(
                 "flow %s: moving its queued messages failed (%s); they stay queued on %s",
                 flow,
                 _reason(exc),
                 source.name,
             )
-        started = await self.start_moved(new)
-        source.retire(old)
-        return None if started is None else max(0.0, (started - end) * 1000)
 
     async def quiesce(self, run: FlowRun, *, failing: bool = False) -> float:
         """Stop `run` for a move (see `switch_across`); when its trigger's last call ended."""
