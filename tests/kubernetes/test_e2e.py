@@ -734,6 +734,22 @@ def test_publish_switch_and_cleanup_through_the_cluster(
     assert all("-v2-" in n for n in backend.deployments())
     assert queue_exists(backend.amqp_url, hooks_queue(flow, "tick", 2))
 
+    # The daemon stopped (an upgrade, a restart): its flows' pods go on handling messages
+    # meanwhile, and its next start adopts them — the same objects, no new deployment.
+    backend.emu.heal()  # the cluster takes applies again
+    names = backend.deployments()
+    deploys = len(env.deploys())
+    env.daemon.stop()
+    assert backend.deployments() == names
+    have = len(read_out(out))
+    wait_until(lambda: len(read_out(out)) >= have + 3, timeout=60)  # with no daemon running
+    env.daemon.start()
+    wait_until(lambda: env.flow(flow)["state"] == "running", timeout=60)
+    assert env.flow(flow)["version"] == 2 and backend.deployments() == names
+    assert len(env.deploys()) == deploys
+    counts = Counter(r["n"] for r in read_out(out))
+    assert all(c == 1 for c in counts.values()), counts
+
     # `flow stop`: shutdown() runs in the running trigger pod with what startup() returned at
     # the flow's start; then the version's objects and queues go.
     env.daemon.cli("flow", "stop", flow)

@@ -240,6 +240,7 @@ class Deployer:
     async def stop(self) -> None:
         """Daemon shutdown: stop every flow's processes (flows stay enabled for next start)."""
         await self.freezes.close()
+        self.runtime.shutting_down()  # what runs outside this machine keeps running
         await self.runs.stop()
         await self.publisher.stop_all()
         await self.runtime.close()

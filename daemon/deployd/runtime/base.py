@@ -201,6 +201,12 @@ class Runtime(Protocol):
         reconciles them now, not at its next periodic look."""
         ...
 
+    def shutting_down(self) -> None:
+        """The daemon stops (not a person's `flow stop`): runs stopped from now on are stopped
+        for the daemon only, so what runs outside this machine (pods on Kubernetes) keeps
+        running and handling messages, and the next start adopts it."""
+        ...
+
     async def close(self) -> None:
         """Stop what `start` brought up (flows are stopped by the deployer first); versions
         replaced by a switch get `stop_timeout` to finish their work before that."""

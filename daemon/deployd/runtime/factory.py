@@ -65,6 +65,10 @@ class Runtimes:
         if self.rabbit is not None:
             await self.rabbit.resumed()
 
+    def shutting_down(self) -> None:
+        if self.rabbit is not None:
+            self.rabbit.shutting_down()
+
     async def close(self) -> None:
         try:
             if self.rabbit is not None:

@@ -103,6 +103,9 @@ class EmbeddedRuntime:
     async def resumed(self) -> None:
         return None  # everything it runs is this daemon's processes: nothing left outside
 
+    def shutting_down(self) -> None:
+        return None  # its step processes are this daemon's children: they stop with it
+
     async def close(self) -> None:
         """Give replaced versions still draining `stop_timeout` to finish, then stop the
         socket, the fork server and the pools (whatever still runs is killed with them)."""

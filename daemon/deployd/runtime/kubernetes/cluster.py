@@ -288,11 +288,14 @@ class Cluster:
 
     async def deployment_names(self, flow: str, version: int) -> set[str]:
         labels = _version_labels(flow, version)
-        return {
-            str(d.metadata.name)
-            async for d in self.client.list(Deployment, labels=labels)
-            if d.metadata is not None
-        }
+        try:
+            return {
+                str(d.metadata.name)
+                async for d in self.client.list(Deployment, labels=labels)
+                if d.metadata is not None
+            }
+        except (ApiError, httpx.HTTPError) as exc:
+            raise ClusterError(_reason(exc)) from None
 
     async def reconcile(
         self,

@@ -136,6 +136,8 @@ class KubeRun:
         self.stopped.set()
         if self.watcher is not None:
             self.watcher.cancel()
+        if self.placement.keep_on_stop:
+            return  # the daemon stops: its pods go on, the next start adopts them
         await self.placement.remove(self)
 
 
@@ -174,6 +176,8 @@ class KubePlacement:
         self._retiring: set[asyncio.Task[None]] = set()
         self._reconciler: asyncio.Task[None] | None = None
         self._reconcile_now = asyncio.Event()
+        # The daemon is stopping (`Runtime.shutting_down`): a run's stop leaves its objects.
+        self.keep_on_stop = False
 
     @property
     def cluster(self) -> Cluster:
@@ -212,16 +216,21 @@ class KubePlacement:
         deadline = time.monotonic() + timeout
         key = (spec.flow, spec.version)
         self.busy.add(key)
+        adopting = False
         try:
             docs = await asyncio.to_thread(self._docs, spec)
+            # Already there (a daemon start after a clean stop: its pods went on running):
+            # adopted, and never deleted because a re-apply failed.
+            adopting = bool(await self.cluster.deployment_names(spec.flow, spec.version))
             await self.cluster.apply(docs)
             await self.cluster.wait_available(
                 spec.flow, spec.version, max(0.1, deadline - time.monotonic())
             )
         except ClusterError as exc:
-            with contextlib.suppress(ClusterError):
-                await self.cluster.delete_version(spec.flow, spec.version)
-            await self._delete_queues(spec)
+            if not adopting:
+                with contextlib.suppress(ClusterError):
+                    await self.cluster.delete_version(spec.flow, spec.version)
+                await self._delete_queues(spec)
             raise StepFailed(spec.steps[0].id, f"Kubernetes: {exc}") from None
         finally:
             self.busy.discard(key)

@@ -62,6 +62,9 @@ class KubeRuntime(RabbitRuntime):
     async def resumed(self) -> None:
         self.kube.reconcile_soon()
 
+    def shutting_down(self) -> None:
+        self.kube.keep_on_stop = True
+
     async def close(self) -> None:
         if self._counter is not None:
             self._counter.cancel()
