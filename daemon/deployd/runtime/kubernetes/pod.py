@@ -649,8 +649,7 @@ class Agent:
         # versions never consume the step's queue at once, so its order is kept.
         if not await self.wait_gate():
             return
-        assert self.broker.conn is not None
-        channel = await self.broker.conn.channel()
+        channel = await self.broker.consumer_channel()
         await channel.set_qos(prefetch_count=1)
         queue = await self.broker.declare_step(self.flow, self.step["step"], channel)
         inbox: asyncio.Queue[Any] = asyncio.Queue()

@@ -70,8 +70,7 @@ class Records:
         """Consume `flow`'s records queue (once; again after a reconnect)."""
         if flow in self.flows:
             return
-        assert self.broker.conn is not None
-        channel = await self.broker.conn.channel()
+        channel = await self.broker.consumer_channel()
         await channel.set_qos(prefetch_count=1)  # one at a time: a step's snapshots in order
         queue = await channel.declare_queue(
             records_queue(flow), durable=True, arguments={"x-queue-type": "quorum"}

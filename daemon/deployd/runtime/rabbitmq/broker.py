@@ -1,10 +1,14 @@
 """The connection to RabbitMQ: kept up with back-off, reported as connected or unreachable.
 
-One robust connection per daemon (aio-pika reconnects it and re-opens its channels); one
-channel with publisher confirms for everything deployd publishes, and one channel per
-consuming step (its prefetch is that step's own). A broker that is down never stops the
-daemon: `state` says `unreachable` with the error (credentials redacted), warm-ups of flows on
-this runtime wait for it (up to their timeout), everything else keeps working.
+Two robust connections per daemon (aio-pika reconnects them and re-opens their channels), as the
+seed platform's sailor keeps a read and a write connection and as RabbitMQ advises: one publishes,
+with one channel with publisher confirms for everything deployd publishes; the other consumes, with
+one channel per consuming step (its prefetch is that step's own). On one connection, the broker's
+flow control of a busy publisher also held back the acks and deliveries of every consumer on it: on
+a loaded machine a message's p99 through the flow was several times longer (docs/benchmarks.md, "One
+connection or two"). A broker that is down never stops the daemon: `state` says `unreachable` with
+the error (credentials redacted), warm-ups of flows on this runtime wait for it (up to their
+timeout), everything else keeps working.
 
 Names (all durable, declared idempotently whenever they are needed):
 
@@ -103,7 +107,8 @@ class Broker:
         self.since: float | None = None  # loop time of the last state change
         self.reconnects = 0
         self.connected = asyncio.Event()
-        self.conn: AbstractRobustConnection | None = None
+        self.conn: AbstractRobustConnection | None = None  # publishes (and declares)
+        self.consume_conn: AbstractRobustConnection | None = None  # consumer channels
         self.channel: AbstractChannel | None = None  # publisher confirms on
         self.exchange: AbstractExchange | None = None
         self.retry_exchange: AbstractExchange | None = None
@@ -128,27 +133,38 @@ class Broker:
         delay = BACKOFF_START
         while not self._closing:
             try:
-                conn = await aio_pika.connect_robust(
-                    self._url,
-                    timeout=10,
-                    client_properties={"connection_name": "deployd"},
-                    reconnect_interval=RECONNECT_EVERY,
-                )
-                self.conn = conn
-                conn.reconnect_callbacks.add(self._reconnected)
-                conn.close_callbacks.add(self._lost)
+                self.conn = await self._connection("deployd")
+                self.consume_conn = await self._connection("deployd consume")
                 await self._open()
             except Exception as exc:  # refused, unknown host, bad credentials, a bad url
                 self._set("unreachable", _reason(exc))
-                if self.conn is not None:
-                    with contextlib.suppress(Exception):
-                        await self.conn.close()
-                    self.conn = None
+                for conn in (self.conn, self.consume_conn):
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                self.conn = self.consume_conn = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             self._set("connected", None)
             return
+
+    async def _connection(self, name: str) -> AbstractRobustConnection:
+        conn = await aio_pika.connect_robust(
+            self._url,
+            timeout=10,
+            client_properties={"connection_name": name},
+            reconnect_interval=RECONNECT_EVERY,
+        )
+        conn.reconnect_callbacks.add(self._reconnected)
+        conn.close_callbacks.add(self._lost)
+        return conn
+
+    async def consumer_channel(self) -> AbstractChannel:
+        """A new channel on the consuming connection (for one consumer: its own prefetch)."""
+        if self.consume_conn is None:
+            raise aiormq.exceptions.ChannelInvalidStateError("not connected")
+        return await self.consume_conn.channel()
 
     async def _open(self) -> None:
         assert self.conn is not None
@@ -189,9 +205,12 @@ class Broker:
         self._reconnected(None)
 
     def _reconnected(self, _conn: Any) -> None:
+        """One of the two connections is back: what came on it before is stale (`reconnects`
+        counts it); connected again once both are."""
         self.reconnects += 1
         self._declared.clear()
-        self._set("connected", None)
+        if all(_up(conn) for conn in (self.conn, self.consume_conn)):
+            self._set("connected", None)
         for callback in list(self.on_reconnect):
             callback()
 
@@ -283,10 +302,19 @@ class Broker:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                await self.conn.close()
+        for conn in (self.consume_conn, self.conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
         self.connected.clear()
+
+
+def _up(conn: AbstractRobustConnection | None) -> bool:
+    """`conn` is open (a robust connection that is reconnecting is not)."""
+    if conn is None or conn.is_closed:
+        return False
+    connected = getattr(conn, "connected", None)
+    return connected is None or connected.is_set()
 
 
 def _reason(exc: BaseException | None) -> str:

@@ -36,12 +36,12 @@ IDLE_POLL = 1.0  # an idle loop looks again this often (a reconnect is seen with
 class Consumer:
     """The broker's deliveries of one step's queue for one action loop, in order.
 
-    The broker pushes (`basic.consume` on a channel of the loop's own, at most `prefetch`
-    unacked). When the loop stops, what it was sent and did not hand on goes back by closing
-    that channel, after every result was acked: a quorum queue delivers what a closed channel
-    gave back first again, in order (a nack would put it at the end; tests/test_broker.py pins
-    both). So the order survives switches and stops, and the next loop — of the same version
-    or the next — gets those messages first.
+    The broker pushes (`basic.consume` on a channel of the loop's own on the consuming connection,
+    at most `prefetch` unacked). When the loop stops, what it was sent and did not hand on goes back
+    by closing that channel, after every result was acked: a quorum queue delivers what a closed
+    channel gave back first again, in order (a nack would put it at the end; tests/test_broker.py
+    pins both). So the order survives switches and stops, and the next loop — of the same version or
+    the next — gets those messages first.
     """
 
     def __init__(self, router: AmqpRouter, flow: str, step: str, prefetch: int) -> None:
@@ -57,9 +57,8 @@ class Consumer:
 
     async def start(self) -> None:
         broker = self.router.broker
-        assert broker.conn is not None
         self.closed = False
-        self.channel = await broker.conn.channel()
+        self.channel = await broker.consumer_channel()
         await self.channel.set_qos(prefetch_count=self.prefetch)
         queue = await broker.declare_step(self.flow, self.step, self.channel)
         # aiormq's consumer directly: aio-pika's wraps each delivery in a message object and
