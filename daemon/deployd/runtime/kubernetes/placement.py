@@ -44,9 +44,9 @@ RECONCILE_EVERY = 60.0  # seconds
 QUEUE_DELETE_WAIT = 5.0  # seconds the deletion of a version's gate or hooks queue may take
 
 
-def _pod_steps(run: KubeRun) -> list[str]:
-    """The ids of `run`'s steps that are pods (its trigger first, then its actions)."""
-    return [s.id for s in run.spec.steps if s.kind != StepKind.MAPPER]
+def _pod_steps(spec: FlowVersionToRun) -> list[str]:
+    """The ids of `spec`'s steps that are pods (its trigger first, then its actions)."""
+    return [s.id for s in spec.steps if s.kind != StepKind.MAPPER]
 
 
 class KubeRun:
@@ -264,7 +264,7 @@ class KubePlacement:
         """Open every step's gate of `new` (its first start: no other version runs)."""
         flow, version = new.spec.flow, new.spec.version
         await asyncio.gather(
-            *(self.open_gate(flow, gate_queue(flow, s, version)) for s in _pod_steps(new))
+            *(self.open_gate(flow, gate_queue(flow, s, version)) for s in _pod_steps(new.spec))
         )
         new.state = StepState.RUNNING
 
@@ -290,8 +290,8 @@ class KubePlacement:
             if step in new_actions:
                 await self.open_gate(flow, gate_queue(flow, step, new.spec.version))
 
-        old_actions = set(_pod_steps(old)[1:])
-        new_actions = set(_pod_steps(new)[1:])
+        old_actions = set(_pod_steps(old.spec)[1:])
+        new_actions = set(_pod_steps(new.spec)[1:])
         gap_ms, _ = await asyncio.gather(
             trigger(), asyncio.gather(*(action(s) for s in sorted(old_actions | new_actions)))
         )
@@ -311,10 +311,10 @@ class KubePlacement:
     async def _close_gates(self, run: KubeRun) -> None:
         flow, version = run.spec.flow, run.spec.version
         results = await asyncio.gather(
-            *(self.close_gate(gate_queue(flow, s, version)) for s in _pod_steps(run)),
+            *(self.close_gate(gate_queue(flow, s, version)) for s in _pod_steps(run.spec)),
             return_exceptions=True,
         )
-        for step, result in zip(_pod_steps(run), results, strict=True):
+        for step, result in zip(_pod_steps(run.spec), results, strict=True):
             if isinstance(result, Exception):
                 log.warning("flow %s v%s: closing the gate of %s: %s", flow, version, step, result)
 
@@ -335,7 +335,7 @@ class KubePlacement:
                 await self.unconsumed(flow, step)
             return end
 
-        ends = await asyncio.gather(*(stop(s) for s in _pod_steps(run)))
+        ends = await asyncio.gather(*(stop(s) for s in _pod_steps(run.spec)))
         return ends[0]  # the trigger's
 
     async def _scale_down(self, run: KubeRun, names: list[str], timeout: float) -> None:
@@ -403,11 +403,7 @@ class KubePlacement:
         trigger pod's), deleted with its objects: nothing of a stopped flow, a replaced
         version or a failed warm-up is left in the broker (a killed daemon's leftover hooks
         queue expires by itself)."""
-        names = [
-            gate_queue(spec.flow, s.id, spec.version)
-            for s in spec.steps
-            if s.kind != StepKind.MAPPER
-        ]
+        names = [gate_queue(spec.flow, s, spec.version) for s in _pod_steps(spec)]
         names.append(hooks_queue(spec.flow, spec.trigger.id, spec.version))
         for name in names:
             try:
