@@ -164,7 +164,7 @@ class Broker:
         """A new channel on the consuming connection (for one consumer: its own prefetch)."""
         if self.consume_conn is None:
             raise aiormq.exceptions.ChannelInvalidStateError("not connected")
-        return await self.consume_conn.channel()
+        return await self.consume_conn.channel(publisher_confirms=False)
 
     async def _open(self) -> None:
         assert self.conn is not None

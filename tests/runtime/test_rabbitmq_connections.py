@@ -1,0 +1,139 @@
+"""The daemon's two connections to a real RabbitMQ: one publishes, one consumes.
+
+On one connection the broker's flow control of a busy publisher held back the acks and
+deliveries of every consumer on it (docs/benchmarks.md, "One connection or two"); these pin the
+split, and that losing either connection is seen and recovered from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from deployd.runtime.rabbitmq.broker import EXCHANGE, properties, routing_key
+from deployd.runtime.rabbitmq.broker import Broker as AmqpBroker
+from tests.broker import Broker, run_async, vhost_of
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def connections(broker: Broker, vhost: str) -> list[dict[str, Any]]:
+    out = broker.ctl(
+        "list_connections", "name", "vhost", "client_properties", "--formatter", "json"
+    )
+    rows = [r for r in json.loads(out or "[]") if r["vhost"] == vhost]
+    for row in rows:
+        props = row["client_properties"]
+        # rabbitmqctl renders the table as [name, type, value] triples (or as a map)
+        if isinstance(props, list):
+            props = {p[0]: p[2] for p in props if isinstance(p, list) and len(p) == 3}
+        row["connection_name"] = props.get("connection_name")
+    # the pid as close_connection takes it (the JSON formatter writes it another way)
+    pids = dict(
+        reversed(line.split("\t", 1))  # type: ignore[misc]
+        for line in broker.ctl("list_connections", "pid", "name").splitlines()
+        if "\t" in line
+    )
+    for row in rows:
+        row["pid"] = pids.get(row["name"])
+    return rows
+
+
+def consuming_channels(broker: Broker, vhost: str) -> list[dict[str, Any]]:
+    out = broker.ctl(
+        "list_channels", "name", "vhost", "consumer_count", "confirm", "--formatter", "json"
+    )
+    return [r for r in json.loads(out or "[]") if r["vhost"] == vhost]
+
+
+async def until(cond: Any, what: str, timeout: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_publishes_and_consumers_go_on_connections_of_their_own(
+    broker: Broker, amqp_url: str
+) -> None:
+    vhost = vhost_of(amqp_url)
+
+    async def scenario() -> None:
+        amqp = AmqpBroker(amqp_url)
+        try:
+            amqp.start()
+            await amqp.wait(30)
+            channel = await amqp.consumer_channel()
+            queue = await amqp.declare_step("orders", "write", channel)
+
+            async def ack(message: Any) -> None:
+                await message.ack()
+
+            await queue.consume(ack)
+
+            conns = await asyncio.to_thread(connections, broker, vhost)
+            by_name = {c["connection_name"]: c for c in conns}
+            assert sorted(by_name) == ["deployd", "deployd consume"], conns
+            channels = await asyncio.to_thread(consuming_channels, broker, vhost)
+            consume_conn = by_name["deployd consume"]["name"]
+            publish_conn = by_name["deployd"]["name"]
+            consumers = [c for c in channels if c["consumer_count"]]
+            assert consumers and all(c["name"].startswith(consume_conn) for c in consumers), (
+                channels
+            )
+            # the publishing connection: the confirm channel, and no consumer
+            publishing = [c for c in channels if c["name"].startswith(publish_conn)]
+            assert publishing and not any(c["consumer_count"] for c in publishing), channels
+            assert any(c["confirm"] for c in publishing), channels
+        finally:
+            await amqp.close()
+
+    run_async(scenario)
+
+
+@pytest.mark.parametrize("which", ["deployd consume", "deployd"])
+def test_losing_either_connection_is_seen_and_both_come_back(
+    broker: Broker, amqp_url: str, which: str
+) -> None:
+    """The broker closes one of the two (an operator's `close_connection`, a network cut):
+    the state is `unreachable` with why, then `connected` again once that one is back, and
+    `reconnects` counts it (what came on the old connection is stale for the loops)."""
+    vhost = vhost_of(amqp_url)
+
+    async def scenario() -> None:
+        amqp = AmqpBroker(amqp_url)
+        try:
+            amqp.start()
+            await amqp.wait(30)
+            before = amqp.reconnects
+            seen: list[str] = []
+            conns = await asyncio.to_thread(connections, broker, vhost)
+            (pid,) = [c["pid"] for c in conns if c["connection_name"] == which]
+            await asyncio.to_thread(broker.ctl, "close_connection", pid, "closed by the test")
+            await until(lambda: amqp.state == "unreachable" or amqp.reconnects > before, "lost")
+            seen.append(amqp.state)
+            await until(lambda: amqp.reconnects > before and amqp.state == "connected", "back")
+            assert amqp.connected.is_set()
+            # Both work again: a publish is confirmed and a consumer gets it.
+            channel = await amqp.consumer_channel()
+            queue = await amqp.declare_step("orders", "write", channel)
+            got: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def on(message: Any) -> None:
+                await message.ack()
+                await got.put(message.body)
+
+            await queue.consume(on)
+            await amqp.publish(EXCHANGE, routing_key("orders", "write"), b"{}", properties("m", {}))
+            assert await asyncio.wait_for(got.get(), 30) == b"{}"
+            conns = await asyncio.to_thread(connections, broker, vhost)
+            assert sorted(c["connection_name"] for c in conns) == ["deployd", "deployd consume"]
+        finally:
+            await amqp.close()
+
+    run_async(scenario)
