@@ -8,7 +8,9 @@ split, and that losing either connection is seen and recovered from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -58,16 +60,25 @@ async def until(cond: Any, what: str, timeout: float = 60) -> None:
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[AmqpBroker]:
+    """deployd's broker connection to `url`, up (closed at the end)."""
+    amqp = AmqpBroker(url)
+    try:
+        amqp.start()
+        await amqp.wait(30)
+        yield amqp
+    finally:
+        await amqp.close()
+
+
 def test_publishes_and_consumers_go_on_connections_of_their_own(
     broker: Broker, amqp_url: str
 ) -> None:
     vhost = vhost_of(amqp_url)
 
     async def scenario() -> None:
-        amqp = AmqpBroker(amqp_url)
-        try:
-            amqp.start()
-            await amqp.wait(30)
+        async with connected(amqp_url) as amqp:
             channel = await amqp.consumer_channel()
             queue = await amqp.declare_step("orders", "write", channel)
 
@@ -90,8 +101,6 @@ def test_publishes_and_consumers_go_on_connections_of_their_own(
             publishing = [c for c in channels if c["name"].startswith(publish_conn)]
             assert publishing and not any(c["consumer_count"] for c in publishing), channels
             assert any(c["confirm"] for c in publishing), channels
-        finally:
-            await amqp.close()
 
     run_async(scenario)
 
@@ -101,22 +110,17 @@ def test_losing_either_connection_is_seen_and_both_come_back(
     broker: Broker, amqp_url: str, which: str
 ) -> None:
     """The broker closes one of the two (an operator's `close_connection`, a network cut):
-    the state is `unreachable` with why, then `connected` again once that one is back, and
-    `reconnects` counts it (what came on the old connection is stale for the loops)."""
+    it is seen (`unreachable`, unless it is back already), then `connected` once that one is
+    back, and `reconnects` counts it (what came on the old connection is stale for the loops)."""
     vhost = vhost_of(amqp_url)
 
     async def scenario() -> None:
-        amqp = AmqpBroker(amqp_url)
-        try:
-            amqp.start()
-            await amqp.wait(30)
+        async with connected(amqp_url) as amqp:
             before = amqp.reconnects
-            seen: list[str] = []
             conns = await asyncio.to_thread(connections, broker, vhost)
             (pid,) = [c["pid"] for c in conns if c["connection_name"] == which]
             await asyncio.to_thread(broker.ctl, "close_connection", pid, "closed by the test")
             await until(lambda: amqp.state == "unreachable" or amqp.reconnects > before, "lost")
-            seen.append(amqp.state)
             await until(lambda: amqp.reconnects > before and amqp.state == "connected", "back")
             assert amqp.connected.is_set()
             # Both work again: a publish is confirmed and a consumer gets it.
@@ -133,7 +137,5 @@ def test_losing_either_connection_is_seen_and_both_come_back(
             assert await asyncio.wait_for(got.get(), 30) == b"{}"
             conns = await asyncio.to_thread(connections, broker, vhost)
             assert sorted(c["connection_name"] for c in conns) == ["deployd", "deployd consume"]
-        finally:
-            await amqp.close()
 
     run_async(scenario)
