@@ -11,13 +11,24 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deployd.runtime.rabbitmq.broker import EXCHANGE, properties, routing_key
 from deployd.runtime.rabbitmq.broker import Broker as AmqpBroker
+from deployd.runtime.rabbitmq.runner import RabbitRunner
+from deployd.types import StepKind
 from tests.broker import Broker, run_async, vhost_of
+from tests.runtime.test_contract import (
+    AMQP_URLS,
+    PASS,
+    Contract,
+    assert_contiguous,
+    scenario,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,15 +60,6 @@ def consuming_channels(broker: Broker, vhost: str) -> list[dict[str, Any]]:
         "list_channels", "name", "vhost", "consumer_count", "confirm", "--formatter", "json"
     )
     return [r for r in json.loads(out or "[]") if r["vhost"] == vhost]
-
-
-async def until(cond: Any, what: str, timeout: float = 60) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -139,3 +141,38 @@ def test_losing_either_connection_is_seen_and_both_come_back(
             assert sorted(c["connection_name"] for c in conns) == ["deployd", "deployd consume"]
 
     run_async(scenario)
+
+
+def test_a_consumer_channel_the_broker_closes_is_consumed_on_anew(
+    tmp_path: Path, amqp_url: str
+) -> None:
+    """The broker closes an action loop's channel under it (here: an ack of a delivery tag it
+    never gave — a channel error; in production also its `consumer_timeout` after a long
+    hold): the loop consumes again on a new channel, and the flow goes on with nothing lost,
+    nothing twice, in order."""
+    contract = Contract("rabbitmq", tmp_path)
+    AMQP_URLS[contract.state] = amqp_url
+
+    async def main() -> None:
+        async with contract.session() as s:
+            spec = contract.spec(
+                1,
+                contract.trigger(interval=0.02),
+                contract.step("work", StepKind.ACTION, PASS),
+                contract.sink(),
+            )
+            run = await s.start(spec)
+            assert isinstance(run, RabbitRunner), type(run)
+            await until(lambda: len(contract.rows()) >= 10, "messages flowing")
+            consumer = run.consumers["work"]
+            old = consumer.channel
+            assert old is not None
+            underlay = await old.get_underlay_channel()
+            await underlay.basic_ack(10**9)  # unknown delivery tag: 406, the channel closes
+            await until(lambda: consumer.channel is not old, "a new channel for the loop")
+            have = len(contract.rows())
+            await until(lambda: len(contract.rows()) >= have + 20, "messages flowing again")
+            await run.stop()
+            assert_contiguous(contract.rows())
+
+    scenario(main())

@@ -25,7 +25,7 @@ from ...store.queues import Queued
 from ...types import FlowVersionToRun
 from ..embedded.process import Launcher, Result, StepDied, StepProcess, forget
 from ..embedded.runner import AHEAD_BUDGET, FlowRunner, _either
-from .broker import Broker
+from .broker import Broker, redact
 from .router import AmqpRouter, Delivery, Inbound
 
 log = logging.getLogger("deployd.rabbitmq")
@@ -53,12 +53,17 @@ class Consumer:
         self.arrived = asyncio.Event()
         self.channel: AbstractChannel | None = None
         self.closed = False
+        # Its channel was closed under it (by the broker: a channel error, its consumer
+        # timeout; or with the connection): the loop consumes anew on a new channel.
+        self.lost = False
         self.epoch = router.broker.reconnects  # the connection it consumes on
 
     async def start(self) -> None:
         broker = self.router.broker
         self.closed = False
+        self.lost = False
         self.channel = await broker.consumer_channel()
+        self.channel.close_callbacks.add(self._on_close)
         await self.channel.set_qos(prefetch_count=self.prefetch)
         queue = await broker.declare_step(self.flow, self.step, self.channel)
         # aiormq's consumer directly: aio-pika's wraps each delivery in a message object and
@@ -66,20 +71,40 @@ class Consumer:
         underlay = await self.channel.get_underlay_channel()
         await underlay.basic_consume(queue.name, self._on_message)
 
+    def _on_close(self, _channel: object, exc: BaseException | None = None) -> None:
+        if self.closed:
+            return  # closed by us
+        log.warning(
+            "flow %s step %s: its consumer channel was closed (%s); consuming again",
+            self.flow,
+            self.step,
+            redact(str(exc) or type(exc).__name__) if exc is not None else "no reason given",
+        )
+        self.lost = True
+        self.arrived.set()
+
     async def restart(self, stop: asyncio.Event) -> None:
-        """After a reconnect: a consumer of our own again, on a new channel (the client's own
-        restore can fail for good while a quorum queue has no leader yet, just after the
-        broker restarted), retried with back-off until it works or the loop stops."""
+        """After a reconnect, or when its channel was closed under it: a consumer of our own
+        again, on a new channel (the client's own restore can fail for good while a quorum
+        queue has no leader yet, just after the broker restarted, and it does not restore a
+        consumer it did not make), retried with back-off until it works or the loop stops.
+        What came on the old channel is forgotten: the broker gives it again."""
+        lost = self.lost
         self.closed = True
         if self.channel is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.channel.close(), CLOSE_TIMEOUT)
+        if lost:
+            for row in self.buffer:
+                self.router.deliveries.pop(row.id, None)
+            self.buffer.clear()
         self.drop_stale()
         delay = 0.2
         while not stop.is_set():
             try:
                 await self.router.broker.wait(CLOSE_TIMEOUT)
                 await asyncio.wait_for(self.start(), CLOSE_TIMEOUT)
+                self.epoch = self.router.broker.reconnects
                 return
             except Exception as exc:
                 log.info(
@@ -146,6 +171,7 @@ class RabbitRunner(FlowRunner):
         super().__init__(launcher, router, log_dir, spec, drain_timeout, max_queue)
         self.prefetch = prefetch
         self.broker: Broker = router.broker
+        self.consumers: dict[str, Consumer] = {}  # each action loop's, by step id
         router.on_fail.append(self._forget_snapshots)
 
     def _forget_snapshots(self) -> None:
@@ -183,7 +209,7 @@ class RabbitRunner(FlowRunner):
             if stop.is_set():
                 return
             await _either(self.broker.connected, stop, IDLE_POLL)
-        consumer = Consumer(self.router, self.flow, step.id, prefetch)
+        consumer = self.consumers[step.id] = Consumer(self.router, self.flow, step.id, prefetch)
         try:
             await consumer.start()
             await self._consume(index, stop, inflight, consumer, prefetch)
@@ -209,6 +235,8 @@ class RabbitRunner(FlowRunner):
         generation = self.router.generation
         proc: StepProcess | None = None
         while True:
+            if consumer.lost and not inflight:
+                await consumer.restart(stop)
             if generation != self.router.generation and not inflight:
                 # A group failed or the connection was replaced: the broker gives every
                 # unacked message again, so what came before is stale.
@@ -222,6 +250,7 @@ class RabbitRunner(FlowRunner):
                 return
             if (
                 not stop.is_set()
+                and not consumer.lost
                 and len(inflight) <= ahead // 2
                 and await self._room_for(index, len(inflight), stop)
             ):
