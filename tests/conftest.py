@@ -437,11 +437,50 @@ def pytest_configure(config: pytest.Config) -> None:
     compileall.compile_dir(Path(deployd.__file__).parent, quiet=2)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+DURATIONS = Path(__file__).with_name("durations.txt")
+
+
+def file_durations(path: Path = DURATIONS) -> dict[str, float]:
+    """tests/durations.txt: seconds per test file ("SECONDS PATH" lines; scripts/file-durations
+    writes it from a run's report)."""
+    if not path.is_file():
+        return {}
+    durations: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2 and not line.lstrip().startswith("#"):
+            durations[fields[1]] = float(fields[0])
+    return durations
+
+
+def longest_files_first(items: list[pytest.Item], durations: dict[str, float]) -> None:
+    """Order the files longest first, a file's tests kept together and in their order.
+
+    `make test`'s xdist workers take a whole file at a time, in this order (with
+    `--no-loadscope-reorder`; by default xdist orders files by their number of tests, which
+    left the long end-to-end files, with few tests each, for last): a long file handed out
+    last kept one worker busy long after the other had run out. A file not in the list
+    (new) goes first, in collection order: a short one costs nothing there."""
+    if not durations:
+        return
+    files: dict[str, int] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], len(files))
+
+    def key(item: pytest.Item) -> tuple[float, int]:
+        file = item.nodeid.split("::", 1)[0]
+        return (-durations.get(file, float("inf")), files[file])
+
+    items.sort(key=key)  # stable: the tests of a file stay in their order
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A test using a broker fixture is a `rabbitmq` test: `-m "not rabbitmq"` leaves it out.
     for item in items:
         if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.rabbitmq)
+    if hasattr(config, "workerinput"):  # an xdist worker (a run in one process: as collected)
+        longest_files_first(items, file_durations())
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
