@@ -363,6 +363,106 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     return daemon_factory().start()
 
 
+class SharedDaemons:
+    """A test module's daemons, for its tests that leave a daemon's process and config alone.
+
+    A daemon start (and stop) is ~2 s of a test that then takes a few more: the tests of a
+    module that neither stop, restart or kill the daemon nor change its config share one
+    (per set of daemon keys and environment), started at first use and stopped after the
+    module. Each test still passes alone and in any order: it stops the flows it started at
+    its end (`shared_daemon`), its flows have names of their own, and a component it pushes
+    to is one of its own (`component(name=...)`); a shared component (one registered from
+    the same files at v1) is never pushed to — asking for one that was is an error.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.daemons: dict[str, Daemon] = {}
+        self.made = 0
+        # (daemon root, component) → its working clone, its files (as JSON), its v1 sha
+        self.components: dict[tuple[Path, str], tuple[Work, str, str]] = {}
+
+    def daemon(self, env: dict[str, str] | None = None, **daemon_extra: Any) -> Daemon:
+        """The module's daemon with these keys and extra environment, started at first use."""
+        key = json.dumps([env or {}, daemon_extra], sort_keys=True)
+        d = self.daemons.get(key)
+        if d is not None and d.proc is not None and d.proc.poll() is None:
+            return d
+        # none yet, or it died (a test before failed badly): a fresh one, not a broken one
+        root = self.root / f"deployd{self.made}"
+        self.made += 1
+        (root / "home").mkdir(parents=True)
+        d = Daemon(root=root, port=free_port(), components=[], daemon_extra=daemon_extra)
+        # its own HOME and git identity, whichever test started it (as _isolated_env does)
+        d.env.update({"HOME": str(root / "home"), **GIT_ENV, **(env or {})})
+        self.daemons[key] = d.start()
+        return d
+
+    def component(self, d: Daemon, name: str, files: dict[str, Any]) -> Work:
+        """Component `name` of `d` at v1, built from `files`: registered (a config reload)
+        and pushed at first use, the same clone after."""
+        shown = json.dumps(files, sort_keys=True)
+        known = self.components.get((d.root, name))
+        if known is not None:
+            work, had, sha = known
+            assert had == shown, f"shared component {name} has other files: name yours apart"
+            assert d.recent_sha(name) == sha, (
+                f"shared component {name} was pushed to by another test: a test that pushes "
+                "takes a component of its own"
+            )
+            return work
+        path = d.root / "work" / name
+        path.mkdir(parents=True)
+        git("init", "-q", "-b", "main", cwd=path)
+        work = Work(path)
+        work.commit("initial", files)
+        d.components.append({"name": name})
+        d.write_config()
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: any(c["name"] == name for c in d.status()["components"]), timeout=30)
+        sha = work.push(d.hosted(name))
+        d.wait_recent(name, sha, timeout=60)
+        self.components[(d.root, name)] = (work, shown, sha)
+        return work
+
+    def stop_flows(self) -> None:
+        """Stop every flow not stopped on the module's running daemons (a test's end)."""
+        for d in self.daemons.values():
+            if d.proc is None or d.proc.poll() is not None:
+                continue
+            token = (d.state_dir / "api-token").read_text().strip()
+            for flow in d.status()["flows"]:
+                if flow["state"] == "stopped":
+                    continue
+                resp = HTTP.post(
+                    f"{d.url}/api/v1/flows/{flow['name']}/stop",
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=60,
+                )
+                assert resp.status_code == 200, (flow["name"], resp.status_code, resp.text)
+
+    def close(self) -> None:
+        for d in self.daemons.values():
+            d.stop()  # killed (and an error) if it does not stop in time
+
+
+@pytest.fixture(scope="module")
+def shared_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedDaemons]:
+    """The test module's SharedDaemons; stopped after its last test."""
+    shared = SharedDaemons(tmp_path_factory.mktemp("shared"))
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def shared_daemon(shared_daemons: SharedDaemons) -> Iterator[SharedDaemons]:
+    """The test module's SharedDaemons, for one test: the flows it started are stopped at its
+    end, so the next test finds the daemon as idle as a fresh one."""
+    yield shared_daemons
+    shared_daemons.stop_flows()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DEPLOYD_CONFIG", raising=False)
