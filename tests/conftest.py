@@ -443,8 +443,10 @@ class SharedDaemons:
                 assert resp.status_code == 200, (flow["name"], resp.status_code, resp.text)
 
     def close(self) -> None:
-        for d in self.daemons.values():
-            d.stop()  # killed (and an error) if it does not stop in time
+        for d in self.daemons.values():  # as daemon_factory leaves a daemon still running
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
