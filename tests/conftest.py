@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.broker import DEFAULT_VHOSTS, VHOSTS_ENV, Broker, broker_unavailable, start_broker
+from tests.warm_cli import deployd_cli
 
 DEPLOYD = [sys.executable, "-m", "deployd"]
 GIT_ENV = {
@@ -272,12 +273,8 @@ class Daemon:
         # `component call` takes the step's config as --config (the contract, as on
         # the platform); deployd's own is --daemon-config there.
         flag = "--daemon-config" if args[:2] == ("component", "call") else "-c"
-        proc = subprocess.run(
-            [*DEPLOYD, *args, flag, str(self.config_path)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **self.env},
-            timeout=60,
+        proc = deployd_cli(
+            [*args, flag, str(self.config_path)], env={**os.environ, **self.env}, timeout=60
         )
         if check and proc.returncode != 0:
             raise AssertionError(
