@@ -30,8 +30,10 @@ TEST_PACKAGES := rabbitmq-server chromium chromium-driver
 
 # Two workers (CI has 2 cores; most of a test is waiting on a daemon's processes), each taking
 # a whole file at a time, so a module's shared daemon is started once. PYTEST_XDIST= runs serially.
+# The files go out longest first (tests/durations.txt, scripts/file-durations): without
+# --no-loadscope-reorder xdist would hand them out by their number of tests instead.
 # The 25 slowest tests are listed at the end: the suite is to stay well under 10 minutes.
-PYTEST_XDIST ?= -n 2 --dist loadfile
+PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP) check
 	scripts/ensure-packages $(TEST_PACKAGES)
 	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_XDIST) $(PYTEST_ARGS)

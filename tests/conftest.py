@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.broker import DEFAULT_VHOSTS, VHOSTS_ENV, Broker, broker_unavailable, start_broker
+from tests.warm_cli import deployd_cli
 
 DEPLOYD = [sys.executable, "-m", "deployd"]
 GIT_ENV = {
@@ -272,12 +273,8 @@ class Daemon:
         # `component call` takes the step's config as --config (the issue's contract, as on
         # the platform); deployd's own is --daemon-config there.
         flag = "--daemon-config" if args[:2] == ("component", "call") else "-c"
-        proc = subprocess.run(
-            [*DEPLOYD, *args, flag, str(self.config_path)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **self.env},
-            timeout=60,
+        proc = deployd_cli(
+            [*args, flag, str(self.config_path)], env={**os.environ, **self.env}, timeout=60
         )
         if check and proc.returncode != 0:
             raise AssertionError(
@@ -363,6 +360,108 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     return daemon_factory().start()
 
 
+class SharedDaemons:
+    """A test module's daemons, for its tests that leave a daemon's process and config alone.
+
+    A daemon start (and stop) is ~2 s of a test that then takes a few more: the tests of a
+    module that neither stop, restart or kill the daemon nor change its config share one
+    (per set of daemon keys and environment), started at first use and stopped after the
+    module. Each test still passes alone and in any order: it stops the flows it started at
+    its end (`shared_daemon`), its flows have names of their own, and a component it pushes
+    to is one of its own (`component(name=...)`); a shared component (one registered from
+    the same files at v1) is never pushed to — asking for one that was is an error.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.daemons: dict[str, Daemon] = {}
+        self.made = 0
+        # (daemon root, component) → its working clone, its files (as JSON), its v1 sha
+        self.components: dict[tuple[Path, str], tuple[Work, str, str]] = {}
+
+    def daemon(self, env: dict[str, str] | None = None, **daemon_extra: Any) -> Daemon:
+        """The module's daemon with these keys and extra environment, started at first use."""
+        key = json.dumps([env or {}, daemon_extra], sort_keys=True)
+        d = self.daemons.get(key)
+        if d is not None and d.proc is not None and d.proc.poll() is None:
+            return d
+        # none yet, or it died (a test before failed badly): a fresh one, not a broken one
+        root = self.root / f"deployd{self.made}"
+        self.made += 1
+        (root / "home").mkdir(parents=True)
+        d = Daemon(root=root, port=free_port(), components=[], daemon_extra=daemon_extra)
+        # its own HOME and git identity, whichever test started it (as _isolated_env does)
+        d.env.update({"HOME": str(root / "home"), **GIT_ENV, **(env or {})})
+        self.daemons[key] = d.start()
+        return d
+
+    def component(self, d: Daemon, name: str, files: dict[str, Any]) -> Work:
+        """Component `name` of `d` at v1, built from `files`: registered (a config reload)
+        and pushed at first use, the same clone after."""
+        shown = json.dumps(files, sort_keys=True)
+        known = self.components.get((d.root, name))
+        if known is not None:
+            work, had, sha = known
+            assert had == shown, f"shared component {name} has other files: name yours apart"
+            assert d.recent_sha(name) == sha, (
+                f"shared component {name} was pushed to by another test: a test that pushes "
+                "takes a component of its own"
+            )
+            return work
+        path = d.root / "work" / name
+        path.mkdir(parents=True)
+        git("init", "-q", "-b", "main", cwd=path)
+        work = Work(path)
+        work.commit("initial", files)
+        d.components.append({"name": name})
+        d.write_config()
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: any(c["name"] == name for c in d.status()["components"]), timeout=30)
+        sha = work.push(d.hosted(name))
+        d.wait_recent(name, sha, timeout=60)
+        self.components[(d.root, name)] = (work, shown, sha)
+        return work
+
+    def stop_flows(self) -> None:
+        """Stop every flow not stopped on the module's running daemons (a test's end)."""
+        for d in self.daemons.values():
+            if d.proc is None or d.proc.poll() is not None:
+                continue
+            token = (d.state_dir / "api-token").read_text().strip()
+            for flow in d.status()["flows"]:
+                if flow["state"] == "stopped":
+                    continue
+                resp = HTTP.post(
+                    f"{d.url}/api/v1/flows/{flow['name']}/stop",
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=60,
+                )
+                assert resp.status_code == 200, (flow["name"], resp.status_code, resp.text)
+
+    def close(self) -> None:
+        for d in self.daemons.values():  # as daemon_factory leaves a daemon still running
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def shared_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedDaemons]:
+    """The test module's SharedDaemons; stopped after its last test."""
+    shared = SharedDaemons(tmp_path_factory.mktemp("shared"))
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def shared_daemon(shared_daemons: SharedDaemons) -> Iterator[SharedDaemons]:
+    """The test module's SharedDaemons, for one test: the flows it started are stopped at its
+    end, so the next test finds the daemon as idle as a fresh one."""
+    yield shared_daemons
+    shared_daemons.stop_flows()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DEPLOYD_CONFIG", raising=False)
@@ -437,11 +536,50 @@ def pytest_configure(config: pytest.Config) -> None:
     compileall.compile_dir(Path(deployd.__file__).parent, quiet=2)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+DURATIONS = Path(__file__).with_name("durations.txt")
+
+
+def file_durations(path: Path = DURATIONS) -> dict[str, float]:
+    """tests/durations.txt: seconds per test file ("SECONDS PATH" lines; scripts/file-durations
+    writes it from a run's report)."""
+    if not path.is_file():
+        return {}
+    durations: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2 and not line.lstrip().startswith("#"):
+            durations[fields[1]] = float(fields[0])
+    return durations
+
+
+def longest_files_first(items: list[pytest.Item], durations: dict[str, float]) -> None:
+    """Order the files longest first, a file's tests kept together and in their order.
+
+    `make test`'s xdist workers take a whole file at a time, in this order (with
+    `--no-loadscope-reorder`; by default xdist orders files by their number of tests, which
+    left the long end-to-end files, with few tests each, for last): a long file handed out
+    last kept one worker busy long after the other had run out. A file not in the list
+    (new) goes first, in collection order: a short one costs nothing there."""
+    if not durations:
+        return
+    files: dict[str, int] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], len(files))
+
+    def key(item: pytest.Item) -> tuple[float, int]:
+        file = item.nodeid.split("::", 1)[0]
+        return (-durations.get(file, float("inf")), files[file])
+
+    items.sort(key=key)  # stable: the tests of a file stay in their order
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A test using a broker fixture is a `rabbitmq` test: `-m "not rabbitmq"` leaves it out.
     for item in items:
         if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.rabbitmq)
+    if hasattr(config, "workerinput"):  # an xdist worker (a run in one process: as collected)
+        longest_files_first(items, file_durations())
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

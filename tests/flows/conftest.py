@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Daemon, Work, db_rows, wait_until
+from tests.conftest import Daemon, SharedDaemons, Work, db_rows, wait_until
 
 COUNTER_DESC: dict[str, Any] = {
     "title": "Counter",
@@ -152,12 +152,13 @@ class FlowEnv:
     daemon: Daemon
     work: Work
     tmp: Path
+    name: str = "hello"  # the component's
 
     def push(self, files: dict[str, Any] | None = None, message: str = "change") -> str:
         """Commit `files`, push to the hosted repository, wait until it is the recent version."""
         sha = self.work.commit(message, files)
-        self.work.push(self.daemon.hosted("hello"))
-        self.daemon.wait_recent("hello", sha, timeout=30)
+        self.work.push(self.daemon.hosted(self.name))
+        self.daemon.wait_recent(self.name, sha, timeout=30)
         return sha
 
     def out(self, name: str = "out") -> Path:
@@ -271,6 +272,28 @@ def make_env(
         sha = work.push(d.hosted("hello"))
         d.wait_recent("hello", sha, timeout=30)
         return env
+
+    return make
+
+
+@pytest.fixture
+def shared_make_env(shared_daemon: SharedDaemons, tmp_path: Path) -> Callable[..., FlowEnv]:
+    """shared_make_env(files=None, name="hello", env=None, **daemon_keys) → make_env's FlowEnv,
+    on the test module's shared daemon (tests/conftest.py's SharedDaemons): for tests that
+    neither stop, restart or kill the daemon nor change its config. Component `name` is at
+    v1 (`files`) and shared by the module's tests asking for it: a test that pushes takes a
+    `name` of its own. `env`: more environment for the daemon (the same for every test of
+    the module). The test's flows are stopped at its end; its files are in its tmp_path."""
+
+    def make(
+        files: dict[str, Any] | None = None,
+        name: str = "hello",
+        env: dict[str, str] | None = None,
+        **daemon_keys: Any,
+    ) -> FlowEnv:
+        d = shared_daemon.daemon(env, **daemon_keys)
+        work = shared_daemon.component(d, name, files or counter_files())
+        return FlowEnv(d, work, tmp_path, name)
 
     return make
 

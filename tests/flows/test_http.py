@@ -24,6 +24,7 @@ from tests.conftest import db_rows, have, wait_until
 from tests.flows.conftest import FlowEnv, flow_toml, read_out
 from tests.flows.http_fed import (
     SECRET,
+    SECRET_VAR,
     http_flow,
     make_http_env,
     post,
@@ -35,7 +36,16 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
-def web(make_env: Callable[..., FlowEnv], monkeypatch: pytest.MonkeyPatch) -> FlowEnv:
+def web(shared_make_env: Callable[..., FlowEnv]) -> FlowEnv:
+    """The `web` component as hello v1 on the module's shared daemon, the secret in its
+    environment: for tests that only add flows (each named apart) and leave it running."""
+    return shared_make_env(web_files(), env={SECRET_VAR: SECRET})
+
+
+@pytest.fixture
+def own_web(make_env: Callable[..., FlowEnv], monkeypatch: pytest.MonkeyPatch) -> FlowEnv:
+    """`web` on a daemon of the test's own: for tests that stop, restart or reconfigure it,
+    or push to hello."""
     return make_http_env(make_env, monkeypatch)
 
 
@@ -85,25 +95,25 @@ def test_accepted_request_becomes_a_message_committed_before_the_answer(web: Flo
 
 
 def test_every_refusal_with_its_status(web: FlowEnv) -> None:
-    out = web.out("orders")
-    web.apply(http_flow("orders", out))
+    out = web.out("refusals")
+    web.apply(http_flow("refusals", out))
     web.apply(http_flow("tok", web.out("tok"), auth="token"))
     url = web.daemon.url
 
     # 404: unknown flow, and a known flow without credentials: the same answer
     unknown = post(url, "nope", {"a": 1}, secret=None)
-    unsigned = post(url, "orders", {"a": 1}, secret=None)
+    unsigned = post(url, "refusals", {"a": 1}, secret=None)
     assert unknown.status_code == unsigned.status_code == 404
     assert unknown.content == unsigned.content
     # 401: wrong credentials, and credentials sent for a flow that does not exist
-    wrong = post(url, "orders", {"a": 1}, secret="not-the-secret")
+    wrong = post(url, "refusals", {"a": 1}, secret="not-the-secret")
     unknown_signed = post(url, "nope", {"a": 1})
     assert wrong.status_code == unknown_signed.status_code == 401
     assert wrong.content == unknown_signed.content
     # the signature is over the raw body: another body with the same signature fails
-    signed = post(url, "orders", {"a": 1}).request.headers["x-deployd-signature"]
+    signed = post(url, "refusals", {"a": 1}).request.headers["x-deployd-signature"]
     forged = post(
-        url, "orders", raw=b'{"a": 2}', secret=None, headers={"x-deployd-signature": signed}
+        url, "refusals", raw=b'{"a": 2}', secret=None, headers={"x-deployd-signature": signed}
     )
     assert forged.status_code == 401
     # token auth: Authorization: Bearer
@@ -115,30 +125,30 @@ def test_every_refusal_with_its_status(web: FlowEnv) -> None:
     assert post(url, "tok", {"t": 1}, secret=None).status_code == 404
 
     # 415: not JSON
-    resp = post(url, "orders", raw=b"a=1", headers={"content-type": "text/plain"})
+    resp = post(url, "refusals", raw=b"a=1", headers={"content-type": "text/plain"})
     assert resp.status_code == 415 and "application/json" in resp.json()["detail"]
     # 413: over daemon.max_webhook_bytes (default 5 MiB), checked before anything else
     big = b'{"x": "' + b"a" * (5 * 1024 * 1024) + b'"}'
-    assert post(url, "orders", raw=big).status_code == 413
+    assert post(url, "refusals", raw=big).status_code == 413
     # 400: malformed JSON, verified first (a valid signature over the bad bytes)
     for raw in (b'{"a": ', b'{"a": NaN}', b"\xff\xfe", b"[" * 5000 + b"]" * 5000):
-        resp = post(url, "orders", raw=raw)
+        resp = post(url, "refusals", raw=raw)
         assert resp.status_code == 400, (raw[:20], resp.text)
         assert "malformed JSON" in resp.json()["detail"]
     # ... and an unverified malformed body is never parsed: 401, not 400
-    assert post(url, "orders", raw=b'{"a": ', secret="wrong").status_code == 401
+    assert post(url, "refusals", raw=b'{"a": ', secret="wrong").status_code == 401
 
     # 503 with Retry-After for a stopped flow (after authentication: nothing leaks)
-    web.daemon.cli("flow", "stop", "orders")
-    resp = post(url, "orders", {"a": 1})
+    web.daemon.cli("flow", "stop", "refusals")
+    resp = post(url, "refusals", {"a": 1})
     assert resp.status_code == 503 and resp.headers["retry-after"]
     assert "not running" in resp.json()["detail"]
-    assert post(url, "orders", {"a": 1}, secret=None).status_code == 404
-    web.daemon.cli("flow", "start", "orders")
-    wait_until(lambda: post(url, "orders", {"again": 1}).status_code == 202, timeout=30)
+    assert post(url, "refusals", {"a": 1}, secret=None).status_code == 404
+    web.daemon.cli("flow", "start", "refusals")
+    wait_until(lambda: post(url, "refusals", {"again": 1}).status_code == 202, timeout=30)
     # counted by flow and status (a name that is no HTTP-fed flow: "-")
     metrics = httpx.get(url + "/metrics", timeout=10).text
-    assert 'deployd_flow_requests_total{flow="orders",status="401"}' in metrics
+    assert 'deployd_flow_requests_total{flow="refusals",status="401"}' in metrics
     assert 'deployd_flow_requests_total{flow="-",status="404"}' in metrics
     assert 'flow="nope"' not in metrics
     # nothing refused was queued: only the accepted bodies reached the sink
@@ -225,7 +235,7 @@ exports.process = async function (msg) {
 
 @pytest.mark.skipif(not have("node"), reason="node is not installed")
 def test_sync_reply_from_a_node_step(
-    web: FlowEnv, component: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    own_web: FlowEnv, component: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a Node component beside the Python one (no npm: component.json names a build)
     js = component("js")
@@ -243,15 +253,15 @@ def test_sync_reply_from_a_node_step(
             "lib/reply.js": NODE_REPLY,
         },
     )
-    web.daemon.stop()
-    web.daemon.components.append({"name": "js"})
-    web.daemon.start()
-    sha = js.push(web.daemon.hosted("js"))
-    web.daemon.wait_recent("js", sha, timeout=60)
-    out = web.out("hi")
+    own_web.daemon.stop()
+    own_web.daemon.components.append({"name": "js"})
+    own_web.daemon.start()
+    sha = js.push(own_web.daemon.hosted("js"))
+    own_web.daemon.wait_recent("js", sha, timeout=60)
+    out = own_web.out("hi")
     step = {"id": "greet", "component": "js", "function": "reply"}
-    web.apply(http_flow("hi", out, step, reply="sync"))
-    resp = post(web.daemon.url, "hi", {"name": "ada"})
+    own_web.apply(http_flow("hi", out, step, reply="sync"))
+    resp = post(own_web.daemon.url, "hi", {"name": "ada"})
     assert resp.status_code == 200, resp.text
     assert resp.text == "hello ada"
     assert resp.headers["x-by"] == "node"
@@ -259,10 +269,10 @@ def test_sync_reply_from_a_node_step(
     wait_until(lambda: read_out(out), timeout=30)
 
 
-def test_1000_requests_under_10_redeploys_each_accepted_id_handled_once(web: FlowEnv) -> None:
-    out = web.out("load")
-    web.apply(http_flow("load", out))
-    url = web.daemon.url
+def test_1000_requests_under_10_redeploys_each_accepted_id_handled_once(own_web: FlowEnv) -> None:
+    out = own_web.out("load")
+    own_web.apply(http_flow("load", out))
+    url = own_web.daemon.url
     accepted: list[str] = []
     codes: Counter[int] = Counter()
     sent = 0
@@ -270,7 +280,7 @@ def test_1000_requests_under_10_redeploys_each_accepted_id_handled_once(web: Flo
     def deployed(version: int) -> bool:
         return bool(
             db_rows(
-                web.daemon.state_dir,
+                own_web.daemon.state_dir,
                 "SELECT 1 FROM deployments WHERE flow = 'load' AND to_version = ?"
                 " AND finished_at IS NOT NULL",
                 version,
@@ -281,8 +291,8 @@ def test_1000_requests_under_10_redeploys_each_accepted_id_handled_once(web: Flo
     with httpx.Client(timeout=30, limits=limits) as client, ThreadPoolExecutor(16) as pool:
         for k in range(10):
             tag = f"v{k + 2}"
-            web.work.commit(tag, web_files(tag) | {"lib/record.py": record(tag)})
-            web.work.push(web.daemon.hosted("hello"))
+            own_web.work.commit(tag, web_files(tag) | {"lib/record.py": record(tag)})
+            own_web.work.push(own_web.daemon.hosted("hello"))
             # 100 requests per redeploy at least, and more until that publish has finished:
             # requests keep arriving through every build, warm-up and switch
             started, mine = time.monotonic(), 0
@@ -301,22 +311,22 @@ def test_1000_requests_under_10_redeploys_each_accepted_id_handled_once(web: Flo
     assert set(seen) == set(accepted)
     assert max(seen.values()) == 1, [k for k, v in seen.items() if v > 1][:5]
     assert {r["by"] for r in read_out(out)} >= {"v2", "v11"}  # every version took some
-    finished = [d for d in web.deploys() if d["flow"] == "load" and d["status"] == "done"]
+    finished = [d for d in own_web.deploys() if d["flow"] == "load" and d["status"] == "done"]
     assert len(finished) == 11  # the first publish and the 10 redeploys
     # gap_ms of an HTTP-fed flow: the time no action step was consuming
     gaps = [d["gap_ms"] for d in finished if d["from_version"] is not None]
     assert len(gaps) == 10 and all(g is not None and g >= 0 for g in gaps)
 
 
-def test_daemon_stopping_answers_503(web: FlowEnv) -> None:
-    out = web.out("drain")
+def test_daemon_stopping_answers_503(own_web: FlowEnv) -> None:
+    out = own_web.out("drain")
     slow = {"id": "slow", "component": "hello", "function": "slow", "config": {"delay": "3"}}
-    web.apply(http_flow("drain", out, slow))
-    url = web.daemon.url
+    own_web.apply(http_flow("drain", out, slow))
+    url = own_web.daemon.url
     assert post(url, "drain", {"first": 1}).status_code == 202
-    wait_until(lambda: web.flow("drain")["queues"].get("slow", 0) >= 1, timeout=30)
-    assert web.daemon.proc is not None
-    web.daemon.proc.send_signal(signal.SIGTERM)  # stops once the slow step finished
+    wait_until(lambda: own_web.flow("drain")["queues"].get("slow", 0) >= 1, timeout=30)
+    assert own_web.daemon.proc is not None
+    own_web.daemon.proc.send_signal(signal.SIGTERM)  # stops once the slow step finished
 
     def refused() -> httpx.Response | None:
         try:
@@ -328,9 +338,9 @@ def test_daemon_stopping_answers_503(web: FlowEnv) -> None:
     resp = wait_until(refused, timeout=20)
     assert resp.headers["retry-after"] == "5"
     assert "stopping" in resp.json()["detail"]
-    assert web.daemon.stop() == 0
+    assert own_web.daemon.stop() == 0
     # the request taken before the stop is still queued or handled, never lost
-    web.daemon.start()
+    own_web.daemon.start()
     wait_until(lambda: [r["body"] for r in read_out(out)] == [{"first": 1}], timeout=60)
 
 

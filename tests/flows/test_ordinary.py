@@ -55,19 +55,20 @@ def ordinary(
     action: str = "write",
     count: int = 3,
     sleep: float = 1.0,
+    component: str = "hello",
     **keys: str,
 ) -> str:
     """An ordinary flow: batch (count messages) → `action` (write or slow) into `out`."""
     steps = [
         {
             "id": "batch",
-            "component": "hello",
+            "component": component,
             "function": "batch",
             "config": {"out": out, "count": count},
         },
         {
             "id": "sink",
-            "component": "hello",
+            "component": component,
             "function": action,
             "config": {"out": out, "sleep": sleep},
         },
@@ -101,13 +102,26 @@ def succeeded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def env(make_env: Callable[..., FlowEnv]) -> FlowEnv:
+def env(shared_make_env: Callable[..., FlowEnv]) -> FlowEnv:
+    """hello v1 on the module's shared daemon: for tests that add flows and leave the daemon
+    running (a test that pushes takes a component of its own: shared_make_env(name=...))."""
+    return shared_make_env(files())
+
+
+@pytest.fixture
+def own_env(make_env: Callable[..., FlowEnv]) -> FlowEnv:
+    """hello v1 on a daemon of the test's own: for tests that stop or kill it."""
     return make_env(files())
 
 
-def test_every_second_runs_repeatedly_and_a_push_is_the_next_runs_version(env: FlowEnv) -> None:
+def test_every_second_runs_repeatedly_and_a_push_is_the_next_runs_version(
+    shared_make_env: Callable[..., FlowEnv],
+) -> None:
+    env = shared_make_env(files(), name="sync")  # pushed to: a component of its own
     out = env.out("sync")
-    res = json.loads(env.apply(ordinary("sync", out, every="1s"), "--json").stdout)
+    res = json.loads(
+        env.apply(ordinary("sync", out, every="1s", component="sync"), "--json").stdout
+    )
     assert res["type"] == "ordinary" and res["status"] == "scheduled", res
     assert res["next_run_at"], res
     wait_runs(env, "sync", lambda rows: len(succeeded(rows)) >= 3)
@@ -116,8 +130,8 @@ def test_every_second_runs_repeatedly_and_a_push_is_the_next_runs_version(env: F
     last = next(r for r in listed if r["status"] == "succeeded")
     assert set(last) >= {"id", "started_at", "finished_at", "status", "steps", "handled", "errors"}
     assert last["steps"] == [
-        {"id": "batch", "component": "hello", "version": 1},
-        {"id": "sink", "component": "hello", "version": 1},
+        {"id": "batch", "component": "sync", "version": 1},
+        {"id": "sink", "component": "sync", "version": 1},
     ]
     assert last["handled"] == 3 and last["errors"] == [], last
     # Every run: its three messages, each once; the trigger's shutdown() ran after each.
@@ -157,9 +171,12 @@ def test_every_second_runs_repeatedly_and_a_push_is_the_next_runs_version(env: F
     wait_runs(env, "sync", lambda rows: len(rows) > stopped_at)
 
 
-def test_a_version_without_the_used_action_leaves_the_run_on_the_older_one(env: FlowEnv) -> None:
+def test_a_version_without_the_used_action_leaves_the_run_on_the_older_one(
+    shared_make_env: Callable[..., FlowEnv],
+) -> None:
+    env = shared_make_env(files(), name="nightly")  # pushed to: a component of its own
     out = env.out("nightly")
-    env.apply(ordinary("nightly", out))  # every 1h: runs here are `flow run`s
+    env.apply(ordinary("nightly", out, component="nightly"))  # every 1h: runs are `flow run`s
     gone = copy.deepcopy(DESC)
     del gone["actions"]["write"]
     env.push({"component.json": gone}, "drop the write action")
@@ -170,7 +187,8 @@ def test_a_version_without_the_used_action_leaves_the_run_on_the_older_one(env: 
     assert [s["version"] for s in run["steps"]] == [1, 1], run
     flow = env.flow("nightly")
     attention = flow["needs_attention"] or ""
-    assert "no longer exists in hello v2" in attention and "runs use hello v1" in attention, flow
+    assert "no longer exists in nightly v2" in attention, flow
+    assert "runs use nightly v1" in attention, flow
     assert "needs attention" in env.daemon.cli("flow", "list").stdout
 
     # A run of a flow whose schedule is paused: `flow run` runs it all the same.
@@ -182,9 +200,9 @@ def test_a_version_without_the_used_action_leaves_the_run_on_the_older_one(env: 
     bad = env.daemon.cli("flow", "publish", "nightly", check=False)
     assert bad.returncode != 0 and "ordinary (scheduled) flow" in bad.stderr, bad.stderr
     # Refused, nothing changed: a draft of an ordinary flow, a flow changing its type.
-    bad = env.apply(ordinary("nightly", out), "--draft", check=False)
+    bad = env.apply(ordinary("nightly", out, component="nightly"), "--draft", check=False)
     assert bad.returncode != 0 and "it has no drafts" in bad.stderr, bad.stderr
-    bad = env.apply(flow_toml("nightly", out), check=False)
+    bad = env.apply(flow_toml("nightly", out, component="nightly"), check=False)
     assert bad.returncode != 0 and "a flow's type cannot change" in bad.stderr, bad.stderr
     assert env.flow("nightly")["type"] == "ordinary" and env.flow("nightly")["version"] == 1
 
@@ -222,10 +240,13 @@ def test_overlap_queue_runs_one_after_the_other(env: FlowEnv) -> None:
 
 @pytest.mark.parametrize("catch_up", ["one", "none"])
 def test_catch_up_after_the_daemon_was_stopped_across_a_due_time(
-    env: FlowEnv, catch_up: str
+    own_env: FlowEnv, catch_up: str
 ) -> None:
+    env = own_env
     out = env.out("catch")
-    env.apply(ordinary("catch", out, every="4s", catch_up=catch_up))
+    # every 2s (the least is 1s): the stop below spans a due time whatever the interval,
+    # the test waits for it to pass; a longer one only made each wait longer
+    env.apply(ordinary("catch", out, every="2s", catch_up=catch_up))
     wait_runs(env, "catch", succeeded)
     env.daemon.stop()
     due = db_rows(env.daemon.state_dir, "SELECT next_run_at FROM flow_schedules")[0]
@@ -264,7 +285,8 @@ def test_a_run_past_its_run_timeout_is_stopped_and_keeps_the_rest_as_dead_letter
     assert "succeeded" in env.daemon.cli("flow", "run", "slowpoke", "--wait").stdout
 
 
-def test_kill_9_mid_run_records_it_failed_and_loses_no_message(env: FlowEnv) -> None:
+def test_kill_9_mid_run_records_it_failed_and_loses_no_message(own_env: FlowEnv) -> None:
+    env = own_env
     out = env.out("crash")
     env.apply(ordinary("crash", out, action="slow", count=4, sleep=1.0))
     env.daemon.cli("flow", "run", "crash")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, Work, db_rows, wait_until
+from tests.conftest import Daemon, SharedDaemons, Work, db_rows, wait_until
 from tests.flows.conftest import flow_toml, read_out
 
 COMPONENT_JSON: dict[str, Any] = {
@@ -332,6 +332,21 @@ class NodeEnv:
         self, out: Path, cond: Callable[[list[dict[str, Any]]], Any], timeout: float = 30
     ):
         return wait_until(lambda: cond(read_out(out)), timeout=timeout, interval=0.05)
+
+
+@pytest.fixture
+def shared_node_env(shared_daemon: SharedDaemons, tmp_path: Path) -> Callable[..., NodeEnv]:
+    """shared_node_env(**daemon_keys) → node_env's NodeEnv on the test module's shared daemon
+    (tests/conftest.py's SharedDaemons): for tests that leave the daemon running as it is and
+    push to neither component. The test's flows are stopped at its end."""
+
+    def make(**daemon_keys: Any) -> NodeEnv:
+        d = shared_daemon.daemon(**daemon_keys)
+        work = shared_daemon.component(d, "platform", platform_files())
+        shared_daemon.component(d, "pyhelp", PY_COMPONENT)
+        return NodeEnv(d, work, tmp_path)
+
+    return make
 
 
 @pytest.fixture

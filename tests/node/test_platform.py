@@ -14,11 +14,15 @@ from tests.node.conftest import NodeEnv, platform_files, read_out
 
 IN_PROGRESS = ("starting_new", "switching")  # a deployment's states before done or failed
 
+# The daemon the module's tests share (all but the one that pushes): long enough for an end
+# emitted on a later tick on a loaded machine; "noend" of test_events waits it out.
+SHARED = {"node_end_timeout": "3s"}
+
 
 def test_platform_component_builds_with_npm_and_runs_in_a_realtime_flow(
-    node_env: Callable[..., NodeEnv],
+    shared_node_env: Callable[..., NodeEnv],
 ) -> None:
-    env = node_env()
+    env = shared_node_env(**SHARED)
     build = env.daemon.builds("platform")[0]
     assert build["status"] == "succeeded"
     log = env.daemon.cli("build-log", str(build["id"])).stdout
@@ -45,9 +49,8 @@ def test_platform_component_builds_with_npm_and_runs_in_a_realtime_flow(
 KINDS = "callback,plain,promise,async,error,reject,throw,rebound,noend,print,last"
 
 
-def test_events_promise_and_callback_styles(node_env: Callable[..., NodeEnv]) -> None:
-    # long enough for an end emitted on a later tick on a loaded machine; "noend" waits it out
-    env = node_env(node_end_timeout="3s")
+def test_events_promise_and_callback_styles(shared_node_env: Callable[..., NodeEnv]) -> None:
+    env = shared_node_env(**SHARED)  # node_end_timeout 3s: "noend" waits it out
     out = env.out("events")
     env.apply(
         "events",
@@ -103,9 +106,9 @@ def test_events_promise_and_callback_styles(node_env: Callable[..., NodeEnv]) ->
 
 
 def test_listener_pitfall_unguarded_adds_one_per_call_guarded_keeps_one(
-    node_env: Callable[..., NodeEnv],
+    shared_node_env: Callable[..., NodeEnv],
 ) -> None:
-    env = node_env()
+    env = shared_node_env(**SHARED)
     for name in ("unguarded", "guarded"):
         env.apply(
             name,
@@ -133,8 +136,10 @@ def test_listener_pitfall_unguarded_adds_one_per_call_guarded_keeps_one(
     assert {x["listeners"] for x in right} == {1}
 
 
-def test_mixed_flow_node_trigger_mapper_python_action(node_env: Callable[..., NodeEnv]) -> None:
-    env = node_env()
+def test_mixed_flow_node_trigger_mapper_python_action(
+    shared_node_env: Callable[..., NodeEnv],
+) -> None:
+    env = shared_node_env(**SHARED)
     out = env.out("mixed")
     env.apply(
         "mixed",
@@ -164,7 +169,7 @@ def test_mixed_flow_node_trigger_mapper_python_action(node_env: Callable[..., No
 
 
 def test_redeploy_under_load_loses_nothing(node_env: Callable[..., NodeEnv]) -> None:
-    env = node_env()
+    env = node_env()  # pushes to platform and kills a step: a daemon of its own
     out = env.out("load")
     env.apply(
         "load",

@@ -20,7 +20,7 @@ import pytest
 
 from deployd.config import parse as parse_config
 from deployd.flows import model, secrets
-from tests.conftest import Daemon, Work, db_rows, wait_until
+from tests.conftest import Daemon, SharedDaemons, Work, db_rows, wait_until
 from tests.flows.conftest import read_out
 from tests.node.conftest import PACKAGE_JSON, PACKAGE_LOCK
 
@@ -152,19 +152,40 @@ env = {{ MY_PY = "snake" }}
 
 CtxDaemon = Callable[..., tuple[Daemon, str]]
 
+NODE_FILES: dict[str, Any] = {
+    "component.json": NODE_DESC,
+    "package.json": {**PACKAGE_JSON, "scripts": {}},
+    "package-lock.json": PACKAGE_LOCK,
+    "lib/tick.js": TICK_JS,
+    "lib/probe.js": PROBE_JS,
+    ".gitignore": "node_modules/\n",
+}
+PY_FILES: dict[str, Any] = {
+    "component.json": PY_DESC,
+    "lib/tick.py": "def process(msg, cfg):\n    return None\n",
+    "lib/probe.py": PY_PROBE,
+}
+# The secret of the module's shared daemon (in its environment as SEED_CTX_TOKEN)
+SHARED_SECRET = f"s3cr3t-{uuid.uuid4().hex}"
+
 
 @pytest.fixture
 def ctx_daemon_factory(
     daemon_factory: Callable[..., Daemon], component: Callable[..., Work]
 ) -> CtxDaemon:
-    """ctx_daemon_factory(extra_toml="") → (a started daemon hosting both probes, the secret
-    it has in its environment as SEED_CTX_TOKEN)."""
+    """ctx_daemon_factory(extra_toml="") → (a started daemon of the test's own hosting both
+    probes, the secret it has in its environment as SEED_CTX_TOKEN)."""
     return lambda extra_toml="": _ctx_daemon(daemon_factory, component, extra_toml)
 
 
 @pytest.fixture
-def ctx_daemon(ctx_daemon_factory: CtxDaemon) -> tuple[Daemon, str]:
-    return ctx_daemon_factory()
+def ctx_daemon(shared_daemon: SharedDaemons) -> tuple[Daemon, str]:
+    """(the module's shared daemon hosting both probes at v1, its SEED_CTX_TOKEN): for tests
+    that only add flows, named apart."""
+    d = shared_daemon.daemon({"SEED_CTX_TOKEN": SHARED_SECRET})
+    shared_daemon.component(d, "ctxnode", NODE_FILES)
+    shared_daemon.component(d, "ctxpy", PY_FILES)
+    return d, SHARED_SECRET
 
 
 def _ctx_daemon(
@@ -172,26 +193,9 @@ def _ctx_daemon(
 ) -> tuple[Daemon, str]:
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     node = component("ctxnode")
-    node.commit(
-        "context probe",
-        {
-            "component.json": NODE_DESC,
-            "package.json": {**PACKAGE_JSON, "scripts": {}},
-            "package-lock.json": PACKAGE_LOCK,
-            "lib/tick.js": TICK_JS,
-            "lib/probe.js": PROBE_JS,
-            ".gitignore": "node_modules/\n",
-        },
-    )
+    node.commit("context probe", NODE_FILES)
     py = component("ctxpy")
-    py.commit(
-        "python probe",
-        {
-            "component.json": PY_DESC,
-            "lib/tick.py": "def process(msg, cfg):\n    return None\n",
-            "lib/probe.py": PY_PROBE,
-        },
-    )
+    py.commit("python probe", PY_FILES)
     d = daemon_factory([{"name": "ctxnode"}, {"name": "ctxpy"}], extra_toml=extra_toml)
     d.env["SEED_CTX_TOKEN"] = secret
     d.start()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HTTP, Daemon, Work, wait_until
+from tests.conftest import HTTP, Daemon, SharedDaemons, Work, wait_until
 from tests.flows.conftest import read_out
 from tests.node.conftest import PACKAGE_JSON, PACKAGE_LOCK
 
@@ -128,29 +128,40 @@ async def list_units(cfg, ctx):
 """
 
 
+NODE_FILES: dict[str, Any] = {
+    "component.json": NODE_DESC,
+    "package.json": {**PACKAGE_JSON, "scripts": {}},
+    "package-lock.json": PACKAGE_LOCK,
+    "lib/tick.js": TICK_JS,
+    "lib/lookup.js": LOOKUP_JS,
+    ".gitignore": "node_modules/\n",
+}
+PY_FILES: dict[str, Any] = {
+    "component.json": PY_DESC,
+    "lib/tick.py": "def process(msg, cfg):\n    return None\n",
+    "lib/weigh.py": PY_WEIGH,
+}
+# The API key of the module's shared daemon (in its environment as META_API_KEY)
+SHARED_SECRET = f"k-{uuid.uuid4().hex}"
+
+
 @pytest.fixture
-def meta(daemon_factory: Callable[..., Daemon], component: Callable[..., Work]) -> MetaEnv:
+def meta(shared_daemon: SharedDaemons) -> MetaEnv:
+    """Both probes at v1 on the module's shared daemon: for tests that call them, push to
+    neither and leave the daemon running."""
+    d = shared_daemon.daemon({"META_API_KEY": SHARED_SECRET})
+    node = shared_daemon.component(d, "metanode", NODE_FILES)
+    shared_daemon.component(d, "metapy", PY_FILES)
+    return MetaEnv(d, node, SHARED_SECRET)
+
+
+@pytest.fixture
+def own_meta(daemon_factory: Callable[..., Daemon], component: Callable[..., Work]) -> MetaEnv:
+    """Both probes at v1 on a daemon of the test's own: for a test that pushes."""
     node = component("metanode")
-    node.commit(
-        "metadata probe",
-        {
-            "component.json": NODE_DESC,
-            "package.json": {**PACKAGE_JSON, "scripts": {}},
-            "package-lock.json": PACKAGE_LOCK,
-            "lib/tick.js": TICK_JS,
-            "lib/lookup.js": LOOKUP_JS,
-            ".gitignore": "node_modules/\n",
-        },
-    )
+    node.commit("metadata probe", NODE_FILES)
     py = component("metapy")
-    py.commit(
-        "python probe",
-        {
-            "component.json": PY_DESC,
-            "lib/tick.py": "def process(msg, cfg):\n    return None\n",
-            "lib/weigh.py": PY_WEIGH,
-        },
-    )
+    py.commit("python probe", PY_FILES)
     d = daemon_factory([{"name": "metanode"}, {"name": "metapy"}])
     secret = f"k-{uuid.uuid4().hex}"
     d.env["META_API_KEY"] = secret
@@ -352,8 +363,9 @@ config = {{ table = "{table}", out = "{out}" }}
 
 
 def test_flow_validation_uses_get_meta_model_for_required_input_fields(
-    meta: MetaEnv, tmp_path: Path
+    own_meta: MetaEnv, tmp_path: Path
 ) -> None:
+    meta = own_meta  # it pushes metanode v2, and counts the calls' processes from the start
     d, out = meta.d, tmp_path / "out.jsonl"
     # the trigger's out schema has only n; getMetaModel(customers) requires customerId too
     res = d.cli("flow", "apply", str(_flow(tmp_path, "crm", "customers", out)), check=False)
