@@ -94,11 +94,7 @@ class Consumer:
         if self.channel is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.channel.close(), CLOSE_TIMEOUT)
-        if lost:
-            for row in self.buffer:
-                self.router.deliveries.pop(row.id, None)
-            self.buffer.clear()
-        self.drop_stale()
+        self.drop_stale(everything=lost)
         delay = 0.2
         while not stop.is_set():
             try:
@@ -124,14 +120,19 @@ class Consumer:
             self.buffer.append(row)
             self.arrived.set()
 
-    def drop_stale(self) -> None:
+    def drop_stale(self, everything: bool = False) -> None:
         """After a reconnect the broker gives every unacked message again: what came on the
-        old connection is forgotten (its acks could not arrive anyway)."""
+        old connection is forgotten (its acks could not arrive anyway) — with `everything`,
+        all of the buffer (its channel was closed under it: all came on that channel)."""
         epoch = self.router.broker.reconnects
         deliveries = self.router.deliveries
-        keep = collections.deque(r for r in self.buffer if _epoch(deliveries, r.id) == epoch)
+
+        def fresh(row: Queued) -> bool:
+            return not everything and _epoch(deliveries, row.id) == epoch
+
+        keep = collections.deque(r for r in self.buffer if fresh(r))
         for row in self.buffer:
-            if _epoch(deliveries, row.id) != epoch:
+            if not fresh(row):
                 deliveries.pop(row.id, None)
         self.buffer = keep
 
@@ -242,8 +243,7 @@ class RabbitRunner(FlowRunner):
                 # unacked message again, so what came before is stale.
                 generation = self.router.generation
                 if consumer.epoch != self.broker.reconnects:
-                    await consumer.restart(stop)
-                    consumer.epoch = self.broker.reconnects
+                    await consumer.restart(stop)  # it notes the connection's epoch
                 else:
                     consumer.drop_stale()
             if not inflight and stop.is_set():
