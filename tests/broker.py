@@ -616,3 +616,27 @@ def start_broker(root: Path, vhosts: int = DEFAULT_VHOSTS, timeout: float = 60) 
         broker.close()
         raise
     return broker
+
+
+def connections(broker: Broker, vhost: str) -> list[dict[str, Any]]:
+    """The broker's client connections in `vhost`: name, connection_name (what the client
+    calls it), and pid (what `rabbitmqctl close_connection` takes)."""
+    out = broker.ctl(
+        "list_connections", "name", "vhost", "client_properties", "--formatter", "json"
+    )
+    rows = [r for r in json.loads(out or "[]") if r["vhost"] == vhost]
+    for row in rows:
+        props = row["client_properties"]
+        # rabbitmqctl renders the table as [name, type, value] triples (or as a map)
+        if isinstance(props, list):
+            props = {p[0]: p[2] for p in props if isinstance(p, list) and len(p) == 3}
+        row["connection_name"] = props.get("connection_name")
+    # the pid as close_connection takes it (the JSON formatter writes it another way)
+    pids = dict(
+        reversed(line.split("\t", 1))  # type: ignore[misc]
+        for line in broker.ctl("list_connections", "pid", "name").splitlines()
+        if "\t" in line
+    )
+    for row in rows:
+        row["pid"] = pids.get(row["name"])
+    return rows

@@ -28,7 +28,7 @@ from deployd.runtime.kubernetes.hooks import HookFailed, HookUnanswered, ask
 from deployd.runtime.kubernetes.manifests import ARTIFACT_DIR, PodSecrets, gate_queue, hooks_queue
 from deployd.runtime.rabbitmq.router import envelope
 from deployd.store import Store
-from tests.broker import run_async
+from tests.broker import Broker, connections, run_async, vhost_of
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
 from tests.flows.conftest import TICKER, counter_files, flow_toml, read_out
 from tests.node.conftest import COUNTER_JS, platform_files
@@ -459,5 +459,71 @@ exports.process = async function processAction(msg, cfg) {
         for pod in (tick, write):
             pod.proc.send_signal(signal.SIGTERM)
             assert pod.proc.wait(25) == 0, pod.log()
+    finally:
+        cluster.close()
+
+
+HOLDING_WRITER = """\
+import json, os, time
+
+def process(msg, cfg):
+    body = msg["body"]
+    with open(cfg["attempts"], "a") as fh:
+        fh.write(f"{body['n']}\\n")
+    while os.path.exists(cfg["hold"]):
+        time.sleep(0.01)
+    with open(cfg["out"], "a") as fh:
+        fh.write(json.dumps({**body, "by": "v1"}) + "\\n")
+"""
+
+
+def test_an_action_pod_whose_channel_went_while_it_held_a_message_goes_on(
+    daemon_factory: Callable[..., Daemon],
+    component: Callable[..., Work],
+    broker: Broker,
+    amqp_url: str,
+    tmp_path: Path,
+) -> None:
+    """The pod's consuming connection is closed by the broker while its step handles a
+    message (a lost connection, a broker restart, or RabbitMQ's `consumer_timeout` after a
+    long hold: the ack then has no channel to go on). The pod does not stop. The broker gives
+    the message again on the new channel, where the pod recognises it as handled and acks it
+    without processing it again, and the next message is processed."""
+    out, attempts, hold = tmp_path / "out.jsonl", tmp_path / "attempts", tmp_path / "hold"
+    cfg = {"out": out, "attempts": attempts, "hold": hold}
+    steps = [
+        {"id": "tick", "component": "hello", "function": "ticker", "interval": "100ms"},
+        {"id": "write", "component": "hello", "function": "write", "config": cfg},
+    ]
+    files = counter_files(**{"lib/write.py": HOLDING_WRITER})
+    cluster = make_cluster(daemon_factory, component, amqp_url, tmp_path, files=files, steps=steps)
+    url, queue = cluster.amqp_url, "deployd.orders.write"
+    before = len(read_out(out))  # what the daemon wrote before the flow was stopped
+    tried = attempts.read_text().split() if attempts.exists() else []
+    try:
+        write = cluster.pod("write")
+        write.wait_ready()
+        open_gate(url, gate_queue("orders", "write", 1))
+        hold.touch()
+        first = envelope("orders.tick.held.1", json.dumps({"n": -1, "text": "held"}), "{}")
+        put(url, queue, first)
+        wait_until(lambda: attempts.exists() and "-1" in attempts.read_text().split())
+        name = "deployd pod orders.write consume"
+        (pid,) = [
+            c["pid"] for c in connections(broker, vhost_of(url)) if c["connection_name"] == name
+        ]
+        broker.ctl("close_connection", pid, "closed by the test")
+        hold.unlink()  # the step finishes the message; its channel is gone
+        wait_until(lambda: "message orders.tick.held.1 could not be acked" in write.log())
+        wait_until(lambda: "message orders.tick.held.1 was handled before" in write.log())
+        second = envelope("orders.tick.next.1", json.dumps({"n": -2, "text": "next"}), "{}")
+        put(url, queue, second)
+        rows = wait_until(lambda: len(r := read_out(out)) >= before + 2 and r)
+        assert [r["n"] for r in rows[before:]] == [-1, -2]  # each once, in order
+        assert attempts.read_text().split() == [*tried, "-1", "-2"]  # processed once each
+        wait_until(lambda: _queue_empty(url), timeout=30)  # the redelivery was acked
+        assert write.proc.poll() is None, write.log()
+        write.proc.send_signal(signal.SIGTERM)
+        assert write.proc.wait(25) == 0
     finally:
         cluster.close()

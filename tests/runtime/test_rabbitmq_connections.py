@@ -20,7 +20,7 @@ from deployd.runtime.rabbitmq.broker import EXCHANGE, properties, routing_key
 from deployd.runtime.rabbitmq.broker import Broker as AmqpBroker
 from deployd.runtime.rabbitmq.runner import RabbitRunner
 from deployd.types import StepKind
-from tests.broker import Broker, run_async, vhost_of
+from tests.broker import Broker, connections, run_async, vhost_of
 from tests.runtime.test_contract import (
     AMQP_URLS,
     PASS,
@@ -31,28 +31,6 @@ from tests.runtime.test_contract import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def connections(broker: Broker, vhost: str) -> list[dict[str, Any]]:
-    out = broker.ctl(
-        "list_connections", "name", "vhost", "client_properties", "--formatter", "json"
-    )
-    rows = [r for r in json.loads(out or "[]") if r["vhost"] == vhost]
-    for row in rows:
-        props = row["client_properties"]
-        # rabbitmqctl renders the table as [name, type, value] triples (or as a map)
-        if isinstance(props, list):
-            props = {p[0]: p[2] for p in props if isinstance(p, list) and len(p) == 3}
-        row["connection_name"] = props.get("connection_name")
-    # the pid as close_connection takes it (the JSON formatter writes it another way)
-    pids = dict(
-        reversed(line.split("\t", 1))  # type: ignore[misc]
-        for line in broker.ctl("list_connections", "pid", "name").splitlines()
-        if "\t" in line
-    )
-    for row in rows:
-        row["pid"] = pids.get(row["name"])
-    return rows
 
 
 def consuming_channels(broker: Broker, vhost: str) -> list[dict[str, Any]]:

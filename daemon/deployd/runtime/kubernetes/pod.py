@@ -687,7 +687,7 @@ class Agent:
                 file=sys.stderr,
                 flush=True,
             )
-            await delivery.ack()
+            await self._ack(delivery, msg_id)
             return
         before = self.sailor.snapshot
         outcome = await self.sailor.request({"t": "msg", "msg": msg})
@@ -700,11 +700,27 @@ class Agent:
             failures = int((delivery.headers or {}).get("x-deployd-failures") or 0)
             await self.dead_letter(msg, outcome.error, failures)
         await self.keep_snapshot(before)
-        await delivery.ack()  # after its outputs, its letter and its snapshot are confirmed
         if msg_id and outcome.error is None:  # a dead letter may be retried: not remembered
+            # Before the ack: if it does not reach the broker, the message comes again.
             self.handled[msg_id] = None
             if len(self.handled) > HANDLED_MEMORY:
                 self.handled.popitem(last=False)
+        await self._ack(delivery, msg_id)  # after its outputs, letter and snapshot are confirmed
+
+    async def _ack(self, delivery: Any, msg_id: str) -> None:
+        """Ack on the channel the message came on. That channel may be gone meanwhile (a lost
+        connection, a broker restart, the broker's `consumer_timeout` after a long hold): the
+        broker then gives the message again on the channel that replaced it, where it is
+        recognised as handled. Not a reason to stop the pod."""
+        try:
+            await delivery.ack()
+        except Exception as exc:
+            print(
+                f"deployd pod: message {msg_id} could not be acked ({type(exc).__name__}: "
+                f"{redact(str(exc))}): its channel is gone; the broker delivers it again",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 async def serve(environ: dict[str, str]) -> int:
@@ -716,7 +732,8 @@ async def serve(environ: dict[str, str]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)  # Unix signal 15: the kubelet's stop
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     await probes.start(s.probe_port)
-    broker = Broker(s.amqp_url)
+    # Named for the step, so that an operator tells a pod's connections from deployd's.
+    broker = Broker(s.amqp_url, f"deployd pod {s.step['flow']}.{s.step['step']}")
     sailor: SailorProcess | None = None
     try:
         code = await asyncio.to_thread(fetch_artifact, s)

@@ -95,13 +95,14 @@ def properties(
 class Broker:
     """The daemon's connection to RabbitMQ."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str = "deployd") -> None:
         # The client libraries log every failed reconnect with the url (user name included)
         # at error level; this class reports the connection's state itself, redacted, once
         # per change.
-        for name in ("aiormq", "aio_pika"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        for library in ("aiormq", "aio_pika"):
+            logging.getLogger(library).setLevel(logging.CRITICAL)
         self._url = url
+        self.name = name  # its connections' names (`connection_name`), as the broker lists them
         self.state = "connecting"  # connecting | connected | unreachable
         self.error: str | None = None
         self.since: float | None = None  # loop time of the last state change
@@ -133,8 +134,8 @@ class Broker:
         delay = BACKOFF_START
         while not self._closing:
             try:
-                self.conn = await self._connection("deployd")
-                self.consume_conn = await self._connection("deployd consume")
+                self.conn = await self._connection(self.name)
+                self.consume_conn = await self._connection(f"{self.name} consume")
                 await self._open()
             except Exception as exc:  # refused, unknown host, bad credentials, a bad url
                 self._set("unreachable", _reason(exc))
