@@ -32,6 +32,7 @@ from tests.broker import Broker, connections, run_async, vhost_of
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
 from tests.flows.conftest import TICKER, counter_files, flow_toml, read_out
 from tests.node.conftest import COUNTER_JS, platform_files
+from tests.runtime.test_supervision import HOLDING_WRITER  # a writer held by a file
 
 
 class Cluster:
@@ -461,20 +462,6 @@ exports.process = async function processAction(msg, cfg) {
             assert pod.proc.wait(25) == 0, pod.log()
     finally:
         cluster.close()
-
-
-HOLDING_WRITER = """\
-import json, os, time
-
-def process(msg, cfg):
-    body = msg["body"]
-    with open(cfg["attempts"], "a") as fh:
-        fh.write(f"{body['n']}\\n")
-    while os.path.exists(cfg["hold"]):
-        time.sleep(0.01)
-    with open(cfg["out"], "a") as fh:
-        fh.write(json.dumps({**body, "by": "v1"}) + "\\n")
-"""
 
 
 def test_an_action_pod_whose_channel_went_while_it_held_a_message_goes_on(
