@@ -86,7 +86,14 @@ def click(browser: Any, css: str) -> None:
 def open_page(browser: Any, url: str) -> None:
     """Load `url` and wait until its script is connected to the event stream."""
     browser.get(url)
-    wait_until(lambda: browser.find_element("id", "live-state").text == "live", timeout=TIMEOUT)
+    wait_live(browser)
+
+
+def wait_live(browser: Any) -> None:
+    """Wait until the page's script is connected to the event stream. Read in one script run
+    (`text`): right after a form's submit the new page may have no such element yet, or the
+    old one may just have gone (a stale element); both are "not yet"."""
+    wait_until(lambda: text(browser, "#live-state") == "live", timeout=TIMEOUT)
 
 
 PAGES = ["/ui", "/ui/components/hello", "/ui/flows/counter", "/ui/events", "/ui/builds/1"]
@@ -187,7 +194,7 @@ def test_logged_in_buttons_ask_for_confirmation(browser: Any, demo: Demo) -> Non
     browser.find_element("name", "token").send_keys(token)
     browser.find_element("css selector", "form.login button").click()
     wait_until(lambda: browser.current_url.endswith("/ui/flows/counter"), timeout=TIMEOUT)
-    wait_until(lambda: browser.find_element("id", "live-state").text == "live", timeout=TIMEOUT)
+    wait_live(browser)
     click(browser, 'form[action="/ui/flows/counter/pause"] button')  # dismissed: nothing
     alert = browser.switch_to.alert
     assert "Pause flow counter" in alert.text
