@@ -256,6 +256,9 @@ def test_the_object_store_refuses_missing_wrong_and_other_flows_tokens_and_large
     env = att_env(make_env, component, max_object_bytes=4096)
     env.apply(att_flow(env))
     rows = wait_until(lambda: len(rows := read_out(env.out("readpy"))) >= 1 and rows, timeout=60)
+    # Stopped: its trigger's uploads would otherwise pass through `.uploads` while the refused
+    # one is checked for leftovers there (a stop lets the call in hand finish).
+    env.daemon.cli("flow", "stop", "att")
     url = rows[0]["attachments"]["note.txt"]["url"]
     oid = object_id(url)
     mine = {"authorization": f"Bearer {token(env, 'att')}"}
