@@ -329,7 +329,10 @@ def _queue_empty(url: str) -> bool:
     return _queue_count(url, "deployd.orders.write") == 0
 
 
-def _queue_count(url: str, name: str) -> int:
+def _queue_count(url: str, name: str, what: str = "message_count") -> int:
+    """Messages in queue `name` (`what="consumer_count"`: its consumers; 0 when it is not
+    there yet)."""
+
     async def check() -> int:
         import aio_pika
 
@@ -337,7 +340,9 @@ def _queue_count(url: str, name: str) -> int:
         try:
             channel = await conn.channel()
             queue = await channel.declare_queue(name, durable=True, passive=True)
-            return int(queue.declaration_result.message_count or 0)
+            return int(getattr(queue.declaration_result, what) or 0)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return 0
         finally:
             await conn.close()
 
@@ -491,6 +496,9 @@ def test_an_action_pod_whose_channel_went_while_it_held_a_message_goes_on(
         write = cluster.pod("write")
         write.wait_ready()
         open_gate(url, gate_queue("orders", "write", 1))
+        # The pod declares its queue and consumes it: a publish into a quorum queue in the
+        # first milliseconds after its declaration may be refused (nack).
+        wait_until(lambda: _queue_count(url, queue, "consumer_count") == 1, timeout=30)
         hold.touch()
         first = envelope("orders.tick.held.1", json.dumps({"n": -1, "text": "held"}), "{}")
         put(url, queue, first)
