@@ -497,7 +497,7 @@ def test_an_action_pod_whose_channel_went_while_it_held_a_message_goes_on(
         write.wait_ready()
         open_gate(url, gate_queue("orders", "write", 1))
         # The pod declares its queue and consumes it: a publish into a quorum queue in the
-        # first milliseconds after its declaration may be refused (nack).
+        # first milliseconds after its declaration was seen refused (nack) once.
         wait_until(lambda: _queue_count(url, queue, "consumer_count") == 1, timeout=30)
         hold.touch()
         first = envelope("orders.tick.held.1", json.dumps({"n": -1, "text": "held"}), "{}")
