@@ -72,6 +72,24 @@ def process(msg, cfg):
 """
 
 
+# An action that records every attempt, waits while a "hold" file exists, then writes
+# (config: attempts, hold, out; optional pause, tag).
+HOLDING_WRITER = """\
+import json, os, time
+
+def process(msg, cfg):
+    body = msg["body"]
+    with open(cfg["attempts"], "a") as fh:
+        fh.write(f"{body['n']}\\n")
+    while os.path.exists(cfg["hold"]):
+        time.sleep(0.01)
+    if cfg.get("pause"):
+        time.sleep(float(cfg["pause"]))
+    with open(cfg["out"], "a") as fh:
+        fh.write(json.dumps({**body, "by": cfg.get("tag", "v1")}) + "\\n")
+"""
+
+
 def counter_files(tag: str = "v1", **overrides: Any) -> dict[str, Any]:
     files: dict[str, Any] = {
         "component.json": COUNTER_DESC,

@@ -30,9 +30,8 @@ from deployd.runtime.rabbitmq.router import envelope
 from deployd.store import Store
 from tests.broker import Broker, connections, run_async, vhost_of
 from tests.conftest import HTTP, Daemon, Work, free_port, wait_until
-from tests.flows.conftest import TICKER, counter_files, flow_toml, read_out
+from tests.flows.conftest import HOLDING_WRITER, TICKER, counter_files, flow_toml, read_out
 from tests.node.conftest import COUNTER_JS, platform_files
-from tests.runtime.test_supervision import HOLDING_WRITER  # a writer held by a file
 
 
 class Cluster:
@@ -329,20 +328,24 @@ def _queue_empty(url: str) -> bool:
     return _queue_count(url, "deployd.orders.write") == 0
 
 
-def _queue_count(url: str, name: str, what: str = "message_count") -> int:
-    """Messages in queue `name` (`what="consumer_count"`: its consumers; 0 when it is not
-    there yet)."""
+def _queue_count(url: str, name: str) -> int:
+    return _queue_state(url, name)[0]
 
-    async def check() -> int:
+
+def _queue_state(url: str, name: str) -> tuple[int, int]:
+    """Queue `name`'s messages and consumers ((0, 0) when it is not there yet)."""
+
+    async def check() -> tuple[int, int]:
         import aio_pika
 
         conn = await aio_pika.connect(url)
         try:
             channel = await conn.channel()
             queue = await channel.declare_queue(name, durable=True, passive=True)
-            return int(getattr(queue.declaration_result, what) or 0)
+            result = queue.declaration_result
+            return int(result.message_count or 0), int(result.consumer_count or 0)
         except aio_pika.exceptions.ChannelNotFoundEntity:
-            return 0
+            return 0, 0
         finally:
             await conn.close()
 
@@ -498,7 +501,7 @@ def test_an_action_pod_whose_channel_went_while_it_held_a_message_goes_on(
         open_gate(url, gate_queue("orders", "write", 1))
         # The pod declares its queue and consumes it: a publish into a quorum queue in the
         # first milliseconds after its declaration was seen refused (nack) once.
-        wait_until(lambda: _queue_count(url, queue, "consumer_count") == 1, timeout=30)
+        wait_until(lambda: _queue_state(url, queue)[1] == 1, timeout=30)
         hold.touch()
         first = envelope("orders.tick.held.1", json.dumps({"n": -1, "text": "held"}), "{}")
         put(url, queue, first)

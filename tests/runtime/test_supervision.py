@@ -18,23 +18,14 @@ import pytest
 
 from deployd.runtime.embedded.py_pool import POOL_BASE
 from tests.conftest import db_rows, wait_until
-from tests.flows.conftest import FlowEnv, assert_contiguous, counter_files, flow_toml, read_out
-
-# An action that records every attempt, waits while a "hold" file exists, then writes.
-HOLDING_WRITER = """\
-import json, os, time
-
-def process(msg, cfg):
-    body = msg["body"]
-    with open(cfg["attempts"], "a") as fh:
-        fh.write(f"{body['n']}\\n")
-    while os.path.exists(cfg["hold"]):
-        time.sleep(0.01)
-    if cfg.get("pause"):
-        time.sleep(float(cfg["pause"]))
-    with open(cfg["out"], "a") as fh:
-        fh.write(json.dumps({**body, "by": cfg.get("tag", "v1")}) + "\\n")
-"""
+from tests.flows.conftest import (
+    HOLDING_WRITER,
+    FlowEnv,
+    assert_contiguous,
+    counter_files,
+    flow_toml,
+    read_out,
+)
 
 
 def holding_flow(
